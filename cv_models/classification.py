@@ -1,0 +1,255 @@
+"""Image classification: ImageFolder data, small CNN or torchvision classifiers, accuracy and F1."""
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset
+from torchvision.transforms import v2
+
+from cv_models.augment import build_transforms
+from cv_models.base import Check, CVTask, DataError, EvalResult, register_task
+from cv_models.data.imagefolder import list_samples
+from cv_models.data.probe import IMAGE_SUFFIXES, load_rgb, probe_image
+from cv_models.nets import NETS
+from cv_models.weights import load_into, read_checkpoint, torchvision_state_dict
+from tasks.config import AugmentConfig
+
+REQUIRED_SPLITS = ("train", "val")  # every class must appear here; test gaps are reported
+
+
+class ImageFolderDataset(Dataset):
+    def __init__(self, samples: list[dict], class_names: list[str], transforms):
+        self.samples = samples
+        self.class_to_idx = {c: i for i, c in enumerate(class_names)}
+        self.transforms = transforms
+        self.labels = [self.class_to_idx[s["label"]] for s in samples]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int):
+        image = load_rgb(self.samples[i]["path"])
+        if self.transforms is not None:
+            image = self.transforms(image)
+        return image, self.labels[i]
+
+
+@register_task
+class ClassificationTask(CVTask):
+    name = "classification"
+    primary_metric = "accuracy"
+
+    # ------------------------------------------------------------------ data
+    def _samples(self) -> tuple[list[dict], list[str]]:
+        if not hasattr(self, "_listing"):  # the folder walk is done once per task object
+            d = self.cfg.data
+            if d.format != "imagefolder":
+                raise DataError(f"classification reads data.format 'imagefolder', got {d.format!r}")
+            self._listing = list_samples(Path(d.path), d.split_from, d.split_fractions, d.split_seed)
+        return self._listing
+
+    def class_names(self) -> list[str]:
+        if self.cfg.data.classes:
+            return list(self.cfg.data.classes)
+        return self._samples()[1]
+
+    def validation_tables(self) -> dict[str, pd.DataFrame]:
+        rows, folders = self._samples()
+        classes = self.cfg.data.classes or folders
+        table = pd.DataFrame([{**r, **probe_image(Path(r["path"]))} for r in rows]) if rows else pd.DataFrame(
+            columns=["path", "split", "label", "bytes", "sha256", "width", "height", "channels", "mode", "decodes", "error"]
+        )
+        table["suffix_is_image"] = table["path"].map(lambda p: Path(p).suffix.lower() in IMAGE_SUFFIXES)
+        splits_per_hash = table.groupby("sha256")["split"].nunique() if len(table) else pd.Series(dtype=int)
+        table["duplicate_in_other_split"] = table["sha256"].map(splits_per_hash).fillna(0).gt(1)
+        decoded = table[table["decodes"]] if len(table) else table
+        coverage = pd.DataFrame(
+            [
+                {"class_split": f"class '{c}' in split '{s}'", "label": c, "split": s,
+                 "count": int(((decoded["label"] == c) & (decoded["split"] == s)).sum()) if len(decoded) else 0}
+                for c in sorted(set(classes) | set(folders)) for s in ("train", "val", "test")
+            ]
+        )
+        return {"samples": table, "coverage": coverage}
+
+    def checks(self, tables: dict[str, pd.DataFrame]) -> list[Check]:
+        import great_expectations as gx
+
+        d = self.cfg.data
+        classes = d.classes or sorted(tables["samples"]["label"].unique())
+        out = [
+            Check("samples", "every file decodes as an image",
+                  gx.expectations.ExpectColumnValuesToBeInSet(column="decodes", value_set=[True])),
+            Check("samples", f"image width within [{d.min_size}, {d.max_size}]",
+                  gx.expectations.ExpectColumnValuesToBeBetween(column="width", min_value=d.min_size, max_value=d.max_size,
+                                                                row_condition='decodes == True', condition_parser="pandas")),
+            Check("samples", f"image height within [{d.min_size}, {d.max_size}]",
+                  gx.expectations.ExpectColumnValuesToBeBetween(column="height", min_value=d.min_size, max_value=d.max_size,
+                                                                row_condition='decodes == True', condition_parser="pandas")),
+            Check("samples", f"label in the declared classes {list(classes)}",
+                  gx.expectations.ExpectColumnValuesToBeInSet(column="label", value_set=list(classes))),
+            Check("samples", "no identical file in two splits",
+                  gx.expectations.ExpectColumnValuesToBeInSet(column="duplicate_in_other_split", value_set=[False])),
+            Check("coverage", "every class present in train and val (an empty class folder breaks this)",
+                  gx.expectations.ExpectColumnValuesToBeBetween(column="count", min_value=1,
+                                                                row_condition='split != "test"', condition_parser="pandas"),
+                  key_column="class_split"),
+        ]
+        if d.color_mode == "reject":
+            out.append(Check("samples", "image is RGB (grayscale, palette and RGBA are rejected: data.color_mode=reject)",
+                             gx.expectations.ExpectColumnValuesToBeInSet(column="mode", value_set=["RGB"],
+                                                                         row_condition='decodes == True',
+                                                                         condition_parser="pandas")))
+        return out
+
+    def validation_notes(self, tables: dict[str, pd.DataFrame]) -> list[str]:
+        s, notes = tables["samples"], []
+        if len(s):
+            odd = s[s["decodes"] & (s["mode"] != "RGB")]
+            if len(odd) and self.cfg.data.color_mode == "convert":
+                notes += [f"{p}: mode {m} converted to RGB (data.color_mode=convert)" for p, m in zip(odd["path"], odd["mode"])]
+        cov = tables["coverage"]
+        notes += [f"{r.class_split}: no images (test metrics for this class will be missing)"
+                  for r in cov[(cov["split"] == "test") & (cov["count"] == 0)].itertuples()]
+        return notes
+
+    def dataset(self, split: str, transforms) -> ImageFolderDataset:
+        rows, _ = self._samples()
+        return ImageFolderDataset([r for r in rows if r["split"] == split], self.class_names(), transforms)
+
+    # ------------------------------------------------------------ transforms
+    def train_transforms(self, augment: AugmentConfig | None, normalize):
+        return build_transforms(self.cfg.image_size, augment, normalize)
+
+    def eval_transforms(self, normalize):
+        return build_transforms(self.cfg.image_size, None, normalize)
+
+    def batch_mixer(self, augment: AugmentConfig | None):
+        """torchvision's MixUp / CutMix (classification is the case they support), each batch with prob p."""
+        if augment is None:
+            return None
+        n = len(self.class_names())
+        mixers, probs = [], []
+        if augment.mixup.enabled:
+            mixers.append(v2.MixUp(alpha=augment.mixup.alpha, num_classes=n))
+            probs.append(augment.mixup.p)
+        if augment.cutmix.enabled:
+            mixers.append(v2.CutMix(alpha=augment.cutmix.alpha, num_classes=n))
+            probs.append(augment.cutmix.p)
+        if not mixers:
+            return None
+
+        def mix(images, labels):
+            # one draw per batch: pick a mixer in proportion to its p, apply it with prob max(p)
+            if torch.rand(()) >= max(probs):
+                return images, labels
+            k = int(torch.multinomial(torch.tensor(probs), 1))
+            return mixers[k](images, labels)
+
+        return mix
+
+    # ------------------------------------------------------------------ model
+    def build_model(self) -> nn.Module:
+        m = self.cfg.model
+        n = len(self.class_names())
+        if m.name in NETS:
+            model = NETS[m.name](num_classes=n, width=m.width, depth=m.depth, dropout=m.dropout, **m.options)
+        else:
+            from torchvision.models import get_model
+
+            try:
+                model = get_model(m.name, weights=None, num_classes=n, **m.options)
+            except ValueError as err:
+                raise ValueError(f"model.name {m.name!r}: {err}") from None
+        head = _head_name(model)
+        if m.weights.startswith("torchvision:"):
+            state = torchvision_state_dict(m.name, m.weights.split(":", 1)[1])
+            load_into(model, state, m.weights, head_prefixes=(head + ".",))
+        elif m.weights != "none":
+            load_into(model, read_checkpoint(m.weights), m.weights, head_prefixes=(head + ".",))
+        if m.freeze_backbone:
+            for name, p in model.named_parameters():
+                p.requires_grad = name.startswith(head + ".")
+        return model
+
+    def training_loss(self, model, images, targets):
+        loss_cfg = self.cfg.train.loss
+        if loss_cfg.name != "cross_entropy":
+            raise ValueError(f"classification supports loss.name 'cross_entropy' (with label_smoothing), got {loss_cfg.name!r}")
+        weight = torch.tensor(loss_cfg.class_weights, device=images.device) if loss_cfg.class_weights else None
+        return F.cross_entropy(model(images), targets, weight=weight, label_smoothing=loss_cfg.label_smoothing)
+
+    @torch.no_grad()
+    def evaluate(self, model, loader, device) -> EvalResult:
+        model.eval()
+        preds, labels, loss_sum = [], [], 0.0
+        for images, targets in loader:
+            logits = model(images.to(device))
+            loss_sum += F.cross_entropy(logits, targets.to(device), reduction="sum").item()
+            preds.append(logits.argmax(1).cpu())
+            labels.append(targets)
+        y_pred, y_true = torch.cat(preds).numpy(), torch.cat(labels).numpy()
+        result = self._score(y_true, y_pred)
+        result.metrics["loss"] = loss_sum / max(len(y_true), 1)
+        return result
+
+    def _score(self, y_true: np.ndarray, y_pred: np.ndarray) -> EvalResult:
+        from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
+
+        names = self.class_names()
+        labels = list(range(len(names)))
+        p, r, f, support = precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
+        per_class = pd.DataFrame({"class": names, "precision": p, "recall": r, "f1": f, "support": support})
+        metrics = {
+            "accuracy": float(accuracy_score(y_true, y_pred)),
+            "macro_f1": float(f.mean()),
+            **{f"f1/{c}": float(v) for c, v in zip(names, f)},
+        }
+        cm = confusion_matrix(y_true, y_pred, labels=labels)
+        return EvalResult(metrics, predictions={"y_true": y_true, "y_pred": y_pred}, per_class=per_class,
+                          extra={"confusion_matrix": cm})
+
+    def dummy_result(self, train, evaluation) -> EvalResult:
+        most_frequent = Counter(train.labels).most_common(1)[0][0]
+        y_true = np.asarray(evaluation.labels)
+        return self._score(y_true, np.full_like(y_true, most_frequent))
+
+    # ---------------------------------------------------------- visualisation
+    def draw(self, image, target):
+        from cv_models.visualise import caption
+
+        names = self.class_names()
+        if isinstance(target, torch.Tensor) and target.ndim == 1:  # soft label after MixUp / CutMix
+            top = target.topk(min(2, len(names)))
+            text = " + ".join(f"{names[i]} {w:.2f}" for w, i in zip(top.values.tolist(), top.indices.tolist()) if w > 0.01)
+        else:
+            text = names[int(target)]
+        return caption(image, text)
+
+    def report(self, results: dict[str, EvalResult], test, out_dir: Path) -> list[Path]:
+        from cv_models.visualise import confusion_matrix_figure
+
+        files = []
+        for model_name, res in results.items():
+            if "confusion_matrix" in res.extra:
+                path = out_dir / f"confusion_matrix_{model_name}.png"
+                confusion_matrix_figure(res.extra["confusion_matrix"], self.class_names(), f"{model_name}: test", path)
+                files.append(path)
+        return files
+
+
+def _head_name(model: nn.Module) -> str:
+    """Name of the last Linear layer: the head that is re-fitted to the dataset's classes."""
+    last = None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            last = name
+    if last is None:
+        raise ValueError(f"{type(model).__name__} has no Linear head to fit to the classes")
+    return last

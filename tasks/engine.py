@@ -1,0 +1,215 @@
+"""The training loop shared by every task: optimiser, schedule with warmup, best checkpoint on the
+validation metric, a resumable last checkpoint, per-epoch metrics to MLflow and a progress bar."""
+from __future__ import annotations
+
+import copy
+import io
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import pandas as pd
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from cv_models.base import CVTask
+from tasks.config import OptimizerConfig, TrainConfig, config_hash
+from tasks.paths import atomic_write_bytes
+from tasks.seeding import loader_generator, seed_worker
+
+
+class OverfitCheckFailed(RuntimeError):
+    pass
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def set_threads(n: int) -> None:
+    torch.set_num_threads(n or os.cpu_count() or 1)
+
+
+def make_loader(task: CVTask, dataset: Dataset, batch_size: int, shuffle: bool, seed: int, num_workers: int = 0,
+                drop_last: bool = False) -> DataLoader:
+    return DataLoader(
+        dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers, collate_fn=task.collate,
+        generator=loader_generator(seed), worker_init_fn=seed_worker, drop_last=drop_last,
+        persistent_workers=num_workers > 0,
+    )
+
+
+def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.name == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.momentum > 0)
+    if cfg.name == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def build_scheduler(optimizer, cfg: TrainConfig, steps_per_epoch: int):
+    """Per-step schedule: linear warmup then step / cosine; one-cycle has its own warmup."""
+    s, total = cfg.scheduler, cfg.epochs * steps_per_epoch
+    warmup = min(s.warmup_epochs * steps_per_epoch, max(total - 1, 0))
+    sched = torch.optim.lr_scheduler
+    if s.name == "onecycle":
+        pct = warmup / total if warmup else 0.3
+        return sched.OneCycleLR(optimizer, max_lr=cfg.optimizer.lr, total_steps=total, pct_start=max(pct, 1e-3))
+    if s.name == "cosine":
+        main = sched.CosineAnnealingLR(optimizer, T_max=max(total - warmup, 1))
+    elif s.name == "step":
+        main = sched.StepLR(optimizer, step_size=s.step_size * steps_per_epoch, gamma=s.gamma)
+    else:
+        main = sched.LambdaLR(optimizer, lambda _: 1.0)
+    if not warmup:
+        return main
+    ramp = sched.LinearLR(optimizer, start_factor=1e-2, total_iters=warmup)
+    return sched.SequentialLR(optimizer, [ramp, main], milestones=[warmup])
+
+
+def to_device(obj, device: torch.device):
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device, non_blocking=True)
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_device(v, device) for v in obj)
+    return obj
+
+
+@dataclass
+class FitResult:
+    history: pd.DataFrame
+    best_epoch: int
+    best_metrics: dict[str, float]
+    seconds: float
+
+
+def fit(
+    task: CVTask,
+    model: nn.Module,
+    train_set: Dataset,
+    val_set: Dataset,
+    cfg: TrainConfig,
+    seed: int,
+    model_path: Path,
+    checkpoint_path: Path | None = None,
+    mixer: Callable | None = None,
+    log_metrics: Callable[[dict, int], None] | None = None,
+    desc: str = "train",
+    extra_state: dict | None = None,
+) -> FitResult:
+    """Train for ``cfg.epochs``; keep the weights with the best validation ``task.primary_metric``.
+
+    The best model goes to ``model_path`` (written once, at the end). ``checkpoint_path`` holds the
+    last epoch so an interrupted run resumes; it is used only if it was made with the same config.
+    """
+    device = pick_device(cfg.device)
+    set_threads(cfg.num_threads)
+    model.to(device)
+    train_loader = make_loader(task, train_set, cfg.batch_size, True, seed, cfg.num_workers, drop_last=len(train_set) > cfg.batch_size)
+    val_loader = make_loader(task, val_set, cfg.eval_batch_size, False, seed, cfg.num_workers)
+    optimizer = build_optimizer(model, cfg.optimizer)
+    scheduler = build_scheduler(optimizer, cfg, len(train_loader))
+    fingerprint = config_hash({"train": cfg.model_dump(mode="json"), "seed": seed, "extra": extra_state or {}, "n": len(train_set)})
+    metric = task.primary_metric
+    history: list[dict] = []
+    best = {"epoch": -1, "value": -math.inf, "state": None, "metrics": {}}
+    start_epoch, elapsed = 1, 0.0
+
+    if checkpoint_path is not None and cfg.resume and checkpoint_path.exists():
+        ck = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+        if ck.get("fingerprint") == fingerprint:
+            model.load_state_dict(ck["model"])
+            optimizer.load_state_dict(ck["optimizer"])
+            scheduler.load_state_dict(ck["scheduler"])
+            torch.set_rng_state(ck["rng"])
+            train_loader.generator.set_state(ck["loader_rng"])
+            history, best, elapsed = ck["history"], ck["best"], ck["elapsed"]
+            start_epoch = ck["epoch"] + 1
+            print(f"[{desc}] resuming from {checkpoint_path} after epoch {ck['epoch']}")
+
+    t0 = time.perf_counter() - elapsed
+    for epoch in range(start_epoch, cfg.epochs + 1):
+        model.train()
+        loss_sum, n_batches = 0.0, 0
+        bar = tqdm(train_loader, desc=f"[{desc}] epoch {epoch}/{cfg.epochs}", leave=False, mininterval=1.0, dynamic_ncols=True,
+                   disable=None)  # shown on a terminal, silent in logs
+        for images, targets in bar:
+            images, targets = to_device(images, device), to_device(targets, device)
+            if mixer is not None:
+                images, targets = mixer(images, targets)
+            loss = task.training_loss(model, images, targets)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"[{desc}] loss became {loss.item()} at epoch {epoch}; lower optimizer.lr")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            loss_sum += loss.item()
+            n_batches += 1
+            bar.set_postfix(loss=f"{loss_sum / n_batches:.4f}", refresh=False)
+        val = task.evaluate(model, val_loader, device).metrics
+        row = {"epoch": epoch, "train_loss": loss_sum / max(n_batches, 1), "lr": optimizer.param_groups[0]["lr"],
+               **{f"val_{k}": v for k, v in val.items()}}
+        history.append(row)
+        print(f"[{desc}] epoch {epoch}/{cfg.epochs} train_loss={row['train_loss']:.4f} "
+              f"val_{metric}={val[metric]:.4f}" + (f" val_loss={val['loss']:.4f}" if "loss" in val else ""), flush=True)
+        if log_metrics is not None:
+            log_metrics({k: v for k, v in row.items() if k != "epoch"}, epoch)
+        if val[metric] > best["value"]:
+            best = {"epoch": epoch, "value": val[metric], "state": copy.deepcopy(model.state_dict()), "metrics": val}
+        if checkpoint_path is not None:
+            buf = io.BytesIO()
+            torch.save({"fingerprint": fingerprint, "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(),
+                        "loader_rng": train_loader.generator.get_state(), "history": history, "best": best,
+                        "elapsed": time.perf_counter() - t0}, buf)
+            atomic_write_bytes(checkpoint_path, buf.getvalue())
+
+    seconds = time.perf_counter() - t0
+    model.load_state_dict(best["state"])
+    save_model(model_path, best["state"], task, extra={"epoch": best["epoch"], "val_metrics": best["metrics"]})
+    if checkpoint_path is not None and checkpoint_path.exists():
+        checkpoint_path.unlink()  # finished: nothing left to resume
+    return FitResult(pd.DataFrame(history), best["epoch"], best["metrics"], seconds)
+
+
+def save_model(path: Path, state: dict, task: CVTask, extra: dict | None = None) -> None:
+    buf = io.BytesIO()
+    torch.save({"model": state, "task": task.name, "class_names": task.class_names(),
+                "config": task.cfg.model_dump(mode="json"), **(extra or {})}, buf)
+    atomic_write_bytes(Path(path), buf.getvalue())
+
+
+def load_model(task: CVTask, path: Path) -> nn.Module:
+    """Rebuild the task's model and load the weights a training stage saved (weights only: no pickle code)."""
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    # the saved weights replace any initial weights, so build without loading those again
+    cfg = task.cfg.model_copy(update={"model": task.cfg.model.model_copy(update={"weights": "none"})})
+    model = type(task)(cfg).build_model()
+    model.load_state_dict(blob["model"])
+    return model.eval()
+
+
+def overfit_one_batch(task: CVTask, model: nn.Module, batch, steps: int, lr: float, device: torch.device) -> list[float]:
+    """Train on one fixed batch; a healthy model and loss drive the loss towards zero."""
+    model.to(device).train()
+    images, targets = to_device(batch[0], device), to_device(batch[1], device)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss = task.training_loss(model, images, targets)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses

@@ -1,0 +1,86 @@
+"""Stage 5: score the dummy solution, the baseline and the augmented model on the test split
+(used for nothing else), side by side: DVC metrics, MLflow, and a Prefect artifact inside a flow."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from tasks import engine
+from tasks.paths import atomic_dir, models, outputs
+from tasks.stage import open_stage
+from tasks.train import normalizer
+
+MODELS = ("baseline", "augmented")
+
+
+def comparison_table(results: dict, primary: str) -> pd.DataFrame:
+    """One row per model, the primary metric first, then the other headline metrics."""
+    rows = []
+    for name, res in results.items():
+        row = {"model": name, primary: res.metrics[primary]}
+        row.update({k: v for k, v in res.metrics.items() if "/" not in k and k not in (primary, "loss")})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def to_markdown(df: pd.DataFrame) -> str:
+    cols = list(df.columns)
+    fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else str(v)  # noqa: E731
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in df.itertuples(index=False)]
+    return "\n".join(lines)
+
+
+def publish_prefect_artifact(task_name: str, markdown: str) -> None:
+    """Show the comparison in the Prefect UI when running inside a flow (no-op from the DVC CLI)."""
+    try:
+        from prefect.context import FlowRunContext, TaskRunContext
+
+        if FlowRunContext.get() is None and TaskRunContext.get() is None:
+            return
+        from prefect.artifacts import create_markdown_artifact
+
+        create_markdown_artifact(markdown=markdown, key=f"{task_name}-evaluation", description=f"{task_name}: test metrics")
+    except ImportError:
+        return
+
+
+def run(task_name: str, params_path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None,
+        pipeline_run_id: str | None = None) -> dict:
+    with open_stage("evaluate", task_name, params_path, overrides, pipeline_run_id) as st:
+        task, primary = st.task, st.task.primary_metric
+        norm = normalizer(st)
+        test = task.dataset("test", task.eval_transforms(norm))
+        device = engine.pick_device(st.cfg.train.device)
+        engine.set_threads(st.cfg.train.num_threads)
+        loader = engine.make_loader(task, test, st.cfg.train.eval_batch_size, False, st.params.seed, st.cfg.train.num_workers)
+        results = {"dummy": task.dummy_result(task.dataset("train", None), test)}
+        for name in MODELS:
+            path = models(task_name, name) / "model.pt"
+            if not path.exists():
+                raise FileNotFoundError(f"{path} is missing: run the {name} stage first (dvc repro)")
+            results[name] = task.evaluate(engine.load_model(task, path).to(device), loader, device)
+        table = comparison_table(results, primary)
+        markdown = f"# {task_name}: test split ({len(test)} samples)\n\n" + to_markdown(table) + "\n"
+        out_dir = outputs(task_name, "evaluate")
+        with atomic_dir(out_dir) as tmp:
+            metrics = {name: res.metrics for name, res in results.items()}
+            metrics["n_test"] = len(test)
+            (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+            (tmp / "comparison.md").write_text(markdown)
+            details = tmp / "details"  # per-class tables, pictures, exported predictions
+            details.mkdir()
+            table.to_csv(details / "comparison.csv", index=False)
+            for name, res in results.items():
+                if res.per_class is not None:
+                    res.per_class.to_csv(details / f"per_class_{name}.csv", index=False)
+            task.report(results, test, details)
+        for name, res in results.items():
+            st.log_metrics(res.metrics, prefix=f"test.{name}.")
+        st.log_artifacts(out_dir, "evaluation")
+        publish_prefect_artifact(task_name, markdown)
+        print(markdown)
+        return metrics

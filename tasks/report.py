@@ -1,0 +1,36 @@
+"""The results table printed at the end of the main job: every task's test metrics side by side."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tasks.paths import outputs
+
+
+def results_table(task_names: list[str]) -> str:
+    from cv_models import TASKS
+
+    lines = ["| task | metric | dummy | baseline | augmented |", "|---|---|---|---|---|"]
+    for name in task_names:
+        path = outputs(name, "evaluate") / "metrics.json"
+        if not path.exists():
+            lines.append(f"| {name} | (not evaluated yet) | | | |")
+            continue
+        m = json.loads(path.read_text())
+        metric = TASKS[name].primary_metric
+        lines.append(f"| {name} | test {metric} | " + " | ".join(f"{m[k][metric]:.4f}" for k in ("dummy", "baseline", "augmented")) + " |")
+    return "\n".join(lines)
+
+
+def main(params_path: str | Path = "params.yaml") -> str:
+    from tasks.config import load_params
+    from tasks.tracking import tracking_uri
+
+    params = load_params(params_path)
+    table = results_table(list(params.tasks))
+    uri = tracking_uri(params)
+    text = (f"\nResults on the test split (outputs/<task>/evaluate/):\n\n{table}\n\n"
+            f"Compare runs in the MLflow UI:\n  .venv/bin/mlflow ui --backend-store-uri {params.tracking.uri} "
+            f"--host 127.0.0.1 --port 5000\n  then open http://127.0.0.1:5000  (store: {uri})\n")
+    print(text)
+    return text

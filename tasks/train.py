@@ -1,0 +1,75 @@
+"""Shared by the baseline and augmented stages: train one model and record it."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from cv_models.normalize import load_normalizer
+from tasks import engine
+from tasks.config import AugmentConfig
+from tasks.paths import checkpoints, models, outputs
+from tasks.stage import Stage, write_json
+from cv_models.visualise import history_figure
+
+
+def normalizer(st: Stage):
+    return load_normalizer(outputs(st.task_name, "normstats"), st.cfg.normalization)
+
+
+def train_model(st: Stage, augment: AugmentConfig | None, out_dir: Path) -> tuple[engine.FitResult, Path]:
+    """Fit the task's model with (or without) augmentations; best weights to ``models/<task>/<stage>/model.pt``."""
+    norm = normalizer(st)
+    train = st.task.dataset("train", st.task.train_transforms(augment, norm))
+    val = st.task.dataset("val", st.task.eval_transforms(norm))
+    model = st.task.build_model()
+    model_path = models(st.task_name, st.name) / "model.pt"
+    result = engine.fit(
+        st.task, model, train, val, st.cfg.train, st.params.seed, model_path,
+        checkpoint_path=checkpoints(st.task_name, st.name) / "last.pt",
+        mixer=st.task.batch_mixer(augment), log_metrics=lambda m, step: st.log_metrics(m, step=step),
+        desc=f"{st.task_name}/{st.name}",
+        extra_state={"augment": augment.model_dump(mode="json") if augment else None,
+                     "model": st.cfg.model.model_dump(mode="json"), "normalization": st.cfg.normalization},
+    )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    result.history.to_csv(out_dir / "history.csv", index=False)
+    history_figure(result.history, st.task.primary_metric, out_dir / "history.png")
+    st.log_metrics({f"best_val_{k}": v for k, v in result.best_metrics.items()} | {"train_seconds": result.seconds,
+                                                                                 "best_epoch": result.best_epoch})
+    st.log_artifacts(model_path, "model")
+    return result, model_path
+
+
+def summary_metrics(st: Stage, result: engine.FitResult) -> dict:
+    m = st.task.primary_metric
+    return {f"val_{m}": result.best_metrics[m], "best_epoch": result.best_epoch,
+            "train_seconds": round(result.seconds, 2), "epochs": st.cfg.train.epochs}
+
+
+def preview(st: Stage, augment: AugmentConfig | None, path: Path) -> Path:
+    """A grid of training samples exactly as the model sees them (after batch mixing), un-normalised."""
+    from cv_models.visualise import save_grid
+
+    norm = normalizer(st)
+    data = st.task.dataset("train", st.task.train_transforms(augment, norm))
+    n = min(st.cfg.preview_samples, len(data))
+    g = torch.Generator().manual_seed(st.params.seed)
+    loader = engine.make_loader(st.task, data, n, True, st.params.seed)
+    loader.generator.manual_seed(st.params.seed)
+    images, targets = next(iter(loader))
+    mixer = st.task.batch_mixer(augment)
+    if mixer is not None:
+        torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=g)))
+        images, targets = mixer(images, targets)
+    pictures = []
+    for i in range(n):
+        image = images[i]
+        image = norm.undo(image) if norm is not None else image
+        target = targets[i] if not isinstance(targets, (list, tuple)) else targets[i]
+        pictures.append(st.task.draw(image, target))
+    return save_grid(pictures, path)
+
+
+def write_metrics(out_dir: Path, metrics: dict) -> None:
+    write_json(out_dir / "metrics.json", metrics)

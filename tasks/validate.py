@@ -1,0 +1,126 @@
+"""Stage 1: read and check the data before training.
+
+The task builds pandas tables of its samples; a great-expectations suite checks them.
+The report (JSON and Markdown) names every failing file and rule; on failure the stage
+raises :class:`ValidationFailed`, so the pipeline stops before training.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from cv_models.base import Check, DataError
+from tasks.paths import atomic_dir, outputs
+from tasks.stage import open_stage
+
+MAX_LISTED = 50  # files listed per rule in the Markdown summary (the JSON lists all)
+
+
+class ValidationFailed(RuntimeError):
+    pass
+
+
+def run_checks(checks: list[Check], tables: dict[str, pd.DataFrame]) -> list[dict]:
+    """Run the checks as one great-expectations suite per table; one result dict per check."""
+    os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
+    import great_expectations as gx
+
+    context = gx.get_context(mode="ephemeral")
+    context.variables.progress_bars = {"globally": False, "metric_calculations": False}
+    source = context.data_sources.add_pandas("samples")
+    results: list[dict] = []
+    for table_name in dict.fromkeys(c.table for c in checks):
+        table_checks = [c for c in checks if c.table == table_name]
+        df = tables[table_name].reset_index(drop=True)
+        if df.empty:
+            results += [{"table": table_name, "rule": c.rule, "expectation": type(c.expectation).__name__,
+                         "success": False, "unexpected_count": 0, "failing": [f"table '{table_name}' is empty"]}
+                        for c in table_checks]
+            continue
+        batch = source.add_dataframe_asset(table_name).add_batch_definition_whole_dataframe("all")
+        suite = context.suites.add(gx.ExpectationSuite(name=f"{table_name}_suite"))
+        for c in table_checks:
+            suite.add_expectation(c.expectation)
+        definition = context.validation_definitions.add(gx.ValidationDefinition(name=table_name, data=batch, suite=suite))
+        keys = sorted({c.key_column for c in table_checks})
+        outcome = definition.run(batch_parameters={"dataframe": df},
+                                 result_format={"result_format": "COMPLETE", "unexpected_index_column_names": keys})
+        # suite results come back in the order the expectations were added
+        for c, res in zip(table_checks, outcome.results):
+            failing = [row.get(c.key_column, str(row)) for row in (res.result.get("unexpected_index_list") or [])]
+            if not res.success and not failing and res.exception_info and res.exception_info.get("raised_exception"):
+                failing = [f"expectation error: {res.exception_info.get('exception_message')}"]
+            results.append({"table": table_name, "rule": c.rule, "expectation": res.expectation_config.type,
+                            "success": bool(res.success), "unexpected_count": int(res.result.get("unexpected_count") or 0),
+                            "failing": failing})
+    return results
+
+
+def _markdown(task_name: str, report: dict) -> str:
+    status = "PASSED" if report["success"] else "FAILED"
+    lines = [f"# Data validation: {task_name} — {status}", "", f"Samples checked: {report['n_samples']}", ""]
+    lines += ["| rule | table | result | failing |", "|---|---|---|---|"]
+    for r in report["checks"]:
+        lines.append(f"| {r['rule']} | {r['table']} | {'ok' if r['success'] else 'FAIL'} | {len(r['failing'])} |")
+    for r in (r for r in report["checks"] if not r["success"]):
+        lines += ["", f"## FAIL: {r['rule']}", ""]
+        lines += [f"- {f}" for f in r["failing"][:MAX_LISTED]]
+        if len(r["failing"]) > MAX_LISTED:
+            lines.append(f"- ... and {len(r['failing']) - MAX_LISTED} more (see report.json)")
+    if report["notes"]:
+        lines += ["", "## Notes (reported, not fatal)", ""] + [f"- {n}" for n in report["notes"][:MAX_LISTED]]
+    for name, summary in report.get("summaries", {}).items():
+        lines += ["", f"## {name}", "", summary]
+    return "\n".join(lines) + "\n"
+
+
+def failure_summary(report: dict) -> str:
+    parts = []
+    for r in report["checks"]:
+        if not r["success"]:
+            shown = ", ".join(map(str, r["failing"][:10])) + (" ..." if len(r["failing"]) > 10 else "")
+            parts.append(f"  rule '{r['rule']}' failed for {len(r['failing'])} item(s): {shown}")
+    return "\n".join(parts)
+
+
+def run(task_name: str, params_path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None,
+        pipeline_run_id: str | None = None) -> dict:
+    with open_stage("validate", task_name, params_path, overrides, pipeline_run_id) as st:
+        out_dir = outputs(task_name, "validate")
+        try:
+            tables = st.task.validation_tables()
+            checks = st.task.checks(tables)
+            results = run_checks(checks, tables)
+            notes = st.task.validation_notes(tables)
+            main = next(iter(tables.values()))
+            n_samples = len(main)
+            summaries = getattr(st.task, "validation_summaries", lambda t: {})(tables)
+        except DataError as err:
+            tables, notes, n_samples, summaries = {}, [], 0, {}
+            results = [{"table": "-", "rule": "dataset readable", "expectation": "-", "success": False,
+                        "unexpected_count": 1, "failing": [str(err)]}]
+        report = {"task": task_name, "success": all(r["success"] for r in results), "n_samples": n_samples,
+                  "checks": results, "notes": notes, "summaries": summaries}
+        with atomic_dir(out_dir) as tmp:
+            (tmp / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+            (tmp / "report.md").write_text(_markdown(task_name, report))
+            for name, df in tables.items():
+                df.to_csv(tmp / f"{name}.csv", index=False)
+        st.log_artifacts(out_dir, "validation")
+        st.log_metrics({"validation.n_samples": n_samples,
+                        "validation.failed_rules": sum(not r["success"] for r in results),
+                        "validation.notes": len(notes)})
+        import mlflow
+
+        mlflow.set_tag("validation", "passed" if report["success"] else "failed")
+        print(f"[validate] {task_name}: {'passed' if report['success'] else 'FAILED'} "
+              f"({n_samples} samples, {len(notes)} notes) -> {out_dir / 'report.md'}")
+        if not report["success"]:
+            raise ValidationFailed(
+                f"data validation failed for task '{task_name}' (report: {out_dir / 'report.md'}):\n" + failure_summary(report)
+            )
+        return report

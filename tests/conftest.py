@@ -1,0 +1,86 @@
+"""Shared fixtures: tiny synthetic data, a throw-away project folder, a per-session MLflow store."""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Small enough for a 2-core CPU, big enough that a model clearly beats the dummy score.
+TINY = {
+    "shapes.image_size": 32,
+    "shapes.classification": {"num_images": 480, "scale": [0.5, 0.9], "clutter": 0, "noise": 4},
+    "shapes.scenes": {"num_images": 24, "image_size": 64, "min_objects": 1, "max_objects": 3, "scale": [0.2, 0.45]},
+    "shapes.classes": ["circle", "square", "triangle", "star"],
+    "tasks.classification.image_size": 32,
+    "tasks.classification.train.epochs": 6,
+    "tasks.classification.train.batch_size": 16,
+    "tasks.classification.train.num_threads": 2,
+    "tasks.classification.preview_samples": 8,
+    "tasks.classification.overfit_check.steps": 40,
+}
+
+
+def tiny_overrides(**extra) -> dict:
+    return {**TINY, **extra}
+
+
+def write_params(folder: Path, overrides: dict) -> Path:
+    from tasks.config import load_raw
+
+    raw = load_raw(REPO / "params.yaml", overrides)
+    path = folder / "params.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_env(tmp_path_factory):
+    """No test writes into the repo's MLflow store, Prefect home or torch cache."""
+    base = tmp_path_factory.mktemp("env")
+    os.environ["GX_ANALYTICS_ENABLED"] = "False"
+    os.environ["DVC_NO_ANALYTICS"] = "1"
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{base / 'mlflow.db'}"
+    os.environ["CV_MLFLOW_ARTIFACT_ROOT"] = str(base / "mlartifacts")
+    os.environ["PREFECT_HOME"] = str(base / "prefect")
+    os.environ["TORCH_HOME"] = str(base / "torch")
+    os.environ["CV_PIPELINE_RUN_ID"] = "pytest"
+    import torch
+
+    torch.set_num_threads(2)
+    yield
+
+
+@pytest.fixture(scope="session")
+def tiny_shapes(tmp_path_factory) -> Path:
+    """The synthetic data generated once with the tiny settings (copy it before changing it)."""
+    from cv_models.data import shapes
+    from tasks.config import load_params
+
+    folder = tmp_path_factory.mktemp("shapes")
+    params = load_params(REPO / "params.yaml", TINY)
+    shapes.generate(folder, params.shapes.model_dump())
+    return folder
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch, tiny_shapes):
+    """A working folder holding a copy of the tiny data and a params.yaml pointing at it."""
+    data = tmp_path / "data" / "shapes"
+    shutil.copytree(tiny_shapes, data)
+    monkeypatch.chdir(tmp_path)
+
+    class Project:
+        root = tmp_path
+        shapes = data
+        classification = data / "classification"
+
+        @staticmethod
+        def params(**extra) -> Path:
+            return write_params(tmp_path, tiny_overrides(**extra))
+
+    return Project

@@ -1,0 +1,121 @@
+"""The classification pipeline end to end on tiny synthetic data: `dvc repro` in a fresh git repo,
+the Prefect flow on the same params (same metrics), MLflow records, and bad data stopping the run."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, tiny_overrides, write_params
+
+pytestmark = pytest.mark.e2e
+CODE = ("flows", "tasks", "cv_models", "dvc.yaml", ".dvcignore")
+
+
+def make_repo(folder: Path, **overrides) -> Path:
+    """A git + DVC repository holding the pipeline's code and tiny params."""
+    folder.mkdir(parents=True)
+    for name in CODE:
+        src = REPO / name
+        if src.is_dir():
+            shutil.copytree(src, folder / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(src, folder / name)
+    write_params(folder, tiny_overrides(**overrides))
+    for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"], ["git", "add", "-A"],
+                ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "pipeline"]):
+        subprocess.run(cmd, cwd=folder, check=True, env=_env())
+    return folder
+
+
+def _env(**extra) -> dict:
+    env = dict(os.environ, **extra)
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env["PATH"]
+    return env
+
+
+def dvc(folder: Path, *args, **env) -> subprocess.CompletedProcess:
+    return subprocess.run(["dvc", *args], cwd=folder, capture_output=True, text=True, env=_env(**env), timeout=900)
+
+
+def evaluation(folder: Path) -> dict:
+    return json.loads((folder / "outputs/classification/evaluate/metrics.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def dvc_repo(tmp_path_factory):
+    repo = make_repo(tmp_path_factory.mktemp("e2e") / "repo")
+    result = dvc(repo, "repro", CV_PIPELINE_RUN_ID="e2e-dvc")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return repo
+
+
+def test_dvc_repro_beats_the_dummy(dvc_repo):
+    m = evaluation(dvc_repo)
+    assert m["n_test"] == 72
+    assert m["baseline"]["accuracy"] > m["dummy"]["accuracy"] + 0.15
+    assert m["augmented"]["accuracy"] > m["dummy"]["accuracy"] + 0.15
+    for out in ("models/classification/baseline/model.pt", "models/classification/augmented/model.pt",
+                "outputs/classification/augmented/augment_preview.png",
+                "outputs/classification/evaluate/details/confusion_matrix_augmented.png",
+                "outputs/classification/validate/report.md", "outputs/classification/normstats/mean_image.png"):
+        assert (dvc_repo / out).exists(), out
+    status = dvc(dvc_repo, "status")
+    assert "up to date" in status.stdout, status.stdout
+    shown = dvc(dvc_repo, "metrics", "show", "--json")
+    assert "accuracy" in shown.stdout
+
+
+def test_mlflow_holds_the_stage_runs_with_seeds_and_metrics(dvc_repo):
+    import mlflow
+
+    client = mlflow.MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    exp = client.get_experiment_by_name("cv-classification")
+    runs = client.search_runs([exp.experiment_id], "tags.pipeline_run_id = 'e2e-dvc'")
+    stages = {r.data.tags.get("stage"): r for r in runs if r.data.tags.get("kind") == "stage"}
+    assert set(stages) == {"validate", "normstats", "baseline", "augmented", "evaluate"}
+    parent = [r for r in runs if r.data.tags.get("kind") == "pipeline"]
+    assert len(parent) == 1
+    for run in stages.values():
+        assert run.info.status == "FINISHED"
+        assert run.data.tags["mlflow.parentRunId"] == parent[0].info.run_id
+        assert run.data.params["seed"] == "42" and run.data.params["seed.torch"] == "42"
+        assert len(run.data.tags["git_commit"]) >= 40
+    assert stages["baseline"].data.tags["data_version"] not in ("", "unknown")
+    evaluate_run = stages["evaluate"]
+    assert evaluate_run.data.metrics["test.augmented.accuracy"] == pytest.approx(evaluation(dvc_repo)["augmented"]["accuracy"])
+    history = client.get_metric_history(stages["baseline"].info.run_id, "val_accuracy")
+    assert len(history) == 6
+
+
+def test_prefect_flow_gives_the_same_metrics(dvc_repo, tmp_path, monkeypatch):
+    from prefect.testing.utilities import prefect_test_harness
+
+    from flows.pipeline import FLOWS
+
+    repo = make_repo(tmp_path / "flow")
+    monkeypatch.chdir(repo)
+    with prefect_test_harness():
+        result = FLOWS["classification"](params_path="params.yaml")
+    assert result["augmented"]["accuracy"] == evaluation(dvc_repo)["augmented"]["accuracy"]
+    assert evaluation(repo) == evaluation(dvc_repo)
+
+
+def test_corrupted_sample_stops_dvc_repro_naming_the_file(dvc_repo, tmp_path_factory):
+    repo = make_repo(tmp_path_factory.mktemp("bad") / "repo",
+                     **{"tasks.classification.data.path": "userdata"})
+    shutil.copytree(dvc_repo / "data/shapes/classification", repo / "userdata")
+    victim = sorted((repo / "userdata/train/star").glob("*.png"))[3]
+    victim.write_bytes(victim.read_bytes()[:64])
+    result = dvc(repo, "repro")
+    assert result.returncode != 0
+    assert f"userdata/train/star/{victim.name}" in result.stderr
+    assert "every file decodes as an image" in result.stderr
+    assert not (repo / "models/classification/baseline").exists()  # stopped before training
+    report = json.loads((repo / "outputs/classification/validate/report.json").read_text())
+    assert not report["success"]
