@@ -123,6 +123,10 @@ class CVTask(ABC):
         """Score of the dummy solution fitted on ``train`` and scored on ``evaluation``."""
 
     # ---------------------------------------------------------- visualisation
+    def display_image(self, image: torch.Tensor, normalize: Callable | None) -> torch.Tensor:
+        """A training-pipeline image back to [0, 1] pixels (undo the normalisation the transforms applied)."""
+        return normalize.undo(image) if normalize is not None else image
+
     @abstractmethod
     def draw(self, image: torch.Tensor, target: Any) -> torch.Tensor:
         """uint8 CxHxW picture of one (un-normalised, [0,1] float) image with its target drawn on it."""

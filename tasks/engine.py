@@ -163,8 +163,6 @@ def fit(
         history.append(row)
         print(f"[{desc}] epoch {epoch}/{cfg.epochs} train_loss={row['train_loss']:.4f} "
               f"val_{metric}={val[metric]:.4f}" + (f" val_loss={val['loss']:.4f}" if "loss" in val else ""), flush=True)
-        if log_metrics is not None:
-            log_metrics({k: v for k, v in row.items() if k != "epoch"}, epoch)
         if val[metric] > best["value"]:
             best = {"epoch": epoch, "value": val[metric], "state": copy.deepcopy(model.state_dict()), "metrics": val}
         if checkpoint_path is not None:
@@ -174,6 +172,8 @@ def fit(
                         "loader_rng": train_loader.generator.get_state(), "history": history, "best": best,
                         "elapsed": time.perf_counter() - t0}, buf)
             atomic_write_bytes(checkpoint_path, buf.getvalue())
+        if log_metrics is not None:  # after the checkpoint, so an interruption here loses no epoch
+            log_metrics({k: v for k, v in row.items() if k != "epoch"}, epoch)
 
     seconds = time.perf_counter() - t0
     model.load_state_dict(best["state"])

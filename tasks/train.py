@@ -62,12 +62,7 @@ def preview(st: Stage, augment: AugmentConfig | None, path: Path) -> Path:
     if mixer is not None:
         torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=g)))
         images, targets = mixer(images, targets)
-    pictures = []
-    for i in range(n):
-        image = images[i]
-        image = norm.undo(image) if norm is not None else image
-        target = targets[i] if not isinstance(targets, (list, tuple)) else targets[i]
-        pictures.append(st.task.draw(image, target))
+    pictures = [st.task.draw(st.task.display_image(images[i], norm), targets[i]) for i in range(n)]
     return save_grid(pictures, path)
 
 
