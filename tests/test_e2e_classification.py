@@ -15,6 +15,9 @@ from tests.conftest import REPO, tiny_overrides, write_params
 
 pytestmark = pytest.mark.e2e
 CODE = ("flows", "tasks", "cv_models", "dvc.yaml", ".dvcignore")
+# two well-separated classes and small batches: the tiny model learns them in seconds
+E2E = {"shapes.classes": ["circle", "star"], "tasks.classification.train.epochs": 14,
+       "tasks.classification.train.batch_size": 8}
 
 
 def make_repo(folder: Path, **overrides) -> Path:
@@ -26,7 +29,7 @@ def make_repo(folder: Path, **overrides) -> Path:
             shutil.copytree(src, folder / name, ignore=shutil.ignore_patterns("__pycache__"))
         else:
             shutil.copy(src, folder / name)
-    write_params(folder, tiny_overrides(**overrides))
+    write_params(folder, tiny_overrides(**{**E2E, **overrides}))
     for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"], ["git", "add", "-A"],
                 ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "pipeline"]):
         subprocess.run(cmd, cwd=folder, check=True, env=_env())
@@ -90,7 +93,7 @@ def test_mlflow_holds_the_stage_runs_with_seeds_and_metrics(dvc_repo):
     evaluate_run = stages["evaluate"]
     assert evaluate_run.data.metrics["test.augmented.accuracy"] == pytest.approx(evaluation(dvc_repo)["augmented"]["accuracy"])
     history = client.get_metric_history(stages["baseline"].info.run_id, "val_accuracy")
-    assert len(history) == 6
+    assert len(history) == 14
 
 
 def test_prefect_flow_gives_the_same_metrics(dvc_repo, tmp_path, monkeypatch):
