@@ -31,11 +31,13 @@ class OptimizerConfig(Strict):
     name: Literal["sgd", "adamw", "adam"] = "adamw"
     lr: float = Field(1e-3, gt=0, le=10)
     weight_decay: float = Field(1e-4, ge=0, le=1)
+    decay_norms_and_biases: bool = False  # weight decay on BatchNorm/LayerNorm weights and biases (usually off)
     momentum: float = Field(0.9, ge=0, lt=1)
 
 
 class SchedulerConfig(Strict):
     name: Literal["none", "step", "cosine", "onecycle"] = "cosine"
+    warmup: Literal["linear", "constant"] = "linear"  # ramp up, or a constant low lr, for warmup_epochs
     warmup_epochs: int = Field(0, ge=0)
     step_size: int = Field(10, gt=0)
     gamma: float = Field(0.1, gt=0, le=1)
@@ -46,6 +48,12 @@ class LossConfig(Strict):
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     class_weights: list[float] | None = None
     ignore_index: int = 255
+
+
+class EarlyStoppingConfig(Strict):
+    enabled: bool = False
+    patience: int = Field(5, ge=1, description="epochs without a better validation metric before stopping")
+    min_delta: float = Field(0.0, ge=0)
 
 
 class TrainConfig(Strict):
@@ -59,6 +67,10 @@ class TrainConfig(Strict):
     loss: LossConfig = LossConfig()
     resume: bool = True
     device: str = "auto"
+    grad_clip_norm: float = Field(0.0, ge=0, description="clip the gradient norm to this; 0 = off")
+    ema_decay: float = Field(0.0, ge=0, lt=1, description="exponential moving average of the weights; 0 = off")
+    early_stopping: EarlyStoppingConfig = EarlyStoppingConfig()
+    track_train_metric: bool = True  # score a fixed train subset each epoch too (overfitting diagnosis)
 
     @field_validator("device")
     @classmethod
