@@ -84,7 +84,8 @@ class ModelConfig(Strict):
     name: str = "small_cnn"
     # none | path to a local checkpoint | torchvision:<WeightsEnum member>, e.g. torchvision:DEFAULT
     weights: str = "none"
-    freeze_backbone: bool = False
+    freeze_backbone: bool = False  # train the head only
+    frozen_layers: list[str] = []  # or freeze these layers by name prefix, e.g. [conv1, bn1, layer1]
     width: int = Field(32, ge=1, le=1024)
     depth: int = Field(3, ge=1, le=8)
     dropout: float = Field(0.0, ge=0, lt=1)
@@ -250,8 +251,18 @@ class TrackingConfig(Strict):
     experiment_prefix: str = "cv-"
 
 
+class PretrainConfig(Strict):
+    """The pretraining stage: a classifier trained on one task's data, whose trunk other tasks reuse."""
+
+    task: str = "classification"  # the task section whose data, image size and training settings are used
+    model: str = "resnet18"  # a torchvision classifier; detection/segmentation backbones of the same name load it
+    epochs: int = Field(3, ge=1)
+    out: str = "models/pretrain/backbone.pt"
+
+
 class Params(Strict):
     seed: int = Field(42, ge=0, le=2**32 - 1)
+    pretrain: PretrainConfig = PretrainConfig()
     tracking: TrackingConfig = TrackingConfig()
     shapes: ShapesConfig = ShapesConfig()
     tasks: dict[str, dict[str, Any]]

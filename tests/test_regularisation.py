@@ -71,3 +71,37 @@ def test_inference_speed(project):
     loader = engine.make_loader(task, task.dataset("test", task.eval_transforms(norm)), 16, False, 0)
     speed = engine.measure_speed(task.build_model(), loader, torch.device("cpu"))
     assert speed["images_per_second"] > 0 and speed["latency_ms"] > 0
+
+
+def test_pretrained_backbone_initialises_a_classifier_and_freezes_layers(project):
+    from tasks import pretrain
+
+    overrides = {"pretrain.epochs": 1, "tasks.classification.train.batch_size": 32}
+    params = project.params(**overrides)
+    normstats.run("classification", params)
+    pretrain.run(params)
+    saved = torch.load("models/pretrain/backbone.pt", weights_only=True)
+    assert saved["architecture"] == "resnet18"
+    fine_tune = project.params(**overrides, **{"tasks.classification.model.name": "resnet18",
+                                               "tasks.classification.model.weights": "models/pretrain/backbone.pt",
+                                               "tasks.classification.model.frozen_layers": ["conv1", "bn1", "layer1"]})
+    model = get_task("classification", load_params(fine_tune).task("classification")).build_model()
+    torch.testing.assert_close(model.layer3[0].conv1.weight, saved["model"]["layer3.0.conv1.weight"])
+    assert not model.layer1[0].conv1.weight.requires_grad and model.layer2[0].conv1.weight.requires_grad
+
+
+def test_backbone_loader_names_keys(tmp_path):
+    import torchvision
+
+    from cv_models.weights import WeightsError, load_backbone
+
+    torch.save({"model": torchvision.models.resnet18().state_dict()}, tmp_path / "r18.pt")
+    body = torchvision.models.resnet18()
+    del body.fc
+    load_backbone(body, tmp_path / "r18.pt")  # fits: only the head is dropped
+    try:
+        load_backbone(torchvision.models.resnet34(), tmp_path / "r18.pt")
+    except WeightsError as err:
+        assert "missing keys: " in str(err) and "layer1.2" in str(err)
+    else:
+        raise AssertionError("a resnet18 checkpoint must not load into a resnet34")
