@@ -75,6 +75,11 @@ def run(task_name: str, params_path: str | Path = "params.yaml", overrides: dict
         markdown = f"# {task_name}: test split ({len(test)} samples)\n\n" + to_markdown(table) + "\n"
         markdown += (f"\nSpeed: images/s at batch size {st.cfg.train.eval_batch_size} and the latency of one image "
                      f"on {device.type}.\n")
+        for name, res in results.items():
+            if res.per_class is not None and name != "dummy":
+                markdown += f"\n## {name}: per class\n\n" + to_markdown(res.per_class) + "\n"
+        if diagnosis:
+            markdown += "\n## Overfitting diagnosis (train vs validation per epoch)\n"
         for name, line in diagnosis.items():
             markdown += f"\n- {name}: {line or 'no sign of overfitting (val metric still improving or gap not growing)'}"
         markdown += "\n"
