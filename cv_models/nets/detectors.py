@@ -181,7 +181,7 @@ def faster_rcnn(num_classes: int, backbone: nn.Module, image_size: int, mean, st
     c = backbone.out_channels
     model = FasterRCNN(
         backbone, num_classes=None,
-        rpn_anchor_generator=anchor_generator(o.get("anchor_size", 16), len(levels) + 1, 1),
+        rpn_anchor_generator=anchor_generator(o.get("anchor_size", 16), len(levels) + 1, o.get("scales_per_level", 1)),
         box_roi_pool=MultiScaleRoIAlign(levels, output_size=7, sampling_ratio=2),
         box_head=TwoMLPHead(c * 49, o.get("representation_size", 256)),
         box_predictor=FastRCNNPredictor(o.get("representation_size", 256), num_classes),
