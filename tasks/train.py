@@ -24,7 +24,7 @@ def train_model(st: Stage, augment: AugmentConfig | None, out_dir: Path) -> tupl
     val = st.task.dataset("val", st.task.eval_transforms(norm))
     # the same number of training images as validation images, unaugmented: the overfitting diagnosis compares them
     train_plain = st.task.dataset("train", st.task.eval_transforms(norm))
-    train_eval = torch.utils.data.Subset(train_plain, range(min(len(train_plain), len(val))))
+    train_eval = st.task.subset(train_plain, list(range(min(len(train_plain), len(val)))))
     model = st.task.build_model()
     model_path = models(st.task_name, st.name) / "model.pt"
     result = engine.fit(
