@@ -591,7 +591,7 @@ class SegmentationTask(CVTask):
         target = target.long().squeeze(0)
         colors = self.colors()
         layers = torch.stack([target == k for k in range(1, len(colors))] + [target == self.ignore_index])
-        picture = draw_segmentation_masks(to_uint8(image), layers, alpha=0.45, colors=colors[1:] + [(255, 255, 255)])
+        picture = draw_segmentation_masks(to_uint8(image), layers, alpha=0.6, colors=colors[1:] + [(255, 255, 255)])
         return picture, text
 
     def draw(self, image, target):
