@@ -153,9 +153,17 @@ def _torchvision_builder(name: str, aux: bool):
         options = dict(m.options)
         # no ImageNet download unless asked for (model.options.weights_backbone: DEFAULT | IMAGENET1K_V1 ...)
         kwargs = {"weights": None, "weights_backbone": options.pop("weights_backbone", None), "num_classes": num_classes}
+        # or the trunk of a classifier checkpoint of the same family (the pretraining stage's models/pretrain/backbone.pt)
+        backbone_file = options.pop("backbone_weights", "none")
         if aux:
             kwargs["aux_loss"] = bool(options.pop("aux_loss", False))
-        return get_model(name, **kwargs, **options)
+        model = get_model(name, **kwargs, **options)
+        if backbone_file != "none":
+            from cv_models.weights import load_backbone
+
+            # torchvision wraps mobilenet's `features` (keys features.N...) and a resnet's layers directly
+            load_backbone(model.backbone, backbone_file, strip_prefix="features." if "mobilenet" in name else "")
+        return model
 
     return build
 

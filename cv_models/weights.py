@@ -89,7 +89,7 @@ def load_backbone(backbone: nn.Module, path: str | Path, strip_prefix: str = "")
     state = read_checkpoint(path)
     state = {k[len(strip_prefix):]: v for k, v in state.items() if k.startswith(strip_prefix)}
     state = {k: v for k, v in state.items() if not k.startswith(HEAD_PREFIXES)}
-    own = backbone.state_dict()
+    own = {k: v for k, v in backbone.state_dict().items() if not k.startswith(HEAD_PREFIXES)}
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     mismatched = [k for k in state if k in own and own[k].shape != state[k].shape]
@@ -99,7 +99,7 @@ def load_backbone(backbone: nn.Module, path: str | Path, strip_prefix: str = "")
 
         raise WeightsError(f"backbone checkpoint {path} does not fit {type(backbone).__name__}: missing keys: {show(missing)}; "
                            f"unexpected keys: {show(unexpected)}; shape mismatches: {show(mismatched)}")
-    backbone.load_state_dict(state)
+    backbone.load_state_dict(state, strict=False)  # the head, if the module has one, keeps its init
 
 
 def freeze(model: nn.Module, prefixes: list[str]) -> list[str]:

@@ -86,9 +86,11 @@ def resnet_fpn(name: str) -> Callable[[int, int, str], BackboneWithFPN]:
             enum = get_model_weights(name)
             key = weights.split(":", 1)[1]
             tv_weights = enum.DEFAULT if key == "DEFAULT" else enum[key]
-        elif weights != "none":
-            raise ValueError(f"backbone_weights must be none or torchvision:NAME, got {weights!r}")
         body = getattr(torchvision.models, name)(weights=tv_weights, norm_layer=nn.BatchNorm2d)
+        if weights != "none" and tv_weights is None:  # a checkpoint file, e.g. the pretraining stage's
+            from cv_models.weights import load_backbone
+
+            load_backbone(body, weights)
         in_channels = [_stage_channels(body, layer) for layer in ("layer2", "layer3", "layer4")]
         return BackboneWithFPN(body, {"layer2": "0", "layer3": "1", "layer4": "2"}, in_channels, fpn_channels,
                                extra_blocks=LastLevelMaxPool())

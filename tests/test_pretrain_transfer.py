@@ -1,0 +1,38 @@
+"""A backbone saved by the pretraining stage initialises a detector and a segmenter (weights equal after loading)."""
+import torch
+
+from cv_models import get_task
+from tasks import normstats, pretrain
+from tasks.config import load_params
+
+
+def _pretrain(project, architecture):
+    params = project.params(**{"pretrain.epochs": 1, "pretrain.model": architecture,
+                               "tasks.classification.train.batch_size": 64})
+    normstats.run("classification", params)
+    pretrain.run(params)
+    return torch.load("models/pretrain/backbone.pt", weights_only=True)["model"]
+
+
+def _build(project, task, **model):
+    overrides = {f"tasks.{task}.model.{k}": v for k, v in model.items()}
+    return get_task(task, load_params(project.params(**overrides)).task(task)).build_model()
+
+
+def test_pretrained_resnet18_initialises_a_detector(project):
+    saved = _pretrain(project, "resnet18")
+    normstats.run("detection", project.params())  # detectors normalise inside, with these statistics
+    detector = _build(project, "detection", options={"backbone": "resnet18", "backbone_weights": "models/pretrain/backbone.pt",
+                                                      "fpn_channels": 32})
+    body = detector.backbone.body
+    for key in ("conv1.weight", "layer2.0.conv1.weight", "layer4.1.bn2.running_mean"):
+        torch.testing.assert_close(body.state_dict()[key], saved[key])
+
+
+def test_pretrained_mobilenet_initialises_a_segmenter(project):
+    saved = _pretrain(project, "mobilenet_v3_large")
+    segmenter = _build(project, "segmentation", name="lraspp_mobilenet_v3_large",
+                       options={"backbone_weights": "models/pretrain/backbone.pt"})
+    own = segmenter.backbone.state_dict()
+    for key in ("0.0.weight", "4.block.0.0.weight", "16.0.weight"):
+        torch.testing.assert_close(own[key], saved["features." + key])
