@@ -254,9 +254,14 @@ class TrackingConfig(Strict):
 class PretrainConfig(Strict):
     """The pretraining stage: a classifier trained on one task's data, whose trunk other tasks reuse."""
 
-    task: str = "classification"  # the task section whose data, image size and training settings are used
-    model: str = "resnet18"  # a torchvision classifier; detection/segmentation backbones of the same name load it
+    data: str = "data/shapes/classification"  # an ImageFolder dataset
+    split_from: Literal["folders", "seed"] = "folders"
+    model: str = "resnet18"  # a torchvision classifier; detection/segmentation backbones of the same family load it
+    image_size: int = Field(32, ge=8, le=4096)
     epochs: int = Field(3, ge=1)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(3e-3, gt=0)
+    num_threads: int = Field(0, ge=0)
     out: str = "models/pretrain/backbone.pt"
 
 

@@ -1,7 +1,10 @@
-"""Transfer learning without a download: train a torchvision classifier on one dataset (by default the
-embedded shapes) and save it as a checkpoint that DVC versions. Any task can then start from it with
-``model.weights: models/pretrain/backbone.pt`` (classifiers of the same architecture load all but the
-head; detection and segmentation backbones of the same name load its trunk)."""
+"""Transfer learning without a download: train a torchvision classifier on an ImageFolder dataset (by
+default the embedded shapes) and save it as a checkpoint that DVC versions. Any task can then start
+from it: classifiers of the same architecture with ``model.weights: models/pretrain/backbone.pt``,
+detectors and segmenters through ``model.options.backbone_weights`` (their trunk loads, the head is new).
+
+The stage stands alone (its own data path, image size and training settings under ``pretrain:`` in
+params.yaml), so it runs whatever tasks the pipeline has."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -10,36 +13,57 @@ from typing import Any
 import torch
 
 from cv_models import get_task
-from tasks import engine
-from tasks.config import load_params
+from cv_models.normalize import Normalize, RunningStats
+from tasks import engine, tracking
+from tasks.config import DataConfig, ModelConfig, PretrainConfig, TaskConfig, TrainConfig, load_params
 from tasks.paths import atomic_dir
-from tasks.stage import open_stage, write_json
-from tasks.train import normalizer
+from tasks.seeding import seed_everything
+from tasks.stage import write_json
+
+
+def task_config(pre: PretrainConfig) -> TaskConfig:
+    return TaskConfig(
+        data=DataConfig(path=pre.data, split_from=pre.split_from), image_size=pre.image_size,
+        model=ModelConfig(name=pre.model),
+        train=TrainConfig(epochs=pre.epochs, batch_size=pre.batch_size, optimizer={"name": "adamw", "lr": pre.lr},
+                          scheduler={"name": "onecycle"}, num_threads=pre.num_threads, track_train_metric=False),
+    )
+
+
+def channel_normalizer(task, size: int) -> Normalize:
+    """Per-channel mean and std of the training split (one streaming pass), as the normstats stage does."""
+    stats = RunningStats()
+    data = task.dataset("train", task.eval_transforms(None))
+    for i in range(len(data)):
+        stats.update(data[i][0].as_subclass(torch.Tensor))
+    result = stats.result()
+    return Normalize("per_channel_std", torch.tensor(result["per_channel_mean"]), torch.tensor(result["per_channel_std"]))
 
 
 def run(params_path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None,
         pipeline_run_id: str | None = None) -> dict:
-    pre = load_params(params_path, overrides).pretrain
-    pre_overrides = {**(overrides or {}),
-                     f"tasks.{pre.task}.model.name": pre.model, f"tasks.{pre.task}.model.weights": "none",
-                     f"tasks.{pre.task}.model.freeze_backbone": False, f"tasks.{pre.task}.model.frozen_layers": [],
-                     f"tasks.{pre.task}.train.epochs": pre.epochs}
-    with open_stage("pretrain", pre.task, params_path, pre_overrides, pipeline_run_id) as st:
-        task = get_task(pre.task, st.cfg)
-        norm = normalizer(st)
+    params = load_params(params_path, overrides)
+    pre = params.pretrain
+    cfg = task_config(pre)
+    seeds = seed_everything(params.seed)
+    task = get_task("classification", cfg)
+    with tracking.stage_run(params, "pretrain", "pretrain", cfg, seeds, pipeline_run_id) as _:
+        import mlflow
+
+        norm = channel_normalizer(task, pre.image_size)
         train = task.dataset("train", task.train_transforms(None, norm))
         val = task.dataset("val", task.eval_transforms(norm))
         out = Path(pre.out)
         with atomic_dir(out.parent) as tmp:
-            result = engine.fit(task, task.build_model(), train, val, st.cfg.train, st.params.seed, tmp / out.name,
-                                log_metrics=lambda m, step: st.log_metrics(m, step=step), desc="pretrain")
+            result = engine.fit(task, task.build_model(), train, val, cfg.train, params.seed, tmp / out.name,
+                                log_metrics=lambda m, step: mlflow.log_metrics(m, step=step), desc="pretrain")
             blob = torch.load(tmp / out.name, map_location="cpu", weights_only=True)
-            blob.update({"architecture": pre.model, "pretrained_on": st.cfg.data.path})
+            blob.update({"architecture": pre.model, "pretrained_on": pre.data,
+                         "normalization": {"mean": norm.mean.tolist(), "std": norm.std.tolist()}})
             torch.save(blob, tmp / out.name)
-            metrics = {f"val_{task.primary_metric}": result.best_metrics[task.primary_metric], "epochs": pre.epochs,
+            metrics = {"val_accuracy": result.best_metrics["accuracy"], "epochs": pre.epochs,
                        "architecture": pre.model, "train_seconds": round(result.seconds, 2)}
             write_json(tmp / "metrics.json", metrics)
-        st.log_artifacts(out.parent, "pretrain")
-        print(f"[pretrain] {pre.model} on {st.cfg.data.path}: val {task.primary_metric} "
-              f"{metrics[f'val_{task.primary_metric}']:.4f} -> {out}")
+        mlflow.log_artifacts(str(out.parent), "pretrain")
+        print(f"[pretrain] {pre.model} on {pre.data}: val accuracy {metrics['val_accuracy']:.4f} -> {out}")
         return metrics

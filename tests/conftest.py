@@ -22,6 +22,8 @@ TINY = {
     "tasks.classification.train.num_threads": 2,
     "tasks.classification.preview_samples": 8,
     "tasks.classification.overfit_check.steps": 40,
+    "pretrain.epochs": 1,
+    "pretrain.batch_size": 64,
 }
 
 

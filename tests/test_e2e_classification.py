@@ -20,8 +20,8 @@ E2E = {"shapes.classes": ["circle", "star"], "tasks.classification.train.epochs"
        "tasks.classification.train.batch_size": 8, "pretrain.epochs": 1}
 
 
-def make_repo(folder: Path, **overrides) -> Path:
-    """A git + DVC repository holding the pipeline's code and tiny params."""
+def make_repo(folder: Path, keep_tasks: list[str] | None = None, **overrides) -> Path:
+    """A git + DVC repository holding the pipeline's code and tiny params (only ``keep_tasks``, if given)."""
     folder.mkdir(parents=True)
     for name in CODE:
         src = REPO / name
@@ -29,7 +29,13 @@ def make_repo(folder: Path, **overrides) -> Path:
             shutil.copytree(src, folder / name, ignore=shutil.ignore_patterns("__pycache__"))
         else:
             shutil.copy(src, folder / name)
-    write_params(folder, tiny_overrides(**{**E2E, **overrides}))
+    path = write_params(folder, tiny_overrides(**{**E2E, **overrides}))
+    if keep_tasks is not None:
+        import yaml
+
+        raw = yaml.safe_load(path.read_text())
+        raw["tasks"] = {k: v for k, v in raw["tasks"].items() if k in keep_tasks}
+        path.write_text(yaml.safe_dump(raw, sort_keys=False))
     for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"], ["git", "add", "-A"],
                 ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "pipeline"]):
         subprocess.run(cmd, cwd=folder, check=True, env=_env())
@@ -52,7 +58,7 @@ def evaluation(folder: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def dvc_repo(tmp_path_factory):
-    repo = make_repo(tmp_path_factory.mktemp("e2e") / "repo")
+    repo = make_repo(tmp_path_factory.mktemp("e2e") / "repo", keep_tasks=["classification"])
     result = dvc(repo, "repro", CV_PIPELINE_RUN_ID="e2e-dvc")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return repo
@@ -82,7 +88,7 @@ def test_mlflow_holds_the_stage_runs_with_seeds_and_metrics(dvc_repo):
     exp = client.get_experiment_by_name("cv-classification")
     runs = client.search_runs([exp.experiment_id], "tags.pipeline_run_id = 'e2e-dvc'")
     stages = {r.data.tags.get("stage"): r for r in runs if r.data.tags.get("kind") == "stage"}
-    assert set(stages) == {"validate", "normstats", "pretrain", "baseline", "augmented", "evaluate"}
+    assert set(stages) == {"validate", "normstats", "baseline", "augmented", "evaluate"}
     parent = [r for r in runs if r.data.tags.get("kind") == "pipeline"]
     assert len(parent) == 1
     for run in stages.values():
@@ -102,7 +108,7 @@ def test_prefect_flow_gives_the_same_metrics(dvc_repo, tmp_path, monkeypatch):
 
     from flows.pipeline import FLOWS
 
-    repo = make_repo(tmp_path / "flow")
+    repo = make_repo(tmp_path / "flow", keep_tasks=["classification"])
     monkeypatch.chdir(repo)
     with prefect_test_harness():
         result = FLOWS["classification"](params_path="params.yaml")
@@ -111,7 +117,7 @@ def test_prefect_flow_gives_the_same_metrics(dvc_repo, tmp_path, monkeypatch):
 
 
 def test_corrupted_sample_stops_dvc_repro_naming_the_file(dvc_repo, tmp_path_factory):
-    repo = make_repo(tmp_path_factory.mktemp("bad") / "repo",
+    repo = make_repo(tmp_path_factory.mktemp("bad") / "repo", keep_tasks=["classification"],
                      **{"tasks.classification.data.path": "userdata"})
     shutil.copytree(dvc_repo / "data/shapes/classification", repo / "userdata")
     victim = sorted((repo / "userdata/train/star").glob("*.png"))[3]

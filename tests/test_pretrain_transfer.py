@@ -7,9 +7,7 @@ from tasks.config import load_params
 
 
 def _pretrain(project, architecture):
-    params = project.params(**{"pretrain.epochs": 1, "pretrain.model": architecture,
-                               "tasks.classification.train.batch_size": 64})
-    normstats.run("classification", params)
+    params = project.params(**{"pretrain.epochs": 1, "pretrain.model": architecture, "pretrain.batch_size": 64})
     pretrain.run(params)
     return torch.load("models/pretrain/backbone.pt", weights_only=True)["model"]
 
