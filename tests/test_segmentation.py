@@ -298,10 +298,11 @@ def test_models_build_offline_and_predict_full_size_masks(project, name):
 def test_unet_weights_from_a_file_refit_the_head(project, tmp_path):
     from cv_models.nets.unet import UNet
 
-    source = UNet(num_classes=3, width=16, depth=3)
+    source = UNet(num_classes=3, width=8, depth=2)
     torch.save({"model": source.state_dict()}, tmp_path / "w.pt")
     task = _task(project, **{"tasks.segmentation.model.weights": str(tmp_path / "w.pt"),
-                             "tasks.segmentation.model.freeze_backbone": True})
+                             "tasks.segmentation.model.freeze_backbone": True,
+                             "tasks.segmentation.model.width": 8, "tasks.segmentation.model.depth": 2})
     model = task.build_model()
     torch.testing.assert_close(model.encoder[0][0].weight, source.encoder[0][0].weight)
     assert model.head.out_channels == 5
