@@ -32,12 +32,26 @@ os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
 @task(name="train-arm", task_run_name="{job.run_name}")
 def train_arm(job: TrainJob, result_path: str, meta: dict) -> dict:
     """Train one arm with one seed and keep its result at once (a stopped ablation resumes from these)."""
-    result = {**meta, **train_and_score(job)}
+    result = {**meta, **train_and_score(job), "worker": _where()}
     from tasks.paths import atomic_write_bytes
     import json
 
     atomic_write_bytes(Path(job.project_dir) / result_path, (json.dumps(result, indent=2, default=float) + "\n").encode())
     return result
+
+
+def _where() -> str:
+    """The Dask worker's address when on a Dask cluster, else host:pid (shown in the result files)."""
+    if "distributed" in sys.modules:
+        try:
+            from distributed import get_worker
+
+            return get_worker().address
+        except ValueError:  # not inside a Dask worker
+            pass
+    import socket
+
+    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 def _clean(value: Any) -> Any:

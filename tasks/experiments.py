@@ -172,6 +172,7 @@ def train_and_score(job: TrainJob, on_epoch: Callable[[dict, int], None] | None 
     from tasks import engine
     from tasks.seeding import seed_everything
     from tasks.stage import Stage
+    from tasks.paths import checkpoints
     from tasks.train import normalizer, train_model
     from cv_models import get_task
 
@@ -219,6 +220,8 @@ def train_and_score(job: TrainJob, on_epoch: Callable[[dict, int], None] | None 
                 st.log_artifacts(out_dir / name)
         if not job.keep_model:
             shutil.rmtree(model_path.parent, ignore_errors=True)
+            remove_empty_parents(model_path.parent, Path("models"))
+        remove_empty_parents(checkpoints(job.task_name, job.stage_name), Path("checkpoints"))
         status = "FINISHED"
         return {**metrics, "run_id": run_id}
     except BaseException as err:
@@ -227,6 +230,18 @@ def train_and_score(job: TrainJob, on_epoch: Callable[[dict, int], None] | None 
         raise
     finally:
         retry_locked(client(params).set_terminated, run_id, status)
+
+
+def remove_empty_parents(folder: Path, stop: Path) -> None:
+    """Remove ``folder`` and its parents while they are empty, up to (not including) ``stop``."""
+    folder, stop = Path(folder).resolve(), Path(stop).resolve()
+    while folder != stop and stop in folder.parents:
+        try:
+            folder.rmdir()
+        except OSError:  # not empty (another arm's files) or already gone
+            if folder.exists():
+                return
+        folder = folder.parent
 
 
 def child_runs(params: Params, experiment_id: str, parent_id: str) -> list:
