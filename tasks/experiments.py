@@ -205,7 +205,7 @@ def train_and_score(job: TrainJob, on_epoch: Callable[[dict, int], None] | None 
         out_dir = Path(job.out_dir)
         result, model_path = train_model(st, cfg.augment, out_dir)
         primary = task.primary_metric
-        metrics: dict[str, Any] = {f"val_{primary}": result.best_metrics[primary], "best_epoch": result.best_epoch,
+        metrics: dict[str, Any] = {f"best_val_{primary}": result.best_metrics[primary], "best_epoch": result.best_epoch,
                                    "train_seconds": round(result.seconds, 2)}
         if job.score_test:
             norm = normalizer(st)

@@ -242,7 +242,7 @@ def run_trial(j: TrainJob, storage: str, study_name: str, trial_id: int, primary
         shutil.rmtree(scratch, ignore_errors=True)  # nothing to resume
         return {"pruned": True, "reason": str(err)}
     shutil.rmtree(scratch, ignore_errors=True)
-    return {"pruned": False, "value": metrics[f"val_{primary}"], **metrics}
+    return {"pruned": False, "value": metrics[f"best_val_{primary}"], **metrics}
 
 
 def summarise(p: SearchPlan, study) -> dict[str, Any]:

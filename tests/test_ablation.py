@@ -165,7 +165,8 @@ def test_two_arm_two_seed_ablation_table_mlflow_and_resume(small, harness, capsy
         path.unlink()
     capsys.readouterr()
     again = ablate(task_name=TASK, params_path=params)
-    assert "5 runs already finished, 1 to train" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "5 runs already finished, 1 to train" in captured.out + captured.err
     assert len(children(parent.info.run_id)) == 7
     assert all(path.exists() for path in lost)  # hflip/seed42 recovered from its MLflow run
     assert again["arms"]["hflip"] == table["arms"]["hflip"]
