@@ -58,9 +58,11 @@ def search(task_name: str = "classification", params_path: str = "params.yaml",
           + (f" ({stale} interrupted trials queued again)" if stale else "")
           + f"; running {max(p.config.trials - done, 0)} more on {p.config.runner.kind} (max_workers={p.config.runner.max_workers})")
     distributions = p.distributions()
+    # a wave is as wide as the runner: trials of one wave cannot prune against each other
+    width = 1 if p.config.runner.kind == "sequential" else p.config.runner.max_workers
     with FanOut(p.config.runner) as fan:
         while done < p.config.trials:
-            wave = [study.ask(distributions) for _ in range(min(p.config.runner.max_workers, p.config.trials - done))]
+            wave = [study.ask(distributions) for _ in range(min(width, p.config.trials - done))]
             calls = [{"job": search_stage.job(p, t.number, t.params, exp, parent), "storage": p.storage,
                       "study_name": p.study_name, "trial_id": t._trial_id, "primary": p.primary_metric,
                       "pruner": p.config.pruner.model_dump()} for t in wave]

@@ -213,8 +213,9 @@ def test_three_trial_search_prunes_and_writes_best_params(small, harness):
 
     study = optuna.load_study(study_name=summary["study"], storage=f"sqlite:///{Path('optuna.db').resolve()}")
     states = [t.state.name for t in study.trials]
-    assert len(states) == 3 and states[0] == "COMPLETE"
-    assert states[1] == "PRUNED" and len(study.trials[1].intermediate_values) < 3
+    assert len(states) == 3 and states[0] == "COMPLETE" and "PRUNED" in states[1:]
+    for t in study.trials:  # a pruned trial stopped before its last epoch
+        assert len(t.intermediate_values) == 3 if t.state.name == "COMPLETE" else len(t.intermediate_values) < 3
     assert summary["pruned"] >= 1 and summary["complete"] + summary["pruned"] == 3
 
     best = yaml.safe_load(Path(f"outputs/{TASK}/search/best_params.yaml").read_text())
@@ -228,7 +229,8 @@ def test_three_trial_search_prunes_and_writes_best_params(small, harness):
     exp = c.get_experiment_by_name("cv-" + TASK).experiment_id
     (parent,) = c.search_runs([exp], f"tags.kind = 'search' and tags.search_key = '{summary['study']}'")
     trials = {r.data.tags["trial"]: r for r in children(parent.info.run_id)}
-    assert set(trials) == {"0", "1", "2"} and trials["1"].info.status == "KILLED"
+    assert set(trials) == {"0", "1", "2"}
+    assert {r.info.status for r in trials.values()} == {"FINISHED", "KILLED"}  # KILLED: pruned
     assert "test_accuracy" not in trials["0"].data.metrics  # the search never looks at the test split
 
     # the study is stored: asking again for three trials trains nothing more
