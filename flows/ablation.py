@@ -54,15 +54,11 @@ def _where() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def _clean(value: Any) -> Any:
-    return None if isinstance(value, float) and math.isnan(value) else value
-
-
 def publish(task_name: str, df, markdown: str) -> None:
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
     key = f"{task_name.replace('_', '-')}-ablation"
-    rows = [{k: _clean(v) for k, v in row.items()} for row in df.to_dict("records")]
+    rows = [{k: ablation.finite(v) for k, v in row.items()} for row in df.to_dict("records")]
     create_table_artifact(table=rows, key=key, description=f"{task_name}: one change at a time (test metric)")
     create_markdown_artifact(markdown=markdown, key=f"{key}-report", description=f"{task_name}: ablation table")
 

@@ -30,6 +30,26 @@ def task_runner(cfg: RunnerConfig):
     return None
 
 
+def share_temporary_server() -> None:
+    """Without PREFECT_API_URL a flow runs against a temporary local server; worker processes would each
+    start their own and their task runs would be lost. Point them (through the environment they
+    inherit) at this process's server instead."""
+    import os
+
+    from prefect.settings import get_current_settings
+
+    if get_current_settings().api.url or os.environ.get("PREFECT_API_URL"):
+        return
+    try:
+        from prefect.server.api.server import SubprocessASGIServer
+
+        server = SubprocessASGIServer._instances.get(None)  # the temporary server of this process, if any
+        if server is not None and server.server_process is not None:
+            os.environ["PREFECT_API_URL"] = server.api_url
+    except (ImportError, AttributeError):  # another Prefect version: workers start their own server
+        return
+
+
 class FanOut(AbstractContextManager):
     """``with FanOut(cfg) as fan: results = fan.map(prefect_task, [kwargs, ...])``.
 
@@ -42,6 +62,8 @@ class FanOut(AbstractContextManager):
         self.runner = task_runner(cfg)
 
     def __enter__(self):
+        if self.cfg.kind == "processes" or (self.cfg.kind == "dask" and self.cfg.dask_processes and not self.cfg.dask_address):
+            share_temporary_server()
         if self.runner is not None:
             self.runner.__enter__()
         return self

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -295,8 +295,8 @@ def summarise(p: Plan, results: list[dict], seconds: float | None = None) -> tup
     out = p.out_dir
     out.mkdir(parents=True, exist_ok=True)
     metrics = {"metric": metric, "seeds": p.config.seeds,
-               "arms": {r.change: {k: (None if isinstance(v, float) and math.isnan(v) else v)
-                                   for k, v in r._asdict().items() if k != "change"} for r in df.itertuples(index=False)}}
+               "arms": {r.change: {k: finite(v) for k, v in r._asdict().items() if k != "change"}
+                        for r in df.itertuples(index=False)}}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float) + "\n")
     df.to_csv(out / "table.csv", index=False)
     (out / "table.md").write_text(markdown)
@@ -304,7 +304,6 @@ def summarise(p: Plan, results: list[dict], seconds: float | None = None) -> tup
     return df, metrics, markdown
 
 
-def plan_summary(p: Plan) -> dict:
-    return {"task": p.task_name, "seeds": p.config.seeds, "arms": [a.name for a in p.arms[:: p.config.seeds]],
-            "runner": p.config.runner.model_dump(), "ablation_key": p.key,
-            "jobs": [asdict(a) | {"overrides": None} for a in p.arms]}
+def finite(value: Any) -> Any:
+    """NaN (one seed) and infinity (no spread) have no JSON spelling: null."""
+    return None if isinstance(value, float) and not math.isfinite(value) else value

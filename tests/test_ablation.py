@@ -236,3 +236,25 @@ def test_three_trial_search_prunes_and_writes_best_params(small, harness):
     # the study is stored: asking again for three trials trains nothing more
     again = search(task_name=TASK, params_path=params)
     assert again["trials"] == 3 and again["best_trial"] == summary["best_trial"]
+
+
+def test_a_search_stopped_mid_trial_queues_that_trial_again(small):
+    import optuna
+
+    from tasks import search as search_stage
+
+    params = small(**{"search.trials": 2, "search.space": {"train.optimizer.lr": {"low": 1e-4, "high": 1e-2, "log": True}}})
+    p = search_stage.plan(TASK, params)
+    study = search_stage.open_study(p)
+    done = study.ask(p.distributions())
+    study.tell(done, 0.5)
+    stopped = study.ask(p.distributions())  # the process died while this trial trained: it stays RUNNING
+    assert search_stage.recover(search_stage.open_study(p), p) == 1
+    study = search_stage.open_study(p)
+    assert study.trials[stopped.number].state == optuna.trial.TrialState.FAIL
+    assert search_stage.finished_count(study) == 1  # the interrupted trial does not count
+    again = study.ask(p.distributions())  # the queued copy comes first, with the same values
+    assert again.params == stopped.params
+    # same values, same checkpoint folder: the retried trial resumes from its last epoch
+    assert search_stage.job(p, again.number, again.params, "0", "x").stage_name == \
+        search_stage.job(p, stopped.number, stopped.params, "0", "x").stage_name
