@@ -68,10 +68,11 @@ def publish(task_name: str, df, markdown: str) -> None:
 def ablate(task_name: str = "classification", params_path: str = "params.yaml",
            overrides: dict[str, Any] | None = None) -> dict:
     started = time.perf_counter()
-    p = ablation.plan(task_name, params_path, overrides)  # every bad setting stops here, before training
+    ablation.plan(task_name, params_path, overrides, build_models=False)  # bad settings stop here, before anything runs
+    prepare(task_name, params_path, overrides)  # the data and its normalisation statistics, when missing
+    p = ablation.plan(task_name, params_path, overrides)  # and every arm's model builds, before training
     params = load_params(params_path, overrides)
     ensure_store(params)  # the MLflow schema exists before the workers write to it
-    prepare(task_name, params_path, overrides)
     arm_names = [a.name for a in p.arms[:: p.config.seeds]]
     exp, parent = find_or_create_parent(params, task_name, "ablation", p.key, f"ablation {task_name}",
                                         {"primary_metric": p.primary_metric})

@@ -45,10 +45,11 @@ def search(task_name: str = "classification", params_path: str = "params.yaml",
     from optuna.trial import TrialState
 
     started = time.perf_counter()
-    p = search_stage.plan(task_name, params_path, overrides)  # bad ranges stop here, before any trial
+    search_stage.plan(task_name, params_path, overrides, build_model=False)  # bad ranges stop here, before anything runs
+    prepare(task_name, params_path, overrides)  # the data and its normalisation statistics, when missing
+    p = search_stage.plan(task_name, params_path, overrides)  # and the model builds
     params = load_params(params_path, overrides)
     ensure_store(params)
-    prepare(task_name, params_path, overrides)
     study = search_stage.open_study(p)
     stale = search_stage.recover(study, p)
     exp, parent = find_or_create_parent(params, task_name, "search", p.study_name, f"search {task_name}",

@@ -110,8 +110,13 @@ def load_config(params_path: str | Path, overrides: dict[str, Any] | None = None
     return cfg
 
 
-def plan(task_name: str, params_path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None) -> Plan:
-    """Check everything before anything trains: the arms exist, each arm's params are valid and its model builds."""
+def plan(task_name: str, params_path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None,
+         build_models: bool = True) -> Plan:
+    """Check everything before anything trains: the arms exist, each arm's params are valid and its model builds.
+
+    Building a model needs the data (its classes): ``build_models=False`` checks the settings alone
+    (before the data is generated), then call again once it is there.
+    """
     from cv_models import get_task
 
     overrides = dict(overrides or {})
@@ -134,7 +139,8 @@ def plan(task_name: str, params_path: str | Path = "params.yaml", overrides: dic
             arm_params = load_params(params_path, dotted)
             arm_cfg = arm_params.task(task_name)
             task = get_task(task_name, arm_cfg)
-            task.build_model()  # unknown model, missing weights: fail now, not after the other arms trained
+            if build_models:  # unknown model, missing weights: fail now, not after the other arms trained
+                task.build_model()
         except Exception as err:
             raise ConfigError(f"ablation arm {name!r} ({changes or 'the baseline'}) is not a valid setting for "
                               f"task {task_name!r}: {err}") from None

@@ -143,7 +143,8 @@ def load_config(params_path: str | Path, overrides: dict[str, Any] | None = None
     return check_section(SearchConfig, section(params_path, "search", overrides), "search")
 
 
-def plan(task_name: str, params_path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None) -> SearchPlan:
+def plan(task_name: str, params_path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None,
+         build_model: bool = True) -> SearchPlan:
     """Check everything before the first trial: the ranges, that every end of every range is a valid setting."""
     from cv_models import get_task
 
@@ -163,7 +164,8 @@ def plan(task_name: str, params_path: str | Path = "params.yaml", overrides: dic
                 raise ConfigError(f"search.space.{key}: the value {value!r} is not a valid setting of "
                                   f"tasks.{task_name}.{key}:\n{err}") from None
     task = get_task(task_name, base_cfg)
-    task.build_model()  # unknown model or missing weights: fail before the first trial
+    if build_model:  # unknown model or missing weights: fail before the first trial (needs the data's classes)
+        task.build_model()
     space = {k: v.model_dump(mode="json") for k, v in cfg.space.items()}
     name = cfg.study_name or f"{task_name}-{config_hash({'base': learning_hash(base_cfg.model_dump(mode='json'), params.seed), 'space': space, 'pruner': cfg.pruner.model_dump()})}"
     seed = params.seed if cfg.sampler_seed is None else cfg.sampler_seed
