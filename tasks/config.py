@@ -271,6 +271,9 @@ class Params(Strict):
     tracking: TrackingConfig = TrackingConfig()
     shapes: ShapesConfig = ShapesConfig()
     tasks: dict[str, dict[str, Any]]
+    # experiments over a task (checked by tasks/ablation.py and tasks/search.py when they start)
+    ablation: dict[str, Any] = {}
+    search: dict[str, Any] = {}
 
     def task(self, name: str) -> TaskConfig:
         if name not in self.tasks:
