@@ -74,8 +74,12 @@ def build_scheduler(optimizer, cfg: TrainConfig, steps_per_epoch: int):
     warmup = min(s.warmup_epochs * steps_per_epoch, max(total - 1, 0))
     sched = torch.optim.lr_scheduler
     if s.name == "onecycle":
+        if total < 4:  # too few steps for a ramp up and down (e.g. one epoch of one batch): constant lr
+            return sched.LambdaLR(optimizer, lambda _: 1.0)
         pct = warmup / total if warmup else 0.3
-        return sched.OneCycleLR(optimizer, max_lr=cfg.optimizer.lr, total_steps=total, pct_start=max(pct, 1e-3))
+        # at least two steps in each phase, or OneCycleLR divides by zero
+        return sched.OneCycleLR(optimizer, max_lr=cfg.optimizer.lr, total_steps=total,
+                                pct_start=min(max(pct, 2.5 / total), 1 - 2.5 / total))
     if s.name == "cosine":
         main = sched.CosineAnnealingLR(optimizer, T_max=max(total - warmup, 1))
     elif s.name == "step":
