@@ -14,7 +14,7 @@ export GX_ANALYTICS_ENABLED := False
 export DVC_NO_ANALYTICS := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: run test env serve mlflow-ui benchmark clean
+.PHONY: run test env serve mlflow-ui benchmark ablate search clean
 
 env: $(STAMP)
 
@@ -39,8 +39,19 @@ serve: $(STAMP)
 mlflow-ui: $(STAMP)
 	mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port $(MLFLOW_PORT)
 
+# training-loop overhead against a bare PyTorch loop, per task (ratios; run on an otherwise idle machine)
 benchmark: $(STAMP)
 	python benchmarks/bench_train_step.py
+	python benchmarks/bench_segmentation_step.py
+	python benchmarks/bench_detection_step.py
+	python benchmarks/bench_instance_segmentation_step.py
+
+TASK ?= classification
+ablate: $(STAMP)
+	python -m flows.ablation $(TASK)
+
+search: $(STAMP)
+	python -m flows.search $(TASK)
 
 clean:
 	rm -rf outputs models checkpoints data/shapes .prefect
