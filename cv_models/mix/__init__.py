@@ -1,0 +1,1 @@
+"""Batch-level mixing augmentations torchvision does not offer for boxes and masks (written by hand)."""
