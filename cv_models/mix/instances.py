@@ -96,7 +96,7 @@ def copy_paste(img_a, tgt_a, img_b, tgt_b, lam: float, min_area: int, min_visibl
     if torch.rand((), generator=gen) < 0.5:  # mirror the pasted instances for more variety
         pasted = dict(pasted, masks=pasted["masks"].flip(-1))
         img_b = img_b.flip(-1)
-    union = pasted["masks"].any(0)
+    union = pasted["masks"].bool().any(0)
     image = torch.where(union, img_b, img_a)
     a = tidy(dict(tgt_a, masks=tgt_a["masks"] * ~union), _areas(tgt_a), min_area, min_visible)
     pasted = tidy(pasted, None, min_area, min_visible)
