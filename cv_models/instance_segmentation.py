@@ -16,8 +16,7 @@ masks after every transform. Metrics are computed at the training size.
 """
 from __future__ import annotations
 
-import contextlib
-import io
+import copy
 import json
 from pathlib import Path
 
@@ -39,7 +38,7 @@ from cv_models.nets.mask_rcnn import build_mask_rcnn
 from tasks.config import AugmentConfig
 
 FORMATS = ("coco", "instance_folders")
-COCO_STATS = {"map": 0, "map50": 1, "map75": 2}  # index into COCOeval.stats
+COCO_STATS = ("map", "map50", "map75")  # reported for boxes and masks
 
 
 # ---------------------------------------------------------------- transforms
@@ -120,31 +119,21 @@ def encode_mask(mask: np.ndarray) -> dict:
     return rle
 
 
-def coco_scores(gt: dict, results: list[dict]) -> tuple[dict[str, float], dict[str, np.ndarray]]:
-    """Box and mask mAP@[.5:.95], mAP@.5 and mAP@.75 of COCO results against a COCO ground truth,
-    with pycocotools; also the per-class AP@.5 arrays. No results or no ground truth score 0."""
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
+def coco_scores(gt: dict, results: list[dict], class_names: list[str]) -> tuple[dict[str, float], pd.DataFrame]:
+    """Box and mask mAP@[.5:.95], mAP@.5 and mAP@.75 with pycocotools (the detection task's helper,
+    once per IoU type), and per-class AP@.5 of boxes and masks."""
+    from cv_models.detection import coco_map
 
-    metrics, per_class = {}, {}
-    n_classes = len(gt["categories"])
+    metrics, tables = {}, {}
     for iou_type, prefix in (("bbox", "box"), ("segm", "mask")):
-        if not results or not gt["annotations"]:
-            metrics.update({f"{prefix}_{k}": 0.0 for k in COCO_STATS})
-            per_class[prefix] = np.zeros(n_classes)
-            continue
-        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its tables
-            coco_gt = COCO()
-            coco_gt.dataset = json.loads(json.dumps(gt))
-            coco_gt.createIndex()
-            coco_dt = coco_gt.loadRes(json.loads(json.dumps(results)))
-            ev = COCOeval(coco_gt, coco_dt, iou_type)
-            ev.evaluate()
-            ev.accumulate()
-            ev.summarize()
-        metrics.update({f"{prefix}_{k}": float(max(ev.stats[i], 0.0)) for k, i in COCO_STATS.items()})
-        precision = ev.eval["precision"][0, :, :, 0, -1]  # IoU .5, all recalls, classes, all areas, most detections
-        per_class[prefix] = np.array([float(p[p > -1].mean()) if (p > -1).any() else np.nan for p in precision.T])
+        # pycocotools adds fields to the dicts it is given: score copies, export the originals
+        m, per_class = coco_map(copy.deepcopy(gt), copy.deepcopy(results), class_names, iou_type)
+        metrics.update({f"{prefix}_{k}": m[k] for k in COCO_STATS})
+        metrics.update({f"{prefix}_ap50/{c}": float(v) for c, v in zip(per_class["class"], per_class["ap50"])})
+        tables[prefix] = per_class
+    per_class = pd.DataFrame({"class": class_names, "mask_ap": tables["mask"]["ap"], "mask_ap50": tables["mask"]["ap50"],
+                              "box_ap": tables["box"]["ap"], "box_ap50": tables["box"]["ap50"],
+                              "gt_instances": tables["mask"]["n_boxes"]})
     return metrics, per_class
 
 
@@ -384,11 +373,8 @@ class InstanceSegmentationTask(CVTask):
         return {"images": gt_images, "annotations": gt_anns, "categories": categories}, results
 
     def _result(self, gt: dict, results: list[dict]) -> EvalResult:
-        metrics, per_class = coco_scores(gt, results)
-        table = pd.DataFrame({"class": self.class_names(), "mask_ap50": per_class["mask"], "box_ap50": per_class["box"],
-                              "gt_instances": [sum(a["category_id"] == k + 1 for a in gt["annotations"])
-                                               for k in range(len(self.class_names()))]})
-        return EvalResult(metrics=metrics, predictions=results, per_class=table, extra={"coco_gt": gt})
+        metrics, per_class = coco_scores(gt, results, self.class_names())
+        return EvalResult(metrics=metrics, predictions=results, per_class=per_class, extra={"coco_gt": gt})
 
     def evaluate(self, model, loader, device) -> EvalResult:
         return self._result(*self.predict(model, loader, device))

@@ -64,17 +64,20 @@ def run_pipeline(task_name: str, params_path: str, overrides: dict[str, Any]) ->
 
 
 def make_flow(task_name: str):
-    @flow(name=flow_name(task_name), description=f"validate -> normstats -> baseline -> augmented -> evaluate for {task_name}",
-          log_prints=True)
     def train(epochs: int | None = None, batch_size: int | None = None, seed: int | None = None,
               overrides: dict[str, Any] | None = None, params_path: str = "params.yaml") -> dict:
         return run_pipeline(task_name, params_path, collect_overrides(task_name, epochs, batch_size, seed, overrides))
 
-    train.__name__ = f"train_{task_name}"
-    return train
+    # a served deployment loads the flow by its entrypoint ``flows.pipeline.train_<task>``: the
+    # function must carry that name (set before decorating) and exist at module level (below)
+    train.__name__ = train.__qualname__ = f"train_{task_name}"
+    train.__module__ = __name__
+    return flow(name=flow_name(task_name), description=f"validate -> normstats -> baseline -> augmented -> evaluate for {task_name}",
+                log_prints=True)(train)
 
 
 FLOWS = {name: make_flow(name) for name in TASKS}
+globals().update({f"train_{name}": f for name, f in FLOWS.items()})
 train_classification = FLOWS["classification"]
 
 if __name__ == "__main__":

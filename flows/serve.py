@@ -10,6 +10,7 @@ import os
 import sys
 
 from prefect import serve
+from prefect.types.entrypoint import EntrypointType
 
 from flows.pipeline import FLOWS
 from tasks.config import load_params
@@ -19,7 +20,9 @@ DEPLOYMENT_NAME = "default"
 
 def deployments(params_path: str = "params.yaml"):
     names = [n for n in load_params(params_path).tasks if n in FLOWS]
-    return [FLOWS[n].to_deployment(name=DEPLOYMENT_NAME, parameters={"params_path": params_path}) for n in names]
+    # module entrypoints (flows.pipeline.train_<task>) load from any working folder with the package importable
+    return [FLOWS[n].to_deployment(name=DEPLOYMENT_NAME, parameters={"params_path": params_path},
+                                   entrypoint_type=EntrypointType.MODULE_PATH) for n in names]
 
 
 def main() -> None:

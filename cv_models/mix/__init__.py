@@ -1,1 +1,1 @@
-"""Batch-level mixing augmentations torchvision does not offer for boxes and masks (written by hand)."""
+"""Batch-level mixing (MixUp, CutMix, Mosaic, copy-paste) for the tasks torchvision's v2.MixUp/CutMix do not cover."""

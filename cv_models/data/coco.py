@@ -1,0 +1,115 @@
+"""COCO JSON reader: images, boxes and categories as the shared annotation table, and the
+polygon / RLE masks decoded with pycocotools when asked (instance segmentation reuses this).
+
+One annotation file per split; ``file_name`` is relative to the images folder::
+
+    <path>/annotations/{split}.json    (data.options.annotations, a template with {split})
+    <path>/images/<file_name>          (data.options.images)
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from cv_models.base import DataError
+from cv_models.data.annotations import AnnotationTables, build_tables, check_split_names
+
+DEFAULT_SPLITS = {"train": "train", "val": "val", "test": "test"}
+
+
+def load_json(path: Path) -> dict:
+    if not path.is_file():
+        raise DataError(f"{path}: annotation file does not exist (rule: every split has a COCO JSON file)")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DataError(f"{path}: not valid JSON ({err}) (rule: annotation file is valid COCO JSON)") from None
+    if not isinstance(data, dict) or not all(isinstance(data.get(k), list) for k in ("images", "annotations", "categories")):
+        raise DataError(f"{path}: not a COCO detection file (rule: a JSON object with lists 'images', 'annotations' "
+                        f"and 'categories')")
+    return data
+
+
+def _field(path: Path, where: str, obj: dict, key: str, kind):
+    value = obj.get(key) if isinstance(obj, dict) else None
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise DataError(f"{path}: {where} has no valid '{key}' (rule: COCO fields have the right type), got {value!r}")
+    return value
+
+
+def read_coco(root: Path, classes: list[str] | None = None, annotations: str = "annotations/{split}.json",
+              images: str = "images", splits: dict[str, str] | None = None, with_masks: bool = False) -> AnnotationTables:
+    """Read every split. ``classes`` declares the known class names (default: the train file's categories)."""
+    splits = splits or DEFAULT_SPLITS
+    check_split_names(splits, "coco")
+    image_rows, box_rows, sources = [], [], {}
+    categories: list[str] = []
+    for split in ("train", "val", "test"):
+        path = root / annotations.format(split=splits[split])
+        data = load_json(path)
+        rel = path.relative_to(root) if root in path.parents else path
+        sources[split] = str(path)
+        id_to_name = {}
+        for c in sorted(data["categories"], key=lambda c: c.get("id", 0) if isinstance(c, dict) else 0):
+            cid = _field(path, "a category", c, "id", int)
+            id_to_name[cid] = str(_field(path, f"category {cid}", c, "name", str))
+        if split == "train":
+            categories = list(id_to_name.values())
+        files = {}
+        for im in data["images"]:
+            image_id = _field(path, "an image", im, "id", (int, str))
+            name = _field(path, f"image {image_id}", im, "file_name", str)
+            files[image_id] = name
+            image_rows.append({"item": f"{rel}: image {image_id} ({name})", "split": split, "image_id": str(image_id),
+                               "file_name": name, "declared_width": im.get("width") or 0,
+                               "declared_height": im.get("height") or 0})
+        for a in data["annotations"]:
+            ann_id = a.get("id") if isinstance(a, dict) else None
+            image_id = _field(path, f"annotation {ann_id}", a, "image_id", (int, str))
+            cid = _field(path, f"annotation {ann_id}", a, "category_id", int)
+            bbox = a.get("bbox")
+            if not (isinstance(bbox, list) and len(bbox) == 4 and all(isinstance(v, (int, float)) for v in bbox)):
+                raise DataError(f"{path}: annotation {ann_id} has no valid 'bbox' (rule: bbox is [x, y, width, height]), "
+                                f"got {bbox!r}")
+            x, y, w, h = map(float, bbox)
+            name = files.get(image_id, f"<image id {image_id} not listed>")
+            row = {"item": f"{rel}: annotation {ann_id} on {name}", "split": split, "ann_id": str(ann_id),
+                   "image_id": str(image_id), "file_name": name, "category": id_to_name.get(cid, f"<unknown category id {cid}>"),
+                   "x0": x, "y0": y, "x1": x + w, "y1": y + h, "iscrowd": int(a.get("iscrowd", 0) or 0),
+                   "area": float(a.get("area") or w * h)}
+            if with_masks:
+                row["segmentation"] = a.get("segmentation")
+            box_rows.append(row)
+    known = list(classes) if classes else categories
+    return build_tables(image_rows, box_rows, root / images, known, categories, sources)
+
+
+def decode_mask(segmentation, height: int, width: int) -> np.ndarray:
+    """A COCO segmentation (polygon list, uncompressed or compressed RLE) as a bool HxW mask."""
+    from pycocotools import mask as mask_utils
+
+    if isinstance(segmentation, list):  # polygons: one flat [x0, y0, x1, y1, ...] list per part
+        rle = mask_utils.merge(mask_utils.frPyObjects(segmentation, height, width))
+    elif isinstance(segmentation, dict) and isinstance(segmentation.get("counts"), list):
+        rle = mask_utils.frPyObjects(segmentation, height, width)
+    elif isinstance(segmentation, dict) and isinstance(segmentation.get("counts"), (str, bytes)):
+        counts = segmentation["counts"]
+        rle = {"size": segmentation["size"], "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
+    else:
+        raise DataError(f"unreadable COCO segmentation {str(segmentation)[:80]!r} (rule: polygon list or RLE dict)")
+    return mask_utils.decode(rle).astype(bool)
+
+
+def to_coco_ground_truth(records: list[dict], class_names: list[str]) -> dict:
+    """A COCO ground-truth dict of dataset records (label k -> category id k), for pycocotools."""
+    images, anns = [], []
+    for r in records:
+        images.append({"id": r["image_id"], "file_name": r["file_name"], "width": r["width"], "height": r["height"]})
+        for box, label, crowd in zip(r["boxes"].tolist(), r["labels"].tolist(), r["iscrowd"].tolist()):
+            x0, y0, x1, y1 = box
+            anns.append({"id": len(anns) + 1, "image_id": r["image_id"], "category_id": int(label),
+                         "bbox": [x0, y0, x1 - x0, y1 - y0], "area": (x1 - x0) * (y1 - y0), "iscrowd": int(crowd)})
+    return {"images": images, "annotations": anns,
+            "categories": [{"id": k + 1, "name": n} for k, n in enumerate(class_names)]}

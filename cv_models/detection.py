@@ -1,0 +1,461 @@
+"""Object detection: COCO JSON or Pascal VOC XML boxes, torchvision's Faster R-CNN (two-stage) or
+RetinaNet (single-stage) on a light FPN backbone, box-aware augmentations, COCO mAP via pycocotools.
+
+Primary metric: ``map50`` (COCO AP at IoU 0.5). It is the PASCAL VOC measure (BCCD is a VOC dataset),
+the figure the targets are stated in, and less noisy than mAP@[.5:.95] on the small validation splits
+that pick the best checkpoint of a short CPU training. ``map`` (AP@[.5:.95]) is reported beside it.
+
+Images are not normalised by the transforms: the detectors normalise inside
+(``GeneralizedRCNNTransform``) with the training split's per-channel mean and std from normstats.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+
+from cv_models.augment import build_transforms
+from cv_models.base import Check, CVTask, DataError, EvalResult, register_task
+from cv_models.data.annotations import BOX_RULES, AnnotationTables, invalid_box_findings
+from cv_models.data.coco import read_coco, to_coco_ground_truth
+from cv_models.data.probe import load_rgb
+from cv_models.data.voc import read_voc
+from tasks.config import AugmentConfig
+
+READERS: dict[str, Callable[..., AnnotationTables]] = {"coco": read_coco, "voc": read_voc}
+INVALID_BOX_POLICIES = ("fail", "drop")
+MAX_NOTES = 200
+
+
+# ------------------------------------------------------------------ dataset
+class DetectionDataset(Dataset):
+    """Samples ``(image, target)``; target: ``boxes`` (tv_tensors.BoundingBoxes, XYXY pixels), ``labels``
+    (1..K, 0 is the background), ``image_id`` (int, for COCO evaluation)."""
+
+    def __init__(self, records: list[dict], class_names: list[str], transforms):
+        self.records = records
+        self.class_names = class_names
+        self.transforms = transforms
+        self.by_id = {r["image_id"]: r for r in records}
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int):
+        r = self.records[i]
+        image = load_rgb(r["path"])
+        keep = r["iscrowd"] == 0  # crowd / VOC-difficult boxes only matter to the evaluation
+        target = {"boxes": tv_tensors.BoundingBoxes(r["boxes"][keep], format="XYXY", canvas_size=(image.height, image.width)),
+                  "labels": r["labels"][keep], "image_id": r["image_id"]}
+        if self.transforms is not None:
+            image, target = self.transforms(image, target)
+        return image, target
+
+    def coco_ground_truth(self) -> dict:
+        return to_coco_ground_truth(self.records, self.class_names)
+
+
+def collate(batch):
+    """Lists of images and targets (detectors take lists; sizes may differ); plain tensors."""
+    images = [im.as_subclass(torch.Tensor) if isinstance(im, torch.Tensor) else im for im, _ in batch]
+    targets = [{k: v.as_subclass(torch.Tensor) if isinstance(v, torch.Tensor) else v for k, v in t.items()} for _, t in batch]
+    return images, targets
+
+
+# ------------------------------------------------------------ augmentations
+class BoxCutout(nn.Module):
+    """Erase one random rectangle (RandomErasing's sampling) and remove the boxes it mostly covers."""
+
+    def __init__(self, p: float, scale: tuple[float, float], min_visible: float, value: float = 0.5):
+        super().__init__()
+        self.p, self.scale, self.min_visible, self.value = p, scale, min_visible, value
+
+    def forward(self, image, target):
+        if torch.rand(()) >= self.p:
+            return image, target
+        from cv_models.mix.detection import drop_covered
+
+        _, H, W = image.shape
+        area = H * W * float(torch.empty(()).uniform_(*self.scale))
+        aspect = float(torch.exp(torch.empty(()).uniform_(np.log(0.3), np.log(3.3))))
+        h, w = min(H, max(1, int(round((area * aspect) ** 0.5)))), min(W, max(1, int(round((area / aspect) ** 0.5))))
+        y0, x0 = int(torch.randint(0, H - h + 1, ())), int(torch.randint(0, W - w + 1, ()))
+        out = image.clone()
+        out[:, y0:y0 + h, x0:x0 + w] = self.value
+        boxes = target["boxes"]
+        plain = {"boxes": boxes.as_subclass(torch.Tensor), "labels": target["labels"],
+                 "weights": torch.ones(len(target["labels"]))}
+        kept = drop_covered(plain, (x0, y0, x0 + w, y0 + h), self.min_visible)
+        new_boxes = tv_tensors.wrap(kept["boxes"], like=boxes)
+        return tv_tensors.wrap(out, like=image), {**target, "boxes": new_boxes, "labels": kept["labels"]}
+
+
+def _detection_overrides(size: int, augment: AugmentConfig) -> dict[str, Callable]:
+    """Box-aware versions of the shared registry's entries (boxes move with the image in all of them)."""
+    o = augment.options
+    fill = {tv_tensors.Image: int(o.get("fill", 127)), "others": 0}
+
+    def maybe(t, p):
+        return t if p >= 1 else v2.RandomApply([t], p=p)
+
+    return {
+        "crop": lambda c, s: maybe(v2.Compose([v2.RandomIoUCrop(min_scale=c.scale[0], max_scale=c.scale[1]),
+                                               v2.Resize((s, s), antialias=True)]), c.p),
+        "rescale": lambda c, s: maybe(v2.Compose([v2.RandomZoomOut(fill=fill, side_range=(1.0, max(c.scale[1], 1.0 + 1e-3)), p=1.0),
+                                                  v2.Resize((s, s), antialias=True)]), c.p),
+        "rotation": lambda c, s: maybe(v2.RandomRotation(degrees=c.degrees, fill={tv_tensors.Image: c.fill, "others": 0}), c.p),
+        "cutout": lambda c, s: BoxCutout(c.p, tuple(c.scale), float(o.get("cutout_min_visible", 0.3))),
+    }
+
+
+# ------------------------------------------------------------------ task
+@register_task
+class DetectionTask(CVTask):
+    name = "detection"
+    primary_metric = "map50"
+
+    # ------------------------------------------------------------------ data
+    def _policy(self) -> str:
+        policy = self.cfg.data.options.get("invalid_boxes", "fail")
+        if policy not in INVALID_BOX_POLICIES:
+            raise DataError(f"data.options.invalid_boxes must be one of {INVALID_BOX_POLICIES}, got {policy!r}")
+        return policy
+
+    def tables(self) -> AnnotationTables:
+        if not hasattr(self, "_tables"):  # read and probe once per task object
+            d = self.cfg.data
+            if d.format not in READERS:
+                raise DataError(f"detection reads data.format {sorted(READERS)}, got {d.format!r}")
+            opts = {k: v for k, v in d.options.items() if k != "invalid_boxes"}
+            try:
+                self._tables = READERS[d.format](Path(d.path), classes=d.classes, **opts)
+            except TypeError as err:
+                raise DataError(f"data.options for format {d.format!r}: {err}") from None
+        return self._tables
+
+    def class_names(self) -> list[str]:
+        return list(self.cfg.data.classes) if self.cfg.data.classes else self.tables().categories
+
+    def validation_tables(self) -> dict[str, pd.DataFrame]:
+        t = self.tables()
+        return {"images": t.images, "annotations": t.annotations.drop(columns=["segmentation"], errors="ignore")}
+
+    def checks(self, tables: dict[str, pd.DataFrame]) -> list[Check]:
+        import great_expectations as gx
+
+        E = gx.expectations
+        # drop: the box rules report every invalid box but pass, the boxes are left out of training
+        mostly = 1.0 if self._policy() == "fail" else 0.0
+        classes = self.class_names()
+        out = [
+            Check("images", "file name stays inside the dataset folder (no '..', no absolute path)",
+                  E.ExpectColumnValuesToBeInSet(column="path_inside", value_set=[True]), key_column="item"),
+            Check("images", "image file exists",
+                  E.ExpectColumnValuesToBeInSet(column="exists", value_set=[True], row_condition="path_inside == True",
+                                                condition_parser="pandas"), key_column="item"),
+            Check("images", "image file decodes",
+                  E.ExpectColumnValuesToBeInSet(column="decodes", value_set=[True], row_condition="exists == True",
+                                                condition_parser="pandas"), key_column="item"),
+            Check("images", "image size matches the annotation's width and height",
+                  E.ExpectColumnValuesToBeInSet(column="size_matches", value_set=[True]), key_column="item"),
+            Check("images", "image id unique within its split",
+                  E.ExpectColumnValuesToBeUnique(column="split_image_id"), key_column="item"),
+        ]
+        rules = dict(BOX_RULES, known_category=f"category is one of the known classes {classes}")
+        out += [Check("annotations", rule, E.ExpectColumnValuesToBeInSet(column=col, value_set=[True], mostly=mostly),
+                      key_column="item") for col, rule in rules.items()]
+        return out
+
+    def validation_notes(self, tables: dict[str, pd.DataFrame]) -> list[str]:
+        images, boxes = tables["images"], tables["annotations"]
+        empty = images[images["n_boxes"] == 0]
+        notes = []
+        if len(empty):
+            notes.append(f"{len(empty)} image(s) without boxes (reported, not fatal; they train as background): "
+                         + ", ".join(empty["item"].head(20)) + (" ..." if len(empty) > 20 else ""))
+        if self._policy() == "drop" and len(boxes):
+            findings = invalid_box_findings(boxes)
+            notes += [f"dropped (data.options.invalid_boxes=drop): {f}" for f in findings[:MAX_NOTES]]
+            if len(findings) > MAX_NOTES:
+                notes.append(f"... and {len(findings) - MAX_NOTES} more dropped boxes (see annotations.csv)")
+        return notes
+
+    def validation_summaries(self, tables: dict[str, pd.DataFrame]) -> dict[str, str]:
+        images, boxes = tables["images"], tables["annotations"]
+        per_split = images.groupby("split").agg(images=("item", "size"), without_boxes=("n_boxes", lambda s: int((s == 0).sum())))
+        lines = ["| split | images | images without boxes |", "|---|---|---|"]
+        lines += [f"| {s} | {r.images} | {r.without_boxes} |" for s, r in per_split.iterrows()]
+        out = {"Images per split": "\n".join(lines)}
+        if len(boxes):
+            counts = boxes.groupby(["category", "split"]).size().unstack(fill_value=0)
+            lines = ["| class | " + " | ".join(counts.columns) + " |", "|---|" + "---|" * len(counts.columns)]
+            lines += [f"| {c} | " + " | ".join(str(v) for v in row) + " |" for c, row in counts.iterrows()]
+            out["Boxes per class and split"] = "\n".join(lines)
+        return out
+
+    def records(self, split: str) -> list[dict]:
+        """The split's usable images with their valid boxes (invalid ones are dropped: with
+        invalid_boxes=fail validation has already stopped the run if there were any)."""
+        key = ("_records", split)
+        if key in self.__dict__:
+            return self.__dict__[key]
+        t = self.tables()
+        names = self.class_names()
+        label = {n: k + 1 for k, n in enumerate(names)}
+        images = t.images[(t.images["split"] == split) & t.images["decodes"] & t.images["path_inside"]]
+        images = images.drop_duplicates("split_image_id")
+        boxes = t.annotations
+        if len(boxes):
+            boxes = boxes[(boxes["split"] == split) & boxes["valid"]]
+        grouped = dict(list(boxes.groupby("image_id"))) if len(boxes) else {}
+        out = []
+        for n, im in enumerate(images.itertuples(), start=1):
+            b = grouped.get(im.image_id)
+            out.append({
+                "image_id": n, "source_id": im.image_id, "file_name": im.file_name, "path": im.path,
+                "width": int(im.width), "height": int(im.height),
+                "boxes": torch.tensor(b[["x0", "y0", "x1", "y1"]].to_numpy(np.float32)) if b is not None else torch.zeros((0, 4)),
+                "labels": torch.tensor([label[c] for c in b["category"]], dtype=torch.int64) if b is not None
+                else torch.zeros(0, dtype=torch.int64),
+                "iscrowd": torch.tensor(b["iscrowd"].to_numpy(np.int64)) if b is not None else torch.zeros(0, dtype=torch.int64),
+            })
+        self.__dict__[key] = out
+        return out
+
+    def dataset(self, split: str, transforms) -> DetectionDataset:
+        return DetectionDataset(self.records(split), self.class_names(), transforms)
+
+    def collate(self, batch):
+        return collate(batch)
+
+    # ------------------------------------------------------------ transforms
+    def train_transforms(self, augment: AugmentConfig | None, normalize):
+        # ``normalize`` is not applied: the detector normalises inside (see build_model)
+        size = self.cfg.image_size
+        overrides = _detection_overrides(size, augment) if augment is not None else None
+        return build_transforms(size, augment, None, overrides=overrides, tail=[v2.SanitizeBoundingBoxes(min_size=1)])
+
+    def eval_transforms(self, normalize):
+        return build_transforms(self.cfg.image_size, None, None, tail=[v2.SanitizeBoundingBoxes(min_size=1)])
+
+    def batch_mixer(self, augment: AugmentConfig | None):
+        if augment is None:
+            return None
+        from cv_models.mix.detection import DetectionMixer
+
+        o = augment.options
+        mosaic = o.get("mosaic", {}) or {}
+        mixer = DetectionMixer(
+            mixup_p=augment.mixup.p if augment.mixup.enabled else 0.0, mixup_alpha=augment.mixup.alpha,
+            mosaic_p=float(mosaic.get("p", 0.5)) if mosaic.get("enabled") else 0.0,
+            cutmix_p=augment.cutmix.p if augment.cutmix.enabled else 0.0, cutmix_alpha=augment.cutmix.alpha,
+            min_visible=float(o.get("min_visible", 0.3)), min_side=float(o.get("min_side", 2.0)),
+        )
+        return mixer if max(mixer.mixup_p, mixer.mosaic_p, mixer.cutmix_p) > 0 else None
+
+    # ------------------------------------------------------------------ model
+    def input_stats(self) -> tuple[list[float], list[float]]:
+        """Per-channel mean and std the detector normalises with (from the normstats stage)."""
+        mode = self.cfg.normalization
+        if mode == "none":
+            return [0.0] * 3, [1.0] * 3
+        if mode == "mean_image":
+            raise ValueError("detection normalises inside the detector with per-channel statistics: set "
+                             "normalization to per_channel_std, per_channel_mean or none (mean_image needs one image size)")
+        from tasks.paths import outputs
+
+        path = outputs(self.name, "normstats") / "stats.json"
+        if not path.exists():
+            raise FileNotFoundError(f"{path} is missing: run the normstats stage first (dvc repro)")
+        stats = json.loads(path.read_text())
+        std = stats["per_channel_std"] if mode == "per_channel_std" else [1.0] * 3
+        return list(stats["per_channel_mean"]), list(std)
+
+    def build_model(self) -> nn.Module:
+        from cv_models.nets.detectors import DETECTORS, build_detector, head_prefixes, make_weighted
+        from cv_models.weights import load_into, read_checkpoint, torchvision_state_dict
+
+        m, t = self.cfg.model, self.cfg.train
+        if t.num_threads:  # the detectors thrash with more threads than free cores
+            torch.set_num_threads(t.num_threads)
+        mean, std = self.input_stats()
+        n = len(self.class_names()) + 1  # + background
+        size = self.cfg.image_size
+        if m.name in DETECTORS:
+            model = build_detector(m.name, n, size, mean, std, m.width, m.options)
+        else:  # any torchvision detection builder, e.g. fasterrcnn_mobilenet_v3_large_fpn
+            from torchvision.models import get_model
+
+            try:
+                model = get_model(m.name, weights=None, weights_backbone=None, num_classes=n, min_size=size, max_size=size,
+                                  image_mean=mean, image_std=std, **m.options)
+            except (ValueError, TypeError) as err:
+                raise ValueError(f"model.name {m.name!r}: {err}") from None
+            make_weighted(model)
+        heads = head_prefixes(model)
+        # pretrained weights: everything but the class-dependent head loads; the head is rebuilt for our classes
+        if m.weights.startswith("torchvision:"):
+            load_into(model, torchvision_state_dict(m.name, m.weights.split(":", 1)[1]), m.weights, head_prefixes=heads)
+        elif m.weights != "none":
+            load_into(model, read_checkpoint(m.weights), m.weights, head_prefixes=heads)
+        if m.freeze_backbone:
+            for name, p in model.named_parameters():
+                p.requires_grad = not name.startswith("backbone.body.")
+        return model
+
+    def training_loss(self, model, images, targets):
+        losses = model(images, targets)
+        return sum(losses.values())
+
+    @torch.no_grad()
+    def evaluate(self, model, loader, device) -> EvalResult:
+        model.eval()
+        dataset = loader.dataset
+        results = []
+        for images, targets in loader:
+            outputs = model([im.to(device) for im in images])
+            for out, t, im in zip(outputs, targets, images):
+                rec = dataset.by_id[t["image_id"]]
+                sx, sy = rec["width"] / im.shape[-1], rec["height"] / im.shape[-2]  # back to the original pixels
+                boxes = out["boxes"].cpu() * torch.tensor([sx, sy, sx, sy])
+                results += _coco_results(rec["image_id"], boxes, out["scores"].cpu(), out["labels"].cpu())
+        return self.score(dataset, results)
+
+    def score(self, dataset: DetectionDataset, results: list[dict]) -> EvalResult:
+        gt = dataset.coco_ground_truth()
+        metrics, per_class = coco_map(gt, results, self.class_names())
+        return EvalResult(metrics, predictions=results, per_class=per_class, extra={"ground_truth": gt})
+
+    def dummy_result(self, train, evaluation) -> EvalResult:
+        """One centred box of the training boxes' mean relative size and the most frequent class, per image."""
+        rel, labels = [], Counter()
+        for r in train.records:
+            b = r["boxes"]
+            if len(b):
+                rel.append(torch.stack([(b[:, 2] - b[:, 0]) / r["width"], (b[:, 3] - b[:, 1]) / r["height"]], 1))
+                labels.update(r["labels"].tolist())
+        rw, rh = torch.cat(rel).mean(0).tolist() if rel else (0.5, 0.5)
+        label = labels.most_common(1)[0][0] if labels else 1
+        results = []
+        for r in evaluation.records:
+            w, h = rw * r["width"], rh * r["height"]
+            box = torch.tensor([[(r["width"] - w) / 2, (r["height"] - h) / 2, (r["width"] + w) / 2, (r["height"] + h) / 2]])
+            results += _coco_results(r["image_id"], box, torch.ones(1), torch.tensor([label]))
+        return self.score(evaluation, results)
+
+    # ---------------------------------------------------------- visualisation
+    def display_image(self, image, normalize):
+        return image  # never normalised by the transforms
+
+    def draw(self, image, target, min_size: int = 192, score_threshold: float = 0.0):
+        """Boxes with class names (and mixing weight or score below 1) on the image, upscaled for legibility."""
+        from torchvision.utils import draw_bounding_boxes
+
+        from cv_models.visualise import to_uint8
+
+        names = ["background"] + self.class_names()
+        pic = to_uint8(image)
+        boxes = target["boxes"].detach().cpu().float().reshape(-1, 4)
+        scale = max(1.0, min_size / max(pic.shape[-2:]))
+        if scale > 1:
+            pic = torch.nn.functional.interpolate(pic[None].float(), scale_factor=scale, mode="nearest")[0].to(torch.uint8)
+            boxes = boxes * scale
+        score = target.get("scores", target.get("weights"))
+        keep = torch.ones(len(boxes), dtype=torch.bool) if score is None else score.cpu() >= score_threshold
+        labels = []
+        for k, lab in enumerate(target["labels"].tolist()):
+            text = names[lab] if 0 <= lab < len(names) else str(lab)
+            if score is not None and float(score[k]) < 0.995:
+                text += f" {float(score[k]):.2f}"
+            labels.append(text)
+        labels = [lab for lab, k in zip(labels, keep.tolist()) if k]
+        palette = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45"]
+        colors = [palette[(lab - 1) % len(palette)] for lab, k in zip(target["labels"].tolist(), keep.tolist()) if k]
+        if not keep.any():
+            return pic
+        return draw_bounding_boxes(pic, boxes[keep], labels=labels, colors=colors, width=2)
+
+    def report(self, results: dict[str, EvalResult], test, out_dir: Path) -> list[Path]:
+        """COCO ground truth and COCO results JSON per model (recompute with pycocotools), predictions drawn."""
+        from cv_models.visualise import save_grid
+
+        files = [out_dir / "ground_truth_test.json"]
+        gt = test.coco_ground_truth()
+        files[0].write_text(json.dumps(gt))
+        threshold = float(self.cfg.options.get("draw_score_threshold", 0.5))
+        n = min(int(self.cfg.options.get("report_images", 16)), len(test))
+        for model_name, res in results.items():
+            path = out_dir / f"predictions_{model_name}.json"
+            path.write_text(json.dumps(res.predictions))
+            files.append(path)
+            if model_name == "dummy" or n == 0:
+                continue
+            pictures = []
+            for rec in test.records[:n]:
+                image = v2.functional.to_image(load_rgb(rec["path"])).float() / 255
+                preds = [p for p in res.predictions if p["image_id"] == rec["image_id"]]
+                boxes = torch.tensor([[x, y, x + w, y + h] for x, y, w, h in (p["bbox"] for p in preds)]).reshape(-1, 4)
+                pictures.append(self.draw(image, {"boxes": boxes, "labels": torch.tensor([p["category_id"] for p in preds],
+                                                                                        dtype=torch.int64),
+                                                  "scores": torch.tensor([p["score"] for p in preds])},
+                                          score_threshold=threshold))
+            files.append(save_grid(pictures, out_dir / f"predictions_{model_name}.png", nrow=4))
+        (out_dir / "RECOMPUTE.md").write_text(
+            "Recompute the test mAP from these files with pycocotools:\n\n```python\n"
+            "from pycocotools.coco import COCO\nfrom pycocotools.cocoeval import COCOeval\n"
+            "gt = COCO('ground_truth_test.json')\ndt = gt.loadRes('predictions_augmented.json')\n"
+            "e = COCOeval(gt, dt, 'bbox'); e.evaluate(); e.accumulate(); e.summarize()  # stats[0] = mAP, stats[1] = mAP@.5\n```\n")
+        return files
+
+
+def _coco_results(image_id: int, boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor) -> list[dict]:
+    """COCO results entries, rounded as exported (so the exported file scores exactly the reported mAP)."""
+    out = []
+    for (x0, y0, x1, y1), s, lab in zip(boxes.tolist(), scores.tolist(), labels.tolist()):
+        out.append({"image_id": int(image_id), "category_id": int(lab),
+                    "bbox": [round(x0, 2), round(y0, 2), round(x1 - x0, 2), round(y1 - y0, 2)], "score": round(float(s), 5)})
+    return out
+
+
+def coco_map(gt: dict, results: list[dict], class_names: list[str], iou_type: str = "bbox") -> tuple[dict[str, float], pd.DataFrame]:
+    """pycocotools' COCOeval (``iou_type`` bbox, or segm for masks): mAP@[.5:.95], mAP@.5, mAP@.75 and per-class AP / AP@.5."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    empty = {"map": 0.0, "map50": 0.0, "map75": 0.0}
+    per_class = pd.DataFrame({"class": class_names, "ap": 0.0, "ap50": 0.0,
+                              "n_boxes": [sum(a["category_id"] == k + 1 for a in gt["annotations"]) for k in range(len(class_names))]})
+    if not results or not gt["annotations"]:
+        return {**empty, **{f"ap50/{c}": 0.0 for c in class_names}}, per_class
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
+        coco_gt = COCO()
+        coco_gt.dataset = gt
+        coco_gt.createIndex()
+        coco_dt = coco_gt.loadRes(results)
+        ev = COCOeval(coco_gt, coco_dt, iou_type)
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    stats = [max(float(s), 0.0) for s in ev.stats]  # -1 means "no ground truth": report 0
+    precision = ev.eval["precision"]  # [IoU thresholds, recall, class, area range, max dets]
+    cat_ids = ev.params.catIds
+    for k, cid in enumerate(cat_ids):
+        p_all, p50 = precision[:, :, k, 0, -1], precision[0, :, k, 0, -1]
+        row = per_class["class"] == class_names[cid - 1]
+        per_class.loc[row, "ap"] = float(p_all[p_all > -1].mean()) if (p_all > -1).any() else 0.0
+        per_class.loc[row, "ap50"] = float(p50[p50 > -1].mean()) if (p50 > -1).any() else 0.0
+    metrics = {"map": stats[0], "map50": stats[1], "map75": stats[2], "mar100": stats[8]}
+    metrics.update({f"ap50/{c}": float(v) for c, v in zip(per_class["class"], per_class["ap50"])})
+    metrics.update({f"ap/{c}": float(v) for c, v in zip(per_class["class"], per_class["ap"])})
+    return metrics, per_class

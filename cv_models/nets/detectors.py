@@ -1,0 +1,247 @@
+"""Detectors sized for a CPU: torchvision's Faster R-CNN (two-stage) and RetinaNet (single-stage)
+on a light FPN backbone, chosen by name from a registry.
+
+The detectors normalise their input themselves (``GeneralizedRCNNTransform``), so they receive the
+training split's per-channel mean and std instead of normalised images. ``min_size = max_size =``
+the training image size, so they never rescale the already resized images again.
+
+Boxes may carry a ``weights`` entry (MixUp for detection): the weighted heads below scale each
+box's classification and regression loss by its mixing weight.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.models.detection import FasterRCNN, RetinaNet
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.backbone_utils import BackboneWithFPN
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.retinanet import RetinaNetClassificationHead, RetinaNetHead, RetinaNetRegressionHead
+from torchvision.models.detection.roi_heads import RoIHeads
+from torchvision.ops import MultiScaleRoIAlign, sigmoid_focal_loss
+from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool
+
+
+# ------------------------------------------------------------------ backbones
+class TinyBackbone(nn.Module):
+    """Four stride-2 stages of two 3x3 conv + BN + ReLU; widths w, 2w, 4w, 8w (strides 2..16)."""
+
+    def __init__(self, width: int = 16):
+        super().__init__()
+        chans = [3, width, 2 * width, 4 * width, 8 * width]
+        self.stages = nn.ModuleList(
+            nn.Sequential(
+                nn.Conv2d(chans[i], chans[i + 1], 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(chans[i + 1]),
+                nn.ReLU(inplace=True),
+                nn.Conv2d(chans[i + 1], chans[i + 1], 3, padding=1, bias=False), nn.BatchNorm2d(chans[i + 1]),
+                nn.ReLU(inplace=True),
+            )
+            for i in range(4)
+        )
+        self.channels = chans[2:]  # stages 2..4 (strides 4, 8, 16) feed the FPN
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = OrderedDict()
+        for i, stage in enumerate(self.stages):
+            x = stage(x)
+            if i >= 1:
+                out[str(i - 1)] = x
+        return out
+
+
+class FPNBackbone(nn.Module):
+    """A body returning an ordered dict of feature maps, under a feature pyramid (what the detectors expect)."""
+
+    def __init__(self, body: nn.Module, in_channels: list[int], fpn_channels: int):
+        super().__init__()
+        self.body = body
+        self.fpn = FeaturePyramidNetwork(in_channels, fpn_channels, extra_blocks=LastLevelMaxPool())
+        self.out_channels = fpn_channels
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.fpn(self.body(x))
+
+
+def tiny_fpn(width: int, fpn_channels: int, weights: str) -> nn.Module:
+    if weights != "none":
+        raise ValueError("model.options.backbone 'tiny' has no pretrained weights; set backbone_weights: none")
+    body = TinyBackbone(width)
+    return FPNBackbone(body, body.channels, fpn_channels)
+
+
+def resnet_fpn(name: str) -> Callable[[int, int, str], BackboneWithFPN]:
+    """ResNet layers 2-4 (strides 8, 16, 32) under an FPN with ``fpn_channels`` channels (few = fast)."""
+
+    def build(width: int, fpn_channels: int, weights: str) -> BackboneWithFPN:
+        import torchvision
+
+        tv_weights = None
+        if weights.startswith("torchvision:"):
+            from torchvision.models import get_model_weights
+
+            enum = get_model_weights(name)
+            key = weights.split(":", 1)[1]
+            tv_weights = enum.DEFAULT if key == "DEFAULT" else enum[key]
+        elif weights != "none":
+            raise ValueError(f"backbone_weights must be none or torchvision:NAME, got {weights!r}")
+        body = getattr(torchvision.models, name)(weights=tv_weights, norm_layer=nn.BatchNorm2d)
+        in_channels = [_stage_channels(body, layer) for layer in ("layer2", "layer3", "layer4")]
+        return BackboneWithFPN(body, {"layer2": "0", "layer3": "1", "layer4": "2"}, in_channels, fpn_channels,
+                               extra_blocks=LastLevelMaxPool())
+
+    return build
+
+
+def _stage_channels(body: nn.Module, layer: str) -> int:
+    last = getattr(body, layer)[-1]
+    conv = getattr(last, "conv3", None) or last.conv2
+    return conv.out_channels
+
+
+BACKBONES: dict[str, Callable[[int, int, str], nn.Module]] = {
+    "tiny": tiny_fpn,
+    "resnet18": resnet_fpn("resnet18"),
+    "resnet34": resnet_fpn("resnet34"),
+    "resnet50": resnet_fpn("resnet50"),
+}
+
+
+def anchor_generator(base_size: float, n_levels: int, scales_per_level: int) -> AnchorGenerator:
+    """One anchor size per level doubling from ``base_size`` (x 2^(k/scales) within a level), ratios 1:2, 1:1, 2:1."""
+    sizes = tuple(tuple(base_size * 2 ** lvl * 2 ** (k / scales_per_level) for k in range(scales_per_level))
+                  for lvl in range(n_levels))
+    return AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * n_levels)
+
+
+# ------------------------------------------------------------- weighted losses
+def _box_weights(targets: list[dict], matched_idxs: list[torch.Tensor]) -> list[torch.Tensor] | None:
+    """Per matched sample: the weight of its ground-truth box (1 for background); None when no weights."""
+    if not targets or "weights" not in targets[0]:
+        return None
+    out = []
+    for t, idx in zip(targets, matched_idxs):
+        w = t["weights"]
+        per = w[idx.clamp(min=0)] if len(w) else torch.ones(len(idx), device=idx.device)
+        out.append(torch.where(idx >= 0, per, torch.ones_like(per)))
+    return out
+
+
+class WeightedRoIHeads(RoIHeads):
+    """Faster R-CNN box head whose classification and regression losses weigh each sampled
+    proposal by the mixing weight of the box it matched (MixUp); identical otherwise."""
+
+    def forward(self, features, proposals, image_shapes, targets=None):
+        if not self.training or targets is None or "weights" not in targets[0]:
+            return super().forward(features, proposals, image_shapes, targets)
+        proposals, matched_idxs, labels, regression_targets = self.select_training_samples(proposals, targets)
+        # select_training_samples clamps background matches to 0: rebuild the mask from the labels
+        weights = torch.cat([torch.where(lab > 0, t["weights"][m] if len(t["weights"]) else torch.ones_like(lab, dtype=torch.float),
+                                         torch.ones_like(lab, dtype=torch.float))
+                             for t, m, lab in zip(targets, matched_idxs, labels)])
+        box_features = self.box_head(self.box_roi_pool(features, proposals, image_shapes))
+        class_logits, box_regression = self.box_predictor(box_features)
+        labels, regression_targets = torch.cat(labels), torch.cat(regression_targets)
+        loss_classifier = (F.cross_entropy(class_logits, labels, reduction="none") * weights).mean()
+        pos = torch.where(labels > 0)[0]
+        box_regression = box_regression.reshape(box_regression.shape[0], box_regression.size(-1) // 4, 4)
+        per_box = F.smooth_l1_loss(box_regression[pos, labels[pos]], regression_targets[pos], beta=1 / 9, reduction="none")
+        loss_box_reg = (per_box.sum(1) * weights[pos]).sum() / labels.numel()
+        return [], {"loss_classifier": loss_classifier, "loss_box_reg": loss_box_reg}
+
+
+class WeightedRetinaNetClassificationHead(RetinaNetClassificationHead):
+    """Focal loss with each foreground anchor weighted by its box's mixing weight (MixUp)."""
+
+    def compute_loss(self, targets, head_outputs, matched_idxs):
+        weights = _box_weights(targets, matched_idxs)
+        if weights is None:
+            return super().compute_loss(targets, head_outputs, matched_idxs)
+        losses = []
+        for t, logits, idx, w in zip(targets, head_outputs["cls_logits"], matched_idxs, weights):
+            fg = idx >= 0
+            target = torch.zeros_like(logits)
+            target[fg, t["labels"][idx[fg]]] = 1.0
+            valid = idx != self.BETWEEN_THRESHOLDS
+            per_anchor = sigmoid_focal_loss(logits[valid], target[valid], reduction="none").sum(1)
+            losses.append((per_anchor * w[valid]).sum() / max(1, int(fg.sum())))
+        return sum(losses) / len(targets)
+
+
+# ------------------------------------------------------------------ detectors
+def _common(o: dict, image_size: int, mean, std) -> dict:
+    return dict(min_size=image_size, max_size=image_size, image_mean=list(mean), image_std=list(std))
+
+
+def faster_rcnn(num_classes: int, backbone: nn.Module, image_size: int, mean, std, o: dict) -> nn.Module:
+    levels = ["0", "1", "2"]  # the pooled extra level only feeds the RPN
+    c = backbone.out_channels
+    model = FasterRCNN(
+        backbone, num_classes=None,
+        rpn_anchor_generator=anchor_generator(o.get("anchor_size", 16), len(levels) + 1, o.get("scales_per_level", 1)),
+        box_roi_pool=MultiScaleRoIAlign(levels, output_size=7, sampling_ratio=2),
+        box_head=TwoMLPHead(c * 49, o.get("representation_size", 256)),
+        box_predictor=FastRCNNPredictor(o.get("representation_size", 256), num_classes),
+        rpn_pre_nms_top_n_train=o.get("rpn_pre_nms_top_n_train", 300), rpn_post_nms_top_n_train=o.get("rpn_post_nms_top_n_train", 150),
+        rpn_pre_nms_top_n_test=o.get("rpn_pre_nms_top_n_test", 150), rpn_post_nms_top_n_test=o.get("rpn_post_nms_top_n_test", 75),
+        rpn_batch_size_per_image=o.get("rpn_batch_size_per_image", 64),
+        box_batch_size_per_image=o.get("box_batch_size_per_image", 64),
+        box_detections_per_img=o.get("detections_per_img", 50), box_score_thresh=o.get("score_thresh", 0.05),
+        **_common(o, image_size, mean, std),
+    )
+    model.roi_heads.__class__ = WeightedRoIHeads
+    return model
+
+
+def retinanet(num_classes: int, backbone: nn.Module, image_size: int, mean, std, o: dict) -> nn.Module:
+    anchors = anchor_generator(o.get("anchor_size", 16), 4, o.get("scales_per_level", 2))
+    c = backbone.out_channels
+    n_anchors = anchors.num_anchors_per_location()[0]
+    norm = (lambda ch: nn.GroupNorm(min(16, ch), ch)) if o.get("head_norm", True) else None
+    head = RetinaNetHead(c, n_anchors, num_classes, norm_layer=norm)
+    head.classification_head = WeightedRetinaNetClassificationHead(c, n_anchors, num_classes, norm_layer=norm)
+    head.regression_head = RetinaNetRegressionHead(c, n_anchors, norm_layer=norm)
+    head.regression_head._loss_type = o.get("box_loss", "giou")
+    return RetinaNet(backbone, num_classes, anchor_generator=anchors, head=head,
+                     detections_per_img=o.get("detections_per_img", 50), score_thresh=o.get("score_thresh", 0.05),
+                     topk_candidates=o.get("topk_candidates", 200), **_common(o, image_size, mean, std))
+
+
+DETECTORS: dict[str, Callable[..., nn.Module]] = {
+    "fasterrcnn": faster_rcnn,  # two-stage
+    "retinanet": retinanet,  # single-stage
+}
+
+
+def make_weighted(model: nn.Module) -> nn.Module:
+    """Swap torchvision's box heads for the weighted ones (same parameters, same loss without weights)."""
+    if type(getattr(model, "roi_heads", None)) is RoIHeads:
+        model.roi_heads.__class__ = WeightedRoIHeads
+    head = getattr(getattr(model, "head", None), "classification_head", None)
+    if type(head) is RetinaNetClassificationHead:
+        head.__class__ = WeightedRetinaNetClassificationHead
+    return model
+
+
+def head_prefixes(model: nn.Module) -> tuple[str, ...]:
+    """State-dict prefixes of the class-dependent layers, which other weights may not fit."""
+    names = [n for n, _ in model.named_modules()]
+    wanted = ("roi_heads.box_predictor", "head.classification_head.cls_logits", "roi_heads.mask_predictor.mask_fcn_logits")
+    found = tuple(p + "." for p in wanted if p in names)
+    if "head.classification_head.module_list" in names:  # SSD / SSDlite
+        found += ("head.classification_head.",)
+    return found
+
+
+def build_detector(name: str, num_classes: int, image_size: int, mean, std, width: int, options: dict[str, Any]) -> nn.Module:
+    """``num_classes`` counts the background (index 0)."""
+    if name not in DETECTORS:
+        raise ValueError(f"model.name {name!r} is not a detector here; choose one of {sorted(DETECTORS)}")
+    backbone_name = options.get("backbone", "tiny")
+    if backbone_name not in BACKBONES:
+        raise ValueError(f"model.options.backbone {backbone_name!r}: choose one of {sorted(BACKBONES)}")
+    backbone = BACKBONES[backbone_name](width, options.get("fpn_channels", 64), options.get("backbone_weights", "none"))
+    return DETECTORS[name](num_classes, backbone, image_size, mean, std, options)

@@ -1,0 +1,194 @@
+"""Detection pieces: box-aware augmentations and mixers, the detector registry and pretrained-head
+refit, the dummy, and COCO mAP that pycocotools reproduces from the exported files."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torchvision import tv_tensors
+
+from cv_models import get_task
+from cv_models.mix.detection import DetectionMixer, clip_to_region, cutmix, mixup, mosaic
+from tasks.config import AugmentConfig, load_params
+from tests.detection_helpers import det_params
+
+ALL_ON = {name: {"enabled": True, "p": 1.0} for name in
+          ("hflip", "vflip", "rotation", "crop", "rescale", "color", "noise", "blur", "cutout")}
+
+
+def _task(project, **extra):
+    return get_task("detection", load_params(det_params(project, **{"tasks.detection.normalization": "none", **extra}))
+                    .task("detection"))
+
+
+def _target(boxes, labels):
+    return {"boxes": torch.tensor(boxes, dtype=torch.float32), "labels": torch.tensor(labels), "image_id": 1}
+
+
+def test_every_augmentation_moves_boxes_with_the_image(project):
+    task = _task(project)
+    torch.manual_seed(0)
+    data = task.dataset("train", task.train_transforms(AugmentConfig.model_validate(ALL_ON), None))
+    for i in range(6):
+        image, target = data[i]
+        assert isinstance(image, tv_tensors.Image) and image.shape == (3, 64, 64) and image.dtype == torch.float32
+        b = target["boxes"]
+        assert isinstance(b, tv_tensors.BoundingBoxes) and len(b) == len(target["labels"])
+        if len(b):  # sanitised: inside the image, positive size
+            assert (b[:, 2] > b[:, 0]).all() and (b[:, 3] > b[:, 1]).all() and b.min() >= 0 and b.max() <= 64
+
+
+def test_hflip_mirrors_the_boxes(project):
+    task = _task(project)
+    plain = task.dataset("train", task.train_transforms(None, None))[0]
+    flipped = task.dataset("train", task.train_transforms(AugmentConfig.model_validate({"hflip": {"enabled": True, "p": 1.0}}),
+                                                          None))[0]
+    b, f = plain[1]["boxes"], flipped[1]["boxes"]
+    torch.testing.assert_close(f[:, 0], 64 - b[:, 2])
+    torch.testing.assert_close(torch.flip(plain[0], dims=[-1]), flipped[0])
+
+
+def test_cutout_drops_mostly_covered_boxes():
+    from cv_models.detection import BoxCutout
+
+    image = tv_tensors.Image(torch.rand(3, 64, 64))
+    boxes = tv_tensors.BoundingBoxes(torch.tensor([[10.0, 10, 20, 20], [40, 40, 60, 60]]), format="XYXY", canvas_size=(64, 64))
+    cut = BoxCutout(p=1.0, scale=(0.5, 0.5), min_visible=0.3)
+    torch.manual_seed(3)
+    kept_any_change = False
+    for _ in range(20):
+        out, t = cut(image, {"boxes": boxes, "labels": torch.tensor([1, 2])})
+        erased = (out == 0.5).all(0)
+        for box, lab in zip(boxes, [1, 2]):
+            x0, y0, x1, y1 = box.int().tolist()
+            covered = erased[y0:y1, x0:x1].float().mean()
+            assert (lab in t["labels"].tolist()) == bool(covered <= 0.7 + 1e-6)
+        kept_any_change |= len(t["labels"]) < 2
+    assert kept_any_change
+
+
+def test_mixup_keeps_both_box_sets_with_their_weights():
+    a, b = torch.zeros(3, 8, 8), torch.ones(3, 8, 8)
+    image, t = mixup(a, _target([[0, 0, 4, 4]], [1]), b, _target([[2, 2, 8, 8], [1, 1, 3, 3]], [2, 3]), lam=0.7)
+    torch.testing.assert_close(image, torch.full((3, 8, 8), 0.3))
+    assert t["labels"].tolist() == [1, 2, 3]
+    torch.testing.assert_close(t["weights"], torch.tensor([0.7, 0.3, 0.3]))
+
+
+def test_mosaic_clips_boxes_to_their_quadrant_and_drops_slivers():
+    images = [torch.full((3, 16, 16), float(k)) for k in range(4)]
+    targets = [_target([[0, 0, 8, 8], [6, 6, 10, 10]], [1, 2]), _target([[12, 0, 16, 4]], [3]),
+               _target([[0, 0, 16, 16]], [1]), _target([[0, 0, 2, 2]], [4])]
+    out, t = mosaic(images, targets, centre=(8, 8), offsets=[(0, 0)] * 4, min_visible=0.2, min_side=2)
+    assert out[0, 0, 0] == 0 and out[0, 0, 15] == 1 and out[0, 15, 0] == 2 and out[0, 15, 15] == 3
+    got = {(tuple(b.tolist()), int(lab)) for b, lab in zip(t["boxes"], t["labels"])}
+    # a quarter of two boxes stays (>= 0.2 kept); image 1's box lies outside its crop; image 3's lands at (8,8)-(10,10)
+    assert got == {((0.0, 0.0, 8.0, 8.0), 1), ((6.0, 6.0, 8.0, 8.0), 2), ((0.0, 8.0, 8.0, 16.0), 1), ((8.0, 8.0, 10.0, 10.0), 4)}
+
+
+def test_cutmix_clips_pasted_boxes_and_drops_covered_ones():
+    a, b = torch.zeros(3, 16, 16), torch.ones(3, 16, 16)
+    out, t = cutmix(a, _target([[0, 0, 6, 6], [10, 10, 14, 14]], [1, 2]), b, _target([[4, 4, 9, 9], [0, 12, 3, 16]], [3, 4]),
+                    region=(8, 8, 16, 16), min_visible=0.3, min_side=2)
+    assert out[:, 8:, 8:].eq(1).all() and out[:, :8, :].eq(0).all()
+    got = {(tuple(b.tolist()), int(lab)) for b, lab in zip(t["boxes"], t["labels"])}
+    assert got == {((0.0, 0.0, 6.0, 6.0), 1)}  # a's box 2 covered; b's box 3 leftover 1x1 px; b's box 4 outside
+
+
+def test_clip_keeps_boxes_with_enough_left():
+    t = clip_to_region({**_target([[0, 0, 10, 10]], [1]), "weights": torch.ones(1)}, (5, 0, 20, 20), 0.3, 2)
+    assert t["boxes"].tolist() == [[5.0, 0.0, 10.0, 10.0]]
+
+
+def test_mixer_adds_weights_and_keeps_batch(project):
+    mixer = DetectionMixer(mixup_p=1.0, mosaic_p=1.0, cutmix_p=1.0)
+    images = [torch.rand(3, 32, 32) for _ in range(4)]
+    targets = [_target([[4, 4, 20, 20]], [k % 3 + 1]) for k in range(4)]
+    torch.manual_seed(0)
+    out_images, out_targets = mixer(images, targets)
+    assert len(out_images) == 4 and all(im.shape == (3, 32, 32) for im in out_images)
+    assert all(len(t["weights"]) == len(t["labels"]) == len(t["boxes"]) for t in out_targets)
+    assert _task(project).batch_mixer(None) is None
+
+
+@pytest.mark.parametrize("name", ["fasterrcnn", "retinanet"])
+def test_detectors_train_and_predict_with_weighted_boxes(project, name):
+    task = _task(project, **{"tasks.detection.model.name": name})
+    model = task.build_model()
+    data = task.dataset("train", task.eval_transforms(None))
+    images, targets = task.collate([data[i] for i in range(2)])
+    weighted = [{**t, "weights": torch.full((len(t["labels"]),), 0.5)} for t in targets]
+    model.train()
+    torch.manual_seed(0)
+    full = task.training_loss(model, images, targets)
+    torch.manual_seed(0)
+    half = task.training_loss(model, images, weighted)
+    assert torch.isfinite(full) and half < full  # the box weights scale the box losses
+    model.eval()
+    with torch.no_grad():
+        out = model(images)
+    assert set(out[0]) >= {"boxes", "scores", "labels"}
+
+
+def test_local_weights_refit_the_box_predictor(project, tmp_path):
+    task = _task(project)
+    source = task.build_model()
+    state = {k: v.clone() for k, v in source.state_dict().items()}
+    # a checkpoint trained for another number of classes
+    state["roi_heads.box_predictor.cls_score.weight"] = torch.zeros(9, state["roi_heads.box_predictor.cls_score.weight"].shape[1])
+    state["roi_heads.box_predictor.cls_score.bias"] = torch.zeros(9)
+    state["roi_heads.box_predictor.bbox_pred.weight"] = torch.zeros(36, state["roi_heads.box_predictor.bbox_pred.weight"].shape[1])
+    state["roi_heads.box_predictor.bbox_pred.bias"] = torch.zeros(36)
+    path = tmp_path / "other.pt"
+    torch.save({"model": state}, path)
+    model = _task(project, **{"tasks.detection.model.weights": str(path)}).build_model()
+    torch.testing.assert_close(model.state_dict()["backbone.body.stages.0.0.weight"], state["backbone.body.stages.0.0.weight"])
+    assert model.roi_heads.box_predictor.cls_score.out_features == len(task.class_names()) + 1
+
+
+def test_torchvision_weights_without_network_say_where_to_put_the_file(project):
+    from cv_models.weights import WeightsError
+
+    task = _task(project, **{"tasks.detection.model.name": "fasterrcnn_mobilenet_v3_large_320_fpn",
+                             "tasks.detection.model.weights": "torchvision:DEFAULT", "tasks.detection.model.options": {}})
+    with pytest.raises(WeightsError, match="checkpoints"):
+        task.build_model()
+
+
+def test_reported_map_equals_pycocotools_on_the_exported_files(project, tmp_path):
+    """Predictions = ground truth jittered, some dropped, some extra: the exported JSON files recompute the same mAP."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    from cv_models.detection import _coco_results
+
+    task = _task(project)
+    test = task.dataset("test", None)
+    g = torch.Generator().manual_seed(0)
+    results = []
+    for r in test.records:
+        boxes = r["boxes"] + torch.randn(r["boxes"].shape, generator=g) * 1.5
+        labels = torch.where(torch.rand(len(boxes), generator=g) < 0.2, torch.tensor(1), r["labels"])
+        results += _coco_results(r["image_id"], boxes, torch.rand(len(boxes), generator=g), labels)
+    res = task.score(test, results)
+    assert 0.1 < res.metrics["map"] < res.metrics["map50"] <= 1
+    task.report({"augmented": res}, test, tmp_path)
+    gt = COCO(str(tmp_path / "ground_truth_test.json"))
+    ev = COCOeval(gt, gt.loadRes(str(tmp_path / "predictions_augmented.json")), "bbox")
+    ev.evaluate()
+    ev.accumulate()
+    ev.summarize()
+    assert res.metrics["map"] == pytest.approx(ev.stats[0], abs=1e-12)
+    assert res.metrics["map50"] == pytest.approx(ev.stats[1], abs=1e-12)
+    assert (tmp_path / "predictions_augmented.png").exists()
+    assert set(res.per_class["class"]) == set(task.class_names())
+
+
+def test_dummy_is_one_centred_box_per_image(project):
+    task = _task(project)
+    res = task.dummy_result(task.dataset("train", None), task.dataset("val", None))
+    assert len(res.predictions) == len(task.dataset("val", None))
+    assert {p["category_id"] for p in res.predictions} == {res.predictions[0]["category_id"]}
+    assert 0 <= res.metrics["map50"] < 0.2
+    json.dumps(res.predictions)
