@@ -3,6 +3,7 @@ from cv_models.base import TASKS, CVTask, DataError, get_task, register_task
 
 # importing a task module registers it
 from cv_models import classification  # noqa: E402,F401
+from cv_models import segmentation  # noqa: E402,F401
 from cv_models import detection  # noqa: E402,F401
 from cv_models import instance_segmentation  # noqa: E402,F401
 

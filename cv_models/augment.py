@@ -61,8 +61,8 @@ def build_transforms(
             return []
         return [builders[n](getattr(augment, n), image_size) for n in names if getattr(augment, n).enabled]
 
-    steps: list = [v2.ToImage()]
-    steps.append(resize if resize is not None else v2.Resize((image_size, image_size), antialias=True))
+    # resize first: on a PIL image v2 uses PIL's fast resampling, then convert to a tensor image
+    steps: list = [resize if resize is not None else v2.Resize((image_size, image_size), antialias=True), v2.ToImage()]
     steps += stage(GEOMETRIC) + stage(PHOTOMETRIC)
     steps.append(v2.ToDtype({tv_tensors.Image: torch.float32, "others": None}, scale=True))
     steps += stage(AFTER_FLOAT)

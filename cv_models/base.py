@@ -92,6 +92,10 @@ class CVTask(ABC):
     def collate(self, batch: list) -> Any:
         return torch.utils.data.default_collate(batch)
 
+    def subset(self, dataset: Dataset, indices: list[int]) -> Dataset:
+        """The samples at ``indices`` as a dataset that :meth:`evaluate` accepts."""
+        return torch.utils.data.Subset(dataset, indices)
+
     # ------------------------------------------------------------ transforms
     @abstractmethod
     def train_transforms(self, augment: AugmentConfig | None, normalize: Callable | None) -> Callable:

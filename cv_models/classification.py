@@ -17,7 +17,7 @@ from cv_models.base import Check, CVTask, DataError, EvalResult, register_task
 from cv_models.data.imagefolder import list_samples
 from cv_models.data.probe import IMAGE_SUFFIXES, load_rgb, probe_image
 from cv_models.nets import NETS
-from cv_models.weights import load_into, read_checkpoint, torchvision_state_dict
+from cv_models.weights import freeze, load_into, read_checkpoint, torchvision_state_dict
 from tasks.config import AugmentConfig
 
 REQUIRED_SPLITS = ("train", "val")  # every class must appear here; test gaps are reported
@@ -176,6 +176,7 @@ class ClassificationTask(CVTask):
         if m.freeze_backbone:
             for name, p in model.named_parameters():
                 p.requires_grad = name.startswith(head + ".")
+        freeze(model, m.frozen_layers)
         return model
 
     def training_loss(self, model, images, targets):

@@ -332,6 +332,9 @@ class DetectionTask(CVTask):
                 results += _coco_results(rec["image_id"], boxes, out["scores"].cpu(), out["labels"].cpu())
         return self.score(dataset, results)
 
+    def subset(self, dataset: DetectionDataset, indices: list[int]) -> DetectionDataset:
+        return type(dataset)([dataset.records[i] for i in indices], dataset.class_names, dataset.transforms)
+
     def score(self, dataset: DetectionDataset, results: list[dict]) -> EvalResult:
         gt = dataset.coco_ground_truth()
         metrics, per_class = coco_map(gt, results, self.class_names())

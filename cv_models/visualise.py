@@ -68,11 +68,14 @@ def history_figure(history, metric: str, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.5))
-    a.plot(history["epoch"], history["train_loss"], label="train loss")
-    if "val_loss" in history:
-        a.plot(history["epoch"], history["val_loss"], label="val loss")
+    a.plot(history["epoch"], history["train_loss"], label="train loss (augmented batches)")
+    for col, label in (("train_loss_plain", "train loss"), ("val_loss", "val loss")):
+        if col in history:
+            a.plot(history["epoch"], history[col], label=label)
     a.set_xlabel("epoch")
     a.legend()
+    if f"train_{metric}" in history:
+        b.plot(history["epoch"], history[f"train_{metric}"], label=f"train {metric}", color="tab:blue")
     b.plot(history["epoch"], history[f"val_{metric}"], label=f"val {metric}", color="tab:green")
     b.set_xlabel("epoch")
     b.legend()

@@ -78,3 +78,41 @@ def torchvision_state_dict(model_name: str, weights_name: str) -> dict[str, torc
             f"({type(err).__name__}: {err}). Without one, put {file_name} in {hub.parent} "
             f"or set model.weights to a local checkpoint file."
         ) from None
+
+
+HEAD_PREFIXES = ("fc.", "classifier.", "head.", "heads.")
+
+
+def load_backbone(backbone: nn.Module, path: str | Path, strip_prefix: str = "") -> None:
+    """Initialise a task's backbone from a checkpoint of the pretraining stage (or any classifier of
+    the same architecture): the classifier head is dropped, every other tensor must fit."""
+    state = read_checkpoint(path)
+    state = {k[len(strip_prefix):]: v for k, v in state.items() if k.startswith(strip_prefix)}
+    state = {k: v for k, v in state.items() if not k.startswith(HEAD_PREFIXES)}
+    own = backbone.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    mismatched = [k for k in state if k in own and own[k].shape != state[k].shape]
+    if missing or unexpected or mismatched:
+        def show(keys):
+            return ", ".join(keys[:8]) + (f" ... ({len(keys)} in all)" if len(keys) > 8 else "") if keys else "none"
+
+        raise WeightsError(f"backbone checkpoint {path} does not fit {type(backbone).__name__}: missing keys: {show(missing)}; "
+                           f"unexpected keys: {show(unexpected)}; shape mismatches: {show(mismatched)}")
+    backbone.load_state_dict(state)
+
+
+def freeze(model: nn.Module, prefixes: list[str]) -> list[str]:
+    """Freeze the parameters whose names start with one of ``prefixes`` (the course's "small data:
+    freeze the early layers"); returns the frozen names. An unknown prefix is an error."""
+    names = [n for n, _ in model.named_parameters()]
+    unknown = [p for p in prefixes if not any(n.startswith(p) for n in names)]
+    if unknown:
+        roots = sorted({n.split(".")[0] for n in names})
+        raise WeightsError(f"model.frozen_layers {unknown} match no parameter; top-level layers are {roots}")
+    frozen = []
+    for name, p in model.named_parameters():
+        if any(name.startswith(prefix) for prefix in prefixes):
+            p.requires_grad = False
+            frozen.append(name)
+    return frozen

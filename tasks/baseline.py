@@ -14,6 +14,7 @@ from tasks.train import normalizer, summary_metrics, train_model, write_metrics
 def overfit_check(st) -> float:
     """Drive the loss on one small batch close to zero, or fail with a clear message."""
     c = st.cfg.overfit_check
+    engine.set_threads(st.cfg.train.num_threads)  # as training does (train.num_threads)
     norm = normalizer(st)
     data = st.task.dataset("train", st.task.eval_transforms(norm))
     batch = next(iter(engine.make_loader(st.task, data, min(c.batch_size, len(data)), True, st.params.seed)))

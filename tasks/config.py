@@ -31,11 +31,13 @@ class OptimizerConfig(Strict):
     name: Literal["sgd", "adamw", "adam"] = "adamw"
     lr: float = Field(1e-3, gt=0, le=10)
     weight_decay: float = Field(1e-4, ge=0, le=1)
+    decay_norms_and_biases: bool = False  # weight decay on BatchNorm/LayerNorm weights and biases (usually off)
     momentum: float = Field(0.9, ge=0, lt=1)
 
 
 class SchedulerConfig(Strict):
     name: Literal["none", "step", "cosine", "onecycle"] = "cosine"
+    warmup: Literal["linear", "constant"] = "linear"  # ramp up, or a constant low lr, for warmup_epochs
     warmup_epochs: int = Field(0, ge=0)
     step_size: int = Field(10, gt=0)
     gamma: float = Field(0.1, gt=0, le=1)
@@ -46,6 +48,12 @@ class LossConfig(Strict):
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     class_weights: list[float] | None = None
     ignore_index: int = 255
+
+
+class EarlyStoppingConfig(Strict):
+    enabled: bool = False
+    patience: int = Field(5, ge=1, description="epochs without a better validation metric before stopping")
+    min_delta: float = Field(0.0, ge=0)
 
 
 class TrainConfig(Strict):
@@ -59,6 +67,10 @@ class TrainConfig(Strict):
     loss: LossConfig = LossConfig()
     resume: bool = True
     device: str = "auto"
+    grad_clip_norm: float = Field(0.0, ge=0, description="clip the gradient norm to this; 0 = off")
+    ema_decay: float = Field(0.0, ge=0, lt=1, description="exponential moving average of the weights; 0 = off")
+    early_stopping: EarlyStoppingConfig = EarlyStoppingConfig()
+    track_train_metric: bool = True  # score a fixed train subset each epoch too (overfitting diagnosis)
 
     @field_validator("device")
     @classmethod
@@ -72,7 +84,8 @@ class ModelConfig(Strict):
     name: str = "small_cnn"
     # none | path to a local checkpoint | torchvision:<WeightsEnum member>, e.g. torchvision:DEFAULT
     weights: str = "none"
-    freeze_backbone: bool = False
+    freeze_backbone: bool = False  # train the head only
+    frozen_layers: list[str] = []  # or freeze these layers by name prefix, e.g. [conv1, bn1, layer1]
     width: int = Field(32, ge=1, le=1024)
     depth: int = Field(3, ge=1, le=8)
     dropout: float = Field(0.0, ge=0, lt=1)
@@ -238,8 +251,18 @@ class TrackingConfig(Strict):
     experiment_prefix: str = "cv-"
 
 
+class PretrainConfig(Strict):
+    """The pretraining stage: a classifier trained on one task's data, whose trunk other tasks reuse."""
+
+    task: str = "classification"  # the task section whose data, image size and training settings are used
+    model: str = "resnet18"  # a torchvision classifier; detection/segmentation backbones of the same name load it
+    epochs: int = Field(3, ge=1)
+    out: str = "models/pretrain/backbone.pt"
+
+
 class Params(Strict):
     seed: int = Field(42, ge=0, le=2**32 - 1)
+    pretrain: PretrainConfig = PretrainConfig()
     tracking: TrackingConfig = TrackingConfig()
     shapes: ShapesConfig = ShapesConfig()
     tasks: dict[str, dict[str, Any]]

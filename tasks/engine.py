@@ -46,13 +46,26 @@ def make_loader(task: CVTask, dataset: Dataset, batch_size: int, shuffle: bool, 
     )
 
 
+def parameter_groups(model: nn.Module, cfg: OptimizerConfig) -> list[dict]:
+    """Weight decay on weights only: norm layers' scales and all biases (1-d tensors) are not decayed,
+    since shrinking them regularises nothing and hurts normalisation."""
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if cfg.decay_norms_and_biases:
+        return [{"params": [p for _, p in trainable], "weight_decay": cfg.weight_decay}]
+    decay = [p for _, p in trainable if p.ndim > 1]
+    no_decay = [p for _, p in trainable if p.ndim <= 1]
+    return [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+OPTIMIZERS = {
+    "sgd": lambda groups, c: torch.optim.SGD(groups, lr=c.lr, momentum=c.momentum, nesterov=c.momentum > 0),
+    "adam": lambda groups, c: torch.optim.Adam(groups, lr=c.lr),
+    "adamw": lambda groups, c: torch.optim.AdamW(groups, lr=c.lr),
+}
+
+
 def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
-    if cfg.name == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.momentum > 0)
-    if cfg.name == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return OPTIMIZERS[cfg.name](parameter_groups(model, cfg), cfg)
 
 
 def build_scheduler(optimizer, cfg: TrainConfig, steps_per_epoch: int):
@@ -71,7 +84,10 @@ def build_scheduler(optimizer, cfg: TrainConfig, steps_per_epoch: int):
         main = sched.LambdaLR(optimizer, lambda _: 1.0)
     if not warmup:
         return main
-    ramp = sched.LinearLR(optimizer, start_factor=1e-2, total_iters=warmup)
+    if s.warmup == "constant":
+        ramp = sched.ConstantLR(optimizer, factor=0.1, total_iters=warmup)
+    else:
+        ramp = sched.LinearLR(optimizer, start_factor=1e-2, total_iters=warmup)
     return sched.SequentialLR(optimizer, [ramp, main], milestones=[warmup])
 
 
@@ -106,19 +122,28 @@ def fit(
     log_metrics: Callable[[dict, int], None] | None = None,
     desc: str = "train",
     extra_state: dict | None = None,
+    train_eval_set: Dataset | None = None,
 ) -> FitResult:
     """Train for ``cfg.epochs``; keep the weights with the best validation ``task.primary_metric``.
 
     The best model goes to ``model_path`` (written once, at the end). ``checkpoint_path`` holds the
     last epoch so an interrupted run resumes; it is used only if it was made with the same config.
+    ``train_eval_set`` (training images without augmentation) is scored each epoch beside the
+    validation split, for the overfitting diagnosis. With ``cfg.ema_decay`` the exponential moving
+    average of the weights is what gets scored and saved.
     """
     device = pick_device(cfg.device)
     set_threads(cfg.num_threads)
     model.to(device)
     train_loader = make_loader(task, train_set, cfg.batch_size, True, seed, cfg.num_workers, drop_last=len(train_set) > cfg.batch_size)
     val_loader = make_loader(task, val_set, cfg.eval_batch_size, False, seed, cfg.num_workers)
+    train_eval_loader = (make_loader(task, train_eval_set, cfg.eval_batch_size, False, seed, cfg.num_workers)
+                         if train_eval_set is not None and cfg.track_train_metric else None)
     optimizer = build_optimizer(model, cfg.optimizer)
     scheduler = build_scheduler(optimizer, cfg, len(train_loader))
+    ema = (torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.ema_decay),
+                                                use_buffers=True) if cfg.ema_decay > 0 else None)
+    scored = ema.module if ema is not None else model  # the weights that are evaluated and saved
     fingerprint = config_hash({"train": cfg.model_dump(mode="json"), "seed": seed, "extra": extra_state or {}, "n": len(train_set)})
     metric = task.primary_metric
     history: list[dict] = []
@@ -131,6 +156,8 @@ def fit(
             model.load_state_dict(ck["model"])
             optimizer.load_state_dict(ck["optimizer"])
             scheduler.load_state_dict(ck["scheduler"])
+            if ema is not None:
+                ema.load_state_dict(ck["ema"])
             torch.set_rng_state(ck["rng"])
             train_loader.generator.set_state(ck["loader_rng"])
             history, best, elapsed = ck["history"], ck["best"], ck["elapsed"]
@@ -138,6 +165,7 @@ def fit(
             print(f"[{desc}] resuming from {checkpoint_path} after epoch {ck['epoch']}")
 
     t0 = time.perf_counter() - elapsed
+    stop = cfg.early_stopping
     for epoch in range(start_epoch, cfg.epochs + 1):
         model.train()
         loss_sum, n_batches = 0.0, 0
@@ -152,35 +180,87 @@ def fit(
                 raise FloatingPointError(f"[{desc}] loss became {loss.item()} at epoch {epoch}; lower optimizer.lr")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if cfg.grad_clip_norm > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip_norm)
             optimizer.step()
             scheduler.step()
+            if ema is not None:
+                ema.update_parameters(model)
             loss_sum += loss.item()
             n_batches += 1
             bar.set_postfix(loss=f"{loss_sum / n_batches:.4f}", refresh=False)
-        val = task.evaluate(model, val_loader, device).metrics
-        row = {"epoch": epoch, "train_loss": loss_sum / max(n_batches, 1), "lr": optimizer.param_groups[0]["lr"],
-               **{f"val_{k}": v for k, v in val.items()}}
+        val = task.evaluate(scored, val_loader, device).metrics
+        row = {"epoch": epoch, "train_loss": loss_sum / max(n_batches, 1), "lr": optimizer.param_groups[0]["lr"]}
+        if train_eval_loader is not None:
+            plain = task.evaluate(scored, train_eval_loader, device).metrics
+            row[f"train_{metric}"] = plain[metric]
+            if "loss" in plain:
+                row["train_loss_plain"] = plain["loss"]
+        row.update({f"val_{k}": v for k, v in val.items()})
         history.append(row)
         print(f"[{desc}] epoch {epoch}/{cfg.epochs} train_loss={row['train_loss']:.4f} "
               f"val_{metric}={val[metric]:.4f}" + (f" val_loss={val['loss']:.4f}" if "loss" in val else ""), flush=True)
-        if val[metric] > best["value"]:
-            best = {"epoch": epoch, "value": val[metric], "state": copy.deepcopy(model.state_dict()), "metrics": val}
+        if val[metric] > best["value"] + (stop.min_delta if best["epoch"] > 0 else 0):
+            best = {"epoch": epoch, "value": val[metric], "state": copy.deepcopy(scored.state_dict()), "metrics": val}
         if checkpoint_path is not None:
             buf = io.BytesIO()
             torch.save({"fingerprint": fingerprint, "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(),
-                        "loader_rng": train_loader.generator.get_state(), "history": history, "best": best,
-                        "elapsed": time.perf_counter() - t0}, buf)
+                        "scheduler": scheduler.state_dict(), "ema": ema.state_dict() if ema is not None else None,
+                        "rng": torch.get_rng_state(), "loader_rng": train_loader.generator.get_state(), "history": history,
+                        "best": best, "elapsed": time.perf_counter() - t0}, buf)
             atomic_write_bytes(checkpoint_path, buf.getvalue())
         if log_metrics is not None:  # after the checkpoint, so an interruption here loses no epoch
             log_metrics({k: v for k, v in row.items() if k != "epoch"}, epoch)
+        if stop.enabled and epoch - best["epoch"] >= stop.patience:
+            print(f"[{desc}] early stopping at epoch {epoch}: no better val_{metric} for {stop.patience} epochs "
+                  f"(best {best['value']:.4f} at epoch {best['epoch']})")
+            break
 
     seconds = time.perf_counter() - t0
-    model.load_state_dict(best["state"])
+    scored.load_state_dict(best["state"])
     save_model(model_path, best["state"], task, extra={"epoch": best["epoch"], "val_metrics": best["metrics"]})
     if checkpoint_path is not None and checkpoint_path.exists():
         checkpoint_path.unlink()  # finished: nothing left to resume
     return FitResult(pd.DataFrame(history), best["epoch"], best["metrics"], seconds)
+
+
+def diagnose_overfitting(history: pd.DataFrame, metric: str, min_gap_growth: float = 0.02, min_flat_epochs: int = 2) -> str | None:
+    """A sentence when the model overfits: the validation metric stopped improving while the gap
+    between train and validation kept growing. Names the epoch where it started; None otherwise."""
+    train_col, val_col = f"train_{metric}", f"val_{metric}"
+    if train_col not in history or val_col not in history or len(history) < min_flat_epochs + 1:
+        return None
+    best_idx = int(history[val_col].values.argmax())
+    if len(history) - 1 - best_idx < min_flat_epochs:
+        return None
+    gap = (history[train_col] - history[val_col]).values
+    growth = gap[best_idx + 1:].max() - gap[best_idx]
+    if growth < min_gap_growth:
+        return None
+    start = int(history["epoch"].iloc[best_idx + 1])
+    return (f"overfitting from epoch {start}: val {metric} peaked at {history[val_col].iloc[best_idx]:.4f} in epoch "
+            f"{int(history['epoch'].iloc[best_idx])} and did not improve afterwards, while the train-val gap grew from "
+            f"{gap[best_idx]:.4f} to {gap[best_idx + 1:].max():.4f}")
+
+
+@torch.no_grad()
+def measure_speed(model: nn.Module, loader: DataLoader, device: torch.device, latency_repeats: int = 10) -> dict[str, float]:
+    """Inference throughput (images/s at the loader's batch size) and the latency of one image (median, ms)."""
+    model.eval()
+    n, start = 0, time.perf_counter()
+    first = None
+    for images, _ in loader:
+        images = to_device(images, device)
+        first = images[:1] if first is None else first
+        model(images)
+        n += len(images)
+    throughput = n / max(time.perf_counter() - start, 1e-9)
+    latencies = []
+    for _ in range(latency_repeats):
+        t = time.perf_counter()
+        model(first)
+        latencies.append(time.perf_counter() - t)
+    return {"images_per_second": throughput, "latency_ms": 1000 * float(pd.Series(latencies).median())}
 
 
 def save_model(path: Path, state: dict, task: CVTask, extra: dict | None = None) -> None:

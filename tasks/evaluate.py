@@ -58,17 +58,38 @@ def run(task_name: str, params_path: str | Path = "params.yaml", overrides: dict
         engine.set_threads(st.cfg.train.num_threads)
         loader = engine.make_loader(task, test, st.cfg.train.eval_batch_size, False, st.params.seed, st.cfg.train.num_workers)
         results = {"dummy": task.dummy_result(task.dataset("train", None), test)}
+        speed, diagnosis = {}, {}
         for name in MODELS:
             path = models(task_name, name) / "model.pt"
             if not path.exists():
                 raise FileNotFoundError(f"{path} is missing: run the {name} stage first (dvc repro)")
-            results[name] = task.evaluate(engine.load_model(task, path).to(device), loader, device)
+            model = engine.load_model(task, path).to(device)
+            results[name] = task.evaluate(model, loader, device)
+            speed[name] = engine.measure_speed(model, loader, device)
+            history = outputs(task_name, name) / "history.csv"
+            if history.exists():
+                diagnosis[name] = engine.diagnose_overfitting(pd.read_csv(history), primary)
         table = comparison_table(results, primary)
+        table["images_per_second"] = [speed.get(n, {}).get("images_per_second", float("nan")) for n in table["model"]]
+        table["latency_ms"] = [speed.get(n, {}).get("latency_ms", float("nan")) for n in table["model"]]
         markdown = f"# {task_name}: test split ({len(test)} samples)\n\n" + to_markdown(table) + "\n"
+        markdown += (f"\nSpeed: images/s at batch size {st.cfg.train.eval_batch_size} and the latency of one image "
+                     f"on {device.type}.\n")
+        for name, res in results.items():
+            if res.per_class is not None and name != "dummy":
+                markdown += f"\n## {name}: per class\n\n" + to_markdown(res.per_class) + "\n"
+        if diagnosis:
+            markdown += "\n## Overfitting diagnosis (train vs validation per epoch)\n"
+        for name, line in diagnosis.items():
+            markdown += f"\n- {name}: {line or 'no sign of overfitting (val metric still improving or gap not growing)'}"
+        markdown += "\n"
         out_dir = outputs(task_name, "evaluate")
         with atomic_dir(out_dir) as tmp:
             metrics = {name: res.metrics for name, res in results.items()}
+            for name in speed:
+                metrics[name].update(speed[name])
             metrics["n_test"] = len(test)
+            metrics["overfitting"] = {name: line for name, line in diagnosis.items()}
             (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
             (tmp / "comparison.md").write_text(markdown)
             details = tmp / "details"  # per-class tables, pictures, exported predictions

@@ -22,6 +22,9 @@ def train_model(st: Stage, augment: AugmentConfig | None, out_dir: Path) -> tupl
     norm = normalizer(st)
     train = st.task.dataset("train", st.task.train_transforms(augment, norm))
     val = st.task.dataset("val", st.task.eval_transforms(norm))
+    # the same number of training images as validation images, unaugmented: the overfitting diagnosis compares them
+    train_plain = st.task.dataset("train", st.task.eval_transforms(norm))
+    train_eval = st.task.subset(train_plain, list(range(min(len(train_plain), len(val)))))
     model = st.task.build_model()
     model_path = models(st.task_name, st.name) / "model.pt"
     result = engine.fit(
@@ -31,6 +34,7 @@ def train_model(st: Stage, augment: AugmentConfig | None, out_dir: Path) -> tupl
         desc=f"{st.task_name}/{st.name}",
         extra_state={"augment": augment.model_dump(mode="json") if augment else None,
                      "model": st.cfg.model.model_dump(mode="json"), "normalization": st.cfg.normalization},
+        train_eval_set=train_eval,
     )
     out_dir.mkdir(parents=True, exist_ok=True)
     result.history.to_csv(out_dir / "history.csv", index=False)

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.e2e
 CODE = ("flows", "tasks", "cv_models", "dvc.yaml", ".dvcignore")
 # two well-separated classes and small batches: the tiny model learns them in seconds
 E2E = {"shapes.classes": ["circle", "star"], "tasks.classification.train.epochs": 14,
-       "tasks.classification.train.batch_size": 8}
+       "tasks.classification.train.batch_size": 8, "pretrain.epochs": 1}
 
 
 def make_repo(folder: Path, **overrides) -> Path:
@@ -66,7 +66,8 @@ def test_dvc_repro_beats_the_dummy(dvc_repo):
     for out in ("models/classification/baseline/model.pt", "models/classification/augmented/model.pt",
                 "outputs/classification/augmented/augment_preview.png",
                 "outputs/classification/evaluate/details/confusion_matrix_augmented.png",
-                "outputs/classification/validate/report.md", "outputs/classification/normstats/mean_image.png"):
+                "outputs/classification/validate/report.md", "outputs/classification/normstats/mean_image.png",
+                "models/pretrain/backbone.pt"):
         assert (dvc_repo / out).exists(), out
     status = dvc(dvc_repo, "status")
     assert "up to date" in status.stdout, status.stdout
@@ -81,7 +82,7 @@ def test_mlflow_holds_the_stage_runs_with_seeds_and_metrics(dvc_repo):
     exp = client.get_experiment_by_name("cv-classification")
     runs = client.search_runs([exp.experiment_id], "tags.pipeline_run_id = 'e2e-dvc'")
     stages = {r.data.tags.get("stage"): r for r in runs if r.data.tags.get("kind") == "stage"}
-    assert set(stages) == {"validate", "normstats", "baseline", "augmented", "evaluate"}
+    assert set(stages) == {"validate", "normstats", "pretrain", "baseline", "augmented", "evaluate"}
     parent = [r for r in runs if r.data.tags.get("kind") == "pipeline"]
     assert len(parent) == 1
     for run in stages.values():

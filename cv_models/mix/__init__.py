@@ -1,1 +1,1 @@
-"""Batch-level mixing (MixUp, CutMix, Mosaic, copy-paste) for the tasks torchvision's v2.MixUp/CutMix do not cover."""
+"""Batch-level mixing (MixUp, CutMix, Mosaic, copy-paste) for targets torchvision's v2.MixUp / v2.CutMix do not cover."""

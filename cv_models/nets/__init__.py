@@ -17,3 +17,4 @@ def register_net(name: str):
 
 
 from cv_models.nets import small_cnn  # noqa: E402,F401  (registers)
+from cv_models.nets import unet  # noqa: E402,F401  (registers)

@@ -1,0 +1,624 @@
+"""Semantic segmentation: image folders with same-named PNG class-index masks, or COCO JSON
+rasterised to class masks; a U-Net or torchvision's FCN / DeepLabV3 / LRASPP; mIoU.
+
+Class ``k`` of ``data.classes`` is mask value ``k``; ``classes[0]`` is the background.
+Pixels equal to ``train.loss.ignore_index`` (default 255) are unlabelled: left out of the loss
+and the metrics. Reader settings live in ``data.options`` (see params.yaml).
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+from torch.utils.data import Dataset
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+
+from cv_models.augment import build_transforms
+from cv_models.base import Check, CVTask, DataError, EvalResult, register_task
+from cv_models.data.probe import IMAGE_SUFFIXES, load_rgb, probe_image
+from cv_models.mix.segmentation import build_mixer
+from cv_models.nets import NETS
+from cv_models.seg_losses import get_loss
+from cv_models.weights import load_into, read_checkpoint, torchvision_state_dict
+from tasks.config import AugmentConfig
+
+SPLITS = ("train", "val", "test")
+INDEX_MODES = {"L", "I", "I;16", "I;16B", "I;16L", "1"}  # PIL modes whose values are class indices
+# colours for drawing when data.options.colors is not given (background first, black)
+PALETTE = [(0, 0, 0), (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
+           (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (220, 190, 255),
+           (170, 110, 40), (255, 250, 200), (128, 0, 0), (170, 255, 195), (128, 128, 0), (255, 215, 180), (0, 0, 128)]
+READER_DEFAULTS = {
+    "images_dir": "images",  # under data.path
+    "masks_dir": "masks",  # same sub-folders and file stems as images_dir
+    "mask_suffix": ".png",  # mask file = image stem + this
+    "annotations": "annotations/{split}.json",  # format coco: one file per split, or one file for split_from=seed
+    "mask_color_mode": "convert",  # palette / RGB masks: convert through `colors` | reject
+    "colors": None,  # one [r, g, b] per class, for palette/RGB masks and pictures
+    "ignore_color": None,  # [r, g, b] of unlabelled pixels in palette/RGB masks
+}
+
+
+def _key(rgb: np.ndarray) -> np.ndarray:
+    rgb = rgb.astype(np.int64)
+    return (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]
+
+
+# ---------------------------------------------------------------------- reading
+
+
+@dataclass
+class MaskReader:
+    """Turns a mask file into a class-index array: index masks as they are, palette / RGB through colours."""
+
+    colors: list | None
+    ignore_color: list | None
+    ignore_index: int
+    color_mode: str
+
+    def read(self, path: Path) -> tuple[np.ndarray, dict]:
+        """``(HxW int array, facts)``; facts: mode, channels, converted, undeclared colours."""
+        with Image.open(path) as im:
+            im.load()
+            mode, channels = im.mode, len(im.getbands())
+            if mode in INDEX_MODES:
+                return np.asarray(im).astype(np.int64), {"mode": mode, "channels": channels, "converted": False,
+                                                          "undeclared_colors": []}
+            rgb = np.asarray(im.convert("RGB"))
+        facts = {"mode": mode, "channels": channels, "converted": self.color_mode == "convert", "undeclared_colors": []}
+        lookup = {}
+        for k, c in enumerate(self.colors or []):
+            lookup[(int(c[0]) << 16) | (int(c[1]) << 8) | int(c[2])] = k
+        if self.ignore_color is not None:
+            c = self.ignore_color
+            lookup[(int(c[0]) << 16) | (int(c[1]) << 8) | int(c[2])] = self.ignore_index
+        keys, inverse = np.unique(_key(rgb), return_inverse=True)
+        undeclared = [k for k in keys.tolist() if k not in lookup]
+        facts["undeclared_colors"] = [(k >> 16, (k >> 8) & 255, k & 255) for k in undeclared]
+        values = np.array([lookup.get(k, -1) for k in keys.tolist()], dtype=np.int64)  # -1: undeclared colour
+        return values[inverse].reshape(rgb.shape[:2]), facts
+
+
+class SegmentationDataset(Dataset):
+    """``(image, tv_tensors.Mask)`` pairs; masks are read (or rasterised) once and kept in memory."""
+
+    def __init__(self, samples: list[dict], load_mask: Callable[[dict], np.ndarray], transforms):
+        self.samples = samples
+        self.load_mask = load_mask
+        self.transforms = transforms
+        self._masks: dict[int, torch.Tensor] = {}
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def mask(self, i: int) -> torch.Tensor:
+        if i not in self._masks:
+            m = self.load_mask(self.samples[i])
+            if m.min() < 0 or m.max() > 255:
+                raise DataError(f"{self.samples[i]['mask_source']}: mask values outside 0..255 or undeclared colours "
+                                f"(rule: mask values in the declared classes; run the validate stage)")
+            self._masks[i] = torch.from_numpy(m.astype(np.uint8))
+        return self._masks[i]
+
+    def __getitem__(self, i: int):
+        image = load_rgb(self.samples[i]["path"])
+        mask = tv_tensors.Mask(self.mask(i))
+        if self.transforms is not None:
+            return self.transforms(image, mask)
+        return image, mask
+
+
+class SegmentationCutout(v2.RandomErasing):
+    """Cutout that also decides the erased region's label: ``ignore`` (not trained on) or ``keep``."""
+
+    def __init__(self, mask_fill: str, ignore_index: int, **kwargs):
+        super().__init__(**kwargs)
+        self.mask_fill, self.ignore_index = mask_fill, ignore_index
+
+    def transform(self, inpt, params):
+        if isinstance(inpt, tv_tensors.Mask):
+            if self.mask_fill == "keep" or params["v"] is None:
+                return inpt
+            out = inpt.clone()
+            i, j, h, w = params["i"], params["j"], params["h"], params["w"]
+            out[..., i:i + h, j:j + w] = self.ignore_index
+            return out
+        return super().transform(inpt, params)
+
+
+# ------------------------------------------------------------------------ models
+
+
+@dataclass
+class Architecture:
+    build: Callable[[int, object], nn.Module]  # (num_classes, ModelConfig) -> model
+    head_prefixes: tuple[str, ...]  # re-fitted when weights come from another class count
+    backbone_prefixes: tuple[str, ...]  # frozen by model.freeze_backbone
+
+
+def _torchvision_builder(name: str, aux: bool):
+    def build(num_classes: int, m) -> nn.Module:
+        from torchvision.models import get_model
+
+        options = dict(m.options)
+        # no ImageNet download unless asked for (model.options.weights_backbone: DEFAULT | IMAGENET1K_V1 ...)
+        kwargs = {"weights": None, "weights_backbone": options.pop("weights_backbone", None), "num_classes": num_classes}
+        if aux:
+            kwargs["aux_loss"] = bool(options.pop("aux_loss", False))
+        return get_model(name, **kwargs, **options)
+
+    return build
+
+
+ARCHITECTURES: dict[str, Architecture] = {
+    "unet": Architecture(lambda n, m: NETS["unet"](num_classes=n, width=m.width, depth=m.depth, dropout=m.dropout, **m.options),
+                         ("head.",), ("encoder.",)),
+    **{name: Architecture(_torchvision_builder(name, aux=True), ("classifier.4.", "aux_classifier.4."), ("backbone.",))
+       for name in ("fcn_resnet50", "fcn_resnet101", "deeplabv3_resnet50", "deeplabv3_resnet101",
+                    "deeplabv3_mobilenet_v3_large")},
+    "lraspp_mobilenet_v3_large": Architecture(_torchvision_builder("lraspp_mobilenet_v3_large", aux=False),
+                                              ("classifier.low_classifier.", "classifier.high_classifier."), ("backbone.",)),
+}
+
+
+def model_outputs(output) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """torchvision's models return ``{"out", "aux"}``; ours a tensor."""
+    if isinstance(output, dict):
+        return output["out"], output.get("aux")
+    return output, None
+
+
+def confusion(pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int) -> torch.Tensor:
+    """``num_classes x num_classes`` pixel counts, rows = true class, ignored pixels left out."""
+    valid = target != ignore_index
+    idx = target[valid].long() * num_classes + pred[valid].long()
+    return torch.bincount(idx, minlength=num_classes**2).reshape(num_classes, num_classes).cpu()
+
+
+# -------------------------------------------------------------------------- task
+
+
+@register_task
+class SegmentationTask(CVTask):
+    name = "segmentation"
+    primary_metric = "miou"
+
+    # ------------------------------------------------------------------ config
+    @property
+    def options(self) -> dict:
+        return {**READER_DEFAULTS, **self.cfg.data.options}
+
+    @property
+    def ignore_index(self) -> int:
+        return self.cfg.train.loss.ignore_index
+
+    def colors(self) -> list[tuple[int, int, int]]:
+        declared = self.options["colors"]
+        if declared:
+            return [tuple(int(v) for v in c) for c in declared]
+        return [PALETTE[k % len(PALETTE)] for k in range(len(self.class_names()))]
+
+    def mask_reader(self) -> MaskReader:
+        o = self.options
+        if o["mask_color_mode"] not in ("convert", "reject"):
+            raise DataError(f"data.options.mask_color_mode must be convert or reject, got {o['mask_color_mode']!r}")
+        if o["colors"] and len(o["colors"]) != len(self.class_names()):
+            raise DataError(f"data.options.colors has {len(o['colors'])} colours for {len(self.class_names())} classes "
+                            f"(rule: one [r, g, b] per declared class)")
+        return MaskReader(o["colors"], o["ignore_color"], self.ignore_index, o["mask_color_mode"])
+
+    # ------------------------------------------------------------------ listing
+    def _samples(self) -> list[dict]:
+        if not hasattr(self, "_listing"):  # the folder walk is done once per task object
+            d = self.cfg.data
+            root = Path(d.path)
+            if not root.is_dir():
+                raise DataError(f"dataset path {root} does not exist or is not a folder (rule: data.path must be an existing folder)")
+            if not 0 <= self.ignore_index <= 255:
+                raise DataError(f"train.loss.ignore_index must be within 0..255 (8-bit masks), got {self.ignore_index}")
+            readers = {"mask_folder": self._list_mask_folder, "coco": self._list_coco}
+            if d.format not in readers:
+                raise DataError(f"segmentation reads data.format {sorted(readers)}, got {d.format!r}")
+            self._listing = readers[d.format](root)
+        return self._listing
+
+    def _assign_splits(self, rows: list[dict]) -> list[dict]:
+        """split_from=seed: one shuffled listing cut by data.split_fractions."""
+        d = self.cfg.data
+        order = np.random.default_rng(d.split_seed).permutation(len(rows))
+        n_train = int(round(len(rows) * d.split_fractions["train"]))
+        n_val = int(round(len(rows) * d.split_fractions["val"]))
+        for rank, idx in enumerate(order):
+            rows[idx]["split"] = "train" if rank < n_train else "val" if rank < n_train + n_val else "test"
+        return rows
+
+    def _list_mask_folder(self, root: Path) -> list[dict]:
+        o, d = self.options, self.cfg.data
+        images, masks = root / o["images_dir"], root / o["masks_dir"]
+        for folder, key in ((images, "images_dir"), (masks, "masks_dir")):
+            if not folder.is_dir():
+                raise DataError(f"{folder} is missing (rule: format mask_folder needs data.path/{o[key]}, "
+                                f"set by data.options.{key})")
+        folders = [(s, images / s, masks / s) for s in SPLITS] if d.split_from == "folders" else [(None, images, masks)]
+        if d.split_from == "folders":
+            missing = [str(f) for _, f, _ in folders if not f.is_dir()]
+            if missing:
+                raise DataError(f"split folder(s) {missing} missing (rule: split_from=folders needs "
+                                f"{images}/train, val and test; use split_from: seed for one flat folder)")
+        rows = []
+        for split, image_dir, mask_dir in folders:
+            for p in sorted(q for q in image_dir.iterdir() if q.is_file()):
+                mask = mask_dir / (p.stem + o["mask_suffix"])
+                rows.append({"path": str(p), "split": split, "mask_path": str(mask), "mask_source": str(mask)})
+        self._orphan_masks = sorted(
+            str(m) for split, image_dir, mask_dir in folders if mask_dir.is_dir() for m in mask_dir.iterdir()
+            if m.is_file() and m.name.endswith(o["mask_suffix"])
+            and not any((image_dir / (m.name[: -len(o["mask_suffix"])] + s)).exists()
+                        for s in IMAGE_SUFFIXES | {s.upper() for s in IMAGE_SUFFIXES}))
+        return self._assign_splits(rows) if d.split_from == "seed" else rows
+
+    def _list_coco(self, root: Path) -> list[dict]:
+        from pycocotools.coco import COCO
+
+        o, d = self.options, self.cfg.data
+        files = {s: root / o["annotations"].format(split=s) for s in SPLITS} if d.split_from == "folders" \
+            else {None: root / o["annotations"].format(split="all")}
+        self._cocos = {}
+        rows = []
+        for split, ann_file in files.items():
+            if not ann_file.is_file():
+                raise DataError(f"{ann_file} is missing (rule: format coco needs data.options.annotations, "
+                                f"'{o['annotations']}' with {{split}} = train, val, test)")
+            try:
+                with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
+                    coco = COCO(str(ann_file))
+            except Exception as err:  # noqa: BLE001 - any parse error is a bad file
+                raise DataError(f"{ann_file}: not readable as COCO JSON ({type(err).__name__}: {err})") from None
+            self._cocos[str(ann_file)] = coco
+            for image_id in sorted(coco.imgs):
+                info = coco.imgs[image_id]
+                rows.append({"path": str(root / o["images_dir"] / info["file_name"]), "split": split,
+                             "ann_file": str(ann_file), "image_id": image_id,
+                             "mask_source": f"{ann_file}#image_id={image_id}",
+                             "declared_width": info.get("width"), "declared_height": info.get("height")})
+        return self._assign_splits(rows) if d.split_from == "seed" else rows
+
+    def class_names(self) -> list[str]:
+        if self.cfg.data.classes:
+            return list(self.cfg.data.classes)
+        if self.cfg.data.format == "coco":
+            self._samples()
+            names = {}
+            for coco in self._cocos.values():
+                names.update({c["id"]: c["name"] for c in coco.loadCats(coco.getCatIds())})
+            return ["background"] + [names[k] for k in sorted(names)]
+        raise DataError("data.classes is required for format mask_folder: the class names in mask-value order, "
+                        "background first (rule: mask value k = data.classes[k])")
+
+    # ----------------------------------------------------------------- masks
+    def _coco_mask(self, row: dict, unknown: list | None = None) -> np.ndarray:
+        """Rasterise one image's annotations in file order: category -> class index, crowd regions ->
+        ignore index, a category not in the declared classes -> -1 (its name appended to ``unknown``)."""
+        coco = self._cocos[row["ann_file"]]
+        names = self.class_names()
+        info = coco.imgs[row["image_id"]]
+        mask = np.zeros((info["height"], info["width"]), dtype=np.int64)
+        for ann in coco.loadAnns(coco.getAnnIds(imgIds=[row["image_id"]])):
+            name = coco.cats.get(ann["category_id"], {}).get("name", f"category_id {ann['category_id']}")
+            if ann.get("iscrowd"):
+                value = self.ignore_index
+            elif name in names:
+                value = names.index(name)
+            else:
+                value = -1
+                if unknown is not None:
+                    unknown.append(name)
+            mask[coco.annToMask(ann) > 0] = value
+        return mask
+
+    def load_mask(self, row: dict) -> np.ndarray:
+        if self.cfg.data.format == "coco":
+            return self._coco_mask(row)
+        return self.mask_reader().read(Path(row["mask_path"]))[0]
+
+    # ------------------------------------------------------------ validation
+    def _mask_facts(self, row: dict, n_classes: int, reader: MaskReader) -> dict:
+        facts = {"mask_exists": True, "mask_decodes": False, "mask_width": 0, "mask_height": 0, "mask_mode": "",
+                 "mask_channels": 0, "mask_converted": False, "undeclared_colors": "", "bad_values": "",
+                 "values_ok": False, "foreground_pixels": 0, "labelled_pixels": 0, "mask_error": "", "counts": None}
+        try:
+            unknown: list[str] = []
+            if self.cfg.data.format == "coco":
+                mask, extra = self._coco_mask(row, unknown), {"mode": "L", "channels": 1, "converted": False,
+                                                              "undeclared_colors": []}
+            else:
+                if not Path(row["mask_path"]).is_file():
+                    return {**facts, "mask_exists": False}
+                mask, extra = reader.read(Path(row["mask_path"]))
+        except Exception as err:  # noqa: BLE001 - unreadable mask or annotation is reported, not raised
+            facts["mask_error"] = f"{type(err).__name__}: {err}"
+            return facts
+        values, counts = np.unique(mask, return_counts=True)
+        bad = [int(v) for v in values if not (0 <= v < n_classes or v == self.ignore_index)]
+        per_class = np.zeros(n_classes, dtype=np.int64)
+        ok = (values >= 0) & (values < n_classes)
+        per_class[values[ok]] = counts[ok]
+        facts.update(mask_decodes=True, mask_height=mask.shape[0], mask_width=mask.shape[1], mask_mode=extra["mode"],
+                     mask_channels=extra["channels"], mask_converted=extra["converted"],
+                     undeclared_colors=" ".join(f"rgb{c}".replace(" ", "") for c in extra["undeclared_colors"][:5]),
+                     bad_values=" ".join([*map(str, [v for v in bad if v >= 0][:10]), *sorted(set(unknown))]),
+                     values_ok=not bad,
+                     foreground_pixels=int(per_class[1:].sum()), labelled_pixels=int(per_class.sum()), counts=per_class)
+        return facts
+
+    def validation_tables(self) -> dict[str, pd.DataFrame]:
+        rows = self._samples()
+        names = self.class_names()
+        reader = self.mask_reader()
+        records, pixel_rows = [], []
+        for r in rows:
+            image = probe_image(Path(r["path"])) if Path(r["path"]).is_file() else {
+                "bytes": 0, "sha256": f"missing:{r['path']}", "width": 0, "height": 0, "channels": 0, "mode": "",
+                "decodes": False, "error": "file missing"}
+            facts = self._mask_facts(r, len(names), reader)
+            counts = facts.pop("counts")
+            if counts is not None:
+                pixel_rows += [{"split": r["split"], "class": names[k], "pixels": int(c), "image": int(c > 0)}
+                               for k, c in enumerate(counts)]
+            records.append({"path": r["path"], "split": r["split"], "mask": r["mask_source"], **image, **facts})
+        table = pd.DataFrame(records)
+        if table.empty:
+            raise DataError(f"{self.cfg.data.path}: no images found (rule: a dataset needs images)")
+        table["suffix_is_image"] = table["path"].map(lambda p: Path(p).suffix.lower() in IMAGE_SUFFIXES)
+        table["size_matches"] = (table["width"] == table["mask_width"]) & (table["height"] == table["mask_height"])
+        if "declared_width" in rows[0]:  # COCO: the JSON's size must be the file's size
+            table["size_matches"] &= (table["width"] == [r["declared_width"] for r in rows]) & \
+                                     (table["height"] == [r["declared_height"] for r in rows])
+        table["mask_single_channel"] = table["mask_mode"].isin(INDEX_MODES)
+        table["colors_declared"] = table["undeclared_colors"] == ""
+        table["has_foreground"] = table["foreground_pixels"] > 0
+        splits_per_hash = table.groupby("sha256")["split"].nunique()
+        table["duplicate_in_other_split"] = table["sha256"].map(splits_per_hash).fillna(0).gt(1)
+        pixels = pd.DataFrame(pixel_rows, columns=["split", "class", "pixels", "image"])
+        freq = pixels.groupby(["class", "split"], sort=False).agg(pixels=("pixels", "sum"), images=("image", "sum")).reset_index()
+        totals = freq.groupby("split")["pixels"].transform("sum")
+        freq["fraction"] = (freq["pixels"] / totals.where(totals > 0, 1)).round(6)
+        freq["class_split"] = [f"class '{c}' in split '{s}'" for c, s in zip(freq["class"], freq["split"])]
+        return {"samples": table, "class_pixels": freq}
+
+    def checks(self, tables: dict[str, pd.DataFrame]) -> list[Check]:
+        import great_expectations as gx
+
+        d, E = self.cfg.data, gx.expectations
+        names = self.class_names()
+        decoded = dict(row_condition="decodes == True", condition_parser="pandas")
+        mask_read = dict(row_condition="mask_decodes == True", condition_parser="pandas")
+        out = [
+            Check("samples", "every file decodes as an image", E.ExpectColumnValuesToBeInSet(column="decodes", value_set=[True])),
+            Check("samples", f"image width within [{d.min_size}, {d.max_size}]",
+                  E.ExpectColumnValuesToBeBetween(column="width", min_value=d.min_size, max_value=d.max_size, **decoded)),
+            Check("samples", f"image height within [{d.min_size}, {d.max_size}]",
+                  E.ExpectColumnValuesToBeBetween(column="height", min_value=d.min_size, max_value=d.max_size, **decoded)),
+            Check("samples", "every image has a mask file (same name under the masks folder)",
+                  E.ExpectColumnValuesToBeInSet(column="mask_exists", value_set=[True]), key_column="mask"),
+            Check("samples", "every mask decodes (image file or COCO annotation)",
+                  E.ExpectColumnValuesToBeInSet(column="mask_decodes", value_set=[True],
+                                                row_condition="mask_exists == True", condition_parser="pandas"),
+                  key_column="mask"),
+            Check("samples", "mask has the same height and width as its image",
+                  E.ExpectColumnValuesToBeInSet(column="size_matches", value_set=[True],
+                                                row_condition="mask_decodes == True and decodes == True",
+                                                condition_parser="pandas"), key_column="mask"),
+            Check("samples", f"mask values in the declared classes 0..{len(names) - 1} {names} "
+                             f"or the ignore index {self.ignore_index}",
+                  E.ExpectColumnValuesToBeInSet(column="values_ok", value_set=[True],
+                                                row_condition="mask_decodes == True and colors_declared == True",
+                                                condition_parser="pandas"), key_column="mask"),
+            Check("samples", "no identical image in two splits",
+                  E.ExpectColumnValuesToBeInSet(column="duplicate_in_other_split", value_set=[False])),
+        ]
+        if self.options["mask_color_mode"] == "reject":
+            out.append(Check("samples", "mask is single-channel class indices (palette and RGB masks are rejected: "
+                                        "data.options.mask_color_mode=reject)",
+                             E.ExpectColumnValuesToBeInSet(column="mask_single_channel", value_set=[True], **mask_read),
+                             key_column="mask"))
+        else:
+            out.append(Check("samples", "palette / RGB mask colours are declared in data.options.colors "
+                                        "(or data.options.ignore_color)",
+                             E.ExpectColumnValuesToBeInSet(column="colors_declared", value_set=[True], **mask_read),
+                             key_column="mask"))
+        if d.color_mode == "reject":
+            out.append(Check("samples", "image is RGB (grayscale, palette and RGBA are rejected: data.color_mode=reject)",
+                             E.ExpectColumnValuesToBeInSet(column="mode", value_set=["RGB"], **decoded)))
+        return out
+
+    def validation_notes(self, tables: dict[str, pd.DataFrame]) -> list[str]:
+        s, notes = tables["samples"], []
+        read = s[s["mask_decodes"]]
+        notes += [f"{p}: no foreground pixels (mask {m} is all background or ignored)"
+                  for p, m in zip(read.loc[~read["has_foreground"], "path"], read.loc[~read["has_foreground"], "mask"])]
+        conv = read[read["mask_converted"]]
+        notes += [f"{m}: {mode} mask converted to class indices through data.options.colors"
+                  for m, mode in zip(conv["mask"], conv["mask_mode"])]
+        if self.cfg.data.color_mode == "convert":
+            odd = s[s["decodes"] & (s["mode"] != "RGB")]
+            notes += [f"{p}: mode {m} converted to RGB (data.color_mode=convert)" for p, m in zip(odd["path"], odd["mode"])]
+        notes += [f"{m}: mask without an image (not used)" for m in getattr(self, "_orphan_masks", [])]
+        f = tables["class_pixels"]
+        notes += [f"{r.class_split}: no pixels (its IoU there is undefined)" for r in f[f["pixels"] == 0].itertuples()]
+        return notes
+
+    def validation_summaries(self, tables: dict[str, pd.DataFrame]) -> dict[str, str]:
+        f = tables["class_pixels"]
+        if f.empty:
+            return {}
+        wide = f.pivot_table(index="class", columns="split", values=["fraction", "images"], sort=False)
+        present = [s for s in SPLITS if s in f["split"].unique()]
+        lines = ["| class | " + " | ".join(f"{s} pixels % | {s} images" for s in present) + " |",
+                 "|---|" + "---|---|" * len(present)]
+        for name in self.class_names():
+            if name not in wide.index:
+                continue
+            cells = [f"{100 * wide.loc[name, ('fraction', s)]:.2f} | {int(wide.loc[name, ('images', s)])}" for s in present]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        return {"Per-class pixel frequency": "\n".join(lines)}
+
+    # ------------------------------------------------------------------ data
+    def dataset(self, split: str, transforms) -> SegmentationDataset:
+        rows = [r for r in self._samples() if r["split"] == split]
+        return SegmentationDataset(rows, self.load_mask, transforms)
+
+    def collate(self, batch: list):
+        images = torch.stack([b[0].as_subclass(torch.Tensor) for b in batch])
+        masks = torch.stack([b[1].as_subclass(torch.Tensor) for b in batch]).long()
+        return images, masks
+
+    # ------------------------------------------------------------ transforms
+    def _cutout(self, c, size):
+        return SegmentationCutout(c.mask_fill, self.ignore_index, p=c.p, scale=tuple(c.scale), value=0)
+
+    def train_transforms(self, augment: AugmentConfig | None, normalize):
+        # v2 resizes, rotates and crops tv_tensors.Mask with nearest interpolation: no new label values
+        return build_transforms(self.cfg.image_size, augment, normalize, overrides={"cutout": self._cutout})
+
+    def eval_transforms(self, normalize):
+        return build_transforms(self.cfg.image_size, None, normalize)
+
+    def batch_mixer(self, augment: AugmentConfig | None):
+        return build_mixer(augment, len(self.class_names()), self.ignore_index)
+
+    # ------------------------------------------------------------------ model
+    def build_model(self) -> nn.Module:
+        m = self.cfg.model
+        if m.name not in ARCHITECTURES:
+            raise ValueError(f"model.name {m.name!r} is not a segmentation model; choose one of {sorted(ARCHITECTURES)}")
+        arch = ARCHITECTURES[m.name]
+        model = arch.build(len(self.class_names()), m)
+        if m.weights.startswith("torchvision:"):
+            load_into(model, torchvision_state_dict(m.name, m.weights.split(":", 1)[1]), m.weights, arch.head_prefixes)
+        elif m.weights != "none":
+            load_into(model, read_checkpoint(m.weights), m.weights, arch.head_prefixes)
+        if m.freeze_backbone:
+            for name, p in model.named_parameters():
+                p.requires_grad = not name.startswith(arch.backbone_prefixes)
+        return model
+
+    def training_loss(self, model, images, targets):
+        loss_fn = get_loss(self.cfg.train.loss.name)
+        out, aux = model_outputs(model(images))
+        loss = loss_fn(out, targets, self.cfg.train.loss)
+        if aux is not None:  # torchvision's auxiliary head, weighted as in its reference scripts
+            loss = loss + 0.5 * loss_fn(aux, targets, self.cfg.train.loss)
+        return loss
+
+    @torch.no_grad()
+    def evaluate(self, model, loader, device) -> EvalResult:
+        model.eval()
+        n = len(self.class_names())
+        keep = int(self.cfg.options.get("overlay_samples", 8))
+        cm = torch.zeros(n, n, dtype=torch.long)
+        loss_sum, n_pixels, kept = 0.0, 0, []
+        for images, masks in loader:
+            logits, _ = model_outputs(model(images.to(device)))
+            masks = masks.to(device)
+            loss_sum += F.cross_entropy(logits, masks, ignore_index=self.ignore_index, reduction="sum").item()
+            n_pixels += int((masks != self.ignore_index).sum())
+            pred = logits.argmax(1)
+            cm += confusion(pred, masks, n, self.ignore_index)
+            if len(kept) < keep:
+                kept += list(pred[: keep - len(kept)].to(torch.uint8).cpu())
+        result = self._score(cm)
+        result.metrics["loss"] = loss_sum / max(n_pixels, 1)
+        result.predictions = kept
+        return result
+
+    def _score(self, cm: torch.Tensor) -> EvalResult:
+        names = self.class_names()
+        cm = cm.double()
+        tp, gt, pr = cm.diag(), cm.sum(1), cm.sum(0)
+        union = gt + pr - tp
+        # a class absent from both truth and prediction has no IoU: left out of the means
+        iou = torch.where(union > 0, tp / union.clamp_min(1), torch.nan)
+        dice = torch.where(gt + pr > 0, 2 * tp / (gt + pr).clamp_min(1), torch.nan)
+        per_class = pd.DataFrame({"class": names, "iou": iou.numpy(), "dice": dice.numpy(),
+                                  "precision": (tp / pr.clamp_min(1)).numpy(), "recall": (tp / gt.clamp_min(1)).numpy(),
+                                  "true_pixels": gt.long().numpy(), "predicted_pixels": pr.long().numpy()})
+        metrics = {"miou": float(iou.nanmean()) if (union > 0).any() else 0.0,
+                   "pixel_accuracy": float(tp.sum() / cm.sum().clamp_min(1)),
+                   "dice": float(dice.nanmean()) if (gt + pr > 0).any() else 0.0,
+                   **{f"iou/{c}": float(v) for c, v in zip(names, iou.tolist()) if v == v}}
+        return EvalResult(metrics, per_class=per_class, extra={"confusion_matrix": cm.long().numpy()})
+
+    def dummy_result(self, train, evaluation) -> EvalResult:
+        """Most frequent training class everywhere, scored at the evaluation masks' size."""
+        n = len(self.class_names())
+        counts = torch.zeros(n, dtype=torch.long)
+        for i in range(len(train)):
+            m = train.mask(i).long()
+            counts += torch.bincount(m[m < n], minlength=n)
+        most_frequent = int(counts.argmax())
+        cm = torch.zeros(n, n, dtype=torch.long)
+        for i in range(len(evaluation)):
+            mask = evaluation[i][1].as_subclass(torch.Tensor).long()
+            cm += confusion(torch.full_like(mask, most_frequent), mask, n, self.ignore_index)
+        result = self._score(cm)
+        result.extra["most_frequent_class"] = self.class_names()[most_frequent]
+        return result
+
+    # ---------------------------------------------------------- visualisation
+    def overlay(self, image, target) -> tuple[torch.Tensor, str]:
+        """uint8 picture of the image with the mask's classes in their colours (ignored pixels white)."""
+        from torchvision.utils import draw_segmentation_masks
+
+        from cv_models.visualise import to_uint8
+
+        target = target.as_subclass(torch.Tensor)
+        text = ""
+        if target.is_floating_point():  # MixUp's soft targets: draw the dominant class
+            weight, target = target.max(0)
+            labelled = weight[weight > 0]
+            text = f"soft: top weight >= {float(labelled.min()) if labelled.numel() else 0:.2f}"
+        target = target.long().squeeze(0)
+        colors = self.colors()
+        layers = torch.stack([target == k for k in range(1, len(colors))] + [target == self.ignore_index])
+        picture = draw_segmentation_masks(to_uint8(image), layers, alpha=0.6, colors=colors[1:] + [(255, 255, 255)])
+        return picture, text
+
+    def draw(self, image, target):
+        from cv_models.visualise import caption
+
+        picture, text = self.overlay(image, target)
+        return caption(picture.float() / 255, text)
+
+    def report(self, results: dict[str, EvalResult], test, out_dir: Path) -> list[Path]:
+        """Test images with the true masks and each model's predicted masks; per-class IoU chart."""
+        from cv_models.visualise import caption, save_grid
+
+        files = []
+        plain = self.dataset("test", self.eval_transforms(None))
+        models = [name for name, res in results.items() if res.predictions]
+        if models:
+            n = min(len(results[name].predictions) for name in models)
+            pictures = []
+            for i in range(n):
+                image, mask = plain[i]
+                pictures.append(caption(self.overlay(image, mask)[0].float() / 255, f"truth {Path(plain.samples[i]['path']).name}"))
+                pictures += [caption(self.overlay(image, results[name].predictions[i])[0].float() / 255, name) for name in models]
+            path = out_dir / "test_predictions.png"
+            save_grid(pictures, path, nrow=1 + len(models))
+            files.append(path)
+        table = pd.concat([res.per_class.assign(model=name) for name, res in results.items() if res.per_class is not None])
+        path = out_dir / "per_class_iou.csv"
+        table.pivot_table(index="class", columns="model", values="iou", sort=False).to_csv(path)
+        files.append(path)
+        return files
