@@ -409,8 +409,9 @@ class InstanceSegmentationTask(CVTask):
         return self._result({"images": gt_images, "annotations": gt_anns, "categories": categories}, results)
 
     # ---------------------------------------------------------- visualisation
-    def draw(self, image: torch.Tensor, target, score_threshold: float = 0.5) -> torch.Tensor:
-        """Masks filled in per-class colours, boxes and class names; predictions below the score threshold hidden."""
+    def draw(self, image: torch.Tensor, target, score_threshold: float = 0.5, min_size: int = 192) -> torch.Tensor:
+        """Masks filled in per-class colours, boxes and class names; predictions below the score threshold
+        hidden; small images enlarged (nearest) to ``min_size`` so the names stay legible."""
         from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
         from cv_models.visualise import to_uint8
@@ -420,7 +421,12 @@ class InstanceSegmentationTask(CVTask):
         if masks.ndim == 4:  # model output: N x 1 x H x W probabilities
             masks = masks[:, 0] > 0.5
         keep = target["scores"] >= score_threshold if "scores" in target else torch.ones(len(labels), dtype=torch.bool)
-        masks, labels, boxes = masks[keep].bool().cpu(), labels[keep].cpu(), boxes[keep].cpu()
+        masks, labels, boxes = masks[keep].bool().cpu(), labels[keep].cpu(), boxes[keep].cpu().float()
+        factor = -(-min_size // picture.shape[-1])  # ceil
+        if factor > 1:
+            picture = picture.repeat_interleave(factor, -1).repeat_interleave(factor, -2)
+            masks = masks.repeat_interleave(factor, -1).repeat_interleave(factor, -2)
+            boxes = boxes * factor
         if len(labels) == 0:
             return picture
         names = self.class_names()

@@ -232,7 +232,7 @@ def test_train_transforms_move_masks_with_the_image(project):
         if len(t["masks"]):
             assert (t["masks"].flatten(1).sum(1) >= 16).all()
     picture = task.draw(image, t)
-    assert picture.dtype == torch.uint8 and picture.shape == (3, 64, 64)
+    assert picture.dtype == torch.uint8 and picture.shape == (3, 192, 192)  # enlarged for legibility
 
 
 # ------------------------------------------------------------ metrics
