@@ -15,12 +15,13 @@ import io
 import json
 from collections import Counter
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 import pandas as pd
 import torch
 from torch import nn
+from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
@@ -43,10 +44,11 @@ class DetectionDataset(Dataset):
     """Samples ``(image, target)``; target: ``boxes`` (tv_tensors.BoundingBoxes, XYXY pixels), ``labels``
     (1..K, 0 is the background), ``image_id`` (int, for COCO evaluation)."""
 
-    def __init__(self, records: list[dict], class_names: list[str], transforms):
+    def __init__(self, records: list[dict], class_names: list[str], transforms, size: int | None = None):
         self.records = records
         self.class_names = class_names
         self.transforms = transforms
+        self.size = size  # resize with PIL on load (cheaper than resizing tensors; the transforms' Resize is then a no-op)
         self.by_id = {r["image_id"]: r for r in records}
 
     def __len__(self) -> int:
@@ -56,7 +58,11 @@ class DetectionDataset(Dataset):
         r = self.records[i]
         image = load_rgb(r["path"])
         keep = r["iscrowd"] == 0  # crowd / VOC-difficult boxes only matter to the evaluation
-        target = {"boxes": tv_tensors.BoundingBoxes(r["boxes"][keep], format="XYXY", canvas_size=(image.height, image.width)),
+        boxes = r["boxes"][keep]
+        if self.transforms is not None and self.size and image.size != (self.size, self.size):
+            boxes = boxes * torch.tensor([self.size / image.width, self.size / image.height] * 2)
+            image = image.resize((self.size, self.size), Image.BILINEAR)
+        target = {"boxes": tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=(image.height, image.width)),
                   "labels": r["labels"][keep], "image_id": r["image_id"]}
         if self.transforms is not None:
             image, target = self.transforms(image, target)
@@ -234,7 +240,7 @@ class DetectionTask(CVTask):
         return out
 
     def dataset(self, split: str, transforms) -> DetectionDataset:
-        return DetectionDataset(self.records(split), self.class_names(), transforms)
+        return DetectionDataset(self.records(split), self.class_names(), transforms, size=self.cfg.image_size)
 
     def collate(self, batch):
         return collate(batch)
@@ -247,7 +253,7 @@ class DetectionTask(CVTask):
         return build_transforms(size, augment, None, overrides=overrides, tail=[v2.SanitizeBoundingBoxes(min_size=1)])
 
     def eval_transforms(self, normalize):
-        return build_transforms(self.cfg.image_size, None, None, tail=[v2.SanitizeBoundingBoxes(min_size=1)])
+        return build_transforms(self.cfg.image_size, None, None)  # evaluation reads the boxes from the records
 
     def batch_mixer(self, augment: AugmentConfig | None):
         if augment is None:

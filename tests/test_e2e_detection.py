@@ -24,7 +24,7 @@ pytestmark = pytest.mark.e2e
 SCENES = {"num_images": 80, "image_size": 64, "min_objects": 1, "max_objects": 2, "scale": [0.3, 0.5], "clutter": 0, "noise": 4}
 TINY_DETECTION = {
     "image_size": 64,
-    "train": {"epochs": 6, "batch_size": 4, "eval_batch_size": 8},
+    "train": {"epochs": 5, "batch_size": 4, "eval_batch_size": 8},
     "overfit_check": {"steps": 10, "max_loss": 10.0},
     "preview_samples": 4,
     "options": {"report_images": 2},
@@ -161,7 +161,8 @@ def test_prefect_deployment_run_through_the_cli(tmp_path):
     assert m["augmented"]["map50"] > m["dummy"]["map50"]
     client = mlflow.MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
     exp = client.get_experiment_by_name("cv-detection")
-    runs = client.search_runs([exp.experiment_id], f"tags.pipeline_run_id = 'prefect-{flow_run_id}'")
+    pipeline_run_id = f"prefect-{flow_run_id}"[:40]  # as flows.pipeline.run_pipeline names it
+    runs = client.search_runs([exp.experiment_id], f"tags.pipeline_run_id = '{pipeline_run_id}'")
     stages = {r.data.tags.get("stage"): r for r in runs if r.data.tags.get("kind") == "stage"}
     assert set(stages) == {"validate", "normstats", "baseline", "augmented", "evaluate"}
     assert all(r.info.status == "FINISHED" for r in stages.values())
