@@ -437,8 +437,8 @@ def _coco_results(image_id: int, boxes: torch.Tensor, scores: torch.Tensor, labe
     return out
 
 
-def coco_map(gt: dict, results: list[dict], class_names: list[str]) -> tuple[dict[str, float], pd.DataFrame]:
-    """pycocotools' COCOeval (bbox): mAP@[.5:.95], mAP@.5, mAP@.75 and per-class AP / AP@.5."""
+def coco_map(gt: dict, results: list[dict], class_names: list[str], iou_type: str = "bbox") -> tuple[dict[str, float], pd.DataFrame]:
+    """pycocotools' COCOeval (``iou_type`` bbox, or segm for masks): mAP@[.5:.95], mAP@.5, mAP@.75 and per-class AP / AP@.5."""
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
@@ -452,7 +452,7 @@ def coco_map(gt: dict, results: list[dict], class_names: list[str]) -> tuple[dic
         coco_gt.dataset = gt
         coco_gt.createIndex()
         coco_dt = coco_gt.loadRes(results)
-        ev = COCOeval(coco_gt, coco_dt, "bbox")
+        ev = COCOeval(coco_gt, coco_dt, iou_type)
         ev.evaluate()
         ev.accumulate()
         ev.summarize()

@@ -43,7 +43,7 @@ def publish_prefect_artifact(task_name: str, markdown: str) -> None:
             return
         from prefect.artifacts import create_markdown_artifact
 
-        create_markdown_artifact(markdown=markdown, key=f"{task_name}-evaluation", description=f"{task_name}: test metrics")
+        create_markdown_artifact(markdown=markdown, key=f"{task_name.replace('_', '-')}-evaluation", description=f"{task_name}: test metrics")
     except ImportError:
         return
 

@@ -1,0 +1,492 @@
+"""Instance segmentation: COCO JSON (polygon or RLE masks) or per-instance PNG folders, Mask R-CNN,
+mask-aware augmentations (MixUp, CutMix, copy-paste), box and mask mAP with pycocotools.
+
+Data (``data.format``):
+
+* ``coco``: ``<path>/<data.options.annotations>`` (default ``annotations/{split}.json``, one file per
+  split) with ``file_name`` relative to ``<path>/<data.options.images>`` (default ``images``). Masks as
+  polygons, uncompressed RLE or compressed RLE; ``iscrowd`` annotations are left out (reported).
+  Read by the detection task's COCO reader (:mod:`cv_models.data.coco`).
+* ``instance_folders``: the microscopy layout, ``<path>/<id>/images/<id>.png`` and one binary PNG per
+  instance in ``<path>/<id>/masks/`` (see :mod:`cv_models.data.instance_folder`); one class.
+
+Samples are ``(image, target)`` with ``target = {"boxes": N x 4 xyxy, "labels": N (1..K),
+"masks": N x H x W uint8, "image_id": int}`` at the training size. Boxes are recomputed from the
+masks after every transform. Metrics are computed at the training size.
+"""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+from torch import nn
+from torch.utils.data import Dataset
+from torchvision import tv_tensors
+
+from cv_models.augment import build_transforms
+from cv_models.base import Check, CVTask, DataError, EvalResult, register_task
+from cv_models.data.instance_masks import (BOX_TOLERANCE_FRACTION, BOX_TOLERANCE_PX, decode, mask_box, mask_facts,
+                                           read_png_mask)
+from cv_models.data.probe import load_rgb
+from cv_models.mix.instances import InstanceBatchMixer, MixOp, boxes_from_masks, tidy
+from cv_models.nets.mask_rcnn import build_mask_rcnn
+from tasks.config import AugmentConfig
+
+FORMATS = ("coco", "instance_folders")
+COCO_STATS = ("map", "map50", "map75")  # reported for boxes and masks
+
+
+# ---------------------------------------------------------------- transforms
+class InstanceCutout:
+    """Cutout that also erases the patch from every instance mask, so a covered instance shrinks
+    (and is removed by :class:`TidyInstances` when little of it is left)."""
+
+    def __init__(self, p: float, scale: tuple[float, float]):
+        self.p, self.scale = p, scale
+
+    def __call__(self, image, target):
+        if torch.rand(()) >= self.p:
+            return image, target
+        h, w = image.shape[-2:]
+        area = float(torch.empty(()).uniform_(*self.scale)) * h * w
+        aspect = float(torch.empty(()).uniform_(0.3, 3.3))
+        ch, cw = min(int(round((area * aspect) ** 0.5)), h), min(int(round((area / aspect) ** 0.5)), w)
+        y0, x0 = int(torch.randint(h - ch + 1, (1,))), int(torch.randint(w - cw + 1, (1,)))
+        image = image.clone()
+        image[..., y0:y0 + ch, x0:x0 + cw] = 0  # 0 = the mean after normalisation
+        masks = target["masks"].clone()
+        masks[..., y0:y0 + ch, x0:x0 + cw] = 0
+        return image, {**target, "masks": tv_tensors.wrap(masks, like=target["masks"])}
+
+
+class TidyInstances:
+    """Last step of every pipeline: plain tensors, boxes from the (transformed) masks, instances that
+    became tiny (under ``min_area`` pixels) or mostly hidden (under ``min_visible`` of their area
+    before the transforms) removed."""
+
+    def __init__(self, min_area: int, min_visible: float):
+        self.min_area, self.min_visible = min_area, min_visible
+
+    def __call__(self, image, target):
+        masks = target["masks"].as_subclass(torch.Tensor).to(torch.uint8)
+        before = target.get("area_before")
+        plain = {"masks": masks, "labels": target["labels"], "boxes": boxes_from_masks(masks), "image_id": target["image_id"]}
+        if before is not None:  # geometric transforms rescale: compare in the same units (fraction of the image)
+            scale = masks.shape[-1] * masks.shape[-2] / float(target["size_before"])
+            before = before.float() * scale
+        return image.as_subclass(torch.Tensor), tidy(plain, before, self.min_area, self.min_visible)
+
+
+# ---------------------------------------------------------------- dataset
+class InstanceDataset(Dataset):
+    """Images with their instance masks, decoded on access (one image in memory at a time)."""
+
+    def __init__(self, records: list[dict], transforms):
+        self.records = records
+        self.transforms = transforms
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def target(self, i: int, width: int, height: int) -> dict:
+        r = self.records[i]
+        masks = [read_png_mask(a["png"]) if a.get("png") else decode(a["segmentation"], height, width)
+                 for a in r["instances"]]
+        stack = torch.from_numpy(np.stack(masks)).to(torch.uint8) if masks else torch.zeros((0, height, width), dtype=torch.uint8)
+        return {"boxes": tv_tensors.BoundingBoxes(boxes_from_masks(stack), format="XYXY", canvas_size=(height, width)),
+                "masks": tv_tensors.Mask(stack), "labels": torch.tensor([a["label"] for a in r["instances"]], dtype=torch.int64),
+                "image_id": int(r["image_id"]), "area_before": stack.flatten(1).sum(1), "size_before": height * width}
+
+    def __getitem__(self, i: int):
+        image = load_rgb(self.records[i]["path"])
+        target = self.target(i, image.width, image.height)
+        if self.transforms is not None:
+            return self.transforms(image, target)
+        return image, target
+
+
+# ---------------------------------------------------------------- COCO scoring
+def encode_mask(mask: np.ndarray) -> dict:
+    from pycocotools import mask as mask_utils
+
+    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    rle["counts"] = rle["counts"].decode("ascii")
+    return rle
+
+
+def coco_scores(gt: dict, results: list[dict], class_names: list[str]) -> tuple[dict[str, float], pd.DataFrame]:
+    """Box and mask mAP@[.5:.95], mAP@.5 and mAP@.75 with pycocotools (the detection task's helper,
+    once per IoU type), and per-class AP@.5 of boxes and masks."""
+    from cv_models.detection import coco_map
+
+    metrics, tables = {}, {}
+    for iou_type, prefix in (("bbox", "box"), ("segm", "mask")):
+        # pycocotools adds fields to the dicts it is given: score copies, export the originals
+        m, per_class = coco_map(copy.deepcopy(gt), copy.deepcopy(results), class_names, iou_type)
+        metrics.update({f"{prefix}_{k}": m[k] for k in COCO_STATS})
+        metrics.update({f"{prefix}_ap50/{c}": float(v) for c, v in zip(per_class["class"], per_class["ap50"])})
+        tables[prefix] = per_class
+    per_class = pd.DataFrame({"class": class_names, "mask_ap": tables["mask"]["ap"], "mask_ap50": tables["mask"]["ap50"],
+                              "box_ap": tables["box"]["ap"], "box_ap50": tables["box"]["ap50"],
+                              "gt_instances": tables["mask"]["n_boxes"]})
+    return metrics, per_class
+
+
+def ground_truth_entries(target: dict, image_id: int, start_id: int) -> list[dict]:
+    out = []
+    for k, (mask, box, label) in enumerate(zip(target["masks"], target["boxes"], target["labels"])):
+        m = mask.cpu().numpy().astype(bool)
+        x0, y0, x1, y1 = [float(v) for v in box]
+        out.append({"id": start_id + k, "image_id": image_id, "category_id": int(label), "segmentation": encode_mask(m),
+                    "bbox": [x0, y0, x1 - x0, y1 - y0], "area": float(m.sum()), "iscrowd": 0})
+    return out
+
+
+def result_entries(output: dict, image_id: int, mask_threshold: float = 0.5) -> list[dict]:
+    """Model output of one image as COCO results (boxes xywh, masks as compressed RLE)."""
+    masks = (output["masks"][:, 0] > mask_threshold).cpu().numpy() if "masks" in output else None
+    out = []
+    for k, (box, label, score) in enumerate(zip(output["boxes"].tolist(), output["labels"].tolist(), output["scores"].tolist())):
+        x0, y0, x1, y1 = box
+        out.append({"image_id": image_id, "category_id": int(label), "bbox": [x0, y0, x1 - x0, y1 - y0],
+                    "score": float(score), "segmentation": encode_mask(masks[k])})
+    return out
+
+
+# ---------------------------------------------------------------- the task
+@register_task
+class InstanceSegmentationTask(CVTask):
+    name = "instance_segmentation"
+    primary_metric = "mask_map50"
+
+    # ------------------------------------------------------------------ data
+    def _options(self) -> dict:
+        return self.cfg.data.options
+
+    def _tables(self):
+        """Images and annotations tables, read once: the detection reader's tables plus mask facts."""
+        if hasattr(self, "_cached_tables"):
+            return self._cached_tables
+        d = self.cfg.data
+        root = Path(d.path)
+        if d.format == "coco":
+            from cv_models.data.coco import read_coco
+
+            o = self._options()
+            tables = read_coco(root, d.classes, annotations=o.get("annotations", "annotations/{split}.json"),
+                               images=o.get("images", "images"), splits=o.get("splits"), with_masks=True)
+            images, anns, categories = tables.images, tables.annotations, tables.categories
+        elif d.format == "instance_folders":
+            images, anns, categories = self._folder_tables(root)
+        else:
+            raise DataError(f"instance_segmentation reads data.format {list(FORMATS)}, got {d.format!r}")
+        anns = self._add_mask_facts(images, anns)
+        self._cached_tables = (images, anns, categories)
+        return self._cached_tables
+
+    def _folder_tables(self, root: Path):
+        from cv_models.data.annotations import build_tables
+        from cv_models.data.instance_folder import list_instance_folders
+
+        d = self.cfg.data
+        class_name = (d.classes or [self._options().get("class_name", "object")])[0]
+        image_rows, box_rows = [], []
+        for rec in list_instance_folders(root, d.split_from, d.split_fractions, d.split_seed):
+            rel = str(Path(rec["path"]).relative_to(root))
+            image_rows.append({"item": rec["folder"], "split": rec["split"], "image_id": str(rec["image_id"]),
+                               "file_name": rel, "declared_width": 0, "declared_height": 0,
+                               "n_image_files": rec["n_image_files"]})
+            for inst in rec["instances"]:
+                box_rows.append({"item": inst["png"], "split": rec["split"], "ann_id": str(inst["ann_id"]),
+                                 "image_id": str(rec["image_id"]), "file_name": rel, "category": class_name,
+                                 "x0": 0.0, "y0": 0.0, "x1": 1.0, "y1": 1.0, "iscrowd": 0, "area": 0.0,
+                                 "png": inst["png"]})
+        t = build_tables(image_rows, box_rows, root, [class_name], [class_name], {"all": str(root)})
+        t.images["one_image_file"] = [r["n_image_files"] == 1 for r in image_rows]
+        return t.images, t.annotations, [class_name]
+
+    def _add_mask_facts(self, images: pd.DataFrame, anns: pd.DataFrame) -> pd.DataFrame:
+        """Decode every mask once and add the rule columns of :func:`mask_facts` to the annotations."""
+        o = self._options()
+        tol_px, tol_frac = o.get("box_tolerance_px", BOX_TOLERANCE_PX), o.get("box_tolerance_fraction", BOX_TOLERANCE_FRACTION)
+        sizes = images.drop_duplicates("split_image_id").set_index("split_image_id")[["width", "height", "decodes"]]
+        anns = anns.copy()
+        rows = []
+        for idx, a in zip(anns.index, anns.to_dict("records")):
+            key = f"{a['split']}/{a['image_id']}"
+            if key not in sizes.index or not sizes.loc[key, "decodes"]:
+                rows.append({**mask_facts(0, 0, None), "kind": "n/a", "decodes": True})  # the image's own rule reports it
+                continue
+            w, h = int(sizes.loc[key, "width"]), int(sizes.loc[key, "height"])
+            png = a.get("png")
+            if isinstance(png, str):  # no stored box: the mask's extent is the box
+                facts = mask_facts(h, w, png_path=Path(png))
+                if facts["decodes"] and facts["non_empty"]:
+                    anns.loc[idx, ["x0", "y0", "x1", "y1", "area"]] = [
+                        facts["mask_x0"], facts["mask_y0"], facts["mask_x1"], facts["mask_y1"], float(facts["area"])]
+            else:
+                bbox = [a["x0"], a["y0"], a["x1"] - a["x0"], a["y1"] - a["y0"]]
+                facts = mask_facts(h, w, a.get("segmentation"), bbox=bbox, tolerance_px=tol_px, tolerance_fraction=tol_frac)
+            rows.append(facts)
+        facts = pd.DataFrame(rows, index=anns.index, columns=list(mask_facts(0, 0, None)))
+        return pd.concat([anns.drop(columns=[c for c in facts.columns if c in anns]), facts], axis=1)
+
+    def class_names(self) -> list[str]:
+        if self.cfg.data.classes:
+            return list(self.cfg.data.classes)
+        return list(self._tables()[2])
+
+    def validation_tables(self) -> dict[str, pd.DataFrame]:
+        images, anns, _ = self._tables()
+        return {"images": images, "annotations": anns.drop(columns=["segmentation"], errors="ignore")}
+
+    def checks(self, tables: dict[str, pd.DataFrame]) -> list[Check]:
+        import great_expectations as gx
+
+        def all_true(table, column, rule):
+            return Check(table, rule, gx.expectations.ExpectColumnValuesToBeInSet(column=column, value_set=[True]),
+                         key_column="item")
+
+        classes = self.class_names()
+        out = [
+            all_true("images", "path_inside", "file name stays inside the dataset folder"),
+            all_true("images", "exists", "image file exists"),
+            all_true("images", "decodes", "every image decodes"),
+            all_true("images", "size_matches", "image size matches the declared width and height"),
+            all_true("annotations", "image_present", "every annotation's image is listed"),
+            all_true("annotations", "known_category", f"category is one of the known classes {classes}"),
+            all_true("annotations", "decodes", "every mask decodes"),
+            all_true("annotations", "polygon_ok", "polygons have at least 3 points (an even number of coordinates)"),
+            all_true("annotations", "rle_sum_ok", "RLE counts add up to the image size (height*width)"),
+            all_true("annotations", "png_binary", "instance PNG is binary (two values, background 0)"),
+            all_true("annotations", "size_matches", "mask has the image's size"),
+            all_true("annotations", "non_empty", "mask has a non-empty area"),
+            all_true("annotations", "box_matches", "box matches the mask's extent (within the tolerance)"),
+        ]
+        if "one_image_file" in tables["images"]:
+            out.append(all_true("images", "one_image_file", "an image folder holds exactly one file in images/"))
+        return out
+
+    def validation_notes(self, tables: dict[str, pd.DataFrame]) -> list[str]:
+        images, anns = tables["images"], tables["annotations"]
+        notes = [f"{item}: iscrowd annotation left out of training and evaluation"
+                 for item in anns.loc[anns["iscrowd"].astype(int) == 1, "item"]] if len(anns) else []
+        empty = images[images["n_boxes"] == 0]
+        if len(empty):
+            notes.append(f"{len(empty)} image(s) without instances (kept as negatives), e.g. {empty['item'].iloc[0]}")
+        return notes
+
+    def validation_summaries(self, tables: dict[str, pd.DataFrame]) -> dict[str, str]:
+        anns = tables["annotations"]
+        if anns.empty:
+            return {}
+        table = anns.groupby(["split", "category"]).agg(instances=("item", "size"), mean_area=("area", "mean")).reset_index()
+        kinds = anns.groupby("kind").size().to_dict()
+        lines = ["| split | class | instances | mean mask area (px) |", "|---|---|---|---|"]
+        lines += [f"| {r.split} | {r.category} | {r.instances} | {r.mean_area:.0f} |" for r in table.itertuples()]
+        return {"Instances per class": "\n".join(lines) + f"\n\nMask storage: {kinds}"}
+
+    def _records(self, split: str) -> list[dict]:
+        images, anns, _ = self._tables()
+        label_of = {c: k + 1 for k, c in enumerate(self.class_names())}
+        usable = anns[(anns["split"] == split) & (anns["iscrowd"].astype(int) == 0) & anns["category"].isin(label_of)]
+        by_image: dict[str, list[dict]] = {}
+        for a in usable.to_dict("records"):
+            inst = {"label": label_of[a["category"]]}
+            if isinstance(a.get("png"), str):
+                inst["png"] = a["png"]
+            else:
+                inst["segmentation"] = a["segmentation"]
+            by_image.setdefault(str(a["image_id"]), []).append(inst)
+        out = []
+        for im in images[(images["split"] == split) & images["decodes"]].to_dict("records"):
+            numeric = int(im["image_id"]) if str(im["image_id"]).isdigit() else len(out) + 1
+            out.append({"image_id": numeric, "path": im["path"], "file_name": im["file_name"],
+                        "instances": by_image.get(str(im["image_id"]), [])})
+        return out
+
+    def dataset(self, split: str, transforms) -> InstanceDataset:
+        return InstanceDataset(self._records(split), transforms)
+
+    def collate(self, batch: list):
+        images, targets = zip(*batch)
+        if all(isinstance(i, torch.Tensor) for i in images) and len({tuple(i.shape) for i in images}) == 1:
+            return torch.stack(images), list(targets)
+        return list(images), list(targets)
+
+    # ------------------------------------------------------------ transforms
+    def _tidy(self) -> TidyInstances:
+        o = self.cfg.augment.options
+        return TidyInstances(o.get("min_area", 16), o.get("min_visible", 0.25))
+
+    def train_transforms(self, augment: AugmentConfig | None, normalize):
+        overrides = {"cutout": lambda c, size: InstanceCutout(c.p, tuple(c.scale))}
+        return build_transforms(self.cfg.image_size, augment, normalize, overrides=overrides, tail=[self._tidy()])
+
+    def eval_transforms(self, normalize):
+        return build_transforms(self.cfg.image_size, None, normalize, tail=[TidyInstances(1, 0.0)])
+
+    def batch_mixer(self, augment: AugmentConfig | None):
+        """Hand-written MixUp, CutMix and copy-paste (``augment.options.copy_paste``) for instances."""
+        if augment is None:
+            return None
+        ops = [MixOp(name, c.p, c.alpha) for name, c in (("mixup", augment.mixup), ("cutmix", augment.cutmix)) if c.enabled]
+        cp = augment.options.get("copy_paste", {})
+        if cp.get("enabled", False):
+            ops.append(MixOp("copy_paste", float(cp.get("p", 0.5)), 1.0))
+        if not ops:
+            return None
+        return InstanceBatchMixer(ops, augment.options.get("min_area", 16), augment.options.get("min_visible", 0.25))
+
+    # ------------------------------------------------------------------ model
+    def build_model(self) -> nn.Module:
+        m = self.cfg.model
+        model = build_mask_rcnn(m.name, len(self.class_names()) + 1, self.cfg.image_size, m.width, m.options, m.weights)
+        if m.freeze_backbone:
+            for p in model.backbone.body.parameters():
+                p.requires_grad = False
+        return model
+
+    def training_loss(self, model, images, targets):
+        losses = model(list(images), [{k: t[k] for k in ("boxes", "labels", "masks")} for t in targets])
+        return sum(losses.values())
+
+    @torch.no_grad()
+    def predict(self, model, loader, device):
+        """Ground truth and model results as COCO dicts (at the training size)."""
+        model.eval()
+        gt_images, gt_anns, results = [], [], []
+        for images, targets in loader:
+            outputs = model([im.to(device) for im in images])
+            for image, target, output in zip(images, targets, outputs):
+                image_id = int(target["image_id"])
+                h, w = image.shape[-2:]
+                gt_images.append({"id": image_id, "width": int(w), "height": int(h)})
+                gt_anns += ground_truth_entries(target, image_id, len(gt_anns) + 1)
+                results += result_entries({k: v.cpu() for k, v in output.items()}, image_id)
+        categories = [{"id": k + 1, "name": n} for k, n in enumerate(self.class_names())]
+        return {"images": gt_images, "annotations": gt_anns, "categories": categories}, results
+
+    def _result(self, gt: dict, results: list[dict]) -> EvalResult:
+        metrics, per_class = coco_scores(gt, results, self.class_names())
+        return EvalResult(metrics=metrics, predictions=results, per_class=per_class, extra={"coco_gt": gt})
+
+    def evaluate(self, model, loader, device) -> EvalResult:
+        return self._result(*self.predict(model, loader, device))
+
+    def dummy_result(self, train: Dataset, evaluation: Dataset) -> EvalResult:
+        """One box-shaped instance per image: the most frequent training class, centred, of the mean
+        training instance size (relative to the image)."""
+        images, anns, _ = self._tables()
+        tr = anns[(anns["split"] == "train") & anns["decodes"] & anns["non_empty"]]
+        sizes = images.drop_duplicates("split_image_id").set_index("split_image_id")
+        label_of = {c: k + 1 for k, c in enumerate(self.class_names())}
+        rel_w, rel_h, label = 0.25, 0.25, 1
+        if len(tr):
+            key = tr["split"] + "/" + tr["image_id"].astype(str)
+            rel_w = float(((tr["x1"] - tr["x0"]) / key.map(sizes["width"])).mean())
+            rel_h = float(((tr["y1"] - tr["y0"]) / key.map(sizes["height"])).mean())
+            label = label_of.get(tr["category"].mode().iloc[0], 1)
+        gt_images, gt_anns, results = [], [], []
+        for i in range(len(evaluation)):
+            image, target = evaluation[i]
+            h, w = image.shape[-2:]
+            image_id = int(target["image_id"])
+            gt_images.append({"id": image_id, "width": int(w), "height": int(h)})
+            gt_anns += ground_truth_entries(target, image_id, len(gt_anns) + 1)
+            bw, bh = max(1, round(rel_w * w)), max(1, round(rel_h * h))
+            x0, y0 = (w - bw) // 2, (h - bh) // 2
+            mask = np.zeros((h, w), dtype=bool)
+            mask[y0:y0 + bh, x0:x0 + bw] = True
+            results.append({"image_id": image_id, "category_id": label, "bbox": [x0, y0, bw, bh], "score": 1.0,
+                            "segmentation": encode_mask(mask)})
+        categories = [{"id": k + 1, "name": n} for k, n in enumerate(self.class_names())]
+        return self._result({"images": gt_images, "annotations": gt_anns, "categories": categories}, results)
+
+    # ---------------------------------------------------------- visualisation
+    def draw(self, image: torch.Tensor, target, score_threshold: float = 0.5, min_size: int = 192) -> torch.Tensor:
+        """Masks filled in per-class colours, boxes and class names; predictions below the score threshold
+        hidden; small images enlarged (nearest) to ``min_size`` so the names stay legible."""
+        from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
+
+        from cv_models.visualise import to_uint8
+
+        picture = to_uint8(image)
+        masks, labels, boxes = target["masks"], target["labels"], target["boxes"]
+        if masks.ndim == 4:  # model output: N x 1 x H x W probabilities
+            masks = masks[:, 0] > 0.5
+        keep = target["scores"] >= score_threshold if "scores" in target else torch.ones(len(labels), dtype=torch.bool)
+        masks, labels, boxes = masks[keep].bool().cpu(), labels[keep].cpu(), boxes[keep].cpu().float()
+        factor = -(-min_size // picture.shape[-1])  # ceil
+        if factor > 1:
+            picture = picture.repeat_interleave(factor, -1).repeat_interleave(factor, -2)
+            masks = masks.repeat_interleave(factor, -1).repeat_interleave(factor, -2)
+            boxes = boxes * factor
+        if len(labels) == 0:
+            return picture
+        names = self.class_names()
+        palette = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (255, 225, 25), (145, 30, 180), (245, 130, 48),
+                   (70, 240, 240), (240, 50, 230)]
+        colours = [palette[(int(k) - 1) % len(palette)] for k in labels]
+        picture = draw_segmentation_masks(picture, masks, alpha=0.45, colors=colours)
+        text = [names[int(k) - 1] if 0 < int(k) <= len(names) else str(int(k)) for k in labels]
+        if "scores" in target:
+            text = [f"{t} {s:.2f}" for t, s in zip(text, target["scores"][keep].tolist())]
+        return draw_bounding_boxes(picture, boxes, labels=text, colors=colours, width=1)
+
+    def report(self, results: dict[str, EvalResult], test: Dataset, out_dir: Path) -> list[Path]:
+        """COCO ground truth and results JSON (RLE masks) per model, and predicted masks drawn on test images."""
+        from cv_models.visualise import caption, save_grid
+
+        files = []
+        gt = next(iter(results.values())).extra["coco_gt"]
+        files.append(out_dir / "coco_ground_truth.json")
+        files[-1].write_text(json.dumps(gt))
+        for name, res in results.items():
+            path = out_dir / f"coco_results_{name}.json"
+            path.write_text(json.dumps(res.predictions))
+            files.append(path)
+        n = min(int(self.cfg.options.get("report_images", 8)), len(test))
+        if n == 0:
+            return files
+        norm = _find_normalize(test.transforms)
+        pictures = []
+        for i in range(n):
+            image, target = test[i]
+            shown = norm.undo(image) if norm is not None else image
+            pictures.append(caption(self.draw(shown, target).float() / 255, "ground truth"))
+            for name, res in results.items():
+                pred = _prediction_target(res.predictions, int(target["image_id"]), image.shape[-2:])
+                pictures.append(caption(self.draw(shown, pred).float() / 255, name))
+        files.append(save_grid(pictures, out_dir / "predictions_test.png", nrow=1 + len(results)))
+        return files
+
+
+def _find_normalize(transforms):
+    from cv_models.normalize import Normalize
+
+    for t in getattr(transforms, "transforms", []):
+        if isinstance(t, Normalize):
+            return t
+    return None
+
+
+def _prediction_target(results: list[dict], image_id: int, size) -> dict:
+    """COCO results of one image back to a drawable target (masks decoded from RLE)."""
+    from pycocotools import mask as mask_utils
+
+    mine = [r for r in results if r["image_id"] == image_id]
+    h, w = size
+    masks = [mask_utils.decode({"size": r["segmentation"]["size"], "counts": r["segmentation"]["counts"].encode()})
+             for r in mine]
+    return {
+        "masks": torch.from_numpy(np.stack(masks)).bool() if masks else torch.zeros((0, h, w), dtype=torch.bool),
+        "boxes": torch.tensor([[x, y, x + bw, y + bh] for x, y, bw, bh in (r["bbox"] for r in mine)], dtype=torch.float32).reshape(-1, 4),
+        "labels": torch.tensor([r["category_id"] for r in mine], dtype=torch.int64),
+        "scores": torch.tensor([r["score"] for r in mine], dtype=torch.float32),
+    }
