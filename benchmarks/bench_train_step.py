@@ -8,7 +8,7 @@ the same statistics, so the only difference is the pipeline's machinery: progres
 checkpoints, best-model tracking, metrics, MLflow-free callbacks. Prints the median time of
 each over several alternating repeats and the ratio (target: at most 1.05).
 
-    python benchmarks/bench_train_step.py [--epochs 3] [--repeats 3] [--threads 2]
+    python benchmarks/bench_train_step.py [--epochs 5] [--repeats 3] [--threads 2]
 """
 from __future__ import annotations
 
@@ -85,7 +85,7 @@ def pipeline_loop(task, cfg, train_set, val_set, seed, out: Path):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--epochs", type=int, default=5)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()

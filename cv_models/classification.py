@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
+from PIL import Image
+from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from cv_models.augment import build_transforms
@@ -38,6 +40,21 @@ class ImageFolderDataset(Dataset):
         if self.transforms is not None:
             image = self.transforms(image)
         return image, self.labels[i]
+
+
+class PlainTransform:
+    """Resize, to float in [0, 1], normalise: what ``build_transforms`` does without augmentations, in
+    one call. A lone image needs none of transforms v2's joint dispatch, whose per-call cost is a
+    measurable share of a small classifier's step (benchmarks/bench_train_step.py)."""
+
+    def __init__(self, size: int, normalize):
+        self.size, self.normalize = size, normalize
+
+    def __call__(self, image: Image.Image) -> tv_tensors.Image:
+        if image.size != (self.size, self.size):
+            image = image.resize((self.size, self.size), Image.BILINEAR)  # as v2.Resize does on PIL images
+        x = tv_tensors.Image(torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).float().div_(255))
+        return self.normalize.transform(x, {}) if self.normalize is not None else x
 
 
 @register_task
@@ -125,10 +142,12 @@ class ClassificationTask(CVTask):
 
     # ------------------------------------------------------------ transforms
     def train_transforms(self, augment: AugmentConfig | None, normalize):
+        if augment is None or not augment.enabled_names():
+            return PlainTransform(self.cfg.image_size, normalize)
         return build_transforms(self.cfg.image_size, augment, normalize)
 
     def eval_transforms(self, normalize):
-        return build_transforms(self.cfg.image_size, None, normalize)
+        return PlainTransform(self.cfg.image_size, normalize)
 
     def batch_mixer(self, augment: AugmentConfig | None):
         """torchvision's MixUp / CutMix (classification is the case they support), each batch with prob p."""
@@ -201,18 +220,24 @@ class ClassificationTask(CVTask):
         return result
 
     def _score(self, y_true: np.ndarray, y_pred: np.ndarray) -> EvalResult:
-        from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
+        """Accuracy, per-class precision / recall / F1 and the confusion matrix (rows: true class).
 
+        Computed from the confusion matrix directly: it runs every epoch on the validation split,
+        where a general-purpose metrics library's input checks cost more than the arithmetic."""
         names = self.class_names()
-        labels = list(range(len(names)))
-        p, r, f, support = precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
+        n = len(names)
+        cm = np.bincount(y_true.astype(np.int64) * n + y_pred.astype(np.int64), minlength=n * n).reshape(n, n)
+        tp, support, predicted = np.diag(cm), cm.sum(1), cm.sum(0)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            p = np.where(predicted > 0, tp / np.maximum(predicted, 1), 0.0)
+            r = np.where(support > 0, tp / np.maximum(support, 1), 0.0)
+            f = np.where(p + r > 0, 2 * p * r / np.where(p + r > 0, p + r, 1), 0.0)
         per_class = pd.DataFrame({"class": names, "precision": p, "recall": r, "f1": f, "support": support})
         metrics = {
-            "accuracy": float(accuracy_score(y_true, y_pred)),
+            "accuracy": float(tp.sum() / max(cm.sum(), 1)),
             "macro_f1": float(f.mean()),
             **{f"f1/{c}": float(v) for c, v in zip(names, f)},
         }
-        cm = confusion_matrix(y_true, y_pred, labels=labels)
         return EvalResult(metrics, predictions={"y_true": y_true, "y_pred": y_pred}, per_class=per_class,
                           extra={"confusion_matrix": cm})
 

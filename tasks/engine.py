@@ -180,8 +180,6 @@ def fit(
             if mixer is not None:
                 images, targets = mixer(images, targets)
             loss = task.training_loss(model, images, targets)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"[{desc}] loss became {loss.item()} at epoch {epoch}; lower optimizer.lr")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip_norm > 0:
@@ -190,9 +188,13 @@ def fit(
             scheduler.step()
             if ema is not None:
                 ema.update_parameters(model)
-            loss_sum += loss.item()
+            value = loss.item()
+            if not math.isfinite(value):
+                raise FloatingPointError(f"[{desc}] loss became {value} at epoch {epoch}; lower optimizer.lr")
+            loss_sum += value
             n_batches += 1
-            bar.set_postfix(loss=f"{loss_sum / n_batches:.4f}", refresh=False)
+            if not bar.disable:
+                bar.set_postfix(loss=f"{loss_sum / n_batches:.4f}", refresh=False)
         val = task.evaluate(scored, val_loader, device).metrics
         row = {"epoch": epoch, "train_loss": loss_sum / max(n_batches, 1), "lr": optimizer.param_groups[0]["lr"]}
         if train_eval_loader is not None:

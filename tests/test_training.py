@@ -131,3 +131,18 @@ def test_torchvision_weights_without_network_or_cache(project, monkeypatch):
     monkeypatch.setattr(urllib.request, "urlopen", no_network)
     with pytest.raises(WeightsError, match="need a network to download.*resnet18-"):
         _task(project, name="resnet18", weights="torchvision:DEFAULT").build_model()
+
+
+def test_classification_metrics_match_scikit_learn(project):
+    import numpy as np
+    from sklearn.metrics import accuracy_score, precision_recall_fscore_support
+
+    task = _task(project)
+    rng = np.random.default_rng(0)
+    y_true = rng.integers(0, 4, 300)
+    y_pred = np.where(rng.random(300) < 0.6, y_true, rng.integers(0, 3, 300))  # class 3 never predicted
+    result = task._score(y_true, y_pred)
+    p, r, f, support = precision_recall_fscore_support(y_true, y_pred, labels=[0, 1, 2, 3], zero_division=0)
+    assert result.metrics["accuracy"] == pytest.approx(accuracy_score(y_true, y_pred))
+    for column, expected in (("precision", p), ("recall", r), ("f1", f), ("support", support)):
+        assert result.per_class[column].tolist() == pytest.approx(expected.tolist())
