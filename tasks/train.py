@@ -23,8 +23,10 @@ def train_model(st: Stage, augment: AugmentConfig | None, out_dir: Path) -> tupl
     train = st.task.dataset("train", st.task.train_transforms(augment, norm))
     val = st.task.dataset("val", st.task.eval_transforms(norm))
     # the same number of training images as validation images, unaugmented: the overfitting diagnosis compares them
-    train_plain = st.task.dataset("train", st.task.eval_transforms(norm))
-    train_eval = st.task.subset(train_plain, list(range(min(len(train_plain), len(val)))))
+    train_eval = None
+    if st.cfg.train.track_train_metric:
+        train_plain = st.task.dataset("train", st.task.eval_transforms(norm))
+        train_eval = st.task.subset(train_plain, list(range(min(len(train_plain), len(val)))))
     model = st.task.build_model()
     model_path = models(st.task_name, st.name) / "model.pt"
     result = engine.fit(
