@@ -288,6 +288,34 @@ class DetectionTask(CVTask):
         std = stats["per_channel_std"] if mode == "per_channel_std" else [1.0] * 3
         return list(stats["per_channel_mean"]), list(std)
 
+    def model_options(self) -> dict:
+        """``model.options`` with ``anchor_size: auto`` / ``aspect_ratios: auto`` replaced by anchors sized to
+        the training boxes at the training size (the same split gives the same anchors at evaluation)."""
+        o = dict(self.cfg.model.options)
+        auto = [k for k in ("anchor_size", "aspect_ratios") if o.get(k) == "auto"]
+        if not auto:
+            return o
+        from cv_models.nets.detectors import ANCHOR_LAYOUT, anchor_shapes, anchors_sized_to, best_anchor_iou
+
+        name = self.cfg.model.name
+        if name not in ANCHOR_LAYOUT:
+            raise ValueError(f"model.options {auto} 'auto' is for the detectors {sorted(ANCHOR_LAYOUT)}, not {name!r}")
+        levels, default_scales = ANCHOR_LAYOUT[name]
+        scales = int(o.get("scales_per_level", default_scales))
+        s = self.cfg.image_size
+        sizes = [(r["boxes"][:, 2:] - r["boxes"][:, :2]) * torch.tensor([s / r["width"], s / r["height"]])
+                 for r in self.records("train") if len(r["boxes"])]
+        sizes = torch.cat(sizes) if sizes else torch.zeros((0, 2))
+        fitted = anchors_sized_to(sizes, levels, scales)
+        o.update({k: fitted[k] for k in auto})
+        if not getattr(self, "_anchors_reported", False):  # once per task object (evaluation rebuilds the model)
+            before = best_anchor_iou(sizes, anchor_shapes(16, levels, scales, (0.5, 1.0, 2.0))).mean()
+            print(f"[{self.name}] anchors sized to the training boxes at {s}px: anchor_size={o['anchor_size']}, "
+                  f"aspect_ratios={o.get('aspect_ratios', [0.5, 1.0, 2.0])}; mean best-anchor IoU {fitted['mean_best_iou']:.3f} "
+                  f"(16 px, ratios 0.5/1/2: {before:.3f}), boxes with a best anchor at IoU >= 0.5: {fitted['recall_at_iou_0.5']:.1%}")
+            self._anchors_reported = True
+        return o
+
     def build_model(self) -> nn.Module:
         from cv_models.nets.detectors import DETECTORS, build_detector, head_prefixes, make_weighted
         from cv_models.weights import load_into, read_checkpoint, torchvision_state_dict
@@ -299,7 +327,7 @@ class DetectionTask(CVTask):
         n = len(self.class_names()) + 1  # + background
         size = self.cfg.image_size
         if m.name in DETECTORS:
-            model = build_detector(m.name, n, size, mean, std, m.width, m.options)
+            model = build_detector(m.name, n, size, mean, std, m.width, self.model_options())
         else:  # any torchvision detection builder, e.g. fasterrcnn_mobilenet_v3_large_fpn
             from torchvision.models import get_model
 

@@ -71,6 +71,8 @@ class TrainConfig(Strict):
     ema_decay: float = Field(0.0, ge=0, lt=1, description="exponential moving average of the weights; 0 = off")
     early_stopping: EarlyStoppingConfig = EarlyStoppingConfig()
     track_train_metric: bool = True  # score a fixed train subset each epoch too (overfitting diagnosis)
+    time_limit_minutes: float = Field(0.0, ge=0, description="stop before an epoch that would end past this wall time; "
+                                                            "0 = off (size epochs to fit: the schedule spans all of them)")
 
     @field_validator("device")
     @classmethod
@@ -262,6 +264,7 @@ class PretrainConfig(Strict):
     batch_size: int = Field(32, ge=1)
     lr: float = Field(3e-3, gt=0)
     num_threads: int = Field(0, ge=0)
+    augment: AugmentConfig = AugmentConfig()  # the pretraining data's augmentations (all off unless switched on)
     out: str = "models/pretrain/backbone.pt"
 
 

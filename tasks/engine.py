@@ -217,6 +217,11 @@ def fit(
             atomic_write_bytes(checkpoint_path, buf.getvalue())
         if log_metrics is not None:  # after the checkpoint, so an interruption here loses no epoch
             log_metrics({k: v for k, v in row.items() if k != "epoch"}, epoch)
+        spent = time.perf_counter() - t0  # all epochs so far, resumed ones included
+        if cfg.time_limit_minutes and epoch < cfg.epochs and spent / epoch * (epoch + 1) > cfg.time_limit_minutes * 60:
+            print(f"[{desc}] time limit: stopping after epoch {epoch} of {cfg.epochs} ({spent:.0f} s spent; another epoch would "
+                  f"pass train.time_limit_minutes={cfg.time_limit_minutes:g})")
+            break
         if stop.enabled and epoch - best["epoch"] >= stop.patience:
             print(f"[{desc}] early stopping at epoch {epoch}: no better val_{metric} for {stop.patience} epochs "
                   f"(best {best['value']:.4f} at epoch {best['epoch']})")

@@ -7,6 +7,8 @@ The stage stands alone (its own data path, image size and training settings unde
 params.yaml), so it runs whatever tasks the pipeline has."""
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +18,6 @@ from cv_models import get_task
 from cv_models.normalize import Normalize, RunningStats
 from tasks import engine, tracking
 from tasks.config import DataConfig, ModelConfig, PretrainConfig, TaskConfig, TrainConfig, load_params
-from tasks.paths import atomic_dir
 from tasks.seeding import seed_everything
 from tasks.stage import write_json
 
@@ -51,10 +52,16 @@ def run(params_path: str | Path = "params.yaml", overrides: dict[str, Any] | Non
         import mlflow
 
         norm = channel_normalizer(task, pre.image_size)
-        train = task.dataset("train", task.train_transforms(None, norm))
+        augment = pre.augment if pre.augment.enabled_names() else None
+        train = task.dataset("train", task.train_transforms(augment, norm))
         val = task.dataset("val", task.eval_transforms(norm))
         out = Path(pre.out)
-        with atomic_dir(out.parent) as tmp:
+        metrics_path = out.with_name(f"{out.stem}.metrics.json")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        # write beside the target, then rename: the checkpoint is whole or absent, and nothing else in
+        # its folder is touched (``out`` may sit in a folder holding other files)
+        with tempfile.TemporaryDirectory(prefix=".pretrain-", dir=out.parent) as tmp:
+            tmp = Path(tmp)
             result = engine.fit(task, task.build_model(), train, val, cfg.train, params.seed, tmp / out.name,
                                 log_metrics=lambda m, step: mlflow.log_metrics(m, step=step), desc="pretrain")
             blob = torch.load(tmp / out.name, map_location="cpu", weights_only=True)
@@ -63,7 +70,10 @@ def run(params_path: str | Path = "params.yaml", overrides: dict[str, Any] | Non
             torch.save(blob, tmp / out.name)
             metrics = {"val_accuracy": result.best_metrics["accuracy"], "epochs": pre.epochs,
                        "architecture": pre.model, "train_seconds": round(result.seconds, 2)}
-            write_json(tmp / "metrics.json", metrics)
-        mlflow.log_artifacts(str(out.parent), "pretrain")
+            write_json(tmp / metrics_path.name, metrics)
+            os.replace(tmp / metrics_path.name, metrics_path)
+            os.replace(tmp / out.name, out)
+        for path in (out, metrics_path):
+            mlflow.log_artifact(str(path), "pretrain")
         print(f"[pretrain] {pre.model} on {pre.data}: val accuracy {metrics['val_accuracy']:.4f} -> {out}")
         return metrics

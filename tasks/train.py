@@ -50,7 +50,8 @@ def train_model(st: Stage, augment: AugmentConfig | None, out_dir: Path) -> tupl
 def summary_metrics(st: Stage, result: engine.FitResult) -> dict:
     m = st.task.primary_metric
     return {f"val_{m}": result.best_metrics[m], "best_epoch": result.best_epoch,
-            "train_seconds": round(result.seconds, 2), "epochs": st.cfg.train.epochs}
+            "train_seconds": round(result.seconds, 2), "epochs": st.cfg.train.epochs,
+            "epochs_run": len(result.history)}  # fewer than epochs after early stopping or the time limit
 
 
 def preview(st: Stage, augment: AugmentConfig | None, path: Path) -> Path:

@@ -192,3 +192,27 @@ def test_dummy_is_one_centred_box_per_image(project):
     assert {p["category_id"] for p in res.predictions} == {res.predictions[0]["category_id"]}
     assert 0 <= res.metrics["map50"] < 0.2
     json.dumps(res.predictions)
+
+
+def test_anchors_sized_to_the_boxes_fit_them_better_than_the_default():
+    from cv_models.nets.detectors import anchor_shapes, anchors_sized_to, best_anchor_iou
+
+    # tall boxes (height 1.5 x width) of two sizes, as after squashing a 4:3 image into a square
+    sizes = torch.tensor([[20.0, 30.0]] * 50 + [[40.0, 60.0]] * 50)
+    fitted = anchors_sized_to(sizes, n_levels=4, scales_per_level=1)
+    assert fitted["aspect_ratios"] == [1.5, 1.5, 1.5]
+    assert fitted["mean_best_iou"] > 0.95 and fitted["recall_at_iou_0.5"] == 1.0
+    default = best_anchor_iou(sizes, anchor_shapes(16, 4, 1, (0.5, 1.0, 2.0))).mean()
+    assert fitted["mean_best_iou"] > float(default) + 0.1
+    with pytest.raises(ValueError, match="needs training boxes"):
+        anchors_sized_to(torch.zeros((0, 2)), 4, 1)
+
+
+def test_auto_anchors_reach_the_detector(project):
+    task = _task(project, **{"tasks.detection.model.options.anchor_size": "auto",
+                             "tasks.detection.model.options.aspect_ratios": "auto"})
+    options = task.model_options()
+    assert isinstance(options["anchor_size"], float) and len(options["aspect_ratios"]) == 3
+    generator = task.build_model().rpn.anchor_generator
+    assert generator.sizes[0][0] == pytest.approx(options["anchor_size"])
+    assert list(generator.aspect_ratios[0]) == pytest.approx(options["aspect_ratios"])

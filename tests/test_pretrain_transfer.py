@@ -34,3 +34,14 @@ def test_pretrained_mobilenet_initialises_a_segmenter(project):
     own = segmenter.backbone.state_dict()
     for key in ("0.0.weight", "4.block.0.0.weight", "16.0.weight"):
         torch.testing.assert_close(own[key], saved["features." + key])
+
+
+def test_pretraining_into_a_shared_folder_touches_nothing_else(project, tmp_path):
+    shared = tmp_path / "weights"
+    shared.mkdir()
+    (shared / "keep.txt").write_text("another project's file")
+    out = shared / "backbone.pt"
+    pretrain.run(project.params(**{"pretrain.epochs": 1, "pretrain.batch_size": 64, "pretrain.out": str(out)}))
+    assert (shared / "keep.txt").read_text() == "another project's file"
+    assert sorted(p.name for p in shared.iterdir()) == ["backbone.metrics.json", "backbone.pt", "keep.txt"]
+    assert torch.load(out, weights_only=True)["architecture"] == "resnet18"

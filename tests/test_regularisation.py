@@ -38,6 +38,14 @@ def test_early_stopping_stops_on_a_plateau(project):
     assert len(result.history) == 3 and result.best_epoch == 1
 
 
+def test_time_limit_stops_before_an_epoch_that_would_overrun(project, capsys):
+    cfg, task, norm = _setup(project, epochs=50, time_limit_minutes=1e-6)
+    data = task.dataset("val", task.eval_transforms(norm))
+    result = engine.fit(task, task.build_model(), data, data, cfg.train, 0, Path("m.pt"))
+    assert len(result.history) == 1 and Path("m.pt").exists()
+    assert "time limit: stopping after epoch 1 of 50" in capsys.readouterr().out
+
+
 def test_ema_and_gradient_clipping_train(project):
     cfg, task, norm = _setup(project, epochs=2, ema_decay=0.9, grad_clip_norm=1.0)
     data = task.dataset("val", task.eval_transforms(norm))

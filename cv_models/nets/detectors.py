@@ -112,11 +112,63 @@ BACKBONES: dict[str, Callable[[int, int, str], nn.Module]] = {
 }
 
 
-def anchor_generator(base_size: float, n_levels: int, scales_per_level: int) -> AnchorGenerator:
-    """One anchor size per level doubling from ``base_size`` (x 2^(k/scales) within a level), ratios 1:2, 1:1, 2:1."""
+def anchor_generator(base_size: float, n_levels: int, scales_per_level: int,
+                     aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0)) -> AnchorGenerator:
+    """One anchor size per level doubling from ``base_size`` (x 2^(k/scales) within a level); ratios are height/width."""
     sizes = tuple(tuple(base_size * 2 ** lvl * 2 ** (k / scales_per_level) for k in range(scales_per_level))
                   for lvl in range(n_levels))
-    return AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * n_levels)
+    return AnchorGenerator(sizes, (tuple(aspect_ratios),) * n_levels)
+
+
+def anchor_shapes(base_size: float, n_levels: int, scales_per_level: int, aspect_ratios) -> torch.Tensor:
+    """(width, height) of every anchor ``anchor_generator`` makes with these settings."""
+    out = []
+    for lvl in range(n_levels):
+        for k in range(scales_per_level):
+            size = base_size * 2 ** lvl * 2 ** (k / scales_per_level)
+            for r in aspect_ratios:
+                out.append((size / r ** 0.5, size * r ** 0.5))
+    return torch.tensor(out)
+
+
+def best_anchor_iou(box_sizes: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
+    """Per box, the IoU with its best anchor when both are centred on the same point (shape only)."""
+    inter = torch.minimum(box_sizes[:, None, 0], anchors[None, :, 0]) * torch.minimum(box_sizes[:, None, 1], anchors[None, :, 1])
+    union = box_sizes.prod(1)[:, None] + anchors.prod(1)[None, :] - inter
+    return (inter / union).max(1).values
+
+
+def anchors_sized_to(box_sizes: torch.Tensor, n_levels: int, scales_per_level: int) -> dict[str, Any]:
+    """Anchors sized to the data. ``box_sizes``: the training boxes' (width, height) at the training size.
+
+    Aspect ratios (height / width): the 10th, 50th and 90th percentiles of the boxes' own ratios, which
+    also absorbs the stretch of resizing non-square images to a square. Smallest anchor: the size, searched
+    around the smallest boxes, that maximises the mean IoU of every box with its best anchor (larger
+    levels double from it). Returns the options plus that mean IoU and the share of boxes whose best
+    anchor reaches IoU 0.5.
+    """
+    wh = box_sizes[(box_sizes > 0).all(1)].float()
+    if len(wh) == 0:
+        raise ValueError("anchor_size/aspect_ratios 'auto' needs training boxes, and the train split has none")
+    ratios = [round(float(v), 2) for v in torch.quantile(wh[:, 1] / wh[:, 0], torch.tensor([0.1, 0.5, 0.9]))]
+    smallest = float(torch.quantile((wh[:, 0] * wh[:, 1]).sqrt(), 0.01))
+    best = None
+    for base in torch.logspace(torch.log10(torch.tensor(smallest / 2)), torch.log10(torch.tensor(smallest * 1.5)), 33).tolist():
+        iou = best_anchor_iou(wh, anchor_shapes(base, n_levels, scales_per_level, ratios))
+        if best is None or iou.mean() > best[1].mean() + 1e-6:
+            best = (base, iou)
+    base, iou = best
+    return {"anchor_size": round(base, 1), "aspect_ratios": ratios,
+            "mean_best_iou": round(float(iou.mean()), 3), "recall_at_iou_0.5": round(float((iou >= 0.5).float().mean()), 3)}
+
+
+def anchors_from_options(o: dict, n_levels: int, default_scales: int) -> AnchorGenerator:
+    for key in ("anchor_size", "aspect_ratios"):
+        if isinstance(o.get(key), str):
+            raise ValueError(f"model.options.{key}: {o[key]!r} must be resolved before the model is built "
+                             "('auto' is supported by the detection task)")
+    return anchor_generator(o.get("anchor_size", 16), n_levels, o.get("scales_per_level", default_scales),
+                            tuple(o.get("aspect_ratios", (0.5, 1.0, 2.0))))
 
 
 # ------------------------------------------------------------- weighted losses
@@ -183,7 +235,7 @@ def faster_rcnn(num_classes: int, backbone: nn.Module, image_size: int, mean, st
     c = backbone.out_channels
     model = FasterRCNN(
         backbone, num_classes=None,
-        rpn_anchor_generator=anchor_generator(o.get("anchor_size", 16), len(levels) + 1, o.get("scales_per_level", 1)),
+        rpn_anchor_generator=anchors_from_options(o, len(levels) + 1, 1),
         box_roi_pool=MultiScaleRoIAlign(levels, output_size=7, sampling_ratio=2),
         box_head=TwoMLPHead(c * 49, o.get("representation_size", 256)),
         box_predictor=FastRCNNPredictor(o.get("representation_size", 256), num_classes),
@@ -199,7 +251,7 @@ def faster_rcnn(num_classes: int, backbone: nn.Module, image_size: int, mean, st
 
 
 def retinanet(num_classes: int, backbone: nn.Module, image_size: int, mean, std, o: dict) -> nn.Module:
-    anchors = anchor_generator(o.get("anchor_size", 16), 4, o.get("scales_per_level", 2))
+    anchors = anchors_from_options(o, 4, 2)
     c = backbone.out_channels
     n_anchors = anchors.num_anchors_per_location()[0]
     norm = (lambda ch: nn.GroupNorm(min(16, ch), ch)) if o.get("head_norm", True) else None
@@ -211,6 +263,9 @@ def retinanet(num_classes: int, backbone: nn.Module, image_size: int, mean, std,
                      detections_per_img=o.get("detections_per_img", 50), score_thresh=o.get("score_thresh", 0.05),
                      topk_candidates=o.get("topk_candidates", 200), **_common(o, image_size, mean, std))
 
+
+# (FPN levels with anchors, default anchor sizes per level) of each detector, for anchors sized to the data
+ANCHOR_LAYOUT = {"fasterrcnn": (4, 1), "retinanet": (4, 2)}
 
 DETECTORS: dict[str, Callable[..., nn.Module]] = {
     "fasterrcnn": faster_rcnn,  # two-stage

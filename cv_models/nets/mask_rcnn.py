@@ -21,7 +21,7 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHe
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.ops import MultiScaleRoIAlign
 
-from cv_models.nets.detectors import BACKBONES, anchor_generator
+from cv_models.nets.detectors import BACKBONES, anchors_from_options
 
 # class-dependent tensors: skipped when loading weights made for another class list
 HEAD_PREFIXES = ("roi_heads.box_predictor.", "roi_heads.mask_predictor.")
@@ -57,7 +57,7 @@ def light_mask_rcnn(num_classes: int, image_size: int, width: int, o: dict) -> n
     mask_layers = o.get("mask_head_layers", 2)
     return MaskRCNN(
         backbone, num_classes=None,
-        rpn_anchor_generator=anchor_generator(o.get("anchor_size", 16), len(levels) + 1, 1),
+        rpn_anchor_generator=anchors_from_options(o, len(levels) + 1, 1),
         box_roi_pool=MultiScaleRoIAlign(levels, output_size=7, sampling_ratio=2),
         box_head=TwoMLPHead(c * 49, head_size),
         box_predictor=FastRCNNPredictor(head_size, num_classes),
