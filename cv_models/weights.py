@@ -15,11 +15,13 @@ class WeightsError(RuntimeError):
     pass
 
 
-def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
-    """A state dict from a file: a bare state dict or ``{"model": state_dict}`` (as this pipeline saves)."""
+def read_checkpoint(path: str | Path, key: str = "model.weights") -> dict[str, torch.Tensor]:
+    """A state dict from a file: a bare state dict or ``{"model": state_dict}`` (as this pipeline saves).
+    ``key`` is the params.yaml setting that named the file (for the error message)."""
     path = Path(path)
     if not path.is_file():
-        raise WeightsError(f"weights file {path} does not exist (model.weights in params.yaml)")
+        raise WeightsError(f"weights file {path} does not exist ({key} in params.yaml; the pretrain stage writes "
+                           f"pretrain.out)")
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unpickling problem is a bad file
@@ -86,7 +88,7 @@ HEAD_PREFIXES = ("fc.", "classifier.", "head.", "heads.")
 def load_backbone(backbone: nn.Module, path: str | Path, strip_prefix: str = "") -> None:
     """Initialise a task's backbone from a checkpoint of the pretraining stage (or any classifier of
     the same architecture): the classifier head is dropped, every other tensor must fit."""
-    state = read_checkpoint(path)
+    state = read_checkpoint(path, key="model.options.backbone_weights")
     state = {k[len(strip_prefix):]: v for k, v in state.items() if k.startswith(strip_prefix)}
     state = {k: v for k, v in state.items() if not k.startswith(HEAD_PREFIXES)}
     own = {k: v for k, v in backbone.state_dict().items() if not k.startswith(HEAD_PREFIXES)}

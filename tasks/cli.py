@@ -2,6 +2,7 @@
 
     python -m tasks generate
     python -m tasks pretrain
+    python -m tasks crops          (object crops of a detection task, to pretrain on)
     python -m tasks {validate,normstats,baseline,augmented,evaluate} --task classification
     python -m tasks report
 
@@ -32,7 +33,7 @@ def parse_overrides(pairs: list[str]) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tasks", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("stage", choices=("generate", "pretrain", *STAGES, "report"))
+    parser.add_argument("stage", choices=("generate", "pretrain", "crops", *STAGES, "report"))
     parser.add_argument("--task", help="CV task name (a key of tasks: in params.yaml)")
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -47,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
 
     overrides = parse_overrides(args.overrides)
     try:
-        if args.stage in ("generate", "pretrain"):
+        if args.stage in ("generate", "pretrain", "crops"):
             importlib.import_module(f"tasks.{args.stage}").run(args.params, overrides)
         elif args.stage == "report":
             importlib.import_module("tasks.report").main(args.params)

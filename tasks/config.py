@@ -253,6 +253,16 @@ class TrackingConfig(Strict):
     experiment_prefix: str = "cv-"
 
 
+class CropsConfig(Strict):
+    """Object crops of a detection task's train split as an ImageFolder (``python -m tasks crops``), a
+    pretraining dataset made of the objects themselves: ``pretrain.data: <out>``, ``split_from: seed``."""
+
+    task: str = "detection"  # a task with boxes
+    out: str = "data/crops/detection"
+    size: int = Field(64, ge=8, le=1024)  # crops are resized to size x size
+    context: float = Field(0.2, ge=0, le=2)  # margin around the box, as a fraction of its longer side
+
+
 class PretrainConfig(Strict):
     """The pretraining stage: a classifier trained on one task's data, whose trunk other tasks reuse."""
 
@@ -271,6 +281,7 @@ class PretrainConfig(Strict):
 class Params(Strict):
     seed: int = Field(42, ge=0, le=2**32 - 1)
     pretrain: PretrainConfig = PretrainConfig()
+    crops: CropsConfig = CropsConfig()
     tracking: TrackingConfig = TrackingConfig()
     shapes: ShapesConfig = ShapesConfig()
     tasks: dict[str, dict[str, Any]]

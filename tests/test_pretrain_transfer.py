@@ -45,3 +45,22 @@ def test_pretraining_into_a_shared_folder_touches_nothing_else(project, tmp_path
     assert (shared / "keep.txt").read_text() == "another project's file"
     assert sorted(p.name for p in shared.iterdir()) == ["backbone.metrics.json", "backbone.pt", "keep.txt"]
     assert torch.load(out, weights_only=True)["architecture"] == "resnet18"
+
+
+def test_object_crops_of_the_train_split_pretrain_a_backbone(project):
+    import json
+    from pathlib import Path
+
+    from tasks import crops
+
+    params = project.params(**{"tasks.detection.image_size": 64, "crops.size": 32})
+    summary = crops.run(params)
+    train = json.loads((project.shapes / "scenes" / "annotations" / "train.json").read_text())
+    names = {c["id"]: c["name"] for c in train["categories"]}
+    expected = {n: sum(names[a["category_id"]] == n for a in train["annotations"]) for n in names.values()}
+    assert summary["crops_per_class"] == expected  # every train box, and only the train split's
+    out = Path("data/crops/detection")
+    assert {p.name: len(list(p.glob("*.png"))) for p in out.iterdir()} == expected
+    pretrain.run(project.params(**{"pretrain.data": str(out), "pretrain.split_from": "seed", "pretrain.epochs": 1,
+                                   "pretrain.image_size": 32, "pretrain.batch_size": 64}))
+    assert torch.load("models/pretrain/backbone.pt", weights_only=True)["pretrained_on"] == str(out)
