@@ -295,7 +295,8 @@ class DetectionTask(CVTask):
         auto = [k for k in ("anchor_size", "aspect_ratios") if o.get(k) == "auto"]
         if not auto:
             return o
-        from cv_models.nets.detectors import ANCHOR_LAYOUT, anchor_shapes, anchors_sized_to, best_anchor_iou
+        from cv_models.nets.detectors import (ANCHOR_LAYOUT, DEFAULT_ANCHOR_SIZE, DEFAULT_ASPECT_RATIOS, anchor_shapes,
+                                              anchors_sized_to, best_anchor_iou)
 
         name = self.cfg.model.name
         if name not in ANCHOR_LAYOUT:
@@ -309,10 +310,11 @@ class DetectionTask(CVTask):
         fitted = anchors_sized_to(sizes, levels, scales)
         o.update({k: fitted[k] for k in auto})
         if not getattr(self, "_anchors_reported", False):  # once per task object (evaluation rebuilds the model)
-            before = best_anchor_iou(sizes, anchor_shapes(16, levels, scales, (0.5, 1.0, 2.0))).mean()
+            before = best_anchor_iou(sizes, anchor_shapes(DEFAULT_ANCHOR_SIZE, levels, scales, DEFAULT_ASPECT_RATIOS)).mean()
             print(f"[{self.name}] anchors sized to the training boxes at {s}px: anchor_size={o['anchor_size']}, "
-                  f"aspect_ratios={o.get('aspect_ratios', [0.5, 1.0, 2.0])}; mean best-anchor IoU {fitted['mean_best_iou']:.3f} "
-                  f"(16 px, ratios 0.5/1/2: {before:.3f}), boxes with a best anchor at IoU >= 0.5: {fitted['recall_at_iou_0.5']:.1%}")
+                  f"aspect_ratios={o.get('aspect_ratios', list(DEFAULT_ASPECT_RATIOS))}; mean best-anchor IoU "
+                  f"{fitted['mean_best_iou']:.3f} (the defaults, {DEFAULT_ANCHOR_SIZE} px and {DEFAULT_ASPECT_RATIOS}: "
+                  f"{before:.3f}), boxes with a best anchor at IoU >= 0.5: {fitted['recall_at_iou_0.5']:.1%}")
             self._anchors_reported = True
         return o
 

@@ -112,23 +112,26 @@ BACKBONES: dict[str, Callable[[int, int, str], nn.Module]] = {
 }
 
 
+DEFAULT_ANCHOR_SIZE = 16
+DEFAULT_ASPECT_RATIOS = (0.5, 1.0, 2.0)
+
+
+def anchor_sizes(base_size: float, n_levels: int, scales_per_level: int) -> tuple[tuple[float, ...], ...]:
+    """Per level, its anchor sizes: doubling per level from ``base_size``, x 2^(k/scales) within a level."""
+    return tuple(tuple(base_size * 2 ** lvl * 2 ** (k / scales_per_level) for k in range(scales_per_level))
+                 for lvl in range(n_levels))
+
+
 def anchor_generator(base_size: float, n_levels: int, scales_per_level: int,
-                     aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0)) -> AnchorGenerator:
-    """One anchor size per level doubling from ``base_size`` (x 2^(k/scales) within a level); ratios are height/width."""
-    sizes = tuple(tuple(base_size * 2 ** lvl * 2 ** (k / scales_per_level) for k in range(scales_per_level))
-                  for lvl in range(n_levels))
-    return AnchorGenerator(sizes, (tuple(aspect_ratios),) * n_levels)
+                     aspect_ratios: tuple[float, ...] = DEFAULT_ASPECT_RATIOS) -> AnchorGenerator:
+    """``anchor_sizes`` on every level, each with ``aspect_ratios`` (height / width)."""
+    return AnchorGenerator(anchor_sizes(base_size, n_levels, scales_per_level), (tuple(aspect_ratios),) * n_levels)
 
 
 def anchor_shapes(base_size: float, n_levels: int, scales_per_level: int, aspect_ratios) -> torch.Tensor:
     """(width, height) of every anchor ``anchor_generator`` makes with these settings."""
-    out = []
-    for lvl in range(n_levels):
-        for k in range(scales_per_level):
-            size = base_size * 2 ** lvl * 2 ** (k / scales_per_level)
-            for r in aspect_ratios:
-                out.append((size / r ** 0.5, size * r ** 0.5))
-    return torch.tensor(out)
+    return torch.tensor([(size / r ** 0.5, size * r ** 0.5) for level in anchor_sizes(base_size, n_levels, scales_per_level)
+                         for size in level for r in aspect_ratios])
 
 
 def best_anchor_iou(box_sizes: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
@@ -167,8 +170,8 @@ def anchors_from_options(o: dict, n_levels: int, default_scales: int) -> AnchorG
         if isinstance(o.get(key), str):
             raise ValueError(f"model.options.{key}: {o[key]!r} must be resolved before the model is built "
                              "('auto' is supported by the detection task)")
-    return anchor_generator(o.get("anchor_size", 16), n_levels, o.get("scales_per_level", default_scales),
-                            tuple(o.get("aspect_ratios", (0.5, 1.0, 2.0))))
+    return anchor_generator(o.get("anchor_size", DEFAULT_ANCHOR_SIZE), n_levels, o.get("scales_per_level", default_scales),
+                            tuple(o.get("aspect_ratios", DEFAULT_ASPECT_RATIOS)))
 
 
 # ------------------------------------------------------------- weighted losses
