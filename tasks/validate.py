@@ -14,6 +14,7 @@ from typing import Any
 import pandas as pd
 
 from cv_models.base import Check, DataError
+from tasks.data_version import digest_tables
 from tasks.paths import atomic_dir, outputs
 from tasks.stage import open_stage
 
@@ -104,7 +105,8 @@ def run(task_name: str, params_path: str | Path = "params.yaml", overrides: dict
             results = [{"table": "-", "rule": "dataset readable", "expectation": "-", "success": False,
                         "unexpected_count": 1, "failing": [str(err)]}]
         report = {"task": task_name, "success": all(r["success"] for r in results), "n_samples": n_samples,
-                  "checks": results, "notes": notes, "summaries": summaries}
+                  "checks": results, "notes": notes, "summaries": summaries,
+                  "data_version": digest_tables(tables)}  # per split and overall (tasks/data_version.py)
         with atomic_dir(out_dir) as tmp:
             (tmp / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
             (tmp / "report.md").write_text(_markdown(task_name, report))
