@@ -191,6 +191,9 @@ def train_and_score(job: TrainJob, on_epoch: Callable[[dict, int], None] | None 
             if step is not None and on_epoch is not None:
                 on_epoch(metrics, step)
 
+        def log_params(self, values):
+            log_params(self.params, self.run_id, values)
+
         def log_artifacts(self, path, artifact_path=None):
             if artifact_path == "model":  # one model per arm and seed: kept on disk only if asked
                 return
