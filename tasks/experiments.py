@@ -46,7 +46,7 @@ def check_section(model: type[Strict], raw: Any, section: str):
     try:
         return model.model_validate(raw or {})
     except ValidationError as err:
-        raise ConfigError(_describe(err, prefix=f"{section}.")) from None
+        raise ConfigError(_describe(err, prefix=f"{section}.", model=model)) from None
 
 
 def section(params_path: str | Path, name: str, overrides: dict[str, Any] | None = None) -> Any:

@@ -150,10 +150,10 @@ def write_classification(out: Path, cfg: dict, rng: np.random.Generator) -> dict
 
 def _render_one_class(rng, size, classes, class_index, cfg):
     """A scene with exactly one shape of the wanted class (re-drawn until it is visible)."""
-    lo, hi = cfg.get("scale", (0.35, 0.9))
+    lo, hi = cfg["scale"]  # defaults: tasks.config.ShapesClassification
     for _ in range(50):
-        image, instances = render_scene(rng, size, [classes[class_index]], 1, (lo, hi), clutter=cfg.get("clutter", 3),
-                                        noise=cfg.get("noise", 8.0))
+        image, instances = render_scene(rng, size, [classes[class_index]], 1, (lo, hi), clutter=cfg["clutter"],
+                                        noise=cfg["noise"])
         if instances:
             return image, instances
     raise RuntimeError("could not render a visible shape; check shapes.image_size")
@@ -175,9 +175,9 @@ def write_scenes(out: Path, cfg: dict, rng: np.random.Generator) -> dict:
     ann_id = 1
     for i in range(n):
         split = _split_of(i, n, cfg["splits"])
-        n_objects = int(rng.integers(scenes.get("min_objects", 1), scenes["max_objects"] + 1))
-        image, instances = render_scene(rng, size, classes, n_objects, tuple(scenes.get("scale", (0.15, 0.4))),
-                                        clutter=scenes.get("clutter", 2), noise=scenes.get("noise", 8.0))
+        n_objects = int(rng.integers(scenes["min_objects"], scenes["max_objects"] + 1))
+        image, instances = render_scene(rng, size, classes, n_objects, tuple(scenes["scale"]),
+                                        clutter=scenes["clutter"], noise=scenes["noise"])
         name = f"{i:05d}.png"
         for sub in ("images", "masks"):
             (out / "scenes" / sub / split).mkdir(parents=True, exist_ok=True)
