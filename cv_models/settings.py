@@ -241,6 +241,12 @@ class TaskConfig(Strict):
     preview_samples: int = Field(16, ge=1, le=256)
     options: NoOptions = NoOptions()  # task-specific (report pictures, ...)
 
+    def without_augmentation(self) -> "TaskConfig":
+        """These settings with every augmentation switched off (their strengths kept): the baseline's."""
+        a = self.augment
+        off = {n: getattr(a, n).model_copy(update={"enabled": False}) for n in a.switch_names()}
+        return self.model_copy(update={"augment": a.model_copy(update=off)})
+
 
 # ---------------------------------------------------------------- a task's own schema
 
@@ -261,6 +267,38 @@ def validate_task(settings: type[TaskConfig], raw: Any, name: str) -> TaskConfig
         return settings.model_validate(raw)
     except ValidationError as err:
         raise ConfigError(describe(err, settings, prefix=f"tasks.{name}.")) from None
+
+
+def flat(d: dict, prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def settings_diff(a: BaseModel, b: BaseModel, ignore: tuple[str, ...] = ()) -> dict[str, tuple[Any, Any]]:
+    """The effective settings that differ between two configs: dotted key -> (value in a, value in b)."""
+    fa, fb = flat(a.model_dump(mode="json")), flat(b.model_dump(mode="json"))
+    return {k: (fa.get(k), fb.get(k)) for k in sorted(set(fa) | set(fb))
+            if fa.get(k) != fb.get(k) and not k.startswith(ignore)}
+
+
+def diff_markdown(diff: dict[str, tuple[Any, Any]], left: str, right: str) -> str:
+    """A markdown table of :func:`settings_diff`."""
+    if not diff:
+        return "No setting differs.\n"
+    lines = [f"| setting | {left} | {right} |", "|---|---|---|"]
+    lines += [f"| `{k}` | {a!r} | {b!r} |" for k, (a, b) in diff.items()]
+    return "\n".join(lines) + "\n"
+
+
+def diff_text(diff: dict[str, tuple[Any, Any]]) -> str:
+    """``key: a -> b; ...`` (one line, for a table cell)."""
+    return "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items()) or "(none)"
 
 
 # ---------------------------------------------------------------- messages naming the key
