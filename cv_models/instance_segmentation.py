@@ -174,7 +174,7 @@ def encode_mask(mask: np.ndarray) -> dict:
 def coco_scores(gt: dict, results: list[dict], class_names: list[str]) -> tuple[dict[str, float], pd.DataFrame]:
     """Box and mask mAP@[.5:.95], mAP@.5 and mAP@.75 with pycocotools (the detection task's helper,
     once per IoU type), and per-class AP@.5 of boxes and masks."""
-    from cv_models.detection import coco_map
+    from cv_models.data.coco import coco_map
 
     metrics, tables = {}, {}
     for iou_type, prefix in (("bbox", "box"), ("segm", "mask")):

@@ -261,17 +261,17 @@ def child_runs(params: Params, experiment_id: str, parent_id: str) -> list:
 
 
 def prepare(task_name: str, params_path: str, overrides: dict[str, Any] | None) -> None:
-    """The normalisation statistics every training needs; run generate/validate/normstats when missing."""
-    from tasks import generate, normstats, validate
+    """What every training needs first (the chain's stages before ``baseline``: data, checks, normalisation
+    statistics, the pretrained checkpoint when the task uses it); run when the statistics are missing."""
+    from tasks.chain import BEFORE_TRAINING, run_stage, stages_for
     from tasks.paths import outputs
 
     if (outputs(task_name, "normstats") / "stats.json").exists():
         return
     params = load_params(params_path, overrides)
-    cfg = params.task(task_name)
-    shapes_dir = Path(params.shapes.out_dir).resolve()
-    data = Path(cfg.data.path).resolve()
-    if not data.exists() and (shapes_dir == data or shapes_dir in data.parents):
-        generate.run(params_path, overrides)
-    validate.run(task_name, params_path, overrides)
-    normstats.run(task_name, params_path, overrides)
+    for name in stages_for(params, task_name, BEFORE_TRAINING):
+        if name == "generate" and Path(params.task(task_name).data.path).exists():
+            continue  # the data is there already
+        if name == "pretrain" and Path(params.pretrain.out).exists():
+            continue
+        run_stage(name, task_name, params_path, overrides)
