@@ -65,7 +65,11 @@ class TrainConfig(Strict):
     batch_size: int = Field(32, ge=1, le=4096)
     eval_batch_size: int = Field(64, ge=1, le=4096)
     num_workers: int = Field(0, ge=0, le=64)
-    num_threads: int = Field(0, ge=0, le=256, description="torch CPU threads; 0 = all cores")
+    # torch CPU threads; 0 = all cores. 1 (the default) gives bitwise-equal runs; more threads are faster on free
+    # cores but some CPU kernels then reduce in a varying order (run-to-run differences in the last digits)
+    num_threads: int = Field(1, ge=0, le=256, description="torch CPU threads; 0 = all cores")
+    # torch.use_deterministic_algorithms (warn-only) and cuDNN's deterministic mode; false trades repeatability for speed
+    deterministic: bool = True
     optimizer: OptimizerConfig = OptimizerConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
     loss: LossConfig = LossConfig()

@@ -87,7 +87,7 @@ class PretrainConfig(Strict):
     epochs: int = Field(3, ge=1)
     batch_size: int = Field(32, ge=1)
     lr: float = Field(3e-3, gt=0)
-    num_threads: int = Field(0, ge=0)
+    num_threads: int = Field(1, ge=0)  # 1: bitwise-repeatable; 0 = all cores
     augment: AugmentConfig = AugmentConfig()  # the pretraining data's augmentations (all off unless switched on)
     out: str = "models/pretrain/backbone.pt"
 
