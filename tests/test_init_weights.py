@@ -78,3 +78,23 @@ def test_state_hash_sees_one_changed_weight():
     with torch.no_grad():
         model.weight[0, 0] += 1e-6
     assert state_sha256(model) != before
+
+
+@pytest.mark.parametrize("task_name", TASK_NAMES)
+def test_frozen_layers_freeze_in_every_task(project, task_name):
+    """model.frozen_layers does what it says for every task (not classification only); a wrong prefix is an error."""
+    from cv_models import get_task
+    from cv_models.weights import WeightsError
+    from tasks.config import load_params
+
+    t = f"tasks.{task_name}."
+    cfg = load_params(project.params(**{t + "normalization": "none", t + "image_size": 64})).task(task_name)
+    names = [n for n, _ in get_task(task_name, cfg).build_model().named_parameters()]
+    first = names[0].rsplit(".", 1)[0]  # the module holding the first parameter
+    frozen = cfg.model_copy(update={"model": cfg.model.model_copy(update={"frozen_layers": [first]})})
+    model = get_task(task_name, frozen).build_model()
+    grads = {n: p.requires_grad for n, p in model.named_parameters()}
+    assert not any(v for n, v in grads.items() if n.startswith(first)) and any(grads.values())
+    wrong = cfg.model_copy(update={"model": cfg.model.model_copy(update={"frozen_layers": ["no_such_layer"]})})
+    with pytest.raises(WeightsError, match="no_such_layer"):
+        get_task(task_name, wrong).build_model()
