@@ -22,43 +22,7 @@ from cv_models.settings import (  # noqa: F401  (re-exported: the public names o
     ModelConfig, NoiseAug, NoOptions, OptimizerConfig, OverfitCheckConfig, RescaleAug, RotationAug, SchedulerConfig, Strict,
     Switch, TaskConfig, TrainConfig, describe, did_you_mean,
 )
-
-
-class ShapesClassification(Strict):
-    num_images: int = Field(1200, ge=1)
-    scale: tuple[float, float] = (0.35, 0.9)  # shape size as a fraction of the image
-    clutter: int = Field(3, ge=0)  # up to this many random distractor lines
-    noise: float = Field(8.0, ge=0)  # pixel-noise std (0-255)
-
-
-class ShapesScenes(Strict):
-    num_images: int = Field(300, ge=1)
-    image_size: int = Field(128, ge=16, le=1024)
-    min_objects: int = Field(1, ge=0)
-    max_objects: int = Field(4, ge=1)
-    scale: tuple[float, float] = (0.15, 0.4)
-    clutter: int = Field(2, ge=0)
-    noise: float = Field(8.0, ge=0)
-
-
-class ShapesConfig(Strict):
-    out_dir: str = "data/shapes"
-    seed: int = 0
-    image_size: int = Field(64, ge=16, le=1024)
-    classes: list[str] = ["circle", "square", "triangle", "star"]
-    splits: dict[str, float] = {"train": 0.7, "val": 0.15, "test": 0.15}
-    classification: ShapesClassification = ShapesClassification()
-    scenes: ShapesScenes = ShapesScenes()
-
-    @field_validator("classes")
-    @classmethod
-    def _known(cls, v: list[str]) -> list[str]:
-        from cv_models.data.shapes import SHAPE_VERTICES
-
-        unknown = [c for c in v if c not in SHAPE_VERTICES]
-        if unknown or len(v) < 2:
-            raise ValueError(f"need at least two of {sorted(SHAPE_VERTICES)}, got {v}")
-        return v
+from cv_models.data.shapes import ShapesClassification, ShapesConfig, ShapesScenes  # noqa: F401  (the generator's schema)
 
 
 class TrackingConfig(Strict):

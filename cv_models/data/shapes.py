@@ -21,6 +21,9 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
+from pydantic import Field, field_validator
+
+from cv_models.settings import Strict
 
 SHAPE_VERTICES = {
     "circle": None,  # drawn as a 32-gon so that polygon and raster agree
@@ -204,8 +207,49 @@ def write_scenes(out: Path, cfg: dict, rng: np.random.Generator) -> dict:
     return {s: len(c["images"]) for s, c in cocos.items()}
 
 
+# ---------------------------------------------------------------- settings (``shapes:`` in params.yaml)
+
+
+class ShapesClassification(Strict):
+    num_images: int = Field(1200, ge=1)
+    scale: tuple[float, float] = (0.35, 0.9)  # shape size as a fraction of the image
+    clutter: int = Field(3, ge=0)  # up to this many random distractor lines
+    noise: float = Field(8.0, ge=0)  # pixel-noise std (0-255)
+
+
+class ShapesScenes(Strict):
+    num_images: int = Field(300, ge=1)
+    image_size: int = Field(128, ge=16, le=1024)
+    min_objects: int = Field(1, ge=0)
+    max_objects: int = Field(4, ge=1)
+    scale: tuple[float, float] = (0.15, 0.4)
+    clutter: int = Field(2, ge=0)
+    noise: float = Field(8.0, ge=0)
+
+
+class ShapesConfig(Strict):
+    out_dir: str = "data/shapes"
+    seed: int = 0
+    image_size: int = Field(64, ge=16, le=1024)
+    classes: list[str] = ["circle", "square", "triangle", "star"]
+    splits: dict[str, float] = {"train": 0.7, "val": 0.15, "test": 0.15}
+    classification: ShapesClassification = ShapesClassification()
+    scenes: ShapesScenes = ShapesScenes()
+
+    @field_validator("classes")
+    @classmethod
+    def _known(cls, v: list[str]) -> list[str]:
+        unknown = [c for c in v if c not in SHAPE_VERTICES]
+        if unknown or len(v) < 2:
+            raise ValueError(f"need at least two of {sorted(SHAPE_VERTICES)}, got {v}")
+        return v
+
+
+
 def generate(out_dir: str | Path, cfg: dict) -> dict:
-    """Write the whole synthetic dataset under ``out_dir``; returns image counts per format and split."""
+    """Write the whole synthetic dataset under ``out_dir``; returns image counts per format and split.
+    ``cfg``: the ``shapes:`` settings (checked, defaults filled in)."""
+    cfg = ShapesConfig.model_validate(cfg).model_dump()
     out = Path(out_dir)
     # separate streams so that changing the scene count leaves the classification images unchanged
     seeds = np.random.SeedSequence(cfg["seed"]).spawn(2)
