@@ -118,6 +118,15 @@ def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | No
         raise ConfigError(describe(err, Params)) from None
     for name in params.tasks:  # check every task section up front
         params.task(name)
+    # and the experiment sections (their schemas live with the experiments, which import this module)
+    from tasks.ablation import AblationConfig
+    from tasks.search import SearchConfig
+
+    for name, model in (("ablation", AblationConfig), ("search", SearchConfig)):
+        try:
+            model.model_validate(getattr(params, name) or {})
+        except ValidationError as err:
+            raise ConfigError(describe(err, model, prefix=f"{name}.")) from None
     return params
 
 

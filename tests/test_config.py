@@ -37,6 +37,8 @@ def test_unknown_key_is_rejected(tmp_path):
     ("tasks.detection.augment.mosaik", {"enabled": True}, "mosaic"),
     ("shapes.scenes.max_object", 3, "max_objects"),  # outside the tasks too
     ("seeed", 1, "seed"),
+    ("ablation.runner.max_worker", 2, "max_workers"),  # the experiment sections are checked up front too
+    ("search.pruner.startup_trial", 2, "startup_trials"),
 ])
 def test_unknown_key_at_any_depth_is_named_with_a_suggestion(tmp_path, key, value, suggestion):
     path = write_params(tmp_path, {key: value})
