@@ -94,3 +94,27 @@ def test_mixup_cutmix_give_soft_labels_that_sum_to_one(project):
 
 def test_disabled_mixers_give_no_mixer(project):
     assert _task(project).batch_mixer(AugmentConfig()) is None
+
+
+def test_cutout_samples_the_same_rectangle_in_every_task():
+    """One cutout behaviour: detection and instance segmentation erase the rectangle RandomErasing would."""
+    from torchvision.transforms import v2
+
+    from cv_models.detection import BoxCutout
+    from cv_models.instance_segmentation import InstanceCutout
+
+    image = tv_tensors.Image(torch.ones(3, 40, 60))
+    boxes = tv_tensors.BoundingBoxes(torch.tensor([[0.0, 0.0, 5.0, 5.0]]), format="XYXY", canvas_size=(40, 60))
+    masks = tv_tensors.Mask(torch.ones(1, 40, 60, dtype=torch.uint8))
+    erased = []
+    for seed in range(5):
+        torch.manual_seed(seed)
+        det, _ = BoxCutout(1.0, (0.05, 0.3), 0.3)(image, {"boxes": boxes, "labels": torch.tensor([1])})
+        torch.manual_seed(seed)
+        inst, _ = InstanceCutout(1.0, (0.05, 0.3))(image, {"masks": masks})
+        torch.manual_seed(seed)
+        ref = v2.RandomErasing(p=1.0, scale=(0.05, 0.3), ratio=(0.3, 3.3), value=0)(image)
+        assert torch.equal(det[0] != 1, inst[0] != 1)
+        assert torch.equal(inst[0] != 1, ref[0] != 1)
+        erased.append(int((inst[0] != 1).sum()))
+    assert len(set(erased)) > 1  # the rectangle is random
