@@ -29,7 +29,8 @@ from pydantic import Field
 
 from cv_models.settings import diff_text, flat, settings_diff
 from tasks.config import ConfigError, Strict, config_hash, load_params
-from tasks.experiments import RunnerConfig, TrainJob, check_section, learning_hash, section, task_keys, worker_threads
+from tasks.experiments import (NOT_LEARNING, RunnerConfig, TrainJob, check_section, learning_hash, section, task_keys,
+                               worker_threads)
 from tasks.paths import outputs
 
 # name -> dotted overrides relative to tasks.<task>; each is ONE change on top of the baseline. Every
@@ -57,8 +58,7 @@ CHANGES: dict[str, dict[str, Any]] = {
     "random_init": {"model.weights": "none"},
 }
 BASELINE = "baseline"
-# settings that change how a run is executed, not what it learns: not part of an arm's difference
-RUNTIME_KEYS = ("train.num_threads", "train.num_workers", "train.resume", "train.device", "train.eval_batch_size")
+RUNTIME_KEYS = NOT_LEARNING  # how a run executes, not what it learns: not part of an arm's difference
 
 
 def augmentation_changes(task_name: str) -> dict[str, dict[str, Any]]:
