@@ -84,3 +84,31 @@ def test_dvc_dependencies_are_per_task(tmp_path):
     with open(repo / "cv_models/detection.py", "a") as f:  # the detection module: detection's stages only
         f.write("\n# edited\n")
     assert _outdated(repo) == {f"{s}@detection" for s in PER_TASK}
+
+
+@pytest.mark.e2e
+def test_prefect_flow_runs_the_chain_with_pretrain_when_used(tmp_path, monkeypatch):
+    """The real flow and its Prefect tasks, with each stage's function replaced by a recorder (no training)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    import tasks.chain
+    from flows.pipeline import FLOWS
+
+    calls = []
+
+    def recorder(name):
+        def run(*args, **kwargs):
+            calls.append(name)
+            return {"stage": name}
+        return run
+
+    monkeypatch.setattr(tasks.chain, "stage_function", recorder)
+    monkeypatch.chdir(tmp_path)
+    params = str(write_params(tmp_path, {"tasks.detection.model.options.backbone": "resnet18",
+                                         "tasks.detection.model.options.backbone_weights": "models/pretrain/backbone.pt"}))
+    with prefect_test_harness(server_startup_timeout=180):  # a loaded shared CPU starts the server slowly
+        result = FLOWS["detection"](params_path=params)
+        assert calls == list(CHAIN) and result == {"stage": "evaluate"}
+        calls.clear()
+        FLOWS["classification"](params_path=params)
+        assert calls == ["generate", *PER_TASK]
