@@ -98,3 +98,28 @@ def test_frozen_layers_freeze_in_every_task(project, task_name):
     wrong = cfg.model_copy(update={"model": cfg.model.model_copy(update={"frozen_layers": ["no_such_layer"]})})
     with pytest.raises(WeightsError, match="no_such_layer"):
         get_task(task_name, wrong).build_model()
+
+
+@pytest.mark.e2e
+def test_evaluation_states_the_settings_that_differ(project):
+    """comparison.md, metrics.json and the MLflow pipeline parent run name the compared models' one change."""
+    import json
+    from pathlib import Path
+
+    from tasks import evaluate
+
+    t = "tasks.classification."
+    params = project.params(**{t + "train.epochs": 1, t + "overfit_check.enabled": False, t + "normalization": "none",
+                               t + "augment.color.enabled": False})
+    for stage in (baseline, augmented, evaluate):
+        stage.run("classification", params, pipeline_run_id="compare")
+    text = Path("outputs/classification/evaluate/comparison.md").read_text()
+    assert "## What differs between baseline and augmented" in text
+    for name in ("hflip", "vflip", "rotation"):  # switched on in params.yaml (color switched off above)
+        assert f"| `augment.{name}.enabled` | False | True |" in text
+    assert "augment.color" not in text
+    changed = json.loads(Path("outputs/classification/evaluate/metrics.json").read_text())["settings_changed"]
+    assert set(changed) == {"augment.hflip.enabled", "augment.vflip.enabled", "augment.rotation.enabled"}
+    parent = mlflow.MlflowClient().get_run(_stage_run_id("compare", "evaluate")).data.tags["mlflow.parentRunId"]
+    tag = mlflow.MlflowClient().get_run(parent).data.tags["baseline_vs_augmented"]
+    assert "augment.hflip.enabled: False -> True" in tag
