@@ -62,3 +62,19 @@ def test_comparison_diff_is_the_switched_on_augmentations():
     diff = settings_diff(cfg.without_augmentation(), cfg)
     assert diff == {f"augment.{n}.enabled": (False, True) for n in ("color", "hflip", "mixup", "mosaic", "vflip")}
     assert "| `augment.mosaic.enabled` | False | True |" in diff_markdown(diff, "baseline", "augmented")
+
+
+def test_table_states_each_arms_settings_diff(tmp_path, monkeypatch):
+    import json
+
+    monkeypatch.chdir(tmp_path)
+    path = write_params(tmp_path, {"ablation.arms": ["hflip", "label_smoothing"], "ablation.seeds": 2})
+    p = ablation.plan("classification", path, build_models=False)
+    results = [{"test_accuracy": 0.5 + 0.01 * i} for i in range(len(p.arms))]
+    _, metrics, markdown = ablation.summarise(p, results)
+    assert "| baseline | 2 |" in markdown and "every augmentation off" in markdown
+    assert "`augment.hflip.enabled: False -> True`" in markdown
+    assert "`train.loss.label_smoothing: 0.0 -> 0.1`" in markdown
+    saved = json.loads((p.out_dir / "metrics.json").read_text())
+    assert saved["settings_changed"]["hflip"] == {"augment.hflip.enabled": [False, True]}
+    assert metrics == saved
