@@ -8,7 +8,7 @@ from typing import Any
 from tasks import engine
 from tasks.paths import atomic_dir, outputs
 from tasks.stage import open_stage
-from tasks.train import normalizer, summary_metrics, train_model, write_metrics
+from tasks.train import initial_model, normalizer, summary_metrics, train_model, write_metrics
 
 
 def overfit_check(st) -> float:
@@ -18,7 +18,8 @@ def overfit_check(st) -> float:
     norm = normalizer(st)
     data = st.task.dataset("train", st.task.eval_transforms(norm))
     batch = next(iter(engine.make_loader(st.task, data, min(c.batch_size, len(data)), True, st.params.seed)))
-    losses = engine.overfit_one_batch(st.task, st.task.build_model(), batch, c.steps, c.lr,
+    model, _ = initial_model(st)  # the weights the baseline starts from
+    losses = engine.overfit_one_batch(st.task, model, batch, c.steps, c.lr,
                                       engine.pick_device(st.cfg.train.device))
     for step, loss in enumerate(losses[:: max(len(losses) // 20, 1)]):
         st.log_metrics({"overfit_loss": loss}, step=step * max(len(losses) // 20, 1))
