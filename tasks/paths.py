@@ -9,12 +9,17 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
+def _root() -> Path:
+    # under torchrun, ranks other than 0 point this at a private temporary folder (tasks.accelerate)
+    return Path(os.environ.get("CV_OUTPUT_ROOT", ""))
+
+
 def outputs(task: str, stage: str) -> Path:
-    return Path("outputs") / task / stage
+    return _root() / "outputs" / task / stage
 
 
 def models(task: str, stage: str) -> Path:
-    return Path("models") / task / stage
+    return _root() / "models" / task / stage
 
 
 def checkpoints(task: str, stage: str) -> Path:
