@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,8 +44,6 @@ def init_from_env() -> bool:
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group("nccl" if cuda else "gloo")
-    if not is_main():
-        _private_workdir()
     return True
 
 
@@ -54,17 +51,6 @@ def shutdown() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
-
-
-_SCRATCH: tempfile.TemporaryDirectory | None = None
-
-
-def _private_workdir() -> None:
-    """Ranks other than 0 send outputs/ and models/ into a temporary folder removed at exit
-    (tasks.paths reads CV_OUTPUT_ROOT), so only rank 0 writes into the project."""
-    global _SCRATCH
-    _SCRATCH = tempfile.TemporaryDirectory(prefix=f"cv-rank{rank()}-")
-    os.environ["CV_OUTPUT_ROOT"] = _SCRATCH.name
 
 
 def broadcast(obj: Any) -> Any:

@@ -9,17 +9,12 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
-def _root() -> Path:
-    # under torchrun, ranks other than 0 point this at a private temporary folder (tasks.accelerate)
-    return Path(os.environ.get("CV_OUTPUT_ROOT", ""))
-
-
 def outputs(task: str, stage: str) -> Path:
-    return _root() / "outputs" / task / stage
+    return Path("outputs") / task / stage
 
 
 def models(task: str, stage: str) -> Path:
-    return _root() / "models" / task / stage
+    return Path("models") / task / stage
 
 
 def checkpoints(task: str, stage: str) -> Path:
@@ -31,6 +26,10 @@ def atomic_dir(final: Path):
     """Yield a temporary folder beside ``final``; it replaces ``final`` only if the block succeeds,
     so a failed stage leaves no half-written output."""
     final = Path(final)
+    if os.environ.get("RANK", "0") != "0":  # a torchrun rank other than 0: work in a scratch folder, keep nothing
+        with tempfile.TemporaryDirectory(prefix=f"cv-rank{os.environ['RANK']}-") as scratch:
+            yield Path(scratch)
+        return
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
