@@ -120,9 +120,12 @@ def dvc(folder: Path, *args, timeout: int = 900) -> subprocess.CompletedProcess:
     return out
 
 
+TARGET = "baseline@classification"  # generate, validate, normstats, baseline: the shortest chain with a model
+
+
 def test_dvc_push_then_pull_into_a_second_clone_reproduces_nothing(tmp_path):
-    """Clone A runs the pipeline and pushes to a local-folder remote; clone B (same commit) pulls, and
-    its `dvc repro` retrains nothing, with the same metrics."""
+    """Clone A runs the pipeline up to the baseline model and pushes to a local-folder remote; clone B
+    (same commit) pulls, and its `dvc repro` retrains nothing: the same model bytes and metrics."""
     from tests.test_e2e_classification import make_repo
 
     tiny = {"tasks.classification.train.epochs": 1, "tasks.classification.overfit_check.enabled": False,
@@ -134,7 +137,7 @@ def test_dvc_push_then_pull_into_a_second_clone_reproduces_nothing(tmp_path):
     git(origin, "commit", "-qm", "a local-folder DVC remote")
     a = tmp_path / "a"
     git(tmp_path, "clone", "-q", str(origin), str(a))
-    dvc(a, "repro")
+    dvc(a, "repro", TARGET)
     git(a, "add", "-A")
     git(a, "commit", "-qm", "pipeline results (dvc.lock)")
     dvc(a, "push")
@@ -142,11 +145,13 @@ def test_dvc_push_then_pull_into_a_second_clone_reproduces_nothing(tmp_path):
 
     b = tmp_path / "b"
     git(tmp_path, "clone", "-q", str(a), str(b))
-    assert not (b / "models").exists()
-    dvc(b, "pull")
-    repro = dvc(b, "repro")
+    model = "models/classification/baseline/model.pt"
+    assert not (b / model).exists()
+    dvc(b, "pull", "--with-deps", TARGET)
+    repro = dvc(b, "repro", TARGET)
     assert "Running stage" not in repro.stdout, repro.stdout[-3000:]  # everything up to date: nothing retrained
-    metrics = "outputs/classification/evaluate/metrics.json"
+    metrics = "outputs/classification/baseline/metrics.json"
     assert json.loads((b / metrics).read_text()) == json.loads((a / metrics).read_text())
-    assert (b / "models/classification/augmented/model.pt").read_bytes() == (a / "models/classification/augmented/model.pt").read_bytes()
-    assert "up to date" in dvc(b, "status").stdout
+    assert (b / model).read_bytes() == (a / model).read_bytes()
+    assert (b / "outputs/classification/normstats/stats.json").exists()
+    assert "up to date" in dvc(b, "status", TARGET).stdout
