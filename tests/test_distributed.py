@@ -39,6 +39,7 @@ def test_ddp_gradient_equals_one_process_gradient(project, task_name):
     normstats.run(task_name, params)  # the detector's input statistics
     torchrun(REPO / "tests/ddp_gradcheck.py", task_name, params, project.root / "grad.json", cwd=project.root)
     r = json.loads((project.root / "grad.json").read_text())
+    print(f"{task_name}: max |DDP grad - one-process grad| = {r['max_abs_diff']:.2e} (largest gradient {r['max_abs_grad']:.2e})")
     assert r["world"] == 2 and r["local_batch"] * 2 == r["global_batch"]
     assert r["max_abs_grad"] > 1e-3  # a real gradient, not zeros
     assert r["max_abs_diff"] < 1e-5, r
