@@ -14,7 +14,7 @@ export GX_ANALYTICS_ENABLED := False
 export DVC_NO_ANALYTICS := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: run test env serve mlflow-ui benchmark ablate search clean
+.PHONY: run test env serve worker deploy mlflow-server mlflow-ui benchmark gpu-benchmark ablate search clean
 
 env: $(STAMP)
 
@@ -36,6 +36,22 @@ test: $(STAMP)
 serve: $(STAMP)
 	scripts/serve.sh $(PORT)
 
+# Team setup (README, "Scaling out"): deployments of prefect.yaml on the work pool $(POOL), and a worker
+# that runs them; PREFECT_API_URL must point at the team's server (e.g. http://server:4200/api)
+POOL ?= cv-pool
+deploy: $(STAMP)
+	prefect work-pool inspect $(POOL) >/dev/null 2>&1 || prefect work-pool create $(POOL) --type process
+	prefect --no-prompt deploy --all
+
+worker: $(STAMP)
+	prefect worker start --pool $(POOL)
+
+# MLflow tracking server: SQL backend, artifacts proxied into mlartifacts-server/ (set tracking.uri: http://127.0.0.1:$(MLFLOW_PORT))
+MLFLOW_HOST ?= 127.0.0.1
+mlflow-server: $(STAMP)
+	mlflow server --backend-store-uri sqlite:///mlflow-server.db --serve-artifacts --artifacts-destination mlartifacts-server \
+		--host $(MLFLOW_HOST) --port $(MLFLOW_PORT)
+
 mlflow-ui: $(STAMP)
 	mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port $(MLFLOW_PORT)
 
@@ -45,6 +61,10 @@ benchmark: $(STAMP)
 	python benchmarks/bench_segmentation_step.py
 	python benchmarks/bench_detection_step.py
 	python benchmarks/bench_instance_segmentation_step.py
+
+# images/s in fp32 vs bf16/fp16 with channels_last, then the main job (a GPU machine; --dry-run on a CPU)
+gpu-benchmark: $(STAMP)
+	python benchmarks/gpu.py
 
 TASK ?= classification
 ablate: $(STAMP)

@@ -75,6 +75,10 @@ class TrainConfig(Strict):
     loss: LossConfig = LossConfig()
     resume: bool = True
     device: str = "auto"
+    # accelerator settings (tasks/accelerate.py); the defaults leave one-CPU results unchanged
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast dtype; fp16 adds a GradScaler
+    channels_last: bool = False  # NHWC memory format for models and image batches (faster convs on GPUs)
+    compile: bool = False  # torch.compile the training forward (first steps pay the compile time)
     grad_clip_norm: float = Field(0.0, ge=0, description="clip the gradient norm to this; 0 = off")
     ema_decay: float = Field(0.0, ge=0, lt=1, description="exponential moving average of the weights; 0 = off")
     early_stopping: EarlyStoppingConfig = EarlyStoppingConfig()

@@ -47,6 +47,10 @@ def main(argv: list[str] | None = None) -> int:
     from tasks.validate import ValidationFailed
 
     overrides = parse_overrides(args.overrides)
+    from tasks import accelerate
+
+    if accelerate.init_from_env() and args.stage not in ("baseline", "augmented"):
+        parser.error("under torchrun only the training stages run (baseline, augmented); run the others with python")
     try:
         if args.stage in ("generate", "pretrain", "crops"):
             importlib.import_module(f"tasks.{args.stage}").run(args.params, overrides)
@@ -59,4 +63,5 @@ def main(argv: list[str] | None = None) -> int:
     except (ValidationFailed, DataError, ConfigError, OverfitCheckFailed, WeightsError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    accelerate.shutdown()
     return 0

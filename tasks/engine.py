@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from cv_models.base import CVTask
+from tasks import accelerate
 from tasks.config import OptimizerConfig, TrainConfig, config_hash
 from tasks.paths import atomic_write_bytes
 from tasks.seeding import loader_generator, seed_worker
@@ -29,7 +30,9 @@ class OverfitCheckFailed(RuntimeError):
 
 def pick_device(name: str) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and accelerate.launched_by_torchrun():
+        name = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"  # one GPU per torchrun process
     return torch.device(name)
 
 
@@ -48,11 +51,11 @@ def set_determinism(on: bool) -> None:
 
 
 def make_loader(task: CVTask, dataset: Dataset, batch_size: int, shuffle: bool, seed: int, num_workers: int = 0,
-                drop_last: bool = False) -> DataLoader:
+                drop_last: bool = False, sampler=None, pin_memory: bool = False) -> DataLoader:
     return DataLoader(
-        dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers, collate_fn=task.collate,
+        dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, num_workers=num_workers, collate_fn=task.collate,
         generator=loader_generator(seed), worker_init_fn=seed_worker, drop_last=drop_last,
-        persistent_workers=num_workers > 0,
+        persistent_workers=num_workers > 0, sampler=sampler, pin_memory=pin_memory,
     )
 
 
@@ -150,16 +153,23 @@ def fit(
     set_threads(cfg.num_threads)
     set_determinism(cfg.deterministic)
     model.to(device)
-    train_loader = make_loader(task, train_set, cfg.batch_size, True, seed, cfg.num_workers, drop_last=len(train_set) > cfg.batch_size)
-    val_loader = make_loader(task, val_set, cfg.eval_batch_size, False, seed, cfg.num_workers)
-    train_eval_loader = (make_loader(task, train_eval_set, cfg.eval_batch_size, False, seed, cfg.num_workers)
+    acc = accelerate.Accelerator(device, cfg.precision, cfg.channels_last, cfg.compile)
+    # under torchrun each process takes its share of the global batch from a DistributedSampler
+    sampler = accelerate.train_sampler(train_set, seed)
+    pin = acc.pin_memory
+    train_loader = make_loader(task, train_set, accelerate.local_batch_size(cfg.batch_size), True, seed, cfg.num_workers,
+                               drop_last=len(train_set) > cfg.batch_size, sampler=sampler, pin_memory=pin)
+    val_loader = make_loader(task, val_set, cfg.eval_batch_size, False, seed, cfg.num_workers, pin_memory=pin)
+    train_eval_loader = (make_loader(task, train_eval_set, cfg.eval_batch_size, False, seed, cfg.num_workers, pin_memory=pin)
                          if train_eval_set is not None and cfg.track_train_metric else None)
     optimizer = build_optimizer(model, cfg.optimizer)
     scheduler = build_scheduler(optimizer, cfg, len(train_loader))
+    train_model = acc.prepare(model)  # what the training step calls: channels-last, DDP (rank 0's weights), compiled
     ema = (torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.ema_decay),
                                                 use_buffers=True) if cfg.ema_decay > 0 else None)
     scored = ema.module if ema is not None else model  # the weights that are evaluated and saved
-    fingerprint = config_hash({"train": cfg.model_dump(mode="json"), "seed": seed, "extra": extra_state or {}, "n": len(train_set)})
+    fingerprint = config_hash({"train": cfg.model_dump(mode="json"), "seed": seed, "extra": extra_state or {}, "n": len(train_set),
+                               **({"processes": accelerate.world_size()} if accelerate.world_size() > 1 else {})})
     metric = task.primary_metric
     history: list[dict] = []
     best = {"epoch": -1, "value": -math.inf, "state": None, "metrics": {}}
@@ -173,7 +183,7 @@ def fit(
             scheduler.load_state_dict(ck["scheduler"])
             if ema is not None:
                 ema.load_state_dict(ck["ema"])
-            torch.set_rng_state(ck["rng"])
+            torch.set_rng_state(accelerate.own_rng_state(ck))
             train_loader.generator.set_state(ck["loader_rng"])
             history, best, elapsed = ck["history"], ck["best"], ck["elapsed"]
             start_epoch = ck["epoch"] + 1
@@ -182,7 +192,9 @@ def fit(
     t0 = time.perf_counter() - elapsed
     stop = cfg.early_stopping
     for epoch in range(start_epoch, cfg.epochs + 1):
-        model.train()
+        train_model.train()
+        if sampler is not None:
+            sampler.set_epoch(epoch)  # a new shuffle each epoch, the same on every rank
         loss_sum, n_batches = 0.0, 0
         bar = tqdm(train_loader, desc=f"[{desc}] epoch {epoch}/{cfg.epochs}", leave=False, mininterval=1.0, dynamic_ncols=True,
                    disable=None)  # shown on a terminal, silent in logs
@@ -190,12 +202,11 @@ def fit(
             images, targets = to_device(images, device), to_device(targets, device)
             if mixer is not None:
                 images, targets = mixer(images, targets)
-            loss = task.training_loss(model, images, targets)
+            with acc.autocast():
+                loss = task.training_loss(train_model, acc.images(images), targets)
+            loss = loss.float()  # the loss and its scaling in fp32 under mixed precision
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip_norm > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip_norm)
-            optimizer.step()
+            acc.backward_step(loss, optimizer, model.parameters(), cfg.grad_clip_norm)
             scheduler.step()
             if ema is not None:
                 ema.update_parameters(model)
@@ -206,10 +217,15 @@ def fit(
             n_batches += 1
             if not bar.disable:
                 bar.set_postfix(loss=f"{loss_sum / n_batches:.4f}", refresh=False)
-        val = task.evaluate(scored, val_loader, device).metrics
-        row = {"epoch": epoch, "train_loss": loss_sum / max(n_batches, 1), "lr": optimizer.param_groups[0]["lr"]}
+        # scored on rank 0 and broadcast (every rank holds the same weights), under the training autocast
+        with acc.autocast():
+            val = accelerate.broadcast(task.evaluate(scored, val_loader, device).metrics if accelerate.is_main() else None)
+        row = {"epoch": epoch, "train_loss": accelerate.mean_across_ranks(loss_sum / max(n_batches, 1)),
+               "lr": optimizer.param_groups[0]["lr"]}
         if train_eval_loader is not None:
-            plain = task.evaluate(scored, train_eval_loader, device).metrics
+            with acc.autocast():
+                plain = accelerate.broadcast(task.evaluate(scored, train_eval_loader, device).metrics
+                                             if accelerate.is_main() else None)
             row[f"train_{metric}"] = plain[metric]
             if "loss" in plain:
                 row["train_loss_plain"] = plain["loss"]
@@ -219,16 +235,18 @@ def fit(
               f"val_{metric}={val[metric]:.4f}" + (f" val_loss={val['loss']:.4f}" if "loss" in val else ""), flush=True)
         if val[metric] > best["value"] + (stop.min_delta if best["epoch"] > 0 else 0):
             best = {"epoch": epoch, "value": val[metric], "state": copy.deepcopy(scored.state_dict()), "metrics": val}
-        if checkpoint_path is not None:
+        rank_rngs = accelerate.gather(torch.get_rng_state())  # every rank's, so each resumes its own stream
+        if checkpoint_path is not None and accelerate.is_main():  # rank 0 alone writes
             buf = io.BytesIO()
             torch.save({"fingerprint": fingerprint, "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                         "scheduler": scheduler.state_dict(), "ema": ema.state_dict() if ema is not None else None,
                         "rng": torch.get_rng_state(), "loader_rng": train_loader.generator.get_state(), "history": history,
-                        "best": best, "elapsed": time.perf_counter() - t0}, buf)
+                        "best": best, "elapsed": time.perf_counter() - t0,
+                        **({"rank_rngs": rank_rngs} if len(rank_rngs) > 1 else {})}, buf)
             atomic_write_bytes(checkpoint_path, buf.getvalue())
         if log_metrics is not None:  # after the checkpoint, so an interruption here loses no epoch
             log_metrics({k: v for k, v in row.items() if k != "epoch"}, epoch)
-        spent = time.perf_counter() - t0  # all epochs so far, resumed ones included
+        spent = accelerate.broadcast(time.perf_counter() - t0)  # all epochs so far; rank 0's, so all ranks stop together
         if cfg.time_limit_minutes and epoch < cfg.epochs and spent / epoch * (epoch + 1) > cfg.time_limit_minutes * 60:
             print(f"[{desc}] time limit: stopping after epoch {epoch} of {cfg.epochs} ({spent:.0f} s spent; another epoch would "
                   f"pass train.time_limit_minutes={cfg.time_limit_minutes:g})")
@@ -240,9 +258,10 @@ def fit(
 
     seconds = time.perf_counter() - t0
     scored.load_state_dict(best["state"])
-    save_model(model_path, best["state"], task, extra={"epoch": best["epoch"], "val_metrics": best["metrics"]})
-    if checkpoint_path is not None and checkpoint_path.exists():
-        checkpoint_path.unlink()  # finished: nothing left to resume
+    if accelerate.is_main():
+        save_model(model_path, best["state"], task, extra={"epoch": best["epoch"], "val_metrics": best["metrics"]})
+        if checkpoint_path is not None and checkpoint_path.exists():
+            checkpoint_path.unlink()  # finished: nothing left to resume
     return FitResult(pd.DataFrame(history), best["epoch"], best["metrics"], seconds)
 
 

@@ -8,8 +8,10 @@ from typing import Any
 
 import pandas as pd
 
+import torch
+
 from cv_models.settings import diff_markdown, diff_text, settings_diff
-from tasks import engine
+from tasks import accelerate, engine
 from tasks.paths import atomic_dir, models, outputs
 from tasks.stage import open_stage
 from tasks.train import normalizer
@@ -77,7 +79,11 @@ def run(task_name: str, params_path: str | Path = "params.yaml", overrides: dict
             if not path.exists():
                 raise FileNotFoundError(f"{path} is missing: run the {name} stage first (dvc repro)")
             model = engine.load_model(task, path).to(device)
-            results[name] = task.evaluate(model, loader, device)
+            acc = accelerate.Accelerator(device, st.cfg.train.precision, st.cfg.train.channels_last)
+            if acc.channels_last:
+                model.to(memory_format=torch.channels_last)
+            with acc.autocast():  # scored as it was trained (train.precision)
+                results[name] = task.evaluate(model, loader, device)
             speed[name] = engine.measure_speed(model, loader, device)
             history = outputs(task_name, name) / "history.csv"
             if history.exists():

@@ -26,6 +26,10 @@ def atomic_dir(final: Path):
     """Yield a temporary folder beside ``final``; it replaces ``final`` only if the block succeeds,
     so a failed stage leaves no half-written output."""
     final = Path(final)
+    if os.environ.get("RANK", "0") != "0":  # a torchrun rank other than 0: work in a scratch folder, keep nothing
+        with tempfile.TemporaryDirectory(prefix=f"cv-rank{os.environ['RANK']}-") as scratch:
+            yield Path(scratch)
+        return
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:

@@ -11,6 +11,7 @@ from typing import Any, Iterator
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
 
 from cv_models import get_task  # noqa: E402
+from tasks import accelerate  # noqa: E402
 from cv_models.base import CVTask  # noqa: E402
 from tasks import tracking  # noqa: E402
 from tasks.config import Params, TaskConfig, load_params  # noqa: E402
@@ -28,6 +29,8 @@ class Stage:
     run_id: str
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None, prefix: str = "") -> None:
+        if not self.run_id:  # a torchrun rank other than 0: no MLflow run
+            return
         import mlflow
 
         clean = {prefix + k.replace("/", "."): float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
@@ -39,6 +42,8 @@ class Stage:
         mlflow.log_params({k: str(v)[:6000] for k, v in values.items()})
 
     def log_artifacts(self, path: Path, artifact_path: str | None = None) -> None:
+        if not self.run_id:
+            return
         import mlflow
 
         path = Path(path)
@@ -53,9 +58,15 @@ def open_stage(stage: str, task_name: str, params_path: str | Path = "params.yam
                pipeline_run_id: str | None = None) -> Iterator[Stage]:
     params = load_params(params_path, overrides)
     cfg = params.task(task_name)
-    seeds = seed_everything(params.seed)
+    # under torchrun each rank draws its own augmentations (DDP copies rank 0's initial weights to all)
+    seeds = seed_everything(params.seed + accelerate.rank())
     task = get_task(task_name, cfg)
     extra = {"overrides": json.dumps(overrides)} if overrides else None
+    if not accelerate.is_main():  # only rank 0 opens an MLflow run (and writes: tasks.paths)
+        yield Stage(params, stage, task_name, cfg, task, seeds, "")
+        return
+    if accelerate.world_size() > 1:
+        extra = {**(extra or {}), "processes": accelerate.world_size()}
     with tracking.stage_run(params, task_name, stage, cfg, seeds, pipeline_run_id, extra_params=extra) as run_id:
         yield Stage(params, stage, task_name, cfg, task, seeds, run_id)
 

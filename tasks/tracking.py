@@ -73,7 +73,10 @@ def experiment_id(params: Params, task_name: str) -> str:
     exp = client.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
-    location = (artifact_root(params) / name).as_uri()
+    # against a tracking server (http://...) the server decides, and proxies the uploads (--serve-artifacts):
+    # a local folder here would be this machine's only, invisible to the server and to teammates
+    remote = tracking_uri(params).startswith(("http://", "https://"))
+    location = None if remote else (artifact_root(params) / name).as_uri()
     try:
         return client.create_experiment(name, artifact_location=location, tags={"cv_task": task_name})
     except Exception:  # created meanwhile by another process

@@ -1,0 +1,123 @@
+"""Accelerator settings on the CPU: bf16 autocast trains and scores every task; the settings are
+checked; fp32 with the defaults is the plain loop (bit for bit); the GPU benchmark's dry run."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tasks import accelerate, augmented, baseline, evaluate, normstats
+from tasks.config import ConfigError, load_params
+from tests.conftest import REPO
+
+# one epoch on tiny inputs: this checks that the bf16 path runs and scores, not how well it learns
+TINY_TASKS = {
+    "classification": {},
+    "segmentation": {"tasks.segmentation.image_size": 32, "tasks.segmentation.model.width": 8},
+    "detection": {"tasks.detection.image_size": 64, "tasks.detection.model.options.anchor_size": 12},
+    "instance_segmentation": {"tasks.instance_segmentation.image_size": 64, "tasks.instance_segmentation.model.width": 8,
+                              "tasks.instance_segmentation.model.options.anchor_size": 12,
+                              "tasks.instance_segmentation.model.options.fpn_channels": 32},
+}
+
+
+def _tiny(task: str, **extra) -> dict:
+    t = f"tasks.{task}."
+    return {t + "train.epochs": 1, t + "train.batch_size": 4, t + "train.eval_batch_size": 8, t + "train.num_threads": 2,
+            t + "overfit_check.enabled": False, t + "preview_samples": 4, t + "train.track_train_metric": False, **TINY_TASKS[task], **extra}
+
+
+def test_bf16_stages_train_and_evaluate_classification(project):
+    """The stages under train.precision: bf16, evaluate included (it scores under the same autocast)."""
+    params = project.params(**_tiny("classification", **{"tasks.classification.train.precision": "bf16"}))
+    for folder in project.classification.glob("*/*"):  # 6 images per class and split: bf16 convs are slow on most CPUs
+        for extra in sorted(folder.iterdir())[6:]:
+            extra.unlink()
+    normstats.run("classification", params)
+    for stage in (baseline, augmented):
+        assert stage.run("classification", params)["epochs_run"] == 1
+    metrics = evaluate.run("classification", params)
+    for name in ("baseline", "augmented"):
+        assert 0 <= metrics[name]["accuracy"] <= 1 and metrics[name]["loss"] == metrics[name]["loss"]  # not NaN
+
+
+@pytest.mark.parametrize("task_name", list(TINY_TASKS))
+def test_bf16_autocast_trains_and_scores_every_task_on_the_cpu(project, task_name):
+    """engine.fit under bf16 autocast on 8 training images, then the test split scored under the same autocast."""
+    from cv_models import get_task
+    from cv_models.normalize import load_normalizer
+    from tasks import engine
+
+    params = project.params(**_tiny(task_name, **{f"tasks.{task_name}.train.precision": "bf16"}))
+    normstats.run(task_name, params)
+    cfg = load_params(params).task(task_name)
+    task = get_task(task_name, cfg)
+    norm = load_normalizer(f"outputs/{task_name}/normstats", cfg.normalization)
+    train = task.dataset("train", task.train_transforms(None, norm))
+    train = task.subset(train, list(range(8)))
+    val = task.dataset("val", task.eval_transforms(norm))
+    val = task.subset(val, list(range(min(4, len(val)))))
+    model = task.build_model()
+    result = engine.fit(task, model, train, val, cfg.train, 0, Path("model.pt"))
+    assert len(result.history) == 1 and result.history["train_loss"].notna().all()
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # autocast leaves the weights in fp32
+    acc = accelerate.Accelerator(torch.device("cpu"), "bf16")
+    test = task.dataset("test", task.eval_transforms(norm))
+    with acc.autocast():
+        scored = task.evaluate(model, engine.make_loader(task, test, 8, False, 0), torch.device("cpu")).metrics
+    value = scored[task.primary_metric]
+    assert 0 <= value <= 1, scored
+
+
+def test_bf16_autocast_really_runs_in_bf16():
+    acc = accelerate.Accelerator(torch.device("cpu"), "bf16")
+    layer = torch.nn.Linear(4, 2)
+    with acc.autocast():
+        assert layer(torch.randn(3, 4)).dtype == torch.bfloat16
+    assert not acc.scaler.is_enabled()  # no loss scaling for bf16 (fp32's exponent range)
+    assert accelerate.Accelerator(torch.device("cpu"), "fp16").scaler.is_enabled()
+
+
+def test_channels_last_gives_the_same_step_and_fp32_is_untouched():
+    """channels_last changes the memory layout, not the maths: one training step's loss and gradients
+    match the default layout up to rounding; fp32 (the default) is no autocast and no loss scaling."""
+    from cv_models.nets.small_cnn import SmallCNN
+
+    def step(channels_last: bool):
+        torch.manual_seed(0)
+        model = SmallCNN(4, width=8, depth=2)
+        acc = accelerate.Accelerator(torch.device("cpu"), "fp32", channels_last)
+        train_model = acc.prepare(model)
+        images, labels = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(1)), torch.tensor([0, 1, 2, 3, 0, 1])
+        with acc.autocast():
+            loss = torch.nn.functional.cross_entropy(train_model(acc.images(images)), labels)
+        loss.backward()
+        return loss.item(), [p.grad.clone() for p in model.parameters()], acc
+
+    loss, grads, acc = step(False)
+    loss_cl, grads_cl, _ = step(True)
+    assert loss_cl == pytest.approx(loss, abs=1e-5)
+    for a, b in zip(grads, grads_cl):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    assert not acc.scaler.is_enabled() and isinstance(acc.autocast(), __import__("contextlib").nullcontext)
+
+
+@pytest.mark.parametrize("bad", [{"precision": "fp8"}, {"channels_last": "sometimes"}])
+def test_bad_accelerator_settings_name_the_key(project, bad):
+    key, value = next(iter(bad.items()))
+    with pytest.raises(ConfigError, match=key):
+        load_params(project.params(**{f"tasks.classification.train.{key}": value})).task("classification")
+
+
+def test_gpu_benchmark_dry_run_prints_the_plan():
+    out = subprocess.run([sys.executable, "benchmarks/gpu.py", "--dry-run"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "resnet50" in out.stdout and "224" in out.stdout and "256" in out.stdout
+    for word in ("classification", "segmentation", "detection", "fp32", "bf16", "fp16", "channels_last", "dvc repro"):
+        assert word in out.stdout, word
+    plan = json.loads(out.stdout.strip().splitlines()[-1])
+    assert plan["dry_run"] is True and len(plan["measurements"]) >= 9

@@ -1,0 +1,97 @@
+"""A real Prefect server on 127.0.0.1, the project's prefect.yaml deployed to a `process` work pool,
+two workers, two flow runs: both complete, one on each worker."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+from tests.test_team_setup import env, free_port, start, stop, wait_http
+
+pytestmark = pytest.mark.e2e
+CODE = ("flows", "tasks", "cv_models", "prefect.yaml")
+
+
+def prefect(*args, cwd: Path, **extra) -> subprocess.CompletedProcess:
+    out = subprocess.run(["prefect", *args], cwd=cwd, capture_output=True, text=True, env=env(**extra), timeout=300)
+    assert out.returncode == 0, " ".join(args) + "\n" + out.stdout[-3000:] + out.stderr[-3000:]
+    return out
+
+
+def test_two_workers_on_a_process_pool_each_complete_a_flow_run(project, tmp_path):
+    for name in CODE:  # the project folder holds the code, as a clone would
+        src = REPO / name
+        (shutil.copytree(src, project.root / name, ignore=shutil.ignore_patterns("__pycache__")) if src.is_dir()
+         else shutil.copy(src, project.root / name))
+    from tasks.config import load_params
+    from tasks.tracking import ensure_store
+
+    ensure_store(load_params(project.params()))  # the MLflow schema once, before two runs at once (it can race)
+    port = free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    home = tmp_path / "prefect-home"
+    # workers poll every second, so the second run is picked up while the first still runs
+    common = {"PREFECT_HOME": str(home), "PREFECT_API_URL": api, "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+              "PREFECT_WORKER_QUERY_SECONDS": "1", "PREFECT_WORKER_PREFETCH_SECONDS": "1", "PYTHONPATH": str(project.root)}
+    server_log = tmp_path / "server.log"
+    server = start(["prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)], server_log,
+                   **{k: v for k, v in common.items() if k != "PREFECT_API_URL"})
+    workers = []
+    try:
+        wait_http(f"{api}/health", server, server_log, seconds=180)
+        prefect("work-pool", "create", "cv-pool", "--type", "process", cwd=project.root, **common)
+        prefect("--no-prompt", "deploy", "--all", cwd=project.root, **common)
+        for name in ("worker-a", "worker-b"):
+            log = tmp_path / f"{name}.log"
+            # --limit 1: a busy worker takes no second run, so the two runs land on different workers
+            workers.append((name, log, subprocess.Popen(
+                ["prefect", "worker", "start", "--pool", "cv-pool", "--name", name, "--limit", "1"],
+                cwd=project.root, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env(**common), start_new_session=True)))
+        time.sleep(5)  # both workers registered and polling
+        ids = []
+        for _ in range(2):
+            out = prefect("deployment", "run", "validate-data/pool", "--param", "task_name=classification", cwd=project.root, **common)
+            ids.append(next(w for line in out.stdout.splitlines() if "UUID" in line for w in line.split() if w.count("-") == 4))
+        runs = wait_for_runs(ids, common, timeout=300)
+        logs = {name: log.read_text() for name, log, _ in workers}
+        assert [r["state"] for r in runs] == ["COMPLETED", "COMPLETED"], (runs, logs)
+        # a worker may try to submit a run the other took first; the one that ran it logs its end
+        ran_on = [[name for name, text in logs.items() if f"Flow run '{r['name']}' - Finished in state Completed" in text]
+                  for r in runs]
+        assert sorted(sum(ran_on, [])) == ["worker-a", "worker-b"], (ran_on, logs)  # one run per worker
+        assert len({r["infrastructure_pid"] for r in runs}) == 2
+        assert all(r["work_pool_name"] == "cv-pool" for r in runs)
+    finally:
+        for _, _, proc in workers:
+            stop(proc)
+        stop(server)
+
+
+def wait_for_runs(ids: list[str], common: dict, timeout: float) -> list[dict]:
+    """Poll the server through the Prefect client until both runs are final."""
+    script = f"""
+import asyncio, json
+from prefect.client.orchestration import get_client
+async def main():
+    async with get_client() as c:
+        out = []
+        for i in {ids!r}:
+            r = await c.read_flow_run(i)
+            out.append({{"name": r.name, "state": r.state.type.value, "infrastructure_pid": r.infrastructure_pid,
+                         "work_pool_name": r.work_pool_name}})
+        print(json.dumps(out))
+asyncio.run(main())
+"""
+    deadline = time.time() + timeout
+    while True:
+        out = subprocess.run(["python", "-c", script], capture_output=True, text=True, env=env(**common), timeout=120)
+        assert out.returncode == 0, out.stderr[-3000:]
+        runs = json.loads(out.stdout.strip().splitlines()[-1])
+        if all(r["state"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") for r in runs) or time.time() > deadline:
+            return runs
+        time.sleep(3)
