@@ -27,7 +27,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from cv_models.augment import build_transforms
-from cv_models.base import Check, CVTask, DataError, EvalResult, register_task
+from cv_models.base import Check, CVTask, DataError, EvalResult, Prediction, register_task
 from cv_models.data.annotations import BOX_RULES, AnnotationTables, invalid_box_findings
 from cv_models.data.coco import read_coco, to_coco_ground_truth
 from cv_models.data.probe import load_rgb
@@ -281,7 +281,7 @@ class DetectionTask(CVTask):
                              "normalization to per_channel_std, per_channel_mean or none (mean_image needs one image size)")
         from tasks.paths import outputs
 
-        path = outputs(self.name, "normstats") / "stats.json"
+        path = Path(self.normstats_dir or outputs(self.name, "normstats")) / "stats.json"
         if not path.exists():
             raise FileNotFoundError(f"{path} is missing: run the normstats stage first (dvc repro)")
         stats = json.loads(path.read_text())
@@ -317,6 +317,33 @@ class DetectionTask(CVTask):
                   f"{before:.3f}), boxes with a best anchor at IoU >= 0.5: {fitted['recall_at_iou_0.5']:.1%}")
             self._anchors_reported = True
         return o
+
+    def inference_config(self):
+        """The class list, and anchors sized to the data ('auto') replaced by the sizes they resolved to."""
+        cfg = super().inference_config()
+        options = self.model_options()
+        options = {k: v for k, v in options.items() if k not in ("mean_best_iou", "recall_at_iou_0.5")}
+        return cfg.model_copy(update={"model": cfg.model.model_copy(update={"options": options})})
+
+    @torch.no_grad()
+    def predict_image(self, model, image, normalize, image_id: int) -> Prediction:
+        """COCO results of one image, boxes in the image's own pixels (as the evaluation exports them)."""
+        s = self.cfg.image_size
+        x = self.predict_transform(None)(image.resize((s, s), Image.BILINEAR) if image.size != (s, s) else image)
+        device = next(model.parameters()).device
+        out = model.eval()([x.as_subclass(torch.Tensor).to(device)])[0]
+        sx, sy = image.width / x.shape[-1], image.height / x.shape[-2]
+        boxes = out["boxes"].cpu() * torch.tensor([sx, sy, sx, sy])
+        names = self.class_names()
+        records = _coco_results(image_id, boxes, out["scores"].cpu(), out["labels"].cpu())
+        for r in records:
+            r["category"] = names[r["category_id"] - 1]
+        threshold = float(self.cfg.options.get("draw_score_threshold", 0.5))
+        objects = [r["category"] for r in records if r["score"] >= threshold]
+        rgb = v2.functional.to_image(image).float() / 255
+        overlay = self.draw(rgb, {"boxes": boxes, "labels": out["labels"].cpu(), "scores": out["scores"].cpu()},
+                            min_size=0, score_threshold=threshold)
+        return Prediction(records, objects, overlay=overlay)
 
     def build_model(self) -> nn.Module:
         from cv_models.nets.detectors import DETECTORS, build_detector, head_prefixes, make_weighted
