@@ -153,6 +153,20 @@ class CVTask(ABC):
         """The model's prediction on one RGB PIL image, mapped back to the image's own resolution."""
         raise NotImplementedError(f"{self.name} has no predict_image")
 
+    # ----------------------------------------------------------------- export
+    # the exported graph: a float N x 3 x S x S batch (``export_batched``) or one 3 x S x S image, and its outputs
+    export_outputs: ClassVar[tuple[str, ...]] = ("logits",)
+    export_batched: ClassVar[bool] = True
+    normalizes_inside: ClassVar[bool] = False  # detectors normalise inside the network
+
+    def model_input(self, image: Any, normalize: Callable | None) -> torch.Tensor:
+        """One RGB PIL image as the exported graph's input (3 x S x S float, resized and normalised)."""
+        return self.predict_transform(None if self.normalizes_inside else normalize)(image).as_subclass(torch.Tensor)
+
+    def export_module(self, model: nn.Module) -> nn.Module:
+        """The model as a module of plain tensors in and out (what TorchScript and ONNX take)."""
+        return model
+
     # ---------------------------------------------------------- visualisation
     def display_image(self, image: torch.Tensor, normalize: Callable | None) -> torch.Tensor:
         """A training-pipeline image back to [0, 1] pixels (undo the normalisation the transforms applied)."""

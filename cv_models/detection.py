@@ -125,11 +125,27 @@ def _detection_overrides(size: int, augment: AugmentConfig) -> dict[str, Callabl
     }
 
 
+class DetectionOutputs(nn.Module):
+    """One image in (3 x S x S float in [0, 1]), the detections of it out as plain tensors: what torchvision's
+    detectors export to ONNX and TorchScript as (their documented export takes a list of images)."""
+
+    def __init__(self, model: nn.Module, keys: tuple[str, ...]):
+        super().__init__()
+        self.model, self.keys = model, keys
+
+    def forward(self, image: torch.Tensor):
+        out = self.model([image])[0]
+        return tuple(out[k] for k in self.keys)
+
+
 # ------------------------------------------------------------------ task
 @register_task
 class DetectionTask(CVTask):
     name = "detection"
     primary_metric = "map50"
+    export_outputs = ("boxes", "labels", "scores")
+    export_batched = False
+    normalizes_inside = True
 
     # ------------------------------------------------------------------ data
     def _policy(self) -> str:
@@ -344,6 +360,9 @@ class DetectionTask(CVTask):
         overlay = self.draw(rgb, {"boxes": boxes, "labels": out["labels"].cpu(), "scores": out["scores"].cpu()},
                             min_size=0, score_threshold=threshold)
         return Prediction(records, objects, overlay=overlay)
+
+    def export_module(self, model):
+        return DetectionOutputs(model, self.export_outputs)
 
     def build_model(self) -> nn.Module:
         from cv_models.nets.detectors import DETECTORS, build_detector, head_prefixes, make_weighted

@@ -163,6 +163,8 @@ def result_entries(output: dict, image_id: int, mask_threshold: float = 0.5) -> 
 class InstanceSegmentationTask(CVTask):
     name = "instance_segmentation"
     primary_metric = "mask_map50"
+    export_outputs = ("boxes", "labels", "scores", "masks")  # masks: N x 1 x S x S probabilities
+    export_batched = False
 
     # ------------------------------------------------------------------ data
     def _options(self) -> dict:
@@ -371,6 +373,11 @@ class InstanceSegmentationTask(CVTask):
                 results += result_entries({k: v.cpu() for k, v in output.items()}, image_id)
         categories = [{"id": k + 1, "name": n} for k, n in enumerate(self.class_names())]
         return {"images": gt_images, "annotations": gt_anns, "categories": categories}, results
+
+    def export_module(self, model):
+        from cv_models.detection import DetectionOutputs
+
+        return DetectionOutputs(model, self.export_outputs)
 
     def predict_transform(self, normalize):
         return build_transforms(self.cfg.image_size, None, normalize)  # the evaluation's, without the targets' tidying

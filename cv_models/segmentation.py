@@ -186,6 +186,18 @@ def model_outputs(output) -> tuple[torch.Tensor, torch.Tensor | None]:
     return output, None
 
 
+class LogitsOnly(nn.Module):
+    """torchvision's ``{"out", "aux"}`` dict reduced to the logits tensor, for export."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.model(x)
+        return out["out"] if isinstance(out, dict) else out
+
+
 def confusion(pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int) -> torch.Tensor:
     """``num_classes x num_classes`` pixel counts, rows = true class, ignored pixels left out."""
     valid = target != ignore_index
@@ -567,6 +579,9 @@ class SegmentationTask(CVTask):
         present = [c for c, n in zip(names[1:], counts[1:].tolist()) if n > 0]  # classes[0] is the background
         rgb = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).float() / 255
         return Prediction([record], present, mask=mask.numpy(), overlay=self.overlay(rgb, mask)[0])
+
+    def export_module(self, model):
+        return LogitsOnly(model)
 
     def _score(self, cm: torch.Tensor) -> EvalResult:
         names = self.class_names()

@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from tests.test_predict import TEST_INPUT, train_project
+from tests.test_use_model import TEST_INPUT, train_project
 
 pytestmark = pytest.mark.e2e
 SERVED = ("classification", "detection")

@@ -250,3 +250,38 @@ def test_registered_champion_predicts_like_the_best_model_and_keeps_the_alias_un
     from tasks.report import results_table
 
     assert f"cv-classification v{again['version']}" in results_table(list(TASKS))
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+@pytest.mark.parametrize("name", TASKS)
+def test_export_passes_its_parity_check_and_describes_itself(trained, name, fmt, monkeypatch, tmp_path):
+    from tasks import export
+
+    monkeypatch.chdir(trained)
+    meta = export.run(name, "best", fmt, tmp_path, trained / "params.yaml")
+    path = tmp_path / ("model.onnx" if fmt == "onnx" else "model.torchscript.pt")
+    described = json.loads(path.with_suffix(".json").read_text())
+    assert described == meta and described["parity"]["passed"] and described["parity"]["images"] >= 3
+    assert described["classes"] == task_of(trained, name).class_names()
+    assert described["image_size"] == (32 if name == "classification" else 64)
+    worst, tol = described["parity"]["worst"], described["parity"]["tolerance"]
+    if name in ("detection", "instance_segmentation"):
+        assert worst["unmatched"] == 0 and worst["detections_ref"] > 0  # detections compared, not two empty lists
+        assert worst["box_px"] <= tol["box_px"] and worst["score"] <= tol["score"]
+        if name == "instance_segmentation":
+            assert worst["mask_iou"] >= tol["mask_iou"] and worst["mask_prob"] <= tol["mask_prob"]
+    else:
+        assert worst["logits"] <= tol["logits"]
+        assert described["normalization"]["mean"] and "before the model" in described["normalization"]["applied"]
+
+
+def test_parity_check_fails_on_another_models_outputs(trained, monkeypatch, tmp_path):
+    """The check can fail: baseline's exported file against the augmented model's PyTorch outputs."""
+    from tasks import export
+    from tasks.inference import load
+
+    monkeypatch.chdir(trained)
+    export.run("segmentation", "baseline", "onnx", tmp_path, trained / "params.yaml")
+    images = export.parity_images("segmentation", trained / "params.yaml", None, 3)
+    with pytest.raises(export.ParityError, match="differs from PyTorch"):
+        export.parity(load("segmentation", "augmented"), "onnx", tmp_path / "model.onnx", images)
