@@ -285,3 +285,17 @@ def test_parity_check_fails_on_another_models_outputs(trained, monkeypatch, tmp_
     images = export.parity_images("segmentation", trained / "params.yaml", None, 3)
     with pytest.raises(export.ParityError, match="differs from PyTorch"):
         export.parity(load("segmentation", "augmented"), "onnx", tmp_path / "model.onnx", images)
+
+
+def test_predict_flows_are_served_beside_the_training_flows(trained, monkeypatch, tmp_path):
+    import flows.predict
+    from flows.predict import FLOWS
+    from flows.serve import deployments
+
+    monkeypatch.chdir(trained)
+    names = {d.flow_name for d in deployments(str(trained / "params.yaml"))}
+    assert {f"predict-{t.replace('_', '-')}" for t in TASKS} <= names and "train-detection" in names
+    # the flow's function runs the predict stage (a served run, with Prefect's engine: test_e2e_detection.py)
+    monkeypatch.setattr(flows.predict, "predict_task", flows.predict.predict_task.fn)
+    summary = FLOWS["classification"].fn(input=TEST_INPUT["classification"], out=str(tmp_path / "out"))
+    assert summary["images"] == len(pd.read_csv(tmp_path / "out" / "predictions.csv"))
