@@ -32,14 +32,15 @@ def model_name(params, task_name: str) -> str:
 
 
 def as_images(model_input: Any) -> list[np.ndarray]:
-    """``N x H x W x 3`` / ``H x W x 3`` arrays (or nested lists, as JSON carries them) -> uint8 images."""
-    if isinstance(model_input, pd.DataFrame):  # a column of arrays
+    """``N x H x W x 3`` / ``H x W x 3`` arrays, a list of images, or a one-column DataFrame of them -> uint8 images."""
+    if isinstance(model_input, pd.DataFrame):
         model_input = list(model_input.iloc[:, 0])
-    if isinstance(model_input, dict):
+    if isinstance(model_input, dict):  # {"inputs": ...} as some clients send it
         model_input = next(iter(model_input.values()))
-    arr = np.asarray(model_input) if not isinstance(model_input, list) or not model_input or np.ndim(model_input[0]) == 3 \
-        and len({np.shape(x) for x in model_input}) == 1 else None
-    images = list(model_input) if arr is None else ([arr] if arr.ndim == 3 else list(arr))
+    if isinstance(model_input, np.ndarray):
+        images = [model_input] if model_input.ndim == 3 else list(model_input)
+    else:
+        images = list(model_input)  # images of different sizes
     out = []
     for k, im in enumerate(images):
         im = np.asarray(im)
