@@ -238,6 +238,9 @@ def test_registered_champion_predicts_like_the_best_model_and_keeps_the_alias_un
     evaluate.run("classification", trained / "params.yaml")  # the same models on the same data: no better, alias stays
     _, again = evaluated(trained, "classification")
     client = mlflow.MlflowClient()
+    for name in TASKS:  # every task's evaluate stage registered its model and gave it the alias
+        champion = client.get_model_version_by_alias(f"cv-{name.replace('_', '-')}", "champion")
+        assert champion.tags["cv_task"] == name
     version = client.get_model_version("cv-classification", str(again["version"]))
     assert again["version"] == registered["version"] + 1 and again["champion_version"] == registered["version"]
     assert version.tags["previous_champion_version"] == str(registered["version"])
@@ -250,6 +253,22 @@ def test_registered_champion_predicts_like_the_best_model_and_keeps_the_alias_un
     from tasks.report import results_table
 
     assert f"cv-classification v{again['version']}" in results_table(list(TASKS))
+
+    # a new version of the validation data: the champion is scored again on it before the comparison
+    report_path = trained / "outputs/classification/validate/report.json"
+    original = report_path.read_text()
+    report = json.loads(original)
+    report["data_version"]["val"]["digest"] = "0" * 64
+    report_path.write_text(json.dumps(report))
+    try:
+        evaluate.run("classification", trained / "params.yaml")
+    finally:
+        report_path.write_text(original)
+    _, third = evaluated(trained, "classification")
+    tags = client.get_model_version("cv-classification", str(third["version"])).tags
+    assert "rescored on this data version" in tags["champion_decision"], tags["champion_decision"]
+    # the same model on the same images: the rescored figure is the one recorded at training
+    assert float(tags["previous_champion_val.accuracy"]) == pytest.approx(float(version.tags["val.accuracy"]), abs=1e-6)
 
 
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
