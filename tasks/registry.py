@@ -10,7 +10,6 @@ on another version of the validation data, it is scored again on the current one
 """
 from __future__ import annotations
 
-import json
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -175,7 +174,3 @@ def decide_champion(st, client, name: str, version: str, val_metric: float, data
             f"previous_{alias}_val.{primary}": f"{champ_val:.6f}"}
     return {"move": move, "text": text, "tags": tags}
 
-
-def write_summary(path: Path, entry: dict) -> Path:
-    path.write_text(json.dumps(entry, indent=2) + "\n")
-    return path
