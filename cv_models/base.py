@@ -60,6 +60,16 @@ class Check:
 
 
 @dataclass
+class Prediction:
+    """One image's prediction at the input's own resolution, as the predict stage writes it."""
+
+    records: list[dict]  # rows of the task's results file (a CSV row, or COCO results entries)
+    objects: list[str]  # class names found in the image (the summary counts them)
+    mask: Any = None  # segmentation: HxW uint8 class indices
+    overlay: torch.Tensor | None = None  # uint8 3xHxW picture of the prediction (dense tasks)
+
+
+@dataclass
 class EvalResult:
     metrics: dict[str, float]  # flat name -> value; must contain the task's primary metric
     predictions: Any = None  # task-specific, consumed by report()/draw
@@ -74,9 +84,12 @@ class CVTask(ABC):
     primary_metric: ClassVar[str]  # higher is better; picks the best checkpoint and the headline figure
     settings: ClassVar[type[TaskConfig]] = TaskConfig  # the schema of tasks.<name> (cv_models.settings.task_settings)
     augmentations: ClassVar[dict[str, Augmentation]] = AUGMENTATIONS  # one entry per Switch of settings' augment
+    results_file: ClassVar[str] = "coco_results.json"  # what the predict stage writes the records to
 
     def __init__(self, cfg: TaskConfig):
         self.cfg = cfg
+        # where the normstats stage's files are; None = outputs/<task>/normstats of the working folder
+        self.normstats_dir: Path | None = None
 
     @classmethod
     def augment_schema(cls) -> type[AugmentConfig]:
@@ -140,6 +153,34 @@ class CVTask(ABC):
     @abstractmethod
     def dummy_result(self, train: Dataset, evaluation: Dataset) -> EvalResult:
         """Score of the dummy solution fitted on ``train`` and scored on ``evaluation``."""
+
+    # -------------------------------------------------------------- inference
+    def inference_config(self) -> TaskConfig:
+        """The settings a trained model needs to be rebuilt and run without its dataset: the class list
+        written into ``data.classes`` (so no data folder is read). Tasks resolve anything else read from data."""
+        return self.cfg.model_copy(update={"data": self.cfg.data.model_copy(update={"classes": self.class_names()})})
+
+    def predict_transform(self, normalize: Callable | None) -> Callable:
+        """PIL image -> model input tensor: the evaluation's resizing and normalisation, for an image alone."""
+        return self.eval_transforms(normalize)
+
+    def predict_image(self, model: nn.Module, image: Any, normalize: Callable | None, image_id: int) -> Prediction:
+        """The model's prediction on one RGB PIL image, mapped back to the image's own resolution."""
+        raise NotImplementedError(f"{self.name} has no predict_image")
+
+    # ----------------------------------------------------------------- export
+    # the exported graph: a float N x 3 x S x S batch (``export_batched``) or one 3 x S x S image, and its outputs
+    export_outputs: ClassVar[tuple[str, ...]] = ("logits",)
+    export_batched: ClassVar[bool] = True
+    normalizes_inside: ClassVar[bool] = False  # detectors normalise inside the network
+
+    def model_input(self, image: Any, normalize: Callable | None) -> torch.Tensor:
+        """One RGB PIL image as the exported graph's input (3 x S x S float, resized and normalised)."""
+        return self.predict_transform(None if self.normalizes_inside else normalize)(image).as_subclass(torch.Tensor)
+
+    def export_module(self, model: nn.Module) -> nn.Module:
+        """The model as a module of plain tensors in and out (what TorchScript and ONNX take)."""
+        return model
 
     # ---------------------------------------------------------- visualisation
     def display_image(self, image: torch.Tensor, normalize: Callable | None) -> torch.Tensor:

@@ -16,7 +16,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from cv_models.augment import build_transforms
-from cv_models.base import Check, CVTask, DataError, EvalResult, register_task
+from cv_models.base import Check, CVTask, DataError, EvalResult, Prediction, register_task
 from cv_models.data.imagefolder import list_samples
 from cv_models.data.probe import IMAGE_SUFFIXES, load_rgb, probe_image
 from cv_models.nets import NETS
@@ -71,6 +71,7 @@ class ClassificationTask(CVTask):
     name = "classification"
     primary_metric = "accuracy"
     settings = task_settings("Classification", model_options=ClassificationModelOptions)
+    results_file = "predictions.csv"
 
     # ------------------------------------------------------------------ data
     def _samples(self) -> tuple[list[dict], list[str]]:
@@ -230,6 +231,18 @@ class ClassificationTask(CVTask):
         result = self._score(y_true, y_pred)
         result.metrics["loss"] = loss_sum / max(len(y_true), 1)
         return result
+
+    @torch.no_grad()
+    def predict_image(self, model, image, normalize, image_id: int) -> Prediction:
+        """The class and every class's probability (softmax of the logits)."""
+        x = self.predict_transform(normalize)(image).as_subclass(torch.Tensor)[None]
+        device = next(model.parameters()).device
+        probs = F.softmax(model.eval()(x.to(device)), 1)[0].cpu()
+        names = self.class_names()
+        k = int(probs.argmax())
+        record = {"image_id": image_id, "class": names[k], "score": round(float(probs[k]), 6),
+                  **{f"prob_{c}": round(float(p), 6) for c, p in zip(names, probs.tolist())}}
+        return Prediction([record], [names[k]])
 
     def _score(self, y_true: np.ndarray, y_pred: np.ndarray) -> EvalResult:
         """Accuracy, per-class precision / recall / F1 and the confusion matrix (rows: true class).

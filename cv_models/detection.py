@@ -27,7 +27,7 @@ from torchvision.transforms import v2
 from pydantic import Field, model_validator
 
 from cv_models.augment import AUGMENTATIONS, BATCH, Augmentation, build_transforms, cutout_rectangle, with_builders
-from cv_models.base import Check, CVTask, DataError, EvalResult, register_task
+from cv_models.base import Check, CVTask, DataError, EvalResult, Prediction, register_task
 from cv_models.data.annotations import BOX_RULES, AnnotationTables, invalid_box_findings
 from cv_models.data.coco import coco_map, read_coco, to_coco_ground_truth  # noqa: F401 (coco_map re-exported)
 from cv_models.data.probe import load_rgb
@@ -64,8 +64,9 @@ class DetectionData(DataConfig):
     @model_validator(mode="after")
     def _options_of_format(self):
         if self.format in FORMAT_OPTIONS:
+            # None means "not given" (a saved model's settings list every option, unset ones as None)
             foreign = [k for k in self.options.model_fields_set
-                       if k != "invalid_boxes" and k not in FORMAT_OPTIONS[self.format]]
+                       if k != "invalid_boxes" and k not in FORMAT_OPTIONS[self.format] and getattr(self.options, k) is not None]
             if foreign:
                 raise ValueError(f"options {foreign} are not read by format {self.format!r} "
                                  f"(it reads {list(FORMAT_OPTIONS[self.format])})")
@@ -202,6 +203,19 @@ def _detection_overrides(size: int, augment: AugmentConfig) -> dict[str, Callabl
     }
 
 
+class DetectionOutputs(nn.Module):
+    """One image in (3 x S x S float in [0, 1]), the detections of it out as plain tensors: what torchvision's
+    detectors export to ONNX and TorchScript as (their documented export takes a list of images)."""
+
+    def __init__(self, model: nn.Module, keys: tuple[str, ...]):
+        super().__init__()
+        self.model, self.keys = model, keys
+
+    def forward(self, image: torch.Tensor):
+        out = self.model([image])[0]
+        return tuple(out[k] for k in self.keys)
+
+
 # ------------------------------------------------------------------ task
 @register_task
 class DetectionTask(CVTask):
@@ -209,6 +223,9 @@ class DetectionTask(CVTask):
     primary_metric = "map50"
     settings = SETTINGS
     augmentations = {**AUGMENTATIONS, "mosaic": Augmentation(BATCH)}
+    export_outputs = ("boxes", "labels", "scores")
+    export_batched = False
+    normalizes_inside = True
 
     # ------------------------------------------------------------------ data
     def _policy(self) -> str:
@@ -355,7 +372,7 @@ class DetectionTask(CVTask):
             raise ValueError("detection normalises inside the detector with per-channel statistics: set "
                              "normalization to per_channel_std, per_channel_mean or none (mean_image needs one image size)")
         # the normstats stage's output (tasks.paths.outputs layout; cv_models does not import tasks)
-        path = Path("outputs") / self.name / "normstats" / "stats.json"
+        path = Path(self.normstats_dir or Path("outputs") / self.name / "normstats") / "stats.json"
         if not path.exists():
             raise FileNotFoundError(f"{path} is missing: run the normstats stage first (dvc repro)")
         stats = json.loads(path.read_text())
@@ -391,6 +408,36 @@ class DetectionTask(CVTask):
                   f"{before:.3f}), boxes with a best anchor at IoU >= 0.5: {fitted['recall_at_iou_0.5']:.1%}")
             self._anchors_reported = True
         return o
+
+    def inference_config(self):
+        """The class list, and anchors sized to the data ('auto') replaced by the sizes they resolved to."""
+        cfg = super().inference_config()
+        options = self.model_options()
+        options = {k: v for k, v in options.items() if k not in ("mean_best_iou", "recall_at_iou_0.5")}
+        return cfg.model_copy(update={"model": cfg.model.model_copy(update={"options": options})})
+
+    @torch.no_grad()
+    def predict_image(self, model, image, normalize, image_id: int) -> Prediction:
+        """COCO results of one image, boxes in the image's own pixels (as the evaluation exports them)."""
+        s = self.cfg.image_size
+        x = self.predict_transform(None)(image.resize((s, s), Image.BILINEAR) if image.size != (s, s) else image)
+        device = next(model.parameters()).device
+        out = model.eval()([x.as_subclass(torch.Tensor).to(device)])[0]
+        sx, sy = image.width / x.shape[-1], image.height / x.shape[-2]
+        boxes = out["boxes"].cpu() * torch.tensor([sx, sy, sx, sy])
+        names = self.class_names()
+        records = _coco_results(image_id, boxes, out["scores"].cpu(), out["labels"].cpu())
+        for r in records:
+            r["category"] = names[r["category_id"] - 1]
+        threshold = self.cfg.options.draw_score_threshold
+        objects = [r["category"] for r in records if r["score"] >= threshold]
+        rgb = v2.functional.to_image(image).float() / 255
+        overlay = self.draw(rgb, {"boxes": boxes, "labels": out["labels"].cpu(), "scores": out["scores"].cpu()},
+                            min_size=0, score_threshold=threshold)
+        return Prediction(records, objects, overlay=overlay)
+
+    def export_module(self, model):
+        return DetectionOutputs(model, self.export_outputs)
 
     def build_model(self) -> nn.Module:
         from cv_models.nets.detectors import DETECTORS, build_detector, head_prefixes, make_weighted

@@ -31,7 +31,7 @@ from torchvision import tv_tensors
 from pydantic import Field
 
 from cv_models.augment import AUGMENTATIONS, BATCH, Augmentation, build_transforms, cutout_rectangle, with_builders
-from cv_models.base import Check, CVTask, DataError, EvalResult, register_task
+from cv_models.base import Check, CVTask, DataError, EvalResult, Prediction, register_task
 from cv_models.data.instance_masks import (BOX_TOLERANCE_FRACTION, BOX_TOLERANCE_PX, decode, mask_box, mask_facts,
                                            read_png_mask)
 from cv_models.data.probe import load_rgb
@@ -90,6 +90,7 @@ class InstanceAugment(AugmentConfig):
 
 class InstanceOptions(Strict):
     report_images: int = Field(8, ge=0)  # test images drawn with ground truth and predicted masks
+    draw_score_threshold: float = Field(0.5, ge=0, le=1)  # predict's overlays draw instances scoring at least this
 
 
 SETTINGS = task_settings("InstanceSegmentation", data_options=InstanceDataOptions, model_options=InstanceModelOptions,
@@ -217,6 +218,8 @@ class InstanceSegmentationTask(CVTask):
     primary_metric = "mask_map50"
     settings = SETTINGS
     augmentations = {**AUGMENTATIONS, "copy_paste": Augmentation(BATCH)}
+    export_outputs = ("boxes", "labels", "scores", "masks")  # masks: N x 1 x S x S probabilities
+    export_batched = False
 
     # ------------------------------------------------------------------ data
     def _options(self) -> InstanceDataOptions:
@@ -424,6 +427,40 @@ class InstanceSegmentationTask(CVTask):
                 results += result_entries({k: v.cpu() for k, v in output.items()}, image_id)
         categories = [{"id": k + 1, "name": n} for k, n in enumerate(self.class_names())]
         return {"images": gt_images, "annotations": gt_anns, "categories": categories}, results
+
+    def export_module(self, model):
+        from cv_models.detection import DetectionOutputs
+
+        return DetectionOutputs(model, self.export_outputs)
+
+    def predict_transform(self, normalize):
+        return build_transforms(self.cfg.image_size, None, normalize)  # the evaluation's, without the targets' tidying
+
+    @torch.no_grad()
+    def predict_image(self, model, image, normalize, image_id: int) -> Prediction:
+        """COCO results with compressed-RLE masks at the image's own resolution: mask probabilities at the
+        training size are resized (bilinear) to the image's size, then thresholded at 0.5."""
+        import torch.nn.functional as F
+
+        x = self.predict_transform(normalize)(image).as_subclass(torch.Tensor)
+        device = next(model.parameters()).device
+        out = {k: v.cpu() for k, v in model.eval()([x.to(device)])[0].items()}
+        h, w = x.shape[-2:]
+        if (h, w) != (image.height, image.width):
+            sx, sy = image.width / w, image.height / h
+            out["boxes"] = out["boxes"] * torch.tensor([sx, sy, sx, sy])
+            if len(out["masks"]):
+                out["masks"] = F.interpolate(out["masks"], size=(image.height, image.width), mode="bilinear", align_corners=False)
+            else:
+                out["masks"] = torch.zeros((0, 1, image.height, image.width))
+        names = self.class_names()
+        records = result_entries(out, image_id)
+        for r in records:
+            r["category"] = names[r["category_id"] - 1]
+        threshold = self.cfg.options.draw_score_threshold
+        rgb = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).float() / 255
+        overlay = self.draw(rgb, out, score_threshold=threshold, min_size=0)
+        return Prediction(records, [r["category"] for r in records if r["score"] >= threshold], overlay=overlay)
 
     def _result(self, gt: dict, results: list[dict]) -> EvalResult:
         metrics, per_class = coco_scores(gt, results, self.class_names())

@@ -26,7 +26,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from cv_models.augment import build_transforms
-from cv_models.base import Check, CVTask, DataError, EvalResult, register_task
+from cv_models.base import Check, CVTask, DataError, EvalResult, Prediction, register_task
 from cv_models.data.probe import IMAGE_SUFFIXES, load_rgb, probe_image
 from cv_models.mix.segmentation import build_mixer
 from cv_models.nets import NETS
@@ -220,6 +220,18 @@ def model_outputs(output) -> tuple[torch.Tensor, torch.Tensor | None]:
     return output, None
 
 
+class LogitsOnly(nn.Module):
+    """torchvision's ``{"out", "aux"}`` dict reduced to the logits tensor, for export."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.model(x)
+        return out["out"] if isinstance(out, dict) else out
+
+
 def confusion(pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int) -> torch.Tensor:
     """``num_classes x num_classes`` pixel counts, rows = true class, ignored pixels left out."""
     valid = target != ignore_index
@@ -235,6 +247,7 @@ class SegmentationTask(CVTask):
     name = "segmentation"
     primary_metric = "miou"
     settings = SETTINGS
+    results_file = "predictions.csv"
 
     # ------------------------------------------------------------------ config
     @property
@@ -588,6 +601,26 @@ class SegmentationTask(CVTask):
         result.metrics["loss"] = loss_sum / max(n_pixels, 1)
         result.predictions = kept
         return result
+
+    @torch.no_grad()
+    def predict_image(self, model, image, normalize, image_id: int) -> Prediction:
+        """A class-index mask at the image's own resolution: the logits at the training size are resized
+        (bilinear) to the image's size, then the most likely class per pixel."""
+        x = self.predict_transform(normalize)(image).as_subclass(torch.Tensor)[None]
+        device = next(model.parameters()).device
+        logits, _ = model_outputs(model.eval()(x.to(device)))
+        if tuple(logits.shape[-2:]) != (image.height, image.width):
+            logits = F.interpolate(logits, size=(image.height, image.width), mode="bilinear", align_corners=False)
+        mask = logits.argmax(1)[0].to(torch.uint8).cpu()
+        names = self.class_names()
+        counts = torch.bincount(mask.flatten().long(), minlength=len(names))
+        record = {"image_id": image_id, **{f"pixels_{c}": round(float(n) / mask.numel(), 6) for c, n in zip(names, counts.tolist())}}
+        present = [c for c, n in zip(names[1:], counts[1:].tolist()) if n > 0]  # classes[0] is the background
+        rgb = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).float() / 255
+        return Prediction([record], present, mask=mask.numpy(), overlay=self.overlay(rgb, mask)[0])
+
+    def export_module(self, model):
+        return LogitsOnly(model)
 
     def _score(self, cm: torch.Tensor) -> EvalResult:
         names = self.class_names()

@@ -24,5 +24,6 @@ done
 echo "Prefect server on http://127.0.0.1:${PORT} (UI); serving deployments. Run, in another shell:"
 echo "  export PREFECT_API_URL=$PREFECT_API_URL"
 echo "  prefect deployment run train-detection/default --param epochs=1 --watch"
-echo "  (any task: train-<task>/default; --param batch_size=4, --param seed=1, --params '{\"overrides\": {...}}')"
+echo "  prefect deployment run predict-detection/default --param input=photos/ --param out=predictions/ --watch"
+echo "  (any task: train-<task>/default, predict-<task>/default; --param batch_size=4, --param seed=1, --params '{\"overrides\": {...}}')"
 python -m flows.serve

@@ -5,6 +5,11 @@
     python -m tasks crops          (object crops of a detection task, to pretrain on)
     python -m tasks {validate,normstats,baseline,augmented,evaluate} --task classification
     python -m tasks report
+    python -m tasks predict --task detection --model best --input photos/ --out predictions/
+    python -m tasks export --task detection --model best --format onnx [--out exports/detection]
+
+--model: baseline | augmented | best (by the validation metric) | path/to/model.pt or a bundle folder |
+models:/cv-<task>@champion (the Model Registry of the project's tracking store).
 
 Known failures (bad data, bad params, a failed sanity check) print a clear message and exit 1.
 """
@@ -33,11 +38,15 @@ def parse_overrides(pairs: list[str]) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tasks", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("stage", choices=("generate", "pretrain", "crops", *STAGES, "report"))
+    parser.add_argument("stage", choices=("generate", "pretrain", "crops", *STAGES, "report", "predict", "export"))
     parser.add_argument("--task", help="CV task name (a key of tasks: in params.yaml)")
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a params value, e.g. --set tasks.classification.train.epochs=1")
+    parser.add_argument("--model", default="best", help="predict / export: which model (see above)")
+    parser.add_argument("--input", help="predict: an image folder, an image file or a glob pattern")
+    parser.add_argument("--out", help="predict: output folder; export: output folder (default exports/<task>)")
+    parser.add_argument("--format", choices=("torchscript", "onnx"), default="onnx", help="export: file format")
     args = parser.parse_args(argv)
 
     from cv_models.base import DataError
@@ -51,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if accelerate.init_from_env() and args.stage not in ("baseline", "augmented"):
         parser.error("under torchrun only the training stages run (baseline, augmented); run the others with python")
+    if args.stage in ("predict", "export"):
+        return use_model(parser, args, overrides)
     try:
         if args.stage in ("generate", "pretrain", "crops"):
             importlib.import_module(f"tasks.{args.stage}").run(args.params, overrides)
@@ -64,4 +75,35 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 1
     accelerate.shutdown()
+    return 0
+
+
+def use_model(parser: argparse.ArgumentParser, args, overrides: dict) -> int:
+    """predict and export: known failures (bad input, wrong model, failed parity) exit 1 with the reason."""
+    from tasks.inference import ModelError
+
+    if not args.task:
+        parser.error(f"{args.stage} needs --task")
+    try:
+        if args.stage == "predict":
+            from tasks.predict import InputError, PredictionFailures
+
+            if not args.input or not args.out:
+                parser.error("predict needs --input and --out")
+            try:
+                importlib.import_module("tasks.predict").run(args.task, args.model, args.input, args.out, args.params, overrides)
+            except (InputError, PredictionFailures) as err:
+                print(f"error: {err}", file=sys.stderr)
+                return 1
+        else:
+            from tasks.export import ParityError
+
+            try:
+                importlib.import_module("tasks.export").run(args.task, args.model, args.format, args.out, args.params, overrides)
+            except ParityError as err:
+                print(f"error: {err}", file=sys.stderr)
+                return 1
+    except ModelError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     return 0

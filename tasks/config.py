@@ -31,6 +31,15 @@ class TrackingConfig(Strict):
     experiment_prefix: str = "cv-"
 
 
+class RegistryConfig(Strict):
+    """The evaluate stage's MLflow model: logged, registered as <name_prefix><task> and given ``alias`` when it
+    beats the current holder's validation metric on the same data version."""
+
+    enabled: bool = True
+    name_prefix: str = "cv-"  # cv-classification, cv-segmentation, cv-detection, cv-instance-segmentation
+    alias: str = "champion"
+
+
 class CropsConfig(Strict):
     """Object crops of a detection task's train split as an ImageFolder (``python -m tasks crops``), a
     pretraining dataset made of the objects themselves: ``pretrain.data: <out>``, ``split_from: seed``."""
@@ -61,6 +70,7 @@ class Params(Strict):
     pretrain: PretrainConfig = PretrainConfig()
     crops: CropsConfig = CropsConfig()
     tracking: TrackingConfig = TrackingConfig()
+    registry: RegistryConfig = RegistryConfig()
     shapes: ShapesConfig = ShapesConfig()
     tasks: dict[str, dict[str, Any]]
     # experiments over a task (checked by tasks/ablation.py and tasks/search.py when they start)

@@ -107,8 +107,17 @@ def run(task_name: str, params_path: str | Path = "params.yaml", overrides: dict
         for name, line in diagnosis.items():
             markdown += f"\n- {name}: {line or 'no sign of overfitting (val metric still improving or gap not growing)'}"
         markdown += "\n"
+        registered = None
+        if st.params.registry.enabled:  # the better model by validation metric, as an MLflow model in the registry
+            from tasks import registry
+
+            registered = registry.publish(st, {name: res.metrics for name, res in results.items()}, device)
+            markdown += (f"\nRegistered: {registered['name']} version {registered['version']} ({registered['stage']}); "
+                         f"{registered['decision']}\n")
         out_dir = outputs(task_name, "evaluate")
         with atomic_dir(out_dir) as tmp:
+            if registered is not None:
+                (tmp / "registry.json").write_text(json.dumps(registered, indent=2) + "\n")
             metrics = {name: res.metrics for name, res in results.items()}
             for name in speed:
                 metrics[name].update(speed[name])

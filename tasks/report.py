@@ -10,15 +10,20 @@ from tasks.paths import outputs
 def results_table(task_names: list[str]) -> str:
     from cv_models import TASKS
 
-    lines = ["| task | metric | dummy | baseline | augmented |", "|---|---|---|---|---|"]
+    lines = ["| task | metric | dummy | baseline | augmented | registered model (version, champion) |", "|---|---|---|---|---|---|"]
     for name in task_names:
         path = outputs(name, "evaluate") / "metrics.json"
         if not path.exists():
-            lines.append(f"| {name} | (not evaluated yet) | | | |")
+            lines.append(f"| {name} | (not evaluated yet) | | | | |")
             continue
         m = json.loads(path.read_text())
         metric = TASKS[name].primary_metric
-        lines.append(f"| {name} | test {metric} | " + " | ".join(f"{m[k][metric]:.4f}" for k in ("dummy", "baseline", "augmented")) + " |")
+        reg_path = outputs(name, "evaluate") / "registry.json"
+        reg = json.loads(reg_path.read_text()) if reg_path.exists() else None
+        registered = (f"{reg['name']} v{reg['version']} ({reg['stage']}); {reg['alias']}: v{reg['champion_version']}"
+                      if reg else "(not registered)")
+        lines.append(f"| {name} | test {metric} | " + " | ".join(f"{m[k][metric]:.4f}" for k in ("dummy", "baseline", "augmented"))
+                     + f" | {registered} |")
     return "\n".join(lines)
 
 

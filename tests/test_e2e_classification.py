@@ -87,6 +87,20 @@ def test_dvc_repro_beats_the_dummy(dvc_repo):
     assert "accuracy" in shown.stdout
 
 
+def test_dvc_repro_ends_with_the_champion_registered_and_named_in_the_report(dvc_repo):
+    import mlflow
+
+    client = mlflow.MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    registered = json.loads((dvc_repo / "outputs/classification/evaluate/registry.json").read_text())
+    version = client.get_model_version("cv-classification", str(registered["version"]))
+    assert version.tags["cv_task"] == "classification" and version.tags["stage"] == registered["stage"]
+    assert float(version.tags["test.accuracy"]) == pytest.approx(evaluation(dvc_repo)[registered["stage"]]["accuracy"], abs=1e-6)
+    champion = client.get_model_version_by_alias("cv-classification", "champion")
+    assert int(champion.version) == registered["champion_version"]  # this run's or a better one on the same data
+    report = subprocess.run([sys.executable, "-m", "tasks", "report"], cwd=dvc_repo, capture_output=True, text=True, env=_env())
+    assert f"cv-classification v{registered['version']}" in report.stdout, report.stdout + report.stderr
+
+
 def test_mlflow_holds_the_stage_runs_with_seeds_and_metrics(dvc_repo):
     import mlflow
 

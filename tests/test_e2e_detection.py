@@ -154,6 +154,13 @@ def test_prefect_deployment_run_through_the_cli(tmp_path):
         assert run.returncode == 0, output[-3000:] + serve_log.read_text()[-3000:]
         assert "Completed" in output, output[-2000:]
         flow_run_id = next(line.split()[-1] for line in output.splitlines() if "UUID" in line)
+        # the served predict-detection deployment: the new model on the test images
+        run = subprocess.run(["prefect", "deployment", "run", "predict-detection/default", "--param",
+                              "input=data/shapes/scenes/images/test", "--param", f"out={tmp_path / 'predicted'}", "--watch",
+                              "--watch-timeout", "200"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=250)
+        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:] + serve_log.read_text()[-3000:]
+        summary = json.loads((tmp_path / "predicted" / "summary.json").read_text())
+        assert summary["images"] == 12 and summary["failed"] == 0 and (tmp_path / "predicted" / "coco_results.json").exists()
     finally:
         _stop(serve)
         _stop(server)

@@ -1,0 +1,176 @@
+"""MLflow Models and the Model Registry, called by the evaluate stage.
+
+The better of baseline and augmented, chosen by the validation primary metric (the test split is for
+reporting only), is logged as an MLflow pyfunc model: :class:`CVModel` takes images as a uint8 array
+(``N x H x W x 3``, or one ``H x W x 3`` image) and returns the task's predictions as rows, exactly the
+records ``python -m tasks predict`` writes. It is registered as ``cv-<task>`` with tags (git commit, data
+version, params hash, validation and test metrics), and the alias ``champion`` moves to it only when it
+beats the current champion's validation metric on the same data version. When the champion was scored
+on another version of the validation data, it is scored again on the current one first.
+"""
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import pandas as pd
+
+from tasks.config import config_hash
+from tasks.data_version import read_data_version
+from tasks.inference import best_stage, load_bundle, load_registered, write_bundle
+from tasks.paths import models
+
+CODE = [str(Path(__file__).resolve().parents[1] / pkg) for pkg in ("tasks", "cv_models")]  # shipped with the model
+
+
+def model_name(params, task_name: str) -> str:
+    return params.registry.name_prefix + task_name.replace("_", "-")
+
+
+def as_images(model_input: Any) -> list[np.ndarray]:
+    """``N x H x W x 3`` / ``H x W x 3`` arrays, a list of images, or a one-column DataFrame of them -> uint8 images."""
+    if isinstance(model_input, pd.DataFrame):
+        model_input = list(model_input.iloc[:, 0])
+    if isinstance(model_input, dict):  # {"inputs": ...} as some clients send it
+        model_input = next(iter(model_input.values()))
+    if isinstance(model_input, np.ndarray):
+        images = [model_input] if model_input.ndim == 3 else list(model_input)
+    else:
+        images = list(model_input)  # images of different sizes
+    out = []
+    for k, im in enumerate(images):
+        im = np.asarray(im)
+        if im.ndim != 3 or im.shape[-1] != 3:
+            raise ValueError(f"image {k}: expected H x W x 3 RGB values, got shape {im.shape}")
+        out.append(np.clip(im, 0, 255).astype(np.uint8))
+    return out
+
+
+class CVModel(mlflow.pyfunc.PythonModel):
+    """The pipeline's model as a pyfunc: the bundle (weights, settings, normalisation) is its artifact."""
+
+    def load_context(self, context):
+        self.loaded = load_bundle(None, Path(context.artifacts["bundle"]))
+
+    def predict(self, context, model_input, params=None):
+        from PIL import Image
+
+        task, rows = self.loaded.task, []
+        for image_id, array in enumerate(as_images(model_input), start=1):
+            pred = task.predict_image(self.loaded.model, Image.fromarray(array), self.loaded.normalize, image_id)
+            rows += pred.records
+        return pd.DataFrame(rows)
+
+
+def _example(task) -> np.ndarray:
+    """One test image (else a grey one) as the input example: ``1 x H x W x 3`` uint8."""
+    try:
+        image = task.dataset("test", None)[0][0]
+        return np.asarray(image.convert("RGB"))[None]
+    except Exception:  # noqa: BLE001 - an empty test split: any image of the training size will do
+        s = task.cfg.image_size
+        return np.full((1, s, s, 3), 127, dtype=np.uint8)
+
+
+def _rescore(st, loaded, device) -> float:
+    """The champion's validation metric on the current validation split, with its own preprocessing."""
+    from cv_models import get_task
+    from tasks import engine
+
+    if loaded.task.class_names() != st.task.class_names():
+        raise ValueError(f"classes differ ({loaded.task.class_names()} vs {st.task.class_names()})")
+    scorer = get_task(st.task_name, loaded.task.cfg.model_copy(update={"data": st.cfg.data}))
+    scorer.normstats_dir = loaded.task.normstats_dir
+    val = scorer.dataset("val", scorer.eval_transforms(loaded.normalize))
+    loader = engine.make_loader(scorer, val, st.cfg.train.eval_batch_size, False, st.params.seed)
+    return float(scorer.evaluate(loaded.model.to(device), loader, device).metrics[st.task.primary_metric])
+
+
+def publish(st, test_metrics: dict[str, dict], device) -> dict[str, Any]:
+    """Log the better model as an MLflow model in the stage's run, register it, decide on the champion alias.
+
+    Returns what the results table shows: name, version, chosen stage, champion version and the decision.
+    """
+    reg = st.params.registry
+    task, primary = st.task, st.task.primary_metric
+    name = model_name(st.params, st.task_name)
+    stage = best_stage(st.task_name, primary)
+    version_all = read_data_version(st.task_name)
+    version_val = read_data_version(st.task_name, "val")
+    from tasks.tracking import git_commit
+
+    with tempfile.TemporaryDirectory() as tmp:
+        bundle = write_bundle(task, models(st.task_name, stage) / "model.pt", Path(tmp) / "bundle",
+                              extra={"stage": stage, "data_version": version_all["digest"]})
+        loaded = load_bundle(st.task_name, bundle)
+        val_metric = float(loaded.info["val_metrics"].get(primary, float("nan")))
+        example = _example(task)
+        output = CVModel()
+        output.loaded = loaded
+        sample = output.predict(None, example)
+        from mlflow.models import ModelSignature
+        from mlflow.types import Schema, TensorSpec
+
+        try:
+            outputs = mlflow.models.infer_signature(example, sample).outputs
+        except Exception:  # noqa: BLE001 - outputs the schema cannot describe: inputs only
+            outputs = None
+        # any number of images of any size (one request holds images of one size)
+        signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, 3))]), outputs=outputs)
+        import torch
+        import torchvision
+
+        requirements = [f"torch=={torch.__version__.split('+')[0]}", f"torchvision=={torchvision.__version__.split('+')[0]}",
+                        f"mlflow=={mlflow.__version__}", "pandas", "numpy", "pillow", "pycocotools", "pydantic", "pyyaml"]
+        info = mlflow.pyfunc.log_model(name="model", python_model=CVModel(), artifacts={"bundle": str(bundle)},
+                                       code_paths=CODE, signature=signature, input_example=example,
+                                       pip_requirements=requirements)
+    tests = {k: v for k, v in test_metrics[stage].items() if "/" not in k and isinstance(v, (int, float))}
+    tags = {"cv_task": st.task_name, "stage": stage, "git_commit": git_commit(), "data_version": version_all["digest"],
+            "data_version_val": version_val["digest"], "params_hash": config_hash(st.cfg), f"val.{primary}": repr(float(val_metric)),
+            **{f"test.{k}": f"{v:.6f}" for k, v in tests.items()}}
+    client = mlflow.MlflowClient()
+    try:
+        client.create_registered_model(name, tags={"cv_task": st.task_name},
+                                       description=f"{st.task_name}: the pipeline's better model by validation {primary}")
+    except mlflow.exceptions.MlflowException:
+        pass  # already there
+    mv = mlflow.register_model(info.model_uri, name, tags=tags)
+    decision = decide_champion(st, client, name, mv.version, val_metric, version_val["digest"], device)
+    for k, v in decision["tags"].items():
+        client.set_model_version_tag(name, mv.version, k, v)
+    if decision["move"]:
+        client.set_registered_model_alias(name, reg.alias, mv.version)
+    champion = client.get_model_version_by_alias(name, reg.alias).version
+    out = {"name": name, "version": int(mv.version), "stage": stage, f"val_{primary}": val_metric, "alias": reg.alias,
+           "champion_version": int(champion), "decision": decision["text"], "model_uri": info.model_uri,
+           "data_version": version_all["digest"]}
+    print(f"[registry] {name} version {mv.version} ({stage}, val {primary} {val_metric:.4f}): {decision['text']}")
+    return out
+
+
+def decide_champion(st, client, name: str, version: str, val_metric: float, data_version_val: str, device) -> dict:
+    """Move the alias only when the new version beats the champion's validation metric on the same data version."""
+    alias, primary = st.params.registry.alias, st.task.primary_metric
+    try:
+        champ = client.get_model_version_by_alias(name, alias)
+    except mlflow.exceptions.MlflowException:
+        return {"move": True, "text": f"first {alias}", "tags": {"champion_decision": f"first {alias}"}}
+    champ_val = float(champ.tags.get(f"val.{primary}", "-inf"))
+    how = "its recorded score"
+    if champ.tags.get("data_version_val") != data_version_val:
+        try:
+            champ_val = _rescore(st, load_registered(st.task_name, f"models:/{name}/{champ.version}"), device)
+            how = "rescored on this data version"
+        except Exception as err:  # noqa: BLE001 - a champion that cannot be scored here cannot hold the alias
+            champ_val, how = float("-inf"), f"not scorable on this data version ({type(err).__name__}: {str(err)[:200]})"
+    move = val_metric > champ_val
+    text = (f"val {primary} {val_metric:.4f} vs {alias} version {champ.version} {champ_val:.4f} ({how}) on data version "
+            f"{data_version_val[:12]}: " + (f"{alias} moved to version {version}" if move else f"{alias} stays on version {champ.version}"))
+    tags = {"champion_decision": text, f"previous_{alias}_version": str(champ.version),
+            f"previous_{alias}_val.{primary}": repr(float(champ_val))}
+    return {"move": move, "text": text, "tags": tags}
+

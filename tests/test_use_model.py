@@ -1,0 +1,320 @@
+"""From a trained model to its use: `python -m tasks predict` on new images for all four tasks, its
+predictions on the test split scored to the evaluate stage's figure, bad inputs, real datasets, and the
+Model Registry's champion (MLflow models served over HTTP: tests/test_serve.py).
+
+One tiny project trains every task for two epochs (module fixture); the tests use its models."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from tests.conftest import REPO, TINY, write_params
+
+TASKS = ("classification", "segmentation", "detection", "instance_segmentation")
+DATASETS = Path(os.environ.get("CV_SHARED_DATASETS") or REPO.parent / "shared" / "datasets")  # the env: from a worktree
+TEST_INPUT = {"classification": "data/shapes/classification/test", "segmentation": "data/shapes/scenes/images/test",
+              "detection": "data/shapes/scenes/images/test", "instance_segmentation": "data/shapes/scenes/images/test"}
+
+
+def overrides() -> dict:
+    ov = dict(TINY)
+    for t in TASKS:
+        ov.update({f"tasks.{t}.train.epochs": 2, f"tasks.{t}.overfit_check.enabled": False, f"tasks.{t}.train.num_threads": 1,
+                   f"tasks.{t}.preview_samples": 4})
+    for t in TASKS[1:]:  # the scenes' own size: the evaluation scores at the input's resolution too
+        ov[f"tasks.{t}.image_size"] = 64
+    return ov
+
+
+def train_project(root: Path, tiny_shapes: Path, tasks=TASKS) -> Path:
+    """Every stage of ``tasks`` run in-process in ``root`` (the working folder must be ``root``)."""
+    from tasks import augmented, baseline, evaluate, normstats, validate
+
+    shutil.copytree(tiny_shapes, root / "data" / "shapes")
+    params = write_params(root, overrides())
+    for task in tasks:
+        for stage in (validate, normstats, baseline, augmented, evaluate):
+            stage.run(task, params)
+    return root
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_shapes):
+    root = tmp_path_factory.mktemp("predict")
+    before = os.getcwd()
+    os.chdir(root)
+    try:
+        yield train_project(root, tiny_shapes)
+    finally:
+        os.chdir(before)
+
+
+def task_of(root: Path, name: str):
+    from cv_models import get_task
+    from tasks.config import load_params
+
+    return get_task(name, load_params(root / "params.yaml").task(name))
+
+
+def evaluated(root: Path, name: str) -> tuple[dict, dict]:
+    folder = root / "outputs" / name / "evaluate"
+    return json.loads((folder / "metrics.json").read_text()), json.loads((folder / "registry.json").read_text())
+
+
+def remap(results: list[dict], out: Path, id_of_path: dict[str, int]) -> list[dict]:
+    """Our results' image ids (position in the input) -> the evaluation's ground-truth ids, by file."""
+    path_of = {im["id"]: str(Path(im["file_name"]).resolve()) for im in json.loads((out / "images.json").read_text())}
+    return [{**r, "image_id": id_of_path[path_of[r["image_id"]]]} for r in results]
+
+
+def predicted_metric(root: Path, name: str, out: Path) -> dict[str, float]:
+    """The task's test metric recomputed from what `predict` wrote."""
+    task = task_of(root, name)
+    if name == "classification":
+        df = pd.read_csv(out / "predictions.csv")
+        return {"accuracy": float((df["class"] == df["file"].map(lambda f: Path(f).parent.name)).mean())}
+    if name == "segmentation":
+        import torch
+
+        from cv_models.segmentation import confusion
+
+        n = len(task.class_names())
+        cm = torch.zeros(n, n, dtype=torch.long)
+        for im in json.loads((out / "images.json").read_text()):
+            pred = torch.from_numpy(np.asarray(Image.open(out / im["mask"])).astype(np.int64))
+            truth = torch.from_numpy(np.asarray(Image.open(root / "data/shapes/scenes/masks/test" / (Path(im["file_name"]).stem + ".png"))).astype(np.int64))
+            assert pred.shape == truth.shape
+            cm += confusion(pred, truth, n, task.ignore_index)
+        return task._score(cm).metrics
+    results = json.loads((out / "coco_results.json").read_text())
+    details = root / "outputs" / name / "evaluate" / "details"
+    if name == "detection":
+        from cv_models.detection import coco_map
+
+        ids = {str(Path(r["path"]).resolve()): r["image_id"] for r in task.records("test")}
+        gt = json.loads((details / "ground_truth_test.json").read_text())
+        return coco_map(gt, remap(results, out, ids), task.class_names())[0]
+    from cv_models.instance_segmentation import coco_scores
+
+    ids = {str(Path(r["path"]).resolve()): r["image_id"] for r in task._records("test")}
+    gt = json.loads((details / "coco_ground_truth.json").read_text())
+    return coco_scores(gt, remap(results, out, ids), task.class_names())[0]
+
+
+@pytest.mark.parametrize("name", TASKS)
+def test_predictions_on_the_test_split_give_the_evaluate_stages_metric(trained, name, monkeypatch):
+    from tasks import predict
+
+    monkeypatch.chdir(trained)
+    metrics, registered = evaluated(trained, name)
+    out = trained / "pred" / name
+    summary = predict.run(name, "best", TEST_INPUT[name], out)
+    assert summary["images"] == metrics["n_test"] and summary["failed"] == 0
+    assert summary["images_per_second"] > 0 and (out / "summary.md").exists()
+    got = predicted_metric(trained, name, out)
+    stage = registered["stage"]  # "best" is the registered one: the better validation metric
+    keys = {"classification": ["accuracy"], "segmentation": ["miou", "pixel_accuracy"], "detection": ["map50", "map"],
+            "instance_segmentation": ["mask_map50", "box_map50", "mask_map"]}[name]
+    for key in keys:
+        assert got[key] == pytest.approx(metrics[stage][key], abs=1e-6), (key, got[key], metrics[stage][key])
+    if name != "classification":  # an overlay per image for the dense tasks
+        assert len(list((out / "overlays").glob("*.png"))) == summary["images"]
+
+
+@pytest.mark.parametrize("name", TASKS)
+def test_outputs_are_at_the_inputs_own_resolution(trained, name, monkeypatch, tmp_path):
+    from pycocotools import mask as mask_utils
+
+    from tasks import predict
+
+    monkeypatch.chdir(trained)
+    source = sorted(Path(TEST_INPUT[name]).rglob("*.png"))[0]
+    image = Image.open(source).convert("RGB").resize((150, 90))
+    image.save(tmp_path / "wide.png")
+    out = tmp_path / "out"
+    predict.run(name, "augmented", str(tmp_path / "wide.png"), out)
+    assert json.loads((out / "images.json").read_text())[0]["width"] == 150
+    if name == "classification":
+        row = pd.read_csv(out / "predictions.csv").iloc[0]
+        assert row[[c for c in row.index if c.startswith("prob_")]].sum() == pytest.approx(1, abs=1e-4)
+        return
+    assert Image.open(out / "overlays" / "wide.png").size == (150, 90)
+    if name == "segmentation":
+        mask = np.asarray(Image.open(out / "masks" / "wide.png"))
+        assert mask.shape == (90, 150) and mask.max() < len(task_of(trained, name).class_names())
+        return
+    results = json.loads((out / "coco_results.json").read_text())
+    assert results, "an untrained-looking model: no detections at all"
+    for r in results:
+        x, y, w, h = r["bbox"]
+        assert -1e-3 <= x and x + w <= 150 + 1e-3 and -1e-3 <= y and y + h <= 90 + 1e-3
+        if name == "instance_segmentation":
+            assert r["segmentation"]["size"] == [90, 150]
+            assert mask_utils.decode({**r["segmentation"], "counts": r["segmentation"]["counts"].encode()}).shape == (90, 150)
+
+
+def test_bad_inputs_are_named_and_the_other_images_still_predicted(trained, monkeypatch, tmp_path, capsys):
+    from tasks.cli import main
+
+    monkeypatch.chdir(trained)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    good = sorted(Path(TEST_INPUT["classification"]).rglob("*.png"))[:2]
+    for k, p in enumerate(good):
+        shutil.copy(p, folder / f"good{k}.png")
+    (folder / "broken.png").write_bytes(b"this is not a png")
+    Image.open(good[0]).convert("L").save(folder / "gray.png")
+    Image.open(good[0]).convert("RGBA").save(folder / "rgba.png")
+    (folder / "notes.txt").write_text("not an image suffix: not an input")
+    out = tmp_path / "out"
+    code = main(["predict", "--task", "classification", "--model", "best", "--input", str(folder), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 1 and "broken.png: not readable as an image" in err and "1 of 5 input(s) failed" in err
+    df = pd.read_csv(out / "predictions.csv")
+    assert sorted(Path(f).name for f in df["file"]) == ["good0.png", "good1.png", "gray.png", "rgba.png"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["images"] == 4 and summary["failed"] == 1
+    assert any("gray.png: mode L converted to RGB" in n for n in summary["notes"])
+    assert any("rgba.png: mode RGBA converted to RGB" in n for n in summary["notes"])
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["predict", "--task", "classification", "--input", str(empty), "--out", str(tmp_path / "o2")]) == 1
+    assert "folder holds no image files" in capsys.readouterr().err
+    assert main(["predict", "--task", "classification", "--input", str(tmp_path / "*.jpeg"), "--out", str(tmp_path / "o3")]) == 1
+    assert "the pattern matches no file" in capsys.readouterr().err
+
+    code = main(["predict", "--task", "segmentation", "--model", "models/classification/augmented/model.pt",
+                 "--input", str(folder / "good0.png"), "--out", str(tmp_path / "o4")])
+    assert code == 1 and "is a 'classification' model, not 'segmentation'" in capsys.readouterr().err
+    code = main(["predict", "--task", "classification", "--model", str(folder / "broken.png"),
+                 "--input", str(folder / "good0.png"), "--out", str(tmp_path / "o5")])
+    assert code == 1 and "not readable as a model file" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not DATASETS.is_dir(), reason=f"{DATASETS} is absent (the shared real datasets)")
+@pytest.mark.parametrize("name, pattern, size", [
+    ("classification", "trashnet150/data/dataset-resized/cardboard/cardboard1*.jpg", None),
+    ("detection", "bccd/BCCD/JPEGImages/BloodImage_0000[0-2].jpg", (640, 480)),
+])
+def test_predict_on_a_real_dataset(trained, monkeypatch, tmp_path, name, pattern, size):
+    """The shapes-trained models on real photographs: every file read, predicted and written at its own size."""
+    import glob
+
+    from tasks import predict
+
+    monkeypatch.chdir(trained)
+    files = glob.glob(str(DATASETS / pattern))
+    summary = predict.run(name, "best", str(DATASETS / pattern), tmp_path)
+    assert summary["images"] == len(files) > 0 and summary["failed"] == 0
+    images = json.loads((tmp_path / "images.json").read_text())
+    if size:
+        assert all((im["width"], im["height"]) == size for im in images)
+        assert len(list((tmp_path / "overlays").glob("*.png"))) == len(files)
+    else:
+        assert len(pd.read_csv(tmp_path / "predictions.csv")) == len(files)
+
+
+def test_registered_champion_predicts_like_the_best_model_and_keeps_the_alias_unless_beaten(trained, monkeypatch, tmp_path):
+    import mlflow
+
+    from tasks import evaluate, predict
+
+    monkeypatch.chdir(trained)
+    _, registered = evaluated(trained, "classification")
+    assert registered["name"] == "cv-classification" and registered["champion_version"] == registered["version"]
+    a = predict.run("classification", "best", TEST_INPUT["classification"], tmp_path / "best")
+    b = predict.run("classification", "models:/cv-classification@champion", TEST_INPUT["classification"], tmp_path / "champ")
+    assert a["images"] == b["images"]
+    assert pd.read_csv(tmp_path / "best" / "predictions.csv").equals(pd.read_csv(tmp_path / "champ" / "predictions.csv"))
+
+    evaluate.run("classification", trained / "params.yaml")  # the same models on the same data: no better, alias stays
+    _, again = evaluated(trained, "classification")
+    client = mlflow.MlflowClient()
+    for name in TASKS:  # every task's evaluate stage registered its model and gave it the alias
+        champion = client.get_model_version_by_alias(f"cv-{name.replace('_', '-')}", "champion")
+        assert champion.tags["cv_task"] == name
+    version = client.get_model_version("cv-classification", str(again["version"]))
+    assert again["version"] == registered["version"] + 1 and again["champion_version"] == registered["version"]
+    assert version.tags["previous_champion_version"] == str(registered["version"])
+    assert version.tags["previous_champion_val.accuracy"] == version.tags["val.accuracy"]
+    assert "champion stays" in version.tags["champion_decision"]
+    for key in ("git_commit", "data_version", "params_hash", "test.accuracy"):
+        assert version.tags[key]
+    assert version.tags["data_version"] == json.loads((trained / "outputs/classification/validate/report.json").read_text())[
+        "data_version"]["all"]["digest"]
+    from tasks.report import results_table
+
+    assert f"cv-classification v{again['version']}" in results_table(list(TASKS))
+
+    # a new version of the validation data: the champion is scored again on it before the comparison
+    report_path = trained / "outputs/classification/validate/report.json"
+    original = report_path.read_text()
+    report = json.loads(original)
+    report["data_version"]["val"]["digest"] = "0" * 64
+    report_path.write_text(json.dumps(report))
+    try:
+        evaluate.run("classification", trained / "params.yaml")
+    finally:
+        report_path.write_text(original)
+    _, third = evaluated(trained, "classification")
+    tags = client.get_model_version("cv-classification", str(third["version"])).tags
+    assert "rescored on this data version" in tags["champion_decision"], tags["champion_decision"]
+    # the same model on the same images: the rescored figure is the one recorded at training
+    assert float(tags["previous_champion_val.accuracy"]) == pytest.approx(float(version.tags["val.accuracy"]), abs=1e-6)
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+@pytest.mark.parametrize("name", TASKS)
+def test_export_passes_its_parity_check_and_describes_itself(trained, name, fmt, monkeypatch, tmp_path):
+    from tasks import export
+
+    monkeypatch.chdir(trained)
+    meta = export.run(name, "best", fmt, tmp_path, trained / "params.yaml")
+    path = tmp_path / ("model.onnx" if fmt == "onnx" else "model.torchscript.pt")
+    described = json.loads(path.with_suffix(".json").read_text())
+    assert described == meta and described["parity"]["passed"] and described["parity"]["images"] >= 3
+    assert described["classes"] == task_of(trained, name).class_names()
+    assert described["image_size"] == (32 if name == "classification" else 64)
+    worst, tol = described["parity"]["worst"], described["parity"]["tolerance"]
+    if name in ("detection", "instance_segmentation"):
+        assert worst["unmatched"] == 0 and worst["detections_ref"] > 0  # detections compared, not two empty lists
+        assert worst["box_px"] <= tol["box_px"] and worst["score"] <= tol["score"]
+        if name == "instance_segmentation":
+            assert worst["mask_iou"] >= tol["mask_iou"] and worst["mask_prob"] <= tol["mask_prob"]
+    else:
+        assert worst["logits"] <= tol["logits"]
+        assert described["normalization"]["mean"] and "before the model" in described["normalization"]["applied"]
+
+
+def test_parity_check_fails_on_another_models_outputs(trained, monkeypatch, tmp_path):
+    """The check can fail: baseline's exported file against the augmented model's PyTorch outputs."""
+    from tasks import export
+    from tasks.inference import load
+
+    monkeypatch.chdir(trained)
+    export.run("segmentation", "baseline", "onnx", tmp_path, trained / "params.yaml")
+    images = export.parity_images("segmentation", trained / "params.yaml", None, 3)
+    with pytest.raises(export.ParityError, match="differs from PyTorch"):
+        export.parity(load("segmentation", "augmented"), "onnx", tmp_path / "model.onnx", images)
+
+
+def test_predict_flows_are_served_beside_the_training_flows(trained, monkeypatch, tmp_path):
+    import flows.predict
+    from flows.predict import FLOWS
+    from flows.serve import deployments
+
+    monkeypatch.chdir(trained)
+    names = {d.flow_name for d in deployments(str(trained / "params.yaml"))}
+    assert {f"predict-{t.replace('_', '-')}" for t in TASKS} <= names and "train-detection" in names
+    # the flow's function runs the predict stage (a served run, with Prefect's engine: test_e2e_detection.py)
+    monkeypatch.setattr(flows.predict, "predict_task", flows.predict.predict_task.fn)
+    summary = FLOWS["classification"].fn(input=TEST_INPUT["classification"], out=str(tmp_path / "out"))
+    assert summary["images"] == len(pd.read_csv(tmp_path / "out" / "predictions.csv"))
