@@ -103,7 +103,13 @@ class SegmentationDataset(Dataset):
 
     def mask(self, i: int) -> torch.Tensor:
         if i not in self._masks:
-            m = self.load_mask(self.samples[i])
+            try:
+                m = self.load_mask(self.samples[i])
+            except DataError:
+                raise
+            except Exception as err:  # noqa: BLE001 - a bad mask stops with its name and the rule, not a PIL traceback
+                raise DataError(f"{self.samples[i]['mask_source']}: mask cannot be read ({type(err).__name__}: {err}) "
+                                f"(rule: every mask decodes; run the validate stage)") from None
             if m.min() < 0 or m.max() > 255:
                 raise DataError(f"{self.samples[i]['mask_source']}: mask values outside 0..255 or undeclared colours "
                                 f"(rule: mask values in the declared classes; run the validate stage)")

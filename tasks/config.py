@@ -65,7 +65,9 @@ class TrainConfig(Strict):
     optimizer: OptimizerConfig = OptimizerConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
     loss: LossConfig = LossConfig()
-    resume: bool = True
+    # true: continue from checkpoints/<task>/<stage>/last.pt when it was made by the same run (settings, seed, code,
+    # data), else start afresh saying why; strict: refuse to start when it was not; false: always start afresh
+    resume: bool | Literal["strict"] = True
     device: str = "auto"
     grad_clip_norm: float = Field(0.0, ge=0, description="clip the gradient norm to this; 0 = off")
     ema_decay: float = Field(0.0, ge=0, lt=1, description="exponential moving average of the weights; 0 = off")
@@ -201,6 +203,9 @@ class DataConfig(Strict):
     color_mode: Literal["convert", "reject"] = "convert"  # grayscale / RGBA / palette images
     min_size: int = Field(8, ge=1)
     max_size: int = Field(8192, ge=1)
+    # a symlink inside the dataset whose target lies outside data.path: followed and listed in the validation
+    # notes (true), or refused by validation (false); '..' and absolute file names are always refused
+    follow_symlinks: bool = True
     options: dict[str, Any] = {}  # task-specific reader options
 
     @model_validator(mode="after")

@@ -12,7 +12,7 @@ os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
 
 from cv_models import get_task  # noqa: E402
 from cv_models.base import CVTask  # noqa: E402
-from tasks import tracking  # noqa: E402
+from tasks import runstate, tracking  # noqa: E402
 from tasks.config import Params, TaskConfig, load_params  # noqa: E402
 from tasks.seeding import seed_everything  # noqa: E402
 
@@ -51,7 +51,8 @@ def open_stage(stage: str, task_name: str, params_path: str | Path = "params.yam
     seeds = seed_everything(params.seed)
     task = get_task(task_name, cfg)
     extra = {"overrides": json.dumps(overrides)} if overrides else None
-    with tracking.stage_run(params, task_name, stage, cfg, seeds, pipeline_run_id, extra_params=extra) as run_id:
+    # one writer per task and stage; SIGTERM/SIGINT unwind the stage (run KILLED, temporary folder removed)
+    with runstate.guard(task_name, stage), tracking.stage_run(params, task_name, stage, cfg, seeds, pipeline_run_id, extra_params=extra) as run_id:
         yield Stage(params, stage, task_name, cfg, task, seeds, run_id)
 
 

@@ -8,6 +8,7 @@ import torch
 from cv_models.normalize import load_normalizer
 from tasks import engine
 from tasks.config import AugmentConfig
+from tasks.data_version import read_data_version
 from tasks.paths import checkpoints, models, outputs
 from tasks.stage import Stage, write_json
 from cv_models.visualise import history_figure
@@ -37,6 +38,7 @@ def train_model(st: Stage, augment: AugmentConfig | None, out_dir: Path) -> tupl
         extra_state={"augment": augment.model_dump(mode="json") if augment else None,
                      "model": st.cfg.model.model_dump(mode="json"), "normalization": st.cfg.normalization},
         train_eval_set=train_eval,
+        data_version=read_data_version(st.task_name)["digest"],  # resume only onto the same data
     )
     out_dir.mkdir(parents=True, exist_ok=True)
     result.history.to_csv(out_dir / "history.csv", index=False)
@@ -49,8 +51,8 @@ def train_model(st: Stage, augment: AugmentConfig | None, out_dir: Path) -> tupl
 
 def summary_metrics(st: Stage, result: engine.FitResult) -> dict:
     m = st.task.primary_metric
-    return {f"val_{m}": result.best_metrics[m], "best_epoch": result.best_epoch,
-            "train_seconds": round(result.seconds, 2), "epochs": st.cfg.train.epochs,
+    # no wall-clock figures here: identical runs give identical metrics.json (timings go to timings.json and MLflow)
+    return {f"val_{m}": result.best_metrics[m], "best_epoch": result.best_epoch, "epochs": st.cfg.train.epochs,
             "epochs_run": len(result.history)}  # fewer than epochs after early stopping or the time limit
 
 
@@ -73,5 +75,12 @@ def preview(st: Stage, augment: AugmentConfig | None, path: Path) -> Path:
     return save_grid(pictures, path)
 
 
-def write_metrics(out_dir: Path, metrics: dict) -> None:
+def write_metrics(out_dir: Path, metrics: dict, timings: dict | None = None) -> None:
+    """``metrics.json`` (repeatable: what DVC compares) and ``timings.json`` beside it (wall-clock figures)."""
     write_json(out_dir / "metrics.json", metrics)
+    if timings is not None:
+        write_json(out_dir / "timings.json", timings)
+
+
+def timings(result: engine.FitResult) -> dict:
+    return {"train_seconds": round(result.seconds, 2)}
