@@ -415,14 +415,16 @@ class SegmentationTask(CVTask):
 
         d, E = self.cfg.data, gx.expectations
         names = self.class_names()
+        # sizes from the header (width > 0), so a decompression bomb refused before decoding breaks the size rule too
+        sized = dict(row_condition="width > 0", condition_parser="pandas")
         decoded = dict(row_condition="decodes == True", condition_parser="pandas")
         mask_read = dict(row_condition="mask_decodes == True", condition_parser="pandas")
         out = [
             Check("samples", "every file decodes as an image", E.ExpectColumnValuesToBeInSet(column="decodes", value_set=[True])),
             Check("samples", f"image width within [{d.min_size}, {d.max_size}]",
-                  E.ExpectColumnValuesToBeBetween(column="width", min_value=d.min_size, max_value=d.max_size, **decoded)),
+                  E.ExpectColumnValuesToBeBetween(column="width", min_value=d.min_size, max_value=d.max_size, **sized)),
             Check("samples", f"image height within [{d.min_size}, {d.max_size}]",
-                  E.ExpectColumnValuesToBeBetween(column="height", min_value=d.min_size, max_value=d.max_size, **decoded)),
+                  E.ExpectColumnValuesToBeBetween(column="height", min_value=d.min_size, max_value=d.max_size, **sized)),
             Check("samples", "every image has a mask file (same name under the masks folder)",
                   E.ExpectColumnValuesToBeInSet(column="mask_exists", value_set=[True]), key_column="mask"),
             Check("samples", "every mask decodes (image file or COCO annotation)",
