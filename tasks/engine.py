@@ -261,14 +261,14 @@ def fit(
             start_epoch = ck["epoch"] + 1
             print(f"[{desc}] resuming from {checkpoint_path} after epoch {ck['epoch']}")
         else:
-            why = (", ".join(f"{k} ({PART_NAMES[k]})" for k in differs) if ck.get("fingerprint_parts")
-                   else "it was written by an older version of the pipeline")
+            why = (", ".join(f"{k} ({PART_NAMES[k]})" for k in differs) + (" differs" if len(differs) == 1 else " differ")
+                   + " from this run" if ck.get("fingerprint_parts") else "it was written by an older version of the pipeline")
             if cfg.resume == "strict":
                 raise CheckpointError(
-                    f"{checkpoint_path} belongs to another run: {why} differ(s) from this run (rule: train.resume: strict "
+                    f"{checkpoint_path} belongs to another run: {why} (rule: train.resume: strict "
                     f"resumes only the same settings, seed, code and data). Delete the file to start afresh, or set "
                     f"train.resume: true to start afresh automatically.")
-            print(f"[{desc}] not resuming from {checkpoint_path}: {why} differ(s) from this run; starting afresh")
+            print(f"[{desc}] not resuming from {checkpoint_path}: {why}; starting afresh")
 
     t0 = time.perf_counter() - elapsed
     stop = cfg.early_stopping
