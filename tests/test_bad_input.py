@@ -281,7 +281,7 @@ def snapshot(root: Path) -> dict[str, bytes]:
             for p in (root / top).rglob("*") if p.is_file()}
 
 
-@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.e2e) if c.subprocess else n for n, c in CASES.items()])
 def test_bad_input_stops_with_the_file_and_rule(project, name, capfd):
     import time
 
@@ -309,6 +309,7 @@ def test_bad_input_stops_with_the_file_and_rule(project, name, capfd):
     assert not (project.root / "PWNED").exists()  # nothing ran from the planted checkpoint
 
 
+@pytest.mark.e2e
 def test_a_second_run_of_the_same_stage_stops_naming_the_holder(project):
     from tasks import runstate
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -129,3 +131,17 @@ def test_a_stale_lock_is_taken_over(project):
                 pass
         with runstate.stage_lock("classification", "augmented"):  # another stage: its own lock
             pass
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_signals_unwind_the_stage_and_restore_the_handlers(signum, tmp_path):
+    from tasks.paths import atomic_dir
+
+    before = signal.getsignal(signum)
+    with pytest.raises(runstate.StageInterrupted) as err:
+        with runstate.signals_interrupt(), atomic_dir(tmp_path / "out"):
+            os.kill(os.getpid(), signum)
+            time.sleep(5)  # the handler raises here at once
+    assert err.value.signum == signum
+    assert list(tmp_path.iterdir()) == []  # the temporary folder went with it
+    assert signal.getsignal(signum) is before
