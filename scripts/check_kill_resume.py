@@ -65,6 +65,15 @@ def finish(proc: subprocess.Popen) -> str:
     return out
 
 
+def wait_for(ckpt: Path, proc: subprocess.Popen) -> float:
+    """Wait for the first resume checkpoint (the first epoch done); returns when it appeared."""
+    while not ckpt.exists():
+        if proc.poll() is not None:
+            raise SystemExit(f"stage ended before its first checkpoint:\n{proc.communicate()[1][-3000:]}")
+        time.sleep(0.02)
+    return time.time()
+
+
 def results(folder: Path, task: str) -> tuple[dict, bytes, bytes]:
     model = torch.load(folder / f"models/{task}/baseline/model.pt", weights_only=True)["model"]
     out = folder / f"outputs/{task}/baseline"
@@ -88,26 +97,31 @@ def check(task: str, rng: random.Random, keep: Path | None) -> dict:
     for stage in ("validate", "normstats"):
         finish(cli(folder, env, stage, task))
 
-    start = time.time()
-    finish(cli(folder, env, "baseline", task))  # the uninterrupted reference
-    per_epoch = (time.time() - start) / TASKS[task]["train.epochs"]
+    ckpt = folder / f"checkpoints/{task}/baseline/last.pt"
+    epochs = TASKS[task]["train.epochs"]
+    proc = cli(folder, env, "baseline", task)  # the uninterrupted reference; its epoch time sets the kill window
+    first = wait_for(ckpt, proc)
+    finish(proc)
+    per_epoch = (time.time() - first) / max(epochs - 1, 1)
     reference = results(folder, task)
     shutil.rmtree(folder / f"models/{task}/baseline")
     shutil.rmtree(folder / f"outputs/{task}/baseline")
 
-    ckpt = folder / f"checkpoints/{task}/baseline/last.pt"
+    # a random point of training after the first epoch (a kill before it simply starts afresh)
     proc = cli(folder, env, "baseline", task)
-    delay = rng.uniform(0, per_epoch * (TASKS[task]["train.epochs"] - 0.5))  # a random point of the stage
+    wait_for(ckpt, proc)
+    delay = rng.uniform(0, per_epoch * (epochs - 1.3))
     end = time.time() + delay
     while time.time() < end and proc.poll() is None:
         time.sleep(0.02)
     killed = proc.poll() is None
-    done_epoch = 0
+    done_epoch, finished = 0, False
     if killed:
         os.kill(proc.pid, signal.SIGKILL)
         proc.communicate()
         if ckpt.exists():
-            done_epoch = int(torch.load(ckpt, weights_only=True)["epoch"])
+            ck = torch.load(ckpt, weights_only=True)
+            done_epoch, finished = int(ck["epoch"]), bool(ck.get("done"))
     else:
         finish(proc)
 
@@ -116,8 +130,9 @@ def check(task: str, rng: random.Random, keep: Path | None) -> dict:
     resumed_after = int(out.split(marker)[1].split()[0]) if marker in out else 0
     model, metrics, history = results(folder, task)
     same_model = model.keys() == reference[0].keys() and all(torch.equal(model[k], reference[0][k]) for k in model)
-    report = {"task": task, "killed_after_s": round(delay, 1), "killed": killed, "epochs_done_at_kill": done_epoch,
-              "resumed_after_epoch": resumed_after, "epochs_redone": max(done_epoch - resumed_after, 0) + (1 if killed else 0),
+    report = {"task": task, "killed_s_after_epoch_1": round(delay, 1), "epoch_s": round(per_epoch, 1), "killed": killed, "epochs_done_at_kill": done_epoch,
+              "resumed_after_epoch": resumed_after, "training_had_finished": finished,
+              "epochs_redone": max(done_epoch - resumed_after, 0) + (1 if killed and not finished else 0),
               "same_model_tensors": same_model, "same_metrics_json": metrics == reference[1],
               "same_history_csv": history == reference[2]}
     report["ok"] = bool(same_model and metrics == reference[1] and history == reference[2] and resumed_after == done_epoch)

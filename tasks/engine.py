@@ -216,6 +216,7 @@ def fit(
     extra_state: dict | None = None,
     train_eval_set: Dataset | None = None,
     data_version: str | None = None,
+    keep_checkpoint: bool = False,
 ) -> FitResult:
     """Train for ``cfg.epochs``; keep the weights with the best validation ``task.primary_metric``.
 
@@ -223,6 +224,8 @@ def fit(
     last epoch so an interrupted run resumes; it is used only if it was made by the same run: the task's settings,
     the seed, the code of the task and of this loop, and ``data_version`` (the validate stage's digest), see
     :func:`fingerprint_parts`. It is read with ``weights_only=True``: a file holding pickled code is refused.
+    With ``keep_checkpoint`` the finished run's checkpoint stays, marked done, for the caller to remove once its
+    outputs are committed: a kill in between then resumes without training again.
     ``train_eval_set`` (training images without augmentation) is scored each epoch beside the
     validation split, for the overfitting diagnosis. With ``cfg.ema_decay`` the exponential moving
     average of the weights is what gets scored and saved.
@@ -258,8 +261,9 @@ def fit(
             set_rng_states(ck["rng"])
             train_loader.generator.set_state(ck["loader_rng"])
             history, best, elapsed = ck["history"], ck["best"], ck["elapsed"]
-            start_epoch = ck["epoch"] + 1
-            print(f"[{desc}] resuming from {checkpoint_path} after epoch {ck['epoch']}")
+            start_epoch = cfg.epochs + 1 if ck.get("done") else ck["epoch"] + 1  # done: early stop or time limit included
+            print(f"[{desc}] resuming from {checkpoint_path} after epoch {ck['epoch']}"
+                  + (" (training had finished)" if ck.get("done") else ""))
         else:
             why = (", ".join(f"{k} ({PART_NAMES[k]})" for k in differs) + (" differs" if len(differs) == 1 else " differ")
                    + " from this run" if ck.get("fingerprint_parts") else "it was written by an older version of the pipeline")
@@ -272,6 +276,17 @@ def fit(
 
     t0 = time.perf_counter() - elapsed
     stop = cfg.early_stopping
+
+    def save_checkpoint(epoch: int, done: bool = False) -> None:
+        # tensors and plain containers only, so resuming needs no pickled code (weights_only=True)
+        buf = io.BytesIO()
+        torch.save({"fingerprint": fingerprint, "fingerprint_parts": parts, "epoch": epoch, "done": done,
+                    "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "ema": ema.state_dict() if ema is not None else None, "rng": get_rng_states(),
+                    "loader_rng": train_loader.generator.get_state(), "history": history, "best": best,
+                    "elapsed": time.perf_counter() - t0}, buf)
+        atomic_write_bytes(checkpoint_path, buf.getvalue())
+
     for epoch in range(start_epoch, cfg.epochs + 1):
         model.train()
         loss_sum, n_batches = 0.0, 0
@@ -314,14 +329,7 @@ def fit(
             best = {"epoch": epoch, "value": float(val[metric]), "state": copy.deepcopy(scored.state_dict()),
                     "metrics": plain_numbers(val)}
         if checkpoint_path is not None:
-            # tensors and plain containers only, so resuming needs no pickled code (weights_only=True)
-            buf = io.BytesIO()
-            torch.save({"fingerprint": fingerprint, "fingerprint_parts": parts, "epoch": epoch, "model": model.state_dict(),
-                        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                        "ema": ema.state_dict() if ema is not None else None, "rng": get_rng_states(),
-                        "loader_rng": train_loader.generator.get_state(), "history": history, "best": best,
-                        "elapsed": time.perf_counter() - t0}, buf)
-            atomic_write_bytes(checkpoint_path, buf.getvalue())
+            save_checkpoint(epoch)
         if log_metrics is not None:  # after the checkpoint, so an interruption here loses no epoch
             log_metrics({k: v for k, v in row.items() if k != "epoch"}, epoch)
         spent = time.perf_counter() - t0  # all epochs so far, resumed ones included
@@ -337,7 +345,9 @@ def fit(
     seconds = time.perf_counter() - t0
     scored.load_state_dict(best["state"])
     save_model(model_path, best["state"], task, extra={"epoch": best["epoch"], "val_metrics": best["metrics"]})
-    if checkpoint_path is not None and checkpoint_path.exists():
+    if checkpoint_path is not None and keep_checkpoint and history:
+        save_checkpoint(int(history[-1]["epoch"]), done=True)
+    elif checkpoint_path is not None and checkpoint_path.exists():
         checkpoint_path.unlink()  # finished: nothing left to resume
     return FitResult(pd.DataFrame(history), best["epoch"], best["metrics"], seconds)
 

@@ -18,8 +18,10 @@ def normalizer(st: Stage):
     return load_normalizer(outputs(st.task_name, "normstats"), st.cfg.normalization)
 
 
-def train_model(st: Stage, augment: AugmentConfig | None, out_dir: Path) -> tuple[engine.FitResult, Path]:
-    """Fit the task's model with (or without) augmentations; best weights to ``models/<task>/<stage>/model.pt``."""
+def train_model(st: Stage, augment: AugmentConfig | None, out_dir: Path,
+                keep_checkpoint: bool = False) -> tuple[engine.FitResult, Path]:
+    """Fit the task's model with (or without) augmentations; best weights to ``models/<task>/<stage>/model.pt``.
+    ``keep_checkpoint``: the caller removes the checkpoint (:func:`drop_checkpoint`) once its outputs are committed."""
     norm = normalizer(st)
     train = st.task.dataset("train", st.task.train_transforms(augment, norm))
     val = st.task.dataset("val", st.task.eval_transforms(norm))
@@ -39,6 +41,7 @@ def train_model(st: Stage, augment: AugmentConfig | None, out_dir: Path) -> tupl
                      "model": st.cfg.model.model_dump(mode="json"), "normalization": st.cfg.normalization},
         train_eval_set=train_eval,
         data_version=read_data_version(st.task_name)["digest"],  # resume only onto the same data
+        keep_checkpoint=keep_checkpoint,
     )
     out_dir.mkdir(parents=True, exist_ok=True)
     result.history.to_csv(out_dir / "history.csv", index=False)
@@ -47,6 +50,11 @@ def train_model(st: Stage, augment: AugmentConfig | None, out_dir: Path) -> tupl
                                                                                  "best_epoch": result.best_epoch})
     st.log_artifacts(model_path, "model")
     return result, model_path
+
+
+def drop_checkpoint(st: Stage) -> None:
+    """The stage's outputs are committed: nothing is left to resume."""
+    checkpoints(st.task_name, st.name).joinpath("last.pt").unlink(missing_ok=True)
 
 
 def summary_metrics(st: Stage, result: engine.FitResult) -> dict:

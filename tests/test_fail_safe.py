@@ -19,7 +19,7 @@ from tasks import engine, runstate
 from tasks.config import load_params
 
 
-def _fit(project, capsys, stop_at=None, data_version="v1", seed=0, **overrides):
+def _fit(project, capsys, stop_at=None, data_version="v1", seed=0, keep=False, **overrides):
     cfg = load_params(project.params(**{"tasks.classification.train.epochs": 2, "tasks.classification.train.ema_decay": 0.5,
                                         **overrides})).task("classification")
     task = get_task("classification", cfg)
@@ -33,7 +33,7 @@ def _fit(project, capsys, stop_at=None, data_version="v1", seed=0, **overrides):
     capsys.readouterr()
     try:
         engine.fit(task, task.build_model(), small, small, cfg.train, seed, Path("m.pt"), Path("last.pt"), log_metrics=log,
-                   data_version=data_version)
+                   data_version=data_version, keep_checkpoint=keep)
     except KeyboardInterrupt:
         pass
     return capsys.readouterr().out
@@ -44,6 +44,18 @@ def test_resume_checkpoint_holds_only_tensors_and_plain_containers(project, caps
     ck = torch.load("last.pt", weights_only=True)  # EMA, optimiser, schedule, every RNG, history, best: all loadable
     assert ck["epoch"] == 1 and set(ck["rng"]) == {"torch", "python", "numpy"} and ck["ema"] is not None
     assert "resuming from last.pt after epoch 1" in _fit(project, capsys)
+
+
+def test_a_finished_run_kept_for_its_stage_resumes_without_training(project, capsys):
+    """The stage removes the checkpoint only once its outputs are committed; a kill before that loses no epoch."""
+    _fit(project, capsys, keep=True)
+    first = torch.load("m.pt", weights_only=True)["model"]
+    assert torch.load("last.pt", weights_only=True)["done"]
+    out = _fit(project, capsys)
+    assert "resuming from last.pt after epoch 2 (training had finished)" in out and "epoch 1/2" not in out
+    again = torch.load("m.pt", weights_only=True)["model"]
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert not Path("last.pt").exists()
 
 
 @pytest.mark.parametrize("change, part", [
