@@ -20,8 +20,8 @@ def run(task_name: str, params_path: str | Path = "params.yaml", overrides: dict
             result, _ = train_model(st, augment=augment, out_dir=tmp, keep_checkpoint=True)
             metrics = {**summary_metrics(st, result), "augmentations": augment.enabled_names()}
             write_metrics(tmp, metrics, timings(result))
-        drop_checkpoint(st)  # only now: a kill before this point resumes instead of training again
         st.log_artifacts(out_dir, "augmented")
         m = st.task.primary_metric
         print(f"[augmented] best val {m} = {result.best_metrics[m]:.4f} (epoch {result.best_epoch})")
+        drop_checkpoint(st)  # only now, at the very end: a kill before this resumes instead of training again
         return metrics

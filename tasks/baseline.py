@@ -47,7 +47,7 @@ def run(task_name: str, params_path: str | Path = "params.yaml", overrides: dict
             result, _ = train_model(st, augment=None, out_dir=tmp, keep_checkpoint=True)
             metrics = {**summary_metrics(st, result), f"dummy_val_{m}": dummy.metrics[m], "overfit_final_loss": overfit}
             write_metrics(tmp, metrics, timings(result))
-        drop_checkpoint(st)  # only now: a kill before this point resumes instead of training again
         st.log_artifacts(out_dir, "baseline")
         print(f"[baseline] best val {m} = {result.best_metrics[m]:.4f} (epoch {result.best_epoch}); dummy {dummy.metrics[m]:.4f}")
+        drop_checkpoint(st)  # only now, at the very end: a kill before this resumes instead of training again
         return metrics
