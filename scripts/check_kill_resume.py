@@ -115,10 +115,11 @@ def check(task: str, rng: random.Random, keep: Path | None) -> dict:
     while time.time() < end and proc.poll() is None:
         time.sleep(0.02)
     killed = proc.poll() is None
-    done_epoch, finished = 0, False
+    done_epoch, finished, committed = 0, False, False
     if killed:
         os.kill(proc.pid, signal.SIGKILL)
         proc.communicate()
+        committed = (folder / f"outputs/{task}/baseline/metrics.json").exists()  # killed after the stage's outputs
         if ckpt.exists():
             ck = torch.load(ckpt, weights_only=True)
             done_epoch, finished = int(ck["epoch"]), bool(ck.get("done"))
@@ -131,7 +132,7 @@ def check(task: str, rng: random.Random, keep: Path | None) -> dict:
     model, metrics, history = results(folder, task)
     same_model = model.keys() == reference[0].keys() and all(torch.equal(model[k], reference[0][k]) for k in model)
     report = {"task": task, "killed_s_after_epoch_1": round(delay, 1), "epoch_s": round(per_epoch, 1), "killed": killed, "epochs_done_at_kill": done_epoch,
-              "resumed_after_epoch": resumed_after, "training_had_finished": finished,
+              "resumed_after_epoch": resumed_after, "training_had_finished": finished, "outputs_committed_at_kill": committed,
               "epochs_redone": max(done_epoch - resumed_after, 0) + (1 if killed and not finished else 0),
               "same_model_tensors": same_model, "same_metrics_json": metrics == reference[1],
               "same_history_csv": history == reference[2]}
