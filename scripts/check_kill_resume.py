@@ -133,7 +133,8 @@ def check(task: str, rng: random.Random, keep: Path | None) -> dict:
     same_model = model.keys() == reference[0].keys() and all(torch.equal(model[k], reference[0][k]) for k in model)
     report = {"task": task, "killed_s_after_epoch_1": round(delay, 1), "epoch_s": round(per_epoch, 1), "killed": killed, "epochs_done_at_kill": done_epoch,
               "resumed_after_epoch": resumed_after, "training_had_finished": finished, "outputs_committed_at_kill": committed,
-              "epochs_redone": max(done_epoch - resumed_after, 0) + (1 if killed and not finished else 0),
+              "epochs_redone": (epochs if killed and committed and not resumed_after  # checkpoint already dropped
+                                else max(done_epoch - resumed_after, 0) + (1 if killed and not finished else 0)),
               "same_model_tensors": same_model, "same_metrics_json": metrics == reference[1],
               "same_history_csv": history == reference[2]}
     report["ok"] = bool(same_model and metrics == reference[1] and history == reference[2] and resumed_after == done_epoch)
