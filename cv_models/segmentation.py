@@ -135,7 +135,13 @@ class SegmentationDataset(Dataset):
 
     def mask(self, i: int) -> torch.Tensor:
         if i not in self._masks:
-            m = self.load_mask(self.samples[i])
+            try:
+                m = self.load_mask(self.samples[i])
+            except DataError:
+                raise
+            except Exception as err:  # noqa: BLE001 - a bad mask stops with its name and the rule, not a PIL traceback
+                raise DataError(f"{self.samples[i]['mask_source']}: mask cannot be read ({type(err).__name__}: {err}) "
+                                f"(rule: every mask decodes; run the validate stage)") from None
             if m.min() < 0 or m.max() > 255:
                 raise DataError(f"{self.samples[i]['mask_source']}: mask values outside 0..255 or undeclared colours "
                                 f"(rule: mask values in the declared classes; run the validate stage)")
@@ -457,14 +463,16 @@ class SegmentationTask(CVTask):
 
         d, E = self.cfg.data, gx.expectations
         names = self.class_names()
+        # sizes from the header (width > 0), so a decompression bomb refused before decoding breaks the size rule too
+        sized = dict(row_condition="width > 0", condition_parser="pandas")
         decoded = dict(row_condition="decodes == True", condition_parser="pandas")
         mask_read = dict(row_condition="mask_decodes == True", condition_parser="pandas")
         out = [
             Check("samples", "every file decodes as an image", E.ExpectColumnValuesToBeInSet(column="decodes", value_set=[True])),
             Check("samples", f"image width within [{d.min_size}, {d.max_size}]",
-                  E.ExpectColumnValuesToBeBetween(column="width", min_value=d.min_size, max_value=d.max_size, **decoded)),
+                  E.ExpectColumnValuesToBeBetween(column="width", min_value=d.min_size, max_value=d.max_size, **sized)),
             Check("samples", f"image height within [{d.min_size}, {d.max_size}]",
-                  E.ExpectColumnValuesToBeBetween(column="height", min_value=d.min_size, max_value=d.max_size, **decoded)),
+                  E.ExpectColumnValuesToBeBetween(column="height", min_value=d.min_size, max_value=d.max_size, **sized)),
             Check("samples", "every image has a mask file (same name under the masks folder)",
                   E.ExpectColumnValuesToBeInSet(column="mask_exists", value_set=[True]), key_column="mask"),
             Check("samples", "every mask decodes (image file or COCO annotation)",

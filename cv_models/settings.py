@@ -73,7 +73,9 @@ class TrainConfig(Strict):
     optimizer: OptimizerConfig = OptimizerConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
     loss: LossConfig = LossConfig()
-    resume: bool = True
+    # true: continue from checkpoints/<task>/<stage>/last.pt when it was made by the same run (settings, seed, code,
+    # data), else start afresh saying why; strict: refuse to start when it was not; false: always start afresh
+    resume: bool | Literal["strict"] = True
     device: str = "auto"
     # accelerator settings (tasks/accelerate.py); the defaults leave one-CPU results unchanged
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast dtype; fp16 adds a GradScaler
@@ -224,6 +226,9 @@ class DataConfig(Strict):
     color_mode: Literal["convert", "reject"] = "convert"  # grayscale / RGBA / palette images
     min_size: int = Field(8, ge=1)
     max_size: int = Field(8192, ge=1)
+    # a symlink inside the dataset whose target lies outside data.path: followed and listed in the validation
+    # notes (true), or refused by validation (false); '..' and absolute file names are always refused
+    follow_symlinks: bool = True
     options: NoOptions = NoOptions()  # task-specific reader options (each task declares its own)
 
     @model_validator(mode="after")

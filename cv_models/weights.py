@@ -42,7 +42,8 @@ def load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str, hea
     skipped = [k for k, v in state.items() if k in own and own[k].shape != v.shape and k.startswith(head_prefixes)]
     mismatched = [k for k, v in state.items() if k in own and own[k].shape != v.shape and k not in skipped]
     usable = {k: v for k, v in state.items() if k in own and k not in skipped and k not in mismatched}
-    missing = [k for k in own if k not in usable and k not in skipped and not k.startswith(head_prefixes)]
+    # a key of the wrong shape is listed once, as a shape mismatch, not again as missing
+    missing = [k for k in own if k not in state and not k.startswith(head_prefixes)]
     unexpected = [k for k in state if k not in own]
     if missing or unexpected or mismatched:
         def show(keys):

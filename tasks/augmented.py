@@ -6,7 +6,7 @@ from typing import Any
 
 from tasks.paths import atomic_dir, outputs
 from tasks.stage import open_stage
-from tasks.train import preview, summary_metrics, train_model, write_metrics
+from tasks.train import drop_checkpoint, preview, summary_metrics, timings, train_model, write_metrics
 
 
 def run(task_name: str, params_path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None,
@@ -17,10 +17,11 @@ def run(task_name: str, params_path: str | Path = "params.yaml", overrides: dict
         print(f"[augmented] {task_name}: augmentations {augment.enabled_names() or 'none'}")
         with atomic_dir(out_dir) as tmp:  # all or nothing
             preview(st, augment, tmp / "augment_preview.png")
-            result, _ = train_model(st, augment=augment, out_dir=tmp)
+            result, _ = train_model(st, augment=augment, out_dir=tmp, keep_checkpoint=True)
             metrics = {**summary_metrics(st, result), "augmentations": augment.enabled_names()}
-            write_metrics(tmp, metrics)
+            write_metrics(tmp, metrics, timings(result))
         st.log_artifacts(out_dir, "augmented")
         m = st.task.primary_metric
         print(f"[augmented] best val {m} = {result.best_metrics[m]:.4f} (epoch {result.best_epoch})")
+        drop_checkpoint(st)  # only now, at the very end: a kill before this resumes instead of training again
         return metrics

@@ -8,7 +8,7 @@ from typing import Any
 from tasks import engine
 from tasks.paths import atomic_dir, outputs
 from tasks.stage import open_stage
-from tasks.train import initial_model, normalizer, summary_metrics, train_model, write_metrics
+from tasks.train import drop_checkpoint, initial_model, normalizer, summary_metrics, timings, train_model, write_metrics
 
 
 def overfit_check(st) -> float:
@@ -45,9 +45,10 @@ def run(task_name: str, params_path: str | Path = "params.yaml", overrides: dict
         st.log_metrics({f"dummy_val_{k}": v for k, v in dummy.metrics.items()})
         overfit = overfit_check(st) if st.cfg.overfit_check.enabled else None
         with atomic_dir(out_dir) as tmp:  # all or nothing
-            result, _ = train_model(st, augment=None, out_dir=tmp)
+            result, _ = train_model(st, augment=None, out_dir=tmp, keep_checkpoint=True)
             metrics = {**summary_metrics(st, result), f"dummy_val_{m}": dummy.metrics[m], "overfit_final_loss": overfit}
-            write_metrics(tmp, metrics)
+            write_metrics(tmp, metrics, timings(result))
         st.log_artifacts(out_dir, "baseline")
         print(f"[baseline] best val {m} = {result.best_metrics[m]:.4f} (epoch {result.best_epoch}); dummy {dummy.metrics[m]:.4f}")
+        drop_checkpoint(st)  # only now, at the very end: a kill before this resumes instead of training again
         return metrics

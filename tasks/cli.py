@@ -52,7 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     from cv_models.base import DataError
     from cv_models.weights import WeightsError
     from tasks.config import ConfigError
-    from tasks.engine import OverfitCheckFailed
+    from tasks.engine import CheckpointError, OverfitCheckFailed
+    from tasks.runstate import StageBusy, StageInterrupted
     from tasks.validate import ValidationFailed
 
     overrides = parse_overrides(args.overrides)
@@ -71,9 +72,13 @@ def main(argv: list[str] | None = None) -> int:
             if not args.task:
                 parser.error(f"stage {args.stage} needs --task")
             importlib.import_module(f"tasks.{args.stage}").run(args.task, args.params, overrides)
-    except (ValidationFailed, DataError, ConfigError, OverfitCheckFailed, WeightsError) as err:
+    except (ValidationFailed, DataError, ConfigError, OverfitCheckFailed, WeightsError, CheckpointError, StageBusy) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    except StageInterrupted as err:  # SIGTERM / SIGINT: the MLflow run ended KILLED, temporary outputs were removed
+        print(f"error: {args.stage} {err}: its MLflow run is marked KILLED and its temporary outputs were removed; "
+              f"run it again to resume from the last finished epoch", file=sys.stderr)
+        return 128 + err.signum
     accelerate.shutdown()
     return 0
 

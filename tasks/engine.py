@@ -3,9 +3,13 @@ validation metric, a resumable last checkpoint, per-epoch metrics to MLflow and 
 from __future__ import annotations
 
 import copy
+import hashlib
+import inspect
 import io
 import math
 import os
+import pickle
+import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +30,10 @@ from tasks.seeding import loader_generator, seed_worker
 
 class OverfitCheckFailed(RuntimeError):
     pass
+
+
+class CheckpointError(RuntimeError):
+    """A resume checkpoint that cannot be trusted or used (the message names the file and the rule)."""
 
 
 def pick_device(name: str) -> torch.device:
@@ -118,6 +126,86 @@ def to_device(obj, device: torch.device):
     return obj
 
 
+PART_NAMES = {"settings": "the task's settings", "seed": "the seed", "code": "the task's code or tasks/engine.py",
+              "data": "the data version (validate stage's digest)", "stage": "the stage's own settings",
+              "n_train": "the number of training samples"}
+
+
+def code_version(task: CVTask) -> str:
+    """sha256 of the task's module and of this training loop: changed code never resumes old state."""
+    h = hashlib.sha256()
+    for path in sorted({inspect.getfile(type(task)), __file__}):
+        h.update(Path(path).read_bytes())
+    return h.hexdigest()[:16]
+
+
+def fingerprint_parts(task: CVTask, cfg: TrainConfig, seed: int, extra_state: dict | None, n_train: int,
+                      data_version: str | None) -> dict:
+    """What must be equal for a checkpoint to continue this run, part by part (so a mismatch can say which):
+    all of the task's settings (and the training settings ``fit`` got). ``train.resume`` itself is left out:
+    it says whether to resume, not what is trained."""
+    settings = {"task": task.cfg.model_dump(mode="json"), "train": cfg.model_dump(mode="json")}
+    for section in (settings["task"]["train"], settings["train"]):
+        section.pop("resume", None)
+    return {"settings": config_hash(settings), "seed": str(seed), "code": code_version(task),
+            "data": data_version or "unknown", "stage": config_hash(extra_state or {}), "n_train": str(n_train)}
+
+
+def plain_numbers(d: dict) -> dict:
+    """numpy / tensor scalars as Python floats and ints (the only numbers weights_only loads without help)."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, bool) or isinstance(v, (int, float, str)) or v is None:
+            out[k] = v
+        elif hasattr(v, "item"):
+            out[k] = v.item()
+        else:
+            out[k] = v
+    return out
+
+
+def get_rng_states() -> dict:
+    """torch, Python and numpy generators as tensors and plain containers (weights_only can load them)."""
+    import numpy as np
+
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, state, gauss_py = random.getstate()
+    return {"torch": torch.get_rng_state(), "python": [version, list(state), gauss_py],
+            "numpy": [kind, torch.from_numpy(keys.astype("int64")), int(pos), int(has_gauss), float(gauss)]}
+
+
+def set_rng_states(states) -> None:
+    import numpy as np
+
+    if isinstance(states, torch.Tensor):  # a checkpoint holding only torch's state
+        torch.set_rng_state(states)
+        return
+    torch.set_rng_state(states["torch"])
+    version, state, gauss_py = states["python"]
+    random.setstate((version, tuple(state), gauss_py))
+    kind, keys, pos, has_gauss, gauss = states["numpy"]
+    np.random.set_state((kind, keys.numpy().astype("uint32"), pos, has_gauss, gauss))
+
+
+def read_resume_checkpoint(path: Path) -> dict:
+    """The last checkpoint, loaded with ``weights_only=True``: tensors and plain containers only, never code.
+    Checkpoint folders are shared scratch space, copied between machines: a file that needs more is refused."""
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError, ImportError, TypeError) as err:
+        lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+        # torch's message starts with how to load it unsafely; the reason is the "WeightsUnpickler error" line
+        first = next((ln for ln in lines if "WeightsUnpickler" in ln or "Unsupported" in ln), lines[0] if lines else "")
+        raise CheckpointError(
+            f"{path}: refused to resume from this checkpoint (rule: resume checkpoints load with weights_only=True, "
+            f"holding tensors and plain containers only; {type(err).__name__}: {first[:300]}). Nothing was run from it "
+            f"and nothing else was changed; delete the file to start this stage afresh.") from None
+    if not isinstance(ck, dict):
+        raise CheckpointError(f"{path}: not a resume checkpoint (rule: a dict written by tasks/engine.py); delete it "
+                              f"to start this stage afresh")
+    return ck
+
+
 @dataclass
 class FitResult:
     history: pd.DataFrame
@@ -140,11 +228,17 @@ def fit(
     desc: str = "train",
     extra_state: dict | None = None,
     train_eval_set: Dataset | None = None,
+    data_version: str | None = None,
+    keep_checkpoint: bool = False,
 ) -> FitResult:
     """Train for ``cfg.epochs``; keep the weights with the best validation ``task.primary_metric``.
 
     The best model goes to ``model_path`` (written once, at the end). ``checkpoint_path`` holds the
-    last epoch so an interrupted run resumes; it is used only if it was made with the same config.
+    last epoch so an interrupted run resumes; it is used only if it was made by the same run: the task's settings,
+    the seed, the code of the task and of this loop, and ``data_version`` (the validate stage's digest), see
+    :func:`fingerprint_parts`. It is read with ``weights_only=True``: a file holding pickled code is refused.
+    With ``keep_checkpoint`` the finished run's checkpoint stays, marked done, for the caller to remove once its
+    outputs are committed: a kill in between then resumes without training again.
     ``train_eval_set`` (training images without augmentation) is scored each epoch beside the
     validation split, for the overfitting diagnosis. With ``cfg.ema_decay`` the exponential moving
     average of the weights is what gets scored and saved.
@@ -168,29 +262,56 @@ def fit(
     ema = (torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.ema_decay),
                                                 use_buffers=True) if cfg.ema_decay > 0 else None)
     scored = ema.module if ema is not None else model  # the weights that are evaluated and saved
-    fingerprint = config_hash({"train": cfg.model_dump(mode="json"), "seed": seed, "extra": extra_state or {}, "n": len(train_set),
-                               **({"processes": accelerate.world_size()} if accelerate.world_size() > 1 else {})})
+    parts = fingerprint_parts(task, cfg, seed, extra_state, len(train_set), data_version)
+    if accelerate.world_size() > 1:
+        parts["processes"] = accelerate.world_size()
+    fingerprint = config_hash(parts)
     metric = task.primary_metric
     history: list[dict] = []
     best = {"epoch": -1, "value": -math.inf, "state": None, "metrics": {}}
     start_epoch, elapsed = 1, 0.0
 
     if checkpoint_path is not None and cfg.resume and checkpoint_path.exists():
-        ck = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
-        if ck.get("fingerprint") == fingerprint:
+        ck = read_resume_checkpoint(checkpoint_path)
+        differs = [k for k in parts if (ck.get("fingerprint_parts") or {}).get(k) != parts[k]]
+        if ck.get("fingerprint") == fingerprint and not differs:
             model.load_state_dict(ck["model"])
             optimizer.load_state_dict(ck["optimizer"])
             scheduler.load_state_dict(ck["scheduler"])
             if ema is not None:
                 ema.load_state_dict(ck["ema"])
-            torch.set_rng_state(accelerate.own_rng_state(ck))
+            set_rng_states(ck["rng"])
+            if "rank_rngs" in ck:  # torchrun: each rank resumes its own torch stream
+                torch.set_rng_state(accelerate.own_rng_state(ck))
             train_loader.generator.set_state(ck["loader_rng"])
             history, best, elapsed = ck["history"], ck["best"], ck["elapsed"]
-            start_epoch = ck["epoch"] + 1
-            print(f"[{desc}] resuming from {checkpoint_path} after epoch {ck['epoch']}")
+            start_epoch = cfg.epochs + 1 if ck.get("done") else ck["epoch"] + 1  # done: early stop or time limit included
+            print(f"[{desc}] resuming from {checkpoint_path} after epoch {ck['epoch']}"
+                  + (" (training had finished)" if ck.get("done") else ""))
+        else:
+            why = (", ".join(f"{k} ({PART_NAMES[k]})" for k in differs) + (" differs" if len(differs) == 1 else " differ")
+                   + " from this run" if ck.get("fingerprint_parts") else "it was written by an older version of the pipeline")
+            if cfg.resume == "strict":
+                raise CheckpointError(
+                    f"{checkpoint_path} belongs to another run: {why} (rule: train.resume: strict "
+                    f"resumes only the same settings, seed, code and data). Delete the file to start afresh, or set "
+                    f"train.resume: true to start afresh automatically.")
+            print(f"[{desc}] not resuming from {checkpoint_path}: {why}; starting afresh")
 
     t0 = time.perf_counter() - elapsed
     stop = cfg.early_stopping
+
+    def save_checkpoint(epoch: int, done: bool = False, rank_rngs: list | None = None) -> None:
+        # tensors and plain containers only, so resuming needs no pickled code (weights_only=True)
+        buf = io.BytesIO()
+        torch.save({"fingerprint": fingerprint, "fingerprint_parts": parts, "epoch": epoch, "done": done,
+                    "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "ema": ema.state_dict() if ema is not None else None, "rng": get_rng_states(),
+                    "loader_rng": train_loader.generator.get_state(), "history": history, "best": best,
+                    "elapsed": time.perf_counter() - t0,
+                    **({"rank_rngs": rank_rngs} if rank_rngs is not None and len(rank_rngs) > 1 else {})}, buf)
+        atomic_write_bytes(checkpoint_path, buf.getvalue())
+
     for epoch in range(start_epoch, cfg.epochs + 1):
         train_model.train()
         if sampler is not None:
@@ -233,17 +354,14 @@ def fit(
         history.append(row)
         print(f"[{desc}] epoch {epoch}/{cfg.epochs} train_loss={row['train_loss']:.4f} "
               f"val_{metric}={val[metric]:.4f}" + (f" val_loss={val['loss']:.4f}" if "loss" in val else ""), flush=True)
+        row = plain_numbers(row)  # plain floats: the checkpoint stays loadable with weights_only=True
+        history[-1] = row
         if val[metric] > best["value"] + (stop.min_delta if best["epoch"] > 0 else 0):
-            best = {"epoch": epoch, "value": val[metric], "state": copy.deepcopy(scored.state_dict()), "metrics": val}
+            best = {"epoch": epoch, "value": float(val[metric]), "state": copy.deepcopy(scored.state_dict()),
+                    "metrics": plain_numbers(val)}
         rank_rngs = accelerate.gather(torch.get_rng_state())  # every rank's, so each resumes its own stream
         if checkpoint_path is not None and accelerate.is_main():  # rank 0 alone writes
-            buf = io.BytesIO()
-            torch.save({"fingerprint": fingerprint, "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(), "ema": ema.state_dict() if ema is not None else None,
-                        "rng": torch.get_rng_state(), "loader_rng": train_loader.generator.get_state(), "history": history,
-                        "best": best, "elapsed": time.perf_counter() - t0,
-                        **({"rank_rngs": rank_rngs} if len(rank_rngs) > 1 else {})}, buf)
-            atomic_write_bytes(checkpoint_path, buf.getvalue())
+            save_checkpoint(epoch, rank_rngs=rank_rngs)
         if log_metrics is not None:  # after the checkpoint, so an interruption here loses no epoch
             log_metrics({k: v for k, v in row.items() if k != "epoch"}, epoch)
         spent = accelerate.broadcast(time.perf_counter() - t0)  # all epochs so far; rank 0's, so all ranks stop together
@@ -260,7 +378,9 @@ def fit(
     scored.load_state_dict(best["state"])
     if accelerate.is_main():
         save_model(model_path, best["state"], task, extra={"epoch": best["epoch"], "val_metrics": best["metrics"]})
-        if checkpoint_path is not None and checkpoint_path.exists():
+        if checkpoint_path is not None and keep_checkpoint and history:
+            save_checkpoint(int(history[-1]["epoch"]), done=True)
+        elif checkpoint_path is not None and checkpoint_path.exists():
             checkpoint_path.unlink()  # finished: nothing left to resume
     return FitResult(pd.DataFrame(history), best["epoch"], best["metrics"], seconds)
 

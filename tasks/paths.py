@@ -21,17 +21,36 @@ def checkpoints(task: str, stage: str) -> Path:
     return Path("checkpoints") / task / stage
 
 
+def umask() -> int:
+    """The process's umask, read without changing it (``/proc``), else by setting and restoring it."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
+
+
+def tmp_prefix(name: str) -> str:
+    """Temporary names carry the owner's pid, so a later stage can remove those of killed processes."""
+    return f".{name}.tmp-{os.getpid()}-"
+
+
 @contextmanager
 def atomic_dir(final: Path):
     """Yield a temporary folder beside ``final``; it replaces ``final`` only if the block succeeds,
-    so a failed stage leaves no half-written output."""
+    so a failed (or interrupted) stage leaves no half-written output."""
     final = Path(final)
     if os.environ.get("RANK", "0") != "0":  # a torchrun rank other than 0: work in a scratch folder, keep nothing
         with tempfile.TemporaryDirectory(prefix=f"cv-rank{os.environ['RANK']}-") as scratch:
             yield Path(scratch)
         return
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=tmp_prefix(final.name), dir=final.parent))
+    os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes 0700: the output folder follows the user's umask like any other
     try:
         yield tmp
     except BaseException:
@@ -44,7 +63,12 @@ def atomic_dir(final: Path):
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    fd, tmp = tempfile.mkstemp(prefix=tmp_prefix(path.name), dir=path.parent)
+    try:
+        os.fchmod(fd, 0o666 & ~umask())  # mkstemp makes 0600: readable by the team as the umask allows
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

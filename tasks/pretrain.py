@@ -16,7 +16,7 @@ import torch
 
 from cv_models import TASKS, get_task
 from cv_models.normalize import Normalize, RunningStats
-from tasks import engine, tracking
+from tasks import engine, runstate, tracking
 from tasks.config import PretrainConfig, TaskConfig, load_params
 from tasks.seeding import seed_everything
 from tasks.stage import write_json
@@ -49,7 +49,7 @@ def run(params_path: str | Path = "params.yaml", overrides: dict[str, Any] | Non
     cfg = task_config(pre)
     seeds = seed_everything(params.seed)
     task = get_task("classification", cfg)
-    with tracking.stage_run(params, "pretrain", "pretrain", cfg, seeds, pipeline_run_id) as _:
+    with runstate.guard("pretrain", "pretrain"), tracking.stage_run(params, "pretrain", "pretrain", cfg, seeds, pipeline_run_id):
         import mlflow
 
         norm = channel_normalizer(task, pre.image_size)
@@ -61,7 +61,7 @@ def run(params_path: str | Path = "params.yaml", overrides: dict[str, Any] | Non
         out.parent.mkdir(parents=True, exist_ok=True)
         # write beside the target, then rename: the checkpoint is whole or absent, and nothing else in
         # its folder is touched (``out`` may sit in a folder holding other files)
-        with tempfile.TemporaryDirectory(prefix=".pretrain-", dir=out.parent) as tmp:
+        with tempfile.TemporaryDirectory(prefix=f".pretrain.tmp-{os.getpid()}-", dir=out.parent) as tmp:
             tmp = Path(tmp)
             result = engine.fit(task, task.build_model(), train, val, cfg.train, params.seed, tmp / out.name,
                                 log_metrics=lambda m, step: mlflow.log_metrics(m, step=step), desc="pretrain")
@@ -70,7 +70,8 @@ def run(params_path: str | Path = "params.yaml", overrides: dict[str, Any] | Non
                          "normalization": {"mean": norm.mean.tolist(), "std": norm.std.tolist()}})
             torch.save(blob, tmp / out.name)
             metrics = {"val_accuracy": result.best_metrics["accuracy"], "epochs": pre.epochs,
-                       "architecture": pre.model, "train_seconds": round(result.seconds, 2)}
+                       "architecture": pre.model}  # repeatable; the wall-clock time goes to MLflow only
+            mlflow.log_metric("train_seconds", result.seconds)
             write_json(tmp / metrics_path.name, metrics)
             os.replace(tmp / metrics_path.name, metrics_path)
             os.replace(tmp / out.name, out)

@@ -13,7 +13,7 @@ os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
 from cv_models import get_task  # noqa: E402
 from tasks import accelerate  # noqa: E402
 from cv_models.base import CVTask  # noqa: E402
-from tasks import tracking  # noqa: E402
+from tasks import runstate, tracking  # noqa: E402
 from tasks.config import Params, TaskConfig, load_params  # noqa: E402
 from tasks.seeding import seed_everything  # noqa: E402
 
@@ -67,7 +67,8 @@ def open_stage(stage: str, task_name: str, params_path: str | Path = "params.yam
         return
     if accelerate.world_size() > 1:
         extra = {**(extra or {}), "processes": accelerate.world_size()}
-    with tracking.stage_run(params, task_name, stage, cfg, seeds, pipeline_run_id, extra_params=extra) as run_id:
+    # one writer per task and stage; SIGTERM/SIGINT unwind the stage (run KILLED, temporary folder removed)
+    with runstate.guard(task_name, stage), tracking.stage_run(params, task_name, stage, cfg, seeds, pipeline_run_id, extra_params=extra) as run_id:
         yield Stage(params, stage, task_name, cfg, task, seeds, run_id)
 
 

@@ -102,27 +102,60 @@ def parent_run(params: Params, task_name: str, pipeline_run_id: str) -> str:
     return run.info.run_id
 
 
+def close_stale_runs(params: Params) -> list[str]:
+    """Runs left RUNNING by a killed stage (``kill -9``, out of memory) end FAILED with a note."""
+    import mlflow
+
+    from tasks import runstate
+
+    mlflow.set_tracking_uri(tracking_uri(params))
+    stale = runstate.mark_stale_runs(mlflow.MlflowClient())
+    for run_id in stale:
+        print(f"[mlflow] run {run_id} was left RUNNING by a process that no longer exists: marked FAILED")
+    return stale
+
+
+def run_data_version(task_name: str, cfg: TaskConfig) -> dict[str, str]:
+    """The validate stage's digest of every file (works for data outside DVC), and DVC's hash where known."""
+    from tasks.data_version import read_data_version
+
+    dvc_hash = data_version(cfg.data.path)
+    digest = read_data_version(task_name)["digest"]
+    return {"data_version": digest if digest != "unknown" else dvc_hash, "dvc_data_version": dvc_hash}
+
+
 @contextmanager
 def stage_run(params: Params, task_name: str, stage: str, cfg: TaskConfig | None, seeds: dict, pipeline_run_id: str | None,
               extra_params: dict | None = None) -> Iterator[str]:
     """An active MLflow run for one stage, nested under the pipeline run. Yields the run id.
 
-    The run ends FAILED if the stage raises, so the store never holds a half-finished "running" stage.
+    The run ends FAILED if the stage raises and KILLED if it is interrupted (SIGTERM, SIGINT), so the store never
+    holds a half-finished "running" stage; runs of killed processes are closed by the next stage (close_stale_runs).
     """
     import mlflow
 
+    from tasks import runstate
+
     pipeline_run_id = pipeline_run_id or os.environ.get("CV_PIPELINE_RUN_ID") or default_pipeline_run_id()
-    mlflow.set_tracking_uri(tracking_uri(params))
+    close_stale_runs(params)
     parent = parent_run(params, task_name, pipeline_run_id)
     tags = {
         "mlflow.parentRunId": parent, "pipeline_run_id": pipeline_run_id, "kind": "stage", "stage": stage,
-        "cv_task": task_name, "git_commit": git_commit(),
+        "cv_task": task_name, "git_commit": git_commit(), **runstate.owner_tags(),
     }
     if cfg is not None:
-        tags["data_version"] = data_version(cfg.data.path)
-    with mlflow.start_run(experiment_id=experiment_id(params, task_name), run_name=stage, tags=tags) as run:
+        tags.update(run_data_version(task_name, cfg))
+    run = mlflow.start_run(experiment_id=experiment_id(params, task_name), run_name=stage, tags=tags)
+    try:
         logged = {**seeds, **(extra_params or {})}
         if cfg is not None:
             logged.update(flatten(cfg.model_dump(mode="json")))
         mlflow.log_params({k: str(v)[:6000] for k, v in logged.items()})
         yield run.info.run_id
+    except KeyboardInterrupt:  # SIGINT, or SIGTERM turned into runstate.StageInterrupted
+        mlflow.end_run("KILLED")
+        raise
+    except BaseException:
+        mlflow.end_run("FAILED")
+        raise
+    mlflow.end_run("FINISHED")

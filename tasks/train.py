@@ -8,6 +8,7 @@ import torch
 from cv_models.normalize import load_normalizer
 from tasks import engine
 from tasks.config import AugmentConfig
+from tasks.data_version import read_data_version
 from tasks.paths import checkpoints, models, outputs
 from tasks.seeding import init_seed, isolated_rng, seed_everything, state_sha256
 from tasks.stage import Stage, write_json
@@ -29,8 +30,10 @@ def initial_model(st: Stage) -> tuple[torch.nn.Module, str]:
     return model, state_sha256(model)
 
 
-def train_model(st: Stage, augment: AugmentConfig | None, out_dir: Path) -> tuple[engine.FitResult, Path]:
-    """Fit the task's model with (or without) augmentations; best weights to ``models/<task>/<stage>/model.pt``."""
+def train_model(st: Stage, augment: AugmentConfig | None, out_dir: Path,
+                keep_checkpoint: bool = False) -> tuple[engine.FitResult, Path]:
+    """Fit the task's model with (or without) augmentations; best weights to ``models/<task>/<stage>/model.pt``.
+    ``keep_checkpoint``: the caller removes the checkpoint (:func:`drop_checkpoint`) once its outputs are committed."""
     norm = normalizer(st)
     train = st.task.dataset("train", st.task.train_transforms(augment, norm))
     val = st.task.dataset("val", st.task.eval_transforms(norm))
@@ -52,6 +55,8 @@ def train_model(st: Stage, augment: AugmentConfig | None, out_dir: Path) -> tupl
         extra_state={"augment": augment.model_dump(mode="json") if augment else None,
                      "model": st.cfg.model.model_dump(mode="json"), "normalization": st.cfg.normalization},
         train_eval_set=train_eval,
+        data_version=read_data_version(st.task_name)["digest"],  # resume only onto the same data
+        keep_checkpoint=keep_checkpoint,
     )
     out_dir.mkdir(parents=True, exist_ok=True)
     result.history.to_csv(out_dir / "history.csv", index=False)
@@ -62,10 +67,15 @@ def train_model(st: Stage, augment: AugmentConfig | None, out_dir: Path) -> tupl
     return result, model_path
 
 
+def drop_checkpoint(st: Stage) -> None:
+    """The stage's outputs are committed: nothing is left to resume."""
+    checkpoints(st.task_name, st.name).joinpath("last.pt").unlink(missing_ok=True)
+
+
 def summary_metrics(st: Stage, result: engine.FitResult) -> dict:
     m = st.task.primary_metric
-    return {f"val_{m}": result.best_metrics[m], "best_epoch": result.best_epoch,
-            "train_seconds": round(result.seconds, 2), "epochs": st.cfg.train.epochs,
+    # no wall-clock figures here: identical runs give identical metrics.json (timings go to timings.json and MLflow)
+    return {f"val_{m}": result.best_metrics[m], "best_epoch": result.best_epoch, "epochs": st.cfg.train.epochs,
             "epochs_run": len(result.history)}  # fewer than epochs after early stopping or the time limit
 
 
@@ -88,5 +98,12 @@ def preview(st: Stage, augment: AugmentConfig | None, path: Path) -> Path:
     return save_grid(pictures, path)
 
 
-def write_metrics(out_dir: Path, metrics: dict) -> None:
+def write_metrics(out_dir: Path, metrics: dict, timings: dict | None = None) -> None:
+    """``metrics.json`` (repeatable: what DVC compares) and ``timings.json`` beside it (wall-clock figures)."""
     write_json(out_dir / "metrics.json", metrics)
+    if timings is not None:
+        write_json(out_dir / "timings.json", timings)
+
+
+def timings(result: engine.FitResult) -> dict:
+    return {"train_seconds": round(result.seconds, 2)}

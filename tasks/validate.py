@@ -61,6 +61,40 @@ def run_checks(checks: list[Check], tables: dict[str, pd.DataFrame]) -> list[dic
     return results
 
 
+PATH_COLUMNS = ("path", "mask_path", "mask", "png")  # columns naming a file of the dataset, in any format's tables
+SYMLINK_RULE = "no file links outside the dataset folder (data.follow_symlinks: false)"
+
+
+def outside_links(tables: dict[str, pd.DataFrame], root: Path) -> list[str]:
+    """Files listed inside the dataset folder that resolve outside it (a symlink, or a linked folder on the way).
+    Names outside the folder to begin with ('..', absolute) are each format's own rule."""
+    base, real = Path(os.path.abspath(root)), root.resolve()
+    found = {}
+    for df in tables.values():
+        for col in (c for c in PATH_COLUMNS if c in df.columns):
+            for value in df[col].dropna().astype(str).unique():
+                p = Path(value)
+                absolute = Path(os.path.abspath(p))
+                if base not in absolute.parents or not (p.is_symlink() or p.exists()):
+                    continue
+                target = p.resolve()
+                if target != real and real not in target.parents:
+                    found[value] = f"{value}: links to {target}, outside the dataset folder {root}"
+    return list(found.values())
+
+
+def symlink_policy(tables: dict[str, pd.DataFrame], root: Path, follow: bool) -> tuple[list[dict], list[str]]:
+    """One policy for every format: links out of the dataset are followed and noted, or refused by a rule."""
+    links = outside_links(tables, root)
+    if follow:  # a dataset checked out as links (e.g. DVC's symlink cache) is one note, not thousands
+        notes = [f"{line} (followed: data.follow_symlinks is true)" for line in links[:MAX_LISTED]]
+        if len(links) > MAX_LISTED:
+            notes.append(f"... and {len(links) - MAX_LISTED} more files linking outside {root} (followed)")
+        return [], notes
+    return [{"table": "-", "rule": SYMLINK_RULE, "expectation": "symlink policy", "success": not links,
+             "unexpected_count": len(links), "failing": links}], []
+
+
 def _markdown(task_name: str, report: dict) -> str:
     status = "PASSED" if report["success"] else "FAILED"
     lines = [f"# Data validation: {task_name} — {status}", "", f"Samples checked: {report['n_samples']}", ""]
@@ -97,6 +131,8 @@ def run(task_name: str, params_path: str | Path = "params.yaml", overrides: dict
             checks = st.task.checks(tables)
             results = run_checks(checks, tables)
             notes = st.task.validation_notes(tables)
+            link_results, link_notes = symlink_policy(tables, Path(st.cfg.data.path), st.cfg.data.follow_symlinks)
+            results, notes = results + link_results, notes + link_notes
             main = next(iter(tables.values()))
             n_samples = len(main)
             summaries = getattr(st.task, "validation_summaries", lambda t: {})(tables)
@@ -119,6 +155,7 @@ def run(task_name: str, params_path: str | Path = "params.yaml", overrides: dict
         import mlflow
 
         mlflow.set_tag("validation", "passed" if report["success"] else "failed")
+        mlflow.set_tag("data_version", report["data_version"]["all"]["digest"])  # what was just read
         print(f"[validate] {task_name}: {'passed' if report['success'] else 'FAILED'} "
               f"({n_samples} samples, {len(notes)} notes) -> {out_dir / 'report.md'}")
         if not report["success"]:

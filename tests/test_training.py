@@ -67,7 +67,9 @@ def test_resume_ignores_a_checkpoint_of_other_settings(project, capsys):
     train = task.dataset("train", task.eval_transforms(None))
     torch.save({"fingerprint": "other"}, "last.pt")
     engine.fit(task, task.build_model(), train, train, cfg.train, 0, Path("m.pt"), Path("last.pt"))
-    assert "resuming" not in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "resuming from last.pt after" not in out
+    assert "not resuming from last.pt: it was written by an older version" in out and "starting afresh" in out
 
 
 def test_overfit_check_failure_is_clear(project):

@@ -113,8 +113,14 @@ def decode(segmentation, height: int, width: int) -> np.ndarray:
 
 def read_png_mask(path: str | Path) -> np.ndarray:
     """A per-instance PNG as a boolean mask: any non-zero pixel is the instance (validation checks it is binary)."""
-    with Image.open(path) as im:
-        arr = np.asarray(im.convert("L") if im.mode not in ("L", "1", "I", "I;16") else im)
+    try:
+        with Image.open(path) as im:
+            arr = np.asarray(im.convert("L") if im.mode not in ("L", "1", "I", "I;16") else im)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        from cv_models.base import DataError
+
+        raise DataError(f"{path}: instance mask cannot be read ({type(err).__name__}: {err}) (rule: every mask decodes; "
+                        f"run the validate stage)") from None
     return arr > 0
 
 
@@ -176,7 +182,7 @@ def mask_facts(height: int, width: int, segmentation=None, png_path: Path | None
                 mask = decode(segmentation, h, w)
             else:
                 mask = decode(segmentation, height, width)  # raises with the reason
-    except (MaskError, OSError, ValueError, SyntaxError, TypeError) as err:
+    except (MaskError, OSError, ValueError, SyntaxError, TypeError, Image.DecompressionBombError) as err:
         row["error"] = f"{type(err).__name__}: {err}"
         return row
     row["decodes"] = True
