@@ -36,7 +36,9 @@ test: $(STAMP)
 serve: $(STAMP)
 	scripts/serve.sh $(PORT)
 
+# prints each task's runs-table link (one row per pipeline run), then serves the UI
 mlflow-ui: $(STAMP)
+	@python -m tasks.mlflow_view $(MLFLOW_PORT) || true
 	mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port $(MLFLOW_PORT)
 
 # training-loop overhead against a bare PyTorch loop, per task (ratios; run on an otherwise idle machine)

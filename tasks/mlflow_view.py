@@ -167,3 +167,57 @@ def summarise_pipeline(parent_id: str, task_name: str, primary: str, test: dict[
         c.log_batch(parent_id, metrics=metrics[i:i + 1000])
     version = read_data_version(task_name)
     c.log_batch(parent_id, tags=[RunTag("data_version", version["digest"]), RunTag("primary_metric", primary)])
+    save_runs_view(c.get_run(parent_id).info.experiment_id, primary)
+
+
+# ---------------------------------------------------------------- opening the UI on the rows
+
+# A saved view of the runs table, stored as an experiment tag that the MLflow UI reads when the URL
+# names it (``?viewStateShareKey=``): the pipeline rows' headline columns shown, newest first.
+VIEW_KEY = "pipeline-runs"
+VIEW_TAG_PREFIX = "mlflow.sharedViewState."
+
+
+def column(kind: str, key: str) -> str:
+    return f"{kind}.`{key}`"  # the UI's column id: attributes / metrics / params / tags
+
+
+def runs_view(primary: str, models: Iterable[str] = ("augmented", "baseline", "dummy")) -> dict:
+    cols = [column("attributes", "Dataset"), column("attributes", "Models")]
+    cols += [column("metrics", f"test.{m}.{primary}") for m in models]
+    cols += [column("metrics", f"best_val.augmented.{primary}"), column("metrics", "train_seconds")]
+    return {"selectedColumns": cols, "orderByKey": "attributes.start_time", "orderByAsc": False}
+
+
+def save_runs_view(experiment_id: str, primary: str) -> None:
+    client().set_experiment_tag(experiment_id, VIEW_TAG_PREFIX + VIEW_KEY, json.dumps(runs_view(primary)))
+
+
+def runs_table_url(base_url: str, experiment_id: str) -> str:
+    """The experiment's training-runs table with the pipeline columns. ``workflowType``: MLflow 3.17's
+    UI opens every experiment on the GenAI overview unless its global switch (or this parameter)
+    says "machine learning"; the experiment's ``mlflow.experimentKind`` tag is what older 3.x UIs read."""
+    return (f"{base_url.rstrip('/')}/#/experiments/{experiment_id}/runs"
+            f"?viewStateShareKey={VIEW_KEY}&workflowType=machine_learning")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Print the runs-table link of every task's experiment: ``python -m tasks.mlflow_view [PORT]``."""
+    import sys
+
+    import mlflow
+
+    from tasks.config import load_params
+    from tasks.tracking import tracking_uri
+
+    argv = sys.argv[1:] if argv is None else argv
+    base = f"http://127.0.0.1:{argv[0] if argv else 5000}"
+    params = load_params("params.yaml")
+    mlflow.set_tracking_uri(tracking_uri(params))
+    for exp in client().search_experiments():
+        if exp.name.startswith(params.tracking.experiment_prefix):
+            print(f"  {exp.name}: {runs_table_url(base, exp.experiment_id)}")
+
+
+if __name__ == "__main__":
+    main()

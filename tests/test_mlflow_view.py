@@ -3,7 +3,11 @@ store: one parent row per pipeline run with its settings and results, the traini
 dataset inputs, logged models, pictures, and two runs that differ by one override kept apart."""
 from __future__ import annotations
 
+import json
 import os
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -20,24 +24,37 @@ def run_pipeline(params, overrides: dict) -> None:
         stage.run("classification", params, overrides)
 
 
-@pytest.fixture
-def two_runs(project, monkeypatch, tmp_path):
+@pytest.fixture(scope="module")
+def two_runs(tiny_shapes, tmp_path_factory):
     """Two pipeline runs of the same params.yaml, one override apart, in a fresh store, ids by default."""
-    monkeypatch.delenv("CV_PIPELINE_RUN_ID", raising=False)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'view.db'}")
-    params = project.params(**FAST)
-    run_pipeline(params, {LR: 0.001})
-    run_pipeline(params, {LR: 0.002})
     import mlflow
 
-    client = mlflow.MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    from tests.conftest import tiny_overrides, write_params
+
+    root = tmp_path_factory.mktemp("view")
+    shutil.copytree(tiny_shapes, root / "data" / "shapes")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        mp.delenv("CV_PIPELINE_RUN_ID", raising=False)
+        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+        mp.setenv("CV_MLFLOW_ARTIFACT_ROOT", str(root / "mlartifacts"))
+        params = write_params(root, tiny_overrides(**FAST))
+        run_pipeline(params, {LR: 0.001})
+        run_pipeline(params, {LR: 0.002})
+    client = mlflow.MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
     exp = client.get_experiment_by_name("cv-classification")
     parents = client.search_runs([exp.experiment_id], "tags.kind = 'pipeline'", order_by=["attributes.start_time ASC"])
-    return client, exp, parents
+    return SimpleNamespace(root=root, client=client, exp=exp, parents=parents)
+
+
+@pytest.fixture
+def in_root(two_runs, monkeypatch):
+    monkeypatch.chdir(two_runs.root)
+    return two_runs
 
 
 def test_two_runs_one_override_apart_are_two_rows_differing_in_that_param(two_runs):
-    client, exp, parents = two_runs
+    exp, parents = two_runs.exp, two_runs.parents
     assert exp.tags[tracking.EXPERIMENT_KIND[0]] == tracking.EXPERIMENT_KIND[1]  # opens on the runs table
     assert len(parents) == 2
     first, second = (p.data.params for p in parents)
@@ -48,10 +65,8 @@ def test_two_runs_one_override_apart_are_two_rows_differing_in_that_param(two_ru
     assert first["seed"] == "42" and first["model.name"] == second["model.name"]
 
 
-def test_the_parent_row_carries_results_span_inputs_and_models(two_runs):
-    import json
-
-    client, exp, parents = two_runs
+def test_the_parent_row_carries_results_span_inputs_and_models(in_root):
+    client, exp, parents = in_root.client, in_root.exp, in_root.parents
     parent = parents[1]
     m = parent.data.metrics
     test = json.loads(open("outputs/classification/evaluate/metrics.json").read())
@@ -99,3 +114,40 @@ def test_pipeline_run_id_covers_overrides_and_the_dvc_experiment(tmp_path, monke
     monkeypatch.setenv("DVC_EXP_NAME", "lucky-lamb")
     assert tracking.default_pipeline_run_id("params.yaml") != plain
     assert tracking.pipeline_tags()["dvc_exp_name"] == "lucky-lamb"
+
+
+def visible_text(dom: str) -> str:
+    import re
+
+    dom = re.sub(r"<(script|style)[^>]*>.*?</\1>", " ", dom, flags=re.S)
+    return re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", dom))
+
+
+@pytest.mark.e2e
+def test_the_ui_shows_the_pipeline_rows_with_their_primary_test_metric(two_runs, tmp_path):
+    """A real `mlflow server` on the store, a real headless Chromium on its runs table."""
+    from tasks.mlflow_view import runs_table_url
+    from tests.browser import dump_dom, find_chromium, mlflow_server, screenshot
+
+    chromium = find_chromium()
+    if chromium is None:
+        pytest.skip("no Chromium on PATH (chromium / chromium-browser / google-chrome): "
+                    "`apt-get install chromium` (.ci/run does it where apt-get and root are available)")
+    store = f"sqlite:///{two_runs.root / 'mlflow.db'}"
+    with mlflow_server(store, two_runs.root / "mlartifacts", tmp_path / "server.log") as base:
+        url = runs_table_url(base, two_runs.exp.experiment_id)
+        text = ""
+        for attempt in range(3):  # a busy machine may need more than one virtual-time budget
+            text = visible_text(dump_dom(chromium, url, tmp_path / f"profile{attempt}", width=1600, height=900))
+            if "test.augmented.accuracy" in text:
+                break
+        if shot := os.environ.get("CV_MLFLOW_SCREENSHOT"):  # the README's picture: CV_MLFLOW_SCREENSHOT=docs/x.png
+            screenshot(chromium, url, Path(shot).resolve(), tmp_path / "profile-shot", width=1600, height=560)
+    # the training-runs table, not the GenAI overview
+    assert "Run Name" in text and "Token Usage" not in text, text[:2000]
+    assert "test.augmented.accuracy" in text, text[:3000]
+    for parent in two_runs.parents:  # both pipeline rows, each with its primary test metric
+        assert parent.info.run_name in text
+        value = parent.data.metrics["test.augmented.accuracy"]
+        assert str(value)[:5] in text, (value, text[:3000])
+    assert "classification-test" in text  # the Dataset column
