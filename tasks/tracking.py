@@ -88,15 +88,18 @@ def pipeline_tags() -> dict[str, str]:
         if os.environ.get("DVC_EXP_BASELINE_REV"):
             tags["dvc_exp_baseline_rev"] = os.environ["DVC_EXP_BASELINE_REV"]
     if "prefect" in sys.modules:  # never import Prefect into a plain `dvc repro` stage (slow)
-        from prefect.runtime import deployment, flow_run
+        from prefect.context import FlowRunContext
+        from prefect.runtime import flow_run
         from prefect.utilities.urls import url_for
 
-        flow_run_id = flow_run.get_id()
+        flow_run_id = flow_run.get_id()  # from the flow or task context, or PREFECT__FLOW_RUN_ID: no API call
         if flow_run_id:
-            tags["prefect_flow_run_id"] = flow_run_id
-            tags["prefect_flow_run_name"] = flow_run.get_name() or ""
-            if deployment.get_id():
-                tags["prefect_deployment_id"] = str(deployment.get_id())
+            tags["prefect_flow_run_id"] = str(flow_run_id)
+            ctx = FlowRunContext.get()
+            if ctx is not None and ctx.flow_run is not None:
+                tags["prefect_flow_run_name"] = ctx.flow_run.name
+                if ctx.flow_run.deployment_id:  # run by a deployment (prefect deployment run, a schedule)
+                    tags["prefect_deployment_id"] = str(ctx.flow_run.deployment_id)
             # a link into the Prefect UI, only when a server is configured (PREFECT_UI_URL / PREFECT_API_URL)
             url = url_for("flow-run", obj_id=flow_run_id)
             if url:

@@ -151,3 +151,14 @@ def test_the_ui_shows_the_pipeline_rows_with_their_primary_test_metric(two_runs,
         value = parent.data.metrics["test.augmented.accuracy"]
         assert str(value)[:5] in text, (value, text[:3000])
     assert "classification-test" in text  # the Dataset column
+
+
+def test_a_prefect_flow_run_is_tagged_with_its_link(monkeypatch):
+    from prefect.settings import PREFECT_UI_URL, temporary_settings  # tracking asks Prefect only once it is loaded
+
+    run_id = "0b6c1f7e-2f7a-4c55-9a38-6a1f3b0c2d4e"
+    monkeypatch.setenv("PREFECT__FLOW_RUN_ID", run_id)  # what a deployment's worker process gets
+    with temporary_settings({PREFECT_UI_URL: "http://127.0.0.1:4200"}):
+        tags = tracking.pipeline_tags()
+    assert tags["prefect_flow_run_id"] == run_id
+    assert tags["prefect_flow_run_url"] == f"http://127.0.0.1:4200/runs/flow-run/{run_id}"
