@@ -74,14 +74,18 @@ def log_split_inputs(run_ids: Iterable[str], task_name: str, data_path: str | Pa
 
 def log_model_file(run_id: str, name: str, model_path: Path, params: dict[str, Any], metrics: dict[str, float]) -> str:
     """The stage's ``model.pt`` as an MLflow logged model, an output of the stage run and of its
-    pipeline run (the Model column of both rows). The file stays this pipeline's checkpoint format
+    pipeline run (the Model column of the pipeline row). The file stays this pipeline's checkpoint format
     (``tasks.engine.load_model`` reads it); the registry (issue 14) logs a loadable flavour."""
     from mlflow.entities import LoggedModelOutput, LoggedModelStatus, Metric
 
     c = client()
     run = c.get_run(run_id)
-    model = c.create_logged_model(experiment_id=run.info.experiment_id, name=name, source_run_id=run_id,
-                                  params={k: str(v)[:6000] for k, v in params.items()}, model_type="pytorch")
+    parent = run.data.tags.get("mlflow.parentRunId")
+    # MLflow 3.17's runs table fills the Model column from the models whose *source* run a row is:
+    # the pipeline run, whose row is the one compared; the stage run is kept as a tag and an output
+    model = c.create_logged_model(experiment_id=run.info.experiment_id, name=name, source_run_id=parent or run_id,
+                                  tags={"stage_run_id": run_id}, params={k: str(v)[:6000] for k, v in params.items()},
+                                  model_type="pytorch")
     with tempfile.TemporaryDirectory() as tmp:
         shutil.copy(model_path, Path(tmp) / Path(model_path).name)
         c.log_model_artifacts(model.model_id, tmp)
@@ -91,7 +95,7 @@ def log_model_file(run_id: str, name: str, model_path: Path, params: dict[str, A
 
         now = int(time.time() * 1000)
         c.log_batch(run_id, metrics=[Metric(k, float(v), now, 0, model_id=model.model_id) for k, v in metrics.items()])
-    for rid in (run_id, run.data.tags.get("mlflow.parentRunId")):
+    for rid in (run_id, parent):
         if rid:
             c.log_outputs(rid, [LoggedModelOutput(model.model_id, step=0)])
     return model.model_id

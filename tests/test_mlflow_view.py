@@ -95,7 +95,9 @@ def test_the_parent_row_carries_results_span_inputs_and_models(in_root):
     # models: the two trained models are outputs of the row
     models = [client.get_logged_model(o.model_id) for o in parent.outputs.model_outputs]
     assert sorted(lm.name for lm in models) == ["classification-augmented", "classification-baseline"]
-    assert all(lm.status.to_int() == 2 or str(lm.status).endswith("READY") for lm in models)
+    assert all(str(lm.status).endswith("READY") and lm.source_run_id == parent.info.run_id for lm in models)
+    assert {lm.tags["stage_run_id"] for lm in models} == {c.info.run_id for c in children
+                                                          if c.data.tags["stage"] in ("baseline", "augmented")}
     # charts and pictures
     assert len(client.get_metric_history(parent.info.run_id, "val_accuracy")) == 1  # one epoch
     pictures = {f.path for stage in ("augmented", "evaluate")
@@ -142,7 +144,7 @@ def test_the_ui_shows_the_pipeline_rows_with_their_primary_test_metric(two_runs,
             if "test.augmented.accuracy" in text:
                 break
         if shot := os.environ.get("CV_MLFLOW_SCREENSHOT"):  # the README's picture: CV_MLFLOW_SCREENSHOT=docs/x.png
-            screenshot(chromium, url, Path(shot).resolve(), tmp_path / "profile-shot", width=1600, height=560)
+            screenshot(chromium, url, Path(shot).resolve(), tmp_path / "profile-shot", width=2200, height=560)
     # the training-runs table, not the GenAI overview
     assert "Run Name" in text and "Token Usage" not in text, text[:2000]
     assert "test.augmented.accuracy" in text, text[:3000]
@@ -151,6 +153,7 @@ def test_the_ui_shows_the_pipeline_rows_with_their_primary_test_metric(two_runs,
         value = parent.data.metrics["test.augmented.accuracy"]
         assert str(value)[:5] in text, (value, text[:3000])
     assert "classification-test" in text  # the Dataset column
+    assert "classification-augmented" in text  # the Models column
 
 
 def test_a_prefect_flow_run_is_tagged_with_its_link(monkeypatch):
