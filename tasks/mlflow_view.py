@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -53,7 +54,9 @@ def split_dataset(task_name: str, split: str, data_path: str | Path):
         def to_dict(self) -> dict[str, str]:
             return {**super().to_dict(), "profile": json.dumps(self.profile)}
 
-    source = resolve_dataset_source(str(Path(data_path).resolve()))
+    with warnings.catch_warnings():  # a local folder matches MLflow's local-artifact source twice: same class
+        warnings.simplefilter("ignore", UserWarning)
+        source = resolve_dataset_source(str(Path(data_path).resolve()))
     # the UI shows only the first characters of a digest: the validate stage's sha256, shortened
     return SplitDataset(source=source, name=f"{task_name}-{split}", digest=version["digest"][:16])
 
