@@ -52,7 +52,9 @@ mlflow-server: $(STAMP)
 	mlflow server --backend-store-uri sqlite:///mlflow-server.db --serve-artifacts --artifacts-destination mlartifacts-server \
 		--host $(MLFLOW_HOST) --port $(MLFLOW_PORT)
 
+# prints each task's runs-table link (one row per pipeline run), then serves the UI
 mlflow-ui: $(STAMP)
+	@python -m tasks.mlflow_view $(MLFLOW_PORT) || true
 	mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port $(MLFLOW_PORT)
 
 # training-loop overhead against a bare PyTorch loop, per task (ratios; run on an otherwise idle machine)

@@ -21,6 +21,7 @@ def run(task_name: str, params_path: str | Path = "params.yaml", overrides: dict
             metrics = {**summary_metrics(st, result), "augmentations": augment.enabled_names()}
             write_metrics(tmp, metrics, timings(result))
         st.log_artifacts(out_dir, "augmented")
+        st.log_pictures(out_dir)
         m = st.task.primary_metric
         print(f"[augmented] best val {m} = {result.best_metrics[m]:.4f} (epoch {result.best_epoch})")
         drop_checkpoint(st)  # only now, at the very end: a kill before this resumes instead of training again

@@ -49,6 +49,7 @@ def run(task_name: str, params_path: str | Path = "params.yaml", overrides: dict
             metrics = {**summary_metrics(st, result), f"dummy_val_{m}": dummy.metrics[m], "overfit_final_loss": overfit}
             write_metrics(tmp, metrics, timings(result))
         st.log_artifacts(out_dir, "baseline")
+        st.log_pictures(out_dir)
         print(f"[baseline] best val {m} = {result.best_metrics[m]:.4f} (epoch {result.best_epoch}); dummy {dummy.metrics[m]:.4f}")
         drop_checkpoint(st)  # only now, at the very end: a kill before this resumes instead of training again
         return metrics

@@ -137,6 +137,10 @@ def run(task_name: str, params_path: str | Path = "params.yaml", overrides: dict
             st.log_metrics(res.metrics | speed.get(name, {}), prefix=f"test.{name}.")
         st.log_artifacts(out_dir, "evaluation")
         record_diff(changed)
+        st.log_inputs("test")
+        st.log_pictures(out_dir)
+        # the pipeline run's row in the MLflow UI: test metrics of all three, best val, seconds, data version
+        st.log_pipeline_summary({name: res.metrics for name, res in results.items()})
         publish_prefect_artifact(task_name, markdown)
         print(markdown)
         return metrics

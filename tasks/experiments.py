@@ -199,6 +199,12 @@ def train_and_score(job: TrainJob, on_epoch: Callable[[dict, int], None] | None 
                 return
             retry_locked(client(self.params).log_artifact, self.run_id, str(path), artifact_path)
 
+        def log_model(self, model_path, metrics):  # as above: no logged model per arm and seed
+            return
+
+        def log_inputs(self, *splits):  # the other arms write to the same SQLite store
+            retry_locked(Stage.log_inputs, self, *splits)
+
     status = "FAILED"
     try:
         seeds = seed_everything(params.seed)

@@ -42,6 +42,8 @@ def run(task_name: str, params_path: str | Path = "params.yaml", overrides: dict
             np.save(tmp / "mean_image.npy", mean_image.astype(np.float32))
             Image.fromarray((mean_image.clip(0, 1) * 255).round().astype(np.uint8)).save(tmp / "mean_image.png")
         st.log_artifacts(out_dir, "normstats")
+        st.log_inputs("train")
+        st.log_pictures(out_dir)
         st.log_metrics({f"mean.{c}": v for c, v in zip("rgb", result["per_channel_mean"])}
                        | {f"std.{c}": v for c, v in zip("rgb", result["per_channel_std"])})
         print(f"[normstats] {task_name}: {result['n_images']} train images, mean={np.round(result['per_channel_mean'], 4).tolist()} "

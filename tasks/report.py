@@ -35,7 +35,8 @@ def main(params_path: str | Path = "params.yaml") -> str:
     table = results_table(list(params.tasks))
     uri = tracking_uri(params)
     text = (f"\nResults on the test split (outputs/<task>/evaluate/):\n\n{table}\n\n"
-            f"Compare runs in the MLflow UI:\n  .venv/bin/mlflow ui --backend-store-uri {params.tracking.uri} "
-            f"--host 127.0.0.1 --port 5000\n  then open http://127.0.0.1:5000  (store: {uri})\n")
+            f"Compare runs in the MLflow UI (one row per pipeline run):\n  make mlflow-ui   (= .venv/bin/mlflow ui "
+            f"--backend-store-uri {params.tracking.uri} --host 127.0.0.1 --port 5000)\n"
+            f"  then open the runs-table link it prints for each task  (store: {uri})\n")
     print(text)
     return text

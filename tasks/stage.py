@@ -15,6 +15,7 @@ from tasks import accelerate  # noqa: E402
 from cv_models.base import CVTask  # noqa: E402
 from tasks import runstate, tracking  # noqa: E402
 from tasks.config import Params, TaskConfig, load_params  # noqa: E402
+from tasks.paths import outputs  # noqa: E402
 from tasks.seeding import seed_everything  # noqa: E402
 
 
@@ -52,6 +53,37 @@ class Stage:
         elif path.exists():
             mlflow.log_artifact(str(path), artifact_path=artifact_path)
 
+    # what the MLflow UI shows in the runs table (tasks/mlflow_view.py); each call names its run
+    def _view(self):
+        import mlflow
+
+        from tasks import mlflow_view
+
+        mlflow.set_tracking_uri(tracking.tracking_uri(self.params))  # worker processes start without it
+        return mlflow_view
+
+    def log_inputs(self, *splits: str) -> None:
+        """The splits this stage read, on its run and its pipeline run (Dataset column)."""
+        mlflow_view = self._view()
+        mlflow_view.log_split_inputs([self.run_id, mlflow_view.parent_of(self.run_id)], self.task_name,
+                                     self.cfg.data.path, splits)
+
+    def log_model(self, model_path: Path, metrics: dict[str, float]) -> None:
+        """The trained model as an MLflow logged model of this stage and its pipeline run (Model column)."""
+        self._view().log_model_file(self.run_id, f"{self.task_name}-{self.name}", model_path,
+                                   {"model.name": self.cfg.model.name, "stage": self.name}, metrics)
+
+    def log_pictures(self, folder: Path) -> None:
+        """The stage's pictures under ``plots/<stage>/`` of the pipeline run."""
+        mlflow_view = self._view()
+        mlflow_view.log_pictures(mlflow_view.parent_of(self.run_id), folder, self.name)
+
+    def log_pipeline_summary(self, test: dict[str, dict]) -> None:
+        """The pipeline run's row: ``test`` (metrics per model) plus what the training stages wrote."""
+        mlflow_view = self._view()
+        mlflow_view.summarise_pipeline(mlflow_view.parent_of(self.run_id), self.task_name, self.task.primary_metric,
+                                       test, lambda stage: outputs(self.task_name, stage))
+
 
 @contextmanager
 def open_stage(stage: str, task_name: str, params_path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None,
@@ -62,6 +94,8 @@ def open_stage(stage: str, task_name: str, params_path: str | Path = "params.yam
     seeds = seed_everything(params.seed + accelerate.rank())
     task = get_task(task_name, cfg)
     extra = {"overrides": json.dumps(overrides)} if overrides else None
+    # one id per pipeline run: the same for every stage of it, different when anything differs
+    pipeline_run_id = tracking.resolve_pipeline_run_id(pipeline_run_id, params_path, overrides)
     if not accelerate.is_main():  # only rank 0 opens an MLflow run (and writes: tasks.paths)
         yield Stage(params, stage, task_name, cfg, task, seeds, "")
         return

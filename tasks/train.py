@@ -64,6 +64,8 @@ def train_model(st: Stage, augment: AugmentConfig | None, out_dir: Path,
     st.log_metrics({f"best_val_{k}": v for k, v in result.best_metrics.items()} | {"train_seconds": result.seconds,
                                                                                  "best_epoch": result.best_epoch})
     st.log_artifacts(model_path, "model")
+    st.log_inputs("train", "val")
+    st.log_model(model_path, {f"best_val_{k}": v for k, v in result.best_metrics.items()})
     return result, model_path
 
 

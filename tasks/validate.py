@@ -149,6 +149,7 @@ def run(task_name: str, params_path: str | Path = "params.yaml", overrides: dict
             for name, df in tables.items():
                 df.to_csv(tmp / f"{name}.csv", index=False)
         st.log_artifacts(out_dir, "validation")
+        st.log_inputs(*[s for s in report["data_version"] if s in ("train", "val", "test")])
         st.log_metrics({"validation.n_samples": n_samples,
                         "validation.failed_rules": sum(not r["success"] for r in results),
                         "validation.notes": len(notes)})

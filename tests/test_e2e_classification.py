@@ -121,6 +121,16 @@ def test_mlflow_holds_the_stage_runs_with_seeds_and_metrics(dvc_repo):
     assert evaluate_run.data.metrics["test.augmented.accuracy"] == pytest.approx(evaluation(dvc_repo)["augmented"]["accuracy"])
     history = client.get_metric_history(stages["baseline"].info.run_id, "val_accuracy")
     assert len(history) == 14
+    # the pipeline row, filled although every stage ran in its own process: settings, test metrics,
+    # and a span from the first stage's start to the last stage's end
+    row = client.get_run(parent[0].info.run_id)
+    assert row.data.params["train.epochs"] == "14" and row.data.params["seed"] == "42"
+    assert row.data.metrics["test.augmented.accuracy"] == pytest.approx(evaluation(dvc_repo)["augmented"]["accuracy"])
+    assert row.data.metrics["train_seconds"] > 0
+    assert row.info.status == "FINISHED"
+    assert row.info.start_time <= stages["validate"].info.start_time
+    assert row.info.end_time >= stages["evaluate"].info.end_time
+    assert {d.dataset.name for d in row.inputs.dataset_inputs} == {f"classification-{s}" for s in ("train", "val", "test")}
 
 
 def test_prefect_flow_gives_the_same_metrics(dvc_repo, tmp_path, monkeypatch):
