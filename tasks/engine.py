@@ -291,8 +291,38 @@ def load_model(task: CVTask, path: Path) -> nn.Module:
     return model.eval()
 
 
-def overfit_one_batch(task: CVTask, model: nn.Module, batch, steps: int, lr: float, device: torch.device) -> list[float]:
-    """Train on one fixed batch; a healthy model and loss drive the loss towards zero."""
+def stratified_indices(labels: list | None, n: int, seed: int, size: int | None = None) -> list[int]:
+    """``n`` seeded indices of a dataset, each class represented in proportion to its share (at least one
+    per class while ``n`` allows), so that a sorted folder listing does not give a one-class subset.
+    Without labels (detection, segmentation): a seeded random sample of ``size`` items."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    total = len(labels) if labels is not None else int(size or 0)
+    if n >= total:
+        return list(range(total))
+    if labels is None:
+        return sorted(rng.choice(total, size=n, replace=False).tolist())
+    by_class: dict = {}
+    for i, y in enumerate(labels):
+        by_class.setdefault(y, []).append(i)
+    quota = {y: max(1, int(n * len(idx) / total)) for y, idx in by_class.items()}
+    while sum(quota.values()) > n:  # more classes than n: drop from the biggest quotas
+        quota[max(quota, key=quota.get)] -= 1
+    leftovers = []
+    picked = []
+    for y, idx in by_class.items():
+        order = rng.permutation(idx).tolist()
+        picked += order[: quota[y]]
+        leftovers += order[quota[y]:]
+    picked += rng.permutation(leftovers).tolist()[: n - len(picked)]  # rounding remainder, drawn at random
+    return sorted(picked)
+
+
+def overfit_one_batch(task: CVTask, model: nn.Module, batch, steps: int, lr: float, device: torch.device,
+                      done: Callable[[list[float]], bool] | None = None) -> list[float]:
+    """Train on one fixed batch; a healthy model and loss drive the loss towards zero. ``done(losses)``
+    ends the run early (the check has already passed)."""
     model.to(device).train()
     images, targets = to_device(batch[0], device), to_device(batch[1], device)
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
@@ -303,4 +333,6 @@ def overfit_one_batch(task: CVTask, model: nn.Module, batch, steps: int, lr: flo
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
+        if done is not None and done(losses):
+            break
     return losses

@@ -26,7 +26,10 @@ def train_model(st: Stage, augment: AugmentConfig | None, out_dir: Path) -> tupl
     train_eval = None
     if st.cfg.train.track_train_metric:
         train_plain = st.task.dataset("train", st.task.eval_transforms(norm))
-        train_eval = st.task.subset(train_plain, list(range(min(len(train_plain), len(val)))))
+        # stratified and seeded: the first N of a sorted folder listing can all be one class
+        indices = engine.stratified_indices(getattr(train_plain, "labels", None), min(len(train_plain), len(val)),
+                                            st.params.seed, size=len(train_plain))
+        train_eval = st.task.subset(train_plain, indices)
     model = st.task.build_model()
     model_path = models(st.task_name, st.name) / "model.pt"
     result = engine.fit(
