@@ -1,4 +1,4 @@
-"""Object detection: COCO JSON or Pascal VOC XML boxes, torchvision's Faster R-CNN (two-stage) or
+"""Object detection: COCO JSON, Pascal VOC XML or Ultralytics YOLO txt boxes, torchvision's Faster R-CNN (two-stage) or
 RetinaNet (single-stage) on a light FPN backbone, box-aware augmentations, COCO mAP via pycocotools.
 
 Primary metric: ``map50`` (COCO AP at IoU 0.5). It is the PASCAL VOC measure (BCCD is a VOC dataset),
@@ -28,13 +28,14 @@ from torchvision.transforms import v2
 
 from cv_models.augment import build_transforms
 from cv_models.base import Check, CVTask, DataError, EvalResult, register_task
-from cv_models.data.annotations import BOX_RULES, AnnotationTables, invalid_box_findings
+from cv_models.data.annotations import BOX_RULES, AnnotationTables, invalid_box_findings, require_all_splits, seed_split
 from cv_models.data.coco import read_coco, to_coco_ground_truth
 from cv_models.data.probe import load_rgb
 from cv_models.data.voc import read_voc
+from cv_models.data.yolo import read_yolo
 from tasks.config import AugmentConfig
 
-READERS: dict[str, Callable[..., AnnotationTables]] = {"coco": read_coco, "voc": read_voc}
+READERS: dict[str, Callable[..., AnnotationTables]] = {"coco": read_coco, "voc": read_voc, "yolo": read_yolo}
 INVALID_BOX_POLICIES = ("fail", "drop")
 MAX_NOTES = 200
 
@@ -145,9 +146,14 @@ class DetectionTask(CVTask):
                 raise DataError(f"detection reads data.format {sorted(READERS)}, got {d.format!r}")
             opts = {k: v for k, v in d.options.items() if k != "invalid_boxes"}
             try:
-                self._tables = READERS[d.format](Path(d.path), classes=d.classes, **opts)
+                tables = READERS[d.format](Path(d.path), classes=d.classes, **opts)
             except TypeError as err:
                 raise DataError(f"data.options for format {d.format!r}: {err}") from None
+            if d.split_from == "seed":
+                tables = seed_split(tables, d.split_fractions, d.split_seed)
+            else:
+                require_all_splits(tables, d.format)
+            self._tables = tables
         return self._tables
 
     def class_names(self) -> list[str]:
@@ -169,7 +175,7 @@ class DetectionTask(CVTask):
                   E.ExpectColumnValuesToBeInSet(column="path_inside", value_set=[True]), key_column="item"),
             Check("images", "image file exists",
                   E.ExpectColumnValuesToBeInSet(column="exists", value_set=[True], row_condition="path_inside == True",
-                                                condition_parser="pandas"), key_column="item"),
+                                                condition_parser="pandas"), key_column="item_path"),
             Check("images", "image file decodes",
                   E.ExpectColumnValuesToBeInSet(column="decodes", value_set=[True], row_condition="exists == True",
                                                 condition_parser="pandas"), key_column="item"),
@@ -186,7 +192,7 @@ class DetectionTask(CVTask):
     def validation_notes(self, tables: dict[str, pd.DataFrame]) -> list[str]:
         images, boxes = tables["images"], tables["annotations"]
         empty = images[images["n_boxes"] == 0]
-        notes = []
+        notes = list(self.tables().notes)
         if len(empty):
             notes.append(f"{len(empty)} image(s) without boxes (reported, not fatal; they train as background): "
                          + ", ".join(empty["item"].head(20)) + (" ..." if len(empty) > 20 else ""))

@@ -37,7 +37,7 @@ from cv_models.mix.instances import InstanceBatchMixer, MixOp, boxes_from_masks,
 from cv_models.nets.mask_rcnn import build_mask_rcnn
 from tasks.config import AugmentConfig
 
-FORMATS = ("coco", "instance_folders")
+FORMATS = ("coco", "yolo", "instance_folders")
 COCO_STATS = ("map", "map50", "map75")  # reported for boxes and masks
 
 
@@ -180,10 +180,24 @@ class InstanceSegmentationTask(CVTask):
             o = self._options()
             tables = read_coco(root, d.classes, annotations=o.get("annotations", "annotations/{split}.json"),
                                images=o.get("images", "images"), splits=o.get("splits"), with_masks=True)
+        elif d.format == "yolo":
+            from cv_models.data.yolo import read_yolo
+
+            o = self._options()
+            keys = ("data_yaml", "images", "labels", "splits", "names")
+            tables = read_yolo(root, d.classes, with_masks=True, **{k: o[k] for k in keys if k in o})
+        if d.format in ("coco", "yolo"):
+            from cv_models.data.annotations import require_all_splits, seed_split
+
+            if d.split_from == "seed":
+                tables = seed_split(tables, d.split_fractions, d.split_seed)
+            else:
+                require_all_splits(tables, d.format)
+            self._reader_notes = tables.notes
             images, anns, categories = tables.images, tables.annotations, tables.categories
-        elif d.format == "instance_folders":
+        if d.format == "instance_folders":
             images, anns, categories = self._folder_tables(root)
-        else:
+        elif d.format not in FORMATS:
             raise DataError(f"instance_segmentation reads data.format {list(FORMATS)}, got {d.format!r}")
         anns = self._add_mask_facts(images, anns)
         self._cached_tables = (images, anns, categories)
@@ -255,7 +269,8 @@ class InstanceSegmentationTask(CVTask):
         classes = self.class_names()
         out = [
             all_true("images", "path_inside", "file name stays inside the dataset folder"),
-            all_true("images", "exists", "image file exists"),
+            Check("images", "image file exists", gx.expectations.ExpectColumnValuesToBeInSet(
+                column="exists", value_set=[True]), key_column="item_path"),
             all_true("images", "decodes", "every image decodes"),
             all_true("images", "size_matches", "image size matches the declared width and height"),
             all_true("annotations", "image_present", "every annotation's image is listed"),
@@ -274,8 +289,9 @@ class InstanceSegmentationTask(CVTask):
 
     def validation_notes(self, tables: dict[str, pd.DataFrame]) -> list[str]:
         images, anns = tables["images"], tables["annotations"]
-        notes = [f"{item}: iscrowd annotation left out of training and evaluation"
-                 for item in anns.loc[anns["iscrowd"].astype(int) == 1, "item"]] if len(anns) else []
+        notes = list(getattr(self, "_reader_notes", []))
+        notes += [f"{item}: iscrowd annotation left out of training and evaluation"
+                  for item in anns.loc[anns["iscrowd"].astype(int) == 1, "item"]] if len(anns) else []
         empty = images[images["n_boxes"] == 0]
         if len(empty):
             notes.append(f"{len(empty)} image(s) without instances (kept as negatives), e.g. {empty['item'].iloc[0]}")
