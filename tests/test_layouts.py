@@ -130,3 +130,113 @@ def test_yolo_instance_segmentation_polygons(project, tmp_path):
         "0 0.5 0.5 0.2 0.2\n")  # a box line where a polygon is needed
     with pytest.raises(DataError, match="at least 3 points"):
         get_task("instance_segmentation", load_params(params).task("instance_segmentation"))._tables()
+
+
+# ------------------------------------------------------------------ semantic segmentation
+SEG_CLASSES = ["background", "circle", "square", "triangle", "star"]
+
+
+def _seg(project, root, **options):
+    return project.params(**_data("segmentation", path=str(root), classes=SEG_CLASSES, options=options))
+
+
+def test_segnet_layout_with_an_unlabelled_index(project, tmp_path):
+    """train/ + trainannot/ ..., class-index masks; index 11 is unlabelled and read as the ignore index."""
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path / "camvid"
+
+    def with_void(mask):
+        out = mask.copy()
+        out[:2, :] = 11  # an unlabelled border, as CamVid's "void"
+        return Image.fromarray(out, mode="L")
+
+    L.copy_masks(project.shapes / "scenes", {s: root / s for s in L.SPLITS}, {s: root / f"{s}annot" for s in L.SPLITS},
+                 convert=with_void)
+    params = _seg(project, root, images_dir="{split}", masks_dir="{split}annot", ignore_values=[11])
+    _report("segmentation", params)
+    task = get_task("segmentation", load_params(params).task("segmentation"))
+    _, mask = task.dataset("train", None)[0]
+    assert (np.asarray(mask)[:2] == 255).all() and np.asarray(mask)[2:].max() < len(SEG_CLASSES)
+    with pytest.raises(validate.ValidationFailed, match=r"mask values in the declared classes.*trainannot"):
+        validate.run("segmentation", _seg(project, root, images_dir="{split}", masks_dir="{split}annot"))
+
+
+def test_masks_folder_set_to_the_images_is_named(project, tmp_path):
+    """The SegNet layout with masks_dir left at the images: a clear message, not 'undeclared palette colours'."""
+    root = tmp_path / "camvid"
+    L.copy_masks(project.shapes / "scenes", {s: root / s for s in L.SPLITS}, {s: root / f"{s}annot" for s in L.SPLITS})
+    with pytest.raises(validate.ValidationFailed, match="the images and masks folders are the same folder"):
+        validate.run("segmentation", _seg(project, root, images_dir="{split}", masks_dir="{split}"))
+    # masks_dir pointing at another folder of photos: the rule says what such files usually mean
+    with pytest.raises(validate.ValidationFailed, match="masks_dir points at photos"):
+        validate.run("segmentation", _seg(project, root, images_dir="{split}annot", masks_dir="{split}", mask_suffix=".png"))
+
+
+def test_pascal_voc_segmentation_layout(project, tmp_path):
+    """JPEGImages/ + SegmentationClass/ palette PNGs + ImageSets/Segmentation/{split}.txt; 255 = boundary."""
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path / "voc"
+    palette = [0, 0, 0, 128, 0, 0, 0, 128, 0, 128, 128, 0, 0, 0, 128] + [0] * (3 * 250) + [224, 224, 192]
+
+    def to_palette(mask):
+        out = mask.copy()
+        out[-1, :] = 255  # VOC's object boundary / void colour
+        im = Image.fromarray(out, mode="P")
+        im.putpalette(palette)
+        return im
+
+    flat = {s: root / "JPEGImages" for s in L.SPLITS}
+    L.copy_masks(project.shapes / "scenes", flat, {s: root / "SegmentationClass" for s in L.SPLITS}, convert=to_palette)
+    (root / "ImageSets" / "Segmentation").mkdir(parents=True)
+    for split in L.SPLITS:
+        stems = sorted(p.stem for p in (project.shapes / "scenes" / "images" / split).iterdir())
+        (root / "ImageSets" / "Segmentation" / f"{split}.txt").write_text("\n".join(stems) + "\n")
+    params = _seg(project, root, images_dir="JPEGImages", masks_dir="SegmentationClass", palette_as_index=True,
+                  split_list="ImageSets/Segmentation/{split}.txt", image_suffix=".png")
+    report = _report("segmentation", params)
+    assert report["n_samples"] == 24
+    task = get_task("segmentation", load_params(params).task("segmentation"))
+    assert {len(task.dataset(s, None)) for s in L.SPLITS} == {len(list((project.shapes / "scenes" / "images" / s).iterdir()))
+                                                               for s in L.SPLITS}
+    _, mask = task.dataset("val", None)[0]
+    assert (np.asarray(mask)[-1] == 255).all()
+
+
+def test_ade20k_style_layout(project, tmp_path):
+    """images/{split} + annotations/{split} with ADE's split names; 0 = 'other', not a class."""
+    root = tmp_path / "ade"
+    names = {"train": "training", "val": "validation", "test": "testing"}
+    L.copy_masks(project.shapes / "scenes", {s: root / "images" / n for s, n in names.items()},
+                 {s: root / "annotations" / n for s, n in names.items()})
+    params = _seg(project, root, images_dir="images/{split}", masks_dir="annotations/{split}", splits=names)
+    _report("segmentation", params)
+    task = get_task("segmentation", load_params(params).task("segmentation"))
+    assert len(task.dataset("val", None)) == len(list((root / "images" / "validation").iterdir()))
+
+
+def test_per_instance_folders_layout(project, tmp_path):
+    """<id>/images/<id>.png + <id>/masks/*.png (DSB 2018 nuclei), split by seed."""
+    import numpy as np
+    from PIL import Image
+
+    from cv_models.data.coco import decode_mask
+
+    root = tmp_path / "nuclei"
+    scenes = project.shapes / "scenes"
+    for split in L.SPLITS:
+        coco = L.scenes_coco(scenes, split)
+        for im in coco["images"]:
+            folder = root / f"{split}_{im['id']}"
+            (folder / "images").mkdir(parents=True)
+            (folder / "masks").mkdir()
+            Image.open(scenes / "images" / im["file_name"]).save(folder / "images" / f"{split}_{im['id']}.png")
+            for a in (a for a in coco["annotations"] if a["image_id"] == im["id"]):
+                m = decode_mask(a["segmentation"], im["height"], im["width"])
+                Image.fromarray((m * 255).astype(np.uint8)).save(folder / "masks" / f"{a['id']}.png")
+    params = project.params(**_data("instance_segmentation", format="instance_folders", path=str(root), classes=None,
+                                    split_from="seed", options={"class_name": "shape"}))
+    _report("instance_segmentation", params)
