@@ -214,6 +214,9 @@ class DetectionTask(CVTask):
             lines = ["| class | " + " | ".join(counts.columns) + " |", "|---|" + "---|" * len(counts.columns)]
             lines += [f"| {c} | " + " | ".join(str(v) for v in row) + " |" for c, row in counts.iterrows()]
             out["Boxes per class and split"] = "\n".join(lines)
+        from cv_models.sizing import describe
+
+        out["Settings sized from the data"] = describe(self.most_objects(), dict(self.cfg.model.options))
         return out
 
     def records(self, split: str) -> list[dict]:
@@ -294,10 +297,16 @@ class DetectionTask(CVTask):
         std = stats["per_channel_std"] if mode == "per_channel_std" else [1.0] * 3
         return list(stats["per_channel_mean"]), list(std)
 
+    def most_objects(self) -> int:
+        """The largest number of (valid) objects in one training image: sizes the ``auto`` settings."""
+        return max((len(r["boxes"]) for r in self.records("train")), default=0)
+
     def model_options(self) -> dict:
         """``model.options`` with ``anchor_size: auto`` / ``aspect_ratios: auto`` replaced by anchors sized to
         the training boxes at the training size (the same split gives the same anchors at evaluation)."""
-        o = dict(self.cfg.model.options)
+        from cv_models.sizing import sized_options
+
+        o, _ = sized_options(dict(self.cfg.model.options), self.most_objects())
         auto = [k for k in ("anchor_size", "aspect_ratios") if o.get(k) == "auto"]
         if not auto:
             return o
@@ -489,6 +498,9 @@ def coco_map(gt: dict, results: list[dict], class_names: list[str], iou_type: st
         coco_gt.createIndex()
         coco_dt = coco_gt.loadRes(results)
         ev = COCOeval(coco_gt, coco_dt, iou_type)
+        # maxDets' default 100 would silently drop detections (and cap recall) on images with more objects
+        per_image = Counter(r["image_id"] for r in results) + Counter(a["image_id"] for a in gt["annotations"])
+        ev.params.maxDets = [1, 10, max(100, max(per_image.values(), default=0))]
         ev.evaluate()
         ev.accumulate()
         ev.summarize()

@@ -305,7 +305,10 @@ class InstanceSegmentationTask(CVTask):
         kinds = anns.groupby("kind").size().to_dict()
         lines = ["| split | class | instances | mean mask area (px) |", "|---|---|---|---|"]
         lines += [f"| {r.split} | {r.category} | {r.instances} | {r.mean_area:.0f} |" for r in table.itertuples()]
-        return {"Instances per class": "\n".join(lines) + f"\n\nMask storage: {kinds}"}
+        from cv_models.sizing import describe
+
+        return {"Instances per class": "\n".join(lines) + f"\n\nMask storage: {kinds}",
+                "Settings sized from the data": describe(self.most_objects(), dict(self.cfg.model.options))}
 
     def _records(self, split: str) -> list[dict]:
         images, anns, _ = self._tables()
@@ -360,9 +363,18 @@ class InstanceSegmentationTask(CVTask):
         return InstanceBatchMixer(ops, augment.options.get("min_area", 16), augment.options.get("min_visible", 0.25))
 
     # ------------------------------------------------------------------ model
+    def most_objects(self) -> int:
+        """The largest number of instances in one training image: sizes the ``auto`` model settings."""
+        _, anns, _ = self._tables()
+        train = anns[(anns["split"] == "train") & (anns["iscrowd"].astype(int) == 0)] if len(anns) else anns
+        return int(train.groupby("image_id").size().max()) if len(train) else 0
+
     def build_model(self) -> nn.Module:
+        from cv_models.sizing import sized_options
+
         m = self.cfg.model
-        model = build_mask_rcnn(m.name, len(self.class_names()) + 1, self.cfg.image_size, m.width, m.options, m.weights)
+        options, _ = sized_options(dict(m.options), self.most_objects())
+        model = build_mask_rcnn(m.name, len(self.class_names()) + 1, self.cfg.image_size, m.width, options, m.weights)
         if m.freeze_backbone:
             for p in model.backbone.body.parameters():
                 p.requires_grad = False

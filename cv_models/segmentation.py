@@ -47,6 +47,7 @@ READER_DEFAULTS = {
     "splits": None,  # split -> name on disk, e.g. {train: training, val: validation, test: testing}
     "split_list": None,  # a list of image stems per split, e.g. VOC "ImageSets/Segmentation/{split}.txt"
     "image_suffix": ".jpg",  # split_list: the images' suffix (others are tried when absent)
+    "value_map": None,  # raw mask value -> class index, e.g. {255: 1} for 0/255 binary masks (applied first)
     "ignore_values": [],  # mask values that mean unlabelled (SegNet/CamVid 11, ADE20K 0): read as train.loss.ignore_index
     "palette_as_index": False,  # palette (mode P) masks hold class indices (Pascal VOC): read the indices, not colours
     "mask_suffix": ".png",  # mask file = image stem + this
@@ -75,6 +76,7 @@ class MaskReader:
     color_mode: str
     ignore_values: tuple = ()
     palette_as_index: bool = False
+    value_map: dict | None = None
 
     def read(self, path: Path) -> tuple[np.ndarray, dict]:
         """``(HxW int array, facts)``; facts: mode, channels, converted, undeclared colours."""
@@ -83,6 +85,10 @@ class MaskReader:
             mode, channels = im.mode, len(im.getbands())
             if mode in INDEX_MODES or (mode == "P" and self.palette_as_index):
                 values = np.asarray(im).astype(np.int64)
+                if self.value_map:
+                    raw = values.copy()
+                    for src, dst in self.value_map.items():
+                        values[raw == int(src)] = int(dst)
                 if self.ignore_values:
                     values[np.isin(values, list(self.ignore_values))] = self.ignore_index
                 return values, {"mode": "L" if mode == "P" else mode, "channels": channels, "converted": False,
@@ -237,7 +243,8 @@ class SegmentationTask(CVTask):
             raise DataError(f"data.options.colors has {len(o['colors'])} colours for {len(self.class_names())} classes "
                             f"(rule: one [r, g, b] per declared class)")
         return MaskReader(o["colors"], o["ignore_color"], self.ignore_index, o["mask_color_mode"],
-                          tuple(int(v) for v in o["ignore_values"] or ()), bool(o["palette_as_index"]))
+                          tuple(int(v) for v in o["ignore_values"] or ()), bool(o["palette_as_index"]),
+                          {int(k): int(v) for k, v in (o["value_map"] or {}).items()})
 
     # ------------------------------------------------------------------ listing
     def _samples(self) -> list[dict]:

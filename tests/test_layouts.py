@@ -240,3 +240,50 @@ def test_per_instance_folders_layout(project, tmp_path):
     params = project.params(**_data("instance_segmentation", format="instance_folders", path=str(root), classes=None,
                                     split_from="seed", options={"class_name": "shape"}))
     _report("instance_segmentation", params)
+
+
+def test_symlink_saved_as_a_text_file_is_named(project, tmp_path):
+    """A checkout without symlink support writes `images -> ../images` as a file holding '../images'."""
+    root = tmp_path / "yolo"
+    classes = L.yolo(project.shapes / "scenes", root / "store")
+    (root / "det").mkdir()
+    (root / "det" / "images").write_text("../store/images")
+    params = det_params(project, **_data("detection", format="yolo", path=str(root / "det"), classes=classes,
+                                         options={"images": "images/{split}", "labels": "../store/labels/{split}"}))
+    with pytest.raises(validate.ValidationFailed, match="a symlink saved as a plain file"):
+        validate.run("detection", params)
+
+
+# ------------------------------------------------------------------ defaults sized from the data
+def test_detector_settings_sized_from_the_busiest_image(project):
+    from cv_models.sizing import sized_values
+
+    assert sized_values(260)["detections_per_img"] >= 260 and sized_values(260)["rpn_post_nms_top_n_test"] >= 520
+    assert sized_values(3)["detections_per_img"] == 20  # small data keeps the CPU-friendly floor
+    params = det_params(project)
+    report = validate.run("detection", params)
+    task = get_task("detection", load_params(params).task("detection"))
+    most = task.most_objects()
+    assert most == int(task.tables().images.query("split == 'train'")["n_boxes"].max())
+    assert task.model_options()["detections_per_img"] == sized_values(most)["detections_per_img"]
+    sized = report["summaries"]["Settings sized from the data"]
+    assert f"Largest number of objects in one training image: {most}" in sized and "detections_per_img" in sized
+
+
+# ------------------------------------------------------------------ classification
+def test_identical_images_under_two_classes(project):
+    """trashnet150 files three photos under two classes each: a failing rule, or left out with drop."""
+    import shutil
+
+    train = project.classification / "train"
+    classes = sorted(p.name for p in train.iterdir())
+    victim = sorted((train / classes[0]).iterdir())[0]
+    shutil.copy(victim, train / classes[1] / "copy_of_other_class.png")
+    with pytest.raises(validate.ValidationFailed, match="no identical image filed under two different classes"):
+        validate.run("classification", project.params())
+    params = project.params(**{"tasks.classification.data.options": {"conflicting_duplicates": "drop"}})
+    report = validate.run("classification", params)
+    assert any("copy_of_other_class.png" in n and victim.name in n for n in report["notes"])
+    task = get_task("classification", load_params(params).task("classification"))
+    paths = [s["path"] for s in task._samples()[0]]
+    assert str(victim) not in paths and not any("copy_of_other_class" in p for p in paths)

@@ -12,7 +12,8 @@ Two ways to say where the files are:
   and ``names`` (a list, or a dict id -> name; ids need not be contiguous). Label folders are the image
   folders with their last ``images`` part replaced by ``labels``, as Ultralytics does.
 * or the templates ``data.options.images: images/{split}`` and ``labels: labels/{split}`` with the class
-  names in ``data.classes`` (class id k = ``classes[k]``), or ``data.options.names``.
+  names in ``data.classes`` (class id k = ``classes[k]``), ``data.options.names``, or the ``names`` of a
+  ``data_yaml`` (given templates take the place of the yaml's folders).
 
 Label files without an image and images without a label file are reported (an image without labels
 trains as background, as in Ultralytics). A malformed line or a class id outside the names fails with
@@ -108,31 +109,47 @@ def _read_label_file(path: Path, names: dict[int, str], polygons: bool) -> list[
     return objects
 
 
+def _missing_folder(folder: Path, split: str) -> DataError:
+    """Name a path part that is a file: git writes a symlink as a small text file holding its target when
+    the checkout has no symlink support (core.symlinks=false, some archives, Windows)."""
+    for part in [folder, *folder.parents]:
+        if part.is_file() and part.stat().st_size < 256:
+            text = part.read_text(errors="replace").strip()
+            return DataError(f"{folder}: image folder of split '{split}' does not exist: {part} is a file holding "
+                             f"{text!r}, a symlink saved as a plain file (recreate it with `ln -s {text} {part}`, or "
+                             f"point data.options.images / labels past it)")
+    return DataError(f"{folder}: image folder of split '{split}' does not exist (rule: YOLO images/<split> folders, set "
+                     f"by data.options.images or the data yaml)")
+
+
 def read_yolo(root: Path, classes: list[str] | None = None, data_yaml: str | None = None,
-              images: str = "images/{split}", labels: str = "labels/{split}", splits: dict[str, str] | None = None,
+              images: str | None = None, labels: str | None = None, splits: dict[str, str] | None = None,
               names: list[str] | dict | None = None, with_masks: bool = False) -> AnnotationTables:
     """Read the splits present. ``with_masks``: lines are polygons (instance segmentation), kept as
     COCO-style pixel polygons in ``segmentation``; otherwise boxes (a polygon line gives its extent)."""
-    if data_yaml:
+    if data_yaml and images is None and labels is None:
         folders, id_to_name, source = read_data_yaml(root, data_yaml)
         label_folders = {s: _labels_dir(f) for s, f in folders.items()}
         sources = {s: f"{source} ({s}: {f})" for s, f in folders.items()}
     else:
         splits = splits or DEFAULT_SPLITS
         check_split_names(splits, "yolo")
+        images, labels = images or "images/{split}", labels or "labels/{split}"
         folders = {s: root / images.format(split=name) for s, name in splits.items()}
         label_folders = {s: root / labels.format(split=name) for s, name in splits.items()}
-        raw = names if names is not None else classes
-        if not raw:
-            raise DataError("yolo: the class names are needed (rule: data.options.data_yaml with 'names', or "
-                            "data.classes in class-id order)")
-        id_to_name = _names(raw, "data.options.names / data.classes")
+        if data_yaml:  # the yaml's names, the templates' folders
+            id_to_name = read_data_yaml(root, data_yaml)[1]
+        else:
+            raw = names if names is not None else classes
+            if not raw:
+                raise DataError("yolo: the class names are needed (rule: data.options.data_yaml with 'names', or "
+                                "data.classes in class-id order)")
+            id_to_name = _names(raw, "data.options.names / data.classes")
         sources = {s: str(f) for s, f in folders.items()}
     image_rows, box_rows, notes = [], [], []
     for split, folder in folders.items():
         if not folder.is_dir():
-            raise DataError(f"{folder}: image folder of split '{split}' does not exist (rule: YOLO images/<split> "
-                            f"folders, set by data.options.images or the data yaml)")
+            raise _missing_folder(folder, split)
         label_dir = label_folders[split]
         files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
         stems = set()
