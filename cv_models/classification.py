@@ -278,6 +278,7 @@ class ClassificationTask(CVTask):
         metrics = {
             "accuracy": float(tp.sum() / max(cm.sum(), 1)),
             "macro_f1": float(f.mean()),
+            "predicted_classes": int((predicted > 0).sum()),  # 1: the model has collapsed to one class
             **{f"f1/{c}": float(v) for c, v in zip(names, f)},
         }
         return EvalResult(metrics, predictions={"y_true": y_true, "y_pred": y_pred}, per_class=per_class,

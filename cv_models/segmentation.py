@@ -629,6 +629,7 @@ class SegmentationTask(CVTask):
         metrics = {"miou": float(iou.nanmean()) if (union > 0).any() else 0.0,
                    "pixel_accuracy": float(tp.sum() / cm.sum().clamp_min(1)),
                    "dice": float(dice.nanmean()) if (gt + pr > 0).any() else 0.0,
+                   "predicted_classes": int((pr > 0).sum()),  # 1: every pixel gets the same class
                    **{f"iou/{c}": float(v) for c, v in zip(names, iou.tolist()) if v == v}}
         return EvalResult(metrics, per_class=per_class, extra={"confusion_matrix": cm.long().numpy()})
 

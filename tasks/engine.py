@@ -113,6 +113,27 @@ class FitResult:
     seconds: float
 
 
+class SilentFailureWarning(UserWarning):
+    """A trained model no better than the dummy solution, or collapsed to one class."""
+
+
+DUMMY_MARGIN = 0.01  # a metric within this of the dummy's has learnt nothing the class frequencies do not give
+
+
+def silent_failure_warnings(metrics: dict, dummy: dict, primary: str, n_classes: int, where: str) -> list[str]:
+    """Lines saying a model is no better than the dummy solution or predicts a single class (empty: healthy).
+    A collapsed model otherwise passes every stage quietly, its metric looking like a number."""
+    out = []
+    if primary in metrics and primary in dummy and metrics[primary] <= dummy[primary] + DUMMY_MARGIN:
+        out.append(f"{where}: {primary} {metrics[primary]:.4f} is at the dummy solution's level ({dummy[primary]:.4f}): "
+                   f"the model has learnt nothing beyond the class frequencies (check the learning rate, the epochs, "
+                   f"class balance and the labels)")
+    if n_classes > 1 and metrics.get("predicted_classes") == 1:
+        out.append(f"{where}: the model predicts a single class for everything (collapsed; try class weights or a "
+                   f"Dice-based loss for rare classes, a lower learning rate, more epochs)")
+    return out
+
+
 def fit(
     task: CVTask,
     model: nn.Module,

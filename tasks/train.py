@@ -1,6 +1,7 @@
 """Shared by the baseline and augmented stages: train one model and record it."""
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -41,6 +42,14 @@ def train_model(st: Stage, augment: AugmentConfig | None, out_dir: Path) -> tupl
                      "model": st.cfg.model.model_dump(mode="json"), "normalization": st.cfg.normalization},
         train_eval_set=train_eval,
     )
+    # no silent failure: a model at the dummy's level or predicting one class is said so, loudly
+    m = st.task.primary_metric
+    dummy = st.task.dummy_result(st.task.dataset("train", None), val)
+    result.warnings = engine.silent_failure_warnings(result.best_metrics, dummy.metrics, m, len(st.task.class_names()),
+                                                     f"{st.task_name}/{st.name} (validation)")
+    for line in result.warnings:
+        print(f"[{st.name}] WARNING: {line}")
+        warnings.warn(line, engine.SilentFailureWarning, stacklevel=2)
     out_dir.mkdir(parents=True, exist_ok=True)
     result.history.to_csv(out_dir / "history.csv", index=False)
     history_figure(result.history, st.task.primary_metric, out_dir / "history.png")
@@ -54,7 +63,8 @@ def summary_metrics(st: Stage, result: engine.FitResult) -> dict:
     m = st.task.primary_metric
     return {f"val_{m}": result.best_metrics[m], "best_epoch": result.best_epoch,
             "train_seconds": round(result.seconds, 2), "epochs": st.cfg.train.epochs,
-            "epochs_run": len(result.history)}  # fewer than epochs after early stopping or the time limit
+            "epochs_run": len(result.history),  # fewer than epochs after early stopping or the time limit
+            "warnings": list(getattr(result, "warnings", []))}
 
 
 def preview(st: Stage, augment: AugmentConfig | None, path: Path) -> Path:

@@ -58,3 +58,25 @@ def test_stratified_subset_covers_every_class():
     assert picked == engine.stratified_indices(labels, 20, seed=0)  # seeded
     assert picked != engine.stratified_indices(labels, 20, seed=1)
     assert len(engine.stratified_indices(None, 5, seed=0, size=30)) == 5
+
+
+def test_silent_failure_lines():
+    healthy = engine.silent_failure_warnings({"miou": 0.6, "predicted_classes": 3}, {"miou": 0.2}, "miou", 3, "val")
+    assert healthy == []
+    collapsed = engine.silent_failure_warnings({"miou": 0.205, "predicted_classes": 1}, {"miou": 0.2}, "miou", 3, "val")
+    assert len(collapsed) == 2 and "dummy solution's level" in collapsed[0] and "single class" in collapsed[1]
+
+
+def test_training_that_learns_nothing_warns(project):
+    import json
+    from pathlib import Path
+
+    from tasks import baseline, normstats
+
+    params = project.params(**{"tasks.classification.train.optimizer.lr": 1e-9, "tasks.classification.train.epochs": 1,
+                               "tasks.classification.overfit_check.enabled": False})
+    normstats.run("classification", params)
+    with pytest.warns(engine.SilentFailureWarning, match="dummy solution's level"):
+        baseline.run("classification", params)
+    metrics = json.loads(Path("outputs/classification/baseline/metrics.json").read_text())
+    assert any("dummy solution's level" in w for w in metrics["warnings"])
