@@ -42,3 +42,20 @@ def test_overrides_apply_dotted_keys():
 def test_missing_params_file(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_params(tmp_path / "nope.yaml")
+
+
+def test_readme_presets_are_valid_augment_settings():
+    """The README's augment preset per kind of data must load as it is written."""
+    import re
+
+    import yaml
+
+    from tasks.config import AugmentConfig
+
+    text = (REPO / "README.md").read_text()
+    section = text.split("#### Presets per kind of data", 1)[1].split("\n### ", 1)[0]
+    rows = re.findall(r"^\| (natural photos|street scenes|microscopy|documents)[^|]*\| `([^`]+)`", section, re.M)
+    assert len(rows) == 4, rows
+    for kind, block in rows:
+        cfg = AugmentConfig.model_validate(yaml.safe_load(block))
+        assert not (kind != "microscopy" and cfg.vflip.enabled), kind
