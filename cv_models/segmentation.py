@@ -295,13 +295,6 @@ class SegmentationTask(CVTask):
         if d.split_from == "folders" and {s for s, _, _ in folders} != set(SPLITS):
             raise DataError(f"split_from=folders needs train, val and test; data.options.splits names "
                             f"{sorted(s for s, _, _ in folders if s)} (or set data.split_from: seed)")
-        for split, images, masks in folders:
-            if images.resolve() == masks.resolve() and o["mask_suffix"] in IMAGE_SUFFIXES:
-                probe = next((p for p in sorted(images.iterdir()) if p.name.endswith(o["mask_suffix"])), None)
-                if probe is not None:
-                    raise DataError(f"{images}: the images and masks folders are the same folder, so each image would "
-                                    f"be its own mask (rule: data.options.masks_dir names the folder of class masks, "
-                                    f"e.g. SegNet '{{split}}annot'; split '{split}')")
         return folders
 
     def _list_mask_folder(self, root: Path) -> list[dict]:
@@ -325,6 +318,11 @@ class SegmentationTask(CVTask):
             for p in images:
                 mask = mask_dir / (p.stem + o["mask_suffix"])
                 rows.append({"path": str(p), "split": split, "mask_path": str(mask), "mask_source": str(mask)})
+        itself = next((r for r in rows if Path(r["mask_path"]) == Path(r["path"])), None)
+        if itself is not None:
+            raise DataError(f"{itself['path']}: this image would be its own mask: the images and masks folders are the same "
+                            f"folder (rule: data.options.masks_dir names the folder of class masks, e.g. SegNet "
+                            f"'{{split}}annot'; images_dir={o['images_dir']!r}, masks_dir={o['masks_dir']!r})")
         if d.split_from == "seed":
             for r in rows:
                 r["split"] = None
