@@ -102,7 +102,7 @@ class OverfitCheckConfig(Strict):
     batch_size: int = Field(8, ge=1)
     steps: int = Field(60, ge=1, description="step cap; the check stops early once it passes")
     lr: float = Field(3e-3, gt=0)
-    max_loss_ratio: float = Field(0.5, gt=0, lt=1, description="pass when the loss falls below this fraction of "
+    max_loss_ratio: float = Field(0.35, gt=0, lt=1, description="pass when the loss falls below this fraction of "
                                                                "its first value")
     max_loss: float | None = Field(None, gt=0, description="optional: also pass when the loss falls below this")
 

@@ -80,3 +80,14 @@ def test_training_that_learns_nothing_warns(project):
         baseline.run("classification", params)
     metrics = json.loads(Path("outputs/classification/baseline/metrics.json").read_text())
     assert any("dummy solution's level" in w for w in metrics["warnings"])
+
+
+
+def test_detection_healthy_passes(project):
+    from tests.detection_helpers import det_params
+
+    params = det_params(project, **{"tasks.detection.overfit_check.steps": 60, "tasks.detection.overfit_check.max_loss": None,
+                                    "tasks.detection.normalization": "none"})
+    cfg = load_params(params).task("detection")
+    result = run_overfit_check(get_task("detection", cfg), cfg, 0, None, "detection")
+    assert result["final_loss"] <= cfg.overfit_check.max_loss_ratio * result["first_loss"]
