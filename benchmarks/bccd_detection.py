@@ -97,7 +97,7 @@ def main():
     times["test"] = time.perf_counter() - start
     total = time.perf_counter() - t0
 
-    print(f"\nBCCD, {cfg.model.name} + {cfg.model.options['backbone']} (pretrain: {args.pretrain}), {cfg.image_size}px, "
+    print(f"\nBCCD, {cfg.model.name} + {cfg.model.options.backbone} (pretrain: {args.pretrain}), {cfg.image_size}px, "
           f"{run['epochs_run']} of {run['epochs']} epochs (best {run['best_epoch']}); outputs in {work}")
     print("| model | test mAP@.5 | test mAP@[.5:.95] | wall time |")
     print("|---|---|---|---|")

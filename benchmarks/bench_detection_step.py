@@ -135,7 +135,7 @@ def main():
             print(f"repeat {r + 1}: bare {times['bare'][-1]:.2f}s  pipeline {times['pipeline'][-1]:.2f}s", flush=True)
     bare, pipe = statistics.median(times["bare"]), statistics.median(times["pipeline"])
     print(f"\ndetection, {n} train images, {len(val)} val images, {args.epochs} epochs, {args.threads} threads, "
-          f"batch {cfg.train.batch_size}, model {cfg.model.name} ({cfg.model.options.get('backbone', '-')}), {cfg.image_size}px")
+          f"batch {cfg.train.batch_size}, model {cfg.model.name} ({getattr(cfg.model.options, 'backbone', '-')}), {cfg.image_size}px")
     print(f"median bare PyTorch loop: {bare:.2f}s   median pipeline (tasks.engine.fit): {pipe:.2f}s")
     print(f"ratio pipeline / bare = {pipe / bare:.3f}  (target <= 1.05)")
 

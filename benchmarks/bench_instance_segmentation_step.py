@@ -177,7 +177,7 @@ def main():
     bare, pipe = (statistics.median(w for w, _ in times["bare"]), statistics.median(w for w, _ in times["pipeline"]))
     bare_cpu, pipe_cpu = (statistics.median(c for _, c in times["bare"]), statistics.median(c for _, c in times["pipeline"]))
     print(f"\n{TASK}, {n} train images, {len(val)} val images, {args.epochs} epochs, {args.threads} threads, "
-          f"batch {cfg.train.batch_size}, model {cfg.model.name} ({cfg.model.options.get('backbone', '-')}), {cfg.image_size}px")
+          f"batch {cfg.train.batch_size}, model {cfg.model.name} ({getattr(cfg.model.options, 'backbone', '-')}), {cfg.image_size}px")
     print(f"median bare PyTorch loop: {bare:.2f}s wall, {bare_cpu:.2f}s cpu   "
           f"median pipeline (tasks.engine.fit): {pipe:.2f}s wall, {pipe_cpu:.2f}s cpu")
     print(f"ratio pipeline / bare = {pipe / bare:.3f} wall, {pipe_cpu / bare_cpu:.3f} cpu  (target <= 1.05)")

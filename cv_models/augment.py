@@ -1,14 +1,17 @@
 """Augmentations from params, built with torchvision transforms v2.
 
 v2 transforms move masks (``tv_tensors.Mask``) and boxes (``tv_tensors.BoundingBoxes``)
-together with the image, so one registry serves every task. Each entry turns one
-``augment.<name>`` section of params.yaml into a transform; a task may swap an entry
-(for example detection uses an IoU crop instead of a resized crop) by passing
-``overrides``. Adding an augmentation means adding one function here and one
-field to :class:`tasks.config.AugmentConfig`.
+together with the image, so one registry serves every task. Each entry of :data:`AUGMENTATIONS`
+says where in the pipeline an ``augment.<name>`` section applies (its phase) and how to build it;
+a task may swap an entry's builder (detection uses an IoU crop instead of a resized crop) or add
+its own entries (``CVTask.augmentations``). Adding an augmentation means one registry entry (with
+its phase) and one Switch field in the augment schema (:mod:`cv_models.settings`, or the task's
+subclass); :func:`cv_models.base.register_task` refuses a task whose schema and registry disagree,
+and the ablation baseline switches off every Switch field, so none can be forgotten.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -18,34 +21,78 @@ import torch
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from tasks.config import AugmentConfig
+from cv_models.settings import AugmentConfig
 
 Builder = Callable[..., v2.Transform]
-# Order matters: geometry on uint8 images, then colour, then float conversion, noise,
-# normalisation and finally obstruction (so the erased patch is 0 after normalising).
-GEOMETRIC = ("hflip", "vflip", "rotation", "crop", "rescale")
-PHOTOMETRIC = ("color", "blur")
-AFTER_FLOAT = ("noise",)
-AFTER_NORMALIZE = ("cutout",)
+# Phases, in pipeline order: geometry on uint8 images, then colour, then float conversion, noise,
+# normalisation and obstruction (so the erased patch is 0 after normalising); "batch" entries are
+# applied to whole batches by the task's batch_mixer (MixUp, CutMix, mosaic, copy-paste).
+PHASES = ("geometric", "photometric", "after_float", "after_normalize")
+BATCH = "batch"
+CUTOUT_RATIO = (0.3, 3.3)  # aspect ratio range of an erased rectangle (RandomErasing's), sampled log-uniformly
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """One registry entry: the phase it runs in and, for per-sample phases, its builder ``(settings, size) -> transform``."""
+
+    phase: str
+    build: Builder | None = None
+
+    def __post_init__(self):
+        if self.phase not in (*PHASES, BATCH):
+            raise ValueError(f"augmentation phase {self.phase!r}: choose one of {(*PHASES, BATCH)}")
+        if (self.phase == BATCH) != (self.build is None):
+            raise ValueError("per-sample augmentations need a builder; batch ones are built by the task's batch_mixer")
+
+    def replace(self, build: Builder) -> "Augmentation":
+        return Augmentation(self.phase, build)
+
+
+def cutout_rectangle(height: int, width: int, scale: tuple[float, float]) -> tuple[int, int, int, int]:
+    """``(y0, x0, h, w)`` of a random rectangle as RandomErasing draws it: area uniform in ``scale`` of the
+    image, aspect ratio log-uniform in :data:`CUTOUT_RATIO` (one cutout behaviour for every task)."""
+    import math
+
+    area = height * width * float(torch.empty(()).uniform_(*scale))
+    aspect = float(torch.exp(torch.empty(()).uniform_(math.log(CUTOUT_RATIO[0]), math.log(CUTOUT_RATIO[1]))))
+    h = min(height, max(1, int(round((area * aspect) ** 0.5))))
+    w = min(width, max(1, int(round((area / aspect) ** 0.5))))
+    y0, x0 = int(torch.randint(0, height - h + 1, ())), int(torch.randint(0, width - w + 1, ()))
+    return y0, x0, h, w
 
 
 def _random_apply(t: v2.Transform, p: float) -> v2.Transform:
     return t if p >= 1 else v2.RandomApply([t], p=p)
 
 
-AUGMENTATIONS: dict[str, Builder] = {
-    "hflip": lambda c, size: v2.RandomHorizontalFlip(p=c.p),
-    "vflip": lambda c, size: v2.RandomVerticalFlip(p=c.p),
-    "rotation": lambda c, size: _random_apply(v2.RandomRotation(degrees=c.degrees, fill={tv_tensors.Image: c.fill, "others": 0}), c.p),
-    "crop": lambda c, size: _random_apply(v2.RandomResizedCrop(size=(size, size), scale=tuple(c.scale), antialias=True), c.p),
-    "rescale": lambda c, size: _random_apply(v2.RandomAffine(degrees=0, scale=tuple(c.scale)), c.p),
-    "color": lambda c, size: _random_apply(
-        v2.ColorJitter(brightness=c.brightness, contrast=c.contrast, saturation=c.saturation, hue=c.hue), c.p
-    ),
-    "blur": lambda c, size: _random_apply(v2.GaussianBlur(kernel_size=c.kernel_size, sigma=tuple(c.sigma)), c.p),
-    "noise": lambda c, size: _random_apply(v2.GaussianNoise(sigma=c.sigma, clip=False), c.p),
-    "cutout": lambda c, size: v2.RandomErasing(p=c.p, scale=tuple(c.scale), value=0),
+# the augmentations of the shared schema (AugmentConfig), in their order within a phase
+AUGMENTATIONS: dict[str, Augmentation] = {
+    "hflip": Augmentation("geometric", lambda c, size: v2.RandomHorizontalFlip(p=c.p)),
+    "vflip": Augmentation("geometric", lambda c, size: v2.RandomVerticalFlip(p=c.p)),
+    "rotation": Augmentation("geometric", lambda c, size: _random_apply(
+        v2.RandomRotation(degrees=c.degrees, fill={tv_tensors.Image: c.fill, "others": 0}), c.p)),
+    "crop": Augmentation("geometric", lambda c, size: _random_apply(
+        v2.RandomResizedCrop(size=(size, size), scale=tuple(c.scale), antialias=True), c.p)),
+    "rescale": Augmentation("geometric", lambda c, size: _random_apply(v2.RandomAffine(degrees=0, scale=tuple(c.scale)), c.p)),
+    "color": Augmentation("photometric", lambda c, size: _random_apply(
+        v2.ColorJitter(brightness=c.brightness, contrast=c.contrast, saturation=c.saturation, hue=c.hue), c.p)),
+    "blur": Augmentation("photometric", lambda c, size: _random_apply(
+        v2.GaussianBlur(kernel_size=c.kernel_size, sigma=tuple(c.sigma)), c.p)),
+    "noise": Augmentation("after_float", lambda c, size: _random_apply(v2.GaussianNoise(sigma=c.sigma, clip=False), c.p)),
+    "cutout": Augmentation("after_normalize", lambda c, size: v2.RandomErasing(p=c.p, scale=tuple(c.scale),
+                                                                               ratio=CUTOUT_RATIO, value=0)),
+    "mixup": Augmentation(BATCH),
+    "cutmix": Augmentation(BATCH),
 }
+
+
+def with_builders(base: dict[str, Augmentation], builders: dict[str, Builder]) -> dict[str, Augmentation]:
+    """``base`` with some entries' builders swapped (same phase): a task's box- or mask-aware versions."""
+    unknown = sorted(set(builders) - set(base))
+    if unknown:
+        raise KeyError(f"no augmentation {unknown} to replace; registered: {sorted(base)}")
+    return {name: aug.replace(builders[name]) if name in builders else aug for name, aug in base.items()}
 
 
 class ToFloatImage(v2.Transform):
@@ -66,27 +113,35 @@ def build_transforms(
     augment: AugmentConfig | None,
     normalize: Callable | None,
     resize: v2.Transform | None = None,
-    overrides: dict[str, Builder] | None = None,
+    registry: dict[str, Augmentation] | None = None,
     tail: list[v2.Transform] | None = None,
 ) -> v2.Compose:
-    """The whole per-sample pipeline: resize, augmentations (if any), float, normalise, cutout."""
-    builders = {**AUGMENTATIONS, **(overrides or {})}
+    """The whole per-sample pipeline: resize, augmentations (if any), float, normalise, cutout.
 
-    def stage(names: tuple[str, ...]) -> list[v2.Transform]:
+    ``registry``: the task's augmentations (default: the shared :data:`AUGMENTATIONS`); every enabled
+    Switch of ``augment`` must have an entry, so a switched-on augmentation is never skipped silently."""
+    registry = registry if registry is not None else AUGMENTATIONS
+    if augment is not None:
+        missing = [n for n in augment.enabled_names() if n not in registry]
+        if missing:
+            raise KeyError(f"augment.{missing[0]} is switched on but has no registered augmentation")
+
+    def stage(phase: str) -> list[v2.Transform]:
         if augment is None:
             return []
-        return [builders[n](getattr(augment, n), image_size) for n in names if getattr(augment, n).enabled]
+        return [aug.build(getattr(augment, n), image_size) for n, aug in registry.items()
+                if aug.phase == phase and getattr(augment, n).enabled]
 
     # resize first: on a PIL image v2 uses PIL's fast resampling, then convert to a tensor image
     steps: list = [resize if resize is not None else v2.Resize((image_size, image_size), antialias=True)]
-    middle = stage(GEOMETRIC) + stage(PHOTOMETRIC)
+    middle = stage("geometric") + stage("photometric")
     if middle:
         steps += [v2.ToImage(), *middle, v2.ToDtype({tv_tensors.Image: torch.float32, "others": None}, scale=True)]
     else:
         steps.append(ToFloatImage())
-    steps += stage(AFTER_FLOAT)
+    steps += stage("after_float")
     if normalize is not None:
         steps.append(normalize)
-    steps += stage(AFTER_NORMALIZE)
+    steps += stage("after_normalize")
     steps += tail or []
     return v2.Compose(steps)

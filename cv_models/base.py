@@ -17,12 +17,20 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from tasks.config import AugmentConfig, TaskConfig
+from cv_models.augment import AUGMENTATIONS, Augmentation
+from cv_models.settings import AugmentConfig, TaskConfig
 
 TASKS: dict[str, type["CVTask"]] = {}
 
 
 def register_task(cls: type["CVTask"]) -> type["CVTask"]:
+    """Add a task to the registry, after checking that its augment schema and its augmentation registry
+    name the same augmentations (a Switch without an entry would be skipped, an entry without a Switch unreachable)."""
+    declared = cls.augment_schema().switch_names()
+    registered = list(cls.augmentations)
+    if sorted(declared) != sorted(registered):
+        raise TypeError(f"task {cls.name!r}: augment schema switches {sorted(declared)} but registered augmentations "
+                        f"{sorted(registered)}: add the missing Switch field or registry entry")
     TASKS[cls.name] = cls
     return cls
 
@@ -64,9 +72,16 @@ class CVTask(ABC):
 
     name: ClassVar[str]
     primary_metric: ClassVar[str]  # higher is better; picks the best checkpoint and the headline figure
+    settings: ClassVar[type[TaskConfig]] = TaskConfig  # the schema of tasks.<name> (cv_models.settings.task_settings)
+    augmentations: ClassVar[dict[str, Augmentation]] = AUGMENTATIONS  # one entry per Switch of settings' augment
 
     def __init__(self, cfg: TaskConfig):
         self.cfg = cfg
+
+    @classmethod
+    def augment_schema(cls) -> type[AugmentConfig]:
+        """The class of this task's ``augment`` section (the shared switches plus the task's own)."""
+        return cls.settings.model_fields["augment"].annotation
 
     # ------------------------------------------------------------------ data
     @abstractmethod

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from collections import Counter
 from pathlib import Path
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -20,7 +21,7 @@ from cv_models.data.imagefolder import list_samples
 from cv_models.data.probe import IMAGE_SUFFIXES, load_rgb, probe_image
 from cv_models.nets import NETS
 from cv_models.weights import freeze, load_into, read_checkpoint, torchvision_state_dict
-from tasks.config import AugmentConfig
+from cv_models.settings import AugmentConfig, Strict, task_settings
 
 DUPLICATE_POLICIES = ("fail", "drop")
 REQUIRED_SPLITS = ("train", "val")  # every class must appear here; test gaps are reported
@@ -58,10 +59,27 @@ class PlainTransform:
         return self.normalize.transform(x, {}) if self.normalize is not None else x
 
 
+class ClassificationDataOptions(Strict):
+    """``data.options`` of classification (format imagefolder)."""
+
+    # byte-identical files under two classes: fail (a validation rule fails) | drop (every copy left out, named in the notes)
+    conflicting_duplicates: Literal["fail", "drop"] = "fail"
+
+
+class ClassificationModelOptions(Strict):
+    """``model.options`` of classification."""
+
+    # extra keyword arguments of a torchvision classifier's builder (e.g. zero_init_residual: true for a resnet);
+    # the builder rejects one it does not take when the model is built
+    kwargs: dict[str, Any] = {}
+
+
 @register_task
 class ClassificationTask(CVTask):
     name = "classification"
     primary_metric = "accuracy"
+    settings = task_settings("Classification", data_options=ClassificationDataOptions,
+                             model_options=ClassificationModelOptions)
 
     # ------------------------------------------------------------------ data
     def _samples(self) -> tuple[list[dict], list[str]]:
@@ -74,7 +92,7 @@ class ClassificationTask(CVTask):
         return self._listing
 
     def _duplicate_policy(self) -> str:
-        policy = self.cfg.data.options.get("conflicting_duplicates", "fail")
+        policy = self.cfg.data.options.conflicting_duplicates
         if policy not in DUPLICATE_POLICIES:
             raise DataError(f"data.options.conflicting_duplicates must be one of {DUPLICATE_POLICIES}, got {policy!r}")
         return policy
@@ -220,12 +238,14 @@ class ClassificationTask(CVTask):
         m = self.cfg.model
         n = len(self.class_names())
         if m.name in NETS:
-            model = NETS[m.name](num_classes=n, width=m.width, depth=m.depth, dropout=m.dropout, **m.options)
+            if m.options.kwargs:
+                raise ValueError(f"model.options.kwargs is for torchvision classifiers; {m.name!r} takes width, depth and dropout")
+            model = NETS[m.name](num_classes=n, width=m.width, depth=m.depth, dropout=m.dropout)
         else:
             from torchvision.models import get_model
 
             try:
-                model = get_model(m.name, weights=None, num_classes=n, **m.options)
+                model = get_model(m.name, weights=None, num_classes=n, **m.options.kwargs)
             except ValueError as err:
                 raise ValueError(f"model.name {m.name!r}: {err}") from None
         head = _head_name(model)

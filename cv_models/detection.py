@@ -10,12 +10,10 @@ Images are not normalised by the transforms: the detectors normalise inside
 """
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 from collections import Counter
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Literal
 
 import numpy as np
 import pandas as pd
@@ -26,18 +24,109 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from cv_models.augment import build_transforms
+from pydantic import Field, model_validator
+
+from cv_models.augment import AUGMENTATIONS, BATCH, Augmentation, build_transforms, cutout_rectangle, with_builders
 from cv_models.base import Check, CVTask, DataError, EvalResult, register_task
 from cv_models.data.annotations import BOX_RULES, AnnotationTables, invalid_box_findings, require_all_splits, seed_split
-from cv_models.data.coco import read_coco, to_coco_ground_truth
+from cv_models.data.coco import coco_map, read_coco, to_coco_ground_truth  # noqa: F401 (coco_map re-exported)
 from cv_models.data.probe import load_rgb
 from cv_models.data.voc import read_voc
 from cv_models.data.yolo import read_yolo
-from tasks.config import AugmentConfig
+from cv_models.settings import AugmentConfig, AutoCount, DataConfig, Strict, Switch, task_settings
+from cv_models.weights import freeze
 
 READERS: dict[str, Callable[..., AnnotationTables]] = {"coco": read_coco, "voc": read_voc, "yolo": read_yolo}
-INVALID_BOX_POLICIES = ("fail", "drop")
 MAX_NOTES = 200
+
+
+# ------------------------------------------------------------------ settings (tasks.detection in params.yaml)
+class DetectionDataOptions(Strict):
+    """``data.options``: the reader's layout (None = the format's own default) and the bad-box policy."""
+
+    invalid_boxes: Literal["fail", "drop"] = "fail"  # fail: invalid boxes stop the run | drop: left out; reported either way
+    # coco: "annotations/{split}.json" | voc: the XML folder, "Annotations" ("{split}" allowed)
+    annotations: str | None = None
+    # folder the file names are relative to (coco: images | voc: JPEGImages | yolo: "images/{split}");
+    # "{split}" allowed (COCO train2017/)
+    images: str | None = None
+    # names substituted for {split}, e.g. {train: trainval, val: val, test: test}; only some with data.split_from: seed
+    splits: dict[str, str] | None = None
+    split_files: str | None = None  # voc: "ImageSets/Main/{split}.txt"
+    image_suffix: str | None = None  # voc: ".jpg"
+    data_yaml: str | None = None  # yolo: an Ultralytics data.yaml (path, train, val, test, names)
+    labels: str | None = None  # yolo: the label txt folder template, "labels/{split}"
+    names: list[str] | dict[int, str] | None = None  # yolo: class names by id (else data.classes or the data_yaml's)
+
+
+# which data.options each format reads (a key set for another format is an error, not ignored)
+FORMAT_OPTIONS: dict[str, tuple[str, ...]] = {
+    "coco": ("annotations", "images", "splits"),
+    "voc": ("annotations", "images", "splits", "split_files", "image_suffix"),
+    "yolo": ("data_yaml", "images", "labels", "splits", "names"),
+}
+
+
+class DetectionData(DataConfig):
+    options: DetectionDataOptions = DetectionDataOptions()
+
+    @model_validator(mode="after")
+    def _options_of_format(self):
+        if self.format in FORMAT_OPTIONS:
+            foreign = [k for k in self.options.model_fields_set
+                       if k != "invalid_boxes" and k not in FORMAT_OPTIONS[self.format]]
+            if foreign:
+                raise ValueError(f"options {foreign} are not read by format {self.format!r} "
+                                 f"(it reads {list(FORMAT_OPTIONS[self.format])})")
+        return self
+
+
+class DetectionModelOptions(Strict):
+    """``model.options`` of the light detectors (fasterrcnn, retinanet); ``kwargs`` for other torchvision builders."""
+
+    backbone: str = "tiny"  # tiny | resnet18 | resnet34 | resnet50 (BatchNorm, FPN on strides 8-32)
+    backbone_weights: str = "none"  # none | torchvision:DEFAULT | a classifier checkpoint (models/pretrain/backbone.pt)
+    fpn_channels: int = Field(64, ge=1)
+    anchor_size: float | Literal["auto"] = "auto"  # pixels on the finest level, doubling per level; auto: sized to the train boxes
+    aspect_ratios: list[float] | Literal["auto"] = "auto"  # anchor height / width, e.g. [0.5, 1.0, 2.0]; auto: train boxes' percentiles
+    scales_per_level: int | None = Field(None, ge=1)  # anchor sizes per level; None: the detector's (fasterrcnn 1, retinanet 2)
+    # auto: sized from the busiest training image (cv_models/sizing.py; the validation report states the values)
+    rpn_pre_nms_top_n_train: AutoCount = "auto"
+    rpn_post_nms_top_n_train: AutoCount = "auto"
+    rpn_pre_nms_top_n_test: AutoCount = "auto"
+    rpn_post_nms_top_n_test: AutoCount = "auto"
+    rpn_batch_size_per_image: int = Field(64, ge=1)
+    box_batch_size_per_image: int = Field(64, ge=1)
+    representation_size: int = Field(256, ge=1)
+    detections_per_img: AutoCount = "auto"  # max(20, 2 x most objects in one training image); COCO maxDets follows
+    score_thresh: float = Field(0.05, ge=0, le=1)
+    head_norm: bool = True  # retinanet: GroupNorm in the heads
+    box_loss: Literal["giou", "l1", "smooth_l1", "ciou", "diou"] = "giou"  # retinanet's box regression loss
+    topk_candidates: int = Field(200, ge=1)  # retinanet
+    kwargs: dict[str, Any] = {}  # a torchvision detection builder by name (model.name): its extra keyword arguments
+
+
+class DetectionAugmentOptions(Strict):
+    """``augment.options``: settings the box-aware augmentations share."""
+
+    min_visible: float = Field(0.3, ge=0, le=1)  # mosaic / cutmix: drop boxes with less of their area left
+    min_side: float = Field(2.0, ge=0)  # ... or a side thinner than this (pixels)
+    cutout_min_visible: float = Field(0.3, ge=0, le=1)  # cutout: drop boxes with less of their area left
+    fill: int = Field(127, ge=0, le=255)  # zoom-out (rescale) background
+
+
+class DetectionAugment(AugmentConfig):
+    mosaic: Switch = Switch()  # 4 images around a random centre, boxes clipped to their quadrant (batch level)
+    options: DetectionAugmentOptions = DetectionAugmentOptions()
+
+
+class DetectionOptions(Strict):
+    report_images: int = Field(16, ge=0)  # test images drawn with their predicted boxes
+    draw_score_threshold: float = Field(0.5, ge=0, le=1)
+
+
+SETTINGS = task_settings("Detection", data=DetectionData, data_options=DetectionDataOptions,
+                         model_options=DetectionModelOptions, augment=DetectionAugment, options=DetectionOptions)
 
 
 # ------------------------------------------------------------------ dataset
@@ -94,10 +183,7 @@ class BoxCutout(nn.Module):
         from cv_models.mix.detection import drop_covered
 
         _, H, W = image.shape
-        area = H * W * float(torch.empty(()).uniform_(*self.scale))
-        aspect = float(torch.exp(torch.empty(()).uniform_(np.log(0.3), np.log(3.3))))
-        h, w = min(H, max(1, int(round((area * aspect) ** 0.5)))), min(W, max(1, int(round((area / aspect) ** 0.5))))
-        y0, x0 = int(torch.randint(0, H - h + 1, ())), int(torch.randint(0, W - w + 1, ()))
+        y0, x0, h, w = cutout_rectangle(H, W, self.scale)
         out = image.clone()
         out[:, y0:y0 + h, x0:x0 + w] = self.value
         boxes = target["boxes"]
@@ -111,7 +197,7 @@ class BoxCutout(nn.Module):
 def _detection_overrides(size: int, augment: AugmentConfig) -> dict[str, Callable]:
     """Box-aware versions of the shared registry's entries (boxes move with the image in all of them)."""
     o = augment.options
-    fill = {tv_tensors.Image: int(o.get("fill", 127)), "others": 0}
+    fill = {tv_tensors.Image: o.fill, "others": 0}
 
     def maybe(t, p):
         return t if p >= 1 else v2.RandomApply([t], p=p)
@@ -122,7 +208,7 @@ def _detection_overrides(size: int, augment: AugmentConfig) -> dict[str, Callabl
         "rescale": lambda c, s: maybe(v2.Compose([v2.RandomZoomOut(fill=fill, side_range=(1.0, max(c.scale[1], 1.0 + 1e-3)), p=1.0),
                                                   v2.Resize((s, s), antialias=True)]), c.p),
         "rotation": lambda c, s: maybe(v2.RandomRotation(degrees=c.degrees, fill={tv_tensors.Image: c.fill, "others": 0}), c.p),
-        "cutout": lambda c, s: BoxCutout(c.p, tuple(c.scale), float(o.get("cutout_min_visible", 0.3))),
+        "cutout": lambda c, s: BoxCutout(c.p, tuple(c.scale), o.cutout_min_visible),
     }
 
 
@@ -131,20 +217,19 @@ def _detection_overrides(size: int, augment: AugmentConfig) -> dict[str, Callabl
 class DetectionTask(CVTask):
     name = "detection"
     primary_metric = "map50"
+    settings = SETTINGS
+    augmentations = {**AUGMENTATIONS, "mosaic": Augmentation(BATCH)}
 
     # ------------------------------------------------------------------ data
     def _policy(self) -> str:
-        policy = self.cfg.data.options.get("invalid_boxes", "fail")
-        if policy not in INVALID_BOX_POLICIES:
-            raise DataError(f"data.options.invalid_boxes must be one of {INVALID_BOX_POLICIES}, got {policy!r}")
-        return policy
+        return self.cfg.data.options.invalid_boxes
 
     def tables(self) -> AnnotationTables:
         if not hasattr(self, "_tables"):  # read and probe once per task object
             d = self.cfg.data
             if d.format not in READERS:
                 raise DataError(f"detection reads data.format {sorted(READERS)}, got {d.format!r}")
-            opts = {k: v for k, v in d.options.items() if k != "invalid_boxes"}
+            opts = {k: v for k, v in d.options.model_dump(exclude={"invalid_boxes"}).items() if v is not None}
             try:
                 tables = READERS[d.format](Path(d.path), classes=d.classes, **opts)
             except TypeError as err:
@@ -216,7 +301,7 @@ class DetectionTask(CVTask):
             out["Boxes per class and split"] = "\n".join(lines)
         from cv_models.sizing import describe
 
-        out["Settings sized from the data"] = describe(self.most_objects(), dict(self.cfg.model.options))
+        out["Settings sized from the data"] = describe(self.most_objects(), self.cfg.model.options.model_dump(exclude={"kwargs"}))
         return out
 
     def records(self, split: str) -> list[dict]:
@@ -258,8 +343,8 @@ class DetectionTask(CVTask):
     def train_transforms(self, augment: AugmentConfig | None, normalize):
         # ``normalize`` is not applied: the detector normalises inside (see build_model)
         size = self.cfg.image_size
-        overrides = _detection_overrides(size, augment) if augment is not None else None
-        return build_transforms(size, augment, None, overrides=overrides, tail=[v2.SanitizeBoundingBoxes(min_size=1)])
+        registry = with_builders(self.augmentations, _detection_overrides(size, augment)) if augment is not None else None
+        return build_transforms(size, augment, None, registry=registry, tail=[v2.SanitizeBoundingBoxes(min_size=1)])
 
     def eval_transforms(self, normalize):
         return build_transforms(self.cfg.image_size, None, None)  # evaluation reads the boxes from the records
@@ -270,12 +355,11 @@ class DetectionTask(CVTask):
         from cv_models.mix.detection import DetectionMixer
 
         o = augment.options
-        mosaic = o.get("mosaic", {}) or {}
         mixer = DetectionMixer(
             mixup_p=augment.mixup.p if augment.mixup.enabled else 0.0, mixup_alpha=augment.mixup.alpha,
-            mosaic_p=float(mosaic.get("p", 0.5)) if mosaic.get("enabled") else 0.0,
+            mosaic_p=augment.mosaic.p if augment.mosaic.enabled else 0.0,
             cutmix_p=augment.cutmix.p if augment.cutmix.enabled else 0.0, cutmix_alpha=augment.cutmix.alpha,
-            min_visible=float(o.get("min_visible", 0.3)), min_side=float(o.get("min_side", 2.0)),
+            min_visible=o.min_visible, min_side=o.min_side,
         )
         return mixer if max(mixer.mixup_p, mixer.mosaic_p, mixer.cutmix_p) > 0 else None
 
@@ -288,9 +372,8 @@ class DetectionTask(CVTask):
         if mode == "mean_image":
             raise ValueError("detection normalises inside the detector with per-channel statistics: set "
                              "normalization to per_channel_std, per_channel_mean or none (mean_image needs one image size)")
-        from tasks.paths import outputs
-
-        path = outputs(self.name, "normstats") / "stats.json"
+        # the normstats stage's output (tasks.paths.outputs layout; cv_models does not import tasks)
+        path = Path("outputs") / self.name / "normstats" / "stats.json"
         if not path.exists():
             raise FileNotFoundError(f"{path} is missing: run the normstats stage first (dvc repro)")
         stats = json.loads(path.read_text())
@@ -306,8 +389,8 @@ class DetectionTask(CVTask):
         the training boxes at the training size (the same split gives the same anchors at evaluation)."""
         from cv_models.sizing import sized_options
 
-        o, _ = sized_options(dict(self.cfg.model.options), self.most_objects())
-        auto = [k for k in ("anchor_size", "aspect_ratios") if o.get(k) == "auto"]
+        o, _ = sized_options(self.cfg.model.options.model_dump(exclude={"kwargs"}), self.most_objects())
+        auto = [k for k in ("anchor_size", "aspect_ratios") if o[k] == "auto"]
         if not auto:
             return o
         from cv_models.nets.detectors import (ANCHOR_LAYOUT, DEFAULT_ANCHOR_SIZE, DEFAULT_ASPECT_RATIOS, anchor_shapes,
@@ -317,7 +400,7 @@ class DetectionTask(CVTask):
         if name not in ANCHOR_LAYOUT:
             raise ValueError(f"model.options {auto} 'auto' is for the detectors {sorted(ANCHOR_LAYOUT)}, not {name!r}")
         levels, default_scales = ANCHOR_LAYOUT[name]
-        scales = int(o.get("scales_per_level", default_scales))
+        scales = o["scales_per_level"] or default_scales
         s = self.cfg.image_size
         sizes = [(r["boxes"][:, 2:] - r["boxes"][:, :2]) * torch.tensor([s / r["width"], s / r["height"]])
                  for r in self.records("train") if len(r["boxes"])]
@@ -327,7 +410,7 @@ class DetectionTask(CVTask):
         if not getattr(self, "_anchors_reported", False):  # once per task object (evaluation rebuilds the model)
             before = best_anchor_iou(sizes, anchor_shapes(DEFAULT_ANCHOR_SIZE, levels, scales, DEFAULT_ASPECT_RATIOS)).mean()
             print(f"[{self.name}] anchors sized to the training boxes at {s}px: anchor_size={o['anchor_size']}, "
-                  f"aspect_ratios={o.get('aspect_ratios', list(DEFAULT_ASPECT_RATIOS))}; mean best-anchor IoU "
+                  f"aspect_ratios={o['aspect_ratios']}; mean best-anchor IoU "
                   f"{fitted['mean_best_iou']:.3f} (the defaults, {DEFAULT_ANCHOR_SIZE} px and {DEFAULT_ASPECT_RATIOS}: "
                   f"{before:.3f}), boxes with a best anchor at IoU >= 0.5: {fitted['recall_at_iou_0.5']:.1%}")
             self._anchors_reported = True
@@ -350,7 +433,7 @@ class DetectionTask(CVTask):
 
             try:
                 model = get_model(m.name, weights=None, weights_backbone=None, num_classes=n, min_size=size, max_size=size,
-                                  image_mean=mean, image_std=std, **m.options)
+                                  image_mean=mean, image_std=std, **m.options.kwargs)
             except (ValueError, TypeError) as err:
                 raise ValueError(f"model.name {m.name!r}: {err}") from None
             make_weighted(model)
@@ -363,6 +446,7 @@ class DetectionTask(CVTask):
         if m.freeze_backbone:
             for name, p in model.named_parameters():
                 p.requires_grad = not name.startswith("backbone.body.")
+        freeze(model, m.frozen_layers)
         return model
 
     def training_loss(self, model, images, targets):
@@ -447,8 +531,8 @@ class DetectionTask(CVTask):
         files = [out_dir / "ground_truth_test.json"]
         gt = test.coco_ground_truth()
         files[0].write_text(json.dumps(gt))
-        threshold = float(self.cfg.options.get("draw_score_threshold", 0.5))
-        n = min(int(self.cfg.options.get("report_images", 16)), len(test))
+        threshold = self.cfg.options.draw_score_threshold
+        n = min(self.cfg.options.report_images, len(test))
         for model_name, res in results.items():
             path = out_dir / f"predictions_{model_name}.json"
             path.write_text(json.dumps(res.predictions))
@@ -480,39 +564,3 @@ def _coco_results(image_id: int, boxes: torch.Tensor, scores: torch.Tensor, labe
         out.append({"image_id": int(image_id), "category_id": int(lab),
                     "bbox": [round(x0, 2), round(y0, 2), round(x1 - x0, 2), round(y1 - y0, 2)], "score": round(float(s), 5)})
     return out
-
-
-def coco_map(gt: dict, results: list[dict], class_names: list[str], iou_type: str = "bbox") -> tuple[dict[str, float], pd.DataFrame]:
-    """pycocotools' COCOeval (``iou_type`` bbox, or segm for masks): mAP@[.5:.95], mAP@.5, mAP@.75 and per-class AP / AP@.5."""
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
-
-    empty = {"map": 0.0, "map50": 0.0, "map75": 0.0}
-    per_class = pd.DataFrame({"class": class_names, "ap": 0.0, "ap50": 0.0,
-                              "n_boxes": [sum(a["category_id"] == k + 1 for a in gt["annotations"]) for k in range(len(class_names))]})
-    if not results or not gt["annotations"]:
-        return {**empty, **{f"ap50/{c}": 0.0 for c in class_names}}, per_class
-    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
-        coco_gt = COCO()
-        coco_gt.dataset = gt
-        coco_gt.createIndex()
-        coco_dt = coco_gt.loadRes(results)
-        ev = COCOeval(coco_gt, coco_dt, iou_type)
-        # maxDets' default 100 would silently drop detections (and cap recall) on images with more objects
-        per_image = Counter(r["image_id"] for r in results) + Counter(a["image_id"] for a in gt["annotations"])
-        ev.params.maxDets = [1, 10, max(100, max(per_image.values(), default=0))]
-        ev.evaluate()
-        ev.accumulate()
-        ev.summarize()
-    stats = [max(float(s), 0.0) for s in ev.stats]  # -1 means "no ground truth": report 0
-    precision = ev.eval["precision"]  # [IoU thresholds, recall, class, area range, max dets]
-    cat_ids = ev.params.catIds
-    for k, cid in enumerate(cat_ids):
-        p_all, p50 = precision[:, :, k, 0, -1], precision[0, :, k, 0, -1]
-        row = per_class["class"] == class_names[cid - 1]
-        per_class.loc[row, "ap"] = float(p_all[p_all > -1].mean()) if (p_all > -1).any() else 0.0
-        per_class.loc[row, "ap50"] = float(p50[p50 > -1].mean()) if (p50 > -1).any() else 0.0
-    metrics = {"map": stats[0], "map50": stats[1], "map75": stats[2], "mar100": stats[8]}
-    metrics.update({f"ap50/{c}": float(v) for c, v in zip(per_class["class"], per_class["ap50"])})
-    metrics.update({f"ap/{c}": float(v) for c, v in zip(per_class["class"], per_class["ap"])})
-    return metrics, per_class

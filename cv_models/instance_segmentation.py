@@ -28,17 +28,79 @@ from torch import nn
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
-from cv_models.augment import build_transforms
+from pydantic import Field
+
+from cv_models.augment import AUGMENTATIONS, BATCH, Augmentation, build_transforms, cutout_rectangle, with_builders
 from cv_models.base import Check, CVTask, DataError, EvalResult, register_task
 from cv_models.data.instance_masks import (BOX_TOLERANCE_FRACTION, BOX_TOLERANCE_PX, decode, mask_box, mask_facts,
                                            read_png_mask)
 from cv_models.data.probe import load_rgb
 from cv_models.mix.instances import InstanceBatchMixer, MixOp, boxes_from_masks, tidy
 from cv_models.nets.mask_rcnn import build_mask_rcnn
-from tasks.config import AugmentConfig
+from cv_models.settings import AugmentConfig, AutoCount, Strict, Switch, task_settings
+from cv_models.weights import freeze
 
 FORMATS = ("coco", "yolo", "instance_folders")
 COCO_STATS = ("map", "map50", "map75")  # reported for boxes and masks
+
+
+# ---------------------------------------------------------------- settings (tasks.instance_segmentation)
+class InstanceDataOptions(Strict):
+    """``data.options`` of instance segmentation."""
+
+    # coco: one file per split, file_name relative to `images`; None: "annotations/{split}.json"
+    annotations: str | None = None
+    # coco: the folder file names are relative to (None: "images"; "{split}" allowed, COCO train2017/);
+    # yolo: the images folder template (None: "images/{split}", or the data_yaml's folders)
+    images: str | None = None
+    labels: str | None = None  # yolo: the label txt folder template (None: "labels/{split}")
+    data_yaml: str | None = None  # yolo: an Ultralytics data.yaml (path, train, val, test, names)
+    names: list[str] | dict[int, str] | None = None  # yolo: class names by id (else data.classes or the data_yaml's)
+    splits: dict[str, str] | None = None  # names substituted for {split}; only some with data.split_from: seed
+    class_name: str = "object"  # instance_folders: the one class (when data.classes is null)
+    box_tolerance_px: float = Field(BOX_TOLERANCE_PX, ge=0)  # a stored box may differ from its mask's extent by this...
+    box_tolerance_fraction: float = Field(BOX_TOLERANCE_FRACTION, ge=0)  # ...or this fraction of the box's longer side
+
+
+class InstanceModelOptions(Strict):
+    """``model.options`` of the Mask R-CNNs (the light one reads them all; torchvision's ResNet-50 ones the proposal knobs)."""
+
+    backbone: str = "resnet18"  # tiny | resnet18 | resnet34 | resnet50
+    backbone_weights: str = "none"  # none | torchvision:DEFAULT (ImageNet backbone; not for tiny) | classifier checkpoint
+    fpn_channels: int = Field(64, ge=1)
+    mask_head_layers: int = Field(2, ge=1)
+    mask_head_channels: int | None = Field(None, ge=1)  # None: the FPN's channels
+    representation_size: int = Field(256, ge=1)
+    anchor_size: float = Field(16, gt=0)  # smallest anchor (pixels), doubling per FPN level
+    aspect_ratios: list[float] = [0.5, 1.0, 2.0]
+    scales_per_level: int = Field(1, ge=1)
+    # auto: sized from the busiest training image (cv_models/sizing.py; the validation report states the values)
+    rpn_pre_nms_top_n_train: AutoCount = "auto"
+    rpn_post_nms_top_n_train: AutoCount = "auto"
+    rpn_pre_nms_top_n_test: AutoCount = "auto"
+    rpn_post_nms_top_n_test: AutoCount = "auto"
+    rpn_batch_size_per_image: int = Field(64, ge=1)
+    box_batch_size_per_image: int = Field(64, ge=1)  # RoIs sampled per image for the box and mask heads
+    detections_per_img: AutoCount = "auto"
+    score_thresh: float = Field(0.05, ge=0, le=1)
+
+
+class InstanceAugmentOptions(Strict):
+    min_area: int = Field(16, ge=0)  # instances under this many pixels after augmenting are removed
+    min_visible: float = Field(0.25, ge=0, le=1)  # ... and those with less than this fraction of their area left
+
+
+class InstanceAugment(AugmentConfig):
+    copy_paste: Switch = Switch()  # instances of another image pasted on (batch level)
+    options: InstanceAugmentOptions = InstanceAugmentOptions()
+
+
+class InstanceOptions(Strict):
+    report_images: int = Field(8, ge=0)  # test images drawn with ground truth and predicted masks
+
+
+SETTINGS = task_settings("InstanceSegmentation", data_options=InstanceDataOptions, model_options=InstanceModelOptions,
+                         augment=InstanceAugment, options=InstanceOptions)
 
 
 # ---------------------------------------------------------------- transforms
@@ -53,10 +115,7 @@ class InstanceCutout:
         if torch.rand(()) >= self.p:
             return image, target
         h, w = image.shape[-2:]
-        area = float(torch.empty(()).uniform_(*self.scale)) * h * w
-        aspect = float(torch.empty(()).uniform_(0.3, 3.3))
-        ch, cw = min(int(round((area * aspect) ** 0.5)), h), min(int(round((area / aspect) ** 0.5)), w)
-        y0, x0 = int(torch.randint(h - ch + 1, (1,))), int(torch.randint(w - cw + 1, (1,)))
+        y0, x0, ch, cw = cutout_rectangle(h, w, self.scale)  # as every task's cutout samples it
         image = image.clone()
         image[..., y0:y0 + ch, x0:x0 + cw] = 0  # 0 = the mean after normalisation
         masks = target["masks"].clone()
@@ -122,7 +181,7 @@ def encode_mask(mask: np.ndarray) -> dict:
 def coco_scores(gt: dict, results: list[dict], class_names: list[str]) -> tuple[dict[str, float], pd.DataFrame]:
     """Box and mask mAP@[.5:.95], mAP@.5 and mAP@.75 with pycocotools (the detection task's helper,
     once per IoU type), and per-class AP@.5 of boxes and masks."""
-    from cv_models.detection import coco_map
+    from cv_models.data.coco import coco_map
 
     metrics, tables = {}, {}
     for iou_type, prefix in (("bbox", "box"), ("segm", "mask")):
@@ -163,9 +222,11 @@ def result_entries(output: dict, image_id: int, mask_threshold: float = 0.5) -> 
 class InstanceSegmentationTask(CVTask):
     name = "instance_segmentation"
     primary_metric = "mask_map50"
+    settings = SETTINGS
+    augmentations = {**AUGMENTATIONS, "copy_paste": Augmentation(BATCH)}
 
     # ------------------------------------------------------------------ data
-    def _options(self) -> dict:
+    def _options(self) -> InstanceDataOptions:
         return self.cfg.data.options
 
     def _tables(self):
@@ -178,14 +239,16 @@ class InstanceSegmentationTask(CVTask):
             from cv_models.data.coco import read_coco
 
             o = self._options()
-            tables = read_coco(root, d.classes, annotations=o.get("annotations", "annotations/{split}.json"),
-                               images=o.get("images", "images"), splits=o.get("splits"), with_masks=True)
+            tables = read_coco(root, d.classes, annotations=o.annotations or "annotations/{split}.json",
+                               images=o.images or "images", splits=o.splits, with_masks=True)
         elif d.format == "yolo":
             from cv_models.data.yolo import read_yolo
 
             o = self._options()
             keys = ("data_yaml", "images", "labels", "splits", "names")
-            tables = read_yolo(root, d.classes, with_masks=True, **{k: o[k] for k in keys if k in o})
+            # options left None are the reader's defaults (images/{split}, labels/{split}, or the data_yaml's)
+            tables = read_yolo(root, d.classes, with_masks=True,
+                               **{k: getattr(o, k) for k in keys if getattr(o, k) is not None})
         if d.format in ("coco", "yolo"):
             from cv_models.data.annotations import require_all_splits, seed_split
 
@@ -208,7 +271,7 @@ class InstanceSegmentationTask(CVTask):
         from cv_models.data.instance_folder import list_instance_folders
 
         d = self.cfg.data
-        class_name = (d.classes or [self._options().get("class_name", "object")])[0]
+        class_name = (d.classes or [self._options().class_name])[0]
         image_rows, box_rows = [], []
         for rec in list_instance_folders(root, d.split_from, d.split_fractions, d.split_seed):
             rel = str(Path(rec["path"]).relative_to(root))
@@ -227,7 +290,7 @@ class InstanceSegmentationTask(CVTask):
     def _add_mask_facts(self, images: pd.DataFrame, anns: pd.DataFrame) -> pd.DataFrame:
         """Decode every mask once and add the rule columns of :func:`mask_facts` to the annotations."""
         o = self._options()
-        tol_px, tol_frac = o.get("box_tolerance_px", BOX_TOLERANCE_PX), o.get("box_tolerance_fraction", BOX_TOLERANCE_FRACTION)
+        tol_px, tol_frac = o.box_tolerance_px, o.box_tolerance_fraction
         sizes = images.drop_duplicates("split_image_id").set_index("split_image_id")[["width", "height", "decodes"]]
         anns = anns.copy()
         rows = []
@@ -308,7 +371,7 @@ class InstanceSegmentationTask(CVTask):
         from cv_models.sizing import describe
 
         return {"Instances per class": "\n".join(lines) + f"\n\nMask storage: {kinds}",
-                "Settings sized from the data": describe(self.most_objects(), dict(self.cfg.model.options))}
+                "Settings sized from the data": describe(self.most_objects(), self.cfg.model.options.model_dump())}
 
     def _records(self, split: str) -> list[dict]:
         images, anns, _ = self._tables()
@@ -341,26 +404,25 @@ class InstanceSegmentationTask(CVTask):
     # ------------------------------------------------------------ transforms
     def _tidy(self) -> TidyInstances:
         o = self.cfg.augment.options
-        return TidyInstances(o.get("min_area", 16), o.get("min_visible", 0.25))
+        return TidyInstances(o.min_area, o.min_visible)
 
     def train_transforms(self, augment: AugmentConfig | None, normalize):
-        overrides = {"cutout": lambda c, size: InstanceCutout(c.p, tuple(c.scale))}
-        return build_transforms(self.cfg.image_size, augment, normalize, overrides=overrides, tail=[self._tidy()])
+        registry = with_builders(self.augmentations, {"cutout": lambda c, size: InstanceCutout(c.p, tuple(c.scale))})
+        return build_transforms(self.cfg.image_size, augment, normalize, registry=registry, tail=[self._tidy()])
 
     def eval_transforms(self, normalize):
         return build_transforms(self.cfg.image_size, None, normalize, tail=[TidyInstances(1, 0.0)])
 
     def batch_mixer(self, augment: AugmentConfig | None):
-        """Hand-written MixUp, CutMix and copy-paste (``augment.options.copy_paste``) for instances."""
+        """Hand-written MixUp, CutMix and copy-paste (``augment.copy_paste``) for instances."""
         if augment is None:
             return None
         ops = [MixOp(name, c.p, c.alpha) for name, c in (("mixup", augment.mixup), ("cutmix", augment.cutmix)) if c.enabled]
-        cp = augment.options.get("copy_paste", {})
-        if cp.get("enabled", False):
-            ops.append(MixOp("copy_paste", float(cp.get("p", 0.5)), 1.0))
+        if augment.copy_paste.enabled:
+            ops.append(MixOp("copy_paste", augment.copy_paste.p, 1.0))
         if not ops:
             return None
-        return InstanceBatchMixer(ops, augment.options.get("min_area", 16), augment.options.get("min_visible", 0.25))
+        return InstanceBatchMixer(ops, augment.options.min_area, augment.options.min_visible)
 
     # ------------------------------------------------------------------ model
     def most_objects(self) -> int:
@@ -373,11 +435,12 @@ class InstanceSegmentationTask(CVTask):
         from cv_models.sizing import sized_options
 
         m = self.cfg.model
-        options, _ = sized_options(dict(m.options), self.most_objects())
+        options, _ = sized_options(m.options.model_dump(), self.most_objects())
         model = build_mask_rcnn(m.name, len(self.class_names()) + 1, self.cfg.image_size, m.width, options, m.weights)
         if m.freeze_backbone:
             for p in model.backbone.body.parameters():
                 p.requires_grad = False
+        freeze(model, m.frozen_layers)
         return model
 
     def training_loss(self, model, images, targets):
@@ -479,7 +542,7 @@ class InstanceSegmentationTask(CVTask):
             path = out_dir / f"coco_results_{name}.json"
             path.write_text(json.dumps(res.predictions))
             files.append(path)
-        n = min(int(self.cfg.options.get("report_images", 8)), len(test))
+        n = min(self.cfg.options.report_images, len(test))
         if n == 0:
             return files
         norm = _find_normalize(test.transforms)

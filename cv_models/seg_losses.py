@@ -11,7 +11,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from tasks.config import LossConfig
+from cv_models.settings import LossConfig
 
 SegLoss = Callable[[torch.Tensor, torch.Tensor, LossConfig], torch.Tensor]
 LOSSES: dict[str, SegLoss] = {}

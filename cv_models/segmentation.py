@@ -11,7 +11,9 @@ import contextlib
 import io
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Literal
+
+from pydantic import Field
 
 import numpy as np
 import pandas as pd
@@ -29,8 +31,9 @@ from cv_models.data.probe import IMAGE_SUFFIXES, load_rgb, probe_image
 from cv_models.mix.segmentation import build_mixer
 from cv_models.nets import NETS
 from cv_models.seg_losses import get_loss
-from cv_models.weights import load_into, read_checkpoint, torchvision_state_dict
-from tasks.config import AugmentConfig
+from cv_models.augment import with_builders
+from cv_models.settings import AugmentConfig, CutoutAug, Strict, task_settings
+from cv_models.weights import freeze, load_into, read_checkpoint, torchvision_state_dict
 
 SPLITS = ("train", "val", "test")
 INDEX_MODES = {"L", "I", "I;16", "I;16B", "I;16L", "1"}  # PIL modes whose values are class indices
@@ -38,24 +41,53 @@ INDEX_MODES = {"L", "I", "I;16", "I;16B", "I;16L", "1"}  # PIL modes whose value
 PALETTE = [(0, 0, 0), (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
            (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (220, 190, 255),
            (170, 110, 40), (255, 250, 200), (128, 0, 0), (170, 255, 195), (128, 128, 0), (255, 215, 180), (0, 0, 128)]
-READER_DEFAULTS = {
+
+
+# ------------------------------------------------------------------ settings (tasks.segmentation in params.yaml)
+class SegmentationDataOptions(Strict):
+    """``data.options``: where the masks are and how their pixel values become classes."""
+
     # folders under data.path; a "{split}" in them is replaced by the split's name on disk (data.options.splits),
     # e.g. SegNet "{split}" + "{split}annot", ADE20K "images/{split}" + "annotations/{split}"; without "{split}"
     # the split folders are <dir>/train, val, test (split_from=folders) or none (split_from=seed)
-    "images_dir": "images",
-    "masks_dir": "masks",  # same file stems as images_dir
-    "splits": None,  # split -> name on disk, e.g. {train: training, val: validation, test: testing}
-    "split_list": None,  # a list of image stems per split, e.g. VOC "ImageSets/Segmentation/{split}.txt"
-    "image_suffix": ".jpg",  # split_list: the images' suffix (others are tried when absent)
-    "value_map": None,  # raw mask value -> class index, e.g. {255: 1} for 0/255 binary masks (applied first)
-    "ignore_values": [],  # mask values that mean unlabelled (SegNet/CamVid 11, ADE20K 0): read as train.loss.ignore_index
-    "palette_as_index": False,  # palette (mode P) masks hold class indices (Pascal VOC): read the indices, not colours
-    "mask_suffix": ".png",  # mask file = image stem + this
-    "annotations": "annotations/{split}.json",  # format coco: one file per split, or one file for split_from=seed
-    "mask_color_mode": "convert",  # palette / RGB masks: convert through `colors` | reject
-    "colors": None,  # one [r, g, b] per class, for palette/RGB masks and pictures
-    "ignore_color": None,  # [r, g, b] of unlabelled pixels in palette/RGB masks
-}
+    images_dir: str = "images"  # under data.path
+    masks_dir: str = "masks"  # same sub-folders (or {split} template) and file stems as images_dir
+    splits: dict[str, str] | None = None  # split -> name on disk, e.g. {train: training, val: validation, test: testing}
+    split_list: str | None = None  # a list of image stems per split, e.g. VOC "ImageSets/Segmentation/{split}.txt"
+    image_suffix: str = ".jpg"  # split_list: the images' suffix (others are tried when absent)
+    value_map: dict[int, int] | None = None  # raw mask value -> class index, e.g. {255: 1} for 0/255 binary masks (applied first)
+    ignore_values: list[int] = []  # mask values that mean unlabelled (SegNet/CamVid 11, ADE20K 0): read as train.loss.ignore_index
+    palette_as_index: bool = False  # palette (mode P) masks hold class indices (Pascal VOC): read the indices, not colours
+    mask_suffix: str = ".png"  # mask file = image stem + this
+    annotations: str = "annotations/{split}.json"  # format coco: one file per split, or one file for split_from=seed
+    mask_color_mode: Literal["convert", "reject"] = "convert"  # palette / RGB masks: convert through `colors` | reject
+    colors: list[tuple[int, int, int]] | None = None  # one [r, g, b] per class, for palette/RGB masks and pictures
+    ignore_color: tuple[int, int, int] | None = None  # [r, g, b] of unlabelled pixels in palette/RGB masks
+
+
+class SegmentationModelOptions(Strict):
+    """``model.options``: torchvision segmentation models only (the U-Net takes width, depth and dropout)."""
+
+    aux_loss: bool = False  # fcn / deeplabv3: the auxiliary head, weighted 0.5 in the loss
+    weights_backbone: str | None = None  # torchvision ImageNet backbone weights (DEFAULT, IMAGENET1K_V1...); None = no download
+    backbone_weights: str = "none"  # or the trunk of a classifier checkpoint of the same family (models/pretrain/backbone.pt)
+    kwargs: dict[str, Any] = {}  # extra keyword arguments of the torchvision builder
+
+
+class SegmentationCutoutAug(CutoutAug):
+    mask_fill: Literal["ignore", "keep"] = "ignore"  # what the erased region's mask becomes: not trained on | kept
+
+
+class SegmentationAugment(AugmentConfig):
+    cutout: SegmentationCutoutAug = SegmentationCutoutAug()
+
+
+class SegmentationOptions(Strict):
+    overlay_samples: int = Field(8, ge=0)  # test images drawn with true and predicted masks
+
+
+SETTINGS = task_settings("Segmentation", data_options=SegmentationDataOptions, model_options=SegmentationModelOptions,
+                         augment=SegmentationAugment, options=SegmentationOptions)
 
 
 def _key(rgb: np.ndarray) -> np.ndarray:
@@ -169,14 +201,16 @@ def _torchvision_builder(name: str, aux: bool):
     def build(num_classes: int, m) -> nn.Module:
         from torchvision.models import get_model
 
-        options = dict(m.options)
+        o = m.options
         # no ImageNet download unless asked for (model.options.weights_backbone: DEFAULT | IMAGENET1K_V1 ...)
-        kwargs = {"weights": None, "weights_backbone": options.pop("weights_backbone", None), "num_classes": num_classes}
+        kwargs = {"weights": None, "weights_backbone": o.weights_backbone, "num_classes": num_classes}
         # or the trunk of a classifier checkpoint of the same family (the pretraining stage's models/pretrain/backbone.pt)
-        backbone_file = options.pop("backbone_weights", "none")
+        backbone_file = o.backbone_weights
         if aux:
-            kwargs["aux_loss"] = bool(options.pop("aux_loss", False))
-        model = get_model(name, **kwargs, **options)
+            kwargs["aux_loss"] = o.aux_loss
+        elif o.aux_loss:
+            raise ValueError(f"model.options.aux_loss: {name} has no auxiliary head")
+        model = get_model(name, **kwargs, **o.kwargs)
         if backbone_file != "none":
             from cv_models.weights import load_backbone
 
@@ -188,7 +222,7 @@ def _torchvision_builder(name: str, aux: bool):
 
 
 ARCHITECTURES: dict[str, Architecture] = {
-    "unet": Architecture(lambda n, m: NETS["unet"](num_classes=n, width=m.width, depth=m.depth, dropout=m.dropout, **m.options),
+    "unet": Architecture(lambda n, m: NETS["unet"](num_classes=n, width=m.width, depth=m.depth, dropout=m.dropout),
                          ("head.",), ("encoder.",)),
     **{name: Architecture(_torchvision_builder(name, aux=True), ("classifier.4.", "aux_classifier.4."), ("backbone.",))
        for name in ("fcn_resnet50", "fcn_resnet101", "deeplabv3_resnet50", "deeplabv3_resnet101",
@@ -219,11 +253,12 @@ def confusion(pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore
 class SegmentationTask(CVTask):
     name = "segmentation"
     primary_metric = "miou"
+    settings = SETTINGS
 
     # ------------------------------------------------------------------ config
     @property
     def options(self) -> dict:
-        return {**READER_DEFAULTS, **self.cfg.data.options}
+        return self.cfg.data.options.model_dump()
 
     @property
     def ignore_index(self) -> int:
@@ -560,7 +595,8 @@ class SegmentationTask(CVTask):
 
     def train_transforms(self, augment: AugmentConfig | None, normalize):
         # v2 resizes, rotates and crops tv_tensors.Mask with nearest interpolation: no new label values
-        return build_transforms(self.cfg.image_size, augment, normalize, overrides={"cutout": self._cutout})
+        return build_transforms(self.cfg.image_size, augment, normalize,
+                                registry=with_builders(self.augmentations, {"cutout": self._cutout}))
 
     def eval_transforms(self, normalize):
         return build_transforms(self.cfg.image_size, None, normalize)
@@ -574,6 +610,8 @@ class SegmentationTask(CVTask):
         if m.name not in ARCHITECTURES:
             raise ValueError(f"model.name {m.name!r} is not a segmentation model; choose one of {sorted(ARCHITECTURES)}")
         arch = ARCHITECTURES[m.name]
+        if m.name == "unet" and m.options != SegmentationModelOptions():
+            raise ValueError("model.options are for torchvision segmentation models; the unet takes width, depth and dropout")
         model = arch.build(len(self.class_names()), m)
         if m.weights.startswith("torchvision:"):
             load_into(model, torchvision_state_dict(m.name, m.weights.split(":", 1)[1]), m.weights, arch.head_prefixes)
@@ -582,6 +620,7 @@ class SegmentationTask(CVTask):
         if m.freeze_backbone:
             for name, p in model.named_parameters():
                 p.requires_grad = not name.startswith(arch.backbone_prefixes)
+        freeze(model, m.frozen_layers)
         return model
 
     def training_loss(self, model, images, targets):
@@ -596,7 +635,7 @@ class SegmentationTask(CVTask):
     def evaluate(self, model, loader, device) -> EvalResult:
         model.eval()
         n = len(self.class_names())
-        keep = int(self.cfg.options.get("overlay_samples", 8))
+        keep = self.cfg.options.overlay_samples
         cm = torch.zeros(n, n, dtype=torch.long)
         loss_sum, n_pixels, kept = 0.0, 0, []
         for images, masks in loader:

@@ -77,6 +77,9 @@ def ablate(task_name: str = "classification", params_path: str = "params.yaml",
     exp, parent = find_or_create_parent(params, task_name, "ablation", p.key, f"ablation {task_name}",
                                         {"primary_metric": p.primary_metric})
     retry_locked(client(params).set_tag, parent, "arms", ",".join(arm_names))  # a tag: it may change on resume
+    for name, diff in (p.diffs or {}).items():  # each arm's settings that differ from the baseline, stated
+        if name != ablation.BASELINE:
+            retry_locked(client(params).set_tag, parent, f"diff_vs_baseline.{name}", ablation.diff_text(diff)[:5000])
 
     runs_by_key = ablation.finished_runs(p, child_runs(params, exp, parent))
     results = [ablation.finished(p, arm, runs_by_key) for arm in p.arms]

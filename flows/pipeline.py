@@ -1,7 +1,8 @@
 """The Prefect side of the pipeline.
 
-Each stage of ``tasks/`` becomes a Prefect task; ``train-<task>`` flows chain them:
-generate (when the embedded data is used) -> validate -> normstats -> baseline -> augmented -> evaluate.
+Each stage of the chain (:mod:`tasks.chain`, the one definition dvc.yaml also follows) becomes a Prefect
+task; ``train-<task>`` flows run them in order: generate (when the embedded data is used) -> pretrain
+(when the task starts from its checkpoint) -> validate -> normstats -> baseline -> augmented -> evaluate.
 The flows call exactly the functions that ``dvc repro`` calls through the CLI, so both give the
 same metrics for the same params. Flow parameters override params.yaml and are logged to MLflow.
 """
@@ -15,18 +16,15 @@ from prefect import flow, task
 from prefect.runtime import flow_run
 
 from cv_models import TASKS
-from tasks import augmented, baseline, evaluate, generate, normstats, validate
+from tasks.chain import CHAIN, run_stage, stages_for
 from tasks.config import load_params
 from tasks.tracking import ensure_store
 
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
 
-generate_task = task(generate.run, name="generate-data")
-validate_task = task(validate.run, name="validate")
-normstats_task = task(normstats.run, name="normstats")
-baseline_task = task(baseline.run, name="baseline")
-augmented_task = task(augmented.run, name="augmented")
-evaluate_task = task(evaluate.run, name="evaluate")
+# one Prefect task per stage of the chain (named as the stage; the data generation as before)
+STAGE_TASKS = {name: task(run_stage, name="generate-data" if name == "generate" else name, task_run_name=name)
+               for name in CHAIN}
 
 
 def flow_name(task_name: str) -> str:
@@ -51,16 +49,10 @@ def run_pipeline(task_name: str, params_path: str, overrides: dict[str, Any]) ->
     params = load_params(params_path, overrides)  # bad params stop here, before anything runs
     ensure_store(params)  # create the MLflow schema once
     run_id = f"prefect-{flow_run.get_id() or 'local'}"[:40]
-    cfg = params.task(task_name)
-    shapes_dir = Path(params.shapes.out_dir).resolve()
-    if shapes_dir == Path(cfg.data.path).resolve() or shapes_dir in Path(cfg.data.path).resolve().parents:
-        generate_task(params_path, overrides)
-    common = dict(task_name=task_name, params_path=params_path, overrides=overrides, pipeline_run_id=run_id)
-    validate_task(**common)
-    normstats_task(**common)
-    baseline_task(**common)
-    augmented_task(**common)
-    return evaluate_task(**common)
+    result = None
+    for name in stages_for(params, task_name):  # the chain, with generate / pretrain where the task needs them
+        result = STAGE_TASKS[name](name, task_name, params_path, overrides, pipeline_run_id=run_id)
+    return result  # evaluate's metrics
 
 
 def make_flow(task_name: str):
@@ -72,7 +64,7 @@ def make_flow(task_name: str):
     # function must carry that name (set before decorating) and exist at module level (below)
     train.__name__ = train.__qualname__ = f"train_{task_name}"
     train.__module__ = __name__
-    return flow(name=flow_name(task_name), description=f"validate -> normstats -> baseline -> augmented -> evaluate for {task_name}",
+    return flow(name=flow_name(task_name), description=f"{' -> '.join(CHAIN)} for {task_name} (generate and pretrain when used)",
                 log_prints=True)(train)
 
 

@@ -3,8 +3,13 @@ over several seeds; the test metric's mean and std per change, and its differenc
 with a 95% Welch confidence interval (the table of the CutMix paper, with error bars).
 
 The baseline is the task's section of params.yaml with every augmentation switched off (plus
-``ablation.baseline`` overrides). A change is a named set of dotted overrides relative to
-``tasks.<task>``: the registry :data:`CHANGES` below, or your own under ``ablation.changes``.
+``ablation.baseline`` overrides); "every augmentation" is read from the task's augment schema (its
+Switch fields, which the task's augmentation registry must match), so detection's mosaic and instance
+segmentation's copy-paste are off too and a new augmentation cannot be forgotten. A change is a named
+set of dotted overrides relative to ``tasks.<task>``: each augmentation of the task switched on, the
+registry :data:`CHANGES` below, or your own under ``ablation.changes``. Each arm's effective settings
+are compared with the baseline's; an arm whose difference is not exactly its named change stops the
+plan, and the table states each arm's difference.
 
 Fan-out, resume and MLflow: :mod:`flows.ablation` (flow ``ablate``) plans the jobs here, trains them
 on its task runner through :func:`tasks.experiments.train_and_score`, and summarises here. Finished
@@ -22,15 +27,15 @@ from typing import Any
 import pandas as pd
 from pydantic import Field
 
+from cv_models.settings import diff_text, flat, settings_diff
 from tasks.config import ConfigError, Strict, config_hash, load_params
-from tasks.experiments import RunnerConfig, TrainJob, check_section, learning_hash, section, task_keys, worker_threads
+from tasks.experiments import (NOT_LEARNING, RunnerConfig, TrainJob, check_section, learning_hash, section, task_keys,
+                               worker_threads)
 from tasks.paths import outputs
 
-AUGMENTATIONS = ("hflip", "vflip", "rotation", "crop", "rescale", "color", "noise", "blur", "cutout", "mixup", "cutmix")
-
-# name -> dotted overrides relative to tasks.<task>; each is ONE change on top of the baseline
+# name -> dotted overrides relative to tasks.<task>; each is ONE change on top of the baseline. Every
+# augmentation of the task is a change too (augmentation_changes), read from its schema.
 CHANGES: dict[str, dict[str, Any]] = {
-    **{name: {f"augment.{name}.enabled": True} for name in AUGMENTATIONS},
     # input normalisation (the baseline uses the task's `normalization`)
     "no_norm": {"normalization": "none"},
     "mean_image": {"normalization": "mean_image"},
@@ -53,6 +58,25 @@ CHANGES: dict[str, dict[str, Any]] = {
     "random_init": {"model.weights": "none"},
 }
 BASELINE = "baseline"
+RUNTIME_KEYS = NOT_LEARNING  # how a run executes, not what it learns: not part of an arm's difference
+
+
+def augmentation_changes(task_name: str) -> dict[str, dict[str, Any]]:
+    """One change per augmentation the task declares (``augment.<name>.enabled: true``)."""
+    from cv_models import TASKS
+
+    if task_name not in TASKS:
+        return {}
+    return {name: {f"augment.{name}.enabled": True} for name in TASKS[task_name].augment_schema().switch_names()}
+
+
+def baseline_overrides(task_name: str) -> dict[str, Any]:
+    """Every augmentation of the task switched off (relative to ``tasks.<task>``)."""
+    return {f"augment.{name}.enabled": False for name in augmentation_changes(task_name)}
+
+
+def known_changes(task_name: str, own: dict[str, dict[str, Any]] | None = None) -> dict[str, dict[str, Any]]:
+    return {**augmentation_changes(task_name), **CHANGES, **(own or {})}
 
 
 class AblationConfig(Strict):
@@ -73,6 +97,7 @@ class Arm:
     seed: int
     overrides: dict[str, Any]  # full dotted keys for load_params
     key: str  # learning hash: same key, same outcome -> reuse
+    diff: dict[str, tuple[Any, Any]] | None = None  # effective settings that differ from the baseline's
 
     @property
     def label(self) -> str:
@@ -88,6 +113,7 @@ class Plan:
     key: str  # identifies the baseline: the parent MLflow run
     params_path: str
     overrides: dict[str, Any]
+    diffs: dict[str, dict[str, tuple[Any, Any]]] | None = None  # arm name -> its difference from the baseline
 
     @property
     def out_dir(self) -> Path:
@@ -97,9 +123,9 @@ class Plan:
         return self.out_dir / "runs" / arm.name / f"seed{arm.seed}" / "result.json"
 
 
-def load_config(params_path: str | Path, overrides: dict[str, Any] | None = None) -> AblationConfig:
+def load_config(params_path: str | Path, overrides: dict[str, Any] | None = None, task_name: str = "") -> AblationConfig:
     cfg = check_section(AblationConfig, section(params_path, "ablation", overrides), "ablation")
-    known = {**CHANGES, **cfg.changes}
+    known = known_changes(task_name, cfg.changes)
     unknown = [a for a in cfg.arms if a not in known and a != BASELINE]
     if unknown:
         raise ConfigError(f"ablation.arms: unknown change(s) {unknown}; known changes: {sorted(known)} "
@@ -122,16 +148,16 @@ def plan(task_name: str, params_path: str | Path = "params.yaml", overrides: dic
     overrides = dict(overrides or {})
     params = load_params(params_path, overrides)
     base_cfg = params.task(task_name)  # unknown task -> ConfigError naming the tasks present
-    cfg = load_config(params_path, overrides)
-    known = {**CHANGES, **cfg.changes}
-    # the baseline: every augmentation off (their strengths stay as in params.yaml), then ablation.baseline
-    baseline = {f"augment.{name}.enabled": False for name in AUGMENTATIONS}
+    cfg = load_config(params_path, overrides, task_name)
+    known = known_changes(task_name, cfg.changes)
+    # the baseline: every augmentation of the task off (their strengths stay as in params.yaml), then ablation.baseline
+    baseline = baseline_overrides(task_name)
     baseline.update(cfg.baseline)
     threads = worker_threads(cfg.runner)
     if threads and base_cfg.train.num_threads == 0:
         baseline.setdefault("train.num_threads", threads)
     names = [BASELINE] + [a for a in cfg.arms if a != BASELINE]
-    arms, primary, base_dump = [], None, None
+    arms, primary, base_dump, base_cfg_arm, diffs = [], None, None, None, {}
     for name in names:
         changes = {} if name == BASELINE else dict(known[name])
         dotted = {**overrides, **task_keys(task_name, {**baseline, **changes})}
@@ -146,13 +172,33 @@ def plan(task_name: str, params_path: str | Path = "params.yaml", overrides: dic
                               f"task {task_name!r}: {err}") from None
         primary = task.primary_metric
         if name == BASELINE:
-            base_dump = arm_cfg.model_dump(mode="json")
+            base_dump, base_cfg_arm = arm_cfg.model_dump(mode="json"), arm_cfg
+            on = arm_cfg.augment.enabled_names()
+            if on:  # ablation.baseline switched one back on: the baseline would not be "every augmentation off"
+                raise ConfigError(f"ablation baseline of task {task_name!r} has augmentations on: {on} "
+                                  f"(ablation.baseline must not switch any on; make it an arm instead)")
+        diff = settings_diff(base_cfg_arm, arm_cfg, ignore=RUNTIME_KEYS)
+        check_one_change(name, changes, diff)
+        diffs[name] = diff
         for i in range(cfg.seeds):
             seed = params.seed + i
             arms.append(Arm(name, changes, seed, {**dotted, "seed": seed},
-                            learning_hash(arm_cfg.model_dump(mode="json"), seed)))
+                            learning_hash(arm_cfg.model_dump(mode="json"), seed), diff))
     key = config_hash({"task": task_name, "baseline": learning_hash(base_dump, 0)})
-    return Plan(task_name, primary, cfg, arms, key, str(Path(params_path).resolve()), overrides)
+    return Plan(task_name, primary, cfg, arms, key, str(Path(params_path).resolve()), overrides, diffs)
+
+
+def check_one_change(name: str, changes: dict[str, Any], diff: dict[str, tuple[Any, Any]]) -> None:
+    """An arm must differ from the baseline in exactly its named change: something, and nothing else."""
+    if name == BASELINE:
+        return
+    named = set(flat({k: v for k, v in changes.items()}))  # a dict value names every key under it
+    outside = sorted(k for k in diff if not any(k == n or k.startswith(n + ".") for n in named))
+    if not diff:
+        raise ConfigError(f"ablation arm {name!r} ({changes}) changes nothing: the baseline already has that setting")
+    if outside:
+        raise ConfigError(f"ablation arm {name!r} is not one change: besides {sorted(named)} it also differs from the "
+                          f"baseline in {outside} ({diff_text({k: diff[k] for k in outside})})")
 
 
 def job(p: Plan, arm: Arm, experiment_id: str, parent_run_id: str) -> TrainJob:
@@ -162,7 +208,7 @@ def job(p: Plan, arm: Arm, experiment_id: str, parent_run_id: str) -> TrainJob:
         project_dir=str(Path.cwd()), experiment_id=experiment_id, parent_run_id=parent_run_id,
         run_name=f"{arm.name} seed {arm.seed}", keep_model=p.config.keep_models,
         tags={"kind": "ablation-arm", "arm": arm.name, "seed": str(arm.seed), "arm_key": arm.key, "ablation_key": p.key,
-              "changes": json.dumps(arm.changes)},
+              "changes": json.dumps(arm.changes), "diff_vs_baseline": diff_text(arm.diff or {})[:5000]},
     )
 
 
@@ -245,16 +291,21 @@ def table(results: dict[str, list[float]], baseline: str = BASELINE) -> pd.DataF
     return pd.DataFrame(rows)
 
 
-def to_markdown(df: pd.DataFrame, metric: str, task_name: str, seconds: float | None = None) -> str:
+def to_markdown(df: pd.DataFrame, metric: str, task_name: str, seconds: float | None = None,
+                settings: dict[str, dict[str, tuple[Any, Any]]] | None = None) -> str:
+    """The table; ``settings``: each arm's effective settings that differ from the baseline's (a column)."""
     def pct(v: float, sign: bool = False) -> str:
         return "" if math.isnan(v) else (f"{100 * v:+.2f}" if sign else f"{100 * v:.2f}")
 
     lines = [f"# {task_name}: one change at a time (test {metric}, %)", "",
-             f"| change | seeds | mean | std | diff vs baseline | 95% CI (Welch) | |", "|---|---|---|---|---|---|---|"]
+             f"| change | seeds | mean | std | diff vs baseline | 95% CI (Welch) | | settings changed |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in df.itertuples(index=False):
         ci = "" if math.isnan(r.ci_low) else f"[{pct(r.ci_low, True)}, {pct(r.ci_high, True)}]"
         diff = "" if r.change == BASELINE else pct(r.diff, True)
-        lines.append(f"| {r.change} | {r.seeds} | {pct(r.mean)} | {pct(r.std)} | {diff} | {ci} | {r.significant} |")
+        changed = ("every augmentation off" if r.change == BASELINE else
+                   "`" + diff_text((settings or {}).get(r.change, {})) + "`" if settings is not None else "")
+        lines.append(f"| {r.change} | {r.seeds} | {pct(r.mean)} | {pct(r.std)} | {diff} | {ci} | {r.significant} | {changed} |")
     lines += ["", "`*`: the 95% interval of the difference excludes zero. Model selection on the validation split; "
                   "the figures are on the test split."]
     if seconds is not None:
@@ -297,10 +348,11 @@ def summarise(p: Plan, results: list[dict], seconds: float | None = None) -> tup
     for arm, res in zip(p.arms, results):
         by_arm.setdefault(arm.name, []).append(float(res[metric]))
     df = table(by_arm)
-    markdown = to_markdown(df, p.primary_metric, p.task_name, seconds)
+    markdown = to_markdown(df, p.primary_metric, p.task_name, seconds, p.diffs)
     out = p.out_dir
     out.mkdir(parents=True, exist_ok=True)
     metrics = {"metric": metric, "seeds": p.config.seeds,
+               "settings_changed": {name: {k: list(v) for k, v in d.items()} for name, d in (p.diffs or {}).items()},
                "arms": {r.change: {k: finite(v) for k, v in r._asdict().items() if k != "change"}
                         for r in df.itertuples(index=False)}}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float) + "\n")

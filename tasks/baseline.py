@@ -8,7 +8,7 @@ from typing import Any
 from tasks import engine
 from tasks.paths import atomic_dir, outputs
 from tasks.stage import open_stage
-from tasks.train import normalizer, summary_metrics, train_model, write_metrics
+from tasks.train import initial_model, initial_weights, normalizer, summary_metrics, train_model, write_metrics
 
 
 def overfit_verdict(losses: list[float], c) -> tuple[bool, float, str]:
@@ -30,7 +30,8 @@ def run_overfit_check(task, cfg, seed: int, norm, task_name: str, log=None) -> d
     engine.set_threads(cfg.train.num_threads)  # as training does (train.num_threads)
     data = task.dataset("train", task.eval_transforms(norm))
     batch = next(iter(engine.make_loader(task, data, min(c.batch_size, len(data)), True, seed)))
-    losses = engine.overfit_one_batch(task, task.build_model(), batch, c.steps, c.lr, engine.pick_device(cfg.train.device),
+    model, _ = initial_weights(task, seed)  # the weights the baseline starts from (initial_model)
+    losses = engine.overfit_one_batch(task, model, batch, c.steps, c.lr, engine.pick_device(cfg.train.device),
                                       done=lambda ls: len(ls) >= 5 and overfit_verdict(ls, c)[0])
     if log is not None:
         every = max(len(losses) // 20, 1)

@@ -15,7 +15,7 @@ import importlib
 import json
 import sys
 
-STAGES = ("validate", "normstats", "baseline", "augmented", "evaluate")
+from tasks.chain import PER_TASK as STAGES  # noqa: E402  (the stage chain, defined once)
 
 
 def parse_overrides(pairs: list[str]) -> dict:

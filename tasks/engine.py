@@ -37,6 +37,16 @@ def set_threads(n: int) -> None:
     torch.set_num_threads(n or os.cpu_count() or 1)
 
 
+def set_determinism(on: bool) -> None:
+    """Deterministic kernels where torch has them (warn-only: an op without one still runs, with a warning),
+    cuDNN without autotuning; ``train.deterministic: false`` lets torch pick the fastest kernels instead."""
+    torch.use_deterministic_algorithms(on, warn_only=True)
+    torch.backends.cudnn.deterministic = on
+    torch.backends.cudnn.benchmark = not on
+    if on:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS (read when CUDA starts)
+
+
 def make_loader(task: CVTask, dataset: Dataset, batch_size: int, shuffle: bool, seed: int, num_workers: int = 0,
                 drop_last: bool = False) -> DataLoader:
     return DataLoader(
@@ -159,6 +169,7 @@ def fit(
     """
     device = pick_device(cfg.device)
     set_threads(cfg.num_threads)
+    set_determinism(cfg.deterministic)
     model.to(device)
     train_loader = make_loader(task, train_set, cfg.batch_size, True, seed, cfg.num_workers, drop_last=len(train_set) > cfg.batch_size)
     val_loader = make_loader(task, val_set, cfg.eval_batch_size, False, seed, cfg.num_workers)

@@ -46,7 +46,7 @@ def check_section(model: type[Strict], raw: Any, section: str):
     try:
         return model.model_validate(raw or {})
     except ValidationError as err:
-        raise ConfigError(_describe(err, prefix=f"{section}.")) from None
+        raise ConfigError(_describe(err, prefix=f"{section}.", model=model)) from None
 
 
 def section(params_path: str | Path, name: str, overrides: dict[str, Any] | None = None) -> Any:
@@ -191,6 +191,9 @@ def train_and_score(job: TrainJob, on_epoch: Callable[[dict, int], None] | None 
             if step is not None and on_epoch is not None:
                 on_epoch(metrics, step)
 
+        def log_params(self, values):
+            log_params(self.params, self.run_id, values)
+
         def log_artifacts(self, path, artifact_path=None):
             if artifact_path == "model":  # one model per arm and seed: kept on disk only if asked
                 return
@@ -258,17 +261,17 @@ def child_runs(params: Params, experiment_id: str, parent_id: str) -> list:
 
 
 def prepare(task_name: str, params_path: str, overrides: dict[str, Any] | None) -> None:
-    """The normalisation statistics every training needs; run generate/validate/normstats when missing."""
-    from tasks import generate, normstats, validate
+    """What every training needs first (the chain's stages before ``baseline``: data, checks, normalisation
+    statistics, the pretrained checkpoint when the task uses it); run when the statistics are missing."""
+    from tasks.chain import BEFORE_TRAINING, run_stage, stages_for
     from tasks.paths import outputs
 
     if (outputs(task_name, "normstats") / "stats.json").exists():
         return
     params = load_params(params_path, overrides)
-    cfg = params.task(task_name)
-    shapes_dir = Path(params.shapes.out_dir).resolve()
-    data = Path(cfg.data.path).resolve()
-    if not data.exists() and (shapes_dir == data or shapes_dir in data.parents):
-        generate.run(params_path, overrides)
-    validate.run(task_name, params_path, overrides)
-    normstats.run(task_name, params_path, overrides)
+    for name in stages_for(params, task_name, BEFORE_TRAINING):
+        if name == "generate" and Path(params.task(task_name).data.path).exists():
+            continue  # the data is there already
+        if name == "pretrain" and Path(params.pretrain.out).exists():
+            continue
+        run_stage(name, task_name, params_path, overrides)

@@ -14,21 +14,22 @@ from typing import Any
 
 import torch
 
-from cv_models import get_task
+from cv_models import TASKS, get_task
 from cv_models.normalize import Normalize, RunningStats
 from tasks import engine, tracking
-from tasks.config import DataConfig, ModelConfig, PretrainConfig, TaskConfig, TrainConfig, load_params
+from tasks.config import PretrainConfig, TaskConfig, load_params
 from tasks.seeding import seed_everything
 from tasks.stage import write_json
 
 
 def task_config(pre: PretrainConfig) -> TaskConfig:
-    return TaskConfig(
-        data=DataConfig(path=pre.data, split_from=pre.split_from), image_size=pre.image_size,
-        model=ModelConfig(name=pre.model),
-        train=TrainConfig(epochs=pre.epochs, batch_size=pre.batch_size, optimizer={"name": "adamw", "lr": pre.lr},
-                          scheduler={"name": "onecycle"}, num_threads=pre.num_threads, track_train_metric=False),
-    )
+    """The classification settings the pretraining trains with (classification's own schema)."""
+    return TASKS["classification"].settings.model_validate(dict(
+        data={"path": pre.data, "split_from": pre.split_from}, image_size=pre.image_size, model={"name": pre.model},
+        augment=pre.augment.model_dump(),
+        train={"epochs": pre.epochs, "batch_size": pre.batch_size, "optimizer": {"name": "adamw", "lr": pre.lr},
+               "scheduler": {"name": "onecycle"}, "num_threads": pre.num_threads, "track_train_metric": False},
+    ))
 
 
 def channel_normalizer(task, size: int) -> Normalize:

@@ -33,6 +33,11 @@ class Stage:
         clean = {prefix + k.replace("/", "."): float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
         mlflow.log_metrics(clean, step=step)
 
+    def log_params(self, values: dict[str, Any]) -> None:
+        import mlflow
+
+        mlflow.log_params({k: str(v)[:6000] for k, v in values.items()})
+
     def log_artifacts(self, path: Path, artifact_path: str | None = None) -> None:
         import mlflow
 

@@ -10,12 +10,29 @@ from cv_models.normalize import load_normalizer
 from tasks import engine
 from tasks.config import AugmentConfig
 from tasks.paths import checkpoints, models, outputs
+from tasks.seeding import init_seed, isolated_rng, seed_everything, state_sha256
 from tasks.stage import Stage, write_json
 from cv_models.visualise import history_figure
 
 
 def normalizer(st: Stage):
     return load_normalizer(outputs(st.task_name, "normstats"), st.cfg.normalization)
+
+
+def initial_model(st: Stage) -> tuple[torch.nn.Module, str]:
+    """The task's model with its initial weights drawn from the seed alone, and their SHA-256.
+
+    Built under its own seeded generators (the global ones are put back afterwards), so whatever a stage draws
+    before (an overfit check, an augmentation preview) cannot change the starting point: baseline, augmented,
+    every ablation arm and search trial of one seed start from the same weights."""
+    return initial_weights(st.task, st.params.seed)
+
+
+def initial_weights(task, seed: int) -> tuple[torch.nn.Module, str]:
+    """:func:`initial_model` for a task object and a seed (the overfit check builds its model with this too)."""
+    with isolated_rng(init_seed(seed)):
+        model = task.build_model()
+    return model, state_sha256(model)
 
 
 def train_model(st: Stage, augment: AugmentConfig | None, out_dir: Path) -> tuple[engine.FitResult, Path]:
@@ -31,7 +48,10 @@ def train_model(st: Stage, augment: AugmentConfig | None, out_dir: Path) -> tupl
         indices = engine.stratified_indices(getattr(train_plain, "labels", None), min(len(train_plain), len(val)),
                                             st.params.seed, size=len(train_plain))
         train_eval = st.task.subset(train_plain, indices)
-    model = st.task.build_model()
+    model, init_hash = initial_model(st)
+    st.log_params({"init_weights_sha256": init_hash})
+    # the augmentation stream starts from the seed too, whatever ran before in this process
+    seed_everything(st.params.seed)
     model_path = models(st.task_name, st.name) / "model.pt"
     result = engine.fit(
         st.task, model, train, val, st.cfg.train, st.params.seed, model_path,

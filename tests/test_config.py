@@ -24,8 +24,64 @@ def test_out_of_range_names_the_key(tmp_path):
 
 def test_unknown_key_is_rejected(tmp_path):
     path = write_params(tmp_path, {"tasks.classification.train.epoch": 3})
-    with pytest.raises(ConfigError, match=r"train\.epoch.*Extra inputs"):
+    with pytest.raises(ConfigError, match=r"tasks\.classification\.train\.epoch: unknown key; did you mean 'epochs'\?"):
         load_params(path)
+
+
+@pytest.mark.parametrize("key, value, suggestion", [
+    ("tasks.detection.model.options.backbon", "resnet18", "backbone"),  # a task's own model options
+    ("tasks.segmentation.data.options.mask_sufix", ".png", "mask_suffix"),  # a task's own reader options
+    ("tasks.instance_segmentation.augment.options.min_are", 8, "min_area"),  # a task's own augment options
+    ("tasks.detection.options.report_image", 2, "report_images"),  # task options
+    ("tasks.segmentation.augment.cutout.mask_fil", "keep", "mask_fill"),  # a task's own augmentation settings
+    ("tasks.detection.augment.mosaik", {"enabled": True}, "mosaic"),
+    ("shapes.scenes.max_object", 3, "max_objects"),  # outside the tasks too
+    ("seeed", 1, "seed"),
+    ("ablation.runner.max_worker", 2, "max_workers"),  # the experiment sections are checked up front too
+    ("search.pruner.startup_trial", 2, "startup_trials"),
+])
+def test_unknown_key_at_any_depth_is_named_with_a_suggestion(tmp_path, key, value, suggestion):
+    path = write_params(tmp_path, {key: value})
+    with pytest.raises(ConfigError) as err:
+        load_params(path)
+    assert f"{key}: unknown key; did you mean '{suggestion}'?" in str(err.value)
+
+
+def test_a_setting_of_another_task_is_unknown_here(tmp_path):
+    """mask_fill is segmentation's; detection's cutout has no such setting (it would do nothing)."""
+    path = write_params(tmp_path, {"tasks.detection.augment.cutout.mask_fill": "keep"})
+    with pytest.raises(ConfigError, match=r"tasks\.detection\.augment\.cutout\.mask_fill: unknown key"):
+        load_params(path)
+
+
+def test_reader_option_of_another_format_is_refused(tmp_path):
+    path = write_params(tmp_path, {"tasks.detection.data.options.split_files": "ImageSets/{split}.txt"})
+    with pytest.raises(ConfigError, match=r"tasks\.detection\.data.*\['split_files'\] are not read by format 'coco'"):
+        load_params(path)
+
+
+def test_unregistered_task_section_is_refused(tmp_path):
+    path = write_params(tmp_path, {"tasks.detecton": {"data": {"path": "x"}}})
+    with pytest.raises(ConfigError, match=r"tasks\.detecton: no CV task.*did you mean 'detection'"):
+        load_params(path)
+
+
+def test_defaults_live_in_the_schema():
+    params = load_params(REPO / "params.yaml", {"tasks.detection.model.options": {}, "tasks.detection.options": {}})
+    cfg = params.task("detection")
+    assert cfg.model.options.rpn_batch_size_per_image == 64 and cfg.options.report_images == 16
+    # issue 12: the proposal and detection counts are sized from the data unless set
+    assert cfg.model.options.rpn_pre_nms_top_n_train == "auto" and cfg.model.options.detections_per_img == "auto"
+
+
+def test_settings_schema_does_not_import_the_pipeline():
+    """cv_models (and its schema) sit below tasks: importing them loads nothing from tasks/."""
+    import subprocess
+    import sys
+
+    code = "import sys, cv_models; print(sorted(m for m in sys.modules if m == 'tasks' or m.startswith('tasks.')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True).stdout
+    assert out.strip() == "[]"
 
 
 def test_bad_split_fractions(tmp_path):

@@ -31,7 +31,7 @@ def test_synthetic_scenes_pass_and_both_formats_give_the_same_table(project, tmp
     voc_root = coco_to_voc(project.shapes / "scenes", tmp_path / "voc")
     voc_cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={
         "format": "voc", "path": str(voc_root), "classes": coco.categories,
-        "options": {"images": "JPEGImages", "annotations": "Annotations"}})})
+        "options": type(cfg.data.options)(images="JPEGImages", annotations="Annotations")})})
     voc = get_task("detection", voc_cfg).tables()
     assert list(voc.images.columns) == list(coco.images.columns)
     assert list(voc.annotations.columns) == list(coco.annotations.columns)

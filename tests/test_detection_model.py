@@ -10,7 +10,7 @@ from torchvision import tv_tensors
 
 from cv_models import get_task
 from cv_models.mix.detection import DetectionMixer, clip_to_region, cutmix, mixup, mosaic
-from tasks.config import AugmentConfig, load_params
+from tasks.config import load_params
 from tests.detection_helpers import det_params
 
 ALL_ON = {name: {"enabled": True, "p": 1.0} for name in
@@ -29,7 +29,7 @@ def _target(boxes, labels):
 def test_every_augmentation_moves_boxes_with_the_image(project):
     task = _task(project)
     torch.manual_seed(0)
-    data = task.dataset("train", task.train_transforms(AugmentConfig.model_validate(ALL_ON), None))
+    data = task.dataset("train", task.train_transforms(task.augment_schema().model_validate(ALL_ON), None))
     for i in range(6):
         image, target = data[i]
         assert isinstance(image, tv_tensors.Image) and image.shape == (3, 64, 64) and image.dtype == torch.float32
@@ -42,7 +42,7 @@ def test_every_augmentation_moves_boxes_with_the_image(project):
 def test_hflip_mirrors_the_boxes(project):
     task = _task(project)
     plain = task.dataset("train", task.train_transforms(None, None))[0]
-    flipped = task.dataset("train", task.train_transforms(AugmentConfig.model_validate({"hflip": {"enabled": True, "p": 1.0}}),
+    flipped = task.dataset("train", task.train_transforms(task.augment_schema().model_validate({"hflip": {"enabled": True, "p": 1.0}}),
                                                           None))[0]
     b, f = plain[1]["boxes"], flipped[1]["boxes"]
     torch.testing.assert_close(f[:, 0], 64 - b[:, 2])

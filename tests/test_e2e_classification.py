@@ -75,6 +75,12 @@ def test_dvc_repro_beats_the_dummy(dvc_repo):
                 "outputs/classification/validate/report.md", "outputs/classification/normstats/mean_image.png",
                 "models/pretrain/backbone.pt"):
         assert (dvc_repo / out).exists(), out
+    # the compared models' one change, stated: exactly the augmentations params.yaml switches on
+    comparison = (dvc_repo / "outputs/classification/evaluate/comparison.md").read_text()
+    assert "## What differs between baseline and augmented" in comparison
+    assert set(m["settings_changed"]) == {"augment.hflip.enabled", "augment.vflip.enabled", "augment.rotation.enabled",
+                                          "augment.color.enabled"}
+    assert "| `augment.hflip.enabled` | False | True |" in comparison
     status = dvc(dvc_repo, "status")
     assert "up to date" in status.stdout, status.stdout
     shown = dvc(dvc_repo, "metrics", "show", "--json")

@@ -176,7 +176,7 @@ def test_split_by_seed_from_flat_folders(project):
 
 def test_geometric_transforms_never_create_new_mask_values(project):
     task = _task(project)
-    data = task.dataset("train", task.train_transforms(AugmentConfig.model_validate(GEOMETRIC), None))
+    data = task.dataset("train", task.train_transforms(task.augment_schema().model_validate(GEOMETRIC), None))
     torch.manual_seed(0)
     for _ in range(3):
         for i in range(len(data)):
@@ -188,7 +188,8 @@ def test_geometric_transforms_never_create_new_mask_values(project):
 @pytest.mark.parametrize("fill, expected", [("ignore", True), ("keep", False)])
 def test_cutout_sets_the_erased_mask_to_ignore_or_keeps_it(project, fill, expected):
     task = _task(project)
-    augment = AugmentConfig.model_validate({"cutout": {"enabled": True, "p": 1.0, "scale": [0.2, 0.3], "mask_fill": fill}})
+    augment = task.settings.model_fields["augment"].annotation.model_validate(
+        {"cutout": {"enabled": True, "p": 1.0, "scale": [0.2, 0.3], "mask_fill": fill}})
     torch.manual_seed(0)
     image, mask = task.dataset("train", task.train_transforms(augment, None))[0]
     erased = (image == 0).all(0)
@@ -233,8 +234,8 @@ def test_mixup_gives_soft_targets_with_the_image_weights():
 
 def test_mixers_from_params(project):
     task = _task(project)
-    assert task.batch_mixer(None) is None and task.batch_mixer(AugmentConfig()) is None
-    mixer = task.batch_mixer(AugmentConfig.model_validate({"mixup": {"enabled": True, "p": 1.0}}))
+    assert task.batch_mixer(None) is None and task.batch_mixer(task.augment_schema()()) is None
+    mixer = task.batch_mixer(task.augment_schema().model_validate({"mixup": {"enabled": True, "p": 1.0}}))
     images, masks = _tagged_batch()
     _, targets = mixer(images, masks)
     assert targets.shape == (6, 5, 32, 32)

@@ -10,10 +10,14 @@ One annotation file per split; ``file_name`` is relative to the images folder::
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from cv_models.base import DataError
 from cv_models.data.annotations import AnnotationTables, build_tables, check_split_names
@@ -116,3 +120,39 @@ def to_coco_ground_truth(records: list[dict], class_names: list[str]) -> dict:
                          "bbox": [x0, y0, x1 - x0, y1 - y0], "area": (x1 - x0) * (y1 - y0), "iscrowd": int(crowd)})
     return {"images": images, "annotations": anns,
             "categories": [{"id": k + 1, "name": n} for k, n in enumerate(class_names)]}
+
+
+def coco_map(gt: dict, results: list[dict], class_names: list[str], iou_type: str = "bbox") -> tuple[dict[str, float], pd.DataFrame]:
+    """pycocotools' COCOeval (``iou_type`` bbox, or segm for masks): mAP@[.5:.95], mAP@.5, mAP@.75 and per-class AP / AP@.5."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    empty = {"map": 0.0, "map50": 0.0, "map75": 0.0}
+    per_class = pd.DataFrame({"class": class_names, "ap": 0.0, "ap50": 0.0,
+                              "n_boxes": [sum(a["category_id"] == k + 1 for a in gt["annotations"]) for k in range(len(class_names))]})
+    if not results or not gt["annotations"]:
+        return {**empty, **{f"ap50/{c}": 0.0 for c in class_names}}, per_class
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
+        coco_gt = COCO()
+        coco_gt.dataset = gt
+        coco_gt.createIndex()
+        coco_dt = coco_gt.loadRes(results)
+        ev = COCOeval(coco_gt, coco_dt, iou_type)
+        # maxDets' default 100 would silently drop detections (and cap recall) on images with more objects
+        per_image = Counter(r["image_id"] for r in results) + Counter(a["image_id"] for a in gt["annotations"])
+        ev.params.maxDets = [1, 10, max(100, max(per_image.values(), default=0))]
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    stats = [max(float(s), 0.0) for s in ev.stats]  # -1 means "no ground truth": report 0
+    precision = ev.eval["precision"]  # [IoU thresholds, recall, class, area range, max dets]
+    cat_ids = ev.params.catIds
+    for k, cid in enumerate(cat_ids):
+        p_all, p50 = precision[:, :, k, 0, -1], precision[0, :, k, 0, -1]
+        row = per_class["class"] == class_names[cid - 1]
+        per_class.loc[row, "ap"] = float(p_all[p_all > -1].mean()) if (p_all > -1).any() else 0.0
+        per_class.loc[row, "ap50"] = float(p50[p50 > -1].mean()) if (p50 > -1).any() else 0.0
+    metrics = {"map": stats[0], "map50": stats[1], "map75": stats[2], "mar100": stats[8]}
+    metrics.update({f"ap50/{c}": float(v) for c, v in zip(per_class["class"], per_class["ap50"])})
+    metrics.update({f"ap/{c}": float(v) for c, v in zip(per_class["class"], per_class["ap"])})
+    return metrics, per_class

@@ -21,6 +21,9 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
+from pydantic import Field, field_validator
+
+from cv_models.settings import Strict
 
 SHAPE_VERTICES = {
     "circle": None,  # drawn as a 32-gon so that polygon and raster agree
@@ -150,10 +153,10 @@ def write_classification(out: Path, cfg: dict, rng: np.random.Generator) -> dict
 
 def _render_one_class(rng, size, classes, class_index, cfg):
     """A scene with exactly one shape of the wanted class (re-drawn until it is visible)."""
-    lo, hi = cfg.get("scale", (0.35, 0.9))
+    lo, hi = cfg["scale"]  # defaults: tasks.config.ShapesClassification
     for _ in range(50):
-        image, instances = render_scene(rng, size, [classes[class_index]], 1, (lo, hi), clutter=cfg.get("clutter", 3),
-                                        noise=cfg.get("noise", 8.0))
+        image, instances = render_scene(rng, size, [classes[class_index]], 1, (lo, hi), clutter=cfg["clutter"],
+                                        noise=cfg["noise"])
         if instances:
             return image, instances
     raise RuntimeError("could not render a visible shape; check shapes.image_size")
@@ -175,9 +178,9 @@ def write_scenes(out: Path, cfg: dict, rng: np.random.Generator) -> dict:
     ann_id = 1
     for i in range(n):
         split = _split_of(i, n, cfg["splits"])
-        n_objects = int(rng.integers(scenes.get("min_objects", 1), scenes["max_objects"] + 1))
-        image, instances = render_scene(rng, size, classes, n_objects, tuple(scenes.get("scale", (0.15, 0.4))),
-                                        clutter=scenes.get("clutter", 2), noise=scenes.get("noise", 8.0))
+        n_objects = int(rng.integers(scenes["min_objects"], scenes["max_objects"] + 1))
+        image, instances = render_scene(rng, size, classes, n_objects, tuple(scenes["scale"]),
+                                        clutter=scenes["clutter"], noise=scenes["noise"])
         name = f"{i:05d}.png"
         for sub in ("images", "masks"):
             (out / "scenes" / sub / split).mkdir(parents=True, exist_ok=True)
@@ -204,8 +207,49 @@ def write_scenes(out: Path, cfg: dict, rng: np.random.Generator) -> dict:
     return {s: len(c["images"]) for s, c in cocos.items()}
 
 
+# ---------------------------------------------------------------- settings (``shapes:`` in params.yaml)
+
+
+class ShapesClassification(Strict):
+    num_images: int = Field(1200, ge=1)
+    scale: tuple[float, float] = (0.35, 0.9)  # shape size as a fraction of the image
+    clutter: int = Field(3, ge=0)  # up to this many random distractor lines
+    noise: float = Field(8.0, ge=0)  # pixel-noise std (0-255)
+
+
+class ShapesScenes(Strict):
+    num_images: int = Field(300, ge=1)
+    image_size: int = Field(128, ge=16, le=1024)
+    min_objects: int = Field(1, ge=0)
+    max_objects: int = Field(4, ge=1)
+    scale: tuple[float, float] = (0.15, 0.4)
+    clutter: int = Field(2, ge=0)
+    noise: float = Field(8.0, ge=0)
+
+
+class ShapesConfig(Strict):
+    out_dir: str = "data/shapes"
+    seed: int = 0
+    image_size: int = Field(64, ge=16, le=1024)
+    classes: list[str] = ["circle", "square", "triangle", "star"]
+    splits: dict[str, float] = {"train": 0.7, "val": 0.15, "test": 0.15}
+    classification: ShapesClassification = ShapesClassification()
+    scenes: ShapesScenes = ShapesScenes()
+
+    @field_validator("classes")
+    @classmethod
+    def _known(cls, v: list[str]) -> list[str]:
+        unknown = [c for c in v if c not in SHAPE_VERTICES]
+        if unknown or len(v) < 2:
+            raise ValueError(f"need at least two of {sorted(SHAPE_VERTICES)}, got {v}")
+        return v
+
+
+
 def generate(out_dir: str | Path, cfg: dict) -> dict:
-    """Write the whole synthetic dataset under ``out_dir``; returns image counts per format and split."""
+    """Write the whole synthetic dataset under ``out_dir``; returns image counts per format and split.
+    ``cfg``: the ``shapes:`` settings (checked, defaults filled in)."""
+    cfg = ShapesConfig.model_validate(cfg).model_dump()
     out = Path(out_dir)
     # separate streams so that changing the scene count leaves the classification images unchanged
     seeds = np.random.SeedSequence(cfg["seed"]).spawn(2)

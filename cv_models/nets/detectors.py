@@ -167,11 +167,11 @@ def anchors_sized_to(box_sizes: torch.Tensor, n_levels: int, scales_per_level: i
 
 def anchors_from_options(o: dict, n_levels: int, default_scales: int) -> AnchorGenerator:
     for key in ("anchor_size", "aspect_ratios"):
-        if isinstance(o.get(key), str):
+        if isinstance(o[key], str):
             raise ValueError(f"model.options.{key}: {o[key]!r} must be resolved before the model is built "
                              "('auto' is supported by the detection task)")
-    return anchor_generator(o.get("anchor_size", DEFAULT_ANCHOR_SIZE), n_levels, o.get("scales_per_level", default_scales),
-                            tuple(o.get("aspect_ratios", DEFAULT_ASPECT_RATIOS)))
+    return anchor_generator(o["anchor_size"], n_levels, o["scales_per_level"] or default_scales,
+                            tuple(o["aspect_ratios"]))
 
 
 # ------------------------------------------------------------- weighted losses
@@ -240,13 +240,13 @@ def faster_rcnn(num_classes: int, backbone: nn.Module, image_size: int, mean, st
         backbone, num_classes=None,
         rpn_anchor_generator=anchors_from_options(o, len(levels) + 1, 1),
         box_roi_pool=MultiScaleRoIAlign(levels, output_size=7, sampling_ratio=2),
-        box_head=TwoMLPHead(c * 49, o.get("representation_size", 256)),
-        box_predictor=FastRCNNPredictor(o.get("representation_size", 256), num_classes),
-        rpn_pre_nms_top_n_train=o.get("rpn_pre_nms_top_n_train", 300), rpn_post_nms_top_n_train=o.get("rpn_post_nms_top_n_train", 150),
-        rpn_pre_nms_top_n_test=o.get("rpn_pre_nms_top_n_test", 150), rpn_post_nms_top_n_test=o.get("rpn_post_nms_top_n_test", 75),
-        rpn_batch_size_per_image=o.get("rpn_batch_size_per_image", 64),
-        box_batch_size_per_image=o.get("box_batch_size_per_image", 64),
-        box_detections_per_img=o.get("detections_per_img", 50), box_score_thresh=o.get("score_thresh", 0.05),
+        box_head=TwoMLPHead(c * 49, o["representation_size"]),
+        box_predictor=FastRCNNPredictor(o["representation_size"], num_classes),
+        rpn_pre_nms_top_n_train=o["rpn_pre_nms_top_n_train"], rpn_post_nms_top_n_train=o["rpn_post_nms_top_n_train"],
+        rpn_pre_nms_top_n_test=o["rpn_pre_nms_top_n_test"], rpn_post_nms_top_n_test=o["rpn_post_nms_top_n_test"],
+        rpn_batch_size_per_image=o["rpn_batch_size_per_image"],
+        box_batch_size_per_image=o["box_batch_size_per_image"],
+        box_detections_per_img=o["detections_per_img"], box_score_thresh=o["score_thresh"],
         **_common(o, image_size, mean, std),
     )
     model.roi_heads.__class__ = WeightedRoIHeads
@@ -257,14 +257,14 @@ def retinanet(num_classes: int, backbone: nn.Module, image_size: int, mean, std,
     anchors = anchors_from_options(o, 4, 2)
     c = backbone.out_channels
     n_anchors = anchors.num_anchors_per_location()[0]
-    norm = (lambda ch: nn.GroupNorm(min(16, ch), ch)) if o.get("head_norm", True) else None
+    norm = (lambda ch: nn.GroupNorm(min(16, ch), ch)) if o["head_norm"] else None
     head = RetinaNetHead(c, n_anchors, num_classes, norm_layer=norm)
     head.classification_head = WeightedRetinaNetClassificationHead(c, n_anchors, num_classes, norm_layer=norm)
     head.regression_head = RetinaNetRegressionHead(c, n_anchors, norm_layer=norm)
-    head.regression_head._loss_type = o.get("box_loss", "giou")
+    head.regression_head._loss_type = o["box_loss"]
     return RetinaNet(backbone, num_classes, anchor_generator=anchors, head=head,
-                     detections_per_img=o.get("detections_per_img", 50), score_thresh=o.get("score_thresh", 0.05),
-                     topk_candidates=o.get("topk_candidates", 200), **_common(o, image_size, mean, std))
+                     detections_per_img=o["detections_per_img"], score_thresh=o["score_thresh"],
+                     topk_candidates=o["topk_candidates"], **_common(o, image_size, mean, std))
 
 
 # (FPN levels with anchors, default anchor sizes per level) of each detector, for anchors sized to the data
@@ -300,8 +300,8 @@ def build_detector(name: str, num_classes: int, image_size: int, mean, std, widt
     """``num_classes`` counts the background (index 0)."""
     if name not in DETECTORS:
         raise ValueError(f"model.name {name!r} is not a detector here; choose one of {sorted(DETECTORS)}")
-    backbone_name = options.get("backbone", "tiny")
+    backbone_name = options["backbone"]
     if backbone_name not in BACKBONES:
         raise ValueError(f"model.options.backbone {backbone_name!r}: choose one of {sorted(BACKBONES)}")
-    backbone = BACKBONES[backbone_name](width, options.get("fpn_channels", 64), options.get("backbone_weights", "none"))
+    backbone = BACKBONES[backbone_name](width, options["fpn_channels"], options["backbone_weights"])
     return DETECTORS[name](num_classes, backbone, image_size, mean, std, options)

@@ -30,14 +30,14 @@ HEAD_PREFIXES = ("roi_heads.box_predictor.", "roi_heads.mask_predictor.")
 def _proposal_settings(o: dict) -> dict:
     """The knobs that decide CPU cost: proposals kept, RoIs sampled, detections returned."""
     return dict(
-        rpn_pre_nms_top_n_train=o.get("rpn_pre_nms_top_n_train", 300),
-        rpn_post_nms_top_n_train=o.get("rpn_post_nms_top_n_train", 150),
-        rpn_pre_nms_top_n_test=o.get("rpn_pre_nms_top_n_test", 150),
-        rpn_post_nms_top_n_test=o.get("rpn_post_nms_top_n_test", 75),
-        rpn_batch_size_per_image=o.get("rpn_batch_size_per_image", 64),
-        box_batch_size_per_image=o.get("box_batch_size_per_image", 64),
-        box_detections_per_img=o.get("detections_per_img", 30),
-        box_score_thresh=o.get("score_thresh", 0.05),
+        rpn_pre_nms_top_n_train=o["rpn_pre_nms_top_n_train"],
+        rpn_post_nms_top_n_train=o["rpn_post_nms_top_n_train"],
+        rpn_pre_nms_top_n_test=o["rpn_pre_nms_top_n_test"],
+        rpn_post_nms_top_n_test=o["rpn_post_nms_top_n_test"],
+        rpn_batch_size_per_image=o["rpn_batch_size_per_image"],
+        box_batch_size_per_image=o["box_batch_size_per_image"],
+        box_detections_per_img=o["detections_per_img"],
+        box_score_thresh=o["score_thresh"],
     )
 
 
@@ -46,15 +46,15 @@ def _no_rescale(image_size: int) -> dict:
 
 
 def light_mask_rcnn(num_classes: int, image_size: int, width: int, o: dict) -> nn.Module:
-    backbone_name = o.get("backbone", "resnet18")
+    backbone_name = o["backbone"]
     if backbone_name not in BACKBONES:
         raise ValueError(f"model.options.backbone {backbone_name!r}: choose one of {sorted(BACKBONES)}")
-    backbone = BACKBONES[backbone_name](width, o.get("fpn_channels", 64), o.get("backbone_weights", "none"))
+    backbone = BACKBONES[backbone_name](width, o["fpn_channels"], o["backbone_weights"])
     c = backbone.out_channels
     levels = ["0", "1", "2"]  # the pooled extra level only feeds the RPN
-    head_size = o.get("representation_size", 256)
-    mask_channels = o.get("mask_head_channels", c)
-    mask_layers = o.get("mask_head_layers", 2)
+    head_size = o["representation_size"]
+    mask_channels = o["mask_head_channels"] or c
+    mask_layers = o["mask_head_layers"]
     return MaskRCNN(
         backbone, num_classes=None,
         rpn_anchor_generator=anchors_from_options(o, len(levels) + 1, 1),
