@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -23,6 +23,7 @@ from cv_models.nets import NETS
 from cv_models.weights import freeze, load_into, read_checkpoint, torchvision_state_dict
 from cv_models.settings import AugmentConfig, Strict, task_settings
 
+DUPLICATE_POLICIES = ("fail", "drop")
 REQUIRED_SPLITS = ("train", "val")  # every class must appear here; test gaps are reported
 
 
@@ -58,6 +59,13 @@ class PlainTransform:
         return self.normalize.transform(x, {}) if self.normalize is not None else x
 
 
+class ClassificationDataOptions(Strict):
+    """``data.options`` of classification (format imagefolder)."""
+
+    # byte-identical files under two classes: fail (a validation rule fails) | drop (every copy left out, named in the notes)
+    conflicting_duplicates: Literal["fail", "drop"] = "fail"
+
+
 class ClassificationModelOptions(Strict):
     """``model.options`` of classification."""
 
@@ -70,7 +78,8 @@ class ClassificationModelOptions(Strict):
 class ClassificationTask(CVTask):
     name = "classification"
     primary_metric = "accuracy"
-    settings = task_settings("Classification", model_options=ClassificationModelOptions)
+    settings = task_settings("Classification", data_options=ClassificationDataOptions,
+                             model_options=ClassificationModelOptions)
     results_file = "predictions.csv"
 
     # ------------------------------------------------------------------ data
@@ -79,8 +88,42 @@ class ClassificationTask(CVTask):
             d = self.cfg.data
             if d.format != "imagefolder":
                 raise DataError(f"classification reads data.format 'imagefolder', got {d.format!r}")
-            self._listing = list_samples(Path(d.path), d.split_from, d.split_fractions, d.split_seed)
+            rows, classes = list_samples(Path(d.path), d.split_from, d.split_fractions, d.split_seed)
+            self._listing = (self._handle_duplicates(rows), classes)
         return self._listing
+
+    def _duplicate_policy(self) -> str:
+        policy = self.cfg.data.options.conflicting_duplicates
+        if policy not in DUPLICATE_POLICIES:
+            raise DataError(f"data.options.conflicting_duplicates must be one of {DUPLICATE_POLICIES}, got {policy!r}")
+        return policy
+
+    def _handle_duplicates(self, rows: list[dict]) -> list[dict]:
+        """Byte-identical files: under split_from=seed each group goes to one split (no leak between splits);
+        a group filed under two classes is a labelling error: data.options.conflicting_duplicates decides
+        (fail: the validation rule fails; drop: every copy is left out and named in the notes)."""
+        import hashlib
+
+        policy = self._duplicate_policy()
+        groups: dict[str, list[dict]] = {}
+        for r in rows:
+            try:
+                r["sha256"] = hashlib.sha256(Path(r["path"]).read_bytes()).hexdigest()
+            except OSError:
+                r["sha256"] = f"unreadable:{r['path']}"
+            groups.setdefault(r["sha256"], []).append(r)
+        self._dropped_duplicates = []
+        out = []
+        for group in groups.values():
+            if len(group) > 1 and self.cfg.data.split_from == "seed":
+                for r in group[1:]:
+                    r["split"] = group[0]["split"]
+            if len({r["label"] for r in group}) > 1 and policy == "drop":
+                self._dropped_duplicates.append(" == ".join(f"{r['path']} ({r['label']})" for r in group))
+                continue
+            out += group
+        order = {r["path"]: k for k, r in enumerate(rows)}
+        return sorted(out, key=lambda r: order[r["path"]])
 
     def class_names(self) -> list[str]:
         if self.cfg.data.classes:
@@ -96,6 +139,8 @@ class ClassificationTask(CVTask):
         table["suffix_is_image"] = table["path"].map(lambda p: Path(p).suffix.lower() in IMAGE_SUFFIXES)
         splits_per_hash = table.groupby("sha256")["split"].nunique() if len(table) else pd.Series(dtype=int)
         table["duplicate_in_other_split"] = table["sha256"].map(splits_per_hash).fillna(0).gt(1)
+        labels_per_hash = table.groupby("sha256")["label"].nunique() if len(table) else pd.Series(dtype=int)
+        table["duplicate_with_other_label"] = table["sha256"].map(labels_per_hash).fillna(0).gt(1)
         decoded = table[table["decodes"]] if len(table) else table
         coverage = pd.DataFrame(
             [
@@ -125,6 +170,9 @@ class ClassificationTask(CVTask):
                   gx.expectations.ExpectColumnValuesToBeInSet(column="label", value_set=list(classes))),
             Check("samples", "no identical file in two splits",
                   gx.expectations.ExpectColumnValuesToBeInSet(column="duplicate_in_other_split", value_set=[False])),
+            Check("samples", "no identical image filed under two different classes (set "
+                             "data.options.conflicting_duplicates: drop to leave such files out)",
+                  gx.expectations.ExpectColumnValuesToBeInSet(column="duplicate_with_other_label", value_set=[False])),
             Check("coverage", "every class present in train and val (an empty class folder breaks this)",
                   gx.expectations.ExpectColumnValuesToBeBetween(column="count", min_value=1,
                                                                 row_condition='split != "test"', condition_parser="pandas"),
@@ -143,6 +191,8 @@ class ClassificationTask(CVTask):
             odd = s[s["decodes"] & (s["mode"] != "RGB")]
             if len(odd) and self.cfg.data.color_mode == "convert":
                 notes += [f"{p}: mode {m} converted to RGB (data.color_mode=convert)" for p, m in zip(odd["path"], odd["mode"])]
+        notes += [f"identical files under different classes, left out (data.options.conflicting_duplicates=drop): {g}"
+                  for g in getattr(self, "_dropped_duplicates", [])]
         cov = tables["coverage"]
         notes += [f"{r.class_split}: no images (test metrics for this class will be missing)"
                   for r in cov[(cov["split"] == "test") & (cov["count"] == 0)].itertuples()]
@@ -262,6 +312,7 @@ class ClassificationTask(CVTask):
         metrics = {
             "accuracy": float(tp.sum() / max(cm.sum(), 1)),
             "macro_f1": float(f.mean()),
+            "predicted_classes": int((predicted > 0).sum()),  # 1: the model has collapsed to one class
             **{f"f1/{c}": float(v) for c, v in zip(names, f)},
         }
         return EvalResult(metrics, predictions={"y_true": y_true, "y_pred": y_pred}, per_class=per_class,

@@ -1,4 +1,4 @@
-"""Object detection: COCO JSON or Pascal VOC XML boxes, torchvision's Faster R-CNN (two-stage) or
+"""Object detection: COCO JSON, Pascal VOC XML or Ultralytics YOLO txt boxes, torchvision's Faster R-CNN (two-stage) or
 RetinaNet (single-stage) on a light FPN backbone, box-aware augmentations, COCO mAP via pycocotools.
 
 Primary metric: ``map50`` (COCO AP at IoU 0.5). It is the PASCAL VOC measure (BCCD is a VOC dataset),
@@ -28,14 +28,15 @@ from pydantic import Field, model_validator
 
 from cv_models.augment import AUGMENTATIONS, BATCH, Augmentation, build_transforms, cutout_rectangle, with_builders
 from cv_models.base import Check, CVTask, DataError, EvalResult, Prediction, register_task
-from cv_models.data.annotations import BOX_RULES, AnnotationTables, invalid_box_findings
+from cv_models.data.annotations import BOX_RULES, AnnotationTables, invalid_box_findings, require_all_splits, seed_split
 from cv_models.data.coco import coco_map, read_coco, to_coco_ground_truth  # noqa: F401 (coco_map re-exported)
 from cv_models.data.probe import load_rgb
 from cv_models.data.voc import read_voc
-from cv_models.settings import AugmentConfig, DataConfig, Strict, Switch, task_settings
+from cv_models.data.yolo import read_yolo
+from cv_models.settings import AugmentConfig, AutoCount, DataConfig, Strict, Switch, task_settings
 from cv_models.weights import freeze
 
-READERS: dict[str, Callable[..., AnnotationTables]] = {"coco": read_coco, "voc": read_voc}
+READERS: dict[str, Callable[..., AnnotationTables]] = {"coco": read_coco, "voc": read_voc, "yolo": read_yolo}
 MAX_NOTES = 200
 
 
@@ -44,17 +45,25 @@ class DetectionDataOptions(Strict):
     """``data.options``: the reader's layout (None = the format's own default) and the bad-box policy."""
 
     invalid_boxes: Literal["fail", "drop"] = "fail"  # fail: invalid boxes stop the run | drop: left out; reported either way
-    annotations: str | None = None  # coco: "annotations/{split}.json" | voc: the XML folder, "Annotations"
-    images: str | None = None  # folder the file names are relative to (coco: images | voc: JPEGImages)
-    splits: dict[str, str] | None = None  # names substituted for {split}, e.g. {train: trainval, val: val, test: test}
+    # coco: "annotations/{split}.json" | voc: the XML folder, "Annotations" ("{split}" allowed)
+    annotations: str | None = None
+    # folder the file names are relative to (coco: images | voc: JPEGImages | yolo: "images/{split}");
+    # "{split}" allowed (COCO train2017/)
+    images: str | None = None
+    # names substituted for {split}, e.g. {train: trainval, val: val, test: test}; only some with data.split_from: seed
+    splits: dict[str, str] | None = None
     split_files: str | None = None  # voc: "ImageSets/Main/{split}.txt"
     image_suffix: str | None = None  # voc: ".jpg"
+    data_yaml: str | None = None  # yolo: an Ultralytics data.yaml (path, train, val, test, names)
+    labels: str | None = None  # yolo: the label txt folder template, "labels/{split}"
+    names: list[str] | dict[int, str] | None = None  # yolo: class names by id (else data.classes or the data_yaml's)
 
 
 # which data.options each format reads (a key set for another format is an error, not ignored)
 FORMAT_OPTIONS: dict[str, tuple[str, ...]] = {
     "coco": ("annotations", "images", "splits"),
     "voc": ("annotations", "images", "splits", "split_files", "image_suffix"),
+    "yolo": ("data_yaml", "images", "labels", "splits", "names"),
 }
 
 
@@ -79,17 +88,18 @@ class DetectionModelOptions(Strict):
     backbone: str = "tiny"  # tiny | resnet18 | resnet34 | resnet50 (BatchNorm, FPN on strides 8-32)
     backbone_weights: str = "none"  # none | torchvision:DEFAULT | a classifier checkpoint (models/pretrain/backbone.pt)
     fpn_channels: int = Field(64, ge=1)
-    anchor_size: float | Literal["auto"] = 16  # pixels on the finest level, doubling per level; auto: sized to the train boxes
-    aspect_ratios: list[float] | Literal["auto"] = [0.5, 1.0, 2.0]  # anchor height / width; auto: train boxes' percentiles
+    anchor_size: float | Literal["auto"] = "auto"  # pixels on the finest level, doubling per level; auto: sized to the train boxes
+    aspect_ratios: list[float] | Literal["auto"] = "auto"  # anchor height / width, e.g. [0.5, 1.0, 2.0]; auto: train boxes' percentiles
     scales_per_level: int | None = Field(None, ge=1)  # anchor sizes per level; None: the detector's (fasterrcnn 1, retinanet 2)
-    rpn_pre_nms_top_n_train: int = Field(300, ge=1)
-    rpn_post_nms_top_n_train: int = Field(150, ge=1)
-    rpn_pre_nms_top_n_test: int = Field(150, ge=1)
-    rpn_post_nms_top_n_test: int = Field(75, ge=1)
+    # auto: sized from the busiest training image (cv_models/sizing.py; the validation report states the values)
+    rpn_pre_nms_top_n_train: AutoCount = "auto"
+    rpn_post_nms_top_n_train: AutoCount = "auto"
+    rpn_pre_nms_top_n_test: AutoCount = "auto"
+    rpn_post_nms_top_n_test: AutoCount = "auto"
     rpn_batch_size_per_image: int = Field(64, ge=1)
     box_batch_size_per_image: int = Field(64, ge=1)
     representation_size: int = Field(256, ge=1)
-    detections_per_img: int = Field(50, ge=1)
+    detections_per_img: AutoCount = "auto"  # max(20, 2 x most objects in one training image); COCO maxDets follows
     score_thresh: float = Field(0.05, ge=0, le=1)
     head_norm: bool = True  # retinanet: GroupNorm in the heads
     box_loss: Literal["giou", "l1", "smooth_l1", "ciou", "diou"] = "giou"  # retinanet's box regression loss
@@ -238,9 +248,14 @@ class DetectionTask(CVTask):
                 raise DataError(f"detection reads data.format {sorted(READERS)}, got {d.format!r}")
             opts = {k: v for k, v in d.options.model_dump(exclude={"invalid_boxes"}).items() if v is not None}
             try:
-                self._tables = READERS[d.format](Path(d.path), classes=d.classes, **opts)
+                tables = READERS[d.format](Path(d.path), classes=d.classes, **opts)
             except TypeError as err:
                 raise DataError(f"data.options for format {d.format!r}: {err}") from None
+            if d.split_from == "seed":
+                tables = seed_split(tables, d.split_fractions, d.split_seed)
+            else:
+                require_all_splits(tables, d.format)
+            self._tables = tables
         return self._tables
 
     def class_names(self) -> list[str]:
@@ -262,7 +277,7 @@ class DetectionTask(CVTask):
                   E.ExpectColumnValuesToBeInSet(column="path_inside", value_set=[True]), key_column="item"),
             Check("images", "image file exists",
                   E.ExpectColumnValuesToBeInSet(column="exists", value_set=[True], row_condition="path_inside == True",
-                                                condition_parser="pandas"), key_column="item"),
+                                                condition_parser="pandas"), key_column="item_path"),
             Check("images", "image file decodes",
                   E.ExpectColumnValuesToBeInSet(column="decodes", value_set=[True], row_condition="exists == True",
                                                 condition_parser="pandas"), key_column="item"),
@@ -279,7 +294,7 @@ class DetectionTask(CVTask):
     def validation_notes(self, tables: dict[str, pd.DataFrame]) -> list[str]:
         images, boxes = tables["images"], tables["annotations"]
         empty = images[images["n_boxes"] == 0]
-        notes = []
+        notes = list(self.tables().notes)
         if len(empty):
             notes.append(f"{len(empty)} image(s) without boxes (reported, not fatal; they train as background): "
                          + ", ".join(empty["item"].head(20)) + (" ..." if len(empty) > 20 else ""))
@@ -301,6 +316,9 @@ class DetectionTask(CVTask):
             lines = ["| class | " + " | ".join(counts.columns) + " |", "|---|" + "---|" * len(counts.columns)]
             lines += [f"| {c} | " + " | ".join(str(v) for v in row) + " |" for c, row in counts.iterrows()]
             out["Boxes per class and split"] = "\n".join(lines)
+        from cv_models.sizing import describe
+
+        out["Settings sized from the data"] = describe(self.most_objects(), self.cfg.model.options.model_dump(exclude={"kwargs"}))
         return out
 
     def records(self, split: str) -> list[dict]:
@@ -379,10 +397,16 @@ class DetectionTask(CVTask):
         std = stats["per_channel_std"] if mode == "per_channel_std" else [1.0] * 3
         return list(stats["per_channel_mean"]), list(std)
 
+    def most_objects(self) -> int:
+        """The largest number of (valid) objects in one training image: sizes the ``auto`` settings."""
+        return max((len(r["boxes"]) for r in self.records("train")), default=0)
+
     def model_options(self) -> dict:
         """``model.options`` with ``anchor_size: auto`` / ``aspect_ratios: auto`` replaced by anchors sized to
         the training boxes at the training size (the same split gives the same anchors at evaluation)."""
-        o = self.cfg.model.options.model_dump(exclude={"kwargs"})
+        from cv_models.sizing import sized_options
+
+        o, _ = sized_options(self.cfg.model.options.model_dump(exclude={"kwargs"}), self.most_objects())
         auto = [k for k in ("anchor_size", "aspect_ratios") if o[k] == "auto"]
         if not auto:
             return o

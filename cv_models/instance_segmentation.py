@@ -37,10 +37,10 @@ from cv_models.data.instance_masks import (BOX_TOLERANCE_FRACTION, BOX_TOLERANCE
 from cv_models.data.probe import load_rgb
 from cv_models.mix.instances import InstanceBatchMixer, MixOp, boxes_from_masks, tidy
 from cv_models.nets.mask_rcnn import build_mask_rcnn
-from cv_models.settings import AugmentConfig, Strict, Switch, task_settings
+from cv_models.settings import AugmentConfig, AutoCount, Strict, Switch, task_settings
 from cv_models.weights import freeze
 
-FORMATS = ("coco", "instance_folders")
+FORMATS = ("coco", "yolo", "instance_folders")
 COCO_STATS = ("map", "map50", "map75")  # reported for boxes and masks
 
 
@@ -48,9 +48,15 @@ COCO_STATS = ("map", "map50", "map75")  # reported for boxes and masks
 class InstanceDataOptions(Strict):
     """``data.options`` of instance segmentation."""
 
-    annotations: str = "annotations/{split}.json"  # coco: one file per split, file_name relative to `images`
-    images: str = "images"
-    splits: dict[str, str] | None = None  # names substituted for {split}
+    # coco: one file per split, file_name relative to `images`; None: "annotations/{split}.json"
+    annotations: str | None = None
+    # coco: the folder file names are relative to (None: "images"; "{split}" allowed, COCO train2017/);
+    # yolo: the images folder template (None: "images/{split}", or the data_yaml's folders)
+    images: str | None = None
+    labels: str | None = None  # yolo: the label txt folder template (None: "labels/{split}")
+    data_yaml: str | None = None  # yolo: an Ultralytics data.yaml (path, train, val, test, names)
+    names: list[str] | dict[int, str] | None = None  # yolo: class names by id (else data.classes or the data_yaml's)
+    splits: dict[str, str] | None = None  # names substituted for {split}; only some with data.split_from: seed
     class_name: str = "object"  # instance_folders: the one class (when data.classes is null)
     box_tolerance_px: float = Field(BOX_TOLERANCE_PX, ge=0)  # a stored box may differ from its mask's extent by this...
     box_tolerance_fraction: float = Field(BOX_TOLERANCE_FRACTION, ge=0)  # ...or this fraction of the box's longer side
@@ -68,13 +74,14 @@ class InstanceModelOptions(Strict):
     anchor_size: float = Field(16, gt=0)  # smallest anchor (pixels), doubling per FPN level
     aspect_ratios: list[float] = [0.5, 1.0, 2.0]
     scales_per_level: int = Field(1, ge=1)
-    rpn_pre_nms_top_n_train: int = Field(300, ge=1)
-    rpn_post_nms_top_n_train: int = Field(150, ge=1)
-    rpn_pre_nms_top_n_test: int = Field(150, ge=1)
-    rpn_post_nms_top_n_test: int = Field(75, ge=1)
+    # auto: sized from the busiest training image (cv_models/sizing.py; the validation report states the values)
+    rpn_pre_nms_top_n_train: AutoCount = "auto"
+    rpn_post_nms_top_n_train: AutoCount = "auto"
+    rpn_pre_nms_top_n_test: AutoCount = "auto"
+    rpn_post_nms_top_n_test: AutoCount = "auto"
     rpn_batch_size_per_image: int = Field(64, ge=1)
     box_batch_size_per_image: int = Field(64, ge=1)  # RoIs sampled per image for the box and mask heads
-    detections_per_img: int = Field(30, ge=1)
+    detections_per_img: AutoCount = "auto"
     score_thresh: float = Field(0.05, ge=0, le=1)
 
 
@@ -235,11 +242,28 @@ class InstanceSegmentationTask(CVTask):
             from cv_models.data.coco import read_coco
 
             o = self._options()
-            tables = read_coco(root, d.classes, annotations=o.annotations, images=o.images, splits=o.splits, with_masks=True)
+            tables = read_coco(root, d.classes, annotations=o.annotations or "annotations/{split}.json",
+                               images=o.images or "images", splits=o.splits, with_masks=True)
+        elif d.format == "yolo":
+            from cv_models.data.yolo import read_yolo
+
+            o = self._options()
+            keys = ("data_yaml", "images", "labels", "splits", "names")
+            # options left None are the reader's defaults (images/{split}, labels/{split}, or the data_yaml's)
+            tables = read_yolo(root, d.classes, with_masks=True,
+                               **{k: getattr(o, k) for k in keys if getattr(o, k) is not None})
+        if d.format in ("coco", "yolo"):
+            from cv_models.data.annotations import require_all_splits, seed_split
+
+            if d.split_from == "seed":
+                tables = seed_split(tables, d.split_fractions, d.split_seed)
+            else:
+                require_all_splits(tables, d.format)
+            self._reader_notes = tables.notes
             images, anns, categories = tables.images, tables.annotations, tables.categories
-        elif d.format == "instance_folders":
+        if d.format == "instance_folders":
             images, anns, categories = self._folder_tables(root)
-        else:
+        elif d.format not in FORMATS:
             raise DataError(f"instance_segmentation reads data.format {list(FORMATS)}, got {d.format!r}")
         anns = self._add_mask_facts(images, anns)
         self._cached_tables = (images, anns, categories)
@@ -311,7 +335,8 @@ class InstanceSegmentationTask(CVTask):
         classes = self.class_names()
         out = [
             all_true("images", "path_inside", "file name stays inside the dataset folder"),
-            all_true("images", "exists", "image file exists"),
+            Check("images", "image file exists", gx.expectations.ExpectColumnValuesToBeInSet(
+                column="exists", value_set=[True]), key_column="item_path"),
             all_true("images", "decodes", "every image decodes"),
             all_true("images", "size_matches", "image size matches the declared width and height"),
             all_true("annotations", "image_present", "every annotation's image is listed"),
@@ -330,8 +355,9 @@ class InstanceSegmentationTask(CVTask):
 
     def validation_notes(self, tables: dict[str, pd.DataFrame]) -> list[str]:
         images, anns = tables["images"], tables["annotations"]
-        notes = [f"{item}: iscrowd annotation left out of training and evaluation"
-                 for item in anns.loc[anns["iscrowd"].astype(int) == 1, "item"]] if len(anns) else []
+        notes = list(getattr(self, "_reader_notes", []))
+        notes += [f"{item}: iscrowd annotation left out of training and evaluation"
+                  for item in anns.loc[anns["iscrowd"].astype(int) == 1, "item"]] if len(anns) else []
         empty = images[images["n_boxes"] == 0]
         if len(empty):
             notes.append(f"{len(empty)} image(s) without instances (kept as negatives), e.g. {empty['item'].iloc[0]}")
@@ -345,7 +371,10 @@ class InstanceSegmentationTask(CVTask):
         kinds = anns.groupby("kind").size().to_dict()
         lines = ["| split | class | instances | mean mask area (px) |", "|---|---|---|---|"]
         lines += [f"| {r.split} | {r.category} | {r.instances} | {r.mean_area:.0f} |" for r in table.itertuples()]
-        return {"Instances per class": "\n".join(lines) + f"\n\nMask storage: {kinds}"}
+        from cv_models.sizing import describe
+
+        return {"Instances per class": "\n".join(lines) + f"\n\nMask storage: {kinds}",
+                "Settings sized from the data": describe(self.most_objects(), self.cfg.model.options.model_dump())}
 
     def _records(self, split: str) -> list[dict]:
         images, anns, _ = self._tables()
@@ -399,9 +428,18 @@ class InstanceSegmentationTask(CVTask):
         return InstanceBatchMixer(ops, augment.options.min_area, augment.options.min_visible)
 
     # ------------------------------------------------------------------ model
+    def most_objects(self) -> int:
+        """The largest number of instances in one training image: sizes the ``auto`` model settings."""
+        _, anns, _ = self._tables()
+        train = anns[(anns["split"] == "train") & (anns["iscrowd"].astype(int) == 0)] if len(anns) else anns
+        return int(train.groupby("image_id").size().max()) if len(train) else 0
+
     def build_model(self) -> nn.Module:
+        from cv_models.sizing import sized_options
+
         m = self.cfg.model
-        model = build_mask_rcnn(m.name, len(self.class_names()) + 1, self.cfg.image_size, m.width, m.options.model_dump(), m.weights)
+        options, _ = sized_options(m.options.model_dump(), self.most_objects())
+        model = build_mask_rcnn(m.name, len(self.class_names()) + 1, self.cfg.image_size, m.width, options, m.weights)
         if m.freeze_backbone:
             for p in model.backbone.body.parameters():
                 p.requires_grad = False

@@ -47,8 +47,17 @@ PALETTE = [(0, 0, 0), (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200
 class SegmentationDataOptions(Strict):
     """``data.options``: where the masks are and how their pixel values become classes."""
 
+    # folders under data.path; a "{split}" in them is replaced by the split's name on disk (data.options.splits),
+    # e.g. SegNet "{split}" + "{split}annot", ADE20K "images/{split}" + "annotations/{split}"; without "{split}"
+    # the split folders are <dir>/train, val, test (split_from=folders) or none (split_from=seed)
     images_dir: str = "images"  # under data.path
-    masks_dir: str = "masks"  # same sub-folders and file stems as images_dir
+    masks_dir: str = "masks"  # same sub-folders (or {split} template) and file stems as images_dir
+    splits: dict[str, str] | None = None  # split -> name on disk, e.g. {train: training, val: validation, test: testing}
+    split_list: str | None = None  # a list of image stems per split, e.g. VOC "ImageSets/Segmentation/{split}.txt"
+    image_suffix: str = ".jpg"  # split_list: the images' suffix (others are tried when absent)
+    value_map: dict[int, int] | None = None  # raw mask value -> class index, e.g. {255: 1} for 0/255 binary masks (applied first)
+    ignore_values: list[int] = []  # mask values that mean unlabelled (SegNet/CamVid 11, ADE20K 0): read as train.loss.ignore_index
+    palette_as_index: bool = False  # palette (mode P) masks hold class indices (Pascal VOC): read the indices, not colours
     mask_suffix: str = ".png"  # mask file = image stem + this
     annotations: str = "annotations/{split}.json"  # format coco: one file per split, or one file for split_from=seed
     mask_color_mode: Literal["convert", "reject"] = "convert"  # palette / RGB masks: convert through `colors` | reject
@@ -97,15 +106,25 @@ class MaskReader:
     ignore_color: list | None
     ignore_index: int
     color_mode: str
+    ignore_values: tuple = ()
+    palette_as_index: bool = False
+    value_map: dict | None = None
 
     def read(self, path: Path) -> tuple[np.ndarray, dict]:
         """``(HxW int array, facts)``; facts: mode, channels, converted, undeclared colours."""
         with Image.open(path) as im:
             im.load()
             mode, channels = im.mode, len(im.getbands())
-            if mode in INDEX_MODES:
-                return np.asarray(im).astype(np.int64), {"mode": mode, "channels": channels, "converted": False,
-                                                          "undeclared_colors": []}
+            if mode in INDEX_MODES or (mode == "P" and self.palette_as_index):
+                values = np.asarray(im).astype(np.int64)
+                if self.value_map:
+                    raw = values.copy()
+                    for src, dst in self.value_map.items():
+                        values[raw == int(src)] = int(dst)
+                if self.ignore_values:
+                    values[np.isin(values, list(self.ignore_values))] = self.ignore_index
+                return values, {"mode": "L" if mode == "P" else mode, "channels": channels, "converted": False,
+                                "undeclared_colors": []}
             rgb = np.asarray(im.convert("RGB"))
         facts = {"mode": mode, "channels": channels, "converted": self.color_mode == "convert", "undeclared_colors": []}
         lookup = {}
@@ -277,7 +296,9 @@ class SegmentationTask(CVTask):
         if o["colors"] and len(o["colors"]) != len(self.class_names()):
             raise DataError(f"data.options.colors has {len(o['colors'])} colours for {len(self.class_names())} classes "
                             f"(rule: one [r, g, b] per declared class)")
-        return MaskReader(o["colors"], o["ignore_color"], self.ignore_index, o["mask_color_mode"])
+        return MaskReader(o["colors"], o["ignore_color"], self.ignore_index, o["mask_color_mode"],
+                          tuple(int(v) for v in o["ignore_values"] or ()), bool(o["palette_as_index"]),
+                          {int(k): int(v) for k, v in (o["value_map"] or {}).items()})
 
     # ------------------------------------------------------------------ listing
     def _samples(self) -> list[dict]:
@@ -304,29 +325,65 @@ class SegmentationTask(CVTask):
             rows[idx]["split"] = "train" if rank < n_train else "val" if rank < n_train + n_val else "test"
         return rows
 
+    def _split_folders(self, root: Path) -> list[tuple[str | None, Path, Path]]:
+        """(split, images folder, masks folder) per split, from the templates and data.split_from."""
+        o, d = self.options, self.cfg.data
+        names = o["splits"] or {s: s for s in SPLITS}
+        if set(names) - set(SPLITS):
+            raise DataError(f"data.options.splits maps train, val and test to names on disk, got {names}")
+        templated = any("{split}" in o[k] for k in ("images_dir", "masks_dir"))
+        if templated:
+            folders = [(s, root / o["images_dir"].format(split=n), root / o["masks_dir"].format(split=n))
+                       for s, n in names.items()]
+        elif o["split_list"]:  # VOC: one flat image folder and one mask folder, split lists name the stems
+            folders = [(s, root / o["images_dir"], root / o["masks_dir"]) for s in names]
+        elif d.split_from == "folders":
+            folders = [(s, root / o["images_dir"] / n, root / o["masks_dir"] / n) for s, n in names.items()]
+        else:
+            folders = [(None, root / o["images_dir"], root / o["masks_dir"])]
+        for _, images, masks in folders:
+            for folder, key in ((images, "images_dir"), (masks, "masks_dir")):
+                if not folder.is_dir():
+                    raise DataError(f"{folder} is missing (rule: format mask_folder reads data.path/{o[key]}, set by "
+                                    f"data.options.{key}; a '{{split}}' in it is the split's name, data.options.splits)")
+        if d.split_from == "folders" and {s for s, _, _ in folders} != set(SPLITS):
+            raise DataError(f"split_from=folders needs train, val and test; data.options.splits names "
+                            f"{sorted(s for s, _, _ in folders if s)} (or set data.split_from: seed)")
+        return folders
+
     def _list_mask_folder(self, root: Path) -> list[dict]:
         o, d = self.options, self.cfg.data
-        images, masks = root / o["images_dir"], root / o["masks_dir"]
-        for folder, key in ((images, "images_dir"), (masks, "masks_dir")):
-            if not folder.is_dir():
-                raise DataError(f"{folder} is missing (rule: format mask_folder needs data.path/{o[key]}, "
-                                f"set by data.options.{key})")
-        folders = [(s, images / s, masks / s) for s in SPLITS] if d.split_from == "folders" else [(None, images, masks)]
-        if d.split_from == "folders":
-            missing = [str(f) for _, f, _ in folders if not f.is_dir()]
-            if missing:
-                raise DataError(f"split folder(s) {missing} missing (rule: split_from=folders needs "
-                                f"{images}/train, val and test; use split_from: seed for one flat folder)")
+        folders = self._split_folders(root)
+        names = o["splits"] or {s: s for s in SPLITS}
         rows = []
         for split, image_dir, mask_dir in folders:
-            for p in sorted(q for q in image_dir.iterdir() if q.is_file()):
+            if o["split_list"]:
+                list_file = root / o["split_list"].format(split=names.get(split, split))
+                if not list_file.is_file():
+                    raise DataError(f"{list_file}: split list does not exist (rule: data.options.split_list names one "
+                                    f"file of image stems per split)")
+                stems = [line.split()[0] for line in list_file.read_text().splitlines() if line.strip()]
+                images = []
+                for stem in stems:
+                    options = [image_dir / (stem + sfx) for sfx in [o["image_suffix"], *sorted(IMAGE_SUFFIXES)]]
+                    images.append(next((p for p in options if p.is_file()), options[0]))
+            else:
+                images = sorted(q for q in image_dir.iterdir() if q.is_file())
+            for p in images:
                 mask = mask_dir / (p.stem + o["mask_suffix"])
                 rows.append({"path": str(p), "split": split, "mask_path": str(mask), "mask_source": str(mask)})
-        self._orphan_masks = sorted(
-            str(m) for split, image_dir, mask_dir in folders if mask_dir.is_dir() for m in mask_dir.iterdir()
-            if m.is_file() and m.name.endswith(o["mask_suffix"])
-            and not any((image_dir / (m.name[: -len(o["mask_suffix"])] + s)).exists()
-                        for s in IMAGE_SUFFIXES | {s.upper() for s in IMAGE_SUFFIXES}))
+        itself = next((r for r in rows if Path(r["mask_path"]) == Path(r["path"])), None)
+        if itself is not None:
+            raise DataError(f"{itself['path']}: this image would be its own mask: the images and masks folders are the same "
+                            f"folder (rule: data.options.masks_dir names the folder of class masks, e.g. SegNet "
+                            f"'{{split}}annot'; images_dir={o['images_dir']!r}, masks_dir={o['masks_dir']!r})")
+        if d.split_from == "seed":
+            for r in rows:
+                r["split"] = None
+        listed = {Path(r["path"]).stem for r in rows}
+        self._orphan_masks = [] if o["split_list"] else sorted(
+            str(m) for _, image_dir, mask_dir in folders if mask_dir.is_dir() for m in mask_dir.iterdir()
+            if m.is_file() and m.name.endswith(o["mask_suffix"]) and m.name[: -len(o["mask_suffix"])] not in listed)
         return self._assign_splits(rows) if d.split_from == "seed" else rows
 
     def _list_coco(self, root: Path) -> list[dict]:
@@ -496,6 +553,12 @@ class SegmentationTask(CVTask):
                                         "data.options.mask_color_mode=reject)",
                              E.ExpectColumnValuesToBeInSet(column="mask_single_channel", value_set=[True], **mask_read),
                              key_column="mask"))
+        elif not self.options["colors"]:  # nothing declared: these files are not class-index masks at all
+            out.append(Check("samples", "mask is a single-channel class-index image (RGB or palette masks need "
+                                        "data.options.colors, or data.options.palette_as_index for VOC-style palette "
+                                        "PNGs; RGB files here usually mean data.options.masks_dir points at photos)",
+                             E.ExpectColumnValuesToBeInSet(column="colors_declared", value_set=[True], **mask_read),
+                             key_column="mask"))
         else:
             out.append(Check("samples", "palette / RGB mask colours are declared in data.options.colors "
                                         "(or data.options.ignore_color)",
@@ -644,6 +707,7 @@ class SegmentationTask(CVTask):
         metrics = {"miou": float(iou.nanmean()) if (union > 0).any() else 0.0,
                    "pixel_accuracy": float(tp.sum() / cm.sum().clamp_min(1)),
                    "dice": float(dice.nanmean()) if (gt + pr > 0).any() else 0.0,
+                   "predicted_classes": int((pr > 0).sum()),  # 1: every pixel gets the same class
                    **{f"iou/{c}": float(v) for c, v in zip(names, iou.tolist()) if v == v}}
         return EvalResult(metrics, per_class=per_class, extra={"confusion_matrix": cm.long().numpy()})
 

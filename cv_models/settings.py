@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import difflib
 import typing
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
@@ -22,6 +22,10 @@ class ConfigError(ValueError):
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+# a count a task may size from its data: a positive int, or "auto" (cv_models/sizing.py picks it from the busiest image)
+AutoCount = Annotated[int, Field(ge=1)] | Literal["auto"]
 
 
 class NoOptions(Strict):
@@ -109,11 +113,16 @@ class ModelConfig(Strict):
 
 
 class OverfitCheckConfig(Strict):
+    """Train on one batch: healthy code drives the loss down relative to where it started. An absolute
+    threshold does not transfer between datasets (a many-object detection loss starts and ends higher)."""
+
     enabled: bool = True
     batch_size: int = Field(8, ge=1)
-    steps: int = Field(60, ge=1)
+    steps: int = Field(60, ge=1, description="step cap; the check stops early once it passes")
     lr: float = Field(3e-3, gt=0)
-    max_loss: float = Field(0.05, gt=0)
+    max_loss_ratio: float = Field(0.35, gt=0, lt=1, description="pass when the loss falls below this fraction of "
+                                                               "its first value")
+    max_loss: float | None = Field(None, gt=0, description="optional: also pass when the loss falls below this")
 
 
 # ---------------------------------------------------------------- augmentation

@@ -8,30 +8,55 @@ from typing import Any
 from tasks import engine
 from tasks.paths import atomic_dir, outputs
 from tasks.stage import open_stage
-from tasks.train import drop_checkpoint, initial_model, normalizer, summary_metrics, timings, train_model, write_metrics
+from tasks.train import (drop_checkpoint, initial_model, initial_weights, normalizer, summary_metrics, timings, train_model,
+                         write_metrics)
+
+
+def overfit_verdict(losses: list[float], c) -> tuple[bool, float, str]:
+    """(passed, smoothed final loss, target in words). The final loss is the lowest of the last five
+    steps (one noisy step neither passes nor fails the check); the target is relative to the first loss."""
+    final = min(losses[-5:])
+    target = c.max_loss_ratio * losses[0]
+    words = f"{c.max_loss_ratio:g} x the first loss {losses[0]:.4f} = {target:.4f}"
+    if c.max_loss is not None:
+        words += f" (or overfit_check.max_loss={c.max_loss:g})"
+    passed = final <= target or (c.max_loss is not None and final <= c.max_loss)
+    return passed, final, words
+
+
+def run_overfit_check(task, cfg, seed: int, norm, task_name: str, log=None) -> dict:
+    """Overfit one training batch (seeded draw); raises OverfitCheckFailed when the loss does not fall
+    to ``overfit_check.max_loss_ratio`` of its first value within ``overfit_check.steps``."""
+    c = cfg.overfit_check
+    engine.set_threads(cfg.train.num_threads)  # as training does (train.num_threads)
+    data = task.dataset("train", task.eval_transforms(norm))
+    batch = next(iter(engine.make_loader(task, data, min(c.batch_size, len(data)), True, seed)))
+    model, _ = initial_weights(task, seed)  # the weights the baseline starts from (initial_model)
+    losses = engine.overfit_one_batch(task, model, batch, c.steps, c.lr, engine.pick_device(cfg.train.device),
+                                      done=lambda ls: len(ls) >= 5 and overfit_verdict(ls, c)[0])
+    if log is not None:
+        every = max(len(losses) // 20, 1)
+        for step in range(0, len(losses), every):
+            log({"overfit_loss": losses[step]}, step)
+    passed, final, target = overfit_verdict(losses, c)
+    print(f"[baseline] overfit one batch of {len(batch[0])}: loss {losses[0]:.4f} -> {final:.4f} in {len(losses)} "
+          f"of at most {c.steps} steps (target {target}): {'passed' if passed else 'FAILED'}")
+    if not passed:
+        raise engine.OverfitCheckFailed(
+            f"overfit-one-batch check failed for task '{task_name}': loss {losses[0]:.4f} -> {final:.4f} after "
+            f"{len(losses)} steps on one batch, not below {target}. The model, loss or data pipeline "
+            f"cannot fit even a single batch: check labels, normalisation and the learning rate (overfit_check.lr); "
+            f"raise overfit_check.steps if the loss was still falling.")
+    return {"first_loss": losses[0], "final_loss": final, "ratio": final / losses[0] if losses[0] else 0.0,
+            "steps": len(losses)}
 
 
 def overfit_check(st) -> float:
-    """Drive the loss on one small batch close to zero, or fail with a clear message."""
-    c = st.cfg.overfit_check
-    engine.set_threads(st.cfg.train.num_threads)  # as training does (train.num_threads)
-    norm = normalizer(st)
-    data = st.task.dataset("train", st.task.eval_transforms(norm))
-    batch = next(iter(engine.make_loader(st.task, data, min(c.batch_size, len(data)), True, st.params.seed)))
-    model, _ = initial_model(st)  # the weights the baseline starts from
-    losses = engine.overfit_one_batch(st.task, model, batch, c.steps, c.lr,
-                                      engine.pick_device(st.cfg.train.device))
-    for step, loss in enumerate(losses[:: max(len(losses) // 20, 1)]):
-        st.log_metrics({"overfit_loss": loss}, step=step * max(len(losses) // 20, 1))
-    final = min(losses[-5:])
-    print(f"[baseline] overfit one batch of {c.batch_size}: loss {losses[0]:.4f} -> {final:.4f} in {c.steps} steps")
-    if final > c.max_loss:
-        raise engine.OverfitCheckFailed(
-            f"overfit-one-batch check failed for task '{st.task_name}': loss {losses[0]:.4f} -> {final:.4f} after "
-            f"{c.steps} steps on one batch, above overfit_check.max_loss={c.max_loss}. The model, loss or data pipeline "
-            f"cannot fit even a single batch: check labels, normalisation and the learning rate (overfit_check.lr)."
-        )
-    return final
+    """The stage's overfit check: losses logged to MLflow; the smoothed final loss returned."""
+    result = run_overfit_check(st.task, st.cfg, st.params.seed, normalizer(st), st.task_name,
+                               log=lambda m, step: st.log_metrics(m, step=step))
+    st.log_metrics({"overfit_loss_ratio": result["ratio"]})
+    return result["final_loss"]
 
 
 def run(task_name: str, params_path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None,

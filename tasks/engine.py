@@ -214,6 +214,27 @@ class FitResult:
     seconds: float
 
 
+class SilentFailureWarning(UserWarning):
+    """A trained model no better than the dummy solution, or collapsed to one class."""
+
+
+DUMMY_MARGIN = 0.01  # a metric within this of the dummy's has learnt nothing the class frequencies do not give
+
+
+def silent_failure_warnings(metrics: dict, dummy: dict, primary: str, n_classes: int, where: str) -> list[str]:
+    """Lines saying a model is no better than the dummy solution or predicts a single class (empty: healthy).
+    A collapsed model otherwise passes every stage quietly, its metric looking like a number."""
+    out = []
+    if primary in metrics and primary in dummy and metrics[primary] <= dummy[primary] + DUMMY_MARGIN:
+        out.append(f"{where}: {primary} {metrics[primary]:.4f} is at the dummy solution's level ({dummy[primary]:.4f}): "
+                   f"the model has learnt nothing beyond the class frequencies (check the learning rate, the epochs, "
+                   f"class balance and the labels)")
+    if n_classes > 1 and metrics.get("predicted_classes") == 1:
+        out.append(f"{where}: the model predicts a single class for everything (collapsed; try class weights or a "
+                   f"Dice-based loss for rare classes, a lower learning rate, more epochs)")
+    return out
+
+
 def fit(
     task: CVTask,
     model: nn.Module,
@@ -441,8 +462,38 @@ def load_model(task: CVTask, path: Path) -> nn.Module:
     return model.eval()
 
 
-def overfit_one_batch(task: CVTask, model: nn.Module, batch, steps: int, lr: float, device: torch.device) -> list[float]:
-    """Train on one fixed batch; a healthy model and loss drive the loss towards zero."""
+def stratified_indices(labels: list | None, n: int, seed: int, size: int | None = None) -> list[int]:
+    """``n`` seeded indices of a dataset, each class represented in proportion to its share (at least one
+    per class while ``n`` allows), so that a sorted folder listing does not give a one-class subset.
+    Without labels (detection, segmentation): a seeded random sample of ``size`` items."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    total = len(labels) if labels is not None else int(size or 0)
+    if n >= total:
+        return list(range(total))
+    if labels is None:
+        return sorted(rng.choice(total, size=n, replace=False).tolist())
+    by_class: dict = {}
+    for i, y in enumerate(labels):
+        by_class.setdefault(y, []).append(i)
+    quota = {y: max(1, int(n * len(idx) / total)) for y, idx in by_class.items()}
+    while sum(quota.values()) > n:  # more classes than n: drop from the biggest quotas
+        quota[max(quota, key=quota.get)] -= 1
+    leftovers = []
+    picked = []
+    for y, idx in by_class.items():
+        order = rng.permutation(idx).tolist()
+        picked += order[: quota[y]]
+        leftovers += order[quota[y]:]
+    picked += rng.permutation(leftovers).tolist()[: n - len(picked)]  # rounding remainder, drawn at random
+    return sorted(picked)
+
+
+def overfit_one_batch(task: CVTask, model: nn.Module, batch, steps: int, lr: float, device: torch.device,
+                      done: Callable[[list[float]], bool] | None = None) -> list[float]:
+    """Train on one fixed batch; a healthy model and loss drive the loss towards zero. ``done(losses)``
+    ends the run early (the check has already passed)."""
     model.to(device).train()
     images, targets = to_device(batch[0], device), to_device(batch[1], device)
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
@@ -453,4 +504,6 @@ def overfit_one_batch(task: CVTask, model: nn.Module, batch, steps: int, lr: flo
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
+        if done is not None and done(losses):
+            break
     return losses

@@ -102,6 +102,12 @@ def run(task_name: str, params_path: str | Path = "params.yaml", overrides: dict
         for name, res in results.items():
             if res.per_class is not None and name != "dummy":
                 markdown += f"\n## {name}: per class\n\n" + to_markdown(res.per_class) + "\n"
+        alerts = {name: engine.silent_failure_warnings(results[name].metrics, results["dummy"].metrics, primary,
+                                                       len(task.class_names()), f"{name} (test)") for name in MODELS}
+        alerts = {k: v for k, v in alerts.items() if v}
+        if alerts:
+            markdown += "\n## Warnings: models that learnt nothing\n\n" + "".join(
+                f"- **{line}**\n" for lines in alerts.values() for line in lines)
         if diagnosis:
             markdown += "\n## Overfitting diagnosis (train vs validation per epoch)\n"
         for name, line in diagnosis.items():
@@ -122,6 +128,7 @@ def run(task_name: str, params_path: str | Path = "params.yaml", overrides: dict
             metrics = {name: res.metrics for name, res in results.items()}
             metrics["n_test"] = len(test)
             metrics["overfitting"] = {name: line for name, line in diagnosis.items()}
+            metrics["warnings"] = alerts  # model -> lines (empty when every model beat the dummy)
             metrics["settings_changed"] = {k: {"baseline": a, "augmented": b} for k, (a, b) in changed.items()}
             (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
             (tmp / "timings.json").write_text(json.dumps(speed, indent=2) + "\n")

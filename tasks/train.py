@@ -1,6 +1,7 @@
 """Shared by the baseline and augmented stages: train one model and record it."""
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -25,8 +26,13 @@ def initial_model(st: Stage) -> tuple[torch.nn.Module, str]:
     Built under its own seeded generators (the global ones are put back afterwards), so whatever a stage draws
     before (an overfit check, an augmentation preview) cannot change the starting point: baseline, augmented,
     every ablation arm and search trial of one seed start from the same weights."""
-    with isolated_rng(init_seed(st.params.seed)):
-        model = st.task.build_model()
+    return initial_weights(st.task, st.params.seed)
+
+
+def initial_weights(task, seed: int) -> tuple[torch.nn.Module, str]:
+    """:func:`initial_model` for a task object and a seed (the overfit check builds its model with this too)."""
+    with isolated_rng(init_seed(seed)):
+        model = task.build_model()
     return model, state_sha256(model)
 
 
@@ -41,7 +47,10 @@ def train_model(st: Stage, augment: AugmentConfig | None, out_dir: Path,
     train_eval = None
     if st.cfg.train.track_train_metric:
         train_plain = st.task.dataset("train", st.task.eval_transforms(norm))
-        train_eval = st.task.subset(train_plain, list(range(min(len(train_plain), len(val)))))
+        # stratified and seeded: the first N of a sorted folder listing can all be one class
+        indices = engine.stratified_indices(getattr(train_plain, "labels", None), min(len(train_plain), len(val)),
+                                            st.params.seed, size=len(train_plain))
+        train_eval = st.task.subset(train_plain, indices)
     model, init_hash = initial_model(st)
     st.log_params({"init_weights_sha256": init_hash})
     # the augmentation stream starts from the seed too, whatever ran before in this process
@@ -58,6 +67,14 @@ def train_model(st: Stage, augment: AugmentConfig | None, out_dir: Path,
         data_version=read_data_version(st.task_name)["digest"],  # resume only onto the same data
         keep_checkpoint=keep_checkpoint,
     )
+    # no silent failure: a model at the dummy's level or predicting one class is said so, loudly
+    m = st.task.primary_metric
+    dummy = st.task.dummy_result(st.task.dataset("train", None), val)
+    result.warnings = engine.silent_failure_warnings(result.best_metrics, dummy.metrics, m, len(st.task.class_names()),
+                                                     f"{st.task_name}/{st.name} (validation)")
+    for line in result.warnings:
+        print(f"[{st.name}] WARNING: {line}")
+        warnings.warn(line, engine.SilentFailureWarning, stacklevel=2)
     out_dir.mkdir(parents=True, exist_ok=True)
     result.history.to_csv(out_dir / "history.csv", index=False)
     history_figure(result.history, st.task.primary_metric, out_dir / "history.png")
@@ -78,7 +95,8 @@ def summary_metrics(st: Stage, result: engine.FitResult) -> dict:
     m = st.task.primary_metric
     # no wall-clock figures here: identical runs give identical metrics.json (timings go to timings.json and MLflow)
     return {f"val_{m}": result.best_metrics[m], "best_epoch": result.best_epoch, "epochs": st.cfg.train.epochs,
-            "epochs_run": len(result.history)}  # fewer than epochs after early stopping or the time limit
+            "epochs_run": len(result.history),  # fewer than epochs after early stopping or the time limit
+            "warnings": list(getattr(result, "warnings", []))}
 
 
 def preview(st: Stage, augment: AugmentConfig | None, path: Path) -> Path:

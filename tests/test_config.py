@@ -69,7 +69,9 @@ def test_unregistered_task_section_is_refused(tmp_path):
 def test_defaults_live_in_the_schema():
     params = load_params(REPO / "params.yaml", {"tasks.detection.model.options": {}, "tasks.detection.options": {}})
     cfg = params.task("detection")
-    assert cfg.model.options.rpn_pre_nms_top_n_train == 300 and cfg.options.report_images == 16
+    assert cfg.model.options.rpn_batch_size_per_image == 64 and cfg.options.report_images == 16
+    # issue 12: the proposal and detection counts are sized from the data unless set
+    assert cfg.model.options.rpn_pre_nms_top_n_train == "auto" and cfg.model.options.detections_per_img == "auto"
 
 
 def test_settings_schema_does_not_import_the_pipeline():
@@ -96,3 +98,61 @@ def test_overrides_apply_dotted_keys():
 def test_missing_params_file(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_params(tmp_path / "nope.yaml")
+
+
+def test_readme_presets_are_valid_augment_settings():
+    """The README's augment preset per kind of data must load as it is written."""
+    import re
+
+    import yaml
+
+    from tasks.config import AugmentConfig
+
+    text = (REPO / "README.md").read_text()
+    section = text.split("#### Presets per kind of data", 1)[1].split("\n### ", 1)[0]
+    rows = re.findall(r"^\| (natural photos|street scenes|microscopy|documents)[^|]*\| `([^`]+)`", section, re.M)
+    assert len(rows) == 4, rows
+    for kind, block in rows:
+        cfg = AugmentConfig.model_validate(yaml.safe_load(block))
+        assert not (kind != "microscopy" and cfg.vflip.enabled), kind
+
+
+# ---------------------------------------------------------------- issue 12's settings in the typed schema
+
+
+def test_real_data_settings_are_typed_with_their_defaults():
+    params = load_params(REPO / "params.yaml")
+    assert params.task("classification").overfit_check.max_loss_ratio == 0.35
+    assert params.task("classification").overfit_check.max_loss is None
+    assert params.task("classification").data.options.conflicting_duplicates == "fail"
+    seg = params.task("segmentation").data.options
+    assert (seg.images_dir, seg.masks_dir, seg.splits, seg.split_list, seg.image_suffix, seg.value_map,
+            seg.ignore_values, seg.palette_as_index) == ("images", "masks", None, None, ".jpg", None, [], False)
+    for name in ("detection", "instance_segmentation"):
+        o = params.task(name).model.options
+        assert o.detections_per_img == "auto" and o.rpn_post_nms_top_n_test == "auto"
+
+
+@pytest.mark.parametrize("key, value, pattern", [
+    ("tasks.classification.data.options.conflicting_duplicates", "keep",
+     r"tasks\.classification\.data\.options\.conflicting_duplicates"),
+    ("tasks.segmentation.data.options.ignore_values", ["x"], r"tasks\.segmentation\.data\.options\.ignore_values"),
+    ("tasks.segmentation.data.options.masks_dr", "label", r"masks_dr: unknown key; did you mean 'masks_dir'"),
+    ("tasks.detection.model.options.detections_per_img", 0, r"tasks\.detection\.model\.options\.detections_per_img"),
+    ("tasks.instance_segmentation.model.options.rpn_pre_nms_top_n_test", "many",
+     r"tasks\.instance_segmentation\.model\.options\.rpn_pre_nms_top_n_test"),
+    ("tasks.classification.overfit_check.max_loss_ratio", 1.5, r"tasks\.classification\.overfit_check\.max_loss_ratio"),
+])
+def test_real_data_settings_name_the_key(tmp_path, key, value, pattern):
+    path = write_params(tmp_path, {key: value})
+    with pytest.raises(ConfigError, match=pattern):
+        load_params(path)
+
+
+def test_yolo_options_are_refused_for_coco(tmp_path):
+    path = write_params(tmp_path, {"tasks.detection.data.options.labels": "labels/{split}"})
+    with pytest.raises(ConfigError, match=r"\['labels'\] are not read by format 'coco'"):
+        load_params(path)
+    ok = write_params(tmp_path, {"tasks.detection.data.format": "yolo",
+                                 "tasks.detection.data.options": {"images": "images/{split}", "labels": "labels/{split}"}})
+    assert load_params(ok).task("detection").data.options.labels == "labels/{split}"

@@ -41,6 +41,7 @@ class AnnotationTables:
     annotations: pd.DataFrame
     categories: list[str]  # class names in the source's order (COCO category ids, VOC first appearance sorted)
     sources: dict[str, str] = field(default_factory=dict)  # split -> annotation file or split list read
+    notes: list[str] = field(default_factory=list)  # reader findings that are reported but not fatal
 
 
 def safe_relative(name: str) -> bool:
@@ -52,13 +53,18 @@ def safe_relative(name: str) -> bool:
 
 def build_tables(image_rows: list[dict], box_rows: list[dict], image_root: Path, known: list[str],
                  categories: list[str], sources: dict[str, str]) -> AnnotationTables:
-    """Probe the listed image files and add the rule columns (no row is removed here)."""
+    """Probe the listed image files and add the rule columns (no row is removed here).
+
+    A row may carry its own ``image_root`` (per-split image folders such as COCO's ``train2017/``).
+    '..' and absolute file names are refused here; a symlink inside the dataset tree that points outside it
+    follows the one policy of every format, data.follow_symlinks (tasks/validate.py: symlink_policy).
+    """
     rows = []
     for r in image_rows:
-        # '..' and absolute names are refused here; a symlink inside the folder that points outside it follows
-        # the one policy of every format, data.follow_symlinks (tasks/validate.py: symlink_policy)
+        r = dict(r)
+        folder = Path(r.pop("image_root", image_root))
         inside = safe_relative(r["file_name"])
-        path = (image_root / r["file_name"]) if inside else Path(str(r["file_name"]))
+        path = (folder / r["file_name"]) if inside else Path(str(r["file_name"]))
         exists = inside and path.is_file()
         probe = probe_image(path) if exists else {"width": 0, "height": 0, "decodes": False}
         dw, dh = int(r.get("declared_width") or 0), int(r.get("declared_height") or 0)
@@ -66,8 +72,10 @@ def build_tables(image_rows: list[dict], box_rows: list[dict], image_root: Path,
                      "width": probe["width"] or dw, "height": probe["height"] or dh, "path_inside": inside, "exists": exists,
                      "decodes": bool(probe["decodes"]),
                      "size_matches": not probe["decodes"] or not dw or (dw, dh) == (probe["width"], probe["height"]),
-                     "split_image_id": f"{r['split']}/{r['image_id']}"})
-    images = pd.DataFrame(rows, columns=[c for c in IMAGE_COLUMNS if c != "n_boxes"])
+                     "split_image_id": f"{r['split']}/{r['image_id']}",
+                     "item_path": f"{r['item']} (tried {path})"})  # failures name the path that was tried
+    images = pd.DataFrame(rows, columns=[c for c in IMAGE_COLUMNS if c != "n_boxes"] + ["item_path"]
+                          + [c for c in (rows[0] if rows else {}) if c not in IMAGE_COLUMNS and c != "item_path"])
     boxes = pd.DataFrame(box_rows)
     if boxes.empty:
         boxes = pd.DataFrame(columns=[c for c in BOX_COLUMNS if c not in BOX_RULES and c != "valid"])
@@ -97,6 +105,44 @@ def invalid_box_findings(boxes: pd.DataFrame) -> list[str]:
 
 
 def check_split_names(splits: dict[str, str], reader: str) -> None:
-    missing = {"train", "val", "test"} - set(splits)
+    unknown = set(splits) - {"train", "val", "test"}
+    if unknown or not splits:
+        raise DataError(f"{reader}: data.options.splits maps train, val and test to names on disk, got {splits}")
+
+
+def require_all_splits(t: AnnotationTables, reader: str) -> None:
+    """split_from=folders: the data must bring train, val and test."""
+    missing = [s for s in ("train", "val", "test") if s not in t.sources]
     if missing:
-        raise DataError(f"{reader}: data.options.splits must name train, val and test, missing {sorted(missing)}")
+        raise DataError(f"{reader}: no {missing} split on disk (rule: data.split_from=folders needs train, val and "
+                        f"test; map the names with data.options.splits, or set data.split_from: seed to draw the "
+                        f"splits from what there is)")
+
+
+def seed_split(t: AnnotationTables, fractions: dict[str, float], seed: int) -> AnnotationTables:
+    """split_from=seed: pool every image read (whatever split it came from) and draw train/val/test by seed.
+
+    Image ids are prefixed with their source split when several were pooled, so that two files whose
+    COCO ids collide stay two images.
+    """
+    import numpy as np
+
+    images, boxes = t.images.copy(), t.annotations.copy()
+    pooled = images["split"].nunique() > 1
+    old_key = images["split_image_id"]
+    box_key = boxes["split"].astype(str) + "/" + boxes["image_id"].astype(str)
+    keys = sorted(old_key.unique())
+    order = np.random.default_rng(seed).permutation(len(keys))
+    n_train, n_val = round(len(keys) * fractions["train"]), round(len(keys) * fractions["val"])
+    assign = {keys[i]: "train" if rank < n_train else "val" if rank < n_train + n_val else "test"
+              for rank, i in enumerate(order)}
+    if pooled:
+        images["image_id"] = images["split"].astype(str) + ":" + images["image_id"].astype(str)
+        if len(boxes):
+            boxes["image_id"] = boxes["split"].astype(str) + ":" + boxes["image_id"].astype(str)
+    images["split"] = old_key.map(assign)
+    images["split_image_id"] = images["split"] + "/" + images["image_id"].astype(str)
+    if len(boxes):
+        boxes["split"] = box_key.map(assign).fillna(boxes["split"])  # a box of an unlisted image keeps its split
+    sources = {s: "seeded split of " + ", ".join(sorted(set(t.sources.values()))) for s in ("train", "val", "test")}
+    return AnnotationTables(images, boxes, t.categories, sources, t.notes)

@@ -4,13 +4,16 @@ polygon / RLE masks decoded with pycocotools when asked (instance segmentation r
 One annotation file per split; ``file_name`` is relative to the images folder::
 
     <path>/annotations/{split}.json    (data.options.annotations, a template with {split})
-    <path>/images/<file_name>          (data.options.images)
+    <path>/images/<file_name>          (data.options.images, also a template: "{split}" reads the
+                                        standard COCO layout train2017/ + annotations/instances_train2017.json
+                                        with data.options.splits: {train: train2017, val: val2017, ...})
 """
 from __future__ import annotations
 
 import contextlib
 import io
 import json
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -49,7 +52,7 @@ def read_coco(root: Path, classes: list[str] | None = None, annotations: str = "
     check_split_names(splits, "coco")
     image_rows, box_rows, sources = [], [], {}
     categories: list[str] = []
-    for split in ("train", "val", "test"):
+    for split in [s for s in ("train", "val", "test") if s in splits]:  # the splits the mapping names
         path = root / annotations.format(split=splits[split])
         data = load_json(path)
         rel = path.relative_to(root) if root in path.parents else path
@@ -66,7 +69,8 @@ def read_coco(root: Path, classes: list[str] | None = None, annotations: str = "
             name = _field(path, f"image {image_id}", im, "file_name", str)
             files[image_id] = name
             image_rows.append({"item": f"{rel}: image {image_id} ({name})", "split": split, "image_id": str(image_id),
-                               "file_name": name, "declared_width": im.get("width") or 0,
+                               "file_name": name, "image_root": root / images.format(split=splits[split]),
+                               "declared_width": im.get("width") or 0,
                                "declared_height": im.get("height") or 0})
         for a in data["annotations"]:
             ann_id = a.get("id") if isinstance(a, dict) else None
@@ -134,6 +138,9 @@ def coco_map(gt: dict, results: list[dict], class_names: list[str], iou_type: st
         coco_gt.createIndex()
         coco_dt = coco_gt.loadRes(results)
         ev = COCOeval(coco_gt, coco_dt, iou_type)
+        # maxDets' default 100 would silently drop detections (and cap recall) on images with more objects
+        per_image = Counter(r["image_id"] for r in results) + Counter(a["image_id"] for a in gt["annotations"])
+        ev.params.maxDets = [1, 10, max(100, max(per_image.values(), default=0))]
         ev.evaluate()
         ev.accumulate()
         ev.summarize()

@@ -60,7 +60,7 @@ def read_voc(root: Path, classes: list[str] | None = None, annotations: str = "A
     splits = splits or DEFAULT_SPLITS
     check_split_names(splits, "voc")
     image_rows, box_rows, sources, train_names = [], [], {}, set()
-    for split in ("train", "val", "test"):
+    for split in [s for s in ("train", "val", "test") if s in splits]:  # the splits the mapping names
         list_file = root / split_files.format(split=splits[split])
         if not list_file.is_file():
             raise DataError(f"{list_file}: split list does not exist (rule: every split has an ImageSets list)")
@@ -72,13 +72,14 @@ def read_voc(root: Path, classes: list[str] | None = None, annotations: str = "A
                 image_rows.append({"item": f"{where} (id escapes the dataset folder)", "split": split, "image_id": image_id,
                                    "file_name": image_id})
                 continue
-            xml = root / annotations / f"{image_id}.xml"
+            xml = root / annotations.format(split=splits[split]) / f"{image_id}.xml"
             if not xml.is_file():
                 raise DataError(f"{xml}: annotation file for {where} does not exist (rule: every listed image has a VOC XML file)")
             filename, width, height, objects = parse_voc_xml(xml)
             name = filename or image_id + image_suffix
             rel_xml = xml.relative_to(root)
             image_rows.append({"item": f"{rel_xml}: image {name}", "split": split, "image_id": image_id, "file_name": name,
+                               "image_root": root / images.format(split=splits[split]),
                                "declared_width": width, "declared_height": height})
             for o in objects:
                 if split == "train":
