@@ -38,6 +38,8 @@ class Stage:
         mlflow.log_metrics(clean, step=step)
 
     def log_params(self, values: dict[str, Any]) -> None:
+        if not self.run_id:
+            return
         import mlflow
 
         mlflow.log_params({k: str(v)[:6000] for k, v in values.items()})
@@ -64,22 +66,30 @@ class Stage:
 
     def log_inputs(self, *splits: str) -> None:
         """The splits this stage read, on its run and its pipeline run (Dataset column)."""
+        if not self.run_id:  # a torchrun rank other than 0: no MLflow run
+            return
         mlflow_view = self._view()
         mlflow_view.log_split_inputs([self.run_id, mlflow_view.parent_of(self.run_id)], self.task_name,
                                      self.cfg.data.path, splits)
 
     def log_model(self, model_path: Path, metrics: dict[str, float]) -> None:
         """The trained model as an MLflow logged model of this stage and its pipeline run (Model column)."""
+        if not self.run_id:  # a torchrun rank other than 0: no MLflow run
+            return
         self._view().log_model_file(self.run_id, f"{self.task_name}-{self.name}", model_path,
                                    {"model.name": self.cfg.model.name, "stage": self.name}, metrics)
 
     def log_pictures(self, folder: Path) -> None:
         """The stage's pictures under ``plots/<stage>/`` of the pipeline run."""
+        if not self.run_id:  # a torchrun rank other than 0: no MLflow run
+            return
         mlflow_view = self._view()
         mlflow_view.log_pictures(mlflow_view.parent_of(self.run_id), folder, self.name)
 
     def log_pipeline_summary(self, test: dict[str, dict]) -> None:
         """The pipeline run's row: ``test`` (metrics per model) plus what the training stages wrote."""
+        if not self.run_id:  # a torchrun rank other than 0: no MLflow run
+            return
         mlflow_view = self._view()
         mlflow_view.summarise_pipeline(mlflow_view.parent_of(self.run_id), self.task_name, self.task.primary_metric,
                                        test, lambda stage: outputs(self.task_name, stage))

@@ -254,7 +254,7 @@ def runs_of(pid: int, since_ms: int = 0) -> list:
 
     client = mlflow.MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
     return [r for e in client.search_experiments()
-            for r in client.search_runs([e.experiment_id], filter_string=f"tags.`cv.pid` = '{pid}'")
+            for r in client.search_runs([e.experiment_id], filter_string=f"tags.`cv.pid` = '{pid}' and tags.kind = 'stage'")
             if r.info.start_time >= since_ms]
 
 

@@ -45,12 +45,12 @@ def test_ddp_gradient_equals_one_process_gradient(project, task_name):
     assert r["max_abs_diff"] < 1e-5, r
 
 
-# Global batch 8 or 16 (4 or 8 per process), every augmentation off: the one-process "baseline" and the 2-process
+# Global batch 16 (8 per process: BatchNorm statistics of 4 images per process made the runs drift apart), every augmentation off: the one-process "baseline" and the 2-process
 # "augmented" stage train the same configuration, so the evaluate stage scores both side by side.
 # Stated tolerance: the test metric of the 2-process run is within TOLERANCE of the one-process run
-# (the runs differ only in data order and per-rank augmentation seeds).
+# (the runs differ in data order, per-rank augmentation seeds and per-process BatchNorm statistics).
 SHORT = {
-    "classification": ({"tasks.classification.train.epochs": 12, "tasks.classification.train.batch_size": 8}, 0.15),
+    "classification": ({"tasks.classification.train.epochs": 12, "tasks.classification.train.batch_size": 16}, 0.15),
     "detection": ({"tasks.detection.image_size": 64, "tasks.detection.model.options.anchor_size": 12,
                    "tasks.detection.train.epochs": 2}, 0.10),
 }
@@ -90,7 +90,7 @@ def test_torchrun_training_matches_one_process_and_evaluates(project, task_name)
     # rank 0 alone opened an MLflow run: exactly one 2-process augmented run, with its metrics and model
     mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
     exp = mlflow.get_experiment_by_name(f"cv-{task_name}")
-    runs = mlflow.search_runs([exp.experiment_id], filter_string="params.processes = '2'", output_format="list")
+    runs = mlflow.search_runs([exp.experiment_id], filter_string="params.processes = '2' and tags.kind = 'stage'", output_format="list")
     assert len(runs) == 1 and runs[0].data.tags["mlflow.runName"] == "augmented"
     assert f"best_val_{primary}" in runs[0].data.metrics
     names = [a.path for a in mlflow.MlflowClient().list_artifacts(runs[0].info.run_id, "model")]
