@@ -14,7 +14,7 @@ export GX_ANALYTICS_ENABLED := False
 export DVC_NO_ANALYTICS := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: run test env serve worker deploy mlflow-server mlflow-ui benchmark gpu-benchmark ablate search clean
+.PHONY: run test test-all env serve worker deploy mlflow-server mlflow-ui benchmark gpu-benchmark ablate search clean
 
 env: $(STAMP)
 
@@ -31,6 +31,10 @@ run: $(STAMP)
 
 test: $(STAMP)
 	python -m pytest
+
+# everything, the tests marked slow included (about 3 minutes more)
+test-all: $(STAMP)
+	python -m pytest -m "slow or not slow"
 
 # Prefect server on 127.0.0.1:$(PORT) plus every task's flow served as a deployment (Ctrl-C stops both)
 serve: $(STAMP)

@@ -145,7 +145,7 @@ def fingerprint_parts(task: CVTask, cfg: TrainConfig, seed: int, extra_state: di
     all of the task's settings (and the training settings ``fit`` got). ``train.resume`` itself is left out:
     it says whether to resume, not what is trained."""
     settings = {"task": task.cfg.model_dump(mode="json"), "train": cfg.model_dump(mode="json")}
-    for section in (settings["task"]["train"], settings["train"]):
+    for section in (settings["task"].get("train", {}), settings["train"]):  # a bare task may have no train section
         section.pop("resume", None)
     return {"settings": config_hash(settings), "seed": str(seed), "code": code_version(task),
             "data": data_version or "unknown", "stage": config_hash(extra_state or {}), "n_train": str(n_train)}

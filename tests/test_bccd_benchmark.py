@@ -17,6 +17,7 @@ TINY = ["crops.size=16", "pretrain.image_size=16", "pretrain.epochs=1", "tasks.d
 
 
 @pytest.mark.skipif(not BCCD.is_dir(), reason=BCCD_MISSING)
+@pytest.mark.slow  # make test-all: the benchmark's chain on real data (suite budget)
 def test_bccd_benchmark_runs_the_crops_pretrain_detector_chain(tmp_path):
     cmd = [sys.executable, str(REPO / "benchmarks" / "bccd_detection.py"), "--bccd", str(BCCD), "--keep", str(tmp_path / "run"),
            "--budget-minutes", "5"] + [a for kv in TINY for a in ("--set", kv)]

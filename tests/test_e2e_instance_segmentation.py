@@ -83,6 +83,7 @@ def test_reported_mask_map_equals_pycocotools_on_the_exported_results(dvc_repo):
             assert m[model][f"{prefix}_map50"] == pytest.approx(ev.stats[1], abs=1e-9)
 
 
+@pytest.mark.slow  # make test-all: the same flow code as classification's Prefect test (suite budget)
 def test_prefect_flow_train_instance_segmentation(dvc_repo, tmp_path, monkeypatch):
     import mlflow
     from prefect.testing.utilities import prefect_test_harness

@@ -77,6 +77,7 @@ def test_mlflow_holds_the_segmentation_stage_runs(dvc_repo):
     assert len(history) == 60
 
 
+@pytest.mark.slow  # make test-all: the same flow code as classification's Prefect test (suite budget)
 def test_prefect_flow_train_segmentation(dvc_repo, tmp_path, monkeypatch):
     from prefect.testing.utilities import prefect_test_harness
 

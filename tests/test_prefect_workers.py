@@ -54,8 +54,9 @@ def test_two_workers_on_a_process_pool_each_complete_a_flow_run(project, tmp_pat
                 cwd=project.root, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env(**common), start_new_session=True)))
         time.sleep(5)  # both workers registered and polling
         ids = []
-        for _ in range(2):
-            out = prefect("deployment", "run", "validate-data/pool", "--param", "task_name=classification", cwd=project.root, **common)
+        # two tasks: two runs of one stage in one folder would (rightly) stop at the stage lock (tasks/runstate.py)
+        for task_name in ("classification", "segmentation"):
+            out = prefect("deployment", "run", "validate-data/pool", "--param", f"task_name={task_name}", cwd=project.root, **common)
             ids.append(next(w for line in out.stdout.splitlines() if "UUID" in line for w in line.split() if w.count("-") == 4))
         runs = wait_for_runs(ids, common, timeout=300)
         logs = {name: log.read_text() for name, log, _ in workers}

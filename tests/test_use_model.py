@@ -48,12 +48,15 @@ def train_project(root: Path, tiny_shapes: Path, tasks=TASKS) -> Path:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tiny_shapes):
     root = tmp_path_factory.mktemp("predict")
-    before = os.getcwd()
+    before, uri = os.getcwd(), os.environ["MLFLOW_TRACKING_URI"]
+    # a registry of its own: versions other test modules register must not take part in the champion decisions
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
     os.chdir(root)
     try:
         yield train_project(root, tiny_shapes)
     finally:
         os.chdir(before)
+        os.environ["MLFLOW_TRACKING_URI"] = uri
 
 
 def task_of(root: Path, name: str):
