@@ -6,7 +6,7 @@ from typing import Any
 
 from tasks.paths import atomic_dir, outputs
 from tasks.stage import open_stage
-from tasks.train import drop_checkpoint, preview, summary_metrics, timings, train_model, write_metrics
+from tasks.train import preview, summary_metrics, timings, train_model, write_metrics
 
 
 def run(task_name: str, params_path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None,
@@ -24,5 +24,4 @@ def run(task_name: str, params_path: str | Path = "params.yaml", overrides: dict
         st.log_pictures(out_dir)
         m = st.task.primary_metric
         print(f"[augmented] best val {m} = {result.best_metrics[m]:.4f} (epoch {result.best_epoch})")
-        drop_checkpoint(st)  # only now, at the very end: a kill before this resumes instead of training again
         return metrics

@@ -8,7 +8,7 @@ from typing import Any
 from tasks import engine
 from tasks.paths import atomic_dir, outputs
 from tasks.stage import open_stage
-from tasks.train import (drop_checkpoint, initial_model, initial_weights, normalizer, summary_metrics, timings, train_model,
+from tasks.train import (initial_model, initial_weights, normalizer, summary_metrics, timings, train_model,
                          write_metrics)
 
 
@@ -76,5 +76,4 @@ def run(task_name: str, params_path: str | Path = "params.yaml", overrides: dict
         st.log_artifacts(out_dir, "baseline")
         st.log_pictures(out_dir)
         print(f"[baseline] best val {m} = {result.best_metrics[m]:.4f} (epoch {result.best_epoch}); dummy {dummy.metrics[m]:.4f}")
-        drop_checkpoint(st)  # only now, at the very end: a kill before this resumes instead of training again
         return metrics

@@ -39,7 +39,9 @@ def initial_weights(task, seed: int) -> tuple[torch.nn.Module, str]:
 def train_model(st: Stage, augment: AugmentConfig | None, out_dir: Path,
                 keep_checkpoint: bool = False) -> tuple[engine.FitResult, Path]:
     """Fit the task's model with (or without) augmentations; best weights to ``models/<task>/<stage>/model.pt``.
-    ``keep_checkpoint``: the caller removes the checkpoint (:func:`drop_checkpoint`) once its outputs are committed."""
+    ``keep_checkpoint``: the finished run's checkpoint stays, marked done. A kill after training (before the
+    stage's outputs are committed, or before DVC writes its lock file) and a rerun with the same settings,
+    seed, code and data then rewrite the outputs without training again; the next different run replaces it."""
     norm = normalizer(st)
     train = st.task.dataset("train", st.task.train_transforms(augment, norm))
     val = st.task.dataset("val", st.task.eval_transforms(norm))
@@ -84,11 +86,6 @@ def train_model(st: Stage, augment: AugmentConfig | None, out_dir: Path,
     st.log_inputs("train", "val")
     st.log_model(model_path, {f"best_val_{k}": v for k, v in result.best_metrics.items()})
     return result, model_path
-
-
-def drop_checkpoint(st: Stage) -> None:
-    """The stage's outputs are committed: nothing is left to resume."""
-    checkpoints(st.task_name, st.name).joinpath("last.pt").unlink(missing_ok=True)
 
 
 def summary_metrics(st: Stage, result: engine.FitResult) -> dict:

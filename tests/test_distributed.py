@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from tasks import normstats
 from tasks.config import load_params
@@ -85,7 +86,7 @@ def test_torchrun_training_matches_one_process_and_evaluates(project, task_name)
         assert min(one, two) > metrics["dummy"][primary] + 0.1, metrics
     history = Path(f"outputs/{task_name}/augmented/history.csv").read_text().splitlines()
     assert len(history) == 1 + settings[t + "train.epochs"]
-    assert not Path(f"checkpoints/{task_name}/augmented/last.pt").exists()  # finished: rank 0 removed it
+    assert torch.load(f"checkpoints/{task_name}/augmented/last.pt", weights_only=True)["done"]  # rank 0 marked it finished
     assert not list(Path(f"outputs/{task_name}").glob(".augmented.tmp-*"))
     # rank 0 alone opened an MLflow run: exactly one 2-process augmented run, with its metrics and model
     mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])

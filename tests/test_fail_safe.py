@@ -47,7 +47,8 @@ def test_resume_checkpoint_holds_only_tensors_and_plain_containers(project, caps
 
 
 def test_a_finished_run_kept_for_its_stage_resumes_without_training(project, capsys):
-    """The stage removes the checkpoint only once its outputs are committed; a kill before that loses no epoch."""
+    """A stage keeps its finished checkpoint (marked done): a kill after training, or a rerun, loses no epoch.
+    Without keep_checkpoint (ablation arms, search trials) the finished run removes it."""
     _fit(project, capsys, keep=True)
     first = torch.load("m.pt", weights_only=True)["model"]
     assert torch.load("last.pt", weights_only=True)["done"]

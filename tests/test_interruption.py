@@ -52,8 +52,18 @@ def test_kill_9_then_rerun_marks_the_run_failed_and_resumes_to_the_same_result(p
     reference = outputs(project.root)
     assert "train_seconds" not in json.loads(reference[1])  # wall-clock time lives in timings.json
     assert "train_seconds" in json.loads((project.root / "outputs/classification/baseline/timings.json").read_text())
+    # the finished run's checkpoint stays, marked done: outputs lost after training (a kill before DVC wrote its
+    # lock file) come back from a rerun without training again, bit for bit
+    assert torch.load(project.root / CKPT, weights_only=True)["done"]
     shutil.rmtree(project.root / "models")
     shutil.rmtree(project.root / "outputs/classification/baseline")
+    capfd.readouterr()
+    assert main(["baseline", "--task", "classification"]) == 0
+    assert "(training had finished)" in capfd.readouterr().out
+    assert outputs(project.root)[1:] == reference[1:]
+    shutil.rmtree(project.root / "models")
+    shutil.rmtree(project.root / "outputs/classification/baseline")
+    (project.root / CKPT).unlink()  # and now an interrupted run from the start
 
     proc = cli(project.root, "baseline", "classification")
     epoch = wait_for_checkpoint(project.root, proc)
