@@ -1,0 +1,52 @@
+"""Plain torchvision classification: a torchvision classifier from random init, images preloaded at
+size x size, Adam at a fixed learning rate, cross-entropy; the last weights predict the test split."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+import torchvision
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import batches, finish, load_rgb, parse_args, to_tensor, train_within  # noqa: E402
+
+MEAN, STD = torch.tensor([0.485, 0.456, 0.406])[:, None, None], torch.tensor([0.229, 0.224, 0.225])[:, None, None]
+
+
+def main() -> None:
+    args = parse_args()
+    s, m = args.settings, args.manifest
+    size, names = s["size"], m["classes"]
+    train = m["splits"]["train"]
+    x = torch.stack([(to_tensor(load_rgb(it["path"]), size) - MEAN) / STD for it in train])
+    y = torch.tensor([it["label"] for it in train])
+    model = getattr(torchvision.models, s["model"])(num_classes=len(names))
+    opt = torch.optim.Adam(model.parameters(), lr=s["lr"])
+
+    def epoch(k: int) -> float:
+        model.train()
+        losses = []
+        for idx in batches(len(x), s["batch_size"], k):
+            loss = F.cross_entropy(model(x[idx]), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        return sum(losses) / len(losses)
+
+    info = train_within(args.budget_seconds, epoch)
+    model.eval()
+    rows = []
+    with torch.no_grad():
+        for it in m["splits"]["test"]:
+            logits = model(((to_tensor(load_rgb(it["path"]), size) - MEAN) / STD)[None])
+            rows.append({"file": it["path"], "class": names[int(logits.argmax())]})
+    pd.DataFrame(rows).to_csv(Path(args.out) / "predictions.csv", index=False)
+    finish(args.out, info)
+
+
+if __name__ == "__main__":
+    main()

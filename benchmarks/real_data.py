@@ -1,0 +1,277 @@
+"""The pipeline against a plain torchvision script on a shared real dataset, at the same wall-clock budget.
+
+    python benchmarks/real_data.py trashnet150 [--budget-minutes 4] [--set key=value ...] [--keep DIR]
+    python benchmarks/real_data.py all          # every dataset below, one after the other
+
+For one dataset it
+1. runs the pipeline's validate stage with the dataset's settings overlay (benchmarks/real_data/<name>.yaml,
+   dotted keys on top of params.yaml: settings only) and writes the split it made to ``manifest.json``
+   (every split's files and their ground truth at original resolution): both sides train on the same
+   train split and are scored on the same test split;
+2. starts the plain script (benchmarks/plain/<task>.py: torchvision model of the same family, images
+   preloaded, a textbook loop, no validation, no augmentation beyond the detection tutorial's flip) on
+   one core, and at the same time the pipeline on the other: pretraining (when the overlay has it),
+   normstats and the augmented stage, stopped by ``train.time_limit_minutes`` within the budget;
+3. predicts the test split with both at original resolution (the pipeline through ``tasks.predict``)
+   and scores both files with the same library call: sklearn (accuracy), numpy (mIoU from the
+   confusion matrix), pycocotools (AP@.5 for boxes or masks).
+
+Both sides get one torch thread each and run side by side, so the machine's load hits both alike.
+Prints a markdown row per dataset; ``result.json`` in the work folder keeps the details.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+OVERLAYS = REPO / "benchmarks" / "real_data"
+# dataset -> task; the overlay file benchmarks/real_data/<dataset>.yaml holds its settings
+DATASETS = {"trashnet150": "classification", "isbi_membrane": "segmentation", "bccd": "detection",
+            "coco128_lightly": "detection", "coco128_json": "instance_segmentation"}
+METRIC = {"classification": "accuracy", "segmentation": "miou", "detection": "map50", "instance_segmentation": "mask_map50"}
+
+
+# ---------------------------------------------------------------- the split, written once for both sides
+def write_manifest(task, out: Path) -> dict:
+    """Every split's image files and ground truth at original resolution, as the pipeline split them.
+    Segmentation masks are written as class-index PNGs (``ignore`` pixels 255), boxes and instance
+    masks as COCO ground truth (category id k+1 for class k)."""
+    from PIL import Image
+    from pycocotools import mask as mask_utils
+
+    names = task.class_names()
+    manifest = {"task": task.name, "classes": names, "splits": {}}
+    for split in ("train", "val", "test"):
+        ds = task.dataset(split, None)
+        items = []
+        rows = getattr(ds, "samples", None) or ds.records
+        for i in range(len(ds)):
+            path = rows[i]["path"]
+            if task.name == "classification":
+                items.append({"path": path, "label": int(ds.labels[i])})
+            elif task.name == "segmentation":
+                mask_file = out / "masks" / split / f"{i:05d}.png"
+                mask_file.parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(ds.mask(i).numpy().astype(np.uint8)).save(mask_file)
+                items.append({"path": path, "mask": str(mask_file)})
+            elif task.name == "detection":
+                r = rows[i]
+                items.append({"path": path, "width": r["width"], "height": r["height"], "boxes": r["boxes"].tolist(),
+                              "labels": r["labels"].tolist(), "iscrowd": r["iscrowd"].tolist()})
+            else:  # instance segmentation: masks as compressed RLE
+                image, target = ds[i]
+                rles = []
+                for m in target["masks"].numpy():
+                    rle = mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))
+                    rles.append({"size": rle["size"], "counts": rle["counts"].decode()})
+                items.append({"path": path, "width": image.width, "height": image.height, "masks": rles,
+                              "boxes": target["boxes"].tolist(), "labels": target["labels"].tolist()})
+        manifest["splits"][split] = items
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    return manifest
+
+
+def coco_ground_truth(manifest: dict) -> dict:
+    """The test split as COCO ground truth; image ids 1..n in the manifest's order (as tasks.predict numbers them)."""
+    images, anns = [], []
+    for image_id, it in enumerate(manifest["splits"]["test"], start=1):
+        images.append({"id": image_id, "file_name": it["path"], "width": it["width"], "height": it["height"]})
+        crowd = it.get("iscrowd") or [0] * len(it["labels"])
+        for k, (box, label) in enumerate(zip(it["boxes"], it["labels"])):
+            x0, y0, x1, y1 = box
+            ann = {"id": len(anns) + 1, "image_id": image_id, "category_id": int(label), "bbox": [x0, y0, x1 - x0, y1 - y0],
+                   "area": (x1 - x0) * (y1 - y0), "iscrowd": int(crowd[k])}
+            if "masks" in it:
+                from pycocotools import mask as mask_utils
+
+                ann["segmentation"] = it["masks"][k]
+                ann["area"] = float(mask_utils.area({"size": it["masks"][k]["size"], "counts": it["masks"][k]["counts"].encode()}))
+            anns.append(ann)
+    return {"images": images, "annotations": anns,
+            "categories": [{"id": k + 1, "name": n} for k, n in enumerate(manifest["classes"])]}
+
+
+# ---------------------------------------------------------------- one scorer for both sides
+def score(manifest: dict, pred_dir: Path) -> float:
+    """The primary test metric of the predictions in ``pred_dir`` (the layout tasks.predict writes)."""
+    task, test = manifest["task"], manifest["splits"]["test"]
+    if task == "classification":
+        import pandas as pd
+        from sklearn.metrics import accuracy_score
+
+        pred = pd.read_csv(pred_dir / "predictions.csv")
+        names = manifest["classes"]
+        return float(accuracy_score([names[it["label"]] for it in test], pred["class"].tolist()))
+    if task == "segmentation":
+        from PIL import Image
+
+        images = json.loads((pred_dir / "images.json").read_text())
+        n = len(manifest["classes"])
+        cm = np.zeros((n, n), np.int64)
+        for it, entry in zip(test, images):
+            gt = np.asarray(Image.open(it["mask"])).astype(np.int64)
+            pr = np.asarray(Image.open(pred_dir / entry["mask"])).astype(np.int64)
+            keep = gt < n  # 255: not labelled
+            cm += np.bincount(gt[keep] * n + pr[keep], minlength=n * n).reshape(n, n)
+        tp = np.diag(cm).astype(float)
+        union = cm.sum(0) + cm.sum(1) - tp
+        with np.errstate(invalid="ignore", divide="ignore"):
+            iou = np.where(union > 0, tp / union, np.nan)
+        return float(np.nanmean(iou))
+    import contextlib
+    import io
+
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    results = json.loads((pred_dir / "coco_results.json").read_text())
+    if not results:
+        return 0.0
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO()
+        gt.dataset = coco_ground_truth(manifest)
+        gt.createIndex()
+        ev = COCOeval(gt, gt.loadRes(results), "segm" if task == "instance_segmentation" else "bbox")
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    return float(ev.stats[1])  # AP at IoU 0.5, maxDets 100
+
+
+# ---------------------------------------------------------------- the two sides
+def overlay(name: str, root: Path) -> dict:
+    text = (OVERLAYS / f"{name}.yaml").read_text().replace("{root}", str(root))
+    return yaml.safe_load(text)
+
+
+def start_plain(task: str, work: Path, budget_s: float, settings: dict) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    cmd = [sys.executable, str(REPO / "benchmarks" / "plain" / f"{task}.py"), "--manifest", str(work / "manifest.json"),
+           "--budget-seconds", str(budget_s), "--out", str(work / "plain"), "--settings", json.dumps(settings)]
+    log = (work / "plain.log").open("w")
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+
+
+def run_pipeline(task_name: str, overrides: dict, budget_s: float, t_start: float) -> dict:
+    """Pretraining (when the overlay sets it), normstats and the augmented stage, inside the budget."""
+    from tasks import augmented, crops, normstats, pretrain
+
+    if any(k.startswith("pretrain.") for k in overrides):  # crops of the train split's boxes, then a classifier on them
+        if any(k.startswith("crops.") for k in overrides):
+            crops.run("params.yaml", overrides)
+        pretrain.run("params.yaml", overrides)
+    normstats.run(task_name, "params.yaml", overrides)
+    left = budget_s - (time.perf_counter() - t_start)
+    overrides = {**overrides, f"tasks.{task_name}.train.time_limit_minutes": max(left, 30.0) / 60}
+    return augmented.run(task_name, "params.yaml", overrides)
+
+
+def predict_pipeline(task_name: str, manifest: dict, out: Path) -> None:
+    from tasks import engine
+    from tasks.inference import load_checkpoint
+    from tasks.paths import models, outputs
+    from tasks.predict import predict_files
+
+    loaded = load_checkpoint(task_name, models(task_name, "augmented") / "model.pt", outputs(task_name, "normstats"))
+    engine.set_threads(1)
+    predict_files(loaded, [Path(it["path"]) for it in manifest["splits"]["test"]], out)
+
+
+def benchmark(name: str, root: Path, budget_minutes: float | None, extra: dict, keep: str | None) -> dict:
+    from cv_models import get_task
+    from tasks import validate
+    from tasks.config import load_params
+
+    task_name = DATASETS[name]
+    work = Path(keep) / name if keep else Path(tempfile.mkdtemp(prefix=f"real-{name}-"))
+    work.mkdir(parents=True, exist_ok=True)
+    shutil.copy(REPO / "params.yaml", work / "params.yaml")
+    os.chdir(work)
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{work / 'mlflow.db'}"
+    os.environ.setdefault("CV_PIPELINE_RUN_ID", f"real-data-{name}")
+    spec = overlay(name, root)
+    plain_settings = spec.pop("plain")  # the plain script's own few settings (size, batch, lr)
+    budget_s = (budget_minutes or spec.pop("budget_minutes")) * 60
+    spec.pop("budget_minutes", None)
+    overrides = {**spec, **extra}
+    t0 = time.perf_counter()
+    report = validate.run(task_name, "params.yaml", overrides)
+    cfg = load_params("params.yaml", overrides).task(task_name)
+    manifest = write_manifest(get_task(task_name, cfg), work)
+    t_validate = time.perf_counter() - t0
+    plain = start_plain(task_name, work, budget_s, plain_settings)
+    t_start = time.perf_counter()
+    run = run_pipeline(task_name, overrides, budget_s, t_start)
+    t_pipeline = time.perf_counter() - t_start
+    predict_pipeline(task_name, manifest, work / "pipeline")
+    if plain.wait() != 0:
+        raise SystemExit(f"the plain script failed: see {work / 'plain.log'}\n" + (work / "plain.log").read_text()[-3000:])
+    plain_info = json.loads((work / "plain" / "run.json").read_text())
+    result = {
+        "dataset": name, "task": task_name, "metric": METRIC[task_name], "budget_s": budget_s,
+        "pipeline": score(manifest, work / "pipeline"), "plain": score(manifest, work / "plain"),
+        "pipeline_train_s": round(t_pipeline, 1), "pipeline_epochs": run["epochs_run"], "plain_train_s": plain_info["seconds"],
+        "plain_epochs": plain_info["epochs"], "validate_s": round(t_validate, 1),
+        "splits": {s: len(v) for s, v in manifest["splits"].items()}, "validation_notes": len(report["notes"]),
+        "model": cfg.model.name, "image_size": cfg.image_size, "plain_settings": plain_settings,
+        "cpu": cpu_name(), "work": str(work),
+    }
+    (work / "result.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+def cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip() + f" ({os.cpu_count()} cores)"
+    return f"unknown CPU ({os.cpu_count()} cores)"
+
+
+def row(r: dict) -> str:
+    ahead = "yes" if r["pipeline"] > r["plain"] else "no"
+    return (f"| {r['dataset']} | {r['task']} | {r['model']} {r['image_size']} | {r['budget_s'] / 60:g} min | "
+            f"{r['splits']['train']}/{r['splits']['val']}/{r['splits']['test']} | {r['metric']} | "
+            f"**{r['pipeline']:.3f}** ({r['pipeline_epochs']} ep) | {r['plain']:.3f} ({r['plain_epochs']} ep) | {ahead} |")
+
+
+def main() -> None:
+    from tasks.cli import parse_overrides
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("dataset", choices=[*DATASETS, "all"])
+    ap.add_argument("--shared", default=str(REPO.parent / "shared" / "datasets"), help="folder holding the datasets")
+    ap.add_argument("--budget-minutes", type=float, help="training wall time of each side (default: the overlay's)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--keep", help="folder to keep each dataset's work folder in (default: temporary folders)")
+    args = ap.parse_args()
+    root = Path(args.shared).resolve()
+    os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
+    names = list(DATASETS) if args.dataset == "all" else [args.dataset]
+    rows = []
+    for name in names:
+        if not (root / name).is_dir():
+            raise SystemExit(f"{name} not found under {root} (--shared)")
+        here = Path.cwd()
+        r = benchmark(name, root, args.budget_minutes, parse_overrides(args.overrides), args.keep)
+        os.chdir(here)
+        rows.append(row(r))
+        print(json.dumps(r, indent=2))
+    print(f"\nCPU: {cpu_name()}; each side one torch thread, both at once\n")
+    print("| dataset | task | pipeline model, size | budget | train/val/test | test metric | pipeline | plain script | ahead |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    print("\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()
