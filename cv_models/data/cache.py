@@ -157,7 +157,8 @@ class CachedDataset(Dataset):
         return len(self.index)
 
     def __getattr__(self, name: str):  # the wrapped dataset's own attributes (samples, records, by_id, ...)
-        if name == "dataset":
+        # never its protocol methods: a Subset's __getitems__ would make the DataLoader read around the cache
+        if name == "dataset" or name.startswith("__"):
             raise AttributeError(name)
         return getattr(self.dataset, name)
 
