@@ -54,7 +54,8 @@ def cached(st: Stage, split: str, transforms) -> Dataset:
     # what a kept sample depends on: the data, what the reader was told, the split and the resize (training size)
     reader = d.model_dump(mode="json", exclude={"cache", "cache_max_gb"})
     prefix, _ = split_transforms(transforms)
-    key = cache_key(st.task_name, digest, reader, split, len(data), type(data).__name__, repr(prefix), st.cfg.image_size)
+    key = cache_key(st.task_name, digest, reader, str(Path(d.path).resolve()), split, len(data), type(data).__name__,
+                    repr(prefix), st.cfg.image_size)
     return CachedDataset(data, d.cache, key, d.cache_max_gb, label=f"{st.task_name}/{split}")
 
 

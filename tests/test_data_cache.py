@@ -158,3 +158,26 @@ def test_val_every_validates_some_epochs_and_the_last(tmp_path):
     assert h["val_score"].notna().tolist() == [False, False, True, False, False, True, True]
     assert task.scored == 3 and result.best_epoch == 6 and result.best_metrics["score"] == 0.9
     assert engine.diagnose_overfitting(h.assign(train_score=1.0), "score", min_flat_epochs=1) is not None
+
+
+def test_training_stages_cache_per_setting(project):
+    """tasks/train.py's wiring: none passes the dataset through; ram keeps the train split once for training and the
+    train-subset scoring; disk without the validate stage's data version is refused, naming what to do."""
+    from types import SimpleNamespace
+
+    from tasks.config import ConfigError
+    from tasks.train import cached
+
+    def stage(mode):
+        task, norm, cfg = _task(project, "classification", **{"data.cache": mode})
+        return SimpleNamespace(task=task, cfg=cfg, task_name="classification"), norm
+
+    st, norm = stage("none")
+    assert not isinstance(cached(st, "val", st.task.eval_transforms(norm)), cache.CachedDataset)
+    st, norm = stage("ram")
+    train = cached(st, "train", st.task.train_transforms(None, norm))
+    plain = cached(st, "train", st.task.eval_transforms(norm))
+    assert isinstance(train, cache.CachedDataset) and train.kept is plain.kept
+    st, norm = stage("disk")
+    with pytest.raises(ConfigError, match=r"data\.cache: disk .* validate"):
+        cached(st, "val", st.task.eval_transforms(norm))

@@ -16,6 +16,7 @@ import copy
 import hashlib
 import io
 import os
+import weakref
 from pathlib import Path
 from typing import Any, Callable
 
@@ -28,7 +29,16 @@ from torchvision.transforms import v2
 
 CACHE_ROOT = Path(".cache")  # relative to the working folder (the project root when stages run)
 FORMAT = 1  # bump when what a cache file holds changes: old folders are then never read
-_RAM: dict[str, list] = {}  # key -> samples, shared by the datasets of one process reading the same split and size
+
+
+class _Samples(list):
+    """Kept samples (a list that can be weakly referenced)."""
+
+
+# key -> samples, shared by the live datasets of one process reading the same split at the same size (training and
+# the train-subset scoring); weak, so the memory goes with the last dataset holding it (a long-lived worker process
+# does not accumulate every run's images)
+_RAM: "weakref.WeakValueDictionary[str, _Samples]" = weakref.WeakValueDictionary()
 
 
 class CacheTooLarge(ValueError):
@@ -133,7 +143,7 @@ class CachedDataset(Dataset):
                   f"{'' if len(missing) == n else f' ({n - len(missing)} already cached)'}", flush=True)
         if mode == "ram":
             if kept is None:
-                kept = _RAM[key] = [dataset[i] for i in range(n)]
+                kept = _RAM[key] = _Samples(dataset[i] for i in range(n))
             self.kept = kept
         else:
             self.folder.mkdir(parents=True, exist_ok=True)
