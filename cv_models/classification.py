@@ -51,12 +51,41 @@ class PlainTransform:
 
     def __init__(self, size: int, normalize):
         self.size, self.normalize = size, normalize
+        self.resize = PilResize(size)
 
     def __call__(self, image: Image.Image) -> tv_tensors.Image:
-        if image.size != (self.size, self.size):
-            image = image.resize((self.size, self.size), Image.BILINEAR)  # as v2.Resize does on PIL images
+        image = self.resize(image)
         x = tv_tensors.Image(torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).float().div_(255))
         return self.normalize.transform(x, {}) if self.normalize is not None else x
+
+    def split(self):
+        """``(prefix, rest)`` for data.cache: the resize, then this (which finds the image already at size)."""
+        return self.resize, _ImageOnly(self)
+
+
+class PilResize:
+    """The resize of :class:`PlainTransform` alone (what data.cache keeps)."""
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        if image.size == (self.size, self.size):
+            return image
+        return image.resize((self.size, self.size), Image.BILINEAR)  # as v2.Resize does on PIL images
+
+    def __repr__(self) -> str:
+        return f"PilResize({self.size}, bilinear)"
+
+
+class _ImageOnly:
+    """``(image, label) -> (transform(image), label)``: a cached sample through the image's transform."""
+
+    def __init__(self, transform):
+        self.transform = transform
+
+    def __call__(self, image, label):
+        return self.transform(image), label
 
 
 class ClassificationDataOptions(Strict):

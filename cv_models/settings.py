@@ -68,7 +68,9 @@ class TrainConfig(Strict):
     epochs: int = Field(10, ge=1, le=10_000)
     batch_size: int = Field(32, ge=1, le=4096)
     eval_batch_size: int = Field(64, ge=1, le=4096)
-    num_workers: int = Field(0, ge=0, le=64)
+    # DataLoader worker processes; auto: 0 on <= 2 cores (a worker there costs more than it saves), else the cores
+    # left over by num_threads, at most 8 (tasks/engine.py worker_count). Results depend on the number of workers
+    num_workers: Annotated[int, Field(ge=0, le=64)] | Literal["auto"] = "auto"
     # torch CPU threads; 0 = all cores. 1 (the default) gives bitwise-equal runs; more threads are faster on free
     # cores but some CPU kernels then reduce in a varying order (run-to-run differences in the last digits)
     num_threads: int = Field(1, ge=0, le=256, description="torch CPU threads; 0 = all cores")
@@ -88,8 +90,12 @@ class TrainConfig(Strict):
     grad_clip_norm: float = Field(0.0, ge=0, description="clip the gradient norm to this; 0 = off")
     ema_decay: float = Field(0.0, ge=0, lt=1, description="exponential moving average of the weights; 0 = off")
     early_stopping: EarlyStoppingConfig = EarlyStoppingConfig()
+    # epochs between validation passes (the last epoch is always validated); the best checkpoint and early
+    # stopping consider validated epochs only, and other epochs' history rows have no val_ metrics
+    val_every: int = Field(1, ge=1)
     track_train_metric: bool = True  # score a fixed train subset each epoch too (overfitting diagnosis)
-    time_limit_minutes: float = Field(0.0, ge=0, description="stop before an epoch that would end past this wall time; "
+    time_limit_minutes: float = Field(0.0, ge=0, description="stop before an epoch that would end past this wall time (the "
+                                                            "slowest of the last epochs plus a validation pass); "
                                                             "0 = off (size epochs to fit: the schedule spans all of them)")
 
     @field_validator("device")
@@ -238,6 +244,10 @@ class DataConfig(Strict):
     # a symlink inside the dataset whose target lies outside data.path: followed and listed in the validation
     # notes (true), or refused by validation (false); '..' and absolute file names are always refused
     follow_symlinks: bool = True
+    # decoded images resized to the training size, kept once (cv_models/data/cache.py): the augmentations run on the
+    # kept copy, so results equal cache none's; ram: in memory | disk: .cache/ of the project, reused by later runs
+    cache: Literal["none", "ram", "disk"] = "none"
+    cache_max_gb: float = Field(4.0, gt=0, description="refuse a data.cache larger than this (estimated before filling)")
     options: NoOptions = NoOptions()  # task-specific reader options (each task declares its own)
 
     @model_validator(mode="after")

@@ -69,14 +69,15 @@ def history_figure(history, metric: str, path: Path) -> Path:
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.5))
     a.plot(history["epoch"], history["train_loss"], label="train loss (augmented batches)")
+    validated = history.dropna(subset=[f"val_{metric}"])  # train.val_every: other epochs have no val metrics
     for col, label in (("train_loss_plain", "train loss"), ("val_loss", "val loss")):
         if col in history:
-            a.plot(history["epoch"], history[col], label=label)
+            a.plot(validated["epoch"], validated[col], label=label, marker="." if len(validated) < len(history) else None)
     a.set_xlabel("epoch")
     a.legend()
     if f"train_{metric}" in history:
-        b.plot(history["epoch"], history[f"train_{metric}"], label=f"train {metric}", color="tab:blue")
-    b.plot(history["epoch"], history[f"val_{metric}"], label=f"val {metric}", color="tab:green")
+        b.plot(validated["epoch"], validated[f"train_{metric}"], label=f"train {metric}", color="tab:blue")
+    b.plot(validated["epoch"], validated[f"val_{metric}"], label=f"val {metric}", color="tab:green")
     b.set_xlabel("epoch")
     b.legend()
     fig.tight_layout()

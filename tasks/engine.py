@@ -11,7 +11,7 @@ import os
 import pickle
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -56,6 +56,24 @@ def set_determinism(on: bool) -> None:
     torch.backends.cudnn.benchmark = not on
     if on:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS (read when CUDA starts)
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask, e.g. a container's share), else all of them."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def worker_count(cfg: TrainConfig, cores: int | None = None) -> int:
+    """``train.num_workers`` as a number. ``auto``: none on 2 cores or fewer, where a worker process competes with
+    training for the same cores and costs more than it saves (benchmarks/epoch_time.py measured it); otherwise the
+    cores torch's threads leave free, at most 8."""
+    if cfg.num_workers != "auto":
+        return cfg.num_workers
+    cores = cores or available_cores()
+    if cores <= 2:
+        return 0
+    threads = cfg.num_threads or cores
+    return max(0, min(cores - threads, 8))
 
 
 def make_loader(task: CVTask, dataset: Dataset, batch_size: int, shuffle: bool, seed: int, num_workers: int = 0,
@@ -142,11 +160,15 @@ def code_version(task: CVTask) -> str:
 def fingerprint_parts(task: CVTask, cfg: TrainConfig, seed: int, extra_state: dict | None, n_train: int,
                       data_version: str | None) -> dict:
     """What must be equal for a checkpoint to continue this run, part by part (so a mismatch can say which):
-    all of the task's settings (and the training settings ``fit`` got). ``train.resume`` itself is left out:
-    it says whether to resume, not what is trained."""
+    all of the task's settings (and the training settings ``fit`` got). Left out: ``train.resume`` (whether to
+    resume, not what is trained) and ``data.cache`` (the same samples either way); ``train.num_workers`` as the
+    number it resolved to (the augmentation stream depends on it, not on how it was chosen)."""
     settings = {"task": task.cfg.model_dump(mode="json"), "train": cfg.model_dump(mode="json")}
     for section in (settings["task"].get("train", {}), settings["train"]):  # a bare task may have no train section
         section.pop("resume", None)
+        section["num_workers"] = worker_count(cfg)
+    for key in ("cache", "cache_max_gb"):
+        settings["task"].get("data", {}).pop(key, None)
     return {"settings": config_hash(settings), "seed": str(seed), "code": code_version(task),
             "data": data_version or "unknown", "stage": config_hash(extra_state or {}), "n_train": str(n_train)}
 
@@ -212,6 +234,22 @@ class FitResult:
     best_epoch: int
     best_metrics: dict[str, float]
     seconds: float
+    # wall-clock seconds per epoch: "train" (the training pass of each epoch run here, resumed ones included),
+    # "val" (each validation pass: validation split and train subset)
+    timings: dict[str, list[float]] = field(default_factory=lambda: {"train": [], "val": []})
+
+
+RECENT_EPOCHS = 3  # the time limit plans with the slowest of these last epochs (one slow epoch is not an outlier)
+
+
+def out_of_time(spent: float, limit_s: float, train_seconds: list[float], val_seconds: float, validating_now: bool) -> bool:
+    """True when another epoch would end past ``limit_s``: what is spent, this epoch's validation pass if it is
+    due, the slowest of the last :data:`RECENT_EPOCHS` training passes and a validation pass after it (the
+    epoch training stops at is validated). A mean hides one slow epoch: a run once overshot 581 s by 68 s."""
+    if not train_seconds:
+        return False
+    ahead = (val_seconds if validating_now else 0.0) + max(train_seconds[-RECENT_EPOCHS:]) + val_seconds
+    return spent + ahead > limit_s
 
 
 class SilentFailureWarning(UserWarning):
@@ -272,10 +310,13 @@ def fit(
     # under torchrun each process takes its share of the global batch from a DistributedSampler
     sampler = accelerate.train_sampler(train_set, seed)
     pin = acc.pin_memory
-    train_loader = make_loader(task, train_set, accelerate.local_batch_size(cfg.batch_size), True, seed, cfg.num_workers,
+    workers = worker_count(cfg)
+    print(f"[{desc}] {workers} DataLoader worker(s) (train.num_workers={cfg.num_workers}, {available_cores()} cores, "
+          f"{cfg.num_threads or available_cores()} torch thread(s))", flush=True)
+    train_loader = make_loader(task, train_set, accelerate.local_batch_size(cfg.batch_size), True, seed, workers,
                                drop_last=len(train_set) > cfg.batch_size, sampler=sampler, pin_memory=pin)
-    val_loader = make_loader(task, val_set, cfg.eval_batch_size, False, seed, cfg.num_workers, pin_memory=pin)
-    train_eval_loader = (make_loader(task, train_eval_set, cfg.eval_batch_size, False, seed, cfg.num_workers, pin_memory=pin)
+    val_loader = make_loader(task, val_set, cfg.eval_batch_size, False, seed, workers, pin_memory=pin)
+    train_eval_loader = (make_loader(task, train_eval_set, cfg.eval_batch_size, False, seed, workers, pin_memory=pin)
                          if train_eval_set is not None and cfg.track_train_metric else None)
     optimizer = build_optimizer(model, cfg.optimizer)
     scheduler = build_scheduler(optimizer, cfg, len(train_loader))
@@ -291,6 +332,7 @@ def fit(
     history: list[dict] = []
     best = {"epoch": -1, "value": -math.inf, "state": None, "metrics": {}}
     start_epoch, elapsed = 1, 0.0
+    timings: dict[str, list[float]] = {"train": [], "val": []}
 
     if checkpoint_path is not None and cfg.resume and checkpoint_path.exists():
         ck = read_resume_checkpoint(checkpoint_path)
@@ -305,7 +347,7 @@ def fit(
             if "rank_rngs" in ck:  # torchrun: each rank resumes its own torch stream
                 torch.set_rng_state(accelerate.own_rng_state(ck))
             train_loader.generator.set_state(ck["loader_rng"])
-            history, best, elapsed = ck["history"], ck["best"], ck["elapsed"]
+            history, best, elapsed, timings = ck["history"], ck["best"], ck["elapsed"], ck["timings"]
             start_epoch = cfg.epochs + 1 if ck.get("done") else ck["epoch"] + 1  # done: early stop or time limit included
             print(f"[{desc}] resuming from {checkpoint_path} after epoch {ck['epoch']}"
                   + (" (training had finished)" if ck.get("done") else ""))
@@ -329,7 +371,7 @@ def fit(
                     "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "ema": ema.state_dict() if ema is not None else None, "rng": get_rng_states(),
                     "loader_rng": train_loader.generator.get_state(), "history": history, "best": best,
-                    "elapsed": time.perf_counter() - t0,
+                    "elapsed": time.perf_counter() - t0, "timings": timings,
                     **({"rank_rngs": rank_rngs} if rank_rngs is not None and len(rank_rngs) > 1 else {})}, buf)
         atomic_write_bytes(checkpoint_path, buf.getvalue())
 
@@ -338,6 +380,7 @@ def fit(
         if sampler is not None:
             sampler.set_epoch(epoch)  # a new shuffle each epoch, the same on every rank
         loss_sum, n_batches = 0.0, 0
+        epoch_start = time.perf_counter()
         bar = tqdm(train_loader, desc=f"[{desc}] epoch {epoch}/{cfg.epochs}", leave=False, mininterval=1.0, dynamic_ncols=True,
                    disable=None)  # shown on a terminal, silent in logs
         for images, targets in bar:
@@ -359,25 +402,35 @@ def fit(
             n_batches += 1
             if not bar.disable:
                 bar.set_postfix(loss=f"{loss_sum / n_batches:.4f}", refresh=False)
-        # scored on rank 0 and broadcast (every rank holds the same weights), under the training autocast
-        with acc.autocast():
-            val = accelerate.broadcast(task.evaluate(scored, val_loader, device).metrics if accelerate.is_main() else None)
+        timings["train"].append(time.perf_counter() - epoch_start)
         row = {"epoch": epoch, "train_loss": accelerate.mean_across_ranks(loss_sum / max(n_batches, 1)),
                "lr": optimizer.param_groups[0]["lr"]}
-        if train_eval_loader is not None:
+        # validated: every val_every-th epoch, the last, and the one the time limit stops at (rank 0's clock decides)
+        due = epoch % cfg.val_every == 0 or epoch == cfg.epochs
+        out = bool(cfg.time_limit_minutes) and epoch < cfg.epochs and accelerate.broadcast(out_of_time(
+            time.perf_counter() - t0, cfg.time_limit_minutes * 60, timings["train"],
+            timings["val"][-1] if timings["val"] else 0.0, due))
+        val = None
+        if due or out:
+            val_start = time.perf_counter()
+            # scored on rank 0 and broadcast (every rank holds the same weights), under the training autocast
             with acc.autocast():
-                plain = accelerate.broadcast(task.evaluate(scored, train_eval_loader, device).metrics
-                                             if accelerate.is_main() else None)
-            row[f"train_{metric}"] = plain[metric]
-            if "loss" in plain:
-                row["train_loss_plain"] = plain["loss"]
-        row.update({f"val_{k}": v for k, v in val.items()})
-        history.append(row)
-        print(f"[{desc}] epoch {epoch}/{cfg.epochs} train_loss={row['train_loss']:.4f} "
-              f"val_{metric}={val[metric]:.4f}" + (f" val_loss={val['loss']:.4f}" if "loss" in val else ""), flush=True)
+                val = accelerate.broadcast(task.evaluate(scored, val_loader, device).metrics if accelerate.is_main() else None)
+            if train_eval_loader is not None:
+                with acc.autocast():
+                    plain = accelerate.broadcast(task.evaluate(scored, train_eval_loader, device).metrics
+                                                 if accelerate.is_main() else None)
+                row[f"train_{metric}"] = plain[metric]
+                if "loss" in plain:
+                    row["train_loss_plain"] = plain["loss"]
+            row.update({f"val_{k}": v for k, v in val.items()})
+            timings["val"].append(time.perf_counter() - val_start)
         row = plain_numbers(row)  # plain floats: the checkpoint stays loadable with weights_only=True
-        history[-1] = row
-        if val[metric] > best["value"] + (stop.min_delta if best["epoch"] > 0 else 0):
+        history.append(row)
+        print(f"[{desc}] epoch {epoch}/{cfg.epochs} train_loss={row['train_loss']:.4f}"
+              + (f" val_{metric}={val[metric]:.4f}" + (f" val_loss={val['loss']:.4f}" if "loss" in val else "")
+                 if val is not None else f" (validated every {cfg.val_every} epochs)"), flush=True)
+        if val is not None and val[metric] > best["value"] + (stop.min_delta if best["epoch"] > 0 else 0):
             best = {"epoch": epoch, "value": float(val[metric]), "state": copy.deepcopy(scored.state_dict()),
                     "metrics": plain_numbers(val)}
         rank_rngs = accelerate.gather(torch.get_rng_state())  # every rank's, so each resumes its own stream
@@ -385,12 +438,14 @@ def fit(
             save_checkpoint(epoch, rank_rngs=rank_rngs)
         if log_metrics is not None:  # after the checkpoint, so an interruption here loses no epoch
             log_metrics({k: v for k, v in row.items() if k != "epoch"}, epoch)
-        spent = accelerate.broadcast(time.perf_counter() - t0)  # all epochs so far; rank 0's, so all ranks stop together
-        if cfg.time_limit_minutes and epoch < cfg.epochs and spent / epoch * (epoch + 1) > cfg.time_limit_minutes * 60:
-            print(f"[{desc}] time limit: stopping after epoch {epoch} of {cfg.epochs} ({spent:.0f} s spent; another epoch would "
-                  f"pass train.time_limit_minutes={cfg.time_limit_minutes:g})")
+        if out:
+            slowest = max(timings["train"][-RECENT_EPOCHS:])
+            print(f"[{desc}] time limit: stopping after epoch {epoch} of {cfg.epochs} ({time.perf_counter() - t0:.0f} s spent; "
+                  f"another epoch ({slowest:.0f} s, the slowest of the last {RECENT_EPOCHS}, plus {timings['val'][-1]:.0f} s "
+                  f"of validation) would pass train.time_limit_minutes={cfg.time_limit_minutes:g})")
             break
-        if stop.enabled and epoch - best["epoch"] >= stop.patience:
+        # patience counts epochs, checked on validated ones
+        if stop.enabled and val is not None and epoch - best["epoch"] >= stop.patience:
             print(f"[{desc}] early stopping at epoch {epoch}: no better val_{metric} for {stop.patience} epochs "
                   f"(best {best['value']:.4f} at epoch {best['epoch']})")
             break
@@ -403,14 +458,18 @@ def fit(
             save_checkpoint(int(history[-1]["epoch"]), done=True)
         elif checkpoint_path is not None and checkpoint_path.exists():
             checkpoint_path.unlink()  # finished: nothing left to resume
-    return FitResult(pd.DataFrame(history), best["epoch"], best["metrics"], seconds)
+    return FitResult(pd.DataFrame(history), best["epoch"], best["metrics"], seconds, timings)
 
 
 def diagnose_overfitting(history: pd.DataFrame, metric: str, min_gap_growth: float = 0.02, min_flat_epochs: int = 2) -> str | None:
     """A sentence when the model overfits: the validation metric stopped improving while the gap
-    between train and validation kept growing. Names the epoch where it started; None otherwise."""
+    between train and validation kept growing. Names the epoch where it started; None otherwise. ``min_flat_epochs``
+    counts validated epochs."""
     train_col, val_col = f"train_{metric}", f"val_{metric}"
-    if train_col not in history or val_col not in history or len(history) < min_flat_epochs + 1:
+    if train_col not in history or val_col not in history:
+        return None
+    history = history.dropna(subset=[val_col]).reset_index(drop=True)  # validated epochs only (train.val_every)
+    if len(history) < min_flat_epochs + 1:
         return None
     best_idx = int(history[val_col].values.argmax())
     if len(history) - 1 - best_idx < min_flat_epochs:

@@ -71,7 +71,7 @@ def run(task_name: str, params_path: str | Path = "params.yaml", overrides: dict
         test = task.dataset("test", task.eval_transforms(norm))
         device = engine.pick_device(st.cfg.train.device)
         engine.set_threads(st.cfg.train.num_threads)
-        loader = engine.make_loader(task, test, st.cfg.train.eval_batch_size, False, st.params.seed, st.cfg.train.num_workers)
+        loader = engine.make_loader(task, test, st.cfg.train.eval_batch_size, False, st.params.seed, engine.worker_count(st.cfg.train))
         results = {"dummy": task.dummy_result(task.dataset("train", None), test)}
         speed, diagnosis = {}, {}
         for name in MODELS:

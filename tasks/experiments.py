@@ -23,7 +23,8 @@ from pydantic import Field, ValidationError, model_validator
 from tasks.config import ConfigError, Params, Strict, _describe, config_hash, flatten, load_params
 
 # settings that change how fast a run goes, not what it learns: left out of the resume keys
-NOT_LEARNING = ("train.num_threads", "train.num_workers", "train.resume", "train.device", "train.eval_batch_size")
+NOT_LEARNING = ("train.num_threads", "train.num_workers", "train.resume", "train.device", "train.eval_batch_size",
+                "data.cache", "data.cache_max_gb")
 
 
 class RunnerConfig(Strict):
@@ -220,7 +221,7 @@ def train_and_score(job: TrainJob, on_epoch: Callable[[dict, int], None] | None 
             norm = normalizer(st)
             test = task.dataset("test", task.eval_transforms(norm))
             device = engine.pick_device(cfg.train.device)
-            loader = engine.make_loader(task, test, cfg.train.eval_batch_size, False, params.seed, cfg.train.num_workers)
+            loader = engine.make_loader(task, test, cfg.train.eval_batch_size, False, params.seed, engine.worker_count(cfg.train))
             scored = task.evaluate(engine.load_model(task, model_path).to(device), loader, device)
             metrics.update({f"test_{k}": v for k, v in scored.metrics.items()})
         log_metrics(params, run_id, metrics)

@@ -170,7 +170,8 @@ def summarise_pipeline(parent_id: str, task_name: str, primary: str, test: dict[
         df = pd.read_csv(history)
         for key in ("train_loss", f"val_{primary}"):
             if key in df.columns and not c.get_metric_history(parent_id, key):
-                metrics += [Metric(key, float(v), now, int(e)) for e, v in zip(df["epoch"], df[key])]
+                metrics += [Metric(key, float(v), now, int(e)) for e, v in zip(df["epoch"], df[key])
+                            if pd.notna(v)]  # epochs without validation (train.val_every) have no val metrics
     for i in range(0, len(metrics), 1000):  # MLflow's batch limit
         c.log_batch(parent_id, metrics=metrics[i:i + 1000])
     version = read_data_version(task_name)

@@ -233,6 +233,8 @@ def run_trial(j: TrainJob, storage: str, study_name: str, trial_id: int, primary
     trial = optuna.Trial(study, trial_id)
 
     def on_epoch(metrics: dict, epoch: int) -> None:
+        if f"val_{primary}" not in metrics:  # an epoch without validation (train.val_every): nothing to judge
+            return
         trial.report(float(metrics[f"val_{primary}"]), epoch)
         if trial.should_prune():
             raise optuna.TrialPruned(f"pruned after epoch {epoch}")

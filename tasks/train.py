@@ -6,7 +6,11 @@ from pathlib import Path
 
 import torch
 
+from torch.utils.data import Dataset
+
+from cv_models.data.cache import CachedDataset, cache_key, split_transforms
 from cv_models.normalize import load_normalizer
+from cv_models.settings import ConfigError
 from tasks import engine
 from tasks.config import AugmentConfig
 from tasks.data_version import read_data_version
@@ -36,6 +40,29 @@ def initial_weights(task, seed: int) -> tuple[torch.nn.Module, str]:
     return model, state_sha256(model)
 
 
+def cached(st: Stage, split: str, transforms) -> Dataset:
+    """The task's ``split`` with ``transforms``, decoded and resized once when ``data.cache`` says so
+    (cv_models/data/cache.py; the results are those of ``cache: none``)."""
+    data = st.task.dataset(split, transforms)
+    d = st.cfg.data
+    if d.cache == "none":
+        return data
+    digest = read_data_version(st.task_name, split)["digest"]
+    if d.cache == "disk" and digest == "unknown":
+        raise ConfigError(f"data.cache: disk keys its files by the data version, which the validate stage writes; run "
+                          f"it first (python -m tasks validate {st.task_name}) or set data.cache: ram")
+    # what a kept sample depends on: the data, what the reader was told, the split and the resize (training size)
+    reader = d.model_dump(mode="json", exclude={"cache", "cache_max_gb"})
+    prefix, _ = split_transforms(transforms)
+    key = cache_key(st.task_name, digest, reader, str(Path(d.path).resolve()), split, len(data), type(data).__name__,
+                    repr(prefix), st.cfg.image_size)
+    return CachedDataset(data, d.cache, key, d.cache_max_gb, label=f"{st.task_name}/{split}")
+
+
+def subset(task, data: Dataset, indices: list[int]) -> Dataset:
+    return data.subset(task, indices) if isinstance(data, CachedDataset) else task.subset(data, indices)
+
+
 def train_model(st: Stage, augment: AugmentConfig | None, out_dir: Path,
                 keep_checkpoint: bool = False) -> tuple[engine.FitResult, Path]:
     """Fit the task's model with (or without) augmentations; best weights to ``models/<task>/<stage>/model.pt``.
@@ -43,16 +70,16 @@ def train_model(st: Stage, augment: AugmentConfig | None, out_dir: Path,
     stage's outputs are committed, or before DVC writes its lock file) and a rerun with the same settings,
     seed, code and data then rewrite the outputs without training again; the next different run replaces it."""
     norm = normalizer(st)
-    train = st.task.dataset("train", st.task.train_transforms(augment, norm))
-    val = st.task.dataset("val", st.task.eval_transforms(norm))
+    train = cached(st, "train", st.task.train_transforms(augment, norm))
+    val = cached(st, "val", st.task.eval_transforms(norm))
     # the same number of training images as validation images, unaugmented: the overfitting diagnosis compares them
     train_eval = None
     if st.cfg.train.track_train_metric:
-        train_plain = st.task.dataset("train", st.task.eval_transforms(norm))
+        train_plain = cached(st, "train", st.task.eval_transforms(norm))  # the same kept samples as ``train``'s
         # stratified and seeded: the first N of a sorted folder listing can all be one class
         indices = engine.stratified_indices(getattr(train_plain, "labels", None), min(len(train_plain), len(val)),
                                             st.params.seed, size=len(train_plain))
-        train_eval = st.task.subset(train_plain, indices)
+        train_eval = subset(st.task, train_plain, indices)
     model, init_hash = initial_model(st)
     st.log_params({"init_weights_sha256": init_hash})
     # the augmentation stream starts from the seed too, whatever ran before in this process
