@@ -21,7 +21,7 @@ from cv_models.data.imagefolder import list_samples
 from cv_models.data.probe import IMAGE_SUFFIXES, load_rgb, probe_image
 from cv_models.nets import NETS
 from cv_models.weights import freeze, load_into, read_checkpoint, torchvision_state_dict
-from cv_models.settings import AugmentConfig, Strict, task_settings
+from cv_models.settings import AugmentConfig, Strict, size_hw, task_settings
 
 DUPLICATE_POLICIES = ("fail", "drop")
 REQUIRED_SPLITS = ("train", "val")  # every class must appear here; test gaps are reported
@@ -49,12 +49,13 @@ class PlainTransform:
     one call. A lone image needs none of transforms v2's joint dispatch, whose per-call cost is a
     measurable share of a small classifier's step (benchmarks/bench_train_step.py)."""
 
-    def __init__(self, size: int, normalize):
-        self.size, self.normalize = size, normalize
+    def __init__(self, size: int | tuple[int, int], normalize):
+        h, w = size_hw(size)
+        self.size, self.normalize = (w, h), normalize  # PIL's (width, height)
 
     def __call__(self, image: Image.Image) -> tv_tensors.Image:
-        if image.size != (self.size, self.size):
-            image = image.resize((self.size, self.size), Image.BILINEAR)  # as v2.Resize does on PIL images
+        if image.size != self.size:
+            image = image.resize(self.size, Image.BILINEAR)  # as v2.Resize does on PIL images
         x = tv_tensors.Image(torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).float().div_(255))
         return self.normalize.transform(x, {}) if self.normalize is not None else x
 

@@ -439,7 +439,7 @@ class InstanceSegmentationTask(CVTask):
 
         m = self.cfg.model
         options, _ = sized_options(m.options.model_dump(), self.most_objects())
-        model = build_mask_rcnn(m.name, len(self.class_names()) + 1, self.cfg.image_size, m.width, options, m.weights)
+        model = build_mask_rcnn(m.name, len(self.class_names()) + 1, self.cfg.image_hw, m.width, options, m.weights)
         if m.freeze_backbone:
             for p in model.backbone.body.parameters():
                 p.requires_grad = False
