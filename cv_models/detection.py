@@ -503,7 +503,9 @@ class DetectionTask(CVTask):
         return sum(losses.values())
 
     @torch.no_grad()
-    def evaluate(self, model, loader, device) -> EvalResult:
+    def evaluate(self, model, loader, device, native: bool = False) -> EvalResult:
+        """COCO mAP with every box mapped back to its image's original pixels, always (``native`` or not): the
+        boxes scale exactly, so the per-epoch validation costs nothing more for it."""
         model.eval()
         dataset = loader.dataset
         results = []
@@ -574,7 +576,8 @@ class DetectionTask(CVTask):
         return draw_bounding_boxes(pic, boxes[keep], labels=labels, colors=colors, width=2)
 
     def report(self, results: dict[str, EvalResult], test, out_dir: Path) -> list[Path]:
-        """COCO ground truth and COCO results JSON per model (recompute with pycocotools), predictions drawn."""
+        """COCO ground truth (file names, original sizes) and COCO results JSON per model in the original pixels
+        (recompute with pycocotools: RECOMPUTE.md), predictions drawn."""
         from cv_models.visualise import save_grid
 
         files = [out_dir / "ground_truth_test.json"]
@@ -599,10 +602,17 @@ class DetectionTask(CVTask):
                                           score_threshold=threshold))
             files.append(save_grid(pictures, out_dir / f"predictions_{model_name}.png", nrow=4))
         (out_dir / "RECOMPUTE.md").write_text(
-            "Recompute the test mAP from these files with pycocotools:\n\n```python\n"
-            "from pycocotools.coco import COCO\nfrom pycocotools.cocoeval import COCOeval\n"
+            "# Rescoring the test results\n\n`ground_truth_test.json` (each test image's id, file_name and original "
+            "width/height) and `predictions_<model>.json` (COCO results: boxes x, y, w, h in the original pixels) "
+            "are at each image's own resolution. With pycocotools:\n\n```python\n"
+            "from collections import Counter\nfrom pycocotools.coco import COCO\nfrom pycocotools.cocoeval import COCOeval\n\n"
             "gt = COCO('ground_truth_test.json')\ndt = gt.loadRes('predictions_augmented.json')\n"
-            "e = COCOeval(gt, dt, 'bbox'); e.evaluate(); e.accumulate(); e.summarize()  # stats[0] = mAP, stats[1] = mAP@.5\n```\n")
+            "e = COCOeval(gt, dt, 'bbox')\n"
+            "# as the pipeline: maxDets never below the busiest image (COCO's 100 would drop detections)\n"
+            "busiest = max((Counter(a['image_id'] for a in gt.dataset['annotations']) + "
+            "Counter(r['image_id'] for r in dt.dataset['annotations'])).values())\n"
+            "e.params.maxDets = [1, 10, max(100, busiest)]\n"
+            "e.evaluate(); e.accumulate(); e.summarize()  # metrics.json: map = stats[0], map50 = stats[1]\n```\n")
         return files
 
 

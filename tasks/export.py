@@ -178,7 +178,7 @@ def describe(loaded: Loaded, fmt: str, path: Path) -> dict[str, Any]:
             "opset": OPSET if fmt == "onnx" else None, "torch": torch.__version__,
             "input": {"name": "input", "shape": shape, "dtype": "float32", "layout": "RGB, channels first",
                       "resize": f"bilinear to {s} (height x width, the training size)", "scale": "pixel / 255"},
-            "image_size": cfg.image_size, "normalization": normalization, "classes": task.class_names(),
+            "image_size": cfg.model_dump(mode="json")["image_size"], "normalization": normalization, "classes": task.class_names(),
             "outputs": outputs.get(task.name, {k: "" for k in task.export_outputs}), "source_model": loaded.source}
 
 
