@@ -602,8 +602,8 @@ class DetectionTask(CVTask):
                                           score_threshold=threshold))
             files.append(save_grid(pictures, out_dir / f"predictions_{model_name}.png", nrow=4))
         (out_dir / "RECOMPUTE.md").write_text(
-            "# Rescoring the test results\n\n`ground_truth_test.json` (each test image's id, file_name and original "
-            "width/height) and `predictions_<model>.json` (COCO results: boxes x, y, w, h in the original pixels) "
+            "# Rescoring the test results\n\n`ground_truth_test.json` (each test image's id, file_name, original "
+            "width/height and source_id, its id in the dataset's own annotations) and `predictions_<model>.json` (COCO results: boxes x, y, w, h in the original pixels) "
             "are at each image's own resolution. With pycocotools:\n\n```python\n"
             "from collections import Counter\nfrom pycocotools.coco import COCO\nfrom pycocotools.cocoeval import COCOeval\n\n"
             "gt = COCO('ground_truth_test.json')\ndt = gt.loadRes('predictions_augmented.json')\n"

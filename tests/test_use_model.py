@@ -193,6 +193,7 @@ def test_evaluate_details_rescore_to_the_reported_metric_at_each_images_own_size
                                 else ("coco_ground_truth.json", f"coco_results_{model}.json"))
             gt = COCO(str(details / gt_file))
             for im in gt.dataset["images"]:  # the original images, by file name and size
+                assert name != "detection" or im["source_id"] is not None  # its id in the dataset's own annotations
                 assert Image.open(trained / "data/shapes/scenes/images/test" / Path(im["file_name"]).name).size == (im["width"], im["height"])
             results = json.loads((details / dt_file).read_text())
             assert results and all(0 <= r["bbox"][0] + r["bbox"][2] <= 64 + 1e-3 for r in results)
