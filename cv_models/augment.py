@@ -21,7 +21,7 @@ import torch
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from cv_models.settings import AugmentConfig
+from cv_models.settings import AugmentConfig, size_hw
 
 Builder = Callable[..., v2.Transform]
 # Phases, in pipeline order: geometry on uint8 images, then colour, then float conversion, noise,
@@ -34,7 +34,8 @@ CUTOUT_RATIO = (0.3, 3.3)  # aspect ratio range of an erased rectangle (RandomEr
 
 @dataclass(frozen=True)
 class Augmentation:
-    """One registry entry: the phase it runs in and, for per-sample phases, its builder ``(settings, size) -> transform``."""
+    """One registry entry: the phase it runs in and, for per-sample phases, its builder ``(settings, size) -> transform``
+    (``size``: the training size as ``(height, width)``)."""
 
     phase: str
     build: Builder | None = None
@@ -73,7 +74,7 @@ AUGMENTATIONS: dict[str, Augmentation] = {
     "rotation": Augmentation("geometric", lambda c, size: _random_apply(
         v2.RandomRotation(degrees=c.degrees, fill={tv_tensors.Image: c.fill, "others": 0}), c.p)),
     "crop": Augmentation("geometric", lambda c, size: _random_apply(
-        v2.RandomResizedCrop(size=(size, size), scale=tuple(c.scale), antialias=True), c.p)),
+        v2.RandomResizedCrop(size=size, scale=tuple(c.scale), antialias=True), c.p)),
     "rescale": Augmentation("geometric", lambda c, size: _random_apply(v2.RandomAffine(degrees=0, scale=tuple(c.scale)), c.p)),
     "color": Augmentation("photometric", lambda c, size: _random_apply(
         v2.ColorJitter(brightness=c.brightness, contrast=c.contrast, saturation=c.saturation, hue=c.hue), c.p)),
@@ -109,7 +110,7 @@ class ToFloatImage(v2.Transform):
 
 
 def build_transforms(
-    image_size: int,
+    image_size: int | tuple[int, int],
     augment: AugmentConfig | None,
     normalize: Callable | None,
     resize: v2.Transform | None = None,
@@ -121,6 +122,7 @@ def build_transforms(
     ``registry``: the task's augmentations (default: the shared :data:`AUGMENTATIONS`); every enabled
     Switch of ``augment`` must have an entry, so a switched-on augmentation is never skipped silently."""
     registry = registry if registry is not None else AUGMENTATIONS
+    size = size_hw(image_size)  # (height, width): one number is a square
     if augment is not None:
         missing = [n for n in augment.enabled_names() if n not in registry]
         if missing:
@@ -129,11 +131,11 @@ def build_transforms(
     def stage(phase: str) -> list[v2.Transform]:
         if augment is None:
             return []
-        return [aug.build(getattr(augment, n), image_size) for n, aug in registry.items()
+        return [aug.build(getattr(augment, n), size) for n, aug in registry.items()
                 if aug.phase == phase and getattr(augment, n).enabled]
 
     # resize first: on a PIL image v2 uses PIL's fast resampling, then convert to a tensor image
-    steps: list = [resize if resize is not None else v2.Resize((image_size, image_size), antialias=True)]
+    steps: list = [resize if resize is not None else v2.Resize(size, antialias=True)]
     middle = stage("geometric") + stage("photometric")
     if middle:
         steps += [v2.ToImage(), *middle, v2.ToDtype({tv_tensors.Image: torch.float32, "others": None}, scale=True)]

@@ -147,8 +147,12 @@ class CVTask(ABC):
         """Loss of one batch, model in train mode (the loss chosen to match the metric)."""
 
     @abstractmethod
-    def evaluate(self, model: nn.Module, loader: torch.utils.data.DataLoader, device: torch.device) -> EvalResult:
-        ...
+    def evaluate(self, model: nn.Module, loader: torch.utils.data.DataLoader, device: torch.device,
+                 native: bool = False) -> EvalResult:
+        """Metrics of ``model`` on ``loader`` (not shuffled). ``native``: score every image at its own resolution
+        against its original annotation, predictions mapped back as :meth:`predict_image` does (the evaluate
+        stage: the figures users and papers report), and keep the per-image predictions :meth:`report` writes.
+        False: at the training size where that differs (the per-epoch validation: cheaper, and it only ranks epochs)."""
 
     @abstractmethod
     def dummy_result(self, train: Dataset, evaluation: Dataset) -> EvalResult:
@@ -192,5 +196,14 @@ class CVTask(ABC):
         """uint8 CxHxW picture of one (un-normalised, [0,1] float) image with its target drawn on it."""
 
     def report(self, results: dict[str, EvalResult], test: Dataset, out_dir: Path) -> list[Path]:
-        """Task-specific pictures and tables of the evaluation (confusion matrix, overlays, ...)."""
+        """Task-specific pictures and tables of the evaluation (confusion matrix, overlays, ...), and each model's
+        per-image predictions at the images' own resolution with a ``RECOMPUTE.md`` saying how to rescore them."""
         return []
+
+
+def in_order(dataset: Dataset) -> tuple[Dataset, list[int]]:
+    """The task's own dataset under ``dataset`` (a Subset or not) and the indices a non-shuffled loader visits."""
+    if isinstance(dataset, torch.utils.data.Subset):
+        inner, indices = in_order(dataset.dataset)
+        return inner, [indices[i] for i in dataset.indices]
+    return dataset, list(range(len(dataset)))

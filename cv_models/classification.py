@@ -21,7 +21,7 @@ from cv_models.data.imagefolder import list_samples
 from cv_models.data.probe import IMAGE_SUFFIXES, load_rgb, probe_image
 from cv_models.nets import NETS
 from cv_models.weights import freeze, load_into, read_checkpoint, torchvision_state_dict
-from cv_models.settings import AugmentConfig, Strict, task_settings
+from cv_models.settings import AugmentConfig, Strict, size_hw, task_settings
 
 DUPLICATE_POLICIES = ("fail", "drop")
 REQUIRED_SPLITS = ("train", "val")  # every class must appear here; test gaps are reported
@@ -66,13 +66,14 @@ class PlainTransform:
 class PilResize:
     """The resize of :class:`PlainTransform` alone (what data.cache keeps)."""
 
-    def __init__(self, size: int):
-        self.size = size
+    def __init__(self, size: int | tuple[int, int]):
+        h, w = size_hw(size)
+        self.size = (w, h)  # PIL's (width, height)
 
     def __call__(self, image: Image.Image) -> Image.Image:
-        if image.size == (self.size, self.size):
+        if image.size == self.size:
             return image
-        return image.resize((self.size, self.size), Image.BILINEAR)  # as v2.Resize does on PIL images
+        return image.resize(self.size, Image.BILINEAR)  # as v2.Resize does on PIL images
 
     def __repr__(self) -> str:
         return f"PilResize({self.size}, bilinear)"
@@ -299,17 +300,20 @@ class ClassificationTask(CVTask):
         return F.cross_entropy(model(images), targets, weight=weight, label_smoothing=loss_cfg.label_smoothing)
 
     @torch.no_grad()
-    def evaluate(self, model, loader, device) -> EvalResult:
+    def evaluate(self, model, loader, device, native: bool = False) -> EvalResult:
+        """Accuracy and macro F1; every class's probability kept for the report (resolution plays no part)."""
         model.eval()
-        preds, labels, loss_sum = [], [], 0.0
+        preds, labels, probs, loss_sum = [], [], [], 0.0
         for images, targets in loader:
             logits = model(images.to(device))
             loss_sum += F.cross_entropy(logits, targets.to(device), reduction="sum").item()
             preds.append(logits.argmax(1).cpu())
+            probs.append(F.softmax(logits.float(), 1).cpu())
             labels.append(targets)
         y_pred, y_true = torch.cat(preds).numpy(), torch.cat(labels).numpy()
         result = self._score(y_true, y_pred)
         result.metrics["loss"] = loss_sum / max(len(y_true), 1)
+        result.predictions["probs"] = torch.cat(probs).numpy()
         return result
 
     @torch.no_grad()
@@ -365,9 +369,29 @@ class ClassificationTask(CVTask):
         return caption(image, text)
 
     def report(self, results: dict[str, EvalResult], test, out_dir: Path) -> list[Path]:
+        """Confusion matrices, and a CSV per model of every test image's true class, predicted class and class
+        probabilities (the dummy: probability 1 for its one class), with how to rescore them."""
         from cv_models.visualise import confusion_matrix_figure
 
+        names = self.class_names()
         files = []
+        for model_name, res in results.items():
+            y_true, y_pred = res.predictions["y_true"], res.predictions["y_pred"]
+            probs = res.predictions.get("probs", np.eye(len(names))[y_pred])
+            table = pd.DataFrame({"file": [s["path"] for s in test.samples], "true_class": [names[k] for k in y_true],
+                                  "predicted_class": [names[k] for k in y_pred]})
+            table[[f"prob_{c}" for c in names]] = np.round(probs, 6)
+            files.append(out_dir / f"predictions_{model_name}.csv")
+            table.to_csv(files[-1], index=False)
+        (out_dir / "RECOMPUTE.md").write_text(
+            "# Rescoring the test predictions\n\n`predictions_<model>.csv`: one row per test image (file, true class, "
+            "predicted class, each class's probability). With scikit-learn:\n\n```python\nimport pandas as pd\n"
+            "from sklearn.metrics import accuracy_score, f1_score\n\ndf = pd.read_csv('predictions_augmented.csv')\n"
+            "print('accuracy', accuracy_score(df.true_class, df.predicted_class))\n"
+            f"print('macro_f1', f1_score(df.true_class, df.predicted_class, labels={names!r}, average='macro', "
+            "zero_division=0))\n```\n\nThe macro F1 averages over every declared class (one absent from both columns "
+            "counts 0), as metrics.json does.\n")
+        files.append(out_dir / "RECOMPUTE.md")
         for model_name, res in results.items():
             if "confusion_matrix" in res.extra:
                 path = out_dir / f"confusion_matrix_{model_name}.png"

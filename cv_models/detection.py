@@ -135,11 +135,12 @@ class DetectionDataset(Dataset):
     """Samples ``(image, target)``; target: ``boxes`` (tv_tensors.BoundingBoxes, XYXY pixels), ``labels``
     (1..K, 0 is the background), ``image_id`` (int, for COCO evaluation)."""
 
-    def __init__(self, records: list[dict], class_names: list[str], transforms, size: int | None = None):
+    def __init__(self, records: list[dict], class_names: list[str], transforms, size: tuple[int, int] | None = None):
         self.records = records
         self.class_names = class_names
         self.transforms = transforms
-        self.size = size  # resize with PIL on load (cheaper than resizing tensors; the transforms' Resize is then a no-op)
+        # (height, width): resize with PIL on load (cheaper than resizing tensors; the transforms' Resize is then a no-op)
+        self.size = size
         self.by_id = {r["image_id"]: r for r in records}
 
     def __len__(self) -> int:
@@ -150,9 +151,10 @@ class DetectionDataset(Dataset):
         image = load_rgb(r["path"])
         keep = r["iscrowd"] == 0  # crowd / VOC-difficult boxes only matter to the evaluation
         boxes = r["boxes"][keep]
-        if self.transforms is not None and self.size and image.size != (self.size, self.size):
-            boxes = boxes * torch.tensor([self.size / image.width, self.size / image.height] * 2)
-            image = image.resize((self.size, self.size), Image.BILINEAR)
+        if self.transforms is not None and self.size and image.size != self.size[::-1]:
+            h, w = self.size
+            boxes = boxes * torch.tensor([w / image.width, h / image.height] * 2)
+            image = image.resize((w, h), Image.BILINEAR)
         target = {"boxes": tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=(image.height, image.width)),
                   "labels": r["labels"][keep], "image_id": r["image_id"]}
         if self.transforms is not None:
@@ -195,7 +197,7 @@ class BoxCutout(nn.Module):
         return tv_tensors.wrap(out, like=image), {**target, "boxes": new_boxes, "labels": kept["labels"]}
 
 
-def _detection_overrides(size: int, augment: AugmentConfig) -> dict[str, Callable]:
+def _detection_overrides(size: tuple[int, int], augment: AugmentConfig) -> dict[str, Callable]:
     """Box-aware versions of the shared registry's entries (boxes move with the image in all of them)."""
     o = augment.options
     fill = {tv_tensors.Image: o.fill, "others": 0}
@@ -205,9 +207,9 @@ def _detection_overrides(size: int, augment: AugmentConfig) -> dict[str, Callabl
 
     return {
         "crop": lambda c, s: maybe(v2.Compose([v2.RandomIoUCrop(min_scale=c.scale[0], max_scale=c.scale[1]),
-                                               v2.Resize((s, s), antialias=True)]), c.p),
+                                               v2.Resize(s, antialias=True)]), c.p),
         "rescale": lambda c, s: maybe(v2.Compose([v2.RandomZoomOut(fill=fill, side_range=(1.0, max(c.scale[1], 1.0 + 1e-3)), p=1.0),
-                                                  v2.Resize((s, s), antialias=True)]), c.p),
+                                                  v2.Resize(s, antialias=True)]), c.p),
         "rotation": lambda c, s: maybe(v2.RandomRotation(degrees=c.degrees, fill={tv_tensors.Image: c.fill, "others": 0}), c.p),
         "cutout": lambda c, s: BoxCutout(c.p, tuple(c.scale), o.cutout_min_visible),
     }
@@ -351,7 +353,7 @@ class DetectionTask(CVTask):
         return out
 
     def dataset(self, split: str, transforms) -> DetectionDataset:
-        return DetectionDataset(self.records(split), self.class_names(), transforms, size=self.cfg.image_size)
+        return DetectionDataset(self.records(split), self.class_names(), transforms, size=self.cfg.image_hw)
 
     def collate(self, batch):
         return collate(batch)
@@ -359,7 +361,7 @@ class DetectionTask(CVTask):
     # ------------------------------------------------------------ transforms
     def train_transforms(self, augment: AugmentConfig | None, normalize):
         # ``normalize`` is not applied: the detector normalises inside (see build_model)
-        size = self.cfg.image_size
+        size = self.cfg.image_hw
         registry = with_builders(self.augmentations, _detection_overrides(size, augment)) if augment is not None else None
         return build_transforms(size, augment, None, registry=registry, tail=[v2.SanitizeBoundingBoxes(min_size=1)])
 
@@ -418,15 +420,15 @@ class DetectionTask(CVTask):
             raise ValueError(f"model.options {auto} 'auto' is for the detectors {sorted(ANCHOR_LAYOUT)}, not {name!r}")
         levels, default_scales = ANCHOR_LAYOUT[name]
         scales = o["scales_per_level"] or default_scales
-        s = self.cfg.image_size
-        sizes = [(r["boxes"][:, 2:] - r["boxes"][:, :2]) * torch.tensor([s / r["width"], s / r["height"]])
+        h, w = self.cfg.image_hw
+        sizes = [(r["boxes"][:, 2:] - r["boxes"][:, :2]) * torch.tensor([w / r["width"], h / r["height"]])
                  for r in self.records("train") if len(r["boxes"])]
         sizes = torch.cat(sizes) if sizes else torch.zeros((0, 2))
         fitted = anchors_sized_to(sizes, levels, scales)
         o.update({k: fitted[k] for k in auto})
         if not getattr(self, "_anchors_reported", False):  # once per task object (evaluation rebuilds the model)
             before = best_anchor_iou(sizes, anchor_shapes(DEFAULT_ANCHOR_SIZE, levels, scales, DEFAULT_ASPECT_RATIOS)).mean()
-            print(f"[{self.name}] anchors sized to the training boxes at {s}px: anchor_size={o['anchor_size']}, "
+            print(f"[{self.name}] anchors sized to the training boxes at {h}x{w} px: anchor_size={o['anchor_size']}, "
                   f"aspect_ratios={o['aspect_ratios']}; mean best-anchor IoU "
                   f"{fitted['mean_best_iou']:.3f} (the defaults, {DEFAULT_ANCHOR_SIZE} px and {DEFAULT_ASPECT_RATIOS}: "
                   f"{before:.3f}), boxes with a best anchor at IoU >= 0.5: {fitted['recall_at_iou_0.5']:.1%}")
@@ -443,8 +445,8 @@ class DetectionTask(CVTask):
     @torch.no_grad()
     def predict_image(self, model, image, normalize, image_id: int) -> Prediction:
         """COCO results of one image, boxes in the image's own pixels (as the evaluation exports them)."""
-        s = self.cfg.image_size
-        x = self.predict_transform(None)(image.resize((s, s), Image.BILINEAR) if image.size != (s, s) else image)
+        h, w = self.cfg.image_hw
+        x = self.predict_transform(None)(image.resize((w, h), Image.BILINEAR) if image.size != (w, h) else image)
         device = next(model.parameters()).device
         out = model.eval()([x.as_subclass(torch.Tensor).to(device)])[0]
         sx, sy = image.width / x.shape[-1], image.height / x.shape[-2]
@@ -472,14 +474,14 @@ class DetectionTask(CVTask):
             torch.set_num_threads(t.num_threads)
         mean, std = self.input_stats()
         n = len(self.class_names()) + 1  # + background
-        size = self.cfg.image_size
+        size = self.cfg.image_hw
         if m.name in DETECTORS:
             model = build_detector(m.name, n, size, mean, std, m.width, self.model_options())
         else:  # any torchvision detection builder, e.g. fasterrcnn_mobilenet_v3_large_fpn
             from torchvision.models import get_model
 
             try:
-                model = get_model(m.name, weights=None, weights_backbone=None, num_classes=n, min_size=size, max_size=size,
+                model = get_model(m.name, weights=None, weights_backbone=None, num_classes=n, min_size=min(size), max_size=max(size),
                                   image_mean=mean, image_std=std, **m.options.kwargs)
             except (ValueError, TypeError) as err:
                 raise ValueError(f"model.name {m.name!r}: {err}") from None
@@ -501,7 +503,9 @@ class DetectionTask(CVTask):
         return sum(losses.values())
 
     @torch.no_grad()
-    def evaluate(self, model, loader, device) -> EvalResult:
+    def evaluate(self, model, loader, device, native: bool = False) -> EvalResult:
+        """COCO mAP with every box mapped back to its image's original pixels, always (``native`` or not): the
+        boxes scale exactly, so the per-epoch validation costs nothing more for it."""
         model.eval()
         dataset = loader.dataset
         results = []
@@ -572,7 +576,8 @@ class DetectionTask(CVTask):
         return draw_bounding_boxes(pic, boxes[keep], labels=labels, colors=colors, width=2)
 
     def report(self, results: dict[str, EvalResult], test, out_dir: Path) -> list[Path]:
-        """COCO ground truth and COCO results JSON per model (recompute with pycocotools), predictions drawn."""
+        """COCO ground truth (file names, original sizes) and COCO results JSON per model in the original pixels
+        (recompute with pycocotools: RECOMPUTE.md), predictions drawn."""
         from cv_models.visualise import save_grid
 
         files = [out_dir / "ground_truth_test.json"]
@@ -597,10 +602,17 @@ class DetectionTask(CVTask):
                                           score_threshold=threshold))
             files.append(save_grid(pictures, out_dir / f"predictions_{model_name}.png", nrow=4))
         (out_dir / "RECOMPUTE.md").write_text(
-            "Recompute the test mAP from these files with pycocotools:\n\n```python\n"
-            "from pycocotools.coco import COCO\nfrom pycocotools.cocoeval import COCOeval\n"
+            "# Rescoring the test results\n\n`ground_truth_test.json` (each test image's id, file_name, original "
+            "width/height and source_id, its id in the dataset's own annotations) and `predictions_<model>.json` (COCO results: boxes x, y, w, h in the original pixels) "
+            "are at each image's own resolution. With pycocotools:\n\n```python\n"
+            "from collections import Counter\nfrom pycocotools.coco import COCO\nfrom pycocotools.cocoeval import COCOeval\n\n"
             "gt = COCO('ground_truth_test.json')\ndt = gt.loadRes('predictions_augmented.json')\n"
-            "e = COCOeval(gt, dt, 'bbox'); e.evaluate(); e.accumulate(); e.summarize()  # stats[0] = mAP, stats[1] = mAP@.5\n```\n")
+            "e = COCOeval(gt, dt, 'bbox')\n"
+            "# as the pipeline: maxDets never below the busiest image (COCO's 100 would drop detections)\n"
+            "busiest = max((Counter(a['image_id'] for a in gt.dataset['annotations']) + "
+            "Counter(r['image_id'] for r in dt.dataset['annotations'])).values())\n"
+            "e.params.maxDets = [1, 10, max(100, busiest)]\n"
+            "e.evaluate(); e.accumulate(); e.summarize()  # metrics.json: map = stats[0], map50 = stats[1]\n```\n")
         return files
 
 

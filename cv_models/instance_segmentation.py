@@ -12,7 +12,9 @@ Data (``data.format``):
 
 Samples are ``(image, target)`` with ``target = {"boxes": N x 4 xyxy, "labels": N (1..K),
 "masks": N x H x W uint8, "image_id": int}`` at the training size. Boxes are recomputed from the
-masks after every transform. Metrics are computed at the training size.
+masks after every transform. The evaluate stage scores at each image's own resolution (predicted boxes
+scaled, mask probabilities resized before thresholding, against the original masks); the per-epoch
+validation at the training size.
 """
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ from torchvision import tv_tensors
 from pydantic import Field
 
 from cv_models.augment import AUGMENTATIONS, BATCH, Augmentation, build_transforms, cutout_rectangle, with_builders
-from cv_models.base import Check, CVTask, DataError, EvalResult, Prediction, register_task
+from cv_models.base import Check, CVTask, DataError, EvalResult, Prediction, in_order, register_task
 from cv_models.data.instance_masks import (BOX_TOLERANCE_FRACTION, BOX_TOLERANCE_PX, decode, mask_box, mask_facts,
                                            read_png_mask)
 from cv_models.data.probe import load_rgb
@@ -204,6 +206,22 @@ def ground_truth_entries(target: dict, image_id: int, start_id: int) -> list[dic
         x0, y0, x1, y1 = [float(v) for v in box]
         out.append({"id": start_id + k, "image_id": image_id, "category_id": int(label), "segmentation": encode_mask(m),
                     "bbox": [x0, y0, x1 - x0, y1 - y0], "area": float(m.sum()), "iscrowd": 0})
+    return out
+
+
+def to_image_size(output: dict, size: tuple[int, int], image_size: tuple[int, int]) -> dict:
+    """A Mask R-CNN output for an input of ``size`` (h, w) mapped to the image's own ``image_size`` (H, W):
+    boxes scaled, mask probabilities resized (bilinear), so they are thresholded at 0.5 there."""
+    import torch.nn.functional as F
+
+    (h, w), (H, W) = size, image_size
+    if (h, w) == (H, W):
+        return output
+    out = dict(output)
+    out["boxes"] = output["boxes"] * torch.tensor([W / w, H / h, W / w, H / h])
+    masks = output["masks"]
+    out["masks"] = F.interpolate(masks, size=(H, W), mode="bilinear", align_corners=False) if len(masks) \
+        else torch.zeros((0, 1, H, W))
     return out
 
 
@@ -392,6 +410,7 @@ class InstanceSegmentationTask(CVTask):
         for im in images[(images["split"] == split) & images["decodes"]].to_dict("records"):
             numeric = int(im["image_id"]) if str(im["image_id"]).isdigit() else len(out) + 1
             out.append({"image_id": numeric, "path": im["path"], "file_name": im["file_name"],
+                        "width": int(im["width"]), "height": int(im["height"]),
                         "instances": by_image.get(str(im["image_id"]), [])})
         return out
 
@@ -439,7 +458,7 @@ class InstanceSegmentationTask(CVTask):
 
         m = self.cfg.model
         options, _ = sized_options(m.options.model_dump(), self.most_objects())
-        model = build_mask_rcnn(m.name, len(self.class_names()) + 1, self.cfg.image_size, m.width, options, m.weights)
+        model = build_mask_rcnn(m.name, len(self.class_names()) + 1, self.cfg.image_hw, m.width, options, m.weights)
         if m.freeze_backbone:
             for p in model.backbone.body.parameters():
                 p.requires_grad = False
@@ -450,21 +469,50 @@ class InstanceSegmentationTask(CVTask):
         losses = model(list(images), [{k: t[k] for k in ("boxes", "labels", "masks")} for t in targets])
         return sum(losses.values())
 
+    def categories(self) -> list[dict]:
+        return [{"id": k + 1, "name": n} for k, n in enumerate(self.class_names())]
+
+    def native_ground_truth(self, dataset: InstanceDataset, indices: list[int]) -> dict:
+        """COCO ground truth of the records at ``indices``, at each image's own resolution (with file_name,
+        width, height): the original masks, boxes from their extent. Decoded once per dataset object."""
+        cache = dataset.__dict__.setdefault("_native_gt", {})
+        images, anns = [], []
+        for i in indices:
+            r = dataset.records[i]
+            if i not in cache:
+                t = dataset.target(i, r["width"], r["height"])
+                keep = t["masks"].flatten(1).sum(1) > 0  # as the evaluation's TidyInstances(1, 0): no empty instance
+                plain = {"masks": t["masks"].as_subclass(torch.Tensor)[keep], "labels": t["labels"][keep],
+                         "boxes": t["boxes"].as_subclass(torch.Tensor)[keep]}
+                cache[i] = ground_truth_entries(plain, int(r["image_id"]), 0)
+            images.append({"id": int(r["image_id"]), "file_name": r["file_name"], "width": r["width"], "height": r["height"]})
+            anns += [{**a, "id": len(anns) + k + 1} for k, a in enumerate(cache[i])]
+        return {"images": images, "annotations": anns, "categories": self.categories()}
+
     @torch.no_grad()
-    def predict(self, model, loader, device):
-        """Ground truth and model results as COCO dicts (at the training size)."""
+    def predict(self, model, loader, device, native: bool = False):
+        """Ground truth and model results as COCO dicts: at each image's own resolution (``native``, as
+        :meth:`predict_image` maps them) or at the training size (the per-epoch validation, cheaper)."""
         model.eval()
-        gt_images, gt_anns, results = [], [], []
+        dataset, order = in_order(loader.dataset)
+        gt_images, gt_anns, results, seen = [], [], [], 0
         for images, targets in loader:
             outputs = model([im.to(device) for im in images])
             for image, target, output in zip(images, targets, outputs):
                 image_id = int(target["image_id"])
-                h, w = image.shape[-2:]
-                gt_images.append({"id": image_id, "width": int(w), "height": int(h)})
-                gt_anns += ground_truth_entries(target, image_id, len(gt_anns) + 1)
-                results += result_entries({k: v.cpu() for k, v in output.items()}, image_id)
-        categories = [{"id": k + 1, "name": n} for k, n in enumerate(self.class_names())]
-        return {"images": gt_images, "annotations": gt_anns, "categories": categories}, results
+                output = {k: v.cpu() for k, v in output.items()}
+                if native:
+                    r = dataset.records[order[seen]]
+                    output = to_image_size(output, tuple(image.shape[-2:]), (r["height"], r["width"]))
+                else:
+                    h, w = image.shape[-2:]
+                    gt_images.append({"id": image_id, "width": int(w), "height": int(h)})
+                    gt_anns += ground_truth_entries(target, image_id, len(gt_anns) + 1)
+                results += result_entries(output, image_id)
+                seen += 1
+        if native:
+            return self.native_ground_truth(dataset, order), results
+        return {"images": gt_images, "annotations": gt_anns, "categories": self.categories()}, results
 
     def export_module(self, model):
         from cv_models.detection import DetectionOutputs
@@ -478,19 +526,10 @@ class InstanceSegmentationTask(CVTask):
     def predict_image(self, model, image, normalize, image_id: int) -> Prediction:
         """COCO results with compressed-RLE masks at the image's own resolution: mask probabilities at the
         training size are resized (bilinear) to the image's size, then thresholded at 0.5."""
-        import torch.nn.functional as F
-
         x = self.predict_transform(normalize)(image).as_subclass(torch.Tensor)
         device = next(model.parameters()).device
         out = {k: v.cpu() for k, v in model.eval()([x.to(device)])[0].items()}
-        h, w = x.shape[-2:]
-        if (h, w) != (image.height, image.width):
-            sx, sy = image.width / w, image.height / h
-            out["boxes"] = out["boxes"] * torch.tensor([sx, sy, sx, sy])
-            if len(out["masks"]):
-                out["masks"] = F.interpolate(out["masks"], size=(image.height, image.width), mode="bilinear", align_corners=False)
-            else:
-                out["masks"] = torch.zeros((0, 1, image.height, image.width))
+        out = to_image_size(out, tuple(x.shape[-2:]), (image.height, image.width))
         names = self.class_names()
         records = result_entries(out, image_id)
         for r in records:
@@ -504,12 +543,12 @@ class InstanceSegmentationTask(CVTask):
         metrics, per_class = coco_scores(gt, results, self.class_names())
         return EvalResult(metrics=metrics, predictions=results, per_class=per_class, extra={"coco_gt": gt})
 
-    def evaluate(self, model, loader, device) -> EvalResult:
-        return self._result(*self.predict(model, loader, device))
+    def evaluate(self, model, loader, device, native: bool = False) -> EvalResult:
+        return self._result(*self.predict(model, loader, device, native))
 
     def dummy_result(self, train: Dataset, evaluation: Dataset) -> EvalResult:
         """One box-shaped instance per image: the most frequent training class, centred, of the mean
-        training instance size (relative to the image)."""
+        training instance size (relative to the image); scored at each image's own resolution."""
         images, anns, _ = self._tables()
         tr = anns[(anns["split"] == "train") & anns["decodes"] & anns["non_empty"]]
         sizes = images.drop_duplicates("split_image_id").set_index("split_image_id")
@@ -520,21 +559,16 @@ class InstanceSegmentationTask(CVTask):
             rel_w = float(((tr["x1"] - tr["x0"]) / key.map(sizes["width"])).mean())
             rel_h = float(((tr["y1"] - tr["y0"]) / key.map(sizes["height"])).mean())
             label = label_of.get(tr["category"].mode().iloc[0], 1)
-        gt_images, gt_anns, results = [], [], []
-        for i in range(len(evaluation)):
-            image, target = evaluation[i]
-            h, w = image.shape[-2:]
-            image_id = int(target["image_id"])
-            gt_images.append({"id": image_id, "width": int(w), "height": int(h)})
-            gt_anns += ground_truth_entries(target, image_id, len(gt_anns) + 1)
+        gt, results = self.native_ground_truth(evaluation, list(range(len(evaluation)))), []
+        for im in gt["images"]:
+            h, w, image_id = im["height"], im["width"], im["id"]
             bw, bh = max(1, round(rel_w * w)), max(1, round(rel_h * h))
             x0, y0 = (w - bw) // 2, (h - bh) // 2
             mask = np.zeros((h, w), dtype=bool)
             mask[y0:y0 + bh, x0:x0 + bw] = True
             results.append({"image_id": image_id, "category_id": label, "bbox": [x0, y0, bw, bh], "score": 1.0,
                             "segmentation": encode_mask(mask)})
-        categories = [{"id": k + 1, "name": n} for k, n in enumerate(self.class_names())]
-        return self._result({"images": gt_images, "annotations": gt_anns, "categories": categories}, results)
+        return self._result(gt, results)
 
     # ---------------------------------------------------------- visualisation
     def draw(self, image: torch.Tensor, target, score_threshold: float = 0.5, min_size: int = 192) -> torch.Tensor:
@@ -568,7 +602,8 @@ class InstanceSegmentationTask(CVTask):
         return draw_bounding_boxes(picture, boxes, labels=text, colors=colours, width=1)
 
     def report(self, results: dict[str, EvalResult], test: Dataset, out_dir: Path) -> list[Path]:
-        """COCO ground truth and results JSON (RLE masks) per model, and predicted masks drawn on test images."""
+        """COCO ground truth (file names, original sizes) and results JSON (RLE masks) per model, at the images'
+        own resolution, how to rescore them, and predicted masks drawn on test images."""
         from cv_models.visualise import caption, save_grid
 
         files = []
@@ -579,42 +614,49 @@ class InstanceSegmentationTask(CVTask):
             path = out_dir / f"coco_results_{name}.json"
             path.write_text(json.dumps(res.predictions))
             files.append(path)
+        files.append(out_dir / "RECOMPUTE.md")
+        files[-1].write_text(
+            "# Rescoring the test results\n\n`coco_ground_truth.json` (each test image's id, file_name and original "
+            "width/height; masks as RLE) and `coco_results_<model>.json` (COCO results: boxes x, y, w, h in the original "
+            "pixels, masks as compressed RLE) are at each image's own resolution. With pycocotools:\n\n```python\n"
+            "from collections import Counter\nfrom pycocotools.coco import COCO\nfrom pycocotools.cocoeval import COCOeval\n\n"
+            "gt = COCO('coco_ground_truth.json')\ndt = gt.loadRes('coco_results_augmented.json')\n"
+            "for iou_type in ('segm', 'bbox'):  # metrics.json: mask_map50 / mask_map, box_map50 / box_map\n"
+            "    e = COCOeval(gt, dt, iou_type)\n"
+            "    # as the pipeline: maxDets never below the busiest image (COCO's 100 would drop detections)\n"
+            "    busiest = max((Counter(a['image_id'] for a in gt.dataset['annotations']) + "
+            "Counter(r['image_id'] for r in dt.dataset['annotations'])).values())\n"
+            "    e.params.maxDets = [1, 10, max(100, busiest)]\n"
+            "    e.evaluate(); e.accumulate(); e.summarize()  # stats[0] = mAP@[.5:.95], stats[1] = mAP@.5\n```\n")
         n = min(self.cfg.options.report_images, len(test))
         if n == 0:
             return files
-        norm = _find_normalize(test.transforms)
         pictures = []
-        for i in range(n):
-            image, target = test[i]
-            shown = norm.undo(image) if norm is not None else image
-            pictures.append(caption(self.draw(shown, target).float() / 255, "ground truth"))
+        for r in test.records[:n]:  # drawn at the image's own size, as scored
+            shown = torch.from_numpy(np.asarray(load_rgb(r["path"])).copy()).permute(2, 0, 1).float() / 255
+            size = shown.shape[-2:]
+            pictures.append(caption(self.draw(shown, _coco_target(gt["annotations"], int(r["image_id"]), size)).float() / 255,
+                                    "ground truth"))
             for name, res in results.items():
-                pred = _prediction_target(res.predictions, int(target["image_id"]), image.shape[-2:])
+                pred = _coco_target(res.predictions, int(r["image_id"]), size)
                 pictures.append(caption(self.draw(shown, pred).float() / 255, name))
         files.append(save_grid(pictures, out_dir / "predictions_test.png", nrow=1 + len(results)))
         return files
 
 
-def _find_normalize(transforms):
-    from cv_models.normalize import Normalize
-
-    for t in getattr(transforms, "transforms", []):
-        if isinstance(t, Normalize):
-            return t
-    return None
-
-
-def _prediction_target(results: list[dict], image_id: int, size) -> dict:
-    """COCO results of one image back to a drawable target (masks decoded from RLE)."""
+def _coco_target(results: list[dict], image_id: int, size) -> dict:
+    """COCO results (or ground-truth annotations: no scores) of one image back to a drawable target (masks decoded from RLE)."""
     from pycocotools import mask as mask_utils
 
     mine = [r for r in results if r["image_id"] == image_id]
     h, w = size
     masks = [mask_utils.decode({"size": r["segmentation"]["size"], "counts": r["segmentation"]["counts"].encode()})
              for r in mine]
-    return {
+    target = {
         "masks": torch.from_numpy(np.stack(masks)).bool() if masks else torch.zeros((0, h, w), dtype=torch.bool),
         "boxes": torch.tensor([[x, y, x + bw, y + bh] for x, y, bw, bh in (r["bbox"] for r in mine)], dtype=torch.float32).reshape(-1, 4),
         "labels": torch.tensor([r["category_id"] for r in mine], dtype=torch.int64),
-        "scores": torch.tensor([r["score"] for r in mine], dtype=torch.float32),
     }
+    if all("score" in r for r in mine) and mine:
+        target["scores"] = torch.tensor([r["score"] for r in mine], dtype=torch.float32)
+    return target

@@ -26,7 +26,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from cv_models.augment import build_transforms
-from cv_models.base import Check, CVTask, DataError, EvalResult, Prediction, register_task
+from cv_models.base import Check, CVTask, DataError, EvalResult, Prediction, in_order, register_task
 from cv_models.data.probe import IMAGE_SUFFIXES, load_rgb, probe_image
 from cv_models.mix.segmentation import build_mixer
 from cv_models.nets import NETS
@@ -255,6 +255,13 @@ class LogitsOnly(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.model(x)
         return out["out"] if isinstance(out, dict) else out
+
+
+def to_size(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """N x C logits resized (bilinear) to ``size`` (h, w): the prediction at an image's own resolution is their argmax."""
+    if tuple(logits.shape[-2:]) != tuple(size):
+        logits = F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=False)
+    return logits
 
 
 def confusion(pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int) -> torch.Tensor:
@@ -653,24 +660,38 @@ class SegmentationTask(CVTask):
         return loss
 
     @torch.no_grad()
-    def evaluate(self, model, loader, device) -> EvalResult:
+    def evaluate(self, model, loader, device, native: bool = False) -> EvalResult:
+        """mIoU and friends; ``native``: each image's logits resized to its own size (as :meth:`predict_image`
+        does) against its original mask, the predicted masks kept in ``extra["masks"]``; else at the training size."""
         model.eval()
         n = len(self.class_names())
         keep = self.cfg.options.overlay_samples
         cm = torch.zeros(n, n, dtype=torch.long)
-        loss_sum, n_pixels, kept = 0.0, 0, []
+        loss_sum, n_pixels, kept, native_masks = 0.0, 0, [], []
+        dataset, order = in_order(loader.dataset)
         for images, masks in loader:
             logits, _ = model_outputs(model(images.to(device)))
-            masks = masks.to(device)
-            loss_sum += F.cross_entropy(logits, masks, ignore_index=self.ignore_index, reduction="sum").item()
-            n_pixels += int((masks != self.ignore_index).sum())
-            pred = logits.argmax(1)
-            cm += confusion(pred, masks, n, self.ignore_index)
-            if len(kept) < keep:
-                kept += list(pred[: keep - len(kept)].to(torch.uint8).cpu())
+            if len(kept) < keep:  # pictures at the training size: one grid size whatever the images' sizes
+                kept += list(logits[: keep - len(kept)].argmax(1).to(torch.uint8).cpu())
+            if native:
+                pairs = []
+                for k in range(len(images)):
+                    truth = dataset.mask(order[len(native_masks) + len(pairs)]).long().to(device)[None]
+                    pairs.append((to_size(logits[k:k + 1], truth.shape[-2:]), truth))
+            else:
+                pairs = [(logits, masks.to(device))]
+            for scores, truth in pairs:
+                loss_sum += F.cross_entropy(scores, truth, ignore_index=self.ignore_index, reduction="sum").item()
+                n_pixels += int((truth != self.ignore_index).sum())
+                pred = scores.argmax(1)
+                cm += confusion(pred, truth, n, self.ignore_index)
+                if native:
+                    native_masks.append(pred[0].to(torch.uint8).cpu().numpy())
         result = self._score(cm)
         result.metrics["loss"] = loss_sum / max(n_pixels, 1)
         result.predictions = kept
+        if native:
+            result.extra["masks"] = native_masks  # one HxW class-index array per image, in the dataset's order
         return result
 
     @torch.no_grad()
@@ -680,9 +701,7 @@ class SegmentationTask(CVTask):
         x = self.predict_transform(normalize)(image).as_subclass(torch.Tensor)[None]
         device = next(model.parameters()).device
         logits, _ = model_outputs(model.eval()(x.to(device)))
-        if tuple(logits.shape[-2:]) != (image.height, image.width):
-            logits = F.interpolate(logits, size=(image.height, image.width), mode="bilinear", align_corners=False)
-        mask = logits.argmax(1)[0].to(torch.uint8).cpu()
+        mask = to_size(logits, (image.height, image.width)).argmax(1)[0].to(torch.uint8).cpu()
         names = self.class_names()
         counts = torch.bincount(mask.flatten().long(), minlength=len(names))
         record = {"image_id": image_id, **{f"pixels_{c}": round(float(n) / mask.numel(), 6) for c, n in zip(names, counts.tolist())}}
@@ -712,7 +731,7 @@ class SegmentationTask(CVTask):
         return EvalResult(metrics, per_class=per_class, extra={"confusion_matrix": cm.long().numpy()})
 
     def dummy_result(self, train, evaluation) -> EvalResult:
-        """Most frequent training class everywhere, scored at the evaluation masks' size."""
+        """Most frequent training class everywhere, scored against the original masks (each image's own size)."""
         n = len(self.class_names())
         counts = torch.zeros(n, dtype=torch.long)
         for i in range(len(train)):
@@ -721,7 +740,7 @@ class SegmentationTask(CVTask):
         most_frequent = int(counts.argmax())
         cm = torch.zeros(n, n, dtype=torch.long)
         for i in range(len(evaluation)):
-            mask = evaluation[i][1].as_subclass(torch.Tensor).long()
+            mask = evaluation.mask(i).long()
             cm += confusion(torch.full_like(mask, most_frequent), mask, n, self.ignore_index)
         result = self._score(cm)
         result.extra["most_frequent_class"] = self.class_names()[most_frequent]
@@ -753,7 +772,8 @@ class SegmentationTask(CVTask):
         return caption(picture.float() / 255, text)
 
     def report(self, results: dict[str, EvalResult], test, out_dir: Path) -> list[Path]:
-        """Test images with the true masks and each model's predicted masks; per-class IoU chart."""
+        """Test images with the true masks and each model's predicted masks; per-class IoU table; the predicted
+        masks at the images' own resolution (:meth:`_write_masks`)."""
         from cv_models.visualise import caption, save_grid
 
         files = []
@@ -773,4 +793,43 @@ class SegmentationTask(CVTask):
         path = out_dir / "per_class_iou.csv"
         table.pivot_table(index="class", columns="model", values="iou", sort=False).to_csv(path)
         files.append(path)
-        return files
+        return files + self._write_masks(results, test, out_dir)
+
+    def _write_masks(self, results: dict[str, EvalResult], test: SegmentationDataset, out_dir: Path) -> list[Path]:
+        """Each model's predicted class-index PNGs and the ground truth they were scored against, at each image's
+        own resolution, named after the image (``masks.csv`` lists them), and how to rescore them."""
+        models = [name for name, res in results.items() if "masks" in res.extra]
+        if not models:
+            return []
+        rows, used = [], set()
+        for i, sample in enumerate(test.samples):
+            stem = Path(sample["path"]).stem
+            name = stem if stem not in used else f"{stem}_{i}"
+            used.add(name)
+            row = {"image": sample["path"], "ground_truth": f"ground_truth/{name}.png"}
+            arrays = {"ground_truth": test.mask(i).numpy()} | {m: results[m].extra["masks"][i] for m in models}
+            for m in models:
+                row[m] = f"masks_{m}/{name}.png"
+            for key, array in arrays.items():
+                path = out_dir / row[key]
+                path.parent.mkdir(exist_ok=True)
+                Image.fromarray(array.astype(np.uint8)).save(path)
+            rows.append(row)
+        pd.DataFrame(rows).to_csv(out_dir / "masks.csv", index=False)
+        n = len(self.class_names())
+        (out_dir / "RECOMPUTE.md").write_text(
+            f"# Rescoring the test masks\n\n`masks.csv` lists every test image with its ground truth "
+            f"(`ground_truth/`: the class indices scored, {self.ignore_index} = unlabelled, left out) and each model's "
+            f"predicted class indices (`masks_<model>/`), all at the image's own resolution. Classes 0..{n - 1}: "
+            f"{self.class_names()}. mIoU over the classes present in the truth or the prediction, pixels summed over "
+            f"all images (the dummy predicts its most frequent class everywhere: no files):\n\n```python\n"
+            f"import numpy as np, pandas as pd\nfrom PIL import Image\n\n"
+            f"rows = pd.read_csv('masks.csv')\ninter, union = np.zeros({n}), np.zeros({n})\n"
+            f"for r in rows.itertuples():\n"
+            f"    truth, pred = np.asarray(Image.open(r.ground_truth)), np.asarray(Image.open(r.augmented))\n"
+            f"    valid = truth != {self.ignore_index}\n"
+            f"    for k in range({n}):\n"
+            f"        t, p = (truth == k) & valid, (pred == k) & valid\n"
+            f"        inter[k] += (t & p).sum()\n        union[k] += (t | p).sum()\n"
+            f"print('miou', (inter[union > 0] / union[union > 0]).mean())  # metrics.json: augmented.miou\n```\n")
+        return [out_dir / "masks.csv", out_dir / "RECOMPUTE.md"]

@@ -260,11 +260,23 @@ class DataConfig(Strict):
         return self
 
 
+# the training size: one number (square) or [height, width] (keeps a non-square dataset's aspect ratio)
+ImageSize = Annotated[int, Field(ge=8, le=4096)] | tuple[Annotated[int, Field(ge=8, le=4096)], Annotated[int, Field(ge=8, le=4096)]]
+
+
+def size_hw(image_size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
+    """``image_size`` as ``(height, width)``, from either of its forms."""
+    if isinstance(image_size, int):
+        return image_size, image_size
+    h, w = image_size
+    return int(h), int(w)
+
+
 class TaskConfig(Strict):
     """Settings of one CV task (``tasks.<name>`` in params.yaml)."""
 
     data: DataConfig
-    image_size: int = Field(64, ge=8, le=4096)
+    image_size: ImageSize = 64
     normalization: Literal["none", "mean_image", "per_channel_mean", "per_channel_std"] = "per_channel_std"
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
@@ -272,6 +284,11 @@ class TaskConfig(Strict):
     augment: AugmentConfig = AugmentConfig()
     preview_samples: int = Field(16, ge=1, le=256)
     options: NoOptions = NoOptions()  # task-specific (report pictures, ...)
+
+    @property
+    def image_hw(self) -> tuple[int, int]:
+        """The training size as ``(height, width)`` (``image_size`` may be one number or [h, w])."""
+        return size_hw(self.image_size)
 
     def without_augmentation(self) -> "TaskConfig":
         """These settings with every augmentation switched off (their strengths kept): the baseline's."""

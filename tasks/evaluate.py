@@ -82,8 +82,8 @@ def run(task_name: str, params_path: str | Path = "params.yaml", overrides: dict
             acc = accelerate.Accelerator(device, st.cfg.train.precision, st.cfg.train.channels_last)
             if acc.channels_last:
                 model.to(memory_format=torch.channels_last)
-            with acc.autocast():  # scored as it was trained (train.precision)
-                results[name] = task.evaluate(model, loader, device)
+            with acc.autocast():  # scored as it was trained (train.precision), at each image's own resolution
+                results[name] = task.evaluate(model, loader, device, native=True)
             speed[name] = engine.measure_speed(model, loader, device)
             history = outputs(task_name, name) / "history.csv"
             if history.exists():
@@ -133,7 +133,7 @@ def run(task_name: str, params_path: str | Path = "params.yaml", overrides: dict
             (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
             (tmp / "timings.json").write_text(json.dumps(speed, indent=2) + "\n")
             (tmp / "comparison.md").write_text(markdown)
-            details = tmp / "details"  # per-class tables, pictures, exported predictions
+            details = tmp / "details"  # per-class tables, pictures, per-image predictions and how to rescore them
             details.mkdir()
             table.to_csv(details / "comparison.csv", index=False)
             for name, res in results.items():

@@ -222,7 +222,8 @@ def train_and_score(job: TrainJob, on_epoch: Callable[[dict, int], None] | None 
             test = task.dataset("test", task.eval_transforms(norm))
             device = engine.pick_device(cfg.train.device)
             loader = engine.make_loader(task, test, cfg.train.eval_batch_size, False, params.seed, engine.worker_count(cfg.train))
-            scored = task.evaluate(engine.load_model(task, model_path).to(device), loader, device)
+            model = engine.load_model(task, model_path).to(device)
+            scored = task.evaluate(model, loader, device, native=True)  # at each image's own size, as the evaluate stage
             metrics.update({f"test_{k}": v for k, v in scored.metrics.items()})
         log_metrics(params, run_id, metrics)
         for name in ("history.csv", "history.png"):

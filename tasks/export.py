@@ -151,7 +151,9 @@ def parity(loaded: Loaded, fmt: str, path: Path, images: list) -> dict[str, Any]
 
 def describe(loaded: Loaded, fmt: str, path: Path) -> dict[str, Any]:
     """What a user of the exported file needs: input, preprocessing, classes, outputs."""
-    task, cfg, s = loaded.task, loaded.task.cfg, loaded.task.cfg.image_size
+    task, cfg = loaded.task, loaded.task.cfg
+    h, w = cfg.image_hw
+    s = f"{h} x {w}"  # height x width
     norm = loaded.normalize
     mean = std = None
     if norm is not None and cfg.normalization != "mean_image":
@@ -162,21 +164,21 @@ def describe(loaded: Loaded, fmt: str, path: Path) -> dict[str, Any]:
                      else "before the model: (pixel / 255 - mean) / std per RGB channel"}
     if cfg.normalization == "mean_image":
         np.save(path.with_name("mean_image.npy"), norm.mean.permute(1, 2, 0).numpy())
-        normalization.update(mean_image="mean_image.npy (S x S x 3, subtract from pixel / 255)")
-    shape = ["N", 3, s, s] if task.export_batched else [3, s, s]
+        normalization.update(mean_image=f"mean_image.npy ({s} x 3, subtract from pixel / 255)")
+    shape = ["N", 3, h, w] if task.export_batched else [3, h, w]
     outputs = {
         "classification": {"logits": "N x C class scores (softmax for probabilities), classes in `classes` order"},
-        "segmentation": {"logits": f"N x C x {s} x {s} class scores; argmax over C = class index; resize to the image's size"},
-        "detection": {"boxes": f"D x 4 x0, y0, x1, y1 in the {s} x {s} input's pixels (multiply x by W/{s}, y by H/{s})",
+        "segmentation": {"logits": f"N x C x {s} class scores; argmax over C = class index; resize to the image's size"},
+        "detection": {"boxes": f"D x 4 x0, y0, x1, y1 in the {s} input's pixels (multiply x by W/{w}, y by H/{h})",
                       "labels": "D class ids, 1-based: classes[label - 1]", "scores": "D confidences, sorted high to low"},
     }
     outputs["instance_segmentation"] = {**outputs["detection"],
-                                        "masks": f"D x 1 x {s} x {s} mask probabilities (threshold 0.5; resize to the image)"}
+                                        "masks": f"D x 1 x {s} mask probabilities (threshold 0.5; resize to the image)"}
     return {"task": task.name, "format": fmt, "file": path.name,
             "opset": OPSET if fmt == "onnx" else None, "torch": torch.__version__,
             "input": {"name": "input", "shape": shape, "dtype": "float32", "layout": "RGB, channels first",
-                      "resize": f"bilinear to {s} x {s} (the training size)", "scale": "pixel / 255"},
-            "image_size": s, "normalization": normalization, "classes": task.class_names(),
+                      "resize": f"bilinear to {s} (height x width, the training size)", "scale": "pixel / 255"},
+            "image_size": cfg.model_dump(mode="json")["image_size"], "normalization": normalization, "classes": task.class_names(),
             "outputs": outputs.get(task.name, {k: "" for k in task.export_outputs}), "source_model": loaded.source}
 
 

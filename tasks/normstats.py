@@ -23,18 +23,18 @@ def _image_of(sample) -> torch.Tensor:
 def run(task_name: str, params_path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None,
         pipeline_run_id: str | None = None) -> dict:
     with open_stage("normstats", task_name, params_path, overrides, pipeline_run_id) as st:
-        size = st.cfg.image_size
+        size = st.cfg.image_hw
         train = st.task.dataset("train", st.task.eval_transforms(normalize=None))
         stats = RunningStats()
         for i in range(len(train)):  # one image in memory at a time
             image = _image_of(train[i]).float()
-            if image.shape[-2:] != (size, size):
-                image = torch.nn.functional.interpolate(image[None], size=(size, size), mode="bilinear",
+            if tuple(image.shape[-2:]) != size:
+                image = torch.nn.functional.interpolate(image[None], size=size, mode="bilinear",
                                                         antialias=True, align_corners=False)[0]
             stats.update(image)
         result = stats.result()
         mean_image = result.pop("mean_image").permute(1, 2, 0).numpy()  # HxWxC
-        summary = {**result, "image_size": size, "normalization_used": st.cfg.normalization,
+        summary = {**result, "image_size": st.cfg.image_size, "normalization_used": st.cfg.normalization,
                    "mean_image_file": "mean_image.npy"}
         out_dir = outputs(task_name, "normstats")
         with atomic_dir(out_dir) as tmp:

@@ -71,8 +71,8 @@ def _example(task) -> np.ndarray:
         image = task.dataset("test", None)[0][0]
         return np.asarray(image.convert("RGB"))[None]
     except Exception:  # noqa: BLE001 - an empty test split: any image of the training size will do
-        s = task.cfg.image_size
-        return np.full((1, s, s, 3), 127, dtype=np.uint8)
+        h, w = task.cfg.image_hw
+        return np.full((1, h, w, 3), 127, dtype=np.uint8)
 
 
 def _rescore(st, loaded, device) -> float:

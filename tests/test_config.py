@@ -90,6 +90,23 @@ def test_bad_split_fractions(tmp_path):
         load_params(path)
 
 
+@pytest.mark.parametrize("task", ["classification", "segmentation", "detection", "instance_segmentation"])
+def test_image_size_is_one_number_or_height_width(task):
+    from cv_models.augment import build_transforms
+    from PIL import Image
+
+    cfg = load_params(REPO / "params.yaml", {f"tasks.{task}.image_size": [40, 56]}).task(task)
+    assert cfg.image_size == (40, 56) and cfg.image_hw == (40, 56)
+    assert build_transforms(cfg.image_size, None, None)(Image.new("RGB", (90, 60))).shape == (3, 40, 56)  # H x W
+    assert load_params(REPO / "params.yaml", {f"tasks.{task}.image_size": 48}).task(task).image_hw == (48, 48)
+
+
+@pytest.mark.parametrize("value", [[48], [48, 64, 3], [4, 64], [48, "wide"], "big", 0])
+def test_bad_image_size_is_refused(value):
+    with pytest.raises(ConfigError, match=r"tasks\.segmentation\.image_size"):
+        load_params(REPO / "params.yaml", {"tasks.segmentation.image_size": value}).task("segmentation")
+
+
 def test_overrides_apply_dotted_keys():
     params = load_params(REPO / "params.yaml", {"tasks.classification.train.epochs": 2, "seed": 7})
     assert params.seed == 7 and params.task("classification").train.epochs == 2

@@ -67,8 +67,10 @@ def test_ram_cache_trains_exactly_as_without(project, capsys):
 @pytest.mark.parametrize("name", ["segmentation", "detection", "instance_segmentation"])
 def test_dense_targets_are_cached_with_their_images(project, name):
     """Masks, boxes and instance masks resized with the image: a cached sample under the same random draws
-    equals the uncached one (geometric augmentations on, so a target out of step would differ)."""
-    task, norm, cfg = _task(project, name, augment={"hflip": {"enabled": True}, "rotation": {"enabled": True, "p": 1.0}})
+    equals the uncached one (geometric augmentations on, so a target out of step would differ), at a
+    non-square training size (height != width: a swapped side would differ too)."""
+    task, norm, cfg = _task(project, name, image_size=[40, 56],
+                            augment={"hflip": {"enabled": True}, "rotation": {"enabled": True, "p": 1.0}})
     transforms = lambda: task.train_transforms(cfg.augment, norm)  # noqa: E731 - one pipeline per dataset
     plain = task.dataset("train", transforms())
     kept = cache.CachedDataset(task.dataset("train", transforms()), "ram", f"dense-{name}", 1.0)
@@ -79,6 +81,7 @@ def test_dense_targets_are_cached_with_their_images(project, name):
         assert _same(a, kept[i]), f"{name} sample {i} differs with the cache"
         torch.manual_seed(i)
         assert _same(a, kept[i]), f"{name} sample {i}: the kept copy changed after use"
+    assert tuple(a[0].shape[-2:]) == (40, 56)
 
 
 def test_disk_cache_is_reused_and_written_whole(project, tmp_path, capsys):

@@ -258,7 +258,7 @@ def test_reported_mask_map_is_pycocotools_on_the_exported_predictions(project, t
     results.append(shifted)
     oracle = task._result(gt, results)
     files = task.report({"dummy": dummy, "oracle": oracle}, test, tmp_path)
-    assert (tmp_path / "predictions_test.png").exists() and len(files) == 4
+    assert (tmp_path / "predictions_test.png").exists() and (tmp_path / "RECOMPUTE.md").exists() and len(files) == 5
     for name, res in (("dummy", dummy), ("oracle", oracle)):
         coco_gt = COCO(str(tmp_path / "coco_ground_truth.json"))
         coco_dt = coco_gt.loadRes(str(tmp_path / f"coco_results_{name}.json"))

@@ -19,6 +19,7 @@ from tests.conftest import REPO, TINY, write_params
 
 TASKS = ("classification", "segmentation", "detection", "instance_segmentation")
 DATASETS = Path(os.environ.get("CV_SHARED_DATASETS") or REPO.parent / "shared" / "datasets")  # the env: from a worktree
+SIZE = (48, 64)  # height, width of the dense tasks and detection
 TEST_INPUT = {"classification": "data/shapes/classification/test", "segmentation": "data/shapes/scenes/images/test",
               "detection": "data/shapes/scenes/images/test", "instance_segmentation": "data/shapes/scenes/images/test"}
 
@@ -28,8 +29,8 @@ def overrides() -> dict:
     for t in TASKS:
         ov.update({f"tasks.{t}.train.epochs": 2, f"tasks.{t}.overfit_check.enabled": False, f"tasks.{t}.train.num_threads": 1,
                    f"tasks.{t}.preview_samples": 4})
-    for t in TASKS[1:]:  # the scenes' own size: the evaluation scores at the input's resolution too
-        ov[f"tasks.{t}.image_size"] = 64
+    for t in TASKS[1:]:  # non-square, below the 64 x 64 scenes: the evaluation scores at each image's own size
+        ov[f"tasks.{t}.image_size"] = list(SIZE)
     return ov
 
 
@@ -129,6 +130,80 @@ def test_predictions_on_the_test_split_give_the_evaluate_stages_metric(trained, 
         assert got[key] == pytest.approx(metrics[stage][key], abs=1e-6), (key, got[key], metrics[stage][key])
     if name != "classification":  # an overlay per image for the dense tasks
         assert len(list((out / "overlays").glob("*.png"))) == summary["images"]
+
+
+def recompute_snippet(details: Path, model: str) -> dict:
+    """Run the python block of details/RECOMPUTE.md on ``model``'s file, in details/; its variables and printout."""
+    import contextlib
+    import io
+
+    code = (details / "RECOMPUTE.md").read_text().split("```python\n")[1].split("```")[0]
+    here, printed, scope = os.getcwd(), io.StringIO(), {}
+    os.chdir(details)
+    try:
+        with contextlib.redirect_stdout(printed):
+            exec(code.replace("augmented", model), scope)  # noqa: S102 - our own documentation, run as a user would
+    finally:
+        os.chdir(here)
+    scope["printed"] = {}  # "name value" lines (pycocotools prints its own lines too)
+    for line in printed.getvalue().splitlines():
+        with contextlib.suppress(ValueError):
+            key, value = line.split()
+            scope["printed"][key] = float(value)
+    return scope
+
+
+@pytest.mark.parametrize("name", TASKS)
+def test_evaluate_details_rescore_to_the_reported_metric_at_each_images_own_size(trained, name):
+    """The evaluate stage's per-image predictions (details/), rescored with the library RECOMPUTE.md names, give
+    metrics.json's figures; they are at each test image's own resolution (64 x 64 scenes, trained at 48 x 64)."""
+    details = trained / "outputs" / name / "evaluate" / "details"
+    metrics = json.loads((trained / "outputs" / name / "evaluate" / "metrics.json").read_text())
+    names = task_of(trained, name).class_names()
+    for model in ("baseline", "augmented"):
+        m, ran = metrics[model], recompute_snippet(details, model)
+        if name == "classification":
+            from sklearn.metrics import accuracy_score, f1_score
+
+            df = pd.read_csv(details / f"predictions_{model}.csv")
+            assert len(df) == metrics["n_test"] and df["file"].map(lambda f: Path(f).parent.name).eq(df["true_class"]).all()
+            assert np.allclose(df[[f"prob_{c}" for c in names]].sum(1), 1, atol=1e-4)
+            assert accuracy_score(df["true_class"], df["predicted_class"]) == pytest.approx(m["accuracy"], abs=1e-9)
+            f1 = f1_score(df["true_class"], df["predicted_class"], labels=names, average="macro", zero_division=0)
+            assert f1 == pytest.approx(m["macro_f1"], abs=1e-9)
+            assert ran["printed"] == pytest.approx({"accuracy": m["accuracy"], "macro_f1": m["macro_f1"]}, abs=1e-9)
+        elif name == "segmentation":
+            rows = pd.read_csv(details / "masks.csv")
+            assert len(rows) == metrics["n_test"]
+            inter, union = np.zeros(len(names)), np.zeros(len(names))
+            for r in rows.itertuples():
+                truth, pred = (np.asarray(Image.open(details / f)) for f in (r.ground_truth, getattr(r, model)))
+                assert truth.shape == pred.shape == Image.open(r.image).size[::-1] == (64, 64)  # the image's own size
+                valid = truth != 255
+                for k in range(len(names)):
+                    inter[k] += ((truth == k) & (pred == k) & valid).sum()
+                    union[k] += (((truth == k) | (pred == k)) & valid).sum()
+            assert (inter[union > 0] / union[union > 0]).mean() == pytest.approx(m["miou"], abs=1e-9)
+            assert ran["printed"]["miou"] == pytest.approx(m["miou"], abs=1e-9)
+        else:
+            from pycocotools.coco import COCO
+            from pycocotools.cocoeval import COCOeval
+
+            gt_file, dt_file = (("ground_truth_test.json", f"predictions_{model}.json") if name == "detection"
+                                else ("coco_ground_truth.json", f"coco_results_{model}.json"))
+            gt = COCO(str(details / gt_file))
+            for im in gt.dataset["images"]:  # the original images, by file name and size
+                assert name != "detection" or im["source_id"] is not None  # its id in the dataset's own annotations
+                assert Image.open(trained / "data/shapes/scenes/images/test" / Path(im["file_name"]).name).size == (im["width"], im["height"])
+            results = json.loads((details / dt_file).read_text())
+            assert results and all(0 <= r["bbox"][0] + r["bbox"][2] <= 64 + 1e-3 for r in results)
+            for iou_type, prefix in (("bbox", "") if name == "detection" else ("bbox", "box_"), ("segm", "mask_"))[
+                                     : 1 if name == "detection" else 2]:
+                ev = COCOeval(gt, gt.loadRes(str(details / dt_file)), iou_type)
+                ev.evaluate(), ev.accumulate(), ev.summarize()
+                assert m[f"{prefix}map"] == pytest.approx(max(ev.stats[0], 0), abs=1e-9)
+                assert m[f"{prefix}map50"] == pytest.approx(max(ev.stats[1], 0), abs=1e-9)
+            assert m["map50" if name == "detection" else "box_map50"] == pytest.approx(max(ran["e"].stats[1], 0), abs=1e-9)
 
 
 @pytest.mark.parametrize("name", TASKS)
@@ -285,7 +360,8 @@ def test_export_passes_its_parity_check_and_describes_itself(trained, name, fmt,
     described = json.loads(path.with_suffix(".json").read_text())
     assert described == meta and described["parity"]["passed"] and described["parity"]["images"] >= 3
     assert described["classes"] == task_of(trained, name).class_names()
-    assert described["image_size"] == (32 if name == "classification" else 64)
+    assert described["image_size"] == (32 if name == "classification" else list(SIZE))
+    assert described["input"]["shape"][-2:] == ([32, 32] if name == "classification" else list(SIZE))
     worst, tol = described["parity"]["worst"], described["parity"]["tolerance"]
     if name in ("detection", "instance_segmentation"):
         assert worst["unmatched"] == 0 and worst["detections_ref"] > 0  # detections compared, not two empty lists

@@ -114,6 +114,8 @@ def to_coco_ground_truth(records: list[dict], class_names: list[str]) -> dict:
     images, anns = [], []
     for r in records:
         images.append({"id": r["image_id"], "file_name": r["file_name"], "width": r["width"], "height": r["height"]})
+        if "source_id" in r:  # the image's id in the dataset's own annotations (COCO id, VOC file stem)
+            images[-1]["source_id"] = r["source_id"]
         for box, label, crowd in zip(r["boxes"].tolist(), r["labels"].tolist(), r["iscrowd"].tolist()):
             x0, y0, x1, y1 = box
             anns.append({"id": len(anns) + 1, "image_id": r["image_id"], "category_id": int(label),

@@ -2,8 +2,8 @@
 on a light FPN backbone, chosen by name from a registry.
 
 The detectors normalise their input themselves (``GeneralizedRCNNTransform``), so they receive the
-training split's per-channel mean and std instead of normalised images. ``min_size = max_size =``
-the training image size, so they never rescale the already resized images again.
+training split's per-channel mean and std instead of normalised images. ``min_size`` and ``max_size``
+are the training size's shorter and longer sides, so they never rescale the already resized images again.
 
 Boxes may carry a ``weights`` entry (MixUp for detection): the weighted heads below scale each
 box's classification and regression loss by its mixing weight.
@@ -24,6 +24,8 @@ from torchvision.models.detection.retinanet import RetinaNetClassificationHead, 
 from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.ops import MultiScaleRoIAlign, sigmoid_focal_loss
 from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool
+
+from cv_models.settings import size_hw
 
 
 # ------------------------------------------------------------------ backbones
@@ -229,11 +231,12 @@ class WeightedRetinaNetClassificationHead(RetinaNetClassificationHead):
 
 
 # ------------------------------------------------------------------ detectors
-def _common(o: dict, image_size: int, mean, std) -> dict:
-    return dict(min_size=image_size, max_size=image_size, image_mean=list(mean), image_std=list(std))
+def _common(o: dict, image_size: int | tuple[int, int], mean, std) -> dict:
+    h, w = size_hw(image_size)  # an h x w image scaled by min(min_size / min(h, w), max_size / max(h, w)) = 1
+    return dict(min_size=min(h, w), max_size=max(h, w), image_mean=list(mean), image_std=list(std))
 
 
-def faster_rcnn(num_classes: int, backbone: nn.Module, image_size: int, mean, std, o: dict) -> nn.Module:
+def faster_rcnn(num_classes: int, backbone: nn.Module, image_size: int | tuple[int, int], mean, std, o: dict) -> nn.Module:
     levels = ["0", "1", "2"]  # the pooled extra level only feeds the RPN
     c = backbone.out_channels
     model = FasterRCNN(
@@ -253,7 +256,7 @@ def faster_rcnn(num_classes: int, backbone: nn.Module, image_size: int, mean, st
     return model
 
 
-def retinanet(num_classes: int, backbone: nn.Module, image_size: int, mean, std, o: dict) -> nn.Module:
+def retinanet(num_classes: int, backbone: nn.Module, image_size: int | tuple[int, int], mean, std, o: dict) -> nn.Module:
     anchors = anchors_from_options(o, 4, 2)
     c = backbone.out_channels
     n_anchors = anchors.num_anchors_per_location()[0]
@@ -296,7 +299,8 @@ def head_prefixes(model: nn.Module) -> tuple[str, ...]:
     return found
 
 
-def build_detector(name: str, num_classes: int, image_size: int, mean, std, width: int, options: dict[str, Any]) -> nn.Module:
+def build_detector(name: str, num_classes: int, image_size: int | tuple[int, int], mean, std, width: int,
+                   options: dict[str, Any]) -> nn.Module:
     """``num_classes`` counts the background (index 0)."""
     if name not in DETECTORS:
         raise ValueError(f"model.name {name!r} is not a detector here; choose one of {sorted(DETECTORS)}")

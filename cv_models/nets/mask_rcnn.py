@@ -9,7 +9,8 @@
   predictor are replaced to fit the dataset's classes.
 
 Images arrive already resized to ``image_size`` and normalised by the pipeline, so the model's own
-transform neither rescales (``min_size = max_size = image_size``) nor normalises (mean 0, std 1).
+transform neither rescales (``min_size`` / ``max_size``: the shorter / longer side of ``image_size``) nor
+normalises (mean 0, std 1).
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredic
 from torchvision.ops import MultiScaleRoIAlign
 
 from cv_models.nets.detectors import BACKBONES, anchors_from_options
+from cv_models.settings import size_hw
 
 # class-dependent tensors: skipped when loading weights made for another class list
 HEAD_PREFIXES = ("roi_heads.box_predictor.", "roi_heads.mask_predictor.")
@@ -41,11 +43,12 @@ def _proposal_settings(o: dict) -> dict:
     )
 
 
-def _no_rescale(image_size: int) -> dict:
-    return dict(min_size=image_size, max_size=image_size, image_mean=[0.0, 0.0, 0.0], image_std=[1.0, 1.0, 1.0])
+def _no_rescale(image_size: int | tuple[int, int]) -> dict:
+    h, w = size_hw(image_size)  # an h x w image is then scaled by 1
+    return dict(min_size=min(h, w), max_size=max(h, w), image_mean=[0.0, 0.0, 0.0], image_std=[1.0, 1.0, 1.0])
 
 
-def light_mask_rcnn(num_classes: int, image_size: int, width: int, o: dict) -> nn.Module:
+def light_mask_rcnn(num_classes: int, image_size: int | tuple[int, int], width: int, o: dict) -> nn.Module:
     backbone_name = o["backbone"]
     if backbone_name not in BACKBONES:
         raise ValueError(f"model.options.backbone {backbone_name!r}: choose one of {sorted(BACKBONES)}")
@@ -71,7 +74,7 @@ def light_mask_rcnn(num_classes: int, image_size: int, width: int, o: dict) -> n
 def torchvision_mask_rcnn(name: str) -> Callable[..., nn.Module]:
     """torchvision's ResNet-50 Mask R-CNN (built without weights; the caller loads any)."""
 
-    def build(num_classes: int, image_size: int, width: int, o: dict) -> nn.Module:
+    def build(num_classes: int, image_size: int | tuple[int, int], width: int, o: dict) -> nn.Module:
         from torchvision.models import get_model
 
         return get_model(name, weights=None, weights_backbone=None, num_classes=num_classes,
@@ -97,7 +100,7 @@ def replace_predictors(model: MaskRCNN, num_classes: int) -> MaskRCNN:
     return model
 
 
-def build_mask_rcnn(name: str, num_classes: int, image_size: int, width: int, options: dict[str, Any],
+def build_mask_rcnn(name: str, num_classes: int, image_size: int | tuple[int, int], width: int, options: dict[str, Any],
                     weights: str = "none") -> nn.Module:
     """``num_classes`` counts the background (index 0). ``weights``: none | torchvision:NAME | checkpoint path."""
     if name not in MASK_RCNNS:
