@@ -97,6 +97,9 @@ class TrainConfig(Strict):
     time_limit_minutes: float = Field(0.0, ge=0, description="stop before an epoch that would end past this wall time (the "
                                                             "slowest of the last epochs plus a validation pass); "
                                                             "0 = off (size epochs to fit: the schedule spans all of them)")
+    # with a time limit: after the first epoch, cut `epochs` to those that fit and re-span the learning-rate schedule
+    # over them, so training ends annealed instead of cut mid-schedule (times differ between runs: so may results)
+    fit_epochs_to_time_limit: bool = True
 
     @field_validator("device")
     @classmethod

@@ -242,6 +242,25 @@ class FitResult:
 RECENT_EPOCHS = 3  # the time limit plans with the slowest of these last epochs (one slow epoch is not an outlier)
 
 
+def epochs_that_fit(limit_s: float, spent: float, train_s: float, val_s: float, margin: float = 0.9) -> int:
+    """How many epochs in all fit in ``limit_s`` after the first one took ``spent`` (its training pass ``train_s``,
+    validation ``val_s`` per epoch on average), keeping ``margin`` of the time left as a cushion for slower epochs."""
+    per_epoch = max(train_s + val_s, 1e-9)
+    return 1 + max(0, int(margin * max(limit_s - spent, 0.0) / per_epoch))
+
+
+def refit_schedule(optimizer, cfg: TrainConfig, epochs: int, steps_per_epoch: int, steps_done: int):
+    """The learning-rate schedule rebuilt to span ``epochs`` and advanced to where training is (``steps_done``)."""
+    import warnings
+
+    scheduler = build_scheduler(optimizer, cfg.model_copy(update={"epochs": epochs}), steps_per_epoch)
+    with warnings.catch_warnings():  # stepping without optimizer steps in between is the point here
+        warnings.simplefilter("ignore", UserWarning)
+        for _ in range(steps_done):
+            scheduler.step()
+    return scheduler
+
+
 def out_of_time(spent: float, limit_s: float, train_seconds: list[float], val_seconds: float, validating_now: bool) -> bool:
     """True when another epoch would end past ``limit_s``: what is spent, this epoch's validation pass if it is
     due, the slowest of the last :data:`RECENT_EPOCHS` training passes and a validation pass after it (the
@@ -333,11 +352,15 @@ def fit(
     best = {"epoch": -1, "value": -math.inf, "state": None, "metrics": {}}
     start_epoch, elapsed = 1, 0.0
     timings: dict[str, list[float]] = {"train": [], "val": []}
+    planned = cfg.epochs  # fewer once a time limit shows that only so many fit (fit_epochs_to_time_limit)
 
     if checkpoint_path is not None and cfg.resume and checkpoint_path.exists():
         ck = read_resume_checkpoint(checkpoint_path)
         differs = [k for k in parts if (ck.get("fingerprint_parts") or {}).get(k) != parts[k]]
         if ck.get("fingerprint") == fingerprint and not differs:
+            planned = int(ck.get("planned", cfg.epochs))
+            if planned != cfg.epochs:  # the schedule had been fitted to the time limit: the same one again
+                scheduler = build_scheduler(optimizer, cfg.model_copy(update={"epochs": planned}), len(train_loader))
             model.load_state_dict(ck["model"])
             optimizer.load_state_dict(ck["optimizer"])
             scheduler.load_state_dict(ck["scheduler"])
@@ -348,7 +371,7 @@ def fit(
                 torch.set_rng_state(accelerate.own_rng_state(ck))
             train_loader.generator.set_state(ck["loader_rng"])
             history, best, elapsed, timings = ck["history"], ck["best"], ck["elapsed"], ck["timings"]
-            start_epoch = cfg.epochs + 1 if ck.get("done") else ck["epoch"] + 1  # done: early stop or time limit included
+            start_epoch = planned + 1 if ck.get("done") else ck["epoch"] + 1  # done: early stop or time limit included
             print(f"[{desc}] resuming from {checkpoint_path} after epoch {ck['epoch']}"
                   + (" (training had finished)" if ck.get("done") else ""))
         else:
@@ -371,17 +394,18 @@ def fit(
                     "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "ema": ema.state_dict() if ema is not None else None, "rng": get_rng_states(),
                     "loader_rng": train_loader.generator.get_state(), "history": history, "best": best,
-                    "elapsed": time.perf_counter() - t0, "timings": timings,
+                    "elapsed": time.perf_counter() - t0, "timings": timings, "planned": planned,
                     **({"rank_rngs": rank_rngs} if rank_rngs is not None and len(rank_rngs) > 1 else {})}, buf)
         atomic_write_bytes(checkpoint_path, buf.getvalue())
 
-    for epoch in range(start_epoch, cfg.epochs + 1):
+    epoch = start_epoch
+    while epoch <= planned:
         train_model.train()
         if sampler is not None:
             sampler.set_epoch(epoch)  # a new shuffle each epoch, the same on every rank
         loss_sum, n_batches = 0.0, 0
         epoch_start = time.perf_counter()
-        bar = tqdm(train_loader, desc=f"[{desc}] epoch {epoch}/{cfg.epochs}", leave=False, mininterval=1.0, dynamic_ncols=True,
+        bar = tqdm(train_loader, desc=f"[{desc}] epoch {epoch}/{planned}", leave=False, mininterval=1.0, dynamic_ncols=True,
                    disable=None)  # shown on a terminal, silent in logs
         for images, targets in bar:
             images, targets = to_device(images, device), to_device(targets, device)
@@ -406,8 +430,8 @@ def fit(
         row = {"epoch": epoch, "train_loss": accelerate.mean_across_ranks(loss_sum / max(n_batches, 1)),
                "lr": optimizer.param_groups[0]["lr"]}
         # validated: every val_every-th epoch, the last, and the one the time limit stops at (rank 0's clock decides)
-        due = epoch % cfg.val_every == 0 or epoch == cfg.epochs
-        out = bool(cfg.time_limit_minutes) and epoch < cfg.epochs and accelerate.broadcast(out_of_time(
+        due = epoch % cfg.val_every == 0 or epoch == planned
+        out = bool(cfg.time_limit_minutes) and epoch < planned and accelerate.broadcast(out_of_time(
             time.perf_counter() - t0, cfg.time_limit_minutes * 60, timings["train"],
             timings["val"][-1] if timings["val"] else 0.0, due))
         val = None
@@ -427,12 +451,22 @@ def fit(
             timings["val"].append(time.perf_counter() - val_start)
         row = plain_numbers(row)  # plain floats: the checkpoint stays loadable with weights_only=True
         history.append(row)
-        print(f"[{desc}] epoch {epoch}/{cfg.epochs} train_loss={row['train_loss']:.4f}"
+        print(f"[{desc}] epoch {epoch}/{planned} train_loss={row['train_loss']:.4f}"
               + (f" val_{metric}={val[metric]:.4f}" + (f" val_loss={val['loss']:.4f}" if "loss" in val else "")
                  if val is not None else f" (validated every {cfg.val_every} epochs)"), flush=True)
         if val is not None and val[metric] > best["value"] + (stop.min_delta if best["epoch"] > 0 else 0):
             best = {"epoch": epoch, "value": float(val[metric]), "state": copy.deepcopy(scored.state_dict()),
                     "metrics": plain_numbers(val)}
+        # before the checkpoint, so a resumed run keeps the fitted schedule
+        if epoch == 1 and not out and cfg.time_limit_minutes and cfg.fit_epochs_to_time_limit and planned > 1:
+            fits = epochs_that_fit(cfg.time_limit_minutes * 60, accelerate.broadcast(time.perf_counter() - t0),
+                                   timings["train"][-1], timings["val"][-1] / cfg.val_every if timings["val"] else 0.0)
+            if fits < planned:
+                planned = max(fits, 1 if val is not None else 2)  # the last epoch is validated: the first was not
+                scheduler = refit_schedule(optimizer, cfg, planned, len(train_loader), steps_done=len(train_loader))
+                print(f"[{desc}] time limit: {planned} of {cfg.epochs} epochs fit in train.time_limit_minutes="
+                      f"{cfg.time_limit_minutes:g} at {timings['train'][-1]:.0f} s an epoch; the learning-rate schedule now "
+                      f"spans {planned} (train.fit_epochs_to_time_limit)", flush=True)
         rank_rngs = accelerate.gather(torch.get_rng_state())  # every rank's, so each resumes its own stream
         if checkpoint_path is not None and accelerate.is_main():  # rank 0 alone writes
             save_checkpoint(epoch, rank_rngs=rank_rngs)
@@ -440,7 +474,7 @@ def fit(
             log_metrics({k: v for k, v in row.items() if k != "epoch"}, epoch)
         if out:
             slowest = max(timings["train"][-RECENT_EPOCHS:])
-            print(f"[{desc}] time limit: stopping after epoch {epoch} of {cfg.epochs} ({time.perf_counter() - t0:.0f} s spent; "
+            print(f"[{desc}] time limit: stopping after epoch {epoch} of {planned} ({time.perf_counter() - t0:.0f} s spent; "
                   f"another epoch ({slowest:.0f} s, the slowest of the last {RECENT_EPOCHS}, plus {timings['val'][-1]:.0f} s "
                   f"of validation) would pass train.time_limit_minutes={cfg.time_limit_minutes:g})")
             break
@@ -449,6 +483,7 @@ def fit(
             print(f"[{desc}] early stopping at epoch {epoch}: no better val_{metric} for {stop.patience} epochs "
                   f"(best {best['value']:.4f} at epoch {best['epoch']})")
             break
+        epoch += 1
 
     seconds = time.perf_counter() - t0
     scored.load_state_dict(best["state"])
