@@ -1,7 +1,7 @@
 """The pipeline against a plain torchvision script on a shared real dataset, at the same wall-clock budget.
 
     python benchmarks/real_data.py trashnet150 [--budget-minutes 4] [--set key=value ...] [--keep DIR]
-    python benchmarks/real_data.py all          # every dataset below, one after the other
+    python benchmarks/real_data.py all --keep runs/real --baseline-minutes 1   # every dataset, in turn
 
 For one dataset it
 1. runs the pipeline's validate stage with the dataset's settings overlay (benchmarks/real_data/<name>.yaml,
@@ -15,6 +15,10 @@ For one dataset it
 3. predicts the test split with both at original resolution (the pipeline through ``tasks.predict``)
    and scores both files with the same library call: sklearn (accuracy), numpy (mIoU from the
    confusion matrix), pycocotools (AP@.5 for boxes or masks).
+
+With ``--baseline-minutes M`` the pipeline's baseline stage (dummy score, overfit-one-batch check, every
+augmentation off) then runs for M minutes on the same split and is scored the same way: the first three
+stages of the pipeline, on each real dataset, with settings only.
 
 Both sides get one torch thread each and run side by side, so the machine's load hits both alike.
 Prints a markdown row per dataset; ``result.json`` in the work folder keeps the details.
@@ -177,18 +181,26 @@ def run_pipeline(task_name: str, overrides: dict, budget_s: float, t_start: floa
     return augmented.run(task_name, "params.yaml", overrides)
 
 
-def predict_pipeline(task_name: str, manifest: dict, out: Path) -> None:
+def run_baseline(task_name: str, overrides: dict, minutes: float) -> dict:
+    """The baseline stage (dummy score, overfit-one-batch check, every augmentation off) within ``minutes``."""
+    from tasks import baseline
+
+    return baseline.run(task_name, "params.yaml", {**overrides, f"tasks.{task_name}.train.time_limit_minutes": minutes})
+
+
+def predict_pipeline(task_name: str, manifest: dict, out: Path, stage: str = "augmented") -> None:
     from tasks import engine
     from tasks.inference import load_checkpoint
     from tasks.paths import models, outputs
     from tasks.predict import predict_files
 
-    loaded = load_checkpoint(task_name, models(task_name, "augmented") / "model.pt", outputs(task_name, "normstats"))
+    loaded = load_checkpoint(task_name, models(task_name, stage) / "model.pt", outputs(task_name, "normstats"))
     engine.set_threads(1)
     predict_files(loaded, [Path(it["path"]) for it in manifest["splits"]["test"]], out)
 
 
-def benchmark(name: str, root: Path, budget_minutes: float | None, extra: dict, keep: str | None) -> dict:
+def benchmark(name: str, root: Path, budget_minutes: float | None, extra: dict, keep: str | None,
+              baseline_minutes: float = 0.0) -> dict:
     from cv_models import get_task
     from tasks import validate
     from tasks.config import load_params
@@ -218,11 +230,17 @@ def benchmark(name: str, root: Path, budget_minutes: float | None, extra: dict, 
     if plain.wait() != 0:
         raise SystemExit(f"the plain script failed: see {work / 'plain.log'}\n" + (work / "plain.log").read_text()[-3000:])
     plain_info = json.loads((work / "plain" / "run.json").read_text())
+    base = None
+    if baseline_minutes > 0:  # after the timed comparison: the first three stages of the pipeline on this data
+        base_run = run_baseline(task_name, overrides, baseline_minutes)
+        predict_pipeline(task_name, manifest, work / "pipeline_baseline", "baseline")
+        base = {"test": score(manifest, work / "pipeline_baseline"), "epochs": base_run["epochs_run"],
+                "overfit_final_loss": base_run["overfit_final_loss"], "minutes": baseline_minutes}
     result = {
         "dataset": name, "task": task_name, "metric": METRIC[task_name], "budget_s": budget_s,
         "pipeline": score(manifest, work / "pipeline"), "plain": score(manifest, work / "plain"),
         "pipeline_train_s": round(t_pipeline, 1), "pipeline_epochs": run["epochs_run"], "plain_train_s": plain_info["seconds"],
-        "plain_epochs": plain_info["epochs"], "validate_s": round(t_validate, 1),
+        "plain_epochs": plain_info["epochs"], "validate_s": round(t_validate, 1), "baseline": base,
         "splits": {s: len(v) for s, v in manifest["splits"].items()}, "validation_notes": len(report["notes"]),
         "model": cfg.model.name, "image_size": cfg.image_size, "plain_settings": plain_settings,
         "cpu": cpu_name(), "work": str(work),
@@ -240,9 +258,10 @@ def cpu_name() -> str:
 
 def row(r: dict) -> str:
     ahead = "yes" if r["pipeline"] > r["plain"] else "no"
+    base = f" | {r['baseline']['test']:.3f} ({r['baseline']['epochs']} ep, {r['baseline']['minutes']:g} min)" if r["baseline"] else ""
     return (f"| {r['dataset']} | {r['task']} | {r['model']} {r['image_size']} | {r['budget_s'] / 60:g} min | "
             f"{r['splits']['train']}/{r['splits']['val']}/{r['splits']['test']} | {r['metric']} | "
-            f"**{r['pipeline']:.3f}** ({r['pipeline_epochs']} ep) | {r['plain']:.3f} ({r['plain_epochs']} ep) | {ahead} |")
+            f"**{r['pipeline']:.3f}** ({r['pipeline_epochs']} ep) | {r['plain']:.3f} ({r['plain_epochs']} ep) | {ahead}{base} |")
 
 
 def main() -> None:
@@ -254,6 +273,8 @@ def main() -> None:
     ap.add_argument("--budget-minutes", type=float, help="training wall time of each side (default: the overlay's)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--keep", help="folder to keep each dataset's work folder in (default: temporary folders)")
+    ap.add_argument("--baseline-minutes", type=float, default=0.0,
+                    help="afterwards, also the pipeline's baseline stage (overfit check, no augmentation) for this long")
     args = ap.parse_args()
     root = Path(args.shared).resolve()
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
@@ -263,13 +284,14 @@ def main() -> None:
         if not (root / name).is_dir():
             raise SystemExit(f"{name} not found under {root} (--shared)")
         here = Path.cwd()
-        r = benchmark(name, root, args.budget_minutes, parse_overrides(args.overrides), args.keep)
+        r = benchmark(name, root, args.budget_minutes, parse_overrides(args.overrides), args.keep, args.baseline_minutes)
         os.chdir(here)
         rows.append(row(r))
         print(json.dumps(r, indent=2))
     print(f"\nCPU: {cpu_name()}; each side one torch thread, both at once\n")
-    print("| dataset | task | pipeline model, size | budget | train/val/test | test metric | pipeline | plain script | ahead |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    extra = " pipeline baseline stage |" if args.baseline_minutes > 0 else ""
+    print("| dataset | task | pipeline model, size | budget | train/val/test | test metric | pipeline | plain script | ahead |" + extra)
+    print("|---|---|---|---|---|---|---|---|---|" + ("---|" if extra else ""))
     print("\n".join(rows))
 
 
