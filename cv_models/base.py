@@ -173,7 +173,8 @@ class CVTask(ABC):
         raise NotImplementedError(f"{self.name} has no predict_image")
 
     # ----------------------------------------------------------------- export
-    # the exported graph: a float N x 3 x H x W batch (``export_batched``) or one 3 x H x W image (the training size), and its outputs
+    # the exported graph: a float N x 3 x H x W batch (``export_batched``) or one 3 x H x W image, H x W the training
+    # size, and its outputs
     export_outputs: ClassVar[tuple[str, ...]] = ("logits",)
     export_batched: ClassVar[bool] = True
     normalizes_inside: ClassVar[bool] = False  # detectors normalise inside the network
