@@ -173,13 +173,14 @@ class CVTask(ABC):
         raise NotImplementedError(f"{self.name} has no predict_image")
 
     # ----------------------------------------------------------------- export
-    # the exported graph: a float N x 3 x S x S batch (``export_batched``) or one 3 x S x S image, and its outputs
+    # the exported graph: a float N x 3 x H x W batch (``export_batched``) or one 3 x H x W image, H x W the training
+    # size, and its outputs
     export_outputs: ClassVar[tuple[str, ...]] = ("logits",)
     export_batched: ClassVar[bool] = True
     normalizes_inside: ClassVar[bool] = False  # detectors normalise inside the network
 
     def model_input(self, image: Any, normalize: Callable | None) -> torch.Tensor:
-        """One RGB PIL image as the exported graph's input (3 x S x S float, resized and normalised)."""
+        """One RGB PIL image as the exported graph's input (3 x H x W float, resized and normalised)."""
         return self.predict_transform(None if self.normalizes_inside else normalize)(image).as_subclass(torch.Tensor)
 
     def export_module(self, model: nn.Module) -> nn.Module:

@@ -216,7 +216,7 @@ def _detection_overrides(size: tuple[int, int], augment: AugmentConfig) -> dict[
 
 
 class DetectionOutputs(nn.Module):
-    """One image in (3 x S x S float in [0, 1]), the detections of it out as plain tensors: what torchvision's
+    """One image in (3 x H x W float in [0, 1], the training size), the detections of it out as plain tensors: what torchvision's
     detectors export to ONNX and TorchScript as (their documented export takes a list of images)."""
 
     def __init__(self, model: nn.Module, keys: tuple[str, ...]):

@@ -243,7 +243,7 @@ class InstanceSegmentationTask(CVTask):
     primary_metric = "mask_map50"
     settings = SETTINGS
     augmentations = {**AUGMENTATIONS, "copy_paste": Augmentation(BATCH)}
-    export_outputs = ("boxes", "labels", "scores", "masks")  # masks: N x 1 x S x S probabilities
+    export_outputs = ("boxes", "labels", "scores", "masks")  # masks: N x 1 x H x W probabilities
     export_batched = False
 
     # ------------------------------------------------------------------ data
