@@ -93,12 +93,17 @@ def main():
     loader = engine.make_loader(task, test, cfg.train.eval_batch_size, False, 0)
     device = engine.pick_device(cfg.train.device)
     model = engine.load_model(task, models("detection", "augmented") / "model.pt").to(device)
-    m = task.evaluate(model, loader, device).metrics
+    result = task.evaluate(model, loader, device, native=True)
+    m = result.metrics
+    details = work / "details"  # per-image results in the original pixels, rescorable with pycocotools (RECOMPUTE.md)
+    details.mkdir(exist_ok=True)
+    task.report({"augmented": result}, test, details)
     times["test"] = time.perf_counter() - start
     total = time.perf_counter() - t0
 
     print(f"\nBCCD, {cfg.model.name} + {cfg.model.options.backbone} (pretrain: {args.pretrain}), {cfg.image_size}px, "
-          f"{run['epochs_run']} of {run['epochs']} epochs (best {run['best_epoch']}); outputs in {work}")
+          f"{run['epochs_run']} of {run['epochs']} epochs (best {run['best_epoch']}); outputs in {work}, the test "
+          f"split's boxes and ground truth in {details} (RECOMPUTE.md)")
     print("| model | test mAP@.5 | test mAP@[.5:.95] | wall time |")
     print("|---|---|---|---|")
     print(f"| this pipeline | {m['map50']:.3f} | {m['map']:.3f} | {total:.0f} s |")

@@ -1,5 +1,6 @@
 """The BCCD benchmark script end to end on the real data, shrunk to seconds: the zero-size boxes are
-named, the crops pretrain a backbone that starts the detector, and the test split is scored."""
+named, the crops pretrain a backbone that starts the detector, and the test split is scored (its per-image
+results rescore to the printed mAP with pycocotools)."""
 from __future__ import annotations
 
 import json
@@ -30,5 +31,10 @@ def test_bccd_benchmark_runs_the_crops_pretrain_detector_chain(tmp_path):
     result = json.loads((tmp_path / "run" / "bccd_result.json").read_text())
     assert result["pretrain"] == "crops" and {"crops", "pretrain", "train", "test"} <= set(result["seconds"])
     assert 0.0 <= result["test"]["map50"] <= 1.0 and set(result["test"]) >= {"ap50/RBC", "ap50/WBC", "ap50/Platelets"}
+    # the test split's boxes (original pixels) and ground truth, rescored as details/RECOMPUTE.md says
+    from tests.test_use_model import recompute_snippet
+
+    rescored = recompute_snippet(tmp_path / "run" / "details", "augmented")["e"].stats[1]  # the COCOeval it ran
+    assert max(rescored, 0) == pytest.approx(result["test"]["map50"], abs=1e-9)
     crops = tmp_path / "run" / "data" / "crops" / "bccd"
     assert sorted(p.name for p in crops.iterdir()) == ["Platelets", "RBC", "WBC"]
