@@ -1,6 +1,6 @@
 """The pipeline's epoch time against a bare PyTorch loop over the same images preloaded in memory (issue 13).
 
-Real data: /work/shared/datasets/trashnet150 (TrashNet, 6 classes, 150x150 JPEGs, split by seed). Both sides train
+Real data: ../shared/datasets/trashnet150 beside the repository (TrashNet, 6 classes, 150x150 JPEGs, split by seed). Both sides train
 the same model built by the task (resnet18 by default) with the same threads, batch size, optimiser and schedule.
 The bare loop holds every training image as a normalised float tensor (a plain list) and stacks shuffled batches:
 no decoding, no transforms, no DataLoader. The pipeline is tasks.engine.fit on the task's datasets (no
@@ -32,7 +32,7 @@ from tasks import engine
 from tasks.config import load_params
 from tasks.seeding import seed_everything
 
-DATA = "/work/shared/datasets/trashnet150/data/dataset-resized"
+DATA = str(Path(__file__).resolve().parents[2] / "shared" / "datasets" / "trashnet150" / "data" / "dataset-resized")
 
 
 def bare_epochs(task, cfg, images: list[torch.Tensor], labels: list[int], seed: int) -> list[float]:
