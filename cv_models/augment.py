@@ -63,7 +63,7 @@ def cutout_rectangle(height: int, width: int, scale: tuple[float, float]) -> tup
     return y0, x0, h, w
 
 
-def _random_apply(t: v2.Transform, p: float) -> v2.Transform:
+def random_apply(t: v2.Transform, p: float) -> v2.Transform:
     return t if p >= 1 else v2.RandomApply([t], p=p)
 
 
@@ -71,16 +71,16 @@ def _random_apply(t: v2.Transform, p: float) -> v2.Transform:
 AUGMENTATIONS: dict[str, Augmentation] = {
     "hflip": Augmentation("geometric", lambda c, size: v2.RandomHorizontalFlip(p=c.p)),
     "vflip": Augmentation("geometric", lambda c, size: v2.RandomVerticalFlip(p=c.p)),
-    "rotation": Augmentation("geometric", lambda c, size: _random_apply(
+    "rotation": Augmentation("geometric", lambda c, size: random_apply(
         v2.RandomRotation(degrees=c.degrees, fill={tv_tensors.Image: c.fill, "others": 0}), c.p)),
-    "crop": Augmentation("geometric", lambda c, size: _random_apply(
+    "crop": Augmentation("geometric", lambda c, size: random_apply(
         v2.RandomResizedCrop(size=size, scale=tuple(c.scale), antialias=True), c.p)),
-    "rescale": Augmentation("geometric", lambda c, size: _random_apply(v2.RandomAffine(degrees=0, scale=tuple(c.scale)), c.p)),
-    "color": Augmentation("photometric", lambda c, size: _random_apply(
+    "rescale": Augmentation("geometric", lambda c, size: random_apply(v2.RandomAffine(degrees=0, scale=tuple(c.scale)), c.p)),
+    "color": Augmentation("photometric", lambda c, size: random_apply(
         v2.ColorJitter(brightness=c.brightness, contrast=c.contrast, saturation=c.saturation, hue=c.hue), c.p)),
-    "blur": Augmentation("photometric", lambda c, size: _random_apply(
+    "blur": Augmentation("photometric", lambda c, size: random_apply(
         v2.GaussianBlur(kernel_size=c.kernel_size, sigma=tuple(c.sigma)), c.p)),
-    "noise": Augmentation("after_float", lambda c, size: _random_apply(v2.GaussianNoise(sigma=c.sigma, clip=False), c.p)),
+    "noise": Augmentation("after_float", lambda c, size: random_apply(v2.GaussianNoise(sigma=c.sigma, clip=False), c.p)),
     "cutout": Augmentation("after_normalize", lambda c, size: v2.RandomErasing(p=c.p, scale=tuple(c.scale),
                                                                                ratio=CUTOUT_RATIO, value=0)),
     "mixup": Augmentation(BATCH),

@@ -31,7 +31,7 @@ from cv_models.data.probe import IMAGE_SUFFIXES, load_rgb, probe_image
 from cv_models.mix.segmentation import build_mixer
 from cv_models.nets import NETS
 from cv_models.seg_losses import get_loss
-from cv_models.augment import with_builders
+from cv_models.augment import random_apply, with_builders
 from cv_models.settings import AugmentConfig, CutoutAug, Strict, task_settings
 from cv_models.weights import freeze, load_into, read_checkpoint, torchvision_state_dict
 
@@ -621,10 +621,21 @@ class SegmentationTask(CVTask):
     def _cutout(self, c, size):
         return SegmentationCutout(c.mask_fill, self.ignore_index, p=c.p, scale=tuple(c.scale), value=0)
 
+    def _uncovered_unlabelled(self, image_fill: int) -> dict:
+        """Fill of the pixels a rotation or zoom-out uncovers: the image's fill value, and in the mask the ignore
+        index, so they are not trained as class 0 (the background of the shapes, but the membrane of EM slices)."""
+        return {tv_tensors.Image: image_fill, tv_tensors.Mask: self.ignore_index}
+
+    def _rotation(self, c, size):
+        return random_apply(v2.RandomRotation(degrees=c.degrees, fill=self._uncovered_unlabelled(c.fill)), c.p)
+
+    def _rescale(self, c, size):
+        return random_apply(v2.RandomAffine(degrees=0, scale=tuple(c.scale), fill=self._uncovered_unlabelled(0)), c.p)
+
     def train_transforms(self, augment: AugmentConfig | None, normalize):
         # v2 resizes, rotates and crops tv_tensors.Mask with nearest interpolation: no new label values
-        return build_transforms(self.cfg.image_size, augment, normalize,
-                                registry=with_builders(self.augmentations, {"cutout": self._cutout}))
+        builders = {"cutout": self._cutout, "rotation": self._rotation, "rescale": self._rescale}
+        return build_transforms(self.cfg.image_size, augment, normalize, registry=with_builders(self.augmentations, builders))
 
     def eval_transforms(self, normalize):
         return build_transforms(self.cfg.image_size, None, normalize)

@@ -182,7 +182,26 @@ def test_geometric_transforms_never_create_new_mask_values(project):
         for i in range(len(data)):
             image, mask = data[i]
             assert isinstance(mask, tv_tensors.Mask) and mask.shape[-2:] == image.shape[-2:] == (64, 64)
-            assert set(mask.unique().tolist()) <= set(range(len(CLASSES)))
+            assert set(mask.unique().tolist()) <= set(range(len(CLASSES))) | {255}  # 255: uncovered, not trained
+
+
+@pytest.mark.parametrize("augmentation", [{"rotation": {"enabled": True, "p": 1.0, "degrees": 45, "fill": 127}},
+                                          {"rescale": {"enabled": True, "p": 1.0, "scale": [0.5, 0.6]}}])
+def test_pixels_a_rotation_or_zoom_out_uncovers_are_not_labelled_class_0(project, augmentation):
+    """An EM slice's class 0 is membrane: uncovered corners and borders go to the ignore index, not to class 0."""
+    from PIL import Image
+
+    task = _task(project)
+    transforms = task.train_transforms(task.augment_schema().model_validate(augmentation), None)
+    torch.manual_seed(0)
+    draws_uncovering = 0
+    for _ in range(6):
+        image, mask = transforms(Image.new("RGB", (64, 64), (200, 200, 200)), tv_tensors.Mask(torch.ones(64, 64, dtype=torch.uint8)))
+        uncovered = mask == 255
+        draws_uncovering += bool(uncovered.any())
+        assert set(mask.unique().tolist()) <= {1, 255}  # never class 0
+        assert bool((image[:, uncovered] < 0.6).all())  # the image's fill there, not the grey 200 of the picture
+    assert draws_uncovering >= 4  # (a draw close to 0 degrees uncovers nothing)
 
 
 @pytest.mark.parametrize("fill, expected", [("ignore", True), ("keep", False)])
