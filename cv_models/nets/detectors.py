@@ -147,22 +147,29 @@ def anchors_sized_to(box_sizes: torch.Tensor, n_levels: int, scales_per_level: i
     """Anchors sized to the data. ``box_sizes``: the training boxes' (width, height) at the training size.
 
     Aspect ratios (height / width): the 10th, 50th and 90th percentiles of the boxes' own ratios, which
-    also absorbs the stretch of resizing non-square images to a square. Smallest anchor: the size, searched
-    around the smallest boxes, that maximises the mean IoU of every box with its best anchor (larger
-    levels double from it). Returns the options plus that mean IoU and the share of boxes whose best
-    anchor reaches IoU 0.5.
+    also absorbs the stretch of resizing non-square images to a square. Smallest anchor: the size that
+    maximises the mean IoU of every box with its best anchor (larger levels double from it), searched from
+    half the smallest boxes up to the size that puts the median box on the finest level. The defaults
+    (16 px, ratios 0.5/1/2) are candidates too, so the result is never worse than them: with a wide spread of
+    sizes (COCO) the smallest boxes alone would pull the anchors too small. Returns the options plus that
+    mean IoU and the share of boxes whose best anchor reaches IoU 0.5.
     """
     wh = box_sizes[(box_sizes > 0).all(1)].float()
     if len(wh) == 0:
         raise ValueError("anchor_size/aspect_ratios 'auto' needs training boxes, and the train split has none")
-    ratios = [round(float(v), 2) for v in torch.quantile(wh[:, 1] / wh[:, 0], torch.tensor([0.1, 0.5, 0.9]))]
-    smallest = float(torch.quantile((wh[:, 0] * wh[:, 1]).sqrt(), 0.01))
+    fitted_ratios = [round(float(v), 2) for v in torch.quantile(wh[:, 1] / wh[:, 0], torch.tensor([0.1, 0.5, 0.9]))]
+    side = (wh[:, 0] * wh[:, 1]).sqrt()
+    smallest = float(torch.quantile(side, 0.01))
+    grid = lambda low, high: torch.logspace(torch.log10(torch.tensor(low)), torch.log10(torch.tensor(high)), 33).tolist()  # noqa: E731
+    # around the smallest boxes first (ties keep these), then up to the median box
+    bases = grid(smallest / 2, smallest * 1.5) + grid(smallest / 2, max(smallest * 1.5, float(side.median())))
     best = None
-    for base in torch.logspace(torch.log10(torch.tensor(smallest / 2)), torch.log10(torch.tensor(smallest * 1.5)), 33).tolist():
-        iou = best_anchor_iou(wh, anchor_shapes(base, n_levels, scales_per_level, ratios))
-        if best is None or iou.mean() > best[1].mean() + 1e-6:
-            best = (base, iou)
-    base, iou = best
+    for ratios in (fitted_ratios, list(DEFAULT_ASPECT_RATIOS)):
+        for base in bases + [float(DEFAULT_ANCHOR_SIZE)]:
+            iou = best_anchor_iou(wh, anchor_shapes(base, n_levels, scales_per_level, ratios))
+            if best is None or iou.mean() > best[2].mean() + 1e-6:
+                best = (base, ratios, iou)
+    base, ratios, iou = best
     return {"anchor_size": round(base, 1), "aspect_ratios": ratios,
             "mean_best_iou": round(float(iou.mean()), 3), "recall_at_iou_0.5": round(float((iou >= 0.5).float().mean()), 3)}
 
