@@ -29,8 +29,8 @@ def load_split(items: list[dict], size: int, masks: bool) -> list[tuple[torch.Te
         target = {"boxes": boxes, "labels": torch.tensor([it["labels"][k] for k in keep], dtype=torch.int64)}
         if masks:
             m = [mask_utils.decode({"size": it["masks"][k]["size"], "counts": it["masks"][k]["counts"].encode()}) for k in keep]
-            stack = torch.from_numpy(np.stack(m)).float() if m else torch.zeros((0, image.height, image.width))
-            target["masks"] = (F.interpolate(stack[None], size=(size, size), mode="nearest")[0] > 0.5).to(torch.uint8)
+            target["masks"] = ((F.interpolate(torch.from_numpy(np.stack(m)).float()[None], size=(size, size), mode="nearest")[0] > 0.5)
+                               .to(torch.uint8) if m else torch.zeros((0, size, size), dtype=torch.uint8))
         out.append((to_tensor(image, size), target))
     return out
 
