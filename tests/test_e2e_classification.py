@@ -153,6 +153,7 @@ def quality(metrics: dict) -> dict:
             for model, m in metrics.items() if model != "overfitting"}
 
 
+@pytest.mark.slow  # make test-all (suite budget): tests/test_bad_input.py covers each format's rules through the CLI
 def test_corrupted_sample_stops_dvc_repro_naming_the_file(dvc_repo, tmp_path_factory):
     repo = make_repo(tmp_path_factory.mktemp("bad") / "repo", keep_tasks=["classification"],
                      **{"tasks.classification.data.path": "userdata"})
