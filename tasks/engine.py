@@ -239,14 +239,17 @@ class FitResult:
     timings: dict[str, list[float]] = field(default_factory=lambda: {"train": [], "val": []})
 
 
+FIT_AFTER_EPOCHS = 2  # fit_epochs_to_time_limit plans after each of the first epochs
 RECENT_EPOCHS = 3  # the time limit plans with the slowest of these last epochs (one slow epoch is not an outlier)
 
 
-def epochs_that_fit(limit_s: float, spent: float, train_s: float, val_s: float, margin: float = 0.9) -> int:
-    """How many epochs in all fit in ``limit_s`` after the first one took ``spent`` (its training pass ``train_s``,
-    validation ``val_s`` per epoch on average), keeping ``margin`` of the time left as a cushion for slower epochs."""
+def epochs_that_fit(limit_s: float, spent: float, train_s: float, val_s: float, margin: float = 0.9,
+                    done: int = 1) -> int:
+    """How many epochs in all fit in ``limit_s`` after ``done`` epochs took ``spent`` (the last training pass
+    ``train_s``, validation ``val_s`` per epoch on average), keeping ``margin`` of the time left as a cushion
+    for slower epochs."""
     per_epoch = max(train_s + val_s, 1e-9)
-    return 1 + max(0, int(margin * max(limit_s - spent, 0.0) / per_epoch))
+    return done + max(0, int(margin * max(limit_s - spent, 0.0) / per_epoch))
 
 
 def refit_schedule(optimizer, cfg: TrainConfig, epochs: int, steps_per_epoch: int, steps_done: int):
@@ -457,13 +460,17 @@ def fit(
         if val is not None and val[metric] > best["value"] + (stop.min_delta if best["epoch"] > 0 else 0):
             best = {"epoch": epoch, "value": float(val[metric]), "state": copy.deepcopy(scored.state_dict()),
                     "metrics": plain_numbers(val)}
-        # before the checkpoint, so a resumed run keeps the fitted schedule
-        if epoch == 1 and not out and cfg.time_limit_minutes and cfg.fit_epochs_to_time_limit and planned > 1:
+        # before the checkpoint, so a resumed run keeps the fitted schedule. Fitted after the first epoch and again
+        # after the second: the first carries one-time costs (cache filling, warm-up) and plans too few epochs.
+        if (epoch <= FIT_AFTER_EPOCHS and not out and cfg.time_limit_minutes and cfg.fit_epochs_to_time_limit
+                and cfg.epochs > epoch):
             fits = epochs_that_fit(cfg.time_limit_minutes * 60, accelerate.broadcast(time.perf_counter() - t0),
-                                   timings["train"][-1], timings["val"][-1] / cfg.val_every if timings["val"] else 0.0)
-            if fits < planned:
-                planned = max(fits, 1 if val is not None else 2)  # the last epoch is validated: the first was not
-                scheduler = refit_schedule(optimizer, cfg, planned, len(train_loader), steps_done=len(train_loader))
+                                   timings["train"][-1], timings["val"][-1] / cfg.val_every if timings["val"] else 0.0,
+                                   done=epoch)
+            fits = min(max(fits, epoch if val is not None else epoch + 1), cfg.epochs)  # the last epoch is validated
+            if fits != planned:
+                planned = fits
+                scheduler = refit_schedule(optimizer, cfg, planned, len(train_loader), steps_done=epoch * len(train_loader))
                 print(f"[{desc}] time limit: {planned} of {cfg.epochs} epochs fit in train.time_limit_minutes="
                       f"{cfg.time_limit_minutes:g} at {timings['train'][-1]:.0f} s an epoch; the learning-rate schedule now "
                       f"spans {planned} (train.fit_epochs_to_time_limit)", flush=True)

@@ -19,7 +19,7 @@ TINY = {
     "tasks.classification.image_size": 32,
     "tasks.classification.train.epochs": 6,
     "tasks.classification.train.batch_size": 16,
-    "tasks.classification.train.num_threads": 2,
+    "tasks.classification.train.num_threads": 1,
     "tasks.classification.preview_samples": 8,
     "tasks.classification.overfit_check.steps": 40,
     "pretrain.epochs": 1,
@@ -55,7 +55,7 @@ def _isolated_env(tmp_path_factory):
     os.environ["CV_PIPELINE_RUN_ID"] = "pytest"
     import torch
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)  # one per pytest-xdist worker: a second OpenMP thread on shared cores spin-waits
     yield
 
 

@@ -27,7 +27,7 @@ TINY_TASKS = {
 
 def _tiny(task: str, **extra) -> dict:
     t = f"tasks.{task}."
-    return {t + "train.epochs": 1, t + "train.batch_size": 4, t + "train.eval_batch_size": 8, t + "train.num_threads": 2,
+    return {t + "train.epochs": 1, t + "train.batch_size": 4, t + "train.eval_batch_size": 8, t + "train.num_threads": 1,
             t + "overfit_check.enabled": False, t + "preview_samples": 4, t + "train.track_train_metric": False, **TINY_TASKS[task], **extra}
 
 

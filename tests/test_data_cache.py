@@ -121,6 +121,8 @@ def test_a_time_limit_fits_the_epochs_and_the_schedule_spans_them():
     # 100 s spent on the first epoch (80 s training, 20 s validation), 600 s allowed: 0.9 x 500 s / 100 s = 4 more
     assert engine.epochs_that_fit(600, 100, 80, 20) == 5
     assert engine.epochs_that_fit(600, 700, 80, 20) == 1  # already over: the first epoch is all
+    # refitted after the second epoch, which is faster than the first (no one-time costs): more fit than planned
+    assert engine.epochs_that_fit(600, 160, 40, 20, done=2) == 8
     # the schedule rebuilt for 3 epochs and advanced past the first gives a fresh 3-epoch schedule's rates
     cfg = TrainConfig(epochs=10, optimizer={"lr": 0.01}, scheduler={"name": "onecycle"})
     fresh_opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.01)

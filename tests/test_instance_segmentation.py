@@ -21,7 +21,7 @@ TINY_INST = {
     "tasks.instance_segmentation.model.width": 8,
     "tasks.instance_segmentation.model.options.fpn_channels": 32,
     "tasks.instance_segmentation.model.options.anchor_size": 8,
-    "tasks.instance_segmentation.train.num_threads": 2,
+    "tasks.instance_segmentation.train.num_threads": 1,
     "tasks.instance_segmentation.preview_samples": 4,
     "tasks.instance_segmentation.options.report_images": 2,
 }

@@ -17,6 +17,13 @@ pytestmark = pytest.mark.e2e
 CODE = ("flows", "tasks", "cv_models", "prefect.yaml")
 
 
+def wait_for_line(log: Path, line: str, proc: subprocess.Popen, seconds: float = 60) -> None:
+    """Until ``line`` is in the worker's log (or the worker died, or ``seconds`` passed: the assertion says)."""
+    end = time.monotonic() + seconds
+    while time.monotonic() < end and proc.poll() is None and line not in log.read_text():
+        time.sleep(0.5)
+
+
 def prefect(*args, cwd: Path, **extra) -> subprocess.CompletedProcess:
     out = subprocess.run(["prefect", *args], cwd=cwd, capture_output=True, text=True, env=env(**extra), timeout=300)
     assert out.returncode == 0, " ".join(args) + "\n" + out.stdout[-3000:] + out.stderr[-3000:]
@@ -61,6 +68,8 @@ def test_two_workers_on_a_process_pool_each_complete_a_flow_run(project, tmp_pat
                 run_id = next(w for line in out.stdout.splitlines() if "UUID" in line for w in line.split()
                               if w.count("-") == 4)
                 runs += wait_for_runs([run_id], common, timeout=300)
+                # the API says COMPLETED a moment before the flow's process has printed its last line
+                wait_for_line(log, f"Flow run '{runs[-1]['name']}' - Finished in state Completed", proc)
             finally:
                 stop(proc)
             logs[name] = log.read_text()
