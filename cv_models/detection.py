@@ -28,7 +28,7 @@ from pydantic import Field, model_validator
 
 from cv_models.augment import AUGMENTATIONS, BATCH, Augmentation, build_transforms, cutout_rectangle, with_builders
 from cv_models.base import Check, CVTask, DataError, EvalResult, Prediction, register_task
-from cv_models.data.annotations import BOX_RULES, AnnotationTables, invalid_box_findings, require_all_splits, seed_split
+from cv_models.data.annotations import BOX_RULES, AnnotationTables, invalid_box_findings, keep_only, require_all_splits, seed_split
 from cv_models.data.coco import coco_map, read_coco, to_coco_ground_truth  # noqa: F401 (coco_map re-exported)
 from cv_models.data.probe import load_rgb
 from cv_models.data.voc import read_voc
@@ -45,6 +45,7 @@ class DetectionDataOptions(Strict):
     """``data.options``: the reader's layout (None = the format's own default) and the bad-box policy."""
 
     invalid_boxes: Literal["fail", "drop"] = "fail"  # fail: invalid boxes stop the run | drop: left out; reported either way
+    keep_classes: list[str] | None = None  # train on these of the dataset's classes only (others' boxes left out)
     # coco: "annotations/{split}.json" | voc: the XML folder, "Annotations" ("{split}" allowed)
     annotations: str | None = None
     # folder the file names are relative to (coco: images | voc: JPEGImages | yolo: "images/{split}");
@@ -75,7 +76,7 @@ class DetectionData(DataConfig):
         if self.format in FORMAT_OPTIONS:
             # None means "not given" (a saved model's settings list every option, unset ones as None)
             foreign = [k for k in self.options.model_fields_set
-                       if k != "invalid_boxes" and k not in FORMAT_OPTIONS[self.format] and getattr(self.options, k) is not None]
+                       if k not in ("invalid_boxes", "keep_classes") and k not in FORMAT_OPTIONS[self.format] and getattr(self.options, k) is not None]
             if foreign:
                 raise ValueError(f"options {foreign} are not read by format {self.format!r} "
                                  f"(it reads {list(FORMAT_OPTIONS[self.format])})")
@@ -248,11 +249,13 @@ class DetectionTask(CVTask):
             d = self.cfg.data
             if d.format not in READERS:
                 raise DataError(f"detection reads data.format {sorted(READERS)}, got {d.format!r}")
-            opts = {k: v for k, v in d.options.model_dump(exclude={"invalid_boxes"}).items() if v is not None}
+            opts = {k: v for k, v in d.options.model_dump(exclude={"invalid_boxes", "keep_classes"}).items() if v is not None}
             try:
                 tables = READERS[d.format](Path(d.path), classes=d.classes, **opts)
             except TypeError as err:
                 raise DataError(f"data.options for format {d.format!r}: {err}") from None
+            if d.options.keep_classes:
+                tables = keep_only(tables, d.options.keep_classes)
             if d.split_from == "seed":
                 tables = seed_split(tables, d.split_fractions, d.split_seed)
             else:
@@ -261,6 +264,8 @@ class DetectionTask(CVTask):
         return self._tables
 
     def class_names(self) -> list[str]:
+        if self.cfg.data.options.keep_classes:  # data.classes then names the ids of a YOLO set, not the classes trained
+            return self.tables().categories
         return list(self.cfg.data.classes) if self.cfg.data.classes else self.tables().categories
 
     def validation_tables(self) -> dict[str, pd.DataFrame]:

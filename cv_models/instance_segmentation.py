@@ -59,6 +59,7 @@ class InstanceDataOptions(Strict):
     data_yaml: str | None = None  # yolo: an Ultralytics data.yaml (path, train, val, test, names)
     names: list[str] | dict[int, str] | None = None  # yolo: class names by id (else data.classes or the data_yaml's)
     splits: dict[str, str] | None = None  # names substituted for {split}; only some with data.split_from: seed
+    keep_classes: list[str] | None = None  # coco, yolo: train on these of the dataset's classes only (others left out)
     class_name: str = "object"  # instance_folders: the one class (when data.classes is null)
     box_tolerance_px: float = Field(BOX_TOLERANCE_PX, ge=0)  # a stored box may differ from its mask's extent by this...
     box_tolerance_fraction: float = Field(BOX_TOLERANCE_FRACTION, ge=0)  # ...or this fraction of the box's longer side
@@ -271,8 +272,10 @@ class InstanceSegmentationTask(CVTask):
             tables = read_yolo(root, d.classes, with_masks=True,
                                **{k: getattr(o, k) for k in keys if getattr(o, k) is not None})
         if d.format in ("coco", "yolo"):
-            from cv_models.data.annotations import require_all_splits, seed_split
+            from cv_models.data.annotations import keep_only, require_all_splits, seed_split
 
+            if self._options().keep_classes:
+                tables = keep_only(tables, self._options().keep_classes)
             if d.split_from == "seed":
                 tables = seed_split(tables, d.split_fractions, d.split_seed)
             else:
@@ -280,6 +283,9 @@ class InstanceSegmentationTask(CVTask):
             self._reader_notes = tables.notes
             images, anns, categories = tables.images, tables.annotations, tables.categories
         if d.format == "instance_folders":
+            if self._options().keep_classes:
+                raise DataError("data.options.keep_classes is read by formats coco and yolo, not instance_folders "
+                                "(one class per folder layout: point data.path at the classes you want)")
             images, anns, categories = self._folder_tables(root)
         elif d.format not in FORMATS:
             raise DataError(f"instance_segmentation reads data.format {list(FORMATS)}, got {d.format!r}")
@@ -335,6 +341,8 @@ class InstanceSegmentationTask(CVTask):
         return pd.concat([anns.drop(columns=[c for c in facts.columns if c in anns]), facts], axis=1)
 
     def class_names(self) -> list[str]:
+        if self.cfg.data.options.keep_classes:  # data.classes then names the ids of a YOLO set, not the classes trained
+            return list(self._tables()[2])
         if self.cfg.data.classes:
             return list(self.cfg.data.classes)
         return list(self._tables()[2])

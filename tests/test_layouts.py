@@ -116,6 +116,37 @@ def test_yolo_class_id_outside_names_fails_naming_the_file(project, tmp_path):
         validate.run("detection", params)
 
 
+def test_keep_classes_trains_box_tasks_on_some_classes_of_a_dataset(project, tmp_path):
+    """COCO's person alone, say: the other classes' boxes are left out (not invalid), their images stay as
+    background, class ids follow keep_classes, and a name the data lacks stops the run naming it."""
+    root = tmp_path / "yolo"
+    classes = L.yolo(project.shapes / "scenes", root, polygons=True)
+    keep = [classes[2], classes[0]]
+    opts = {"images": "images/{split}", "labels": "labels/{split}"}
+    full = get_task("detection", load_params(det_params(project, **_data(
+        "detection", format="yolo", path=str(root), classes=classes, options=opts))).task("detection"))
+    params = det_params(project, **_data("detection", format="yolo", path=str(root), classes=classes,
+                                         options={**opts, "keep_classes": keep}))
+    report = _report("detection", params)
+    task = get_task("detection", load_params(params).task("detection"))
+    assert task.class_names() == keep
+    anns = task.tables().annotations
+    assert set(anns["category"]) == set(keep) and len(anns) == full.tables().annotations["category"].isin(keep).sum()
+    assert len(task.tables().images) == len(full.tables().images) == report["n_samples"]  # no image dropped
+    assert any("keep_classes" in n and "left out" in n for n in report["notes"])
+    labels = [int(label) for i in range(len(task.dataset("train", None))) for label in task.dataset("train", None)[i][1]["labels"]]
+    assert set(labels) <= {1, 2} and labels  # ids in keep_classes' order (0: the detectors' background)
+    # instance segmentation reads it the same way
+    inst = load_params(project.params(**_data("instance_segmentation", format="yolo", path=str(root), classes=classes,
+                                              options={**opts, "keep_classes": keep})))
+    inst_task = get_task("instance_segmentation", inst.task("instance_segmentation"))
+    assert inst_task.class_names() == keep and set(inst_task._tables()[1]["category"]) == set(keep)
+    bad = det_params(project, **_data("detection", format="yolo", path=str(root), classes=classes,
+                                      options={**opts, "keep_classes": [classes[1][:-1] + "x"]}))
+    with pytest.raises((validate.ValidationFailed, DataError), match=rf"keep_classes: '{classes[1][:-1]}x' \(did you mean '{classes[1]}'\?\)"):
+        validate.run("detection", bad)
+
+
 def test_yolo_instance_segmentation_polygons(project, tmp_path):
     root = tmp_path / "yolo"
     classes = L.yolo(project.shapes / "scenes", root, polygons=True)

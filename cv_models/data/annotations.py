@@ -119,6 +119,31 @@ def require_all_splits(t: AnnotationTables, reader: str) -> None:
                         f"splits from what there is)")
 
 
+def keep_only(t: AnnotationTables, keep: list[str]) -> AnnotationTables:
+    """``data.options.keep_classes``: train on some of the dataset's classes (COCO's person, say). Boxes of the
+    other classes are left out, not flagged invalid; their images stay, as background where nothing is left.
+    The class ids follow ``keep``'s order. A name the data does not have stops the run, naming it."""
+    import difflib
+
+    unknown = [name for name in keep if name not in t.categories]
+    if unknown:
+        hints = [f"{name!r}" + (f" (did you mean {close[0]!r}?)" if (close := difflib.get_close_matches(name, t.categories, 1))
+                                else "") for name in unknown]
+        raise DataError(f"data.options.keep_classes: {', '.join(hints)} not among the dataset's classes "
+                        f"({len(t.categories)}: {', '.join(t.categories[:20])}{' ...' if len(t.categories) > 20 else ''})")
+    if len(set(keep)) != len(keep):
+        raise DataError(f"data.options.keep_classes lists a class twice: {keep}")
+    boxes = t.annotations
+    kept = boxes["category"].isin(keep)
+    images = t.images.copy()
+    key = boxes.loc[kept, "split"].astype(str) + "/" + boxes.loc[kept, "image_id"].astype(str)
+    images["n_boxes"] = images["split_image_id"].map(key.groupby(key).size()).fillna(0).astype(int)
+    note = (f"data.options.keep_classes {keep}: {int((~kept).sum())} of {len(boxes)} boxes of the other "
+            f"{len(t.categories) - len(keep)} classes left out; {int((images['n_boxes'] == 0).sum())} of "
+            f"{len(images)} images have none of the kept classes (trained as background)")
+    return AnnotationTables(images, boxes[kept].reset_index(drop=True), list(keep), t.sources, [*t.notes, note])
+
+
 def seed_split(t: AnnotationTables, fractions: dict[str, float], seed: int) -> AnnotationTables:
     """split_from=seed: pool every image read (whatever split it came from) and draw train/val/test by seed.
 
