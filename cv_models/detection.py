@@ -60,6 +60,8 @@ class DetectionDataOptions(Strict):
     names: list[str] | dict[int, str] | None = None  # yolo: class names by id (else data.classes or the data_yaml's)
 
 
+# data.options the task reads itself, whatever the format (the others are passed to the format's reader)
+TASK_OPTIONS = ("invalid_boxes", "keep_classes")
 # which data.options each format reads (a key set for another format is an error, not ignored)
 FORMAT_OPTIONS: dict[str, tuple[str, ...]] = {
     "coco": ("annotations", "images", "splits"),
@@ -76,7 +78,7 @@ class DetectionData(DataConfig):
         if self.format in FORMAT_OPTIONS:
             # None means "not given" (a saved model's settings list every option, unset ones as None)
             foreign = [k for k in self.options.model_fields_set
-                       if k not in ("invalid_boxes", "keep_classes") and k not in FORMAT_OPTIONS[self.format] and getattr(self.options, k) is not None]
+                       if k not in TASK_OPTIONS and k not in FORMAT_OPTIONS[self.format] and getattr(self.options, k) is not None]
             if foreign:
                 raise ValueError(f"options {foreign} are not read by format {self.format!r} "
                                  f"(it reads {list(FORMAT_OPTIONS[self.format])})")
@@ -249,7 +251,7 @@ class DetectionTask(CVTask):
             d = self.cfg.data
             if d.format not in READERS:
                 raise DataError(f"detection reads data.format {sorted(READERS)}, got {d.format!r}")
-            opts = {k: v for k, v in d.options.model_dump(exclude={"invalid_boxes", "keep_classes"}).items() if v is not None}
+            opts = {k: v for k, v in d.options.model_dump(exclude=set(TASK_OPTIONS)).items() if v is not None}
             try:
                 tables = READERS[d.format](Path(d.path), classes=d.classes, **opts)
             except TypeError as err:

@@ -123,12 +123,12 @@ def keep_only(t: AnnotationTables, keep: list[str]) -> AnnotationTables:
     """``data.options.keep_classes``: train on some of the dataset's classes (COCO's person, say). Boxes of the
     other classes are left out, not flagged invalid; their images stay, as background where nothing is left.
     The class ids follow ``keep``'s order. A name the data does not have stops the run, naming it."""
-    import difflib
+    from cv_models.settings import did_you_mean
 
     unknown = [name for name in keep if name not in t.categories]
     if unknown:
-        hints = [f"{name!r}" + (f" (did you mean {close[0]!r}?)" if (close := difflib.get_close_matches(name, t.categories, 1))
-                                else "") for name in unknown]
+        hints = [f"{name!r}" + (f" ({hint.removeprefix('; ')})" if (hint := did_you_mean(name, t.categories)) else "")
+                 for name in unknown]
         raise DataError(f"data.options.keep_classes: {', '.join(hints)} not among the dataset's classes "
                         f"({len(t.categories)}: {', '.join(t.categories[:20])}{' ...' if len(t.categories) > 20 else ''})")
     if len(set(keep)) != len(keep):
