@@ -113,6 +113,12 @@ class CVTask(ABC):
     def class_names(self) -> list[str]:
         ...
 
+    def object_boxes(self, split: str) -> list[dict] | None:
+        """The split's images with their objects' boxes in the original pixels, for the crops stage:
+        ``{"path", "image_id", "file_name", "boxes": [[x0, y0, x1, y1], ...], "labels": [k + 1 for class k]}``.
+        None for a task without boxes."""
+        return None
+
     @abstractmethod
     def dataset(self, split: str, transforms: Callable | None) -> Dataset:
         """Samples of one split as ``(image, target)``, the transforms applied jointly."""

@@ -330,6 +330,9 @@ class DetectionTask(CVTask):
         out["Settings sized from the data"] = describe(self.most_objects(), self.cfg.model.options.model_dump(exclude={"kwargs"}))
         return out
 
+    def object_boxes(self, split: str) -> list[dict]:
+        return [{**r, "boxes": r["boxes"].tolist(), "labels": r["labels"].tolist()} for r in self.records(split)]
+
     def records(self, split: str) -> list[dict]:
         """The split's usable images with their valid boxes (invalid ones are dropped: with
         invalid_boxes=fail validation has already stopped the run if there were any)."""

@@ -422,6 +422,19 @@ class InstanceSegmentationTask(CVTask):
                         "instances": by_image.get(str(im["image_id"]), [])})
         return out
 
+    def object_boxes(self, split: str) -> list[dict]:
+        images, anns, _ = self._tables()
+        label_of = {c: k + 1 for k, c in enumerate(self.class_names())}
+        usable = anns[(anns["split"] == split) & (anns["iscrowd"].astype(int) == 0) & anns["category"].isin(label_of)]
+        by_image = dict(list(usable.groupby(usable["image_id"].astype(str))))
+        out = []
+        for im in images[(images["split"] == split) & images["decodes"]].drop_duplicates("split_image_id").to_dict("records"):
+            a = by_image.get(str(im["image_id"]))
+            out.append({"path": im["path"], "image_id": len(out) + 1, "file_name": im["file_name"],
+                        "boxes": [] if a is None else a[["x0", "y0", "x1", "y1"]].to_numpy(float).tolist(),
+                        "labels": [] if a is None else [label_of[c] for c in a["category"]]})
+        return out
+
     def dataset(self, split: str, transforms) -> InstanceDataset:
         return InstanceDataset(self._records(split), transforms)
 

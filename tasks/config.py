@@ -41,10 +41,14 @@ class RegistryConfig(Strict):
 
 
 class CropsConfig(Strict):
-    """Object crops of a detection task's train split as an ImageFolder (``python -m tasks crops``), a
-    pretraining dataset made of the objects themselves: ``pretrain.data: <out>``, ``split_from: seed``."""
+    """Object crops of a detection or instance-segmentation task's train split as an ImageFolder
+    (``python -m tasks crops``), a pretraining dataset made of the objects themselves: ``pretrain.data: <out>``,
+    ``split_from: seed``."""
 
-    task: str = "detection"  # a task with boxes
+    task: str = "detection"  # a task with boxes: detection or instance_segmentation
+    # kept: the classes the task trains on | all: every class of the dataset, also those the task's
+    # data.options.keep_classes leaves out (a backbone learns from every object; the train split is the same)
+    classes: Literal["kept", "all"] = "kept"
     out: str = "data/crops/detection"
     size: int = Field(64, ge=8, le=1024)  # crops are resized to size x size
     context: float = Field(0.2, ge=0, le=2)  # margin around the box, as a fraction of its longer side

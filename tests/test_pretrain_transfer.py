@@ -64,3 +64,24 @@ def test_object_crops_of_the_train_split_pretrain_a_backbone(project):
     pretrain.run(project.params(**{"pretrain.data": str(out), "pretrain.split_from": "seed", "pretrain.epochs": 1,
                                    "pretrain.image_size": 32, "pretrain.batch_size": 64}))
     assert torch.load("models/pretrain/backbone.pt", weights_only=True)["pretrained_on"] == str(out)
+
+
+def test_crops_of_every_class_while_the_task_keeps_one(project):
+    """crops.classes: all crops every object of the train split, also the classes keep_classes leaves out
+    (COCO person: the backbone learns from all 80); kept crops only what the task trains on. Instance
+    segmentation's boxes crop as detection's do."""
+    import json
+    from pathlib import Path
+
+    from tasks import crops
+
+    train = json.loads((project.shapes / "scenes" / "annotations" / "train.json").read_text())
+    names = {c["id"]: c["name"] for c in train["categories"]}
+    every = {n: sum(names[a["category_id"]] == n for a in train["annotations"]) for n in names.values()}
+    keep = sorted(every)[:1]
+    base = {"crops.task": "instance_segmentation", "crops.size": 16, "crops.out": "data/crops/inst",
+            "tasks.instance_segmentation.data.options.keep_classes": keep}
+    assert crops.run(project.params(**base, **{"crops.classes": "all"}))["crops_per_class"] == every
+    assert {p.name: len(list(p.glob("*.png"))) for p in Path("data/crops/inst").iterdir()} == every
+    assert crops.run(project.params(**base, **{"crops.classes": "kept"}))["crops_per_class"] == {keep[0]: every[keep[0]]}
+    assert sorted(p.name for p in Path("data/crops/inst").iterdir()) == keep  # replaced whole
