@@ -1,7 +1,8 @@
-"""Object crops of a detection or instance-segmentation task's train split, one folder per class (an ImageFolder), as a dataset
-for the pretraining stage: a backbone that has learnt the objects themselves before it learns to find
-them. Point ``pretrain.data`` at ``crops.out`` with ``pretrain.split_from: seed`` (the crops get their
-own train/val split). Only the task's train split is read, so its val and test images stay unseen."""
+"""Object crops of a detection or instance-segmentation task's train split, one folder per class (an
+ImageFolder), as a dataset for the pretraining stage: a backbone that has learnt the objects themselves
+before it learns to find them. Point ``pretrain.data`` at ``crops.out`` with ``pretrain.split_from: seed``
+(the crops get their own train/val split). Only the task's train split is read, so its val and test images
+stay unseen; ``crops.classes: all`` also crops the classes the task's ``keep_classes`` leaves out."""
 from __future__ import annotations
 
 from collections import Counter
