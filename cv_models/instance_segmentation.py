@@ -402,10 +402,16 @@ class InstanceSegmentationTask(CVTask):
         return {"Instances per class": "\n".join(lines) + f"\n\nMask storage: {kinds}",
                 "Settings sized from the data": describe(self.most_objects(), self.cfg.model.options.model_dump())}
 
-    def _records(self, split: str) -> list[dict]:
+    def _split_tables(self, split: str):
+        """The split's decodable images, the label of each kept class, and the split's usable annotations
+        (no crowds, kept classes only): what both the training records and the crops read."""
         images, anns, _ = self._tables()
         label_of = {c: k + 1 for k, c in enumerate(self.class_names())}
         usable = anns[(anns["split"] == split) & (anns["iscrowd"].astype(int) == 0) & anns["category"].isin(label_of)]
+        return images[(images["split"] == split) & images["decodes"]], label_of, usable
+
+    def _records(self, split: str) -> list[dict]:
+        images, label_of, usable = self._split_tables(split)
         by_image: dict[str, list[dict]] = {}
         for a in usable.to_dict("records"):
             inst = {"label": label_of[a["category"]]}
@@ -415,7 +421,7 @@ class InstanceSegmentationTask(CVTask):
                 inst["segmentation"] = a["segmentation"]
             by_image.setdefault(str(a["image_id"]), []).append(inst)
         out = []
-        for im in images[(images["split"] == split) & images["decodes"]].to_dict("records"):
+        for im in images.to_dict("records"):
             numeric = int(im["image_id"]) if str(im["image_id"]).isdigit() else len(out) + 1
             out.append({"image_id": numeric, "path": im["path"], "file_name": im["file_name"],
                         "width": int(im["width"]), "height": int(im["height"]),
@@ -423,12 +429,10 @@ class InstanceSegmentationTask(CVTask):
         return out
 
     def object_boxes(self, split: str) -> list[dict]:
-        images, anns, _ = self._tables()
-        label_of = {c: k + 1 for k, c in enumerate(self.class_names())}
-        usable = anns[(anns["split"] == split) & (anns["iscrowd"].astype(int) == 0) & anns["category"].isin(label_of)]
+        images, label_of, usable = self._split_tables(split)
         by_image = dict(list(usable.groupby(usable["image_id"].astype(str))))
         out = []
-        for im in images[(images["split"] == split) & images["decodes"]].drop_duplicates("split_image_id").to_dict("records"):
+        for im in images.drop_duplicates("split_image_id").to_dict("records"):
             a = by_image.get(str(im["image_id"]))
             out.append({"path": im["path"], "image_id": len(out) + 1, "file_name": im["file_name"],
                         "boxes": [] if a is None else a[["x0", "y0", "x1", "y1"]].to_numpy(float).tolist(),
