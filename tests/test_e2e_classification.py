@@ -16,7 +16,8 @@ from tests.conftest import REPO, tiny_overrides, write_params
 pytestmark = pytest.mark.e2e
 CODE = ("flows", "tasks", "cv_models", "dvc.yaml", ".dvcignore")
 # two well-separated classes and small batches: the tiny model learns them in seconds
-E2E = {"shapes.classes": ["circle", "star"], "tasks.classification.train.epochs": 14,
+EPOCHS = 8
+E2E = {"shapes.classes": ["circle", "star"], "tasks.classification.train.epochs": EPOCHS,
        "tasks.classification.train.batch_size": 8, "pretrain.epochs": 1}
 
 
@@ -120,11 +121,11 @@ def test_mlflow_holds_the_stage_runs_with_seeds_and_metrics(dvc_repo):
     evaluate_run = stages["evaluate"]
     assert evaluate_run.data.metrics["test.augmented.accuracy"] == pytest.approx(evaluation(dvc_repo)["augmented"]["accuracy"])
     history = client.get_metric_history(stages["baseline"].info.run_id, "val_accuracy")
-    assert len(history) == 14
+    assert len(history) == EPOCHS
     # the pipeline row, filled although every stage ran in its own process: settings, test metrics,
     # and a span from the first stage's start to the last stage's end
     row = client.get_run(parent[0].info.run_id)
-    assert row.data.params["train.epochs"] == "14" and row.data.params["seed"] == "42"
+    assert row.data.params["train.epochs"] == str(EPOCHS) and row.data.params["seed"] == "42"
     assert row.data.metrics["test.augmented.accuracy"] == pytest.approx(evaluation(dvc_repo)["augmented"]["accuracy"])
     assert row.data.metrics["train_seconds"] > 0
     assert row.info.status == "FINISHED"

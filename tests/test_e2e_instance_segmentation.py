@@ -18,7 +18,7 @@ TASK = "instance_segmentation"
 SCENES = {"num_images": 60, "image_size": 64, "min_objects": 1, "max_objects": 2, "scale": [0.3, 0.5], "clutter": 0, "noise": 4}
 TINY = {
     "image_size": 64,
-    "train": {"epochs": 20, "batch_size": 4, "eval_batch_size": 16, "num_threads": 1},
+    "train": {"epochs": 12, "batch_size": 4, "eval_batch_size": 16, "num_threads": 1},
     "overfit_check": {"steps": 10, "max_loss": 10.0},
     "preview_samples": 4,
     "options": {"report_images": 2},

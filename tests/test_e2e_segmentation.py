@@ -12,12 +12,13 @@ from tests.test_e2e_classification import dvc, make_repo
 pytestmark = pytest.mark.e2e
 # make_repo keeps two shape classes (circle, star): mask value 1 = circle, 2 = star
 # 32 px and many short epochs: a from-scratch U-Net learns these in seconds on one core
+EPOCHS = 40
 SEG = {"shapes.scenes": {"num_images": 40, "image_size": 64, "min_objects": 1, "max_objects": 2, "scale": [0.35, 0.6]},
        "tasks.segmentation.data.classes": ["background", "circle", "star"],
        "tasks.segmentation.data.options.colors": [[0, 0, 0], [230, 25, 75], [0, 130, 200]],
        "tasks.segmentation.image_size": 32,
        "tasks.segmentation.model.width": 8,
-       "tasks.segmentation.train.epochs": 60,
+       "tasks.segmentation.train.epochs": EPOCHS,
        "tasks.segmentation.train.batch_size": 4,
        "tasks.segmentation.train.eval_batch_size": 16,
        "tasks.segmentation.overfit_check.steps": 60,
@@ -74,7 +75,7 @@ def test_mlflow_holds_the_segmentation_stage_runs(dvc_repo):
     assert metrics["test.dummy.miou"] == pytest.approx(m["dummy"]["miou"])
     assert "test.baseline.iou.star" in metrics
     history = client.get_metric_history(stages["augmented"].info.run_id, "val_miou")
-    assert len(history) == 60
+    assert len(history) == EPOCHS
 
 
 @pytest.mark.slow  # make test-all: the same flow code as classification's Prefect test (suite budget)
