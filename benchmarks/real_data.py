@@ -2,6 +2,7 @@
 
     python benchmarks/real_data.py trashnet150 [--budget-minutes 4] [--set key=value ...] [--keep DIR]
     python benchmarks/real_data.py all --keep runs/real --baseline-minutes 1   # every dataset, in turn
+    python benchmarks/real_data.py coco128_lightly --seed 1   # another training seed on both sides, same split
 
 For one dataset it
 1. runs the pipeline's validate stage with the dataset's settings overlay (benchmarks/real_data/<name>.yaml,
@@ -200,7 +201,7 @@ def predict_pipeline(task_name: str, manifest: dict, out: Path, stage: str = "au
 
 
 def benchmark(name: str, root: Path, budget_minutes: float | None, extra: dict, keep: str | None,
-              baseline_minutes: float = 0.0) -> dict:
+              baseline_minutes: float = 0.0, seed: int | None = None) -> dict:
     from cv_models import get_task
     from tasks import validate
     from tasks.config import load_params
@@ -217,6 +218,9 @@ def benchmark(name: str, root: Path, budget_minutes: float | None, extra: dict, 
     budget_s = (budget_minutes or spec.pop("budget_minutes")) * 60
     spec.pop("budget_minutes", None)
     overrides = {**spec, **extra}
+    if seed is not None:  # the training seed of both sides; the split's own seed (data.split_seed) stays, so does the split
+        overrides["seed"] = seed
+        plain_settings = {**plain_settings, "seed": seed}
     t0 = time.perf_counter()
     report = validate.run(task_name, "params.yaml", overrides)
     cfg = load_params("params.yaml", overrides).task(task_name)
@@ -242,7 +246,7 @@ def benchmark(name: str, root: Path, budget_minutes: float | None, extra: dict, 
         "pipeline_train_s": round(t_pipeline, 1), "pipeline_epochs": run["epochs_run"], "plain_train_s": plain_info["seconds"],
         "plain_epochs": plain_info["epochs"], "validate_s": round(t_validate, 1), "baseline": base,
         "splits": {s: len(v) for s, v in manifest["splits"].items()}, "validation_notes": len(report["notes"]),
-        "model": cfg.model.name, "image_size": cfg.image_size, "plain_settings": plain_settings,
+        "model": cfg.model.name, "image_size": cfg.image_size, "plain_settings": plain_settings, "seed": seed,
         "cpu": cpu_name(), "work": str(work),
     }
     (work / "result.json").write_text(json.dumps(result, indent=2))
@@ -275,6 +279,8 @@ def main() -> None:
     ap.add_argument("--keep", help="folder to keep each dataset's work folder in (default: temporary folders)")
     ap.add_argument("--baseline-minutes", type=float, default=0.0,
                     help="afterwards, also the pipeline's baseline stage (overfit check, no augmentation) for this long")
+    ap.add_argument("--seed", type=int, help="training seed of both sides (default: params.yaml's seed and the plain "
+                                            "script's 0); the split does not move")
     args = ap.parse_args()
     root = Path(args.shared).resolve()
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
@@ -284,7 +290,8 @@ def main() -> None:
         if not (root / name).is_dir():
             raise SystemExit(f"{name} not found under {root} (--shared)")
         here = Path.cwd()
-        r = benchmark(name, root, args.budget_minutes, parse_overrides(args.overrides), args.keep, args.baseline_minutes)
+        r = benchmark(name, root, args.budget_minutes, parse_overrides(args.overrides), args.keep, args.baseline_minutes,
+                      args.seed)
         os.chdir(here)
         rows.append(row(r))
         print(json.dumps(r, indent=2))

@@ -57,7 +57,7 @@ def main() -> None:
     opt = torch.optim.SGD(params, lr=s["lr"], momentum=0.9, weight_decay=5e-4)
     steps_per_epoch = max(len(train) // s["batch_size"], 1)
     warmup = torch.optim.lr_scheduler.LinearLR(opt, start_factor=1e-3, total_iters=min(1000, steps_per_epoch - 1) or 1)
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator().manual_seed(s.get("seed", 0))
 
     def epoch(k: int) -> float:
         model.train()
