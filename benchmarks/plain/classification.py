@@ -29,7 +29,7 @@ def main() -> None:
     def epoch(k: int) -> float:
         model.train()
         losses = []
-        for idx in batches(len(x), s["batch_size"], k):
+        for idx in batches(len(x), s["batch_size"], k, s["seed"]):
             loss = F.cross_entropy(model(x[idx]), y[idx])
             opt.zero_grad()
             loss.backward()

@@ -15,9 +15,6 @@ import numpy as np
 import torch
 from PIL import Image
 
-SEED = 0  # --settings' "seed" (benchmarks/real_data.py --seed): weights, batch order and flips
-
-
 def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser()
     ap.add_argument("--manifest", required=True, help="manifest.json written by benchmarks/real_data.py")
@@ -28,9 +25,9 @@ def parse_args() -> argparse.Namespace:
     args.settings = json.loads(args.settings)
     args.manifest = json.loads(Path(args.manifest).read_text())
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    global SEED
-    SEED = args.settings.get("seed", 0)
-    torch.manual_seed(SEED), random.seed(SEED), np.random.seed(SEED)
+    # "seed" (benchmarks/real_data.py --seed) moves the weights, the batch order and the flips
+    seed = args.settings.setdefault("seed", 0)
+    torch.manual_seed(seed), random.seed(seed), np.random.seed(seed)
     torch.set_num_threads(1)
     return args
 
@@ -60,8 +57,8 @@ def train_within(budget_s: float, epoch: Callable[[int], float]) -> dict:
             return {"epochs": k, "seconds": round(spent, 1)}
 
 
-def batches(n: int, batch_size: int, epoch: int) -> list[list[int]]:
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(epoch + 100_003 * SEED)).tolist()  # seed 0: as before
+def batches(n: int, batch_size: int, epoch: int, seed: int) -> list[list[int]]:
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(epoch + 100_003 * seed)).tolist()  # seed 0: as before
     return [order[i:i + batch_size] for i in range(0, n - batch_size + 1, batch_size)] or [order]
 
 

@@ -57,12 +57,12 @@ def main() -> None:
     opt = torch.optim.SGD(params, lr=s["lr"], momentum=0.9, weight_decay=5e-4)
     steps_per_epoch = max(len(train) // s["batch_size"], 1)
     warmup = torch.optim.lr_scheduler.LinearLR(opt, start_factor=1e-3, total_iters=min(1000, steps_per_epoch - 1) or 1)
-    gen = torch.Generator().manual_seed(s.get("seed", 0))
+    gen = torch.Generator().manual_seed(s["seed"])
 
     def epoch(k: int) -> float:
         model.train()
         losses = []
-        for idx in batches(len(train), s["batch_size"], k):
+        for idx in batches(len(train), s["batch_size"], k, s["seed"]):
             pairs = [flip(*train[i]) if torch.rand(1, generator=gen) < 0.5 else train[i] for i in idx]
             loss = sum(model([p[0] for p in pairs], [p[1] for p in pairs]).values())
             opt.zero_grad()

@@ -57,7 +57,7 @@ def main() -> None:
     def epoch(k: int) -> float:
         model.train()
         losses = []
-        for idx in batches(len(x), s["batch_size"], k):
+        for idx in batches(len(x), s["batch_size"], k, s["seed"]):
             loss = F.cross_entropy(model(x[idx]), y[idx], ignore_index=255)
             opt.zero_grad()
             loss.backward()
