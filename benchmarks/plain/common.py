@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+
 def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser()
     ap.add_argument("--manifest", required=True, help="manifest.json written by benchmarks/real_data.py")
