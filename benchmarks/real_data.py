@@ -3,6 +3,7 @@
     python benchmarks/real_data.py trashnet150 [--budget-minutes 4] [--set key=value ...] [--keep DIR]
     python benchmarks/real_data.py all --keep runs/real --baseline-minutes 1   # every dataset, in turn
     python benchmarks/real_data.py coco128_lightly --seed 1   # another training seed on both sides, same split
+    python benchmarks/real_data.py coco128_json --device cuda --plain size=640   # both sides on the GPU
 
 For one dataset it
 1. runs the pipeline's validate stage with the dataset's settings overlay (benchmarks/real_data/<name>.yaml,
@@ -22,6 +23,8 @@ augmentation off) then runs for M minutes on the same split and is scored the sa
 stages of the pipeline, on each real dataset, with settings only.
 
 Both sides get one torch thread each and run side by side, so the machine's load hits both alike.
+``--device`` puts both on the same device (default cpu, so that a GPU machine does not give the pipeline
+a GPU and the plain script a core); with cuda they share the GPU as they share the CPU.
 Prints a markdown row per dataset; ``result.json`` in the work folder keeps the details.
 """
 from __future__ import annotations
@@ -201,7 +204,8 @@ def predict_pipeline(task_name: str, manifest: dict, out: Path, stage: str = "au
 
 
 def benchmark(name: str, root: Path, budget_minutes: float | None, extra: dict, keep: str | None,
-              baseline_minutes: float = 0.0, seed: int | None = None) -> dict:
+              baseline_minutes: float = 0.0, seed: int | None = None, device: str = "cpu",
+              plain_extra: dict | None = None) -> dict:
     from cv_models import get_task
     from tasks import validate
     from tasks.config import load_params
@@ -217,7 +221,9 @@ def benchmark(name: str, root: Path, budget_minutes: float | None, extra: dict, 
     plain_settings = spec.pop("plain")  # the plain script's own few settings (size, batch, lr)
     budget_s = (budget_minutes or spec.pop("budget_minutes")) * 60
     spec.pop("budget_minutes", None)
-    overrides = {**spec, **extra}
+    # both sides on one device: the pipeline's training and pretraining, and the plain script
+    overrides = {f"tasks.{task_name}.train.device": device, "pretrain.device": device, **spec, **extra}
+    plain_settings = {**plain_settings, **(plain_extra or {}), "device": device}
     if seed is not None:  # the training seed of both sides; the split's own seed (data.split_seed) stays, so does the split
         overrides["seed"] = seed
         plain_settings = {**plain_settings, "seed": seed}
@@ -247,7 +253,7 @@ def benchmark(name: str, root: Path, budget_minutes: float | None, extra: dict, 
         "plain_epochs": plain_info["epochs"], "validate_s": round(t_validate, 1), "baseline": base,
         "splits": {s: len(v) for s, v in manifest["splits"].items()}, "validation_notes": len(report["notes"]),
         "model": cfg.model.name, "image_size": cfg.image_size, "plain_settings": plain_settings, "seed": seed,
-        "cpu": cpu_name(), "work": str(work),
+        "device": device_name(device), "cpu": cpu_name(), "work": str(work),
     }
     (work / "result.json").write_text(json.dumps(result, indent=2))
     return result
@@ -258,6 +264,14 @@ def cpu_name() -> str:
         if line.startswith("model name"):
             return line.split(":", 1)[1].strip() + f" ({os.cpu_count()} cores)"
     return f"unknown CPU ({os.cpu_count()} cores)"
+
+
+def device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        import torch
+
+        return f"{torch.cuda.get_device_name(torch.device(device))} (torch {torch.__version__})"
+    return cpu_name()
 
 
 def row(r: dict) -> str:
@@ -281,6 +295,9 @@ def main() -> None:
                     help="afterwards, also the pipeline's baseline stage (overfit check, no augmentation) for this long")
     ap.add_argument("--seed", type=int, help="training seed of both sides (default: params.yaml's seed and the plain "
                                             "script's 0); the split does not move")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N: where both sides train (default cpu)")
+    ap.add_argument("--plain", dest="plain_overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="a setting of the plain script (the overlay's plain: block), e.g. size=640")
     args = ap.parse_args()
     root = Path(args.shared).resolve()
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
@@ -291,11 +308,11 @@ def main() -> None:
             raise SystemExit(f"{name} not found under {root} (--shared)")
         here = Path.cwd()
         r = benchmark(name, root, args.budget_minutes, parse_overrides(args.overrides), args.keep, args.baseline_minutes,
-                      args.seed)
+                      args.seed, args.device, parse_overrides(args.plain_overrides))
         os.chdir(here)
         rows.append(row(r))
         print(json.dumps(r, indent=2))
-    print(f"\nCPU: {cpu_name()}; each side one torch thread, both at once\n")
+    print(f"\nCPU: {cpu_name()}; each side one torch thread, both at once; trained on {device_name(args.device)}\n")
     extra = " pipeline baseline stage |" if args.baseline_minutes > 0 else ""
     print("| dataset | task | pipeline model, size | budget | train/val/test | test metric | pipeline | plain script | ahead |" + extra)
     print("|---|---|---|---|---|---|---|---|---|" + ("---|" if extra else ""))

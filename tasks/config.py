@@ -65,6 +65,7 @@ class PretrainConfig(Strict):
     batch_size: int = Field(32, ge=1)
     lr: float = Field(3e-3, gt=0)
     num_threads: int = Field(1, ge=0)  # 1: bitwise-repeatable; 0 = all cores
+    device: str = "auto"  # auto = CUDA when present, else cpu; or cpu, cuda, cuda:1 (checked as train.device is)
     augment: AugmentConfig = AugmentConfig()  # the pretraining data's augmentations (all off unless switched on)
     out: str = "models/pretrain/backbone.pt"
 

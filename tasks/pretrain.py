@@ -28,7 +28,7 @@ def task_config(pre: PretrainConfig) -> TaskConfig:
         data={"path": pre.data, "split_from": pre.split_from}, image_size=pre.image_size, model={"name": pre.model},
         augment=pre.augment.model_dump(),
         train={"epochs": pre.epochs, "batch_size": pre.batch_size, "optimizer": {"name": "adamw", "lr": pre.lr},
-               "scheduler": {"name": "onecycle"}, "num_threads": pre.num_threads, "track_train_metric": False},
+               "scheduler": {"name": "onecycle"}, "num_threads": pre.num_threads, "device": pre.device, "track_train_metric": False},
     ))
 
 

@@ -34,6 +34,24 @@ def tiny_overrides(**extra) -> dict:
     return {**TINY, **extra}
 
 
+# one epoch on tiny inputs: this checks that the bf16 path runs and scores, not how well it learns
+TINY_TASKS = {
+    "classification": {},
+    "segmentation": {"tasks.segmentation.image_size": 32, "tasks.segmentation.model.width": 8},
+    "detection": {"tasks.detection.image_size": 64, "tasks.detection.model.options.anchor_size": 12},
+    "instance_segmentation": {"tasks.instance_segmentation.image_size": 64, "tasks.instance_segmentation.model.width": 8,
+                              "tasks.instance_segmentation.model.options.anchor_size": 12,
+                              "tasks.instance_segmentation.model.options.fpn_channels": 32},
+}
+
+
+def tiny_task(task: str, **extra) -> dict:
+    """One task's settings for one epoch on tiny inputs (tests/test_accelerate.py, tests/test_gpu.py)."""
+    t = f"tasks.{task}."
+    return {t + "train.epochs": 1, t + "train.batch_size": 4, t + "train.eval_batch_size": 8, t + "train.num_threads": 1,
+            t + "overfit_check.enabled": False, t + "preview_samples": 4, t + "train.track_train_metric": False, **TINY_TASKS[task], **extra}
+
+
 def write_params(folder: Path, overrides: dict) -> Path:
     from tasks.config import load_raw
 

@@ -12,24 +12,7 @@ import torch
 
 from tasks import accelerate, augmented, baseline, evaluate, normstats
 from tasks.config import ConfigError, load_params
-from tests.conftest import REPO
-
-# one epoch on tiny inputs: this checks that the bf16 path runs and scores, not how well it learns
-TINY_TASKS = {
-    "classification": {},
-    "segmentation": {"tasks.segmentation.image_size": 32, "tasks.segmentation.model.width": 8},
-    "detection": {"tasks.detection.image_size": 64, "tasks.detection.model.options.anchor_size": 12},
-    "instance_segmentation": {"tasks.instance_segmentation.image_size": 64, "tasks.instance_segmentation.model.width": 8,
-                              "tasks.instance_segmentation.model.options.anchor_size": 12,
-                              "tasks.instance_segmentation.model.options.fpn_channels": 32},
-}
-
-
-def _tiny(task: str, **extra) -> dict:
-    t = f"tasks.{task}."
-    return {t + "train.epochs": 1, t + "train.batch_size": 4, t + "train.eval_batch_size": 8, t + "train.num_threads": 1,
-            t + "overfit_check.enabled": False, t + "preview_samples": 4, t + "train.track_train_metric": False, **TINY_TASKS[task], **extra}
-
+from tests.conftest import REPO, TINY_TASKS, tiny_task as _tiny
 
 def test_bf16_stages_train_and_evaluate_classification(project):
     """The stages under train.precision: bf16, evaluate included (it scores under the same autocast)."""

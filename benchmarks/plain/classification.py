@@ -23,7 +23,8 @@ def main() -> None:
     train = m["splits"]["train"]
     x = torch.stack([(to_tensor(load_rgb(it["path"]), size) - MEAN) / STD for it in train])
     y = torch.tensor([it["label"] for it in train])
-    model = getattr(torchvision.models, s["model"])(num_classes=len(names))
+    x, y = x.to(args.device), y.to(args.device)
+    model = getattr(torchvision.models, s["model"])(num_classes=len(names)).to(args.device)
     opt = torch.optim.Adam(model.parameters(), lr=s["lr"])
 
     def epoch(k: int) -> float:
@@ -42,7 +43,7 @@ def main() -> None:
     rows = []
     with torch.no_grad():
         for it in m["splits"]["test"]:
-            logits = model(((to_tensor(load_rgb(it["path"]), size) - MEAN) / STD)[None])
+            logits = model(((to_tensor(load_rgb(it["path"]), size) - MEAN) / STD)[None].to(args.device))
             rows.append({"file": it["path"], "class": names[int(logits.argmax())]})
     pd.DataFrame(rows).to_csv(Path(args.out) / "predictions.csv", index=False)
     finish(args.out, info)

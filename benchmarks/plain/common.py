@@ -30,6 +30,8 @@ def parse_args() -> argparse.Namespace:
     seed = args.settings.setdefault("seed", 0)
     torch.manual_seed(seed), random.seed(seed), np.random.seed(seed)
     torch.set_num_threads(1)
+    # "device" (benchmarks/real_data.py --device): where the model and the preloaded images live
+    args.device = torch.device(args.settings.setdefault("device", "cpu"))
     return args
 
 

@@ -38,7 +38,8 @@ def load_split(items: list[dict], size: int, masks: bool) -> list[tuple[torch.Te
 def flip(image: torch.Tensor, target: dict) -> tuple[torch.Tensor, dict]:
     w = image.shape[-1]
     t = dict(target)
-    t["boxes"] = target["boxes"][:, [2, 1, 0, 3]] * torch.tensor([-1, 1, -1, 1]) + torch.tensor([w, 0, w, 0])
+    sign, shift = torch.tensor([-1, 1, -1, 1], device=image.device), torch.tensor([w, 0, w, 0], device=image.device)
+    t["boxes"] = target["boxes"][:, [2, 1, 0, 3]] * sign + shift
     if "masks" in t:
         t["masks"] = target["masks"].flip(-1)
     return image.flip(-1), t
@@ -48,11 +49,12 @@ def main() -> None:
     args = parse_args()
     s, m = args.settings, args.manifest
     size, masks = s["size"], bool(s.get("masks"))
-    train = [(x, t) for x, t in load_split(m["splits"]["train"], size, masks)]
+    dev = args.device
+    train = [(x.to(dev), {k: v.to(dev) for k, v in t.items()}) for x, t in load_split(m["splits"]["train"], size, masks)]
     backbone = resnet_fpn_backbone(backbone_name=s["backbone"], weights=None, trainable_layers=5)
     kind = torchvision.models.detection.MaskRCNN if masks else torchvision.models.detection.FasterRCNN
     model = kind(backbone, num_classes=len(m["classes"]) + 1, min_size=size, max_size=size,
-                 box_detections_per_img=s.get("detections_per_img", 100))
+                 box_detections_per_img=s.get("detections_per_img", 100)).to(dev)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=s["lr"], momentum=0.9, weight_decay=5e-4)
     steps_per_epoch = max(len(train) // s["batch_size"], 1)
@@ -79,7 +81,7 @@ def main() -> None:
     with torch.no_grad():
         for image_id, it in enumerate(m["splits"]["test"], start=1):
             image = load_rgb(it["path"])
-            out = model([to_tensor(image, size)])[0]
+            out = {k: v.cpu() for k, v in model([to_tensor(image, size).to(dev)])[0].items()}
             sx, sy = image.width / size, image.height / size
             boxes = out["boxes"] * torch.tensor([sx, sy, sx, sy])
             if masks and len(out["masks"]):

@@ -51,7 +51,8 @@ def main() -> None:
     x = (x - mean) / std
     y = torch.stack([torch.from_numpy(np.asarray(Image.open(it["mask"]).resize((size, size), Image.NEAREST)).astype(np.int64))
                      for it in train])
-    model = UNet(n, s["width"], s["depth"])
+    x, y = x.to(args.device), y.to(args.device)
+    model = UNet(n, s["width"], s["depth"]).to(args.device)
     opt = torch.optim.Adam(model.parameters(), lr=s["lr"])
 
     def epoch(k: int) -> float:
@@ -73,7 +74,7 @@ def main() -> None:
     with torch.no_grad():
         for i, it in enumerate(m["splits"]["test"], start=1):
             image = load_rgb(it["path"])
-            logits = model(((to_tensor(image, size) - mean) / std)[None])
+            logits = model(((to_tensor(image, size) - mean) / std)[None].to(args.device)).cpu()
             logits = F.interpolate(logits, size=(image.height, image.width), mode="bilinear", align_corners=False)
             Image.fromarray(logits[0].argmax(0).numpy().astype(np.uint8)).save(out / "masks" / f"{i}.png")
             images.append({"id": i, "file_name": it["path"], "mask": f"masks/{i}.png"})
