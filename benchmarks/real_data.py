@@ -203,6 +203,24 @@ def predict_pipeline(task_name: str, manifest: dict, out: Path, stage: str = "au
     predict_files(loaded, [Path(it["path"]) for it in manifest["splits"]["test"]], out)
 
 
+def both_sides(task_name: str, spec: dict, extra: dict, device: str = "cpu", seed: int | None = None,
+               plain_extra: dict | None = None) -> tuple[dict, dict]:
+    """The pipeline's overrides and the plain script's settings from a dataset's overlay (``spec``), the
+    command line's ``--set`` (``extra``) and ``--plain`` (``plain_extra``): one device and one seed for both."""
+    spec = dict(spec)
+    plain_settings = spec.pop("plain")  # the plain script's own few settings (size, batch, lr)
+    spec.pop("budget_minutes", None)
+    # both sides on one device: the pipeline's training (and pretraining, where the overlay has it), the plain script
+    overrides = {f"tasks.{task_name}.train.device": device, **spec, **extra}
+    if any(k.startswith("pretrain.") for k in overrides):  # a pretrain key is what switches pretraining on
+        overrides.setdefault("pretrain.device", device)
+    plain_settings = {**plain_settings, **(plain_extra or {}), "device": device}
+    if seed is not None:  # the training seed of both sides; the split's own seed (data.split_seed) stays, so does the split
+        overrides["seed"] = seed
+        plain_settings = {**plain_settings, "seed": seed}
+    return overrides, plain_settings
+
+
 def benchmark(name: str, root: Path, budget_minutes: float | None, extra: dict, keep: str | None,
               baseline_minutes: float = 0.0, seed: int | None = None, device: str = "cpu",
               plain_extra: dict | None = None) -> dict:
@@ -218,15 +236,8 @@ def benchmark(name: str, root: Path, budget_minutes: float | None, extra: dict, 
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{work / 'mlflow.db'}"
     os.environ.setdefault("CV_PIPELINE_RUN_ID", f"real-data-{name}")
     spec = overlay(name, root)
-    plain_settings = spec.pop("plain")  # the plain script's own few settings (size, batch, lr)
-    budget_s = (budget_minutes or spec.pop("budget_minutes")) * 60
-    spec.pop("budget_minutes", None)
-    # both sides on one device: the pipeline's training and pretraining, and the plain script
-    overrides = {f"tasks.{task_name}.train.device": device, "pretrain.device": device, **spec, **extra}
-    plain_settings = {**plain_settings, **(plain_extra or {}), "device": device}
-    if seed is not None:  # the training seed of both sides; the split's own seed (data.split_seed) stays, so does the split
-        overrides["seed"] = seed
-        plain_settings = {**plain_settings, "seed": seed}
+    budget_s = (budget_minutes or spec["budget_minutes"]) * 60
+    overrides, plain_settings = both_sides(task_name, spec, extra, device, seed, plain_extra)
     t0 = time.perf_counter()
     report = validate.run(task_name, "params.yaml", overrides)
     cfg = load_params("params.yaml", overrides).task(task_name)
