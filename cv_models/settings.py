@@ -13,7 +13,7 @@ import difflib
 import typing
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -64,6 +64,16 @@ class EarlyStoppingConfig(Strict):
     min_delta: float = Field(0.0, ge=0)
 
 
+def _device_name(v: str) -> str:
+    if v not in ("auto", "cpu") and not v.startswith("cuda"):
+        raise ValueError("must be 'auto', 'cpu' or 'cuda[:N]'")
+    return v
+
+
+# where a model trains: auto (CUDA when present, cuda:<LOCAL_RANK> under torchrun), cpu, cuda or cuda:N
+DeviceName = Annotated[str, AfterValidator(_device_name)]
+
+
 class TrainConfig(Strict):
     epochs: int = Field(10, ge=1, le=10_000)
     batch_size: int = Field(32, ge=1, le=4096)
@@ -82,7 +92,7 @@ class TrainConfig(Strict):
     # true: continue from checkpoints/<task>/<stage>/last.pt when it was made by the same run (settings, seed, code,
     # data), else start afresh saying why; strict: refuse to start when it was not; false: always start afresh
     resume: bool | Literal["strict"] = True
-    device: str = "auto"
+    device: DeviceName = "auto"
     # accelerator settings (tasks/accelerate.py); the defaults leave one-CPU results unchanged
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast dtype; fp16 adds a GradScaler
     channels_last: bool = False  # NHWC memory format for models and image batches (faster convs on GPUs)
@@ -101,12 +111,6 @@ class TrainConfig(Strict):
     # over them, so training ends annealed instead of cut mid-schedule (times differ between runs: so may results)
     fit_epochs_to_time_limit: bool = True
 
-    @field_validator("device")
-    @classmethod
-    def _device(cls, v: str) -> str:
-        if v not in ("auto", "cpu") and not v.startswith("cuda"):
-            raise ValueError("must be 'auto', 'cpu' or 'cuda[:N]'")
-        return v
 
 
 class ModelConfig(Strict):

@@ -18,7 +18,7 @@ import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from cv_models.settings import (  # noqa: F401  (re-exported: the public names of the schema)
-    AugmentConfig, BlurAug, ColorAug, ConfigError, CropAug, CutoutAug, DataConfig, EarlyStoppingConfig, LossConfig, MixAug,
+    AugmentConfig, BlurAug, ColorAug, ConfigError, CropAug, CutoutAug, DataConfig, DeviceName, EarlyStoppingConfig, LossConfig, MixAug,
     ModelConfig, NoiseAug, NoOptions, OptimizerConfig, OverfitCheckConfig, RescaleAug, RotationAug, SchedulerConfig, Strict,
     Switch, TaskConfig, TrainConfig, describe, did_you_mean,
 )
@@ -65,7 +65,7 @@ class PretrainConfig(Strict):
     batch_size: int = Field(32, ge=1)
     lr: float = Field(3e-3, gt=0)
     num_threads: int = Field(1, ge=0)  # 1: bitwise-repeatable; 0 = all cores
-    device: str = "auto"  # auto = CUDA when present, else cpu; or cpu, cuda, cuda:1 (checked as train.device is)
+    device: DeviceName = "auto"  # auto = CUDA when present, else cpu; or cpu, cuda, cuda:1
     augment: AugmentConfig = AugmentConfig()  # the pretraining data's augmentations (all off unless switched on)
     out: str = "models/pretrain/backbone.pt"
 

@@ -34,7 +34,7 @@ def tiny_overrides(**extra) -> dict:
     return {**TINY, **extra}
 
 
-# one epoch on tiny inputs: this checks that the bf16 path runs and scores, not how well it learns
+# one epoch on tiny inputs: enough to check that a path runs and scores, not how well it learns
 TINY_TASKS = {
     "classification": {},
     "segmentation": {"tasks.segmentation.image_size": 32, "tasks.segmentation.model.width": 8},

@@ -12,11 +12,12 @@ import torch
 
 from tasks import accelerate, augmented, baseline, evaluate, normstats
 from tasks.config import ConfigError, load_params
-from tests.conftest import REPO, TINY_TASKS, tiny_task as _tiny
+from tests.conftest import REPO, TINY_TASKS, tiny_task
+
 
 def test_bf16_stages_train_and_evaluate_classification(project):
     """The stages under train.precision: bf16, evaluate included (it scores under the same autocast)."""
-    params = project.params(**_tiny("classification", **{"tasks.classification.train.precision": "bf16"}))
+    params = project.params(**tiny_task("classification", **{"tasks.classification.train.precision": "bf16"}))
     for folder in project.classification.glob("*/*"):  # 6 images per class and split: bf16 convs are slow on most CPUs
         for extra in sorted(folder.iterdir())[6:]:
             extra.unlink()
@@ -35,7 +36,7 @@ def test_bf16_autocast_trains_and_scores_every_task_on_the_cpu(project, task_nam
     from cv_models.normalize import load_normalizer
     from tasks import engine
 
-    params = project.params(**_tiny(task_name, **{f"tasks.{task_name}.train.precision": "bf16"}))
+    params = project.params(**tiny_task(task_name, **{f"tasks.{task_name}.train.precision": "bf16"}))
     normstats.run(task_name, params)
     cfg = load_params(params).task(task_name)
     task = get_task(task_name, cfg)
