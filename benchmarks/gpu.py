@@ -89,9 +89,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--skip-main-job", action="store_true", help="only the throughput table")
+    p.add_argument("--tasks", nargs="+", choices=[t for t, *_ in MODELS], help="time these tasks' models only")
     args = p.parse_args(argv)
     plan = [{"task": t, "model": m, "image_size": s, "batch": b, "precision": pr, "channels_last": cl}
-            for t, m, s, b in MODELS for pr, cl in SETTINGS]
+            for t, m, s, b in MODELS for pr, cl in SETTINGS if not args.tasks or t in args.tasks]
     main_job = ["dvc", "repro"]
     if args.dry_run:
         print("dry run: on a CUDA machine this would time training steps (images/s) for")

@@ -84,8 +84,9 @@ class TrainConfig(Strict):
     # torch CPU threads; 0 = all cores. 1 (the default) gives bitwise-equal runs; more threads are faster on free
     # cores but some CPU kernels then reduce in a varying order (run-to-run differences in the last digits)
     num_threads: int = Field(1, ge=0, le=256, description="torch CPU threads; 0 = all cores")
-    # torch.use_deterministic_algorithms (warn-only) and cuDNN's deterministic mode; false trades repeatability for speed
-    deterministic: bool = True
+    # torch.use_deterministic_algorithms (warn-only) and cuDNN's deterministic mode; false trades repeatability for
+    # speed (cuDNN autotunes); auto: on for the CPU, off on a GPU (tasks/engine.py deterministic_kernels says why)
+    deterministic: bool | Literal["auto"] = "auto"
     optimizer: OptimizerConfig = OptimizerConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
     loss: LossConfig = LossConfig()

@@ -105,3 +105,23 @@ def test_gpu_benchmark_dry_run_prints_the_plan():
         assert word in out.stdout, word
     plan = json.loads(out.stdout.strip().splitlines()[-1])
     assert plan["dry_run"] is True and len(plan["measurements"]) >= 9
+
+
+def test_deterministic_auto_is_on_for_the_cpu_off_on_a_gpu_and_true_on_a_gpu_detector_warns(capsys):
+    """train.deterministic: auto keeps bit-equal CPU runs and the GPU's fast kernels; forcing it on for a
+    two-stage detector on a GPU says what it costs (torchvision's roi_align leaves its CUDA kernel)."""
+    from torchvision.models import resnet18
+    from torchvision.models.detection import maskrcnn_resnet50_fpn
+
+    from tasks.engine import deterministic_kernels, warn_slow_deterministic_roi
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert deterministic_kernels("auto", cpu) is True and deterministic_kernels("auto", gpu) is False
+    assert deterministic_kernels(True, gpu) is True and deterministic_kernels(False, cpu) is False
+    detector = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=2)
+    for model, device, on in [(detector, cpu, True), (detector, gpu, False), (resnet18(), gpu, True)]:
+        warn_slow_deterministic_roi(model, device, on, "t")
+        assert capsys.readouterr().out == ""
+    warn_slow_deterministic_roi(detector, gpu, True, "instance_segmentation/augmented")
+    out = capsys.readouterr().out
+    assert "train.deterministic: true on cuda" in out and "roi_align" in out and "auto or false" in out

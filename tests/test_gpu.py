@@ -83,9 +83,10 @@ def test_fp16_with_loss_scaling_learns_classification(project):
 
 
 def test_fp32_deterministic_reruns_bit_for_bit(project):
-    """The default train.deterministic: true (deterministic kernels, no cuDNN autotuning) and the same seed:
-    a rerun on the GPU gives the same history and the same weights."""
-    params = project.params(**_on_device("classification", **{"tasks.classification.train.epochs": 2}))
+    """train.deterministic: true (deterministic kernels, no cuDNN autotuning; auto turns them off on a GPU) and the
+    same seed: a rerun on the GPU, trained afresh (resume off), gives the same history and the same weights."""
+    t = "tasks.classification.train."
+    params = project.params(**_on_device("classification", **{t + "epochs": 2, t + "deterministic": True, t + "resume": False}))
     normstats.run("classification", params)
     runs = []
     for _ in range(2):
