@@ -122,6 +122,14 @@ SLOWEST_MODULES_FIRST = [
 ]
 
 
+def prefect_harness():
+    """Prefect's test harness (a temporary server and database) with the start-up limit the suite uses: its own
+    default, 30 s, timed out three tests/test_ablation.py fixtures on a loaded 2-core AMD EPYC."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    return prefect_test_harness(server_startup_timeout=int(os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"]))
+
+
 def pytest_collection_modifyitems(config, items):
     rank = {name: i for i, name in enumerate(SLOWEST_MODULES_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order

@@ -23,9 +23,9 @@ SMALL = {"shapes.classes": ["circle", "star"], f"tasks.{TASK}.train.epochs": 2, 
 
 @pytest.fixture(scope="module")
 def harness():
-    from prefect.testing.utilities import prefect_test_harness
+    from tests.conftest import prefect_harness
 
-    with prefect_test_harness():
+    with prefect_harness():
         yield
 
 

@@ -89,7 +89,7 @@ def test_dvc_dependencies_are_per_task(tmp_path):
 @pytest.mark.e2e
 def test_prefect_flow_runs_the_chain_with_pretrain_when_used(tmp_path, monkeypatch):
     """The real flow and its Prefect tasks, with each stage's function replaced by a recorder (no training)."""
-    from prefect.testing.utilities import prefect_test_harness
+    from tests.conftest import prefect_harness
 
     import tasks.chain
     from flows.pipeline import FLOWS
@@ -106,7 +106,7 @@ def test_prefect_flow_runs_the_chain_with_pretrain_when_used(tmp_path, monkeypat
     monkeypatch.chdir(tmp_path)
     params = str(write_params(tmp_path, {"tasks.detection.model.options.backbone": "resnet18",
                                          "tasks.detection.model.options.backbone_weights": "models/pretrain/backbone.pt"}))
-    with prefect_test_harness(server_startup_timeout=180):  # a loaded shared CPU starts the server slowly
+    with prefect_harness():
         result = FLOWS["detection"](params_path=params)
         assert calls == list(CHAIN) and result == {"stage": "evaluate"}
         calls.clear()

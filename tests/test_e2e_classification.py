@@ -135,13 +135,13 @@ def test_mlflow_holds_the_stage_runs_with_seeds_and_metrics(dvc_repo):
 
 
 def test_prefect_flow_gives_the_same_metrics(dvc_repo, tmp_path, monkeypatch):
-    from prefect.testing.utilities import prefect_test_harness
+    from tests.conftest import prefect_harness
 
     from flows.pipeline import FLOWS
 
     repo = make_repo(tmp_path / "flow", keep_tasks=["classification"])
     monkeypatch.chdir(repo)
-    with prefect_test_harness():
+    with prefect_harness():
         result = FLOWS["classification"](params_path="params.yaml")
     assert result["augmented"]["accuracy"] == evaluation(dvc_repo)["augmented"]["accuracy"]
     assert quality(evaluation(repo)) == quality(evaluation(dvc_repo))

@@ -86,14 +86,14 @@ def test_reported_mask_map_equals_pycocotools_on_the_exported_results(dvc_repo):
 @pytest.mark.slow  # make test-all: the same flow code as classification's Prefect test (suite budget)
 def test_prefect_flow_train_instance_segmentation(dvc_repo, tmp_path, monkeypatch):
     import mlflow
-    from prefect.testing.utilities import prefect_test_harness
+    from tests.conftest import prefect_harness
 
     from flows.pipeline import FLOWS, flow_name
 
     assert flow_name(TASK) == "train-instance-segmentation"
     repo = make_repo(tmp_path / "flow", **instance_only())
     monkeypatch.chdir(repo)
-    with prefect_test_harness():
+    with prefect_harness():
         result = FLOWS[TASK](params_path="params.yaml")
     assert result["augmented"]["mask_map50"] > result["dummy"]["mask_map50"] + 0.05
     assert result == evaluation(repo)

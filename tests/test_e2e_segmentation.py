@@ -83,14 +83,14 @@ def test_mlflow_holds_the_segmentation_stage_runs(dvc_repo):
 
 @pytest.mark.slow  # make test-all: the same flow code as classification's Prefect test (suite budget)
 def test_prefect_flow_train_segmentation(dvc_repo, tmp_path, monkeypatch):
-    from prefect.testing.utilities import prefect_test_harness
+    from tests.conftest import prefect_harness
 
     from flows.pipeline import FLOWS, flow_name
 
     assert flow_name("segmentation") == "train-segmentation"
     repo = make_repo(tmp_path / "flow", **SEG)
     monkeypatch.chdir(repo)
-    with prefect_test_harness():
+    with prefect_harness():
         result = FLOWS["segmentation"](params_path="params.yaml")
     assert result["augmented"]["miou"] > result["dummy"]["miou"] + 0.05
     assert result["augmented"]["miou"] == pytest.approx(evaluation(dvc_repo)["augmented"]["miou"])
