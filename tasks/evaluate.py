@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +52,8 @@ def record_diff(changed: dict) -> None:
 
 def publish_prefect_artifact(task_name: str, markdown: str) -> None:
     """Show the comparison in the Prefect UI when running inside a flow (no-op from the DVC CLI)."""
+    if "prefect" not in sys.modules:  # no flow run without Prefect loaded: spare a DVC stage its import (seconds)
+        return
     try:
         from prefect.context import FlowRunContext, TaskRunContext
 

@@ -50,15 +50,20 @@ def _outdated(repo: Path) -> set[str]:
 @pytest.mark.e2e
 def test_dvc_dependencies_are_per_task(tmp_path):
     """Record every stage as done without training (placeholder outputs committed with `dvc commit -f`), then
-    change one thing and ask `dvc status` what it would re-run."""
+    change one thing and ask `dvc status` what it would re-run. Two tasks: every task's stages come from the same
+    `foreach` template, and instance segmentation is the one whose code is closest to detection's (each dvc
+    command here hashes every stage's dependencies: twice the tasks, twice the time)."""
     repo = tmp_path / "repo"
     repo.mkdir()
-    for name in ("dvc.yaml", "params.yaml", "tasks", "cv_models"):
+    for name in ("dvc.yaml", "tasks", "cv_models"):
         src = REPO / name
         if src.is_dir():
             shutil.copytree(src, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
         else:
             shutil.copy(src, repo / name)
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw["tasks"] = {k: raw["tasks"][k] for k in ("detection", "instance_segmentation")}
+    (repo / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     _dvc(repo, "init", "--no-scm", "-q")
     from dvc.repo import Repo
 

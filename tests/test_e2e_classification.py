@@ -134,6 +134,8 @@ def test_mlflow_holds_the_stage_runs_with_seeds_and_metrics(dvc_repo):
     assert {d.dataset.name for d in row.inputs.dataset_inputs} == {f"classification-{s}" for s in ("train", "val", "test")}
 
 
+@pytest.mark.slow  # make test-all (suite budget): the flow calls the same stage functions in CHAIN's order
+# (tests/test_chain.py), and test_e2e_detection.py trains through a served flow on a real Prefect server
 def test_prefect_flow_gives_the_same_metrics(dvc_repo, tmp_path, monkeypatch):
     from tests.conftest import prefect_harness
 

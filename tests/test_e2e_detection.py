@@ -157,6 +157,12 @@ def test_prefect_deployment_run_through_the_cli(tmp_path):
         assert run.returncode == 0, output[-3000:] + serve_log.read_text()[-3000:]
         assert "Completed" in output, output[-2000:]
         flow_run_id = next(line.split()[-1] for line in output.splitlines() if "UUID" in line)
+        # the evaluate stage's comparison, published as a Prefect artifact of this flow run
+        req = urllib.request.Request(f"{api}/artifacts/filter", headers={"Content-Type": "application/json"},
+                                     data=json.dumps({"artifacts": {"key": {"any_": ["detection-evaluation"]}}}).encode())
+        artifacts = json.loads(urllib.request.urlopen(req, timeout=10).read())
+        assert [a["flow_run_id"] for a in artifacts] == [flow_run_id], artifacts
+        assert "map50" in artifacts[0]["data"]
         # the served predict-detection deployment: the new model on the test images
         run = subprocess.run(["prefect", "deployment", "run", "predict-detection/default", "--param",
                               "input=data/shapes/scenes/images/test", "--param", f"out={tmp_path / 'predicted'}", "--watch",
