@@ -83,7 +83,7 @@ def test_reported_mask_map_equals_pycocotools_on_the_exported_results(dvc_repo):
             assert m[model][f"{prefix}_map50"] == pytest.approx(ev.stats[1], abs=1e-9)
 
 
-@pytest.mark.slow  # make test-all: the same flow code as classification's Prefect test (suite budget)
+@pytest.mark.slow  # make test-all (suite budget): the same flow code as the served train-detection run in test_e2e_detection.py
 def test_prefect_flow_train_instance_segmentation(dvc_repo, tmp_path, monkeypatch):
     import mlflow
     from tests.conftest import prefect_harness

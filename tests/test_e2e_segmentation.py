@@ -81,7 +81,7 @@ def test_mlflow_holds_the_segmentation_stage_runs(dvc_repo):
     assert len(history) == EPOCHS
 
 
-@pytest.mark.slow  # make test-all: the same flow code as classification's Prefect test (suite budget)
+@pytest.mark.slow  # make test-all (suite budget): the same flow code as the served train-detection run in test_e2e_detection.py
 def test_prefect_flow_train_segmentation(dvc_repo, tmp_path, monkeypatch):
     from tests.conftest import prefect_harness
 
