@@ -33,7 +33,7 @@ run: $(STAMP)
 test: $(STAMP)
 	python -m pytest
 
-# everything, the tests marked slow included (about 3 minutes more)
+# everything, the six tests marked slow included (a few minutes more; not timed since the sixth joined)
 test-all: $(STAMP)
 	python -m pytest -m "slow or not slow"
 
