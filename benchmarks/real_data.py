@@ -113,6 +113,12 @@ def coco_ground_truth(manifest: dict) -> dict:
 # ---------------------------------------------------------------- one scorer for both sides
 def score(manifest: dict, pred_dir: Path) -> float:
     """The primary test metric of the predictions in ``pred_dir`` (the layout tasks.predict writes)."""
+    return scores(manifest, pred_dir)["value"]
+
+
+def scores(manifest: dict, pred_dir: Path) -> dict:
+    """``value``: the primary test metric (:func:`score`); for boxes and masks also ``max_dets``, the COCO maxDets
+    every AP was taken at."""
     task, test = manifest["task"], manifest["splits"]["test"]
     if task == "classification":
         import pandas as pd
@@ -120,7 +126,7 @@ def score(manifest: dict, pred_dir: Path) -> float:
 
         pred = pd.read_csv(pred_dir / "predictions.csv")
         names = manifest["classes"]
-        return float(accuracy_score([names[it["label"]] for it in test], pred["class"].tolist()))
+        return {"value": float(accuracy_score([names[it["label"]] for it in test], pred["class"].tolist()))}
     if task == "segmentation":
         from PIL import Image
 
@@ -136,25 +142,14 @@ def score(manifest: dict, pred_dir: Path) -> float:
         union = cm.sum(0) + cm.sum(1) - tp
         with np.errstate(invalid="ignore", divide="ignore"):
             iou = np.where(union > 0, tp / union, np.nan)
-        return float(np.nanmean(iou))
-    import contextlib
-    import io
-
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
+        return {"value": float(np.nanmean(iou))}
+    from cv_models.data.coco import coco_map
 
     results = json.loads((pred_dir / "coco_results.json").read_text())
-    if not results:
-        return 0.0
-    with contextlib.redirect_stdout(io.StringIO()):
-        gt = COCO()
-        gt.dataset = coco_ground_truth(manifest)
-        gt.createIndex()
-        ev = COCOeval(gt, gt.loadRes(results), "segm" if task == "instance_segmentation" else "bbox")
-        ev.evaluate()
-        ev.accumulate()
-        ev.summarize()
-    return float(ev.stats[1])  # AP at IoU 0.5, maxDets 100
+    # the pipeline's own scoring: every AP at maxDets = max(100, the busiest image), COCO's 100 only beside it
+    metrics, _ = coco_map(coco_ground_truth(manifest), results, manifest["classes"],
+                          "segm" if task == "instance_segmentation" else "bbox")
+    return {"value": float(metrics["map50"]), "max_dets": int(metrics["max_dets"])}
 
 
 # ---------------------------------------------------------------- the two sides

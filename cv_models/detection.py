@@ -29,7 +29,8 @@ from pydantic import Field, model_validator
 from cv_models.augment import AUGMENTATIONS, BATCH, Augmentation, build_transforms, cutout_rectangle, with_builders
 from cv_models.base import Check, CVTask, DataError, EvalResult, Prediction, register_task
 from cv_models.data.annotations import BOX_RULES, AnnotationTables, invalid_box_findings, keep_only, require_all_splits, seed_split
-from cv_models.data.coco import coco_map, read_coco, to_coco_ground_truth  # noqa: F401 (coco_map re-exported)
+from cv_models.data.coco import (RESCORE_LINES, coco_map, no_ground_truth_notes, read_coco,  # noqa: F401 (coco_map re-exported)
+                                  to_coco_ground_truth)
 from cv_models.data.probe import load_rgb
 from cv_models.data.voc import read_voc
 from cv_models.data.yolo import read_yolo
@@ -534,7 +535,8 @@ class DetectionTask(CVTask):
     def score(self, dataset: DetectionDataset, results: list[dict]) -> EvalResult:
         gt = dataset.coco_ground_truth()
         metrics, per_class = coco_map(gt, results, self.class_names())
-        return EvalResult(metrics, predictions=results, per_class=per_class, extra={"ground_truth": gt})
+        return EvalResult(metrics, predictions=results, per_class=per_class,
+                          extra={"ground_truth": gt, "notes": no_ground_truth_notes(per_class)})
 
     def dummy_result(self, train, evaluation) -> EvalResult:
         """One centred box of the training boxes' mean relative size and the most frequent class, per image."""
@@ -615,14 +617,14 @@ class DetectionTask(CVTask):
             "# Rescoring the test results\n\n`ground_truth_test.json` (each test image's id, file_name, original "
             "width/height and source_id, its id in the dataset's own annotations) and `predictions_<model>.json` (COCO results: boxes x, y, w, h in the original pixels) "
             "are at each image's own resolution. With pycocotools:\n\n```python\n"
-            "from collections import Counter\nfrom pycocotools.coco import COCO\nfrom pycocotools.cocoeval import COCOeval\n\n"
+            "from collections import Counter\n\nimport numpy as np\nfrom pycocotools.coco import COCO\nfrom pycocotools.cocoeval import COCOeval\n\n"
             "gt = COCO('ground_truth_test.json')\ndt = gt.loadRes('predictions_augmented.json')\n"
             "e = COCOeval(gt, dt, 'bbox')\n"
             "# as the pipeline: maxDets never below the busiest image (COCO's 100 would drop detections)\n"
-            "busiest = max((Counter(a['image_id'] for a in gt.dataset['annotations']) + "
+            "busiest = max((Counter(a['image_id'] for a in gt.dataset['annotations']) | "
             "Counter(r['image_id'] for r in dt.dataset['annotations'])).values())\n"
-            "e.params.maxDets = [1, 10, max(100, busiest)]\n"
-            "e.evaluate(); e.accumulate(); e.summarize()  # metrics.json: map = stats[0], map50 = stats[1]\n```\n")
+            "e.params.maxDets = [1, 10, 100] + ([busiest] if busiest > 100 else [])  # metrics.json: max_dets\n"
+            "e.evaluate(); e.accumulate()\n" + RESCORE_LINES + "```\n")
         return files
 
 

@@ -34,6 +34,7 @@ from pydantic import Field
 
 from cv_models.augment import AUGMENTATIONS, BATCH, Augmentation, build_transforms, cutout_rectangle, with_builders
 from cv_models.base import Check, CVTask, DataError, EvalResult, Prediction, in_order, register_task
+from cv_models.data.coco import RESCORE_LINES, no_ground_truth_notes
 from cv_models.data.instance_masks import (BOX_TOLERANCE_FRACTION, BOX_TOLERANCE_PX, decode, mask_box, mask_facts,
                                            read_png_mask)
 from cv_models.data.probe import load_rgb
@@ -43,7 +44,7 @@ from cv_models.settings import AugmentConfig, AutoCount, Strict, Switch, task_se
 from cv_models.weights import freeze
 
 FORMATS = ("coco", "yolo", "instance_folders")
-COCO_STATS = ("map", "map50", "map75")  # reported for boxes and masks
+COCO_STATS = ("map", "map50", "map75", "map50_maxdets100")  # reported for boxes and masks (and max_dets once)
 
 
 # ---------------------------------------------------------------- settings (tasks.instance_segmentation)
@@ -191,8 +192,9 @@ def coco_scores(gt: dict, results: list[dict], class_names: list[str]) -> tuple[
     for iou_type, prefix in (("bbox", "box"), ("segm", "mask")):
         # pycocotools adds fields to the dicts it is given: score copies, export the originals
         m, per_class = coco_map(copy.deepcopy(gt), copy.deepcopy(results), class_names, iou_type)
-        metrics.update({f"{prefix}_{k}": m[k] for k in COCO_STATS})
-        metrics.update({f"{prefix}_ap50/{c}": float(v) for c, v in zip(per_class["class"], per_class["ap50"])})
+        metrics.update({f"{prefix}_{k}": m[k] for k in COCO_STATS} | {"max_dets": m["max_dets"]})
+        scored = per_class[per_class["n_boxes"] > 0]  # a class without ground truth has no AP (NaN in the table)
+        metrics.update({f"{prefix}_ap50/{c}": float(v) for c, v in zip(scored["class"], scored["ap50"])})
         tables[prefix] = per_class
     per_class = pd.DataFrame({"class": class_names, "mask_ap": tables["mask"]["ap"], "mask_ap50": tables["mask"]["ap50"],
                               "box_ap": tables["box"]["ap"], "box_ap50": tables["box"]["ap50"],
@@ -566,7 +568,8 @@ class InstanceSegmentationTask(CVTask):
 
     def _result(self, gt: dict, results: list[dict]) -> EvalResult:
         metrics, per_class = coco_scores(gt, results, self.class_names())
-        return EvalResult(metrics=metrics, predictions=results, per_class=per_class, extra={"coco_gt": gt})
+        return EvalResult(metrics=metrics, predictions=results, per_class=per_class,
+                          extra={"coco_gt": gt, "notes": no_ground_truth_notes(per_class, "gt_instances")})
 
     def evaluate(self, model, loader, device, native: bool = False) -> EvalResult:
         return self._result(*self.predict(model, loader, device, native))
@@ -644,15 +647,15 @@ class InstanceSegmentationTask(CVTask):
             "# Rescoring the test results\n\n`coco_ground_truth.json` (each test image's id, file_name and original "
             "width/height; masks as RLE) and `coco_results_<model>.json` (COCO results: boxes x, y, w, h in the original "
             "pixels, masks as compressed RLE) are at each image's own resolution. With pycocotools:\n\n```python\n"
-            "from collections import Counter\nfrom pycocotools.coco import COCO\nfrom pycocotools.cocoeval import COCOeval\n\n"
+            "from collections import Counter\n\nimport numpy as np\nfrom pycocotools.coco import COCO\nfrom pycocotools.cocoeval import COCOeval\n\n"
             "gt = COCO('coco_ground_truth.json')\ndt = gt.loadRes('coco_results_augmented.json')\n"
             "for iou_type in ('segm', 'bbox'):  # metrics.json: mask_map50 / mask_map, box_map50 / box_map\n"
             "    e = COCOeval(gt, dt, iou_type)\n"
             "    # as the pipeline: maxDets never below the busiest image (COCO's 100 would drop detections)\n"
-            "    busiest = max((Counter(a['image_id'] for a in gt.dataset['annotations']) + "
+            "    busiest = max((Counter(a['image_id'] for a in gt.dataset['annotations']) | "
             "Counter(r['image_id'] for r in dt.dataset['annotations'])).values())\n"
-            "    e.params.maxDets = [1, 10, max(100, busiest)]\n"
-            "    e.evaluate(); e.accumulate(); e.summarize()  # stats[0] = mAP@[.5:.95], stats[1] = mAP@.5\n```\n")
+            "    e.params.maxDets = [1, 10, 100] + ([busiest] if busiest > 100 else [])  # metrics.json: max_dets\n"
+            "    e.evaluate(); e.accumulate()\n" + RESCORE_LINES.replace("\n", "\n    ").rstrip(" ") + "```\n")
         n = min(self.cfg.options.report_images, len(test))
         if n == 0:
             return files

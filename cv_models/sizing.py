@@ -43,8 +43,8 @@ def describe(most: int, options: dict) -> str:
         v = options.get(k)
         lines.append(f"| model.options.{k} | {chosen.get(k, v)} | {'auto (sized from the data)' if k in chosen else 'params.yaml'} |")
     det = chosen.get("detections_per_img", options.get("detections_per_img"))
-    lines.append(f"| COCO maxDets (scoring) | {max(100, int(det)) if isinstance(det, int) else 'max(100, detections)'} "
-                 f"| max(100, detections per image) |")
+    lines.append("| COCO maxDets (scoring) | max(100, objects or detections in the busiest scored image) | every reported "
+                 "AP is taken at it; metrics.json states it (max_dets) beside AP@.5 at maxDets 100 (map50_maxdets100) |")
     if isinstance(det, int) and det < most:
         lines.append(f"\n**Warning:** model.options.detections_per_img={det} is below the {most} objects of the busiest "
                      f"training image: recall is capped there. Set it to auto.")

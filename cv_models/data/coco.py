@@ -23,6 +23,13 @@ from cv_models.base import DataError
 from cv_models.data.annotations import AnnotationTables, build_tables, check_split_names
 
 DEFAULT_SPLITS = {"train": "train", "val": "val", "test": "test"}
+# RECOMPUTE.md's lines after e.accumulate(): the reported APs from e.eval['precision'] at the maxDets used
+# (summarize()'s stats[0] reads maxDets 100 whatever params.maxDets holds: -1 when the busiest image raised it)
+RESCORE_LINES = (
+    "p, m = e.eval['precision'], len(e.params.maxDets) - 1  # [IoU .50:.05:.95, recall, class, area, maxDets]\n"
+    "ap = lambda s: np.mean(s[s > -1]) if (s > -1).any() else float('nan')  # -1: no ground truth, left out\n"
+    "print('map', ap(p[:, :, :, 0, m]), 'map50', ap(p[0, :, :, 0, m]), 'map75', ap(p[5, :, :, 0, m]))\n"
+    "print('map50_maxdets100', ap(p[0, :, :, 0, 2]))  # AP@.5 at maxDets 100, as summarize() and other tools print\n")
 
 
 def load_json(path: Path) -> dict:
@@ -124,37 +131,80 @@ def to_coco_ground_truth(records: list[dict], class_names: list[str]) -> dict:
             "categories": [{"id": k + 1, "name": n} for k, n in enumerate(class_names)]}
 
 
+def coco_max_dets(gt: dict, results: list[dict]) -> int:
+    """COCO's maxDets for scoring: never below the busiest image (its objects or its detections, whichever are more).
+    COCO's default, 100, would silently drop detections (and cap recall) on images with more objects."""
+    per_image = Counter(r["image_id"] for r in results) | Counter(a["image_id"] for a in gt["annotations"])
+    return max(100, max(per_image.values(), default=0))
+
+
+def mean_precision(values: np.ndarray) -> float:
+    """COCO's average of a slice of ``eval['precision']`` (or ``['recall']``): entries of -1 (a class without
+    ground truth) left out; NaN, never 0, when nothing is left."""
+    kept = values[values > -1]
+    return float(np.mean(kept)) if kept.size else float("nan")
+
+
+def coco_summary(ev, max_dets: int) -> dict[str, float]:
+    """mAP@[.5:.95], mAP@.5, mAP@.75 at ``max_dets`` (area 'all') read from ``ev.eval['precision']``
+    ([IoU, recall, class, area, maxDets]); AP@.5 and recall at maxDets 100 beside them, as other tools print.
+    ``summarize()`` is not used: its stats[0] reads maxDets 100 whatever ``params.maxDets`` holds (-1 when 100 is
+    not among them)."""
+    p = ev.params
+    precision, recall = ev.eval["precision"], ev.eval["recall"]
+    at, at100 = p.maxDets.index(max_dets), p.maxDets.index(100)
+    t50, t75 = (int(np.where(np.isclose(p.iouThrs, t))[0][0]) for t in (0.5, 0.75))
+    return {"map": mean_precision(precision[:, :, :, 0, at]), "map50": mean_precision(precision[t50, :, :, 0, at]),
+            "map75": mean_precision(precision[t75, :, :, 0, at]), "max_dets": max_dets,
+            "map50_maxdets100": mean_precision(precision[t50, :, :, 0, at100]),
+            "mar100": mean_precision(recall[:, :, 0, at100])}
+
+
 def coco_map(gt: dict, results: list[dict], class_names: list[str], iou_type: str = "bbox") -> tuple[dict[str, float], pd.DataFrame]:
-    """pycocotools' COCOeval (``iou_type`` bbox, or segm for masks): mAP@[.5:.95], mAP@.5, mAP@.75 and per-class AP / AP@.5."""
+    """pycocotools' COCOeval (``iou_type`` bbox, or segm for masks) at maxDets = :func:`coco_max_dets` (stated as
+    ``max_dets``): mAP@[.5:.95], mAP@.5, mAP@.75, AP@.5 at maxDets 100, mAR@100 and per-class AP / AP@.5.
+    A class without ground truth in ``gt`` has no AP: NaN in the table and left out of the metrics
+    (:func:`no_ground_truth_notes`); with no ground truth at all every AP is NaN, never 0."""
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
-    empty = {"map": 0.0, "map50": 0.0, "map75": 0.0}
-    per_class = pd.DataFrame({"class": class_names, "ap": 0.0, "ap50": 0.0,
-                              "n_boxes": [sum(a["category_id"] == k + 1 for a in gt["annotations"]) for k in range(len(class_names))]})
-    if not results or not gt["annotations"]:
-        return {**empty, **{f"ap50/{c}": 0.0 for c in class_names}}, per_class
+    max_dets = coco_max_dets(gt, results)
+    n_boxes = [sum(a["category_id"] == k + 1 for a in gt["annotations"]) for k in range(len(class_names))]
+    per_class = pd.DataFrame({"class": class_names, "ap": 0.0, "ap50": 0.0, "n_boxes": n_boxes})
+    per_class.loc[per_class["n_boxes"] == 0, ["ap", "ap50"]] = float("nan")
+    if not results or not gt["annotations"]:  # nothing detected: AP 0 where there was something to find
+        nothing = 0.0 if gt["annotations"] else float("nan")
+        metrics = {"map": nothing, "map50": nothing, "map75": nothing, "max_dets": max_dets,
+                   "map50_maxdets100": nothing, "mar100": nothing}
+        return with_per_class(metrics, per_class), per_class
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
         coco_gt = COCO()
         coco_gt.dataset = gt
         coco_gt.createIndex()
         coco_dt = coco_gt.loadRes(results)
         ev = COCOeval(coco_gt, coco_dt, iou_type)
-        # maxDets' default 100 would silently drop detections (and cap recall) on images with more objects
-        per_image = Counter(r["image_id"] for r in results) + Counter(a["image_id"] for a in gt["annotations"])
-        ev.params.maxDets = [1, 10, max(100, max(per_image.values(), default=0))]
+        ev.params.maxDets = [1, 10, 100] + ([max_dets] if max_dets > 100 else [])
         ev.evaluate()
         ev.accumulate()
-        ev.summarize()
-    stats = [max(float(s), 0.0) for s in ev.stats]  # -1 means "no ground truth": report 0
     precision = ev.eval["precision"]  # [IoU thresholds, recall, class, area range, max dets]
-    cat_ids = ev.params.catIds
-    for k, cid in enumerate(cat_ids):
-        p_all, p50 = precision[:, :, k, 0, -1], precision[0, :, k, 0, -1]
+    t50 = int(np.where(np.isclose(ev.params.iouThrs, 0.5))[0][0])
+    for k, cid in enumerate(ev.params.catIds):
         row = per_class["class"] == class_names[cid - 1]
-        per_class.loc[row, "ap"] = float(p_all[p_all > -1].mean()) if (p_all > -1).any() else 0.0
-        per_class.loc[row, "ap50"] = float(p50[p50 > -1].mean()) if (p50 > -1).any() else 0.0
-    metrics = {"map": stats[0], "map50": stats[1], "map75": stats[2], "mar100": stats[8]}
-    metrics.update({f"ap50/{c}": float(v) for c, v in zip(per_class["class"], per_class["ap50"])})
-    metrics.update({f"ap/{c}": float(v) for c, v in zip(per_class["class"], per_class["ap"])})
-    return metrics, per_class
+        per_class.loc[row, "ap"] = mean_precision(precision[:, :, k, 0, -1])
+        per_class.loc[row, "ap50"] = mean_precision(precision[t50, :, k, 0, -1])
+    return with_per_class(coco_summary(ev, max_dets), per_class), per_class
+
+
+def with_per_class(metrics: dict, per_class: pd.DataFrame) -> dict:
+    """``metrics`` with ``ap50/<class>`` and ``ap/<class>`` of every class that has ground truth (the others have no
+    AP: :func:`no_ground_truth_notes` names them)."""
+    scored = per_class[per_class["n_boxes"] > 0]
+    return {**metrics, **{f"ap50/{c}": float(v) for c, v in zip(scored["class"], scored["ap50"])},
+            **{f"ap/{c}": float(v) for c, v in zip(scored["class"], scored["ap"])}}
+
+
+def no_ground_truth_notes(per_class: pd.DataFrame, count: str = "n_boxes") -> list[str]:
+    """A line naming the classes without ground truth in the scored split (their AP is absent, not 0)."""
+    missing = per_class.loc[per_class[count] == 0, "class"].tolist()
+    return [f"no ground truth for {', '.join(missing)} in this split: no AP for {'it' if len(missing) == 1 else 'them'} "
+            f"(NaN in the per-class table, left out of the metrics, not counted as 0)"] if missing else []
