@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from cv_models.base import CVTask
-from tasks import accelerate
+from tasks import accelerate, budget
 from tasks.config import OptimizerConfig, TrainConfig, config_hash
 from tasks.paths import atomic_write_bytes
 from tasks.seeding import loader_generator, seed_worker
@@ -164,7 +164,7 @@ def to_device(obj, device: torch.device):
     return obj
 
 
-PART_NAMES = {"settings": "the task's settings", "seed": "the seed", "code": "the task's code or tasks/engine.py",
+PART_NAMES = {"settings": "the task's settings", "seed": "the seed", "code": "the task's code, tasks/engine.py or tasks/budget.py",
               "data": "the data version (validate stage's digest)", "stage": "the stage's own settings",
               "n_train": "the number of training samples"}
 
@@ -172,7 +172,7 @@ PART_NAMES = {"settings": "the task's settings", "seed": "the seed", "code": "th
 def code_version(task: CVTask) -> str:
     """sha256 of the task's module and of this training loop: changed code never resumes old state."""
     h = hashlib.sha256()
-    for path in sorted({inspect.getfile(type(task)), __file__}):
+    for path in sorted({inspect.getfile(type(task)), __file__, budget.__file__}):
         h.update(Path(path).read_bytes())
     return h.hexdigest()[:16]
 
@@ -257,41 +257,74 @@ class FitResult:
     # wall-clock seconds per epoch: "train" (the training pass of each epoch run here, resumed ones included),
     # "val" (each validation pass: validation split and train subset)
     timings: dict[str, list[float]] = field(default_factory=lambda: {"train": [], "val": []})
+    planned: int = 0  # the epochs planned in the end: train.epochs, or those that fitted the time limit
+    final_lr: float = float("nan")  # the learning rate after the last epoch trained
+    end_lr: float | None = None  # where the schedule ends (with a fitted time limit): final_lr should be it
+    time_limit_s: float = 0.0  # train.time_limit_minutes in seconds (0: none)
 
 
-FIT_AFTER_EPOCHS = 2  # fit_epochs_to_time_limit plans after each of the first epochs
-RECENT_EPOCHS = 3  # the time limit plans with the slowest of these last epochs (one slow epoch is not an outlier)
-
-
-def epochs_that_fit(limit_s: float, spent: float, train_s: float, val_s: float, margin: float = 0.9,
-                    done: int = 1) -> int:
-    """How many epochs in all fit in ``limit_s`` after ``done`` epochs took ``spent`` (the last training pass
-    ``train_s``, validation ``val_s`` per epoch on average), keeping ``margin`` of the time left as a cushion
-    for slower epochs."""
-    per_epoch = max(train_s + val_s, 1e-9)
-    return done + max(0, int(margin * max(limit_s - spent, 0.0) / per_epoch))
-
-
-def refit_schedule(optimizer, cfg: TrainConfig, epochs: int, steps_per_epoch: int, steps_done: int):
-    """The learning-rate schedule rebuilt to span ``epochs`` and advanced to where training is (``steps_done``)."""
+def schedule_table(cfg: TrainConfig, steps_per_epoch: int) -> tuple[list[float], list[float | None]]:
+    """The configured schedule's learning rate and momentum (one-cycle cycles it) at each of its steps: torch's
+    scheduler (:func:`build_scheduler`) stepped on a throwaway optimizer of the same kind."""
     import warnings
 
-    scheduler = build_scheduler(optimizer, cfg.model_copy(update={"epochs": epochs}), steps_per_epoch)
+    optimizer = OPTIMIZERS[cfg.optimizer.name]([{"params": [nn.Parameter(torch.zeros(1))]}], cfg.optimizer)
+    scheduler = build_scheduler(optimizer, cfg, steps_per_epoch)
+    lrs, momenta = [], []
     with warnings.catch_warnings():  # stepping without optimizer steps in between is the point here
         warnings.simplefilter("ignore", UserWarning)
-        for _ in range(steps_done):
+        for _ in range(cfg.epochs * steps_per_epoch):
+            group = optimizer.param_groups[0]
+            lrs.append(group["lr"])
+            momenta.append(group["betas"][0] if "betas" in group else group.get("momentum"))
             scheduler.step()
-    return scheduler
+    return lrs, momenta
 
 
-def out_of_time(spent: float, limit_s: float, train_seconds: list[float], val_seconds: float, validating_now: bool) -> bool:
-    """True when another epoch would end past ``limit_s``: what is spent, this epoch's validation pass if it is
-    due, the slowest of the last :data:`RECENT_EPOCHS` training passes and a validation pass after it (the
-    epoch training stops at is validated). A mean hides one slow epoch: a run once overshot 581 s by 68 s."""
-    if not train_seconds:
-        return False
-    ahead = (val_seconds if validating_now else 0.0) + max(train_seconds[-RECENT_EPOCHS:]) + val_seconds
-    return spent + ahead > limit_s
+def make_scheduler(optimizer, cfg: TrainConfig, steps_per_epoch: int):
+    """torch's scheduler (:func:`build_scheduler`); with a time limit that the epochs are fitted to, the same schedule
+    as a :class:`budget.FittedSchedule`, which the plan re-spans as it moves."""
+    if cfg.time_limit_minutes and cfg.fit_epochs_to_time_limit:
+        lrs, momenta = schedule_table(cfg, steps_per_epoch)
+        return budget.FittedSchedule(optimizer, lrs, momenta, len(lrs))
+    return build_scheduler(optimizer, cfg, steps_per_epoch)
+
+
+def time_budget(cfg: TrainConfig, timings: dict[str, list[float]]) -> budget.TimeBudget | None:
+    """The run's time limit (None without one); the timings already there were measured by an interrupted run."""
+    if not cfg.time_limit_minutes:
+        return None
+    return budget.TimeBudget(cfg.time_limit_minutes * 60, cfg.epochs, cfg.val_every, len(timings["train"]),
+                             len(timings["val"]))
+
+
+def refit_on_resume(scheduler, cfg: TrainConfig, planned: int, elapsed: float, steps_per_epoch: int, desc: str) -> int:
+    """A resumed run's plan: the one the interrupted run fitted (perhaps under other load) is dropped; the schedule
+    spans the cap again until this process has timed an epoch, and the plan is then re-fitted from the time left."""
+    scheduler.respan(cfg.epochs * steps_per_epoch)
+    print(f"[{desc}] time limit: resuming with {max(cfg.time_limit_minutes * 60 - elapsed, 0):.0f} s of "
+          f"train.time_limit_minutes={cfg.time_limit_minutes:g} left; the plan of {planned} epochs fitted before the "
+          f"interruption is dropped and re-fitted from the time left after this process's first epoch", flush=True)
+    return cfg.epochs
+
+
+def follow_plan(time_limit: budget.TimeBudget, scheduler, planned: int, epoch: int, spent: float,
+                timings: dict[str, list[float]], steps_per_epoch: int, desc: str) -> int:
+    """After ``epoch``: the epochs that fit now (rank 0's count); when that moved, the schedule re-spanned over them."""
+    fits = accelerate.broadcast(time_limit.plan(spent, epoch, timings))
+    if fits != planned:
+        scheduler.respan(fits * steps_per_epoch)
+        print(f"[{desc}] time limit: {fits} of {time_limit.cap} epochs fit ({time_limit.describe(timings)}); the "
+              f"learning-rate schedule now spans {fits} (train.fit_epochs_to_time_limit)", flush=True)
+    return fits
+
+
+def say_out_of_time(time_limit: budget.TimeBudget, epoch: int, planned: int, spent: float,
+                    timings: dict[str, list[float]], desc: str) -> None:
+    train_s, val_s = time_limit.estimates(timings)
+    print(f"[{desc}] time limit: stopping after epoch {epoch} of {planned} ({spent:.0f} s spent; another epoch "
+          f"({train_s:.0f} s, plus {val_s:.0f} s of validation: medians of the last {budget.RECENT_EPOCHS}) would pass "
+          f"train.time_limit_minutes={time_limit.limit_s / 60:g})", flush=True)
 
 
 class SilentFailureWarning(UserWarning):
@@ -363,7 +396,7 @@ def fit(
     train_eval_loader = (make_loader(task, train_eval_set, cfg.eval_batch_size, False, seed, workers, pin_memory=pin)
                          if train_eval_set is not None and cfg.track_train_metric else None)
     optimizer = build_optimizer(model, cfg.optimizer)
-    scheduler = build_scheduler(optimizer, cfg, len(train_loader))
+    scheduler = make_scheduler(optimizer, cfg, len(train_loader))
     train_model = acc.prepare(model)  # what the training step calls: channels-last, DDP (rank 0's weights), compiled
     ema = (torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.ema_decay),
                                                 use_buffers=True) if cfg.ema_decay > 0 else None)
@@ -384,8 +417,6 @@ def fit(
         differs = [k for k in parts if (ck.get("fingerprint_parts") or {}).get(k) != parts[k]]
         if ck.get("fingerprint") == fingerprint and not differs:
             planned = int(ck.get("planned", cfg.epochs))
-            if planned != cfg.epochs:  # the schedule had been fitted to the time limit: the same one again
-                scheduler = build_scheduler(optimizer, cfg.model_copy(update={"epochs": planned}), len(train_loader))
             model.load_state_dict(ck["model"])
             optimizer.load_state_dict(ck["optimizer"])
             scheduler.load_state_dict(ck["scheduler"])
@@ -399,6 +430,8 @@ def fit(
             start_epoch = planned + 1 if ck.get("done") else ck["epoch"] + 1  # done: early stop or time limit included
             print(f"[{desc}] resuming from {checkpoint_path} after epoch {ck['epoch']}"
                   + (" (training had finished)" if ck.get("done") else ""))
+            if isinstance(scheduler, budget.FittedSchedule) and not ck.get("done"):
+                planned = refit_on_resume(scheduler, cfg, planned, elapsed, len(train_loader), desc)
         else:
             why = (", ".join(f"{k} ({PART_NAMES[k]})" for k in differs) + (" differs" if len(differs) == 1 else " differ")
                    + " from this run" if ck.get("fingerprint_parts") else "it was written by an older version of the pipeline")
@@ -411,6 +444,7 @@ def fit(
 
     t0 = time.perf_counter() - elapsed
     stop = cfg.early_stopping
+    time_limit = time_budget(cfg, timings)
 
     def save_checkpoint(epoch: int, done: bool = False, rank_rngs: list | None = None) -> None:
         # tensors and plain containers only, so resuming needs no pickled code (weights_only=True)
@@ -456,9 +490,8 @@ def fit(
                "lr": optimizer.param_groups[0]["lr"]}
         # validated: every val_every-th epoch, the last, and the one the time limit stops at (rank 0's clock decides)
         due = epoch % cfg.val_every == 0 or epoch == planned
-        out = bool(cfg.time_limit_minutes) and epoch < planned and accelerate.broadcast(out_of_time(
-            time.perf_counter() - t0, cfg.time_limit_minutes * 60, timings["train"],
-            timings["val"][-1] if timings["val"] else 0.0, due))
+        out = time_limit is not None and epoch < planned and accelerate.broadcast(time_limit.out_of_time(
+            time.perf_counter() - t0, epoch, timings, due))
         val = None
         if due or out:
             val_start = time.perf_counter()
@@ -482,30 +515,17 @@ def fit(
         if val is not None and val[metric] > best["value"] + (stop.min_delta if best["epoch"] > 0 else 0):
             best = {"epoch": epoch, "value": float(val[metric]), "state": copy.deepcopy(scored.state_dict()),
                     "metrics": plain_numbers(val)}
-        # before the checkpoint, so a resumed run keeps the fitted schedule. Fitted after the first epoch and again
-        # after the second: the first carries one-time costs (cache filling, warm-up) and plans too few epochs.
-        if (epoch <= FIT_AFTER_EPOCHS and not out and cfg.time_limit_minutes and cfg.fit_epochs_to_time_limit
-                and cfg.epochs > epoch):
-            fits = epochs_that_fit(cfg.time_limit_minutes * 60, accelerate.broadcast(time.perf_counter() - t0),
-                                   timings["train"][-1], timings["val"][-1] / cfg.val_every if timings["val"] else 0.0,
-                                   done=epoch)
-            fits = min(max(fits, epoch if val is not None else epoch + 1), cfg.epochs)  # the last epoch is validated
-            if fits != planned:
-                planned = fits
-                scheduler = refit_schedule(optimizer, cfg, planned, len(train_loader), steps_done=epoch * len(train_loader))
-                print(f"[{desc}] time limit: {planned} of {cfg.epochs} epochs fit in train.time_limit_minutes="
-                      f"{cfg.time_limit_minutes:g} at {timings['train'][-1]:.0f} s an epoch; the learning-rate schedule now "
-                      f"spans {planned} (train.fit_epochs_to_time_limit)", flush=True)
+        # re-fitted after every epoch, before the checkpoint (which keeps the plan and the schedule's span)
+        if isinstance(scheduler, budget.FittedSchedule) and not out and epoch < planned:
+            planned = follow_plan(time_limit, scheduler, planned, epoch, time.perf_counter() - t0, timings,
+                                  len(train_loader), desc)
         rank_rngs = accelerate.gather(torch.get_rng_state())  # every rank's, so each resumes its own stream
         if checkpoint_path is not None and accelerate.is_main():  # rank 0 alone writes
             save_checkpoint(epoch, rank_rngs=rank_rngs)
         if log_metrics is not None:  # after the checkpoint, so an interruption here loses no epoch
             log_metrics({k: v for k, v in row.items() if k != "epoch"}, epoch)
         if out:
-            slowest = max(timings["train"][-RECENT_EPOCHS:])
-            print(f"[{desc}] time limit: stopping after epoch {epoch} of {planned} ({time.perf_counter() - t0:.0f} s spent; "
-                  f"another epoch ({slowest:.0f} s, the slowest of the last {RECENT_EPOCHS}, plus {timings['val'][-1]:.0f} s "
-                  f"of validation) would pass train.time_limit_minutes={cfg.time_limit_minutes:g})")
+            say_out_of_time(time_limit, epoch, planned, time.perf_counter() - t0, timings, desc)
             break
         # patience counts epochs, checked on validated ones
         if stop.enabled and val is not None and epoch - best["epoch"] >= stop.patience:
@@ -522,7 +542,10 @@ def fit(
             save_checkpoint(int(history[-1]["epoch"]), done=True)
         elif checkpoint_path is not None and checkpoint_path.exists():
             checkpoint_path.unlink()  # finished: nothing left to resume
-    return FitResult(pd.DataFrame(history), best["epoch"], best["metrics"], seconds, timings)
+    return FitResult(pd.DataFrame(history), best["epoch"], best["metrics"], seconds, timings, planned=planned,
+                     final_lr=float(history[-1]["lr"]) if history else float("nan"),
+                     end_lr=scheduler.end_lr if isinstance(scheduler, budget.FittedSchedule) else None,
+                     time_limit_s=cfg.time_limit_minutes * 60)
 
 
 def diagnose_overfitting(history: pd.DataFrame, metric: str, min_gap_growth: float = 0.02, min_flat_epochs: int = 2) -> str | None:

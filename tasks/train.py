@@ -108,7 +108,8 @@ def train_model(st: Stage, augment: AugmentConfig | None, out_dir: Path,
     result.history.to_csv(out_dir / "history.csv", index=False)
     history_figure(result.history, st.task.primary_metric, out_dir / "history.png")
     st.log_metrics({f"best_val_{k}": v for k, v in result.best_metrics.items()} | {"train_seconds": result.seconds,
-                                                                                 "best_epoch": result.best_epoch})
+                                                                                 "best_epoch": result.best_epoch}
+                   | budget_figures(result) | {"epochs_planned": result.planned, "final_lr": result.final_lr})
     st.log_artifacts(model_path, "model")
     st.log_inputs("train", "val")
     st.log_model(model_path, {f"best_val_{k}": v for k, v in result.best_metrics.items()})
@@ -118,8 +119,11 @@ def train_model(st: Stage, augment: AugmentConfig | None, out_dir: Path,
 def summary_metrics(st: Stage, result: engine.FitResult) -> dict:
     m = st.task.primary_metric
     # no wall-clock figures here: identical runs give identical metrics.json (timings go to timings.json and MLflow)
-    return {f"val_{m}": result.best_metrics[m], "best_epoch": result.best_epoch, "epochs": st.cfg.train.epochs,
-            "epochs_run": len(result.history),  # fewer than epochs after early stopping or the time limit
+    return {f"val_{m}": result.best_metrics[m], "best_epoch": result.best_epoch,
+            "epochs": result.planned,  # the plan: train.epochs, or those that fitted train.time_limit_minutes
+            "epochs_cap": st.cfg.train.epochs,  # train.epochs, the most a run may plan
+            "epochs_run": len(result.history),  # fewer than planned after early stopping or a stop at the time limit
+            "final_lr": result.final_lr,  # the learning rate after the last epoch: with a time limit, the schedule's end
             "warnings": list(getattr(result, "warnings", []))}
 
 
@@ -149,5 +153,13 @@ def write_metrics(out_dir: Path, metrics: dict, timings: dict | None = None) -> 
         write_json(out_dir / "timings.json", timings)
 
 
+def budget_figures(result: engine.FitResult) -> dict:
+    """With a time limit: the limit, the share of it training used and where the schedule ends (else nothing)."""
+    if not result.time_limit_s:
+        return {}
+    figures = {"time_limit_seconds": result.time_limit_s, "budget_use": result.seconds / result.time_limit_s}
+    return figures | ({"schedule_end_lr": result.end_lr} if result.end_lr is not None else {})
+
+
 def timings(result: engine.FitResult) -> dict:
-    return {"train_seconds": round(result.seconds, 2)}
+    return {"train_seconds": round(result.seconds, 2)} | budget_figures(result)

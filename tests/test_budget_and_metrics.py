@@ -2,11 +2,15 @@
 schedule re-spanned and annealed, resume) and the warnings that should fire."""
 import contextlib
 import io
+import itertools
 
 import numpy as np
 import pytest
+import torch
 
 from cv_models.data import coco
+from tasks import budget, engine
+from tasks.config import TrainConfig
 
 
 def _crowded(n_objects: int = 150, class_names=("cell", "debris")):
@@ -70,7 +74,147 @@ def test_the_recompute_lines_give_the_reported_values():
         e = COCOeval(g, g.loadRes(results), "bbox")
         e.params.maxDets = [1, 10, 100, 150]
         e.evaluate(), e.accumulate()
-        exec(coco.RESCORE_LINES, {"e": e, "np": np})
+        exec(coco.RESCORE_LINES, {"e": e, "np": np})  # noqa: S102 (the lines RECOMPUTE.md gives users)
     printed = out.getvalue().split()
     values = {k: float(v) for k, v in zip(printed[-8::2], printed[-7::2])}
     assert values == pytest.approx({k: metrics[k] for k in ("map", "map50", "map75", "map50_maxdets100")})
+
+
+# ---------------------------------------------------------------- the time budget
+
+
+def test_a_plan_counts_the_validations_and_aims_at_97_percent():
+    # 100 s spent, 8 s training + 2 s validation an epoch, 600 s: 97% leaves 482 s = 48 epochs, at most the cap
+    assert budget.epochs_that_fit(600, 100, 1, 8, 2, val_every=1, cap=100) == 1 + 48
+    assert budget.epochs_that_fit(600, 100, 1, 8, 2, val_every=1, cap=20) == 20
+    # validated every 4th epoch (and the last): 482 s hold 56 more epochs (448 s of training, 15 validations = 30 s)
+    assert budget.epochs_that_fit(600, 100, 1, 8, 2, val_every=4, cap=100) == 57
+    assert budget.validations(2, 58, 4) == 15 and budget.validations(2, 56, 4) == 14
+    assert budget.epochs_that_fit(600, 700, 1, 8, 2, val_every=1, cap=100) == 1  # already over
+
+
+def test_one_slow_epoch_moves_the_estimate_little():
+    # the median of the recent epochs, the process's first left out (cache filling, warm-up)
+    assert budget.recent_median([30, 5, 5, 23, 5, 6]) == 5
+    assert budget.recent_median([30]) == 30 and budget.recent_median([]) == 0
+    # a resumed process plans with its own epochs once it has one
+    assert budget.recent_median([60, 60, 5], start=2) == 5
+    t = budget.TimeBudget(limit_s=100, cap=50, val_every=1)
+    timings = {"train": [9, 5, 5, 23], "val": [1, 1, 1, 1]}
+    assert not t.out_of_time(87, 4, timings, validating_now=True)  # 87 + 1 + 5 + 1 = 94: one more fits
+    assert t.out_of_time(95, 4, timings, validating_now=True)  # 95 + 7 > 100
+    assert t.plan(87, 4, timings) == 5  # at least the one more out_of_time allowed
+
+
+def test_a_fitted_schedule_is_the_configured_one_until_re_spanned_then_continuous_to_its_end():
+    cfg = TrainConfig(epochs=10, optimizer={"name": "sgd", "lr": 0.01, "momentum": 0.9},
+                      scheduler={"name": "onecycle"})
+    ref_opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.01, momentum=0.9, nesterov=True)
+    ref = engine.build_scheduler(ref_opt, cfg, 5)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.01, momentum=0.9, nesterov=True)
+    sched = engine.make_scheduler(opt, cfg.model_copy(update={"time_limit_minutes": 1.0}), 5)
+    for _ in range(7):  # step for step torch's one-cycle: rates and momentum
+        assert opt.param_groups[0]["lr"] == ref_opt.param_groups[0]["lr"]
+        assert opt.param_groups[0]["momentum"] == ref_opt.param_groups[0]["momentum"]
+        ref_opt.step(), ref.step(), opt.step(), sched.step()
+    before = opt.param_groups[0]["lr"]
+    sched.respan(3 * 5)  # 3 epochs of 5 steps planned now (7 steps done)
+    assert opt.param_groups[0]["lr"] == before  # no jump (rebuilding a 3-epoch one-cycle jumped to its peak)
+    lrs = [before]
+    for _ in range(7):
+        sched.step()
+        lrs.append(opt.param_groups[0]["lr"])
+    # the last planned step (the 15th, index 14) runs at the schedule's final rate, and it stays there
+    assert lrs[-1] == sched.end_lr == pytest.approx(0.01 / 25 / 1e4)
+    sched.respan(30)  # more epochs fit after all: continuous again, and the end is reached at step 30
+    steady = opt.param_groups[0]["lr"]
+    sched.respan(40)
+    assert opt.param_groups[0]["lr"] == steady
+    state = sched.state_dict()
+    again = engine.make_scheduler(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.01, momentum=0.9),
+                                  cfg.model_copy(update={"time_limit_minutes": 1.0}), 5)
+    again.load_state_dict(state)  # a resumed run continues where the checkpoint was
+    assert again.optimizer.param_groups[0]["lr"] == steady
+
+
+class _Clock:
+    """Seconds that pass only when the toy task says so: synthetic epoch timings through the real engine.fit."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+
+class _TimedTask:
+    """Enough of a CVTask for engine.fit: a linear model; each training step and each validation pass advance the
+    clock by the epoch's synthetic time. ``stop_at_step``: the run is killed there (KeyboardInterrupt)."""
+
+    name, primary_metric = "toy", "score"
+
+    def __init__(self, clock, epoch_seconds, val_seconds=1.0, steps_per_epoch=2, stop_at_step=None):
+        self.cfg, self.clock, self.epoch_seconds, self.val_seconds = TrainConfig(), clock, epoch_seconds, val_seconds
+        self.steps_per_epoch, self.steps, self.stop_at_step = steps_per_epoch, 0, stop_at_step
+
+    def collate(self, batch):
+        return torch.utils.data.default_collate(batch)
+
+    def training_loss(self, model, x, y):
+        if self.steps == self.stop_at_step:
+            raise KeyboardInterrupt
+        epoch = self.steps // self.steps_per_epoch
+        self.clock.now += self.epoch_seconds(epoch + 1) / self.steps_per_epoch
+        self.steps += 1
+        return ((model(x).squeeze(1) - y) ** 2).mean()
+
+    def evaluate(self, model, loader, device):
+        from cv_models.base import EvalResult
+
+        self.clock.now += self.val_seconds
+        return EvalResult({"score": 0.5})
+
+    def class_names(self):
+        return []
+
+
+def _timed_fit(tmp_path, monkeypatch, task, minutes=3.0, cap=60, checkpoint=None):
+    monkeypatch.setattr(engine, "time", task.clock)
+    torch.manual_seed(0)
+    data = torch.utils.data.TensorDataset(torch.randn(8, 3), torch.randn(8))
+    cfg = TrainConfig(epochs=cap, batch_size=4, track_train_metric=False, time_limit_minutes=minutes,
+                      optimizer={"name": "adamw", "lr": 3e-3}, scheduler={"name": "onecycle"})
+    return engine.fit(task, torch.nn.Linear(3, 1), data, data, cfg, 0, tmp_path / "m.pt", checkpoint_path=checkpoint)
+
+
+def test_a_slow_outlier_epoch_neither_cuts_the_schedule_nor_leaves_the_budget_unused(tmp_path, monkeypatch, capsys):
+    # 5 s epochs, one of 23 s (the issue's classifier), 1 s validation, 3 minutes: ~29 epochs
+    clock = _Clock()
+    task = _TimedTask(clock, lambda e: 23.0 if e == 12 else 9.0 if e == 1 else 5.0)
+    result = _timed_fit(tmp_path, monkeypatch, task)
+    out = capsys.readouterr().out
+    assert "stopping after epoch" not in out and "the learning-rate schedule now spans" in out
+    assert len(result.history) == result.planned  # every planned epoch trained
+    assert 0.95 <= result.seconds / 180 <= 1.0
+    lrs = result.history["lr"].tolist()
+    assert lrs[-1] == result.end_lr == pytest.approx(3e-3 / 25 / 1e4)  # annealed to the end
+    assert max(lrs) == pytest.approx(3e-3, rel=0.05)  # and through its peak
+    # continuous: no epoch-to-epoch jump bigger than the schedule's own steepest at this length
+    assert max(abs(a - b) for a, b in itertools.pairwise(lrs)) < 3e-3 * 0.25
+
+
+def test_a_resumed_run_re_fits_the_plan_fitted_under_load(tmp_path, monkeypatch, capsys):
+    clock = _Clock()
+    # under load: 60 s epochs, so 2 of 60 epochs fit in 3 minutes; killed during epoch 2
+    loaded = _TimedTask(clock, lambda e: 60.0, stop_at_step=3)
+    with pytest.raises(KeyboardInterrupt):
+        _timed_fit(tmp_path, monkeypatch, loaded, checkpoint=tmp_path / "last.pt")
+    assert "2 of 60 epochs fit" in capsys.readouterr().out
+    # resumed on a free machine: 4 s epochs
+    free = _TimedTask(clock, lambda e: 4.0)
+    result = _timed_fit(tmp_path, monkeypatch, free, checkpoint=tmp_path / "last.pt")
+    out = capsys.readouterr().out
+    assert "the plan of 2 epochs fitted before the interruption is dropped and re-fitted from the time left" in out
+    assert len(result.history) == result.planned > 10
+    assert 0.95 <= result.seconds / 180 <= 1.0
+    assert result.history["lr"].iloc[-1] == result.end_lr

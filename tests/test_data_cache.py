@@ -106,38 +106,6 @@ def test_cache_over_budget_is_refused_before_filling(project):
     assert "too-big" not in cache._RAM
 
 
-def test_time_limit_plans_with_the_slowest_recent_epoch_and_a_validation():
-    # mean 100 s but the last epoch took 160 s: 400 + 160 + 20 > 570 stops; the old mean rule would have gone on
-    assert engine.out_of_time(400, 570, [90, 50, 100, 160], 20, validating_now=False)
-    assert not engine.out_of_time(400, 590, [90, 50, 100, 160], 20, validating_now=False)
-    # this epoch's own validation is still to come when it is due
-    assert engine.out_of_time(400, 590, [90, 50, 100, 160], 20, validating_now=True)
-    # only the last few epochs count: an old slow first epoch does not stop a run that has sped up
-    assert not engine.out_of_time(400, 500, [300, 50, 50, 50], 0, validating_now=False)
-    assert not engine.out_of_time(0, 1, [], 0, validating_now=True)
-
-
-def test_a_time_limit_fits_the_epochs_and_the_schedule_spans_them():
-    # 100 s spent on the first epoch (80 s training, 20 s validation), 600 s allowed: 0.9 x 500 s / 100 s = 4 more
-    assert engine.epochs_that_fit(600, 100, 80, 20) == 5
-    assert engine.epochs_that_fit(600, 700, 80, 20) == 1  # already over: the first epoch is all
-    # refitted after the second epoch, which is faster than the first (no one-time costs): more fit than planned
-    assert engine.epochs_that_fit(600, 160, 40, 20, done=2) == 8
-    # the schedule rebuilt for 3 epochs and advanced past the first gives a fresh 3-epoch schedule's rates
-    cfg = TrainConfig(epochs=10, optimizer={"lr": 0.01}, scheduler={"name": "onecycle"})
-    fresh_opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.01)
-    fresh = engine.build_scheduler(fresh_opt, cfg.model_copy(update={"epochs": 3}), 5)
-    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.01)
-    sched = engine.build_scheduler(opt, cfg, 5)
-    for _ in range(5):
-        opt.step(), sched.step(), fresh_opt.step(), fresh.step()
-    assert opt.param_groups[0]["lr"] != fresh_opt.param_groups[0]["lr"]  # a 10-epoch one-cycle is still warming up
-    sched = engine.refit_schedule(opt, cfg, 3, 5, steps_done=5)
-    for _ in range(10):  # and stays in step to the end
-        assert opt.param_groups[0]["lr"] == pytest.approx(fresh_opt.param_groups[0]["lr"], rel=1e-9)
-        opt.step(), sched.step(), fresh_opt.step(), fresh.step()
-
-
 def test_num_workers_auto_follows_the_cores():
     assert engine.worker_count(TrainConfig(), cores=2) == 0
     assert engine.worker_count(TrainConfig(num_threads=1), cores=16) == 8

@@ -206,5 +206,7 @@ def with_per_class(metrics: dict, per_class: pd.DataFrame) -> dict:
 def no_ground_truth_notes(per_class: pd.DataFrame, count: str = "n_boxes") -> list[str]:
     """A line naming the classes without ground truth in the scored split (their AP is absent, not 0)."""
     missing = per_class.loc[per_class[count] == 0, "class"].tolist()
-    return [f"no ground truth for {', '.join(missing)} in this split: no AP for {'it' if len(missing) == 1 else 'them'} "
-            f"(NaN in the per-class table, left out of the metrics, not counted as 0)"] if missing else []
+    if not missing:
+        return []
+    return [(f"no ground truth for {', '.join(missing)} in this split: no AP for {'it' if len(missing) == 1 else 'them'} "
+             f"(NaN in the per-class table, left out of the metrics, not counted as 0)")]

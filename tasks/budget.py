@@ -1,0 +1,146 @@
+"""``train.time_limit_minutes``: how many epochs fit, when to stop, and the learning-rate schedule run over them.
+
+The plan aims at :data:`TARGET_SHARE` of the limit and is re-fitted after every epoch, so a forecast that moves (a
+slow epoch, a machine that frees up) moves the plan, and the schedule is re-spanned over it: it reaches its final
+learning rate in the last planned epoch. Epoch times are the median of the recent ones (one slow epoch does not cut
+the plan), without the first epoch of a process once there are others (it carries one-time costs: cache filling,
+warm-up). The run stops early only when even one more epoch would end past 100% of the limit.
+"""
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+
+TARGET_SHARE = 0.97  # of the time limit the plan aims at: the rest absorbs epoch-to-epoch noise
+RECENT_EPOCHS = 5  # epoch times are the median of these last ones
+
+
+def recent_median(seconds: list[float], start: int = 0) -> float:
+    """The median of the last :data:`RECENT_EPOCHS` of ``seconds[start:]`` (this process's timings), leaving out the
+    first of them when there are others; 0 when there are none."""
+    mine = seconds[start:]
+    if len(mine) > 1:
+        mine = mine[1:]
+    return statistics.median(mine[-RECENT_EPOCHS:]) if mine else 0.0
+
+
+def validations(first: int, last: int, val_every: int) -> int:
+    """Validation passes in epochs ``first``..``last``: every ``val_every``-th and the last (always validated)."""
+    if last < first:
+        return 0
+    due = last // val_every - (first - 1) // val_every
+    return due + (0 if last % val_every == 0 else 1)
+
+
+def seconds_to_finish(done: int, last: int, train_s: float, val_s: float, val_every: int, pending_val: bool) -> float:
+    """Seconds from now until epoch ``last`` is trained and validated, ``done`` epochs being trained (with
+    ``pending_val``, epoch ``done``'s validation is still to come)."""
+    return (last - done) * train_s + (validations(done + 1, last, val_every) + pending_val) * val_s
+
+
+def epochs_that_fit(limit_s: float, spent: float, done: int, train_s: float, val_s: float, val_every: int, cap: int,
+                    pending_val: bool = False, share: float = TARGET_SHARE) -> int:
+    """The most epochs, ``done`` trained and at most ``cap``, that end within ``share`` of ``limit_s`` (``spent`` so
+    far; ``train_s`` and ``val_s`` seconds per training and validation pass); at least ``done``."""
+    fits = done
+    while fits < cap and spent + seconds_to_finish(done, fits + 1, train_s, val_s, val_every, pending_val) <= share * limit_s:
+        fits += 1
+    return fits
+
+
+@dataclass
+class TimeBudget:
+    """The time limit of one training run. ``first`` is the index of this process's first epoch in the timings
+    (a resumed run: those before were measured by another process, perhaps under other load)."""
+
+    limit_s: float
+    cap: int  # train.epochs: never more
+    val_every: int
+    first: int = 0  # index of this process's first training pass in the timings
+    first_val: int = 0  # and of its first validation pass
+
+    def estimates(self, timings: dict[str, list[float]]) -> tuple[float, float]:
+        """Seconds per training pass and per validation pass (medians of the recent ones of this process; the
+        interrupted process's when this one has none yet)."""
+        train, val = timings["train"], timings["val"]
+        start = self.first if len(train) > self.first else 0
+        val_start = self.first_val if len(val) > self.first_val else 0
+        return recent_median(train, start), recent_median(val, val_start)
+
+    def out_of_time(self, spent: float, done: int, timings: dict[str, list[float]], validating_now: bool) -> bool:
+        """True when one more epoch (and its validation: the epoch training stops at is validated) would end past
+        the limit, after this epoch's own validation when it is due."""
+        train_s, val_s = self.estimates(timings)
+        return spent + seconds_to_finish(done, done + 1, train_s, val_s, self.val_every, validating_now) > self.limit_s
+
+    def plan(self, spent: float, done: int, timings: dict[str, list[float]]) -> int:
+        """The epochs to train in all, after ``done`` epochs (validated where due) took ``spent`` seconds: those that
+        end within :data:`TARGET_SHARE` of the limit, and at least one more (the caller has checked
+        :meth:`out_of_time`)."""
+        train_s, val_s = self.estimates(timings)
+        fits = epochs_that_fit(self.limit_s, spent, done, train_s, val_s, self.val_every, self.cap)
+        return min(max(fits, done + 1), self.cap)
+
+    def describe(self, timings: dict[str, list[float]]) -> str:
+        train_s, val_s = self.estimates(timings)
+        return (f"{TARGET_SHARE:.0%} of train.time_limit_minutes={self.limit_s / 60:g} at {train_s:.1f} s of training "
+                f"and {val_s:.1f} s per validation pass (medians of the last {RECENT_EPOCHS} epochs)")
+
+
+class FittedSchedule:
+    """The configured learning-rate schedule (its rate and momentum at each of its ``len(lrs)`` steps, as torch's
+    scheduler gives them) run over another number of steps. :meth:`respan` keeps the rate where it is and spreads
+    what is left of the schedule over the steps now planned, so a one-cycle or cosine schedule stays continuous and
+    still reaches its final rate on the last planned step. Until the first re-span it is the configured schedule,
+    step for step. Every parameter group gets the same rate (the project's groups differ in weight decay only)."""
+
+    def __init__(self, optimizer, lrs: list[float], momenta: list[float | None], total_steps: int):
+        self.optimizer, self.lrs, self.momenta = optimizer, lrs, momenta
+        self.step_count = 0
+        # real step -> step of the configured schedule, linear between these two points
+        self.anchor = [0.0, 0.0]
+        self.end = [float(max(total_steps - 1, 0)), float(len(lrs) - 1)]
+        self._apply()
+
+    def position(self) -> float:
+        """Where on the configured schedule the current step is."""
+        (x0, y0), (x1, y1) = self.anchor, self.end
+        if self.step_count >= x1 or x1 <= x0:
+            return y1
+        return y0 + (self.step_count - x0) * (y1 - y0) / (x1 - x0)
+
+    def respan(self, total_steps: int) -> None:
+        """The rest of the schedule spread over steps ``step_count``..``total_steps - 1``."""
+        self.anchor = [float(self.step_count), self.position()]
+        self.end = [float(max(total_steps - 1, self.step_count)), float(len(self.lrs) - 1)]
+        self._apply()
+
+    def step(self) -> None:
+        self.step_count += 1
+        self._apply()
+
+    @property
+    def end_lr(self) -> float:
+        return self.lrs[-1]
+
+    def _apply(self) -> None:
+        lr, momentum = self._at(self.lrs), self._at(self.momenta) if self.momenta[0] is not None else None
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+            if momentum is not None and "betas" in group:
+                group["betas"] = (momentum, group["betas"][1])
+            elif momentum is not None:
+                group["momentum"] = momentum
+
+    def _at(self, table: list) -> float:
+        v = self.position()
+        i = min(int(v), len(table) - 1)
+        j = min(i + 1, len(table) - 1)
+        return table[i] + (v - i) * (table[j] - table[i]) if v > i else table[i]
+
+    def state_dict(self) -> dict:
+        return {"step_count": self.step_count, "anchor": list(self.anchor), "end": list(self.end)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step_count, self.anchor, self.end = int(state["step_count"]), list(state["anchor"]), list(state["end"])
+        self._apply()
