@@ -69,6 +69,12 @@ class Prediction:
     overlay: torch.Tensor | None = None  # uint8 3xHxW picture of the prediction (dense tasks)
 
 
+def never_predicted(names: list[str], true_counts: list, predicted_counts: list) -> dict[str, float]:
+    """``never_predicted/<class>: 1.0`` for each class present in the scored data that the model never predicts
+    (a half-collapsed model: the warnings name them); nothing for the others."""
+    return {f"never_predicted/{c}": 1.0 for c, t, p in zip(names, true_counts, predicted_counts) if t > 0 and p == 0}
+
+
 @dataclass
 class EvalResult:
     metrics: dict[str, float]  # flat name -> value; must contain the task's primary metric

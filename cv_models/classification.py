@@ -16,7 +16,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from cv_models.augment import build_transforms
-from cv_models.base import Check, CVTask, DataError, EvalResult, Prediction, register_task
+from cv_models.base import Check, CVTask, DataError, EvalResult, Prediction, never_predicted, register_task
 from cv_models.data.imagefolder import list_samples
 from cv_models.data.probe import IMAGE_SUFFIXES, load_rgb, probe_image
 from cv_models.nets import NETS
@@ -347,6 +347,7 @@ class ClassificationTask(CVTask):
             "macro_f1": float(f.mean()),
             "predicted_classes": int((predicted > 0).sum()),  # 1: the model has collapsed to one class
             **{f"f1/{c}": float(v) for c, v in zip(names, f)},
+            **never_predicted(names, support.tolist(), predicted.tolist()),
         }
         return EvalResult(metrics, predictions={"y_true": y_true, "y_pred": y_pred}, per_class=per_class,
                           extra={"confusion_matrix": cm})

@@ -26,7 +26,8 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from cv_models.augment import build_transforms
-from cv_models.base import Check, CVTask, DataError, EvalResult, Prediction, in_order, register_task
+from cv_models.base import (Check, CVTask, DataError, EvalResult, Prediction, in_order, never_predicted,
+                             register_task)
 from cv_models.data.probe import IMAGE_SUFFIXES, load_rgb, probe_image
 from cv_models.mix.segmentation import build_mixer
 from cv_models.nets import NETS
@@ -738,7 +739,8 @@ class SegmentationTask(CVTask):
                    "pixel_accuracy": float(tp.sum() / cm.sum().clamp_min(1)),
                    "dice": float(dice.nanmean()) if (gt + pr > 0).any() else 0.0,
                    "predicted_classes": int((pr > 0).sum()),  # 1: every pixel gets the same class
-                   **{f"iou/{c}": float(v) for c, v in zip(names, iou.tolist()) if v == v}}
+                   **{f"iou/{c}": float(v) for c, v in zip(names, iou.tolist()) if v == v},
+                   **never_predicted(names, gt.tolist(), pr.tolist())}
         return EvalResult(metrics, per_class=per_class, extra={"confusion_matrix": cm.long().numpy()})
 
     def dummy_result(self, train, evaluation) -> EvalResult:

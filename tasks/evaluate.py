@@ -90,7 +90,7 @@ def run(task_name: str, params_path: str | Path = "params.yaml", overrides: dict
             speed[name] = engine.measure_speed(model, loader, device)
             history = outputs(task_name, name) / "history.csv"
             if history.exists():
-                diagnosis[name] = engine.diagnose_overfitting(pd.read_csv(history), primary)
+                diagnosis[name] = engine.overfitting_verdict(pd.read_csv(history), primary)
         table = comparison_table(results, primary)
         table["images_per_second"] = [speed.get(n, {}).get("images_per_second", float("nan")) for n in table["model"]]
         table["latency_ms"] = [speed.get(n, {}).get("latency_ms", float("nan")) for n in table["model"]]
@@ -109,12 +109,15 @@ def run(task_name: str, params_path: str | Path = "params.yaml", overrides: dict
                                                        len(task.class_names()), f"{name} (test)") for name in MODELS}
         alerts = {k: v for k, v in alerts.items() if v}
         if alerts:
-            markdown += "\n## Warnings: models that learnt nothing\n\n" + "".join(
+            markdown += "\n## Warnings: models that learnt nothing or never predict some classes\n\n" + "".join(
                 f"- **{line}**\n" for lines in alerts.values() for line in lines)
+        notes = dict.fromkeys(line for res in results.values() for line in res.extra.get("notes", []))  # once each
+        if notes:
+            markdown += "\n## Notes\n\n" + "".join(f"- {line}\n" for line in notes)
         if diagnosis:
             markdown += "\n## Overfitting diagnosis (train vs validation per epoch)\n"
         for name, line in diagnosis.items():
-            markdown += f"\n- {name}: {line or 'no sign of overfitting (val metric still improving or gap not growing)'}"
+            markdown += f"\n- {name}: {line}"
         markdown += "\n"
         registered = None
         if st.params.registry.enabled:  # the better model by validation metric, as an MLflow model in the registry

@@ -218,3 +218,69 @@ def test_a_resumed_run_re_fits_the_plan_fitted_under_load(tmp_path, monkeypatch,
     assert len(result.history) == result.planned > 10
     assert 0.95 <= result.seconds / 180 <= 1.0
     assert result.history["lr"].iloc[-1] == result.end_lr
+
+
+def test_a_real_training_with_a_time_limit_ends_annealed_within_it(project, capsys):
+    from pathlib import Path
+
+    from cv_models import get_task
+    from cv_models.normalize import load_normalizer
+    from tasks import normstats
+    from tasks.config import load_params
+
+    params = project.params(**{"tasks.classification.train.epochs": 200, "tasks.classification.train.time_limit_minutes": 0.12,
+                               "tasks.classification.train.scheduler": {"name": "cosine", "warmup_epochs": 1}})
+    normstats.run("classification", params)
+    cfg = load_params(params).task("classification")
+    task = get_task("classification", cfg)
+    norm = load_normalizer("outputs/classification/normstats", cfg.normalization)
+    train, val = task.dataset("train", task.eval_transforms(norm)), task.dataset("val", task.eval_transforms(norm))
+    result = engine.fit(task, task.build_model(), train, val, cfg.train, 0, Path("m.pt"))
+    out = capsys.readouterr().out
+    assert "epochs fit" in out and "stopping after epoch" not in out
+    assert 3 <= len(result.history) == result.planned < 200
+    assert result.history["lr"].iloc[-1] == result.end_lr  # the schedule's end reached
+    assert result.end_lr < 1e-6 * cfg.train.optimizer.lr  # a cosine annealed to (almost) zero
+    # 97% aimed at; the last epochs' noise on a shared machine is what separates the two
+    assert 0.8 <= result.seconds / 7.2 <= 1.0, result.seconds
+
+
+# ---------------------------------------------------------------- warnings that should fire
+def test_classes_present_but_never_predicted_are_named():
+    from cv_models.base import never_predicted
+
+    names = ["road", "pole", "tree", "sky"]
+    metrics = {"miou": 0.4, "predicted_classes": 2, **never_predicted(names, [50, 3, 9, 40], [60, 0, 0, 32])}
+    lines = engine.silent_failure_warnings(metrics, {"miou": 0.2}, "miou", 4, "segmentation (validation)")
+    assert len(lines) == 1 and "2 of 4 classes present in the data are never predicted: pole, tree" in lines[0]
+    # a class absent from the data is not missed
+    assert never_predicted(names, [50, 0, 9, 40], [60, 0, 9, 32]) == {}
+
+
+def test_a_segmenter_predicting_5_of_11_classes_is_warned_about(project):
+    """The issue's street-scene segmenter: the validation metrics themselves carry the missed classes."""
+    from cv_models import get_task
+    from tasks.config import load_params
+
+    task = get_task("segmentation", load_params(project.params()).task("segmentation"))
+    n = len(task.class_names())
+    cm = torch.zeros(n, n, dtype=torch.long)
+    cm[0, 0], cm[1, 1] = 500, 40  # background and the first shape predicted; the others predicted as background
+    for k in range(2, n):
+        cm[k, 0] = 30
+    metrics = task._score(cm).metrics
+    lines = engine.silent_failure_warnings(metrics, {"miou": 0.0}, "miou", n, "val")
+    missed = task.class_names()[2:]
+    assert any(f"{n - 2} of {n} classes present in the data are never predicted: {', '.join(missed)}" in ln for ln in lines)
+
+
+def test_the_overfitting_line_says_when_it_cannot_tell():
+    import pandas as pd
+
+    no_train = pd.DataFrame({"epoch": [1, 2, 3, 4], "val_score": [0.5, 0.6, 0.6, 0.6]})
+    assert engine.overfitting_verdict(no_train, "score").startswith("cannot tell: no train metric")
+    assert "train.track_train_metric: false" in engine.overfitting_verdict(no_train, "score")
+    short = no_train.assign(train_score=0.9).head(2)
+    assert engine.overfitting_verdict(short, "score").startswith("cannot tell: 2 validated epoch(s)")
+    healthy = no_train.assign(train_score=[0.5, 0.6, 0.6, 0.6])
+    assert engine.overfitting_verdict(healthy, "score") == engine.NO_OVERFITTING
