@@ -187,6 +187,18 @@ def run_baseline(task_name: str, overrides: dict, minutes: float) -> dict:
     return baseline.run(task_name, "params.yaml", {**overrides, f"tasks.{task_name}.train.time_limit_minutes": minutes})
 
 
+def logged_budget(task_name: str, stage: str, metrics: dict) -> dict:
+    """What the training stage logged about its time limit (its timings.json and metrics.json): training seconds ÷
+    the limit (``budget_use``), the final learning rate and the one the schedule ends at, the epochs planned."""
+    from tasks.paths import outputs
+
+    logged = json.loads((outputs(task_name, stage) / "timings.json").read_text())
+    return {"train_s": logged["train_seconds"], "limit_s": logged.get("time_limit_seconds"),
+            "budget_use": logged.get("budget_use"), "final_lr": metrics["final_lr"],
+            "schedule_end_lr": logged.get("schedule_end_lr"), "epochs_planned": metrics["epochs"],
+            "epochs_cap": metrics["epochs_cap"]}
+
+
 def predict_pipeline(task_name: str, manifest: dict, out: Path, stage: str = "augmented") -> None:
     from tasks import engine
     from tasks.inference import load_checkpoint
@@ -251,10 +263,13 @@ def benchmark(name: str, root: Path, budget_minutes: float | None, extra: dict, 
         base_run = run_baseline(task_name, overrides, baseline_minutes)
         predict_pipeline(task_name, manifest, work / "pipeline_baseline", "baseline")
         base = {"test": score(manifest, work / "pipeline_baseline"), "epochs": base_run["epochs_run"],
-                "overfit_final_loss": base_run["overfit_final_loss"], "minutes": baseline_minutes}
+                "overfit_final_loss": base_run["overfit_final_loss"], "minutes": baseline_minutes,
+                "budget": logged_budget(task_name, "baseline", base_run)}
+    pipeline_scores = scores(manifest, work / "pipeline")
     result = {
         "dataset": name, "task": task_name, "metric": METRIC[task_name], "budget_s": budget_s,
-        "pipeline": score(manifest, work / "pipeline"), "plain": score(manifest, work / "plain"),
+        "pipeline": pipeline_scores["value"], "plain": score(manifest, work / "plain"),
+        "max_dets": pipeline_scores.get("max_dets"), "pipeline_budget": logged_budget(task_name, "augmented", run),
         "pipeline_train_s": round(t_pipeline, 1), "pipeline_epochs": run["epochs_run"], "plain_train_s": plain_info["seconds"],
         "plain_epochs": plain_info["epochs"], "validate_s": round(t_validate, 1), "baseline": base,
         "splits": {s: len(v) for s, v in manifest["splits"].items()}, "validation_notes": len(report["notes"]),
@@ -280,12 +295,23 @@ def device_name(device: str) -> str:
     return cpu_name()
 
 
+def budget_cells(b: dict) -> str:
+    """Budget use (training seconds ÷ the time limit, as the run logged them) and the final learning rate beside the
+    one the schedule ends at."""
+    use = f"{b['budget_use']:.3f} ({b['train_s']:.0f} of {b['limit_s']:.0f} s)" if b["budget_use"] is not None else "no limit"
+    end = f" (end {b['schedule_end_lr']:.1e})" if b["schedule_end_lr"] is not None else ""
+    return f"{use} | {b['final_lr']:.1e}{end}"
+
+
 def row(r: dict) -> str:
     ahead = "yes" if r["pipeline"] > r["plain"] else "no"
-    base = f" | {r['baseline']['test']:.3f} ({r['baseline']['epochs']} ep, {r['baseline']['minutes']:g} min)" if r["baseline"] else ""
+    base = (f" | {r['baseline']['test']:.3f} ({r['baseline']['epochs']} ep, {r['baseline']['minutes']:g} min; "
+            f"{budget_cells(r['baseline']['budget']).replace(' | ', ', lr ')})" if r["baseline"] else "")
+    metric = r["metric"] + (f" (maxDets {r['max_dets']})" if r.get("max_dets") else "")
     return (f"| {r['dataset']} | {r['task']} | {r['model']} {r['image_size']} | {r['budget_s'] / 60:g} min | "
-            f"{r['splits']['train']}/{r['splits']['val']}/{r['splits']['test']} | {r['metric']} | "
-            f"**{r['pipeline']:.3f}** ({r['pipeline_epochs']} ep) | {r['plain']:.3f} ({r['plain_epochs']} ep) | {ahead}{base} |")
+            f"{r['splits']['train']}/{r['splits']['val']}/{r['splits']['test']} | {metric} | "
+            f"**{r['pipeline']:.3f}** ({r['pipeline_epochs']} of {r['pipeline_budget']['epochs_planned']} planned ep) | "
+            f"{budget_cells(r['pipeline_budget'])} | {r['plain']:.3f} ({r['plain_epochs']} ep) | {ahead}{base} |")
 
 
 def main() -> None:
@@ -320,8 +346,9 @@ def main() -> None:
         print(json.dumps(r, indent=2))
     print(f"\nCPU: {cpu_name()}; each side one torch thread, both at once; trained on {device_name(args.device)}\n")
     extra = " pipeline baseline stage |" if args.baseline_minutes > 0 else ""
-    print("| dataset | task | pipeline model, size | budget | train/val/test | test metric | pipeline | plain script | ahead |" + extra)
-    print("|---|---|---|---|---|---|---|---|---|" + ("---|" if extra else ""))
+    print("| dataset | task | pipeline model, size | budget | train/val/test | test metric | pipeline | pipeline budget use "
+          "(training s ÷ time limit) | pipeline final lr | plain script | ahead |" + extra)
+    print("|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if extra else ""))
     print("\n".join(rows))
 
 
