@@ -106,10 +106,11 @@ class TrainConfig(Strict):
     val_every: int = Field(1, ge=1)
     track_train_metric: bool = True  # score a fixed train subset each epoch too (overfitting diagnosis)
     time_limit_minutes: float = Field(0.0, ge=0, description="stop before an epoch that would end past this wall time (the "
-                                                            "slowest of the last epochs plus a validation pass); "
+                                                            "median of the recent epochs plus a validation pass); "
                                                             "0 = off (size epochs to fit: the schedule spans all of them)")
-    # with a time limit: after the first epoch, cut `epochs` to those that fit and re-span the learning-rate schedule
-    # over them, so training ends annealed instead of cut mid-schedule (times differ between runs: so may results)
+    # with a time limit: after every epoch, plan the epochs (at most `epochs`) that end within 97% of it and re-span
+    # the learning-rate schedule over them, continuously, so training ends annealed instead of cut mid-schedule
+    # (tasks/budget.py; times differ between runs: so may results)
     fit_epochs_to_time_limit: bool = True
 
 

@@ -222,11 +222,13 @@ def test_a_resumed_run_re_fits_the_plan_fitted_under_load(tmp_path, monkeypatch,
 
 def test_a_real_training_with_a_time_limit_ends_annealed_within_it(project, capsys):
     from pathlib import Path
+    from types import SimpleNamespace
 
     from cv_models import get_task
     from cv_models.normalize import load_normalizer
     from tasks import normstats
     from tasks.config import load_params
+    from tasks.train import budget_figures, summary_metrics
 
     params = project.params(**{"tasks.classification.train.epochs": 200, "tasks.classification.train.time_limit_minutes": 0.12,
                                "tasks.classification.train.scheduler": {"name": "cosine", "warmup_epochs": 1}})
@@ -243,6 +245,10 @@ def test_a_real_training_with_a_time_limit_ends_annealed_within_it(project, caps
     assert result.end_lr < 1e-6 * cfg.train.optimizer.lr  # a cosine annealed to (almost) zero
     # 97% aimed at; the last epochs' noise on a shared machine is what separates the two
     assert 0.8 <= result.seconds / 7.2 <= 1.0, result.seconds
+    # metrics.json states the plan as epochs (it said the cap, 200), the cap as epochs_cap, and where the lr ended
+    summary = summary_metrics(SimpleNamespace(task=task, cfg=cfg), result)
+    assert (summary["epochs"], summary["epochs_cap"], summary["final_lr"]) == (result.planned, 200, result.end_lr)
+    assert budget_figures(result)["budget_use"] == result.seconds / 7.2
 
 
 # ---------------------------------------------------------------- warnings that should fire
