@@ -624,7 +624,7 @@ class DetectionTask(CVTask):
             "busiest = max((Counter(a['image_id'] for a in gt.dataset['annotations']) | "
             "Counter(r['image_id'] for r in dt.dataset['annotations'])).values())\n"
             "e.params.maxDets = [1, 10, 100] + ([busiest] if busiest > 100 else [])  # metrics.json: max_dets\n"
-            "e.evaluate(); e.accumulate()\n" + RESCORE_LINES + "```\n")
+            "e.evaluate(); e.accumulate()\nprefix = ''  # metrics.json: map, map50, ...\n" + RESCORE_LINES + "```\n")
         return files
 
 

@@ -655,7 +655,7 @@ class InstanceSegmentationTask(CVTask):
             "    busiest = max((Counter(a['image_id'] for a in gt.dataset['annotations']) | "
             "Counter(r['image_id'] for r in dt.dataset['annotations'])).values())\n"
             "    e.params.maxDets = [1, 10, 100] + ([busiest] if busiest > 100 else [])  # metrics.json: max_dets\n"
-            "    e.evaluate(); e.accumulate()\n    print(iou_type)\n    " + RESCORE_LINES.replace("\n", "\n    ").rstrip(" ") + "```\n")
+            "    e.evaluate(); e.accumulate()\n    prefix = {'segm': 'mask_', 'bbox': 'box_'}[iou_type]\n    " + RESCORE_LINES.replace("\n", "\n    ").rstrip(" ") + "```\n")
         n = min(self.cfg.options.report_images, len(test))
         if n == 0:
             return files

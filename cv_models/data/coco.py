@@ -25,11 +25,14 @@ from cv_models.data.annotations import AnnotationTables, build_tables, check_spl
 DEFAULT_SPLITS = {"train": "train", "val": "val", "test": "test"}
 # RECOMPUTE.md's lines after e.accumulate(): the reported APs from e.eval['precision'] at the maxDets used
 # (summarize()'s stats[0] reads maxDets 100 whatever params.maxDets holds: -1 when the busiest image raised it)
+# (``prefix``: metrics.json's prefix of the keys printed, '' for detection, box_ / mask_ for instance segmentation)
 RESCORE_LINES = (
     "p, m = e.eval['precision'], len(e.params.maxDets) - 1  # [IoU .50:.05:.95, recall, class, area, maxDets]\n"
     "ap = lambda s: np.mean(s[s > -1]) if (s > -1).any() else float('nan')  # -1: no ground truth, left out\n"
-    "print('map', ap(p[:, :, :, 0, m]), 'map50', ap(p[0, :, :, 0, m]), 'map75', ap(p[5, :, :, 0, m]))\n"
-    "print('map50_maxdets100', ap(p[0, :, :, 0, 2]))  # AP@.5 at maxDets 100, as summarize() and other tools print\n")
+    "print(prefix + 'map', ap(p[:, :, :, 0, m]))  # AP@[.5:.95] at the maxDets used\n"
+    "print(prefix + 'map50', ap(p[0, :, :, 0, m]))\n"
+    "print(prefix + 'map75', ap(p[5, :, :, 0, m]))\n"
+    "print(prefix + 'map50_maxdets100', ap(p[0, :, :, 0, 2]))  # AP@.5 at maxDets 100, as summarize() and other tools print\n")
 
 
 def load_json(path: Path) -> dict:
