@@ -242,12 +242,14 @@ def test_a_real_training_with_a_time_limit_ends_annealed_within_it(project, caps
     assert 3 <= len(result.history) == result.planned < 200
     assert result.history["lr"].iloc[-1] == result.end_lr  # the schedule's end reached
     assert result.end_lr < 1e-6 * cfg.train.optimizer.lr  # a cosine annealed to (almost) zero
-    # 97% aimed at; the last epochs' noise on a shared machine is what separates the two
-    assert 0.8 <= result.seconds / 7.2 <= 1.0, result.seconds
+    # 97% aimed at, in whole epochs; the strict 100% bound is checked with synthetic timings above, since one epoch's
+    # noise on a shared machine can pass the 3% cushion of so short a limit
+    limit, epoch_s = result.time_limit_s, max(result.timings["train"][1:]) + max(result.timings["val"][1:])
+    assert 0.97 * limit - epoch_s <= result.seconds <= limit + 0.25 * epoch_s, (result.seconds, result.timings)
     # metrics.json states the plan as epochs (it said the cap, 200), the cap as epochs_cap, and where the lr ended
     summary = summary_metrics(SimpleNamespace(task=task, cfg=cfg), result)
     assert (summary["epochs"], summary["epochs_cap"], summary["final_lr"]) == (result.planned, 200, result.end_lr)
-    assert budget_figures(result)["budget_use"] == result.seconds / 7.2
+    assert budget_figures(result)["budget_use"] == pytest.approx(result.seconds / 7.2)
 
 
 # ---------------------------------------------------------------- warnings that should fire
