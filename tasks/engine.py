@@ -518,7 +518,8 @@ def fit(
         print(f"[{desc}] epoch {epoch}/{planned} train_loss={row['train_loss']:.4f}"
               + (f" val_{metric}={val[metric]:.4f}" + (f" val_loss={val['loss']:.4f}" if "loss" in val else "")
                  if val is not None else f" (validated every {cfg.val_every} epochs)"), flush=True)
-        if val is not None and val[metric] > best["value"] + (stop.min_delta if best["epoch"] > 0 else 0):
+        # the first validated epoch is best so far even when its metric is NaN (a split without ground truth)
+        if val is not None and (best["state"] is None or val[metric] > best["value"] + (stop.min_delta if best["epoch"] > 0 else 0)):
             best = {"epoch": epoch, "value": float(val[metric]), "state": copy.deepcopy(scored.state_dict()),
                     "metrics": plain_numbers(val)}
         # re-fitted after every epoch, before the checkpoint (which keeps the plan and the schedule's span)

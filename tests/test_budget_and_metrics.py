@@ -40,6 +40,9 @@ def test_coco_aps_are_taken_at_the_raised_max_dets():
     assert np.isnan(per_class.set_index("class").loc["debris", "ap50"]) and "ap50/debris" not in metrics
     assert metrics["ap50/cell"] == pytest.approx(1.0)
     assert "debris" in coco.no_ground_truth_notes(per_class)[0]
+    # no ground truth at all: no AP (NaN), not 0; ground truth but nothing detected: AP 0
+    assert np.isnan(coco.coco_map({**gt, "annotations": []}, results, ["cell", "debris"])[0]["map50"])
+    assert coco.coco_map(gt, [], ["cell", "debris"])[0]["map50"] == 0.0
 
 
 def test_coco_scoring_at_100_objects_is_pycocotools_summarize():
