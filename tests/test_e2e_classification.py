@@ -134,6 +134,29 @@ def test_mlflow_holds_the_stage_runs_with_seeds_and_metrics(dvc_repo):
     assert {d.dataset.name for d in row.inputs.dataset_inputs} == {f"classification-{s}" for s in ("train", "val", "test")}
 
 
+def test_stages_run_through_the_cli_keep_every_tracked_file(dvc_repo, tmp_path):
+    """A stage's output folder is swapped in whole; the files git tracks there (DVC's .gitignore) must survive,
+    so `git status` shows at most the stage's rewritten metrics, never a deleted or an untracked file."""
+    repo = tmp_path / "repo"
+    shutil.copytree(dvc_repo, repo, symlinks=True)  # a copy: the other tests keep the fixture's results
+    shutil.copy(REPO / ".gitignore", repo / ".gitignore")  # the project's: checkpoints/, .locks/, caches
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "add", "-A"], cwd=repo, check=True, env=_env())
+    subprocess.run([*git, "commit", "-qm", "results"], cwd=repo, check=True, env=_env())
+    tracked = set(subprocess.run(["git", "ls-files", "outputs"], cwd=repo, capture_output=True, text=True).stdout.split())
+    assert "outputs/classification/baseline/.gitignore" in tracked
+    for stage in ("baseline", "augmented", "evaluate"):
+        result = subprocess.run([sys.executable, "-m", "tasks", stage, "--task", "classification",
+                                 "--set", "tasks.classification.train.epochs=1"],
+                                cwd=repo, capture_output=True, text=True, env=_env(), timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], cwd=repo,
+                                capture_output=True, text=True, check=True).stdout.splitlines()
+        changed = [line for line in status if not line.startswith(" M ")]  # rewritten metrics: a stage's result
+        assert changed == [], f"after {stage}: {changed}"
+        assert all(line[3:] in tracked for line in status), status
+
+
 @pytest.mark.slow  # make test-all (suite budget): the flow calls the same stage functions in CHAIN's order
 # (tests/test_chain.py), and test_e2e_detection.py trains through a served flow on a real Prefect server
 def test_prefect_flow_gives_the_same_metrics(dvc_repo, tmp_path, monkeypatch):
