@@ -23,7 +23,7 @@ def caption(image: torch.Tensor, text: str, min_width: int = 128) -> torch.Tenso
     canvas = Image.new("RGB", (img.width, img.height + 14), (255, 255, 255))
     canvas.paste(img, (0, 0))
     ImageDraw.Draw(canvas).text((2, img.height + 1), text, fill=(0, 0, 0))
-    return torch.from_numpy(np.asarray(canvas)).permute(2, 0, 1)
+    return torch.from_numpy(np.array(canvas)).permute(2, 0, 1)  # np.array: a writable copy (torch warns on a read-only one)
 
 
 def save_grid(pictures: list[torch.Tensor], path: Path, nrow: int = 8) -> Path:

@@ -36,9 +36,9 @@ def publish_summary(task_name: str, out: str) -> None:
 
 
 def make_flow(task_name: str):
-    def predict(input: str, out: str, model: str = "best", params_path: str = "params.yaml") -> dict:
+    def predict(input: str, out: str, model: str = "best", params_path: str = "params.yaml", strict: bool = False) -> dict:
         try:
-            return predict_task(task_name, model, input, out, params_path)
+            return predict_task(task_name, model, input, out, params_path, strict=strict)
         finally:
             publish_summary(task_name, out)
 

@@ -47,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--input", help="predict: an image folder, an image file or a glob pattern")
     parser.add_argument("--out", help="predict: output folder; export: output folder (default exports/<task>)")
     parser.add_argument("--format", choices=("torchscript", "onnx"), default="onnx", help="export: file format")
+    parser.add_argument("--strict", action="store_true",
+                        help="predict: exit 1 when any input is skipped (default: only when nothing could be predicted)")
     args = parser.parse_args(argv)
 
     from cv_models.base import DataError
@@ -96,7 +98,8 @@ def use_model(parser: argparse.ArgumentParser, args, overrides: dict) -> int:
             if not args.input or not args.out:
                 parser.error("predict needs --input and --out")
             try:
-                importlib.import_module("tasks.predict").run(args.task, args.model, args.input, args.out, args.params, overrides)
+                importlib.import_module("tasks.predict").run(args.task, args.model, args.input, args.out, args.params, overrides,
+                                                              strict=args.strict)
             except (InputError, PredictionFailures) as err:
                 print(f"error: {err}", file=sys.stderr)
                 return 1

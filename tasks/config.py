@@ -40,6 +40,15 @@ class RegistryConfig(Strict):
     alias: str = "champion"
 
 
+class ServingConfig(Strict):
+    """``python -m tasks.serve_model``: a registered model over HTTP (MLflow's scoring server); requests whose
+    body is larger than ``max_request_mb`` get HTTP 413 (stock ``mlflow models serve`` has no limit)."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(5001, ge=1, le=65535)
+    max_request_mb: float = Field(32, gt=0)
+
+
 class CropsConfig(Strict):
     """Object crops of a detection or instance-segmentation task's train split as an ImageFolder
     (``python -m tasks crops``), a pretraining dataset made of the objects themselves: ``pretrain.data: <out>``,
@@ -76,6 +85,7 @@ class Params(Strict):
     crops: CropsConfig = CropsConfig()
     tracking: TrackingConfig = TrackingConfig()
     registry: RegistryConfig = RegistryConfig()
+    serving: ServingConfig = ServingConfig()
     shapes: ShapesConfig = ShapesConfig()
     tasks: dict[str, dict[str, Any]]
     # experiments over a task (checked by tasks/ablation.py and tasks/search.py when they start)

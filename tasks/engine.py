@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from cv_models.base import CVTask
+from cv_models.settings import diff_text, flat
 from tasks import accelerate, budget
 from tasks.config import OptimizerConfig, TrainConfig, config_hash
 from tasks.paths import atomic_write_bytes
@@ -177,20 +178,44 @@ def code_version(task: CVTask) -> str:
     return h.hexdigest()[:16]
 
 
-def fingerprint_parts(task: CVTask, cfg: TrainConfig, seed: int, extra_state: dict | None, n_train: int,
-                      data_version: str | None) -> dict:
-    """What must be equal for a checkpoint to continue this run, part by part (so a mismatch can say which):
-    all of the task's settings (and the training settings ``fit`` got). Left out: ``train.resume`` (whether to
-    resume, not what is trained) and ``data.cache`` (the same samples either way); ``train.num_workers`` as the
-    number it resolved to (the augmentation stream depends on it, not on how it was chosen)."""
+def resume_settings(task: CVTask, cfg: TrainConfig) -> dict:
+    """All of the task's settings (and the training settings ``fit`` got) that a resumed run must share. Left out:
+    ``train.resume`` (whether to resume, not what is trained) and ``data.cache`` (the same samples either way);
+    ``train.num_workers`` as the number it resolved to (the augmentation stream depends on it, not on how it was chosen)."""
     settings = {"task": task.cfg.model_dump(mode="json"), "train": cfg.model_dump(mode="json")}
     for section in (settings["task"].get("train", {}), settings["train"]):  # a bare task may have no train section
         section.pop("resume", None)
         section["num_workers"] = worker_count(cfg)
     for key in ("cache", "cache_max_gb"):
         settings["task"].get("data", {}).pop(key, None)
-    return {"settings": config_hash(settings), "seed": str(seed), "code": code_version(task),
+    return settings
+
+
+def fingerprint_parts(task: CVTask, cfg: TrainConfig, seed: int, extra_state: dict | None, n_train: int,
+                      data_version: str | None) -> dict:
+    """What must be equal for a checkpoint to continue this run, part by part (so a mismatch can say which);
+    the settings are :func:`resume_settings`."""
+    return {"settings": config_hash(resume_settings(task, cfg)), "seed": str(seed), "code": code_version(task),
             "data": data_version or "unknown", "stage": config_hash(extra_state or {}), "n_train": str(n_train)}
+
+
+def changed_settings(old: dict, new: dict) -> str:
+    """Every setting that differs between two flat :func:`resume_settings`, with its old and new value."""
+    diff: dict[str, tuple] = {}
+    for key in sorted(set(old) | set(new), key=lambda k: not k.startswith("task.")):  # the task's keys first
+        shown = key.removeprefix("task.")  # fit's own train settings keep their "train." prefix
+        if old.get(key) != new.get(key) and shown not in diff:
+            diff[shown] = (old.get(key), new.get(key))
+    return diff_text(diff)
+
+
+def resume_mismatch(ck: dict, differs: list[str], settings: dict) -> str:
+    """Why a checkpoint does not continue this run: each differing part, the settings by key (old -> new)."""
+    if not ck.get("fingerprint_parts"):
+        return "it was written by an older version of the pipeline"
+    named = [f"{PART_NAMES[k]} ({changed_settings(ck['settings'], settings)})" if k == "settings" and ck.get("settings")
+             else f"{k} ({PART_NAMES[k]})" for k in differs]
+    return ", ".join(named) + (" differs" if len(differs) == 1 else " differ") + " from this run"
 
 
 def plain_numbers(d: dict) -> dict:
@@ -236,12 +261,12 @@ def read_resume_checkpoint(path: Path) -> dict:
         ck = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError, ImportError, TypeError) as err:
         lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
-        # torch's message starts with how to load it unsafely; the reason is the "WeightsUnpickler error" line
-        first = next((ln for ln in lines if "WeightsUnpickler" in ln or "Unsupported" in ln), lines[0] if lines else "")
+        # torch's message opens with how to load the file unsafely and ends with a link: the reason is in between
+        reason = " ".join(ln for ln in lines if not ln.startswith(("Weights only load failed", "Check the documentation")))
         raise CheckpointError(
             f"{path}: refused to resume from this checkpoint (rule: resume checkpoints load with weights_only=True, "
-            f"holding tensors and plain containers only; {type(err).__name__}: {first[:300]}). Nothing was run from it "
-            f"and nothing else was changed; delete the file to start this stage afresh.") from None
+            f"holding tensors and plain containers only; {type(err).__name__}: {reason or ' '.join(lines)}). Nothing "
+            f"was run from it and nothing else was changed; delete the file to start this stage afresh.") from None
     if not isinstance(ck, dict):
         raise CheckpointError(f"{path}: not a resume checkpoint (rule: a dict written by tasks/engine.py); delete it "
                               f"to start this stage afresh")
@@ -408,6 +433,7 @@ def fit(
                                                 use_buffers=True) if cfg.ema_decay > 0 else None)
     scored = ema.module if ema is not None else model  # the weights that are evaluated and saved
     parts = fingerprint_parts(task, cfg, seed, extra_state, len(train_set), data_version)
+    settings = flat(resume_settings(task, cfg))  # kept in the checkpoint, so a refused resume can name each change
     if accelerate.world_size() > 1:
         parts["processes"] = accelerate.world_size()
     fingerprint = config_hash(parts)
@@ -439,8 +465,7 @@ def fit(
             if isinstance(scheduler, budget.FittedSchedule) and not ck.get("done"):
                 planned = refit_on_resume(scheduler, cfg, planned, elapsed, len(train_loader), desc)
         else:
-            why = (", ".join(f"{k} ({PART_NAMES[k]})" for k in differs) + (" differs" if len(differs) == 1 else " differ")
-                   + " from this run" if ck.get("fingerprint_parts") else "it was written by an older version of the pipeline")
+            why = resume_mismatch(ck, differs, settings)
             if cfg.resume == "strict":
                 raise CheckpointError(
                     f"{checkpoint_path} belongs to another run: {why} (rule: train.resume: strict "
@@ -455,7 +480,7 @@ def fit(
     def save_checkpoint(epoch: int, done: bool = False, rank_rngs: list | None = None) -> None:
         # tensors and plain containers only, so resuming needs no pickled code (weights_only=True)
         buf = io.BytesIO()
-        torch.save({"fingerprint": fingerprint, "fingerprint_parts": parts, "epoch": epoch, "done": done,
+        torch.save({"fingerprint": fingerprint, "fingerprint_parts": parts, "settings": settings, "epoch": epoch, "done": done,
                     "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "ema": ema.state_dict() if ema is not None else None, "rng": get_rng_states(),
                     "loader_rng": train_loader.generator.get_state(), "history": history, "best": best,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -39,10 +40,32 @@ def tmp_prefix(name: str) -> str:
     return f".{name}.tmp-{os.getpid()}-"
 
 
+def git_tracked(folder: Path) -> list[Path]:
+    """The files git tracks under ``folder`` (none outside a git work tree, or without git)."""
+    if shutil.which("git") is None or not folder.is_dir():
+        return []
+    listed = subprocess.run(["git", "ls-files", "-z", "--", "."], cwd=folder, capture_output=True)
+    if listed.returncode != 0:  # not a git work tree
+        return []
+    return [folder / name for name in listed.stdout.decode().split("\0") if name]
+
+
+def keep_files(old: Path, new: Path) -> None:
+    """Copy into ``new`` the files of ``old`` a stage does not write but must survive its swap: the ones git
+    tracks and DVC's ``.gitignore`` files (tracked or not yet); a file the stage wrote again is the stage's."""
+    keep = set(git_tracked(old)) | set(old.rglob(".gitignore"))
+    for path in sorted(keep):
+        target = new / path.relative_to(old)
+        if path.is_file() and not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(path, target)
+
+
 @contextmanager
 def atomic_dir(final: Path):
     """Yield a temporary folder beside ``final``; it replaces ``final`` only if the block succeeds,
-    so a failed (or interrupted) stage leaves no half-written output."""
+    so a failed (or interrupted) stage leaves no half-written output. Files git tracks in ``final`` (such as
+    DVC's ``.gitignore``) that the stage did not write again are kept (:func:`keep_files`)."""
     final = Path(final)
     if os.environ.get("RANK", "0") != "0":  # a torchrun rank other than 0: work in a scratch folder, keep nothing
         with tempfile.TemporaryDirectory(prefix=f"cv-rank{os.environ['RANK']}-") as scratch:
@@ -57,6 +80,7 @@ def atomic_dir(final: Path):
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if final.exists():
+        keep_files(final, tmp)
         shutil.rmtree(final)
     os.replace(tmp, final)
 

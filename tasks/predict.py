@@ -9,16 +9,21 @@ What it writes under ``--out`` (the task decides the content, :meth:`CVTask.pred
   (fraction of pixels per class) and ``overlays/<stem>.png``;
 * detection / instance segmentation: ``coco_results.json`` (COCO results; boxes in the input's pixels,
   instance masks as compressed RLE) and ``overlays/<stem>.png``;
-* always ``images.json`` (COCO ``images`` entries: the id each result refers to, file, width, height) and
-  ``summary.json`` / ``summary.md`` (images, failures, notes, objects per class, seconds, images/s).
+* always ``images.json`` (COCO ``images`` entries: the id each result refers to, file, width, height),
+  ``summary.json`` / ``summary.md`` (images, skipped files, notes, objects per class, seconds, images/s) and
+  ``skipped.csv`` (file, rule: every input that was not predicted, and why).
 
-Images are resized and normalised exactly as the evaluation does. A file that cannot be read is named and
-skipped; the other images are still predicted and written.
+Images are resized and normalised exactly as the evaluation does. Each file first passes validate's checks,
+read from its header without decoding it (:func:`cv_models.data.probe.screen_image`): a file that cannot be
+read, a decompression bomb or an image above the task's ``data.max_size`` is named with the rule and skipped;
+one below ``data.min_size`` is predicted with a note. The other images are still predicted and written. The
+command fails only when nothing could be predicted, or with ``--strict`` when anything was skipped.
 """
 from __future__ import annotations
 
 import glob
 import json
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -26,7 +31,7 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
-from cv_models.data.probe import IMAGE_SUFFIXES
+from cv_models.data.probe import BOMB_ERRORS, IMAGE_SUFFIXES, screen_image
 from tasks.inference import Loaded, ModelError, load
 
 
@@ -35,7 +40,7 @@ class InputError(ValueError):
 
 
 class PredictionFailures(RuntimeError):
-    """Some inputs could not be predicted; everything else was written."""
+    """Nothing could be predicted, or (``strict``) some inputs were skipped; everything else was written."""
 
 
 def list_inputs(spec: str | Path) -> list[Path]:
@@ -57,13 +62,26 @@ def list_inputs(spec: str | Path) -> list[Path]:
     raise InputError(f"{spec}: no such file or folder")
 
 
+def screened_image(path: Path, data) -> tuple[Image.Image | None, list[str], str | None]:
+    """The image as RGB once it passes validate's checks (``data``: the task's data settings), the notes on it,
+    and the rule it broke (then the image is None)."""
+    rule, note = screen_image(path, data.min_size, data.max_size)
+    if rule:
+        return None, [], rule
+    try:
+        image, converted = read_image(path)
+    except (*BOMB_ERRORS, UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        return None, [], f"not readable as an image ({type(err).__name__}: {err})"
+    return image, [f"{path}: {n}" for n in (note, converted) if n], None
+
+
 def read_image(path: Path) -> tuple[Image.Image, str | None]:
     """The image as RGB, and a note when it had to be converted (grayscale, palette, RGBA ...)."""
     with Image.open(path) as im:
         im.load()  # a truncated file opens but fails here
         if im.mode == "RGB":
             return im.copy(), None
-        return im.convert("RGB"), f"{path}: mode {im.mode} converted to RGB"
+        return im.convert("RGB"), f"mode {im.mode} converted to RGB"
 
 
 def _unique_name(stem: str, used: set[str], image_id: int) -> str:
@@ -79,17 +97,15 @@ def predict_files(loaded: Loaded, files: list[Path], out: Path) -> dict[str, Any
 
     task = loaded.task
     out.mkdir(parents=True, exist_ok=True)
-    records, images, notes, failures, objects = [], [], [], [], Counter()
+    records, images, notes, skipped, objects = [], [], [], [], Counter()
     used: set[str] = set()
     start = time.perf_counter()
     for image_id, path in enumerate(files, start=1):
-        try:
-            image, note = read_image(path)
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-            failures.append(f"{path}: not readable as an image ({type(err).__name__}: {err}); skipped")
+        image, image_notes, rule = screened_image(path, task.cfg.data)
+        if image is None:
+            skipped.append({"file": str(path), "rule": rule})
             continue
-        if note:
-            notes.append(note)
+        notes += image_notes
         pred = task.predict_image(loaded.model, image, loaded.normalize, image_id)
         name = _unique_name(path.stem, used, image_id)
         entry = {"id": image_id, "file_name": str(path), "width": image.width, "height": image.height}
@@ -111,8 +127,10 @@ def predict_files(loaded: Loaded, files: list[Path], out: Path) -> dict[str, Any
     else:
         (out / task.results_file).write_text(json.dumps(records))
     (out / "images.json").write_text(json.dumps(images, indent=1))
+    pd.DataFrame(skipped, columns=["file", "rule"]).to_csv(out / "skipped.csv", index=False)
+    failures = [f"{s['file']}: {s['rule']}; skipped" for s in skipped]
     summary = {
-        "task": task.name, "model": loaded.source, "images": len(images), "failed": len(failures),
+        "task": task.name, "model": loaded.source, "images": len(images), "failed": len(failures), "skipped": skipped,
         "objects_per_class": {c: objects.get(c, 0) for c in task.class_names() if objects.get(c, 0) or task.name != "segmentation"},
         "seconds": round(seconds, 3), "images_per_second": round(len(images) / seconds, 3) if seconds > 0 else None,
         "results": task.results_file, "failures": failures, "notes": notes,
@@ -126,20 +144,21 @@ def predict_files(loaded: Loaded, files: list[Path], out: Path) -> dict[str, Any
 
 def summary_markdown(s: dict) -> str:
     what = "images containing the class" if s["task"] == "segmentation" else "objects" if s["task"] != "classification" else "images"
-    lines = [f"# Predictions: {s['task']}", "", f"- model: {s['model']}", f"- images: {s['images']} predicted, {s['failed']} failed",
+    lines = [f"# Predictions: {s['task']}", "", f"- model: {s['model']}", f"- images: {s['images']} predicted, {s['failed']} skipped "
+             "(`skipped.csv`: file, rule)",
              f"- time: {s['seconds']:.2f} s ({s['images_per_second']} images/s)", f"- results: {s['results']}", "",
              f"| class | {what} |", "|---|---|"]
     lines += [f"| {c} | {n} |" for c, n in s["objects_per_class"].items()]
-    for title, items in (("Failed inputs", s["failures"]), ("Notes", s["notes"])):
+    for title, items in (("Skipped inputs", s["failures"]), ("Notes", s["notes"])):
         if items:
             lines += ["", f"## {title}", ""] + [f"- {x}" for x in items]
     return "\n".join(lines) + "\n"
 
 
 def run(task_name: str, model: str, inputs: str, out: str | Path, params_path: str | Path = "params.yaml",
-        overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Load ``model`` for ``task_name``, predict ``inputs``; raises :class:`PredictionFailures` after writing
-    everything when some files could not be read."""
+        overrides: dict[str, Any] | None = None, strict: bool = False) -> dict[str, Any]:
+    """Load ``model`` for ``task_name``, predict ``inputs``; after writing everything, raises
+    :class:`PredictionFailures` when no file could be predicted, or (``strict``) when any was skipped."""
     from tasks import engine
 
     tracking = None
@@ -156,9 +175,13 @@ def run(task_name: str, model: str, inputs: str, out: str | Path, params_path: s
           f"-> {Path(out) / summary['results']}; objects per class: {summary['objects_per_class']}")
     for note in summary["notes"]:
         print(f"note: {note}")
+    report = "\n  ".join(summary["failures"])
+    if summary["failures"] and (strict or not summary["images"]):
+        raise PredictionFailures(f"{len(summary['failures'])} of {len(files)} input(s) skipped (the others are written to {out}; "
+                                 f"the list: {Path(out) / 'skipped.csv'}):\n  {report}")
     if summary["failures"]:
-        raise PredictionFailures(f"{len(summary['failures'])} of {len(files)} input(s) failed (the others are written to {out}):\n  "
-                                 + "\n  ".join(summary["failures"]))
+        print(f"skipped {len(summary['failures'])} of {len(files)} input(s) (list: {Path(out) / 'skipped.csv'}):\n  {report}",
+              file=sys.stderr)
     return summary
 
 

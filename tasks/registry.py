@@ -24,6 +24,7 @@ from tasks.inference import best_stage, load_bundle, load_registered, write_bund
 from tasks.paths import models
 
 CODE = [str(Path(__file__).resolve().parents[1] / pkg) for pkg in ("tasks", "cv_models")]  # shipped with the model
+MODEL_FILE = Path(__file__).with_name("pyfunc_model.py")  # models from code: the model is this file, never a pickle
 
 
 def model_name(params, task_name: str) -> str:
@@ -55,7 +56,7 @@ class CVModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context):
         self.loaded = load_bundle(None, Path(context.artifacts["bundle"]))
 
-    def predict(self, context, model_input, params=None):
+    def predict(self, context, model_input: np.ndarray, params: dict[str, Any] | None = None) -> pd.DataFrame:
         from PIL import Image
 
         task, rows = self.loaded.task, []
@@ -73,6 +74,42 @@ def _example(task) -> np.ndarray:
     except Exception:  # noqa: BLE001 - an empty test split: any image of the training size will do
         h, w = task.cfg.image_hw
         return np.full((1, h, w, 3), 127, dtype=np.uint8)
+
+
+def output_schema(sample: pd.DataFrame):
+    """The predictions' columns: integer ones declared as long (MLflow's inference warns on integers, which cannot
+    hold a missing value: predictions never miss one), the others as MLflow infers them."""
+    from mlflow.types import ColSpec, DataType, Schema
+
+    ints = [c for c in sample.columns if pd.api.types.is_integer_dtype(sample[c])]
+    rest = mlflow.models.infer_signature(sample.drop(columns=ints)).inputs.inputs if len(ints) < sample.shape[1] else []
+    specs = {**{spec.name: spec for spec in rest}, **{c: ColSpec(DataType.long, c) for c in ints}}
+    return Schema([specs[c] for c in sample.columns])
+
+
+def log_model(task, loaded, bundle: Path):
+    """The pyfunc model in the active run: the model file, the bundle as its artifact, the shipped code, a signature
+    (any number of uint8 H x W x 3 images in; the task's records out) and one test image as the input example."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    example = _example(task)
+    output = CVModel()
+    output.loaded = loaded
+    try:
+        outputs = output_schema(output.predict(None, example))
+    except Exception:  # noqa: BLE001 - outputs the schema cannot describe (none predicted on the example): inputs only
+        outputs = None
+    # any number of images of any size (one request holds images of one size)
+    signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, 3))]), outputs=outputs)
+    import torch
+    import torchvision
+
+    requirements = [f"torch=={torch.__version__.split('+')[0]}", f"torchvision=={torchvision.__version__.split('+')[0]}",
+                    f"mlflow=={mlflow.__version__}", "pandas", "numpy", "pillow", "pycocotools", "pydantic", "pyyaml"]
+    return mlflow.pyfunc.log_model(name="model", python_model=str(MODEL_FILE), artifacts={"bundle": str(bundle)},
+                                   code_paths=CODE, signature=signature, input_example=example,
+                                   pip_requirements=requirements)
 
 
 def _rescore(st, loaded, device) -> float:
@@ -107,27 +144,7 @@ def publish(st, test_metrics: dict[str, dict], device) -> dict[str, Any]:
                               extra={"stage": stage, "data_version": version_all["digest"]})
         loaded = load_bundle(st.task_name, bundle)
         val_metric = float(loaded.info["val_metrics"].get(primary, float("nan")))
-        example = _example(task)
-        output = CVModel()
-        output.loaded = loaded
-        sample = output.predict(None, example)
-        from mlflow.models import ModelSignature
-        from mlflow.types import Schema, TensorSpec
-
-        try:
-            outputs = mlflow.models.infer_signature(example, sample).outputs
-        except Exception:  # noqa: BLE001 - outputs the schema cannot describe: inputs only
-            outputs = None
-        # any number of images of any size (one request holds images of one size)
-        signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, 3))]), outputs=outputs)
-        import torch
-        import torchvision
-
-        requirements = [f"torch=={torch.__version__.split('+')[0]}", f"torchvision=={torchvision.__version__.split('+')[0]}",
-                        f"mlflow=={mlflow.__version__}", "pandas", "numpy", "pillow", "pycocotools", "pydantic", "pyyaml"]
-        info = mlflow.pyfunc.log_model(name="model", python_model=CVModel(), artifacts={"bundle": str(bundle)},
-                                       code_paths=CODE, signature=signature, input_example=example,
-                                       pip_requirements=requirements)
+        info = log_model(task, loaded, bundle)
     tests = {k: v for k, v in test_metrics[stage].items() if "/" not in k and isinstance(v, (int, float))}
     tags = {"cv_task": st.task_name, "stage": stage, "git_commit": git_commit(), "data_version": version_all["digest"],
             "data_version_val": version_val["digest"], "params_hash": config_hash(st.cfg), f"val.{primary}": repr(float(val_metric)),
@@ -138,7 +155,8 @@ def publish(st, test_metrics: dict[str, dict], device) -> dict[str, Any]:
                                        description=f"{st.task_name}: the pipeline's better model by validation {primary}")
     except mlflow.exceptions.MlflowException:
         pass  # already there
-    mv = mlflow.register_model(info.model_uri, name, tags=tags)
+    # the client, not mlflow.register_model: that one prints "already exists. Creating a new version..." besides
+    mv = client.create_model_version(name, info.model_uri, run_id=info.run_id, tags=tags, model_id=info.model_id)
     decision = decide_champion(st, client, name, mv.version, val_metric, version_val["digest"], device)
     for k, v in decision["tags"].items():
         client.set_model_version_tag(name, mv.version, k, v)
@@ -148,7 +166,7 @@ def publish(st, test_metrics: dict[str, dict], device) -> dict[str, Any]:
     out = {"name": name, "version": int(mv.version), "stage": stage, f"val_{primary}": val_metric, "alias": reg.alias,
            "champion_version": int(champion), "decision": decision["text"], "model_uri": info.model_uri,
            "data_version": version_all["digest"]}
-    print(f"[registry] {name} version {mv.version} ({stage}, val {primary} {val_metric:.4f}): {decision['text']}")
+    print(f"[registry] {name}: registered version {mv.version} ({stage}, val {primary} {val_metric:.4f}); {decision['text']}")
     return out
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -132,6 +133,54 @@ def test_mlflow_holds_the_stage_runs_with_seeds_and_metrics(dvc_repo):
     assert row.info.start_time <= stages["validate"].info.start_time
     assert row.info.end_time >= stages["evaluate"].info.end_time
     assert {d.dataset.name for d in row.inputs.dataset_inputs} == {f"classification-{s}" for s in ("train", "val", "test")}
+
+
+@pytest.fixture(scope="module")
+def cli_rerun(dvc_repo, tmp_path_factory):
+    """A copy of the repo with its results committed, then baseline, augmented and evaluate run again through
+    ``python -m tasks`` (one epoch): each stage's output and `git status` right after it."""
+    repo = tmp_path_factory.mktemp("cli") / "repo"
+    shutil.copytree(dvc_repo, repo, symlinks=True)  # a copy: the other tests keep the fixture's results
+    shutil.copy(REPO / ".gitignore", repo / ".gitignore")  # the project's: checkpoints/, .locks/, caches
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "add", "-A"], cwd=repo, check=True, env=_env())
+    subprocess.run([*git, "commit", "-qm", "results"], cwd=repo, check=True, env=_env())
+    runs = {}
+    for stage in ("baseline", "augmented", "evaluate"):
+        result = subprocess.run([sys.executable, "-m", "tasks", stage, "--task", "classification",
+                                 "--set", "tasks.classification.train.epochs=1"],
+                                cwd=repo, capture_output=True, text=True, env=_env(), timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], cwd=repo,
+                                capture_output=True, text=True, check=True).stdout.splitlines()
+        runs[stage] = (result.stdout + result.stderr, status)
+    return repo, runs
+
+
+def test_stages_run_through_the_cli_keep_every_tracked_file(cli_rerun):
+    """A stage's output folder is swapped in whole; the files git tracks there (DVC's .gitignore) must survive,
+    so `git status` shows at most the stage's rewritten metrics, never a deleted or an untracked file."""
+    repo, runs = cli_rerun
+    tracked = set(subprocess.run(["git", "ls-files", "outputs"], cwd=repo, capture_output=True, text=True).stdout.split())
+    assert "outputs/classification/baseline/.gitignore" in tracked
+    for stage, (_, status) in runs.items():
+        changed = [line for line in status if not line.startswith(" M ")]  # rewritten metrics: a stage's result
+        assert changed == [], f"after {stage}: {changed}"
+        assert all(line[3:] in tracked for line in status), status
+
+
+def test_stages_print_no_library_warnings_and_one_registry_line(cli_rerun):
+    """The causes fixed, not the warnings filtered: a writable array for torch, a typed `predict`, a declared
+    output schema and a model logged from code (no pickle); the registration in one line of the pipeline's own."""
+    _, runs = cli_rerun
+    for stage, (out, _) in runs.items():
+        assert "is not writable" not in out, f"{stage}: {out[-3000:]}"
+    out = runs["evaluate"][0]
+    for noise in ("Add type hints", "Inferred schema contains integer column", "CloudPickle", "already exists",
+                  "Created version"):
+        assert noise not in out, f"{noise!r} in the evaluate stage's output:\n{out[-3000:]}"
+    registry = [line for line in out.splitlines() if "registered version" in line]
+    assert len(registry) == 1 and re.match(r"\[registry\] cv-classification: registered version \d+ \(", registry[0]), registry
 
 
 @pytest.mark.slow  # make test-all (suite budget): the flow calls the same stage functions in CHAIN's order

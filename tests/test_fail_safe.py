@@ -71,6 +71,26 @@ def test_resume_only_into_the_same_run(project, capsys, change, part):
     assert "not resuming from last.pt: " in out and part in out and "starting afresh" in out
 
 
+def test_a_refused_resume_names_every_changed_setting_with_old_and_new_value(project, capsys):
+    _fit(project, capsys, stop_at=1)
+    out = _fit(project, capsys, **{"tasks.classification.image_size": 40, "tasks.classification.train.optimizer.lr": 0.002})
+    assert "not resuming from last.pt: the task's settings (image_size: 32 -> 40; train.optimizer.lr: " in out
+    assert "-> 0.002) differs from this run; starting afresh" in out
+
+
+def test_a_planted_checkpoint_is_refused_with_torchs_reason_in_full(tmp_path):
+    class Planted:
+        def __reduce__(self):
+            return os.system, ("true",)
+
+    torch.save({"epoch": 1, "payload": Planted()}, tmp_path / "last.pt")
+    with pytest.raises(engine.CheckpointError) as err:
+        engine.read_resume_checkpoint(tmp_path / "last.pt")
+    reason = str(err.value)
+    assert "UnpicklingError: Trying to load unsupported GLOBAL posix.system whose module posix is blocked.)" in reason
+    assert "Weights only load failed" not in reason  # torch's advice to load it unsafely is not repeated
+
+
 def test_strict_resume_refuses_another_run(project, capsys):
     _fit(project, capsys, stop_at=1)
     with pytest.raises(engine.CheckpointError, match=r"last.pt belongs to another run: data .*train.resume: strict"):

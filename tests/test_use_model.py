@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 from PIL import Image
 
 from tests.conftest import REPO, TINY, write_params
@@ -262,13 +263,17 @@ def test_bad_inputs_are_named_and_the_other_images_still_predicted(trained, monk
     out = tmp_path / "out"
     code = main(["predict", "--task", "classification", "--model", "best", "--input", str(folder), "--out", str(out)])
     err = capsys.readouterr().err
-    assert code == 1 and "broken.png: not readable as an image" in err and "1 of 5 input(s) failed" in err
+    assert code == 0 and "broken.png: not readable as an image" in err and "skipped 1 of 5 input(s)" in err
     df = pd.read_csv(out / "predictions.csv")
     assert sorted(Path(f).name for f in df["file"]) == ["good0.png", "good1.png", "gray.png", "rgba.png"]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["images"] == 4 and summary["failed"] == 1
     assert any("gray.png: mode L converted to RGB" in n for n in summary["notes"])
     assert any("rgba.png: mode RGBA converted to RGB" in n for n in summary["notes"])
+
+    code = main(["predict", "--task", "classification", "--input", str(folder), "--out", str(tmp_path / "strict"), "--strict"])
+    assert code == 1 and "1 of 5 input(s) skipped" in capsys.readouterr().err  # --strict: any skipped file fails
+    assert len(pd.read_csv(tmp_path / "strict" / "predictions.csv")) == 4  # ... after writing the others
 
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -283,6 +288,58 @@ def test_bad_inputs_are_named_and_the_other_images_still_predicted(trained, monk
     code = main(["predict", "--task", "classification", "--model", str(folder / "broken.png"),
                  "--input", str(folder / "good0.png"), "--out", str(tmp_path / "o5")])
     assert code == 1 and "not readable as a model file" in capsys.readouterr().err
+
+
+def png_declaring(path: Path, width: int, height: int) -> Path:
+    """A valid 1 x 1 PNG whose header declares ``width`` x ``height`` (a decompression bomb's header, a few bytes)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0\0\0\0"))
+                     + chunk(b"IEND", b""))
+    return path
+
+
+def test_predict_skips_a_bomb_and_notes_a_1x1_image_and_writes_the_rest(trained, monkeypatch, tmp_path, capsys):
+    """validate's checks before decoding: the bomb and an image above data.max_size are named with their rule and
+    skipped, a 1 x 1 image is predicted with a note; the good images are written with a skip report."""
+    from tasks.cli import main
+
+    monkeypatch.chdir(trained)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    good = sorted(Path(TEST_INPUT["classification"]).rglob("*.png"))[:4]
+    for k, p in enumerate(good):
+        shutil.copy(p, folder / f"good{k}.png")
+    png_declaring(folder / "bomb.png", 20000, 20000)
+    png_declaring(folder / "huge.png", 5000, 10)  # under PIL's pixel limit, above data.max_size 4096
+    Image.new("RGB", (1, 1), (200, 30, 30)).save(folder / "tiny.png")
+    out = tmp_path / "out"
+    code = main(["predict", "--task", "classification", "--input", str(folder), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert "bomb.png: 20000x20000 declared, DecompressionBombError (rule: at most" in err and "skipped 2 of 7 input(s)" in err
+    assert "huge.png: 5000x10 (rule: width and height at most data.max_size 4096)" in err
+    df = pd.read_csv(out / "predictions.csv")
+    assert sorted(Path(f).name for f in df["file"]) == ["good0.png", "good1.png", "good2.png", "good3.png", "tiny.png"]
+    skipped = pd.read_csv(out / "skipped.csv")
+    assert sorted(Path(f).name for f in skipped["file"]) == ["bomb.png", "huge.png"]
+    assert all("(rule: " in r for r in skipped["rule"])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["images"] == 5 and summary["failed"] == 2
+    assert any("tiny.png: 1x1 is below data.min_size" in n for n in summary["notes"])
+    assert "## Skipped inputs" in (out / "summary.md").read_text()
+
+    only_bad = tmp_path / "bad"
+    only_bad.mkdir()
+    shutil.copy(folder / "bomb.png", only_bad / "bomb.png")
+    code = main(["predict", "--task", "classification", "--input", str(only_bad), "--out", str(tmp_path / "o2")])
+    assert code == 1 and "1 of 1 input(s) skipped" in capsys.readouterr().err  # nothing predicted: a failure
+    assert pd.read_csv(tmp_path / "o2" / "skipped.csv")["file"].tolist() == [str(only_bad / "bomb.png")]
 
 
 @pytest.mark.skipif(not DATASETS.is_dir(), reason=f"{DATASETS} is absent (the shared real datasets)")
@@ -495,6 +552,56 @@ def test_served_champion_answers_like_the_predict_command(trained, served, task,
         batch = np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files])
         got = post(batch)
         assert sorted({g["image_id"] for g in got}) == [k + 1 for k, w in enumerate(expected) if w]
+
+
+def raw_post(port: int, headers: dict, body: bytes = b"") -> tuple[int, bytes]:
+    """One POST /invocations on a plain socket (a declared length need not be sent): status and reply body."""
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
+        head = "".join(f"{k}: {v}\r\n" for k, v in {"Host": "127.0.0.1", "Content-Type": "application/json", **headers}.items())
+        sock.sendall(f"POST /invocations HTTP/1.1\r\n{head}\r\n".encode() + body)
+        reply = b""
+        while chunk := sock.recv(65536):
+            reply += chunk
+    status = int(reply.split(b" ", 2)[1])
+    return status, reply.split(b"\r\n\r\n", 1)[1]
+
+
+@pytest.mark.e2e
+def test_served_model_refuses_a_request_over_the_size_limit_with_413(trained, tmp_path):
+    """python -m tasks.serve_model: MLflow's scoring server behind serving.max_request_mb (here 1 MB)."""
+    port = free_port()
+    log = tmp_path / "serve.log"
+    params = tmp_path / "params.yaml"
+    raw = yaml.safe_load((trained / "params.yaml").read_text())
+    params.write_text(yaml.safe_dump({**raw, "serving": {**raw.get("serving", {}), "max_request_mb": 1}}))
+    proc = subprocess.Popen([sys.executable, "-m", "tasks.serve_model", "--task", "classification", "--params", str(params),
+                             "--port", str(port)], cwd=trained, env={**env(), "PYTHONPATH": str(REPO)},
+                            stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + 180
+        while True:
+            assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
+                break
+            except OSError:
+                time.sleep(1)
+        image = np.asarray(Image.open(sorted(Path(trained, TEST_INPUT["classification"]).rglob("*.png"))[0]).convert("RGB"))
+        small = json.dumps({"inputs": image[None].tolist()}).encode()
+        status, reply = raw_post(port, {"Content-Length": len(small), "Connection": "close"}, small)
+        assert status == 200 and len(json.loads(reply)["predictions"]) == 1  # under the limit: answered as before
+        big = json.dumps({"inputs": np.repeat(image[None], 200, axis=0).tolist()}).encode()
+        assert len(big) > 1024 * 1024
+        status, reply = raw_post(port, {"Content-Length": len(big), "Connection": "close"}, big)
+        assert status == 413 and b"serving.max_request_mb" in reply and b"[[" not in reply  # the input is not echoed
+        status, _ = raw_post(port, {"Content-Length": 200 * 1024 * 1024})  # declared: refused before any byte is read
+        assert status == 413
+        chunked = b"".join(b"%x\r\n%s\r\n" % (len(part), part) for part in (big[:600_000], big[600_000:])) + b"0\r\n\r\n"
+        status, _ = raw_post(port, {"Transfer-Encoding": "chunked", "Connection": "close"}, chunked)
+        assert status == 413  # no declared length: counted while it arrives
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
 
 
 @pytest.mark.e2e

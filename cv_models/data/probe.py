@@ -60,6 +60,29 @@ def probe_image(path: Path) -> dict:
     return row
 
 
+def screen_image(path: Path, min_size: int, max_size: int) -> tuple[str | None, str | None]:
+    """validate's rules on one image, read from its header only (no pixel is decoded): returns why the file
+    must be skipped (or None) and a note (or None). Unreadable headers, decompression bombs and sides above
+    ``max_size`` are skipped; sides below ``min_size`` are noted (validate refuses them in a dataset)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                width, height = im.size
+    except BOMB_ERRORS as err:
+        width, height = _declared_size(path)
+        return (f"{width}x{height} declared, {type(err).__name__} (rule: at most {Image.MAX_IMAGE_PIXELS} pixels, "
+                f"PIL's decompression bomb limit)"), None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        return f"not readable as an image ({type(err).__name__}: {err})", None
+    if max(width, height) > max_size:
+        return f"{width}x{height} (rule: width and height at most data.max_size {max_size})", None
+    if min(width, height) < min_size:
+        return None, (f"{width}x{height} is below data.min_size {min_size} (validate refuses such images in a dataset); "
+                      f"predicted, but the result means little")
+    return None, None
+
+
 def load_rgb(path: str | Path) -> Image.Image:
     """Open an image as RGB (grayscale, palette and RGBA are converted; validation reports them).
     A file that does not decode stops with its name and the rule, not a raw PIL traceback."""
