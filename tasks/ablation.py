@@ -298,7 +298,7 @@ def to_markdown(df: pd.DataFrame, metric: str, task_name: str, seconds: float | 
         return "" if math.isnan(v) else (f"{100 * v:+.2f}" if sign else f"{100 * v:.2f}")
 
     lines = [f"# {task_name}: one change at a time (test {metric}, %)", "",
-             f"| change | seeds | mean | std | diff vs baseline | 95% CI (Welch) | | settings changed |",
+             "| change | seeds | mean | std | diff vs baseline | 95% CI (Welch) | | settings changed |",
              "|---|---|---|---|---|---|---|---|"]
     for r in df.itertuples(index=False):
         ci = "" if math.isnan(r.ci_low) else f"[{pct(r.ci_low, True)}, {pct(r.ci_high, True)}]"

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic import BaseModel, Field, ValidationError
 
 from cv_models.settings import (  # noqa: F401  (re-exported: the public names of the schema)
     AugmentConfig, BlurAug, ColorAug, ConfigError, CropAug, CutoutAug, DataConfig, DeviceName, EarlyStoppingConfig, LossConfig, MixAug,

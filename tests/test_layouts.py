@@ -101,7 +101,7 @@ def test_yolo_data_yaml_orphans_and_missing_labels_are_reported(project, tmp_pat
     report = _report("detection", det_params(project, **_data("detection", format="yolo", path=str(root), classes=None,
                                                               options={"data_yaml": "data.yaml"})))
     notes = "\n".join(report["notes"])
-    assert f"without a label file" in notes and unlabelled.stem in notes
+    assert "without a label file" in notes and unlabelled.stem in notes
     assert "ghost.txt" in notes and "without an image" in notes
 
 
