@@ -23,6 +23,7 @@ from cv_models.settings import (  # noqa: F401  (re-exported: the public names o
     Switch, TaskConfig, TrainConfig, describe, did_you_mean,
 )
 from cv_models.data.shapes import ShapesClassification, ShapesConfig, ShapesScenes  # noqa: F401  (the generator's schema)
+from tasks.experiment_settings import AblationConfig, SearchConfig
 
 
 class TrackingConfig(Strict):
@@ -96,10 +97,6 @@ class Params(Strict):
         return validate_task(TASKS[name].settings, self.tasks[name], name)
 
 
-def _describe(err: ValidationError, prefix: str = "", model: type[BaseModel] | None = None) -> str:
-    return describe(err, model, prefix)
-
-
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     keys = dotted.split(".")
     node = tree
@@ -133,10 +130,7 @@ def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | No
         raise ConfigError(describe(err, Params)) from None
     for name in params.tasks:  # check every task section up front
         params.task(name)
-    # and the experiment sections (their schemas live with the experiments, which import this module)
-    from tasks.ablation import AblationConfig
-    from tasks.search import SearchConfig
-
+    # and the experiment sections (their schemas are in tasks/experiment_settings.py, apart from the runners)
     for name, model in (("ablation", AblationConfig), ("search", SearchConfig)):
         try:
             model.model_validate(getattr(params, name) or {})
