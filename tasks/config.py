@@ -97,7 +97,7 @@ class Params(Strict):
         return validate_task(TASKS[name].settings, self.tasks[name], name)
 
 
-def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     keys = dotted.split(".")
     node = tree
     for k in keys[:-1]:
@@ -107,7 +107,7 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     node[keys[-1]] = value
 
 
-def load_raw(path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None) -> dict:
+def load_raw(path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"params file {path} does not exist")
@@ -146,7 +146,7 @@ def config_hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (for MLflow params)."""
     out: dict[str, Any] = {}
     for k, v in d.items():
