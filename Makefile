@@ -13,6 +13,7 @@ export PREFECT_HOME ?= $(CURDIR)/.prefect
 export GX_ANALYTICS_ENABLED := False
 export DVC_NO_ANALYTICS := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export NO_MKDOCS_2_WARNING := 1
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 300
 
 .PHONY: run test test-all lint docs docs-check docs-serve env serve worker deploy mlflow-server mlflow-ui benchmark gpu-benchmark ablate search clean
