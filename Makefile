@@ -59,7 +59,7 @@ test-all: $(STAMP)
 serve: $(STAMP)
 	scripts/serve.sh $(PORT)
 
-# Team setup (README, "Scaling out"): deployments of prefect.yaml on the work pool $(POOL), and a worker
+# Team setup (docs/scaling-out.md): deployments of prefect.yaml on the work pool $(POOL), and a worker
 # that runs them; PREFECT_API_URL must point at the team's server (e.g. http://server:4200/api)
 POOL ?= cv-pool
 deploy: $(STAMP)

@@ -1,7 +1,7 @@
 """The project's module import graph, read from the source with ``ast`` (nothing is imported).
 
-Every ``import`` counts, those inside functions included: a circle through a function-level import is a
-circle all the same. ``from pkg import name`` points at ``pkg.name`` when that is a module of the project,
+Every ``import`` that runs counts, those inside functions included: a circle through a function-level import
+is a circle all the same. Imports under ``if TYPE_CHECKING:`` never run and are left out. ``from pkg import name`` points at ``pkg.name`` when that is a module of the project,
 else at ``pkg`` (its ``__init__``).
 """
 from __future__ import annotations
@@ -32,10 +32,23 @@ def _base(module: str, path: Path, node: ast.ImportFrom) -> str:
     return ".".join(package + ([node.module] if node.module else []))
 
 
+def _executed(tree: ast.AST) -> list[ast.AST]:
+    """Every node of the file except those under ``if TYPE_CHECKING:``, which never run (type annotations only)."""
+    out, todo = [], [tree]
+    while todo:
+        node = todo.pop()
+        out.append(node)
+        if isinstance(node, ast.If) and ast.unparse(node.test) in ("TYPE_CHECKING", "typing.TYPE_CHECKING"):
+            todo.extend(node.orelse)
+        else:
+            todo.extend(ast.iter_child_nodes(node))
+    return out
+
+
 def imported(module: str, path: Path, modules: set[str]) -> set[str]:
-    """The project modules that ``module`` imports, anywhere in its file."""
+    """The project modules that ``module`` imports, anywhere in its file (function bodies included)."""
     found = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    for node in _executed(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Import):
             names = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom):

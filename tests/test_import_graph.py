@@ -34,8 +34,9 @@ def test_a_circle_through_an_import_inside_a_function_is_found(tmp_path):
     (package / "a.py").write_text("from tasks import b\n")
     (package / "b.py").write_text("def f():\n    from tasks.a import thing\n    return thing\n")
     (package / "c.py").write_text("from . import a\n")
+    (package / "d.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from tasks import c\n")
     graph = import_graph(tmp_path)
-    assert graph["tasks.b"] == {"tasks.a"} and graph["tasks.c"] == {"tasks.a"}
+    assert graph["tasks.b"] == {"tasks.a"} and graph["tasks.c"] == {"tasks.a"} and graph["tasks.d"] == set()
     assert cycles(graph) == [["tasks.a", "tasks.b"]]
 
 
