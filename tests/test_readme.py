@@ -29,5 +29,5 @@ def test_a_readme_block_pasted_into_params_yaml_is_valid(block):
     overrides = {f"tasks.{name}.{key}": value for key, value in section.items()}
     cfg = load_params(REPO / "params.yaml", overrides).task(name)
     assert cfg.data.path == section["data"]["path"]
-    for switch, values in section["augment"].items():  # the preset is what the task gets
-        assert getattr(cfg.augment, switch).enabled == values["enabled"]
+    for switch in cfg.augment.switch_names():  # the preset is what the task gets: the switches it names, no other
+        assert getattr(cfg.augment, switch).enabled == section["augment"].get(switch, {}).get("enabled", False), switch
