@@ -1,6 +1,6 @@
 # Two commands do all the set-up on a fresh clone:
 #   make run    create .venv if missing, then `dvc repro` on the embedded data and print the results
-#   make test   create .venv if missing, then run the test suite
+#   make test   create .venv if missing, then lint (ruff, mypy), build the docs (--strict) and run the test suite
 VENV        ?= .venv
 PYTHON      ?= python3
 PY          := $(VENV)/bin/python
@@ -13,9 +13,10 @@ export PREFECT_HOME ?= $(CURDIR)/.prefect
 export GX_ANALYTICS_ENABLED := False
 export DVC_NO_ANALYTICS := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export NO_MKDOCS_2_WARNING := 1
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 300
 
-.PHONY: run test test-all env serve worker deploy mlflow-server mlflow-ui benchmark gpu-benchmark ablate search clean
+.PHONY: run test test-all lint docs docs-check docs-serve env serve worker deploy mlflow-server mlflow-ui benchmark gpu-benchmark ablate search clean
 
 env: $(STAMP)
 
@@ -30,8 +31,25 @@ run: $(STAMP)
 	dvc repro
 	python -m tasks report
 
-test: $(STAMP)
+test: $(STAMP) lint docs-check
 	python -m pytest
+
+# ruff (rules and line length in pyproject.toml) and mypy, strict on the settings, the config and the task interface
+lint: $(STAMP)
+	ruff check .
+	mypy
+
+# the docs site (mkdocs.yml, docs/): `make docs` builds it into site/, `make docs-serve` serves it with live reload;
+# the test target builds it with --strict into a temporary folder (a broken link or a page left out of the nav fails)
+docs: $(STAMP)
+	mkdocs build --strict --site-dir site
+
+docs-check: $(STAMP)
+	@site=$$(mktemp -d) && trap 'rm -rf "$$site"' EXIT && mkdocs build --strict --quiet --site-dir "$$site"
+
+DOCS_PORT ?= 8000
+docs-serve: $(STAMP)
+	mkdocs serve --dev-addr 127.0.0.1:$(DOCS_PORT)
 
 # everything, the six tests marked slow included (a few minutes more; not timed since the sixth joined)
 test-all: $(STAMP)
@@ -41,7 +59,7 @@ test-all: $(STAMP)
 serve: $(STAMP)
 	scripts/serve.sh $(PORT)
 
-# Team setup (README, "Scaling out"): deployments of prefect.yaml on the work pool $(POOL), and a worker
+# Team setup (docs/scaling-out.md): deployments of prefect.yaml on the work pool $(POOL), and a worker
 # that runs them; PREFECT_API_URL must point at the team's server (e.g. http://server:4200/api)
 POOL ?= cv-pool
 deploy: $(STAMP)

@@ -26,6 +26,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from bare_loop import run_bare_loop
 from cv_models import get_task
 from tasks import engine
 from tasks.config import load_params
@@ -68,32 +69,27 @@ def bare_loop(task, cfg, train_set, val_set, seed):
     with contextlib.redirect_stdout(io.StringIO()):
         gt.dataset = task.dataset("val", None).coco_ground_truth()
         gt.createIndex()
-    start = time.perf_counter()
-    for _ in range(t.epochs):
-        model.train()
-        for images, targets in loader:
-            loss = sum(model(images, targets).values())
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-        model.eval()
+
+    def validate(model, val_loader):
         results = []
-        with torch.no_grad():
-            for images, targets in val_loader:
-                for out, tg in zip(model(images), targets):
-                    r = val_set.records[tg["image_id"] - 1]
-                    b = out["boxes"] * torch.tensor([r["width"] / cfg.image_size, r["height"] / cfg.image_size] * 2)
-                    results += [{"image_id": tg["image_id"], "category_id": int(lab), "score": float(s),
-                                 "bbox": [x0, y0, x1 - x0, y1 - y0]}
-                                for (x0, y0, x1, y1), s, lab in zip(b.tolist(), out["scores"].tolist(), out["labels"].tolist())]
+        for images, targets in val_loader:
+            for out, tg in zip(model(images), targets):
+                r = val_set.records[tg["image_id"] - 1]
+                b = out["boxes"] * torch.tensor([r["width"] / cfg.image_size, r["height"] / cfg.image_size] * 2)
+                results += [{"image_id": tg["image_id"], "category_id": int(lab), "score": float(s),
+                             "bbox": [x0, y0, x1 - x0, y1 - y0]}
+                            for (x0, y0, x1, y1), s, lab in zip(b.tolist(), out["scores"].tolist(), out["labels"].tolist())]
         if results:
             with contextlib.redirect_stdout(io.StringIO()):
                 ev = COCOeval(gt, gt.loadRes(results), "bbox")
                 ev.evaluate()
                 ev.accumulate()
                 ev.summarize()
-    return time.perf_counter() - start
+
+    def loss_of(model, images, targets):
+        return sum(model(images, targets).values())
+
+    return run_bare_loop(model, loader, val_loader, opt, sched, t.epochs, loss_of, validate)[0]
 
 
 def pipeline_loop(task, cfg, train_set, val_set, seed, out: Path):

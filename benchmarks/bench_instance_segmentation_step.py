@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from bare_loop import run_bare_loop
 from cv_models import get_task
 from tasks import engine
 from tasks.config import load_params
@@ -98,31 +99,24 @@ def bare_loop(task, cfg, train_set, val_set, seed):
     val_loader = DataLoader(val_set, batch_size=t.eval_batch_size, collate_fn=_collate)
     opt = engine.build_optimizer(model, t.optimizer)
     sched = engine.build_scheduler(opt, t, len(loader))
-    start, cpu = time.perf_counter(), time.process_time()
-    for _ in range(t.epochs):
-        model.train()
-        for images, targets in loader:
-            loss = sum(model(images, [{k: v for k, v in tg.items() if k != "image_id"} for tg in targets]).values())
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-        model.eval()
+    def loss_of(model, images, targets):
+        return sum(model(images, [{k: v for k, v in tg.items() if k != "image_id"} for tg in targets]).values())
+
+    def validate(model, val_loader):
         gt = {"images": [], "annotations": [], "categories": [{"id": k + 1, "name": n} for k, n in enumerate(task.class_names())]}
         results = []
-        with torch.no_grad():
-            for images, targets in val_loader:
-                for out, tg in zip(model(images), targets):
-                    gt["images"].append({"id": tg["image_id"], "width": cfg.image_size, "height": cfg.image_size})
-                    for m, b, lab in zip(tg["masks"].numpy(), tg["boxes"].tolist(), tg["labels"].tolist()):
-                        gt["annotations"].append({"id": len(gt["annotations"]) + 1, "image_id": tg["image_id"],
-                                                  "category_id": lab, "segmentation": _rle(m), "area": float(m.sum()),
-                                                  "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]], "iscrowd": 0})
-                    masks = (out["masks"][:, 0] > 0.5).numpy()
-                    results += [{"image_id": tg["image_id"], "category_id": int(lab), "score": float(s),
-                                 "bbox": [x0, y0, x1 - x0, y1 - y0], "segmentation": _rle(m)}
-                                for (x0, y0, x1, y1), s, lab, m in zip(out["boxes"].tolist(), out["scores"].tolist(),
-                                                                       out["labels"].tolist(), masks)]
+        for images, targets in val_loader:
+            for out, tg in zip(model(images), targets):
+                gt["images"].append({"id": tg["image_id"], "width": cfg.image_size, "height": cfg.image_size})
+                for m, b, lab in zip(tg["masks"].numpy(), tg["boxes"].tolist(), tg["labels"].tolist()):
+                    gt["annotations"].append({"id": len(gt["annotations"]) + 1, "image_id": tg["image_id"],
+                                              "category_id": lab, "segmentation": _rle(m), "area": float(m.sum()),
+                                              "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]], "iscrowd": 0})
+                masks = (out["masks"][:, 0] > 0.5).numpy()
+                results += [{"image_id": tg["image_id"], "category_id": int(lab), "score": float(s),
+                             "bbox": [x0, y0, x1 - x0, y1 - y0], "segmentation": _rle(m)}
+                            for (x0, y0, x1, y1), s, lab, m in zip(out["boxes"].tolist(), out["scores"].tolist(),
+                                                                   out["labels"].tolist(), masks)]
         if results:
             with contextlib.redirect_stdout(io.StringIO()):
                 coco_gt = COCO()
@@ -133,7 +127,8 @@ def bare_loop(task, cfg, train_set, val_set, seed):
                     ev.evaluate()
                     ev.accumulate()
                     ev.summarize()
-    return time.perf_counter() - start, time.process_time() - cpu
+
+    return run_bare_loop(model, loader, val_loader, opt, sched, t.epochs, loss_of, validate)
 
 
 def pipeline_loop(task, cfg, train_set, val_set, seed, out: Path):

@@ -15,7 +15,6 @@ import copy
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
@@ -24,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
+from bare_loop import run_bare_loop  # noqa: E402
 from cv_models import get_task  # noqa: E402
 from cv_models.normalize import Normalize, RunningStats  # noqa: E402
 from cv_models.seg_losses import get_loss  # noqa: E402
@@ -50,21 +50,17 @@ def bare_loop(task, model, train, val, cfg, seed: int) -> float:
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.optimizer.lr, total_steps=cfg.epochs * len(loader),
                                                     pct_start=0.3)
     loss_fn, n = get_loss(cfg.loss.name), len(task.class_names())
-    start = time.perf_counter()
-    for _ in range(cfg.epochs):
-        model.train()
-        for images, masks in loader:
-            loss = loss_fn(model_outputs(model(images))[0], masks, cfg.loss)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-        model.eval()
+
+    def loss_of(model, images, masks):
+        return loss_fn(model_outputs(model(images))[0], masks, cfg.loss)
+
+    def validate(model, val_loader):
         cm = torch.zeros(n, n, dtype=torch.long)
-        with torch.no_grad():
-            for images, masks in val_loader:
-                cm += confusion(model_outputs(model(images))[0].argmax(1), masks, n, cfg.loss.ignore_index)
-    return time.perf_counter() - start
+        for images, masks in val_loader:
+            cm += confusion(model_outputs(model(images))[0].argmax(1), masks, n, cfg.loss.ignore_index)
+        return cm
+
+    return run_bare_loop(model, loader, val_loader, optimizer, scheduler, cfg.epochs, loss_of, validate)[0]
 
 
 def main() -> None:

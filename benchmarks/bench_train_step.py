@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from bare_loop import run_bare_loop
 from cv_models import get_task
 from cv_models.normalize import load_normalizer
 from tasks import engine
@@ -57,21 +58,11 @@ def bare_loop(task, cfg, train_set, val_set, seed):
     val_loader = DataLoader(val_set, batch_size=t.eval_batch_size)
     opt = engine.build_optimizer(model, t.optimizer)
     sched = engine.build_scheduler(opt, t, len(loader))
-    start = time.perf_counter()
-    for _ in range(t.epochs):
-        model.train()
-        for x, y in loader:
-            loss = F.cross_entropy(model(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-        model.eval()
-        correct = 0
-        with torch.no_grad():
-            for x, y in val_loader:
-                correct += (model(x).argmax(1) == y).sum().item()
-    return time.perf_counter() - start
+
+    def validate(model, val_loader):
+        return sum((model(x).argmax(1) == y).sum().item() for x, y in val_loader)
+
+    return run_bare_loop(model, loader, val_loader, opt, sched, t.epochs, lambda m, x, y: F.cross_entropy(m(x), y), validate)[0]
 
 
 def pipeline_loop(task, cfg, train_set, val_set, seed, out: Path):

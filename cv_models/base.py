@@ -8,9 +8,10 @@ in ``cv_models/__init__.py``.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sized
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, cast
 
 import pandas as pd
 import torch
@@ -19,6 +20,9 @@ from torch.utils.data import Dataset
 
 from cv_models.augment import AUGMENTATIONS, Augmentation
 from cv_models.settings import AugmentConfig, TaskConfig
+
+if TYPE_CHECKING:
+    from cv_models.normalize import Normalize
 
 TASKS: dict[str, type["CVTask"]] = {}
 
@@ -63,7 +67,7 @@ class Check:
 class Prediction:
     """One image's prediction at the input's own resolution, as the predict stage writes it."""
 
-    records: list[dict]  # rows of the task's results file (a CSV row, or COCO results entries)
+    records: list[dict[str, Any]]  # rows of the task's results file (a CSV row, or COCO results entries)
     objects: list[str]  # class names found in the image (the summary counts them)
     mask: Any = None  # segmentation: HxW uint8 class indices
     overlay: torch.Tensor | None = None  # uint8 3xHxW picture of the prediction (dense tasks)
@@ -100,7 +104,7 @@ class CVTask(ABC):
     @classmethod
     def augment_schema(cls) -> type[AugmentConfig]:
         """The class of this task's ``augment`` section (the shared switches plus the task's own)."""
-        return cls.settings.model_fields["augment"].annotation
+        return cast(type[AugmentConfig], cls.settings.model_fields["augment"].annotation)
 
     # ------------------------------------------------------------------ data
     @abstractmethod
@@ -119,33 +123,34 @@ class CVTask(ABC):
     def class_names(self) -> list[str]:
         ...
 
-    def object_boxes(self, split: str) -> list[dict] | None:
+    def object_boxes(self, split: str) -> list[dict[str, Any]] | None:
         """The split's images with their objects' boxes in the original pixels, for the crops stage:
         ``{"path", "image_id", "file_name", "boxes": [[x0, y0, x1, y1], ...], "labels": [k + 1 for class k]}``.
         None for a task without boxes."""
         return None
 
     @abstractmethod
-    def dataset(self, split: str, transforms: Callable | None) -> Dataset:
+    def dataset(self, split: str, transforms: Callable[..., Any] | None) -> Dataset[Any]:
         """Samples of one split as ``(image, target)``, the transforms applied jointly."""
 
-    def collate(self, batch: list) -> Any:
+    def collate(self, batch: list[Any]) -> Any:
         return torch.utils.data.default_collate(batch)
 
-    def subset(self, dataset: Dataset, indices: list[int]) -> Dataset:
+    def subset(self, dataset: Dataset[Any], indices: list[int]) -> Dataset[Any]:
         """The samples at ``indices`` as a dataset that :meth:`evaluate` accepts."""
         return torch.utils.data.Subset(dataset, indices)
 
     # ------------------------------------------------------------ transforms
     @abstractmethod
-    def train_transforms(self, augment: AugmentConfig | None, normalize: Callable | None) -> Callable:
+    def train_transforms(self, augment: AugmentConfig | None,
+                         normalize: Callable[..., Any] | None) -> Callable[..., Any]:
         """Training-time transforms; ``augment=None`` is the plain baseline."""
 
     @abstractmethod
-    def eval_transforms(self, normalize: Callable | None) -> Callable:
+    def eval_transforms(self, normalize: Callable[..., Any] | None) -> Callable[..., Any]:
         ...
 
-    def batch_mixer(self, augment: AugmentConfig | None) -> Callable | None:
+    def batch_mixer(self, augment: AugmentConfig | None) -> Callable[..., Any] | None:
         """Batch-level augmentation (MixUp / CutMix) as ``(images, targets) -> (images, targets)``."""
         return None
 
@@ -159,7 +164,7 @@ class CVTask(ABC):
         """Loss of one batch, model in train mode (the loss chosen to match the metric)."""
 
     @abstractmethod
-    def evaluate(self, model: nn.Module, loader: torch.utils.data.DataLoader, device: torch.device,
+    def evaluate(self, model: nn.Module, loader: torch.utils.data.DataLoader[Any], device: torch.device,
                  native: bool = False) -> EvalResult:
         """Metrics of ``model`` on ``loader`` (not shuffled). ``native``: score every image at its own resolution
         against its original annotation, predictions mapped back as :meth:`predict_image` does (the evaluate
@@ -167,7 +172,7 @@ class CVTask(ABC):
         False: at the training size where that differs (the per-epoch validation: cheaper, and it only ranks epochs)."""
 
     @abstractmethod
-    def dummy_result(self, train: Dataset, evaluation: Dataset) -> EvalResult:
+    def dummy_result(self, train: Dataset[Any], evaluation: Dataset[Any]) -> EvalResult:
         """Score of the dummy solution fitted on ``train`` and scored on ``evaluation``."""
 
     # -------------------------------------------------------------- inference
@@ -176,11 +181,12 @@ class CVTask(ABC):
         written into ``data.classes`` (so no data folder is read). Tasks resolve anything else read from data."""
         return self.cfg.model_copy(update={"data": self.cfg.data.model_copy(update={"classes": self.class_names()})})
 
-    def predict_transform(self, normalize: Callable | None) -> Callable:
+    def predict_transform(self, normalize: Callable[..., Any] | None) -> Callable[..., Any]:
         """PIL image -> model input tensor: the evaluation's resizing and normalisation, for an image alone."""
         return self.eval_transforms(normalize)
 
-    def predict_image(self, model: nn.Module, image: Any, normalize: Callable | None, image_id: int) -> Prediction:
+    def predict_image(self, model: nn.Module, image: Any, normalize: Callable[..., Any] | None,
+                      image_id: int) -> Prediction:
         """The model's prediction on one RGB PIL image, mapped back to the image's own resolution."""
         raise NotImplementedError(f"{self.name} has no predict_image")
 
@@ -191,16 +197,17 @@ class CVTask(ABC):
     export_batched: ClassVar[bool] = True
     normalizes_inside: ClassVar[bool] = False  # detectors normalise inside the network
 
-    def model_input(self, image: Any, normalize: Callable | None) -> torch.Tensor:
+    def model_input(self, image: Any, normalize: Callable[..., Any] | None) -> torch.Tensor:
         """One RGB PIL image as the exported graph's input (3 x H x W float, resized and normalised)."""
-        return self.predict_transform(None if self.normalizes_inside else normalize)(image).as_subclass(torch.Tensor)
+        x: torch.Tensor = self.predict_transform(None if self.normalizes_inside else normalize)(image)
+        return x.as_subclass(torch.Tensor)
 
     def export_module(self, model: nn.Module) -> nn.Module:
         """The model as a module of plain tensors in and out (what TorchScript and ONNX take)."""
         return model
 
     # ---------------------------------------------------------- visualisation
-    def display_image(self, image: torch.Tensor, normalize: Callable | None) -> torch.Tensor:
+    def display_image(self, image: torch.Tensor, normalize: Normalize | None) -> torch.Tensor:
         """A training-pipeline image back to [0, 1] pixels (undo the normalisation the transforms applied)."""
         return normalize.undo(image) if normalize is not None else image
 
@@ -208,15 +215,15 @@ class CVTask(ABC):
     def draw(self, image: torch.Tensor, target: Any) -> torch.Tensor:
         """uint8 CxHxW picture of one (un-normalised, [0,1] float) image with its target drawn on it."""
 
-    def report(self, results: dict[str, EvalResult], test: Dataset, out_dir: Path) -> list[Path]:
+    def report(self, results: dict[str, EvalResult], test: Dataset[Any], out_dir: Path) -> list[Path]:
         """Task-specific pictures and tables of the evaluation (confusion matrix, overlays, ...), and each model's
         per-image predictions at the images' own resolution with a ``RECOMPUTE.md`` saying how to rescore them."""
         return []
 
 
-def in_order(dataset: Dataset) -> tuple[Dataset, list[int]]:
+def in_order(dataset: Dataset[Any]) -> tuple[Dataset[Any], list[int]]:
     """The task's own dataset under ``dataset`` (a Subset or not) and the indices a non-shuffled loader visits."""
     if isinstance(dataset, torch.utils.data.Subset):
         inner, indices = in_order(dataset.dataset)
         return inner, [indices[i] for i in dataset.indices]
-    return dataset, list(range(len(dataset)))
+    return dataset, list(range(len(cast(Sized, dataset))))

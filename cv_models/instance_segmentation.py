@@ -25,7 +25,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from PIL import Image
 from torch import nn
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
@@ -35,7 +34,7 @@ from pydantic import Field
 from cv_models.augment import AUGMENTATIONS, BATCH, Augmentation, build_transforms, cutout_rectangle, with_builders
 from cv_models.base import Check, CVTask, DataError, EvalResult, Prediction, in_order, register_task
 from cv_models.data.coco import RESCORE_LINES, no_ground_truth_notes
-from cv_models.data.instance_masks import (BOX_TOLERANCE_FRACTION, BOX_TOLERANCE_PX, decode, mask_box, mask_facts,
+from cv_models.data.instance_masks import (BOX_TOLERANCE_FRACTION, BOX_TOLERANCE_PX, decode, mask_facts,
                                            read_png_mask)
 from cv_models.data.probe import load_rgb
 from cv_models.mix.instances import InstanceBatchMixer, MixOp, boxes_from_masks, tidy

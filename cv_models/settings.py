@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import difflib
 import typing
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Self
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
@@ -157,7 +157,7 @@ class CropAug(Switch):
     scale: tuple[float, float] = (0.6, 1.0)
 
     @model_validator(mode="after")
-    def _range(self):
+    def _range(self) -> Self:
         if not 0 < self.scale[0] <= self.scale[1] <= 1:
             raise ValueError(f"scale must satisfy 0 < low <= high <= 1, got {self.scale}")
         return self
@@ -167,7 +167,7 @@ class RescaleAug(Switch):
     scale: tuple[float, float] = (0.8, 1.2)
 
     @model_validator(mode="after")
-    def _range(self):
+    def _range(self) -> Self:
         if not 0 < self.scale[0] <= self.scale[1]:
             raise ValueError(f"scale must satisfy 0 < low <= high, got {self.scale}")
         return self
@@ -227,7 +227,7 @@ class AugmentConfig(Strict):
     @classmethod
     def switch_names(cls) -> list[str]:
         """Every augmentation this schema declares (its Switch fields), in order."""
-        return [name for name, f in cls.model_fields.items() if _model_in(f.annotation) and issubclass(_model_in(f.annotation), Switch)]
+        return [name for name, f in cls.model_fields.items() if _holds_switch(f.annotation)]
 
     def enabled_names(self) -> list[str]:
         return [name for name in self.switch_names() if getattr(self, name).enabled]
@@ -260,7 +260,7 @@ class DataConfig(Strict):
     options: NoOptions = NoOptions()  # task-specific reader options (each task declares its own)
 
     @model_validator(mode="after")
-    def _check(self):
+    def _check(self) -> Self:
         fr = self.split_fractions
         if set(fr) != {"train", "val", "test"} or any(v <= 0 for v in fr.values()) or abs(sum(fr.values()) - 1) > 1e-6:
             raise ValueError(f"split_fractions needs positive train, val and test summing to 1, got {fr}")
@@ -327,7 +327,7 @@ def validate_task(settings: type[TaskConfig], raw: Any, name: str) -> TaskConfig
         raise ConfigError(describe(err, settings, prefix=f"tasks.{name}.")) from None
 
 
-def flat(d: dict, prefix: str = "") -> dict[str, Any]:
+def flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``."""
     out: dict[str, Any] = {}
     for k, v in d.items():
@@ -373,7 +373,12 @@ def _model_in(annotation: Any) -> type[BaseModel] | None:
     return None
 
 
-def known_keys(model: type[BaseModel] | None, loc: tuple) -> list[str]:
+def _holds_switch(annotation: Any) -> bool:
+    model = _model_in(annotation)
+    return model is not None and issubclass(model, Switch)
+
+
+def known_keys(model: type[BaseModel] | None, loc: tuple[Any, ...]) -> list[str]:
     """The keys the section at ``loc`` (a path below ``model``) accepts; empty where that is not a model."""
     cls = model
     for part in loc:

@@ -9,7 +9,6 @@ same metrics for the same params. Flow parameters override params.yaml and are l
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
 from prefect import flow, task

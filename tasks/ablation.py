@@ -25,11 +25,11 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from pydantic import Field
 
 from cv_models.settings import diff_text, flat, settings_diff
-from tasks.config import ConfigError, Strict, config_hash, load_params
-from tasks.experiments import (NOT_LEARNING, RunnerConfig, TrainJob, check_section, learning_hash, section, task_keys,
+from tasks.config import ConfigError, config_hash, load_params
+from tasks.experiment_settings import AblationConfig
+from tasks.experiments import (NOT_LEARNING, TrainJob, check_section, learning_hash, section, task_keys,
                                worker_threads)
 from tasks.paths import outputs
 
@@ -77,17 +77,6 @@ def baseline_overrides(task_name: str) -> dict[str, Any]:
 
 def known_changes(task_name: str, own: dict[str, dict[str, Any]] | None = None) -> dict[str, dict[str, Any]]:
     return {**augmentation_changes(task_name), **CHANGES, **(own or {})}
-
-
-class AblationConfig(Strict):
-    """``ablation:`` in params.yaml."""
-
-    seeds: int = Field(3, ge=1, le=100)  # seeds params.seed, params.seed+1, ...
-    arms: list[str] = ["hflip", "mixup", "cutmix", "cutout"]  # the baseline row is always added
-    changes: dict[str, dict[str, Any]] = {}  # your own named changes: name -> {dotted.key: value}
-    baseline: dict[str, Any] = {}  # dotted overrides every arm shares (on top of all augmentations off)
-    keep_models: bool = False  # keep models/<task>/ablation/<arm>/seed<k>/model.pt
-    runner: RunnerConfig = RunnerConfig()
 
 
 @dataclass
@@ -298,7 +287,7 @@ def to_markdown(df: pd.DataFrame, metric: str, task_name: str, seconds: float | 
         return "" if math.isnan(v) else (f"{100 * v:+.2f}" if sign else f"{100 * v:.2f}")
 
     lines = [f"# {task_name}: one change at a time (test {metric}, %)", "",
-             f"| change | seeds | mean | std | diff vs baseline | 95% CI (Welch) | | settings changed |",
+             "| change | seeds | mean | std | diff vs baseline | 95% CI (Welch) | | settings changed |",
              "|---|---|---|---|---|---|---|---|"]
     for r in df.itertuples(index=False):
         ci = "" if math.isnan(r.ci_low) else f"[{pct(r.ci_low, True)}, {pct(r.ci_high, True)}]"

@@ -8,7 +8,7 @@ from typing import Any
 from tasks import engine
 from tasks.paths import atomic_dir, outputs
 from tasks.stage import open_stage
-from tasks.train import (initial_model, initial_weights, normalizer, summary_metrics, timings, train_model,
+from tasks.train import (initial_weights, normalizer, summary_metrics, timings, train_model,
                          write_metrics)
 
 

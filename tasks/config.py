@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic import BaseModel, Field, ValidationError
 
 from cv_models.settings import (  # noqa: F401  (re-exported: the public names of the schema)
     AugmentConfig, BlurAug, ColorAug, ConfigError, CropAug, CutoutAug, DataConfig, DeviceName, EarlyStoppingConfig, LossConfig, MixAug,
@@ -23,6 +23,7 @@ from cv_models.settings import (  # noqa: F401  (re-exported: the public names o
     Switch, TaskConfig, TrainConfig, describe, did_you_mean,
 )
 from cv_models.data.shapes import ShapesClassification, ShapesConfig, ShapesScenes  # noqa: F401  (the generator's schema)
+from tasks.experiment_settings import AblationConfig, SearchConfig
 
 
 class TrackingConfig(Strict):
@@ -106,11 +107,7 @@ class Params(Strict):
         return validate_task(TASKS[name].settings, self.tasks[name], name)
 
 
-def _describe(err: ValidationError, prefix: str = "", model: type[BaseModel] | None = None) -> str:
-    return describe(err, model, prefix)
-
-
-def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     keys = dotted.split(".")
     node = tree
     for k in keys[:-1]:
@@ -120,7 +117,7 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     node[keys[-1]] = value
 
 
-def load_raw(path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None) -> dict:
+def load_raw(path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"params file {path} does not exist")
@@ -143,10 +140,7 @@ def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | No
         raise ConfigError(describe(err, Params)) from None
     for name in params.tasks:  # check every task section up front
         params.task(name)
-    # and the experiment sections (their schemas live with the experiments, which import this module)
-    from tasks.ablation import AblationConfig
-    from tasks.search import SearchConfig
-
+    # and the experiment sections (their schemas are in tasks/experiment_settings.py, apart from the runners)
     for name, model in (("ablation", AblationConfig), ("search", SearchConfig)):
         try:
             model.model_validate(getattr(params, name) or {})
@@ -162,7 +156,7 @@ def config_hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (for MLflow params)."""
     out: dict[str, Any] = {}
     for k, v in d.items():

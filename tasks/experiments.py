@@ -16,30 +16,16 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Callable
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import ValidationError
 
-from tasks.config import ConfigError, Params, Strict, _describe, config_hash, flatten, load_params
+from tasks.config import ConfigError, Params, Strict, config_hash, describe, flatten, load_params
+from tasks.experiment_settings import RunnerConfig
 
 # settings that change how fast a run goes, not what it learns: left out of the resume keys
 NOT_LEARNING = ("train.num_threads", "train.num_workers", "train.resume", "train.device", "train.eval_batch_size",
                 "data.cache", "data.cache_max_gb")
-
-
-class RunnerConfig(Strict):
-    """Where the independent trainings (ablation arms x seeds, search trials) run."""
-
-    kind: Literal["sequential", "threads", "processes", "dask"] = "threads"
-    max_workers: int = Field(2, ge=1, le=256)
-    dask_address: str | None = None  # tcp://host:8786 of a running scheduler; None = a local cluster
-    dask_processes: bool = True  # local cluster only: worker processes (True) or threads of this process
-
-    @model_validator(mode="after")
-    def _address(self):
-        if self.dask_address and self.kind != "dask":
-            raise ValueError(f"dask_address is set but kind is {self.kind!r}; set kind: dask to use the cluster")
-        return self
 
 
 def check_section(model: type[Strict], raw: Any, section: str):
@@ -47,7 +33,7 @@ def check_section(model: type[Strict], raw: Any, section: str):
     try:
         return model.model_validate(raw or {})
     except ValidationError as err:
-        raise ConfigError(_describe(err, prefix=f"{section}.", model=model)) from None
+        raise ConfigError(describe(err, model, prefix=f"{section}.")) from None
 
 
 def section(params_path: str | Path, name: str, overrides: dict[str, Any] | None = None) -> Any:

@@ -21,7 +21,6 @@ from torch import nn
 from cv_models import get_task
 from cv_models.base import CVTask
 from cv_models.normalize import load_normalizer
-from tasks.config import TaskConfig
 from tasks.paths import models, outputs
 
 STAGE_MODELS = ("baseline", "augmented")

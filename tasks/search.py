@@ -15,97 +15,13 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import Field, model_validator
-
-from tasks.config import ConfigError, Strict, config_hash, load_params
-from tasks.experiments import (RunnerConfig, TrainJob, check_section, learning_hash, section, task_keys,
+from tasks.config import ConfigError, config_hash, load_params
+from tasks.experiment_settings import PrunerConfig, SearchConfig
+from tasks.experiments import (TrainJob, check_section, learning_hash, section, task_keys,
                                worker_threads)
 from tasks.paths import checkpoints, outputs
-
-
-class SearchParam(Strict):
-    """One dimension: ``{low, high, log}`` for float/int, ``{choices}`` for categorical."""
-
-    type: Literal["float", "int", "categorical"] = "float"
-    low: float | None = None
-    high: float | None = None
-    log: bool = False
-    step: float | None = None
-    choices: list[Any] | None = None
-
-    @model_validator(mode="after")
-    def _range(self):
-        if self.type == "categorical":
-            if not self.choices:
-                raise ValueError("a categorical dimension needs a non-empty list of choices")
-            return self
-        if self.low is None or self.high is None:
-            raise ValueError(f"a {self.type} dimension needs low and high")
-        if self.low > self.high:
-            raise ValueError(f"low {self.low} is above high {self.high}")
-        if self.log and self.low <= 0:
-            raise ValueError(f"a log-scale range needs low > 0, got {self.low}")
-        if self.log and self.step is not None:
-            raise ValueError("log and step cannot be combined")
-        return self
-
-    def distribution(self):
-        from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
-
-        if self.type == "categorical":
-            return CategoricalDistribution(self.choices)
-        if self.type == "int":
-            return IntDistribution(int(self.low), int(self.high), log=self.log, step=int(self.step or 1))
-        return FloatDistribution(self.low, self.high, log=self.log, step=self.step)
-
-    def corners(self) -> list[Any]:
-        """The values that must all be valid settings (checked before the first trial)."""
-        if self.type == "categorical":
-            return list(self.choices)
-        cast = int if self.type == "int" else float
-        return [cast(self.low), cast(self.high)]
-
-
-class PrunerConfig(Strict):
-    name: Literal["median", "percentile", "none"] = "median"
-    startup_trials: int = Field(2, ge=0)  # no pruning until this many trials finished
-    warmup_epochs: int = Field(1, ge=0)  # no pruning within a trial's first epochs
-    percentile: float = Field(50.0, gt=0, lt=100)  # percentile pruner: prune below this percentile
-
-    def build(self):
-        import optuna
-
-        if self.name == "none":
-            return optuna.pruners.NopPruner()
-        if self.name == "percentile":
-            return optuna.pruners.PercentilePruner(self.percentile, n_startup_trials=self.startup_trials,
-                                                   n_warmup_steps=self.warmup_epochs)
-        return optuna.pruners.MedianPruner(n_startup_trials=self.startup_trials, n_warmup_steps=self.warmup_epochs)
-
-
-class SearchConfig(Strict):
-    """``search:`` in params.yaml."""
-
-    trials: int = Field(20, ge=1, le=100_000)  # finished trials (complete, pruned or failed) the study should hold
-    storage: str = "sqlite:///optuna.db"  # Optuna RDB storage; a relative SQLite path is inside the project
-    study_name: str | None = None  # None: <task>-<hash of the base settings and the space>
-    sampler_seed: int | None = None  # None: params.seed
-    pruner: PrunerConfig = PrunerConfig()
-    enqueue: list[dict[str, Any]] = []  # trials to run first (e.g. today's params), keys of the space
-    space: dict[str, SearchParam] = {}
-    runner: RunnerConfig = RunnerConfig()
-
-    @model_validator(mode="after")
-    def _enqueue(self):
-        for i, trial in enumerate(self.enqueue):
-            unknown = sorted(set(trial) - set(self.space))
-            if unknown:
-                raise ValueError(f"enqueue[{i}] names {unknown}, which are not keys of search.space")
-        if not self.space:
-            raise ValueError("search.space is empty: name at least one dotted key to search")
-        return self
 
 
 @dataclass

@@ -13,6 +13,7 @@ import torch
 from tasks import accelerate, augmented, baseline, evaluate, normstats
 from tasks.config import ConfigError, load_params
 from tests.conftest import REPO, TINY_TASKS, tiny_task
+from tests.layer_probe import dtypes, layer_outputs
 
 
 def test_bf16_stages_train_and_evaluate_classification(project):
@@ -23,8 +24,12 @@ def test_bf16_stages_train_and_evaluate_classification(project):
             extra.unlink()
     normstats.run("classification", params)
     for stage in (baseline, augmented):
-        assert stage.run("classification", params)["epochs_run"] == 1
-    metrics = evaluate.run("classification", params)
+        with layer_outputs() as seen:
+            assert stage.run("classification", params)["epochs_run"] == 1
+        assert torch.bfloat16 in dtypes(seen), (stage.__name__, seen)  # the training really ran under bf16 autocast
+    with layer_outputs() as seen:
+        metrics = evaluate.run("classification", params)
+    assert torch.bfloat16 in dtypes(seen), seen  # and so did the scoring
     for name in ("baseline", "augmented"):
         assert 0 <= metrics[name]["accuracy"] <= 1 and metrics[name]["loss"] == metrics[name]["loss"]  # not NaN
 
@@ -46,13 +51,16 @@ def test_bf16_autocast_trains_and_scores_every_task_on_the_cpu(project, task_nam
     val = task.dataset("val", task.eval_transforms(norm))
     val = task.subset(val, list(range(min(4, len(val)))))
     model = task.build_model()
-    result = engine.fit(task, model, train, val, cfg.train, 0, Path("model.pt"))
+    with layer_outputs() as seen:
+        result = engine.fit(task, model, train, val, cfg.train, 0, Path("model.pt"))
+    assert torch.bfloat16 in dtypes(seen), seen  # the convolutions ran in bf16: the setting was not ignored
     assert len(result.history) == 1 and result.history["train_loss"].notna().all()
     assert all(p.dtype == torch.float32 for p in model.parameters())  # autocast leaves the weights in fp32
     acc = accelerate.Accelerator(torch.device("cpu"), "bf16")
     test = task.dataset("test", task.eval_transforms(norm))
-    with acc.autocast():
+    with acc.autocast(), layer_outputs() as seen:
         scored = task.evaluate(model, engine.make_loader(task, test, 8, False, 0), torch.device("cpu")).metrics
+    assert torch.bfloat16 in dtypes(seen), seen
     value = scored[task.primary_metric]
     assert 0 <= value <= 1, scored
 

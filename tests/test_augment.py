@@ -3,7 +3,6 @@ from torchvision import tv_tensors
 
 from cv_models import get_task
 from tasks.config import AugmentConfig, load_params
-from tests.conftest import REPO, tiny_overrides
 
 ALL_ON = {name: {"enabled": True, "p": 1.0} for name in
           ("hflip", "vflip", "rotation", "crop", "rescale", "color", "noise", "blur", "cutout", "mixup", "cutmix")}

@@ -136,7 +136,7 @@ def coco_dotdot(p):
 
 
 def coco_absolute(p):
-    coco = coco_edit(p, lambda c: c["images"][1].update(file_name="/etc/passwd"))
+    coco_edit(p, lambda c: c["images"][1].update(file_name="/etc/passwd"))
     return {}, ["(/etc/passwd)", "file name stays inside the dataset folder"]
 
 

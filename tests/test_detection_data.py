@@ -3,9 +3,12 @@ file and the rule named (or reported without stopping, where the rule says so)."
 from __future__ import annotations
 
 import json
+import math
 import shutil
+import xml.etree.ElementTree as ET
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from cv_models import get_task
@@ -158,7 +161,15 @@ def test_bccd_zero_size_boxes_are_named_and_a_few_images_train(project, tmp_path
     report = validate.run("detection", params)
     dropped = [n for n in report["notes"] if n.startswith("dropped")]
     assert len(dropped) == 2 and "BloodImage_00338.xml" in dropped[0] + dropped[1] and "BloodImage_00343.xml" in dropped[0] + dropped[1]
+    # the detector trains on the four images with every box but the two zero-size ones
+    task = get_task("detection", load_params(params).task("detection"))
+    records = task.records("train")
+    in_xml = sum(len(ET.parse(BCCD / "Annotations" / f"{i}.xml").findall("object")) for i in picks["train"] if i in available)
+    assert len(records) == len(picks["train"]) and sum(len(r["boxes"]) for r in records) == in_xml - 2
     normstats.run("detection", params)
     metrics = baseline.run("detection", params)
-    assert 0 <= metrics["val_map50"] <= 1
+    assert metrics["epochs_run"] == 1 and 0 <= metrics["val_map50"] <= 1
+    losses = pd.read_csv("outputs/detection/baseline/history.csv")["train_loss"]
+    assert len(losses) == 1 and math.isfinite(losses[0]) and losses[0] > 0
+    assert (project.root / "models/detection/baseline/model.pt").stat().st_size > 0
     shutil.rmtree(project.root / "models", ignore_errors=True)

@@ -14,7 +14,6 @@ import pytest
 import torch
 
 from tasks import normstats
-from tasks.config import load_params
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.e2e
@@ -73,7 +72,6 @@ def test_torchrun_training_matches_one_process_and_evaluates(project, task_name)
     params = project.params(**{t + "augment": {}, t + "train.batch_size": 16, t + "train.eval_batch_size": 16,
                                t + "train.num_threads": 1, t + "overfit_check.enabled": False, t + "preview_samples": 4,
                                t + "train.track_train_metric": False, **settings})
-    global_batch = load_params(params).task(task_name).train.batch_size
     normstats.run(task_name, params)
     baseline.run(task_name, params)  # one process
     out = torchrun("-m", "tasks", "augmented", "--task", task_name, "--params", params, cwd=project.root)  # two processes

@@ -12,8 +12,10 @@ import time
 import urllib.request
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
+from PIL import Image
 
 from tests.conftest import REPO
 from tests.test_e2e_classification import _env, dvc, make_repo
@@ -69,10 +71,26 @@ def test_dvc_repro_beats_the_dummy_and_exports_coco_results(dvc_repo):
     for k in ("map", "map50", "map75"):
         assert 0 <= m["augmented"][k] <= 1
     details = dvc_repo / "outputs/detection/evaluate/details"
-    for out in ("predictions_augmented.json", "predictions_baseline.json", "predictions_dummy.json", "ground_truth_test.json",
-                "predictions_augmented.png", "per_class_augmented.csv"):
-        assert (details / out).exists(), out
-    assert (dvc_repo / "outputs/detection/augmented/augment_preview.png").exists()
+    gt = json.loads((details / "ground_truth_test.json").read_text())
+    sizes = {im["id"]: (im["width"], im["height"]) for im in gt["images"]}
+    assert len(sizes) == 12 and gt["annotations"]
+    for model in ("dummy", "baseline", "augmented"):  # COCO results on the test images, in their own pixels
+        rows = json.loads((details / f"predictions_{model}.json").read_text())
+        assert model == "dummy" or rows, model
+        for r in rows:
+            x, y, w, h = r["bbox"]
+            width, height = sizes[r["image_id"]]
+            assert 0 <= r["score"] <= 1 and r["category_id"] in {c["id"] for c in gt["categories"]}, r
+            assert w >= 0 and h >= 0 and -1 <= x <= x + w <= width + 1 and -1 <= y <= y + h <= height + 1, (r, width, height)
+    per_class = pd.read_csv(details / "per_class_augmented.csv")
+    assert sorted(per_class["class"]) == sorted(c["name"] for c in gt["categories"])
+    assert per_class["n_boxes"].sum() == len(gt["annotations"])
+    for name, ap50 in zip(per_class["class"], per_class["ap50"]):  # the metrics' per-class AP, whose mean is the headline
+        assert ap50 == pytest.approx(m["augmented"][f"ap50/{name}"], abs=1e-9)
+    assert per_class.loc[per_class["n_boxes"] > 0, "ap50"].mean() == pytest.approx(m["augmented"]["map50"], abs=1e-6)
+    for picture in (details / "predictions_augmented.png", dvc_repo / "outputs/detection/augmented/augment_preview.png"):
+        with Image.open(picture) as im:
+            assert im.width >= 96 and im.height >= 96 and len(set(im.convert("L").getdata())) > 2, picture
     assert "up to date" in dvc(dvc_repo, "status").stdout
 
 

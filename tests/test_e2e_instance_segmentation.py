@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
+from PIL import Image
 
 from tests.conftest import REPO
 from tests.test_e2e_classification import dvc, make_repo
@@ -59,10 +61,27 @@ def test_dvc_repro_beats_the_dummy_mask_map(dvc_repo):
         for k in ("box_map", "box_map50", "mask_map", "mask_map50"):
             assert 0 <= m[model][k] <= 1
     details = dvc_repo / f"outputs/{TASK}/evaluate/details"
-    for out in ("coco_ground_truth.json", "coco_results_augmented.json", "coco_results_baseline.json",
-                "coco_results_dummy.json", "predictions_test.png", "per_class_augmented.csv"):
-        assert (details / out).exists(), out
-    assert (dvc_repo / f"outputs/{TASK}/augmented/augment_preview.png").exists()
+    gt = json.loads((details / "coco_ground_truth.json").read_text())
+    sizes = {im["id"]: [im["height"], im["width"]] for im in gt["images"]}
+    assert len(sizes) == 9 and gt["annotations"]
+    for model in ("dummy", "baseline", "augmented"):  # masks at each test image's own size, boxes inside it
+        rows = json.loads((details / f"coco_results_{model}.json").read_text())
+        assert model == "dummy" or rows, model
+        for r in rows:
+            x, y, w, h = r["bbox"]
+            height, width = sizes[r["image_id"]]
+            assert r["segmentation"]["size"] == [height, width] and 0 <= r["score"] <= 1, r
+            assert r["category_id"] in {c["id"] for c in gt["categories"]}, r
+            assert w >= 0 and h >= 0 and -1 <= x <= x + w <= width + 1 and -1 <= y <= y + h <= height + 1, r
+    per_class = pd.read_csv(details / "per_class_augmented.csv")
+    assert sorted(per_class["class"]) == sorted(c["name"] for c in gt["categories"])
+    assert per_class["gt_instances"].sum() == len(gt["annotations"])
+    for name, mask_ap50, box_ap50 in zip(per_class["class"], per_class["mask_ap50"], per_class["box_ap50"]):
+        assert mask_ap50 == pytest.approx(m["augmented"][f"mask_ap50/{name}"], abs=1e-9)
+        assert box_ap50 == pytest.approx(m["augmented"][f"box_ap50/{name}"], abs=1e-9)
+    for picture in (details / "predictions_test.png", dvc_repo / f"outputs/{TASK}/augmented/augment_preview.png"):
+        with Image.open(picture) as im:
+            assert im.width >= 64 and im.height >= 64 and len(set(im.convert("L").getdata())) > 2, picture
     assert (dvc_repo / f"outputs/{TASK}/validate/report.md").read_text().count("| ok |") >= 10
 
 

@@ -17,6 +17,7 @@ import torch
 from tasks import augmented, baseline, normstats
 from tasks.config import load_params
 from tests.conftest import TINY_TASKS, tiny_task
+from tests.layer_probe import channels_last_convs, dtypes, layer_outputs
 
 DEVICE = os.environ.get("CV_TEST_DEVICE", "cuda")
 pytestmark = pytest.mark.skipif(DEVICE.startswith("cuda") and not torch.cuda.is_available(),
@@ -54,8 +55,11 @@ def test_every_task_trains_on_the_gpu_in_bf16_channels_last_and_predicts_on_a_cp
     normstats.run(task_name, params)
     if DEVICE.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    result = augmented.run(task_name, params)
+    with layer_outputs() as seen:
+        result = augmented.run(task_name, params)
     assert result["epochs_run"] == 2
+    assert torch.bfloat16 in dtypes(seen), seen  # the settings were not ignored: bf16 convolutions,
+    assert channels_last_convs(seen) > 0, seen  # laid out channels-last
     if DEVICE.startswith("cuda"):
         assert torch.cuda.max_memory_allocated() > 0  # the training ran on the GPU
     value = _metrics(task_name, "augmented")[f"val_{_task(task_name, params).primary_metric}"]

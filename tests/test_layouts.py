@@ -56,7 +56,10 @@ def test_symlinked_image_folder_is_followed(project, tmp_path):
     for p in store.iterdir():
         (root / "train2017" / p.name).symlink_to(p)
     options = {"annotations": "annotations/instances_{split}.json", "images": "{split}", "splits": names}
-    _report("detection", det_params(project, **_data("detection", path=str(root), options=options)))
+    report = _report("detection", det_params(project, **_data("detection", path=str(root), options=options)))
+    assert report["n_samples"] == 24  # every image read, the linked ones too
+    linked = [n for n in report["notes"] if "outside the dataset folder" in n]
+    assert linked and all("followed" in n and str(store) in n for n in linked), report["notes"]
 
 
 def test_one_coco_file_split_by_seed(project, tmp_path):
@@ -101,7 +104,7 @@ def test_yolo_data_yaml_orphans_and_missing_labels_are_reported(project, tmp_pat
     report = _report("detection", det_params(project, **_data("detection", format="yolo", path=str(root), classes=None,
                                                               options={"data_yaml": "data.yaml"})))
     notes = "\n".join(report["notes"])
-    assert f"without a label file" in notes and unlabelled.stem in notes
+    assert "without a label file" in notes and unlabelled.stem in notes
     assert "ghost.txt" in notes and "without an image" in notes
 
 
@@ -239,14 +242,23 @@ def test_pascal_voc_segmentation_layout(project, tmp_path):
 
 def test_ade20k_style_layout(project, tmp_path):
     """images/{split} + annotations/{split} with ADE's split names; 0 = 'other', not a class."""
+    import numpy as np
+    from PIL import Image
+
     root = tmp_path / "ade"
     names = {"train": "training", "val": "validation", "test": "testing"}
     L.copy_masks(project.shapes / "scenes", {s: root / "images" / n for s, n in names.items()},
                  {s: root / "annotations" / n for s, n in names.items()})
-    params = _seg(project, root, images_dir="images/{split}", masks_dir="annotations/{split}", splits=names)
+    params = _seg(project, root, images_dir="images/{split}", masks_dir="annotations/{split}", splits=names,
+                  ignore_values=[0])
     _report("segmentation", params)
     task = get_task("segmentation", load_params(params).task("segmentation"))
-    assert len(task.dataset("val", None)) == len(list((root / "images" / "validation").iterdir()))
+    val = task.dataset("val", None)
+    assert len(val) == len(list((root / "images" / "validation").iterdir()))
+    read = np.concatenate([np.asarray(val[i][1]).ravel() for i in range(len(val))])
+    on_disk = np.concatenate([np.asarray(Image.open(p)).ravel() for p in sorted((root / "annotations" / "validation").iterdir())])
+    assert 0 not in read and (read == 255).sum() == (on_disk == 0).sum() > 0  # "other" is the ignore index
+    assert np.bincount(read[read != 255]).tolist() == np.bincount(on_disk[on_disk != 0]).tolist()  # the rest as it was
 
 
 def test_per_instance_folders_layout(project, tmp_path):

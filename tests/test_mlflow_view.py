@@ -143,7 +143,7 @@ def test_the_ui_shows_the_pipeline_rows_with_their_primary_test_metric(two_runs,
             text = visible_text(dump_dom(chromium, url, tmp_path / f"profile{attempt}", width=1600, height=900))
             if "test.augmented.accuracy" in text:
                 break
-        if shot := os.environ.get("CV_MLFLOW_SCREENSHOT"):  # the README's picture: CV_MLFLOW_SCREENSHOT=docs/x.png
+        if shot := os.environ.get("CV_MLFLOW_SCREENSHOT"):  # the docs' picture: CV_MLFLOW_SCREENSHOT=docs/x.png
             screenshot(chromium, url, Path(shot).resolve(), tmp_path / "profile-shot", width=2200, height=560)
     # the training-runs table, not the GenAI overview
     assert "Run Name" in text and "Token Usage" not in text, text[:2000]

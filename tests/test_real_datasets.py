@@ -1,7 +1,7 @@
 """The first three stages on the real datasets in ../shared/datasets (issue 12), with the defaults of
 params.yaml plus data settings only: validate, normstats and the baseline's overfit-one-batch check.
 
-The data settings below are the README's settings blocks. The data is never committed; each test
+The data settings below are the settings blocks of docs/data.md. The data is never committed; each test
 skips, naming the path, when its dataset is absent. The full baseline training is left out (the
 overfit check is what fails on real data when it is mis-sized); ``-m e2e`` runs these.
 """
@@ -34,7 +34,7 @@ def shared_datasets() -> Path:
 
 
 # dataset -> (task, the folder that must exist, data settings). Only `data` (and nothing else) differs from
-# params.yaml: these are the settings blocks of the README's layout table.
+# params.yaml: these are the settings blocks of the layout table in docs/data.md.
 DATASETS = {
     "trashnet150": ("classification", "trashnet150/data/dataset-resized", {
         "format": "imagefolder", "path": "{root}/trashnet150/data/dataset-resized", "split_from": "seed",

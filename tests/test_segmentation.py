@@ -15,7 +15,7 @@ from cv_models import get_task
 from cv_models.mix.segmentation import SegmentationCutMix, SegmentationMixUp
 from cv_models.seg_losses import LOSSES, soft_targets
 from tasks import validate
-from tasks.config import AugmentConfig, LossConfig, load_params
+from tasks.config import LossConfig, load_params
 from tasks.validate import ValidationFailed
 
 CLASSES = ["background", "circle", "square", "triangle", "star"]

@@ -1,5 +1,4 @@
 import hashlib
-import json
 
 import numpy as np
 from PIL import Image

@@ -389,8 +389,13 @@ def test_registered_champion_predicts_like_the_best_model_and_keeps_the_alias_un
     assert version.tags["previous_champion_version"] == str(registered["version"])
     assert version.tags["previous_champion_val.accuracy"] == version.tags["val.accuracy"]
     assert "champion stays" in version.tags["champion_decision"]
-    for key in ("git_commit", "data_version", "params_hash", "test.accuracy"):
-        assert version.tags[key]
+    from tasks.config import config_hash, load_params
+    from tasks.tracking import git_commit
+
+    test_metrics, _ = evaluated(trained, "classification")
+    assert version.tags["git_commit"] == git_commit()  # the project folder's commit ("unknown" outside git)
+    assert version.tags["params_hash"] == config_hash(load_params(trained / "params.yaml").task("classification"))
+    assert float(version.tags["test.accuracy"]) == pytest.approx(test_metrics[again["stage"]]["accuracy"], abs=1e-6)
     assert version.tags["data_version"] == json.loads((trained / "outputs/classification/validate/report.json").read_text())[
         "data_version"]["all"]["digest"]
     from tasks.report import results_table

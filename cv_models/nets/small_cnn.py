@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from cv_models.nets import register_net
+from cv_models.nets.registry import register_net
 
 
 class SmallCNN(nn.Module):

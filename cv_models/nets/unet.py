@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cv_models.nets import register_net
+from cv_models.nets.registry import register_net
 
 
 def conv_block(c_in: int, c_out: int, dropout: float = 0.0) -> nn.Sequential:
