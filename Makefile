@@ -15,7 +15,7 @@ export DVC_NO_ANALYTICS := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 300
 
-.PHONY: run test test-all env serve worker deploy mlflow-server mlflow-ui benchmark gpu-benchmark ablate search clean
+.PHONY: run test test-all init env serve worker deploy mlflow-server mlflow-ui benchmark gpu-benchmark ablate search clean
 
 env: $(STAMP)
 
@@ -32,6 +32,12 @@ run: $(STAMP)
 
 test: $(STAMP)
 	python -m pytest
+
+# your own data: find its layout, propose settings for the budget, write tasks.<task> of params.yaml, validate
+#   make init DATA=path/to/dataset [INIT_ARGS="--task detection --budget-minutes 10 --kind street"]
+init: $(STAMP)
+	@test -n "$(DATA)" || { echo "usage: make init DATA=path/to/dataset [INIT_ARGS='--budget-minutes 10 ...']"; exit 2; }
+	python -m tasks init $(DATA) $(INIT_ARGS)
 
 # everything, the six tests marked slow included (a few minutes more; not timed since the sixth joined)
 test-all: $(STAMP)

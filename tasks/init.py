@@ -68,7 +68,7 @@ def run(path: str | Path, task: str | None = None, fmt: str | None = None, budge
         validate: bool = True, echo=print) -> InitResult:
     t0 = time.perf_counter()
     out = Path(out)
-    base = Path(base) if base else (out if out.exists() else Path("params.yaml"))
+    base = Path(base) if base else next(p for p in (out, Path("params.yaml"), REPO / "params.yaml") if p.exists())
     reading, classes, facts, choices, block = plan(Path(path), task, fmt, budget_minutes, kind, base)
     header = f"{HEADER} {path} --budget-minutes {budget_minutes:g}: see the table it printed for why"
     write_settings(out, base, reading.task, block, header)

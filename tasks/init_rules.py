@@ -33,8 +33,8 @@ class Profile:
 PROFILES = {
     "classification": Profile(400_000, 10, 32, 160, 32, 16, {"train.loss.class_weights": "inverse_frequency"}),
     "segmentation": Profile(150_000, 30, 64, 256, 4, 32, {"train.loss.name": "ce_dice"}),
-    "detection": Profile(60_000, 12, 128, 384, 4, 32, {}),
-    "instance_segmentation": Profile(40_000, 12, 128, 320, 4, 32, {}),
+    "detection": Profile(60_000, 12, 192, 384, 4, 32, {}),
+    "instance_segmentation": Profile(40_000, 12, 192, 320, 4, 32, {}),
 }
 
 # the model of each task (and of a kind of data, where it differs): the one table to point at pretrained weights
@@ -112,12 +112,13 @@ def size_rule(c: Context) -> list[Choice]:
     budget_px = p.pixels_per_s * c.budget_minutes * 60 * 0.8 / (n_train * p.epochs_wanted)
     short = math.sqrt(budget_px / max(f.aspect, 1e-3)) if f.aspect >= 1 else math.sqrt(budget_px * f.aspect)
     why = f"{p.epochs_wanted} epochs of {n_train} training images in {c.budget_minutes:g} min"
-    if f.box_side > 0:  # the small objects must stay a few pixels wide
-        floor = 12 / f.box_side
-        if floor > short:
-            short, why = floor, f"keeps the smallest 10% of boxes at 12 px or more ({f.box_side:.1%} of the image)"
     image_short = min(f.width, f.height) or short
-    short = min(max(short, p.min_side), p.max_side * min(f.aspect, 1 / f.aspect), image_short)
+    cap = min(p.max_side * min(f.aspect, 1 / f.aspect), image_short)
+    if f.box_side > 0 and short < 12 / f.box_side <= cap:  # small objects stay a few pixels wide, where the cap allows
+        short, why = 12 / f.box_side, f"keeps the smallest 10% of boxes at 12 px or more ({f.box_side:.1%} of the image)"
+    if short < p.min_side:
+        why = f"the {c.task} floor of {p.min_side} px (fewer pixels lose the objects)"
+    short = min(max(short, p.min_side), cap)
     h, w = (short, short * f.aspect) if f.aspect >= 1 else (short / f.aspect, short)
     c.size = (_round(h, p.size_step), _round(w, p.size_step))
     c.epochs = p.pixels_per_s * c.budget_minutes * 60 * 0.8 / (n_train * c.size[0] * c.size[1])

@@ -49,7 +49,8 @@ def imagefolder(root: Path) -> Found:
         data = {"format": "imagefolder", "path": str(root), "classes": None, "split_from": "folders"}
         return [Reading("classification", "imagefolder", data, f"train/ val/ test/ hold {len(classes)} class folders of images")]
     classes = _with_images(root)
-    if len(classes) >= 2 and not split_dirs and not _paired(classes):
+    siblings = [d for d in subdirs(root.parent) if d != root and split_of(d.name)] if split_of(root.name) else []
+    if len(classes) >= 2 and not split_dirs and not siblings and not _paired(classes):
         data = {"format": "imagefolder", "path": str(root), "classes": None, "split_from": "seed"}
         return [Reading("classification", "imagefolder", data,
                         f"{len(classes)} class folders of images ({', '.join(d.name for d in classes[:6])}"
@@ -102,8 +103,9 @@ def coco(root: Path) -> Found:
             break
         found[hit[0]] = hit[1]
         template = name.replace(hit[1], "{split}")
-    first = files[0][1]
-    images = _coco_images(root, first, found.get("train", next(iter(found.values()))))
+    token = found.get("train", next(iter(found.values())))
+    first = next((doc for path, doc in files if token in path.stem), files[0][1])
+    images = _coco_images(root, first, token)
     if images is None:
         return [Miss("COCO JSON", 0.7, f"the image files named in {files[0][0]} (looked in images/, the split's folder, "
                      f"images/<split>/ and {root})", root)]
