@@ -258,13 +258,18 @@ def test_written_block_keeps_the_rest_of_params_and_reads_back(project, tmp_path
     params = project.params()
     params.write_text(params.read_text().replace("tasks:\n", "tasks:  # the tasks\n", 1))
     other = yaml.safe_load(params.read_text())["tasks"]["detection"]
+    printed = []
     result = init.run(project.classification, budget_minutes=3, kind="documents", out=params, validate=False,
-                      echo=lambda *_: None)
+                      echo=printed.append)
     raw = yaml.safe_load(params.read_text())
     assert raw["tasks"]["detection"] == other and "tasks:  # the tasks" in params.read_text()
     cfg = load_params(params).task("classification")
     assert cfg.train.time_limit_minutes == 3 and not cfg.augment.hflip.enabled  # documents: no flips
-    assert cfg.image_size in (32, [32, 32]) or cfg.image_size <= 64
+    assert cfg.image_size == 32  # the images' own size caps it
+    table = "\n".join(printed)
+    for choice in result.choices:  # every value written is in the table with its reason
+        assert choice.key in table and choice.why.split(":")[0] in table
+    assert "next: dvc repro evaluate@classification" in table
     again = init.run(project.classification, budget_minutes=3, out=params, validate=False, echo=lambda *_: None)
     assert params.read_text().count("written by python -m tasks init") == 1 and again.reading == result.reading
     alone = tmp_path / "mine.yaml"
