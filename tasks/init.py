@@ -94,8 +94,8 @@ def _table(rows: list[tuple[str, ...]], header: tuple[str, ...]) -> str:
 def render(r: InitResult) -> str:
     rd = r.reading
     head = [f"layout: {rd.task} / format {rd.format} at {rd.data['path']}", f"  {rd.evidence}",
-            f"  split: {rd.data['split_from']}{' (seeded 70/15/15)' if rd.data['split_from'] == 'seed' else ''}; "
-            f"classes ({len(r.classes)}): {', '.join(r.classes[:10])}{' ...' if len(r.classes) > 10 else ''}"]
+            (f"  split: {rd.data['split_from']}{' (seeded 70/15/15)' if rd.data['split_from'] == 'seed' else ''}; "
+            f"classes ({len(r.classes)}): {', '.join(r.classes[:10])}{' ...' if len(r.classes) > 10 else ''}")]
     ignore = rd.data.get("options", {}).get("ignore_values")
     if ignore:
         head.append(f"  ignore values: {ignore} (read as the loss's ignore index)")

@@ -7,9 +7,10 @@ The model of each task is chosen in one place, :data:`MODELS` (pretrained backbo
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from cv_models.data.measure import DataFacts
 from cv_models.sizing import AUTO_KEYS
@@ -106,7 +107,7 @@ def model_for(task: str, kind: str) -> dict[str, Any]:
 
 
 def _round(x: float, step: int = 32) -> int:
-    return max(step, int(round(x / step)) * step)
+    return max(step, round(x / step) * step)
 
 
 def size_rule(c: Context) -> list[Choice]:

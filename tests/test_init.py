@@ -40,10 +40,14 @@ def _coco_classes(project) -> list[str]:
 
 # ------------------------------------------------------------------ classification
 def test_imagefolder_with_split_folders(project):
+    from tasks import normstats
+
     result, cfg = _init(project, project.classification)
     assert (result.reading.task, cfg.data.format, cfg.data.split_from) == ("classification", "imagefolder", "folders")
     assert result.classes == SHAPES
     assert result.report["n_samples"] == sum(1 for _ in project.classification.rglob("*.png"))
+    normstats.run("classification", str(project.root / "params.yaml"))  # the next stage takes the file unchanged
+    assert (project.root / "outputs" / "classification" / "normstats").is_dir()
 
 
 def test_imagefolder_without_splits_is_split_by_seed(project, tmp_path):
@@ -313,4 +317,4 @@ def test_shared_dataset_validates_with_no_edit(project, name):
     kw, task, _ = SHARED_CASES[name]
     project.params()
     result = init.run(SHARED / name, budget_minutes=5, out=project.root / "params.yaml", echo=lambda *_: None, **kw)
-    assert result.report["success"], json.dumps([c for c in result.report["checks"] if not c["success"]], indent=1)
+    assert result.reading.task == task and result.report["success"], json.dumps([c for c in result.report["checks"] if not c["success"]], indent=1)

@@ -36,7 +36,7 @@ class Reading:
     def serves(self, task: str) -> bool:
         return task == self.task or task == "any" or task in self.also
 
-    def as_task(self, task: str) -> "Reading":
+    def as_task(self, task: str) -> Reading:
         """The same annotations read by another task they serve (a COCO polygon file as detection, say)."""
         if task in ("any", self.task):
             return self

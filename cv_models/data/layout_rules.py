@@ -4,14 +4,13 @@ in full here, the task's own reader does that when the reading is validated."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import yaml
 
 from cv_models.data.layout_facts import (
-    Miss, Reading, images_in, is_image, label_like, listing, rel, split_names, split_of, split_token, splits_present,
-    subdirs,
+    Miss, Reading, images_in, is_image, label_like, listing, rel, split_names, split_of, split_token, splits_present, subdirs,
 )
 
 Found = list  # of Reading | Miss
