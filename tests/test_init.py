@@ -152,6 +152,20 @@ def test_segnet_layout_finds_the_unlabelled_value(project, tmp_path):
     assert len(result.classes) == 5
 
 
+def test_colour_masks_with_a_suffix(project, tmp_path):
+    """CamVid-style colour masks (one RGB colour per class) named <image stem>_L.png in their own folder."""
+    from cv_models.segmentation import PALETTE
+
+    root = tmp_path / "camvid"
+    L.copy_masks(project.shapes / "scenes", {s: root / "images" for s in L.SPLITS}, {s: root / "labels" for s in L.SPLITS},
+                 mask_suffix="_L.png", convert=lambda m: Image.fromarray(np.array(PALETTE, np.uint8)[m]))
+    result, cfg = _init(project, root, kind="street")
+    o = cfg.data.options
+    assert (cfg.data.split_from, o.mask_suffix, len(result.classes)) == ("seed", "_L.png", 5)
+    assert [tuple(c) for c in o.colors] == sorted(PALETTE[:5], key=lambda c: (c[0] << 16) | (c[1] << 8) | c[2])
+    assert cfg.model.name == "lraspp_mobilenet_v3_large" and not cfg.augment.vflip.enabled  # the street model and preset
+
+
 def test_pascal_voc_segmentation_palette_and_boundary(project, tmp_path):
     root = tmp_path / "voc"
     palette = [0, 0, 0, 128, 0, 0, 0, 128, 0, 128, 128, 0, 0, 0, 128] + [0] * (3 * 250) + [224, 224, 192]

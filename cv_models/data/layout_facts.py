@@ -113,13 +113,18 @@ def split_names(found: dict[str, str]) -> dict[str, str] | None:
 
 @lru_cache(maxsize=1024)
 def mask_values(path: Path) -> tuple[str, tuple[int, ...]] | None:
-    """(mode, distinct values) of a single-channel image with few values, i.e. a label mask; None otherwise."""
+    """(mode, distinct values) of an image with few values, i.e. a label mask; None otherwise. Colour masks
+    (CamVid's ``_L.png``) give mode ``RGB`` and their colours packed as ``r << 16 | g << 8 | b``."""
     try:
         with Image.open(path) as im:
             mode = im.mode
-            if mode not in ("1", "L", "P", "I", "I;16"):
+            if mode in ("RGB", "RGBA"):
+                rgb = np.asarray(im.convert("RGB")).astype(np.int64)
+                mode, values = "RGB", np.unique((rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2])
+            elif mode in ("1", "L", "P", "I", "I;16"):
+                values = np.unique(np.asarray(im))
+            else:
                 return None
-            values = np.unique(np.asarray(im))
     except OSError:
         return None
     if len(values) > MAX_LABEL_VALUES:
@@ -134,13 +139,16 @@ def label_like(folder: Path, sample: int = 6) -> tuple[str, set[int]] | None:
         return None
     step = max(1, len(files) // sample)
     seen: set[int] = set()
-    mode = ""
+    mode, most = "", 0
     for p in files[::step][:sample]:
         facts = mask_values(p)
         if facts is None:
             return None
         mode, values = facts
         seen |= set(values)
+        most = max(most, len(values))
+    if len(seen) > MAX_LABEL_VALUES or (mode == "RGB" and len(seen) > 2 * most):
+        return None  # class colours repeat from file to file; segment ids (COCO panoptic PNGs) do not
     return mode, seen
 
 

@@ -26,10 +26,19 @@ def _stems(folder: Path) -> set[str]:
     return {p.stem for p in images_in(folder)}
 
 
+MASK_SUFFIXES = ("", "_L", "_mask", "_label", "_gt", "_seg")  # mask file = image stem + one of these
+
+
+def _shared(images: set[str], masks: set[str]) -> tuple[set[str], str]:
+    """The image stems that have a mask, with the mask suffix that pairs the most."""
+    return max((({s for s in images if s + suffix in masks}, suffix) for suffix in MASK_SUFFIXES), key=lambda t: len(t[0]))
+
+
 def _paired(folders: list[Path]) -> bool:
-    """Two folders holding the same file names: images and their masks, not two classes."""
+    """Two folders holding the same file names (up to a mask suffix): images and their masks, not two classes."""
     stems = [_stems(f) for f in folders]
-    return any(len(a & b) > 0.5 * min(len(a), len(b)) for i, a in enumerate(stems) for b in stems[i + 1:])
+    return any(len(_shared(a, b)[0]) > 0.5 * min(len(a), len(b)) for x, a in enumerate(stems) for y, b in enumerate(stems)
+               if x != y)
 
 
 # ------------------------------------------------------------------ ImageFolder
@@ -221,12 +230,11 @@ def _partner(masks: Path, candidates: list[Path]) -> tuple[Path, str] | None:
         if images == masks or label_like(images):
             continue
         stems = _stems(images)
-        for suffix in ("", "_L", "_mask", "_label", "_gt", "_seg"):
-            shared = {s for s in stems if s + suffix in mask_stems}
-            if len(shared) >= 0.9 * min(len(stems), len(mask_stems)) and shared:
-                distance = len(images.parts) + len(masks.parts) - 2 * len(Path(*_common(images, masks)).parts)
-                if best is None or distance < best[0]:
-                    best = (distance, images, suffix)
+        shared, suffix = _shared(stems, mask_stems)
+        if shared and len(shared) >= 0.9 * min(len(stems), len(mask_stems)):
+            distance = len(images.parts) + len(masks.parts) - 2 * len(_common(images, masks))
+            if best is None or distance < best[0]:
+                best = (distance, images, suffix)
     return (best[1], best[2]) if best else None
 
 
@@ -278,7 +286,12 @@ def _mask_reading(root: Path, images: str, masks: str, suffix: str, found: dict)
         options["image_suffix"] = images_in(root / images)[0].suffix if "{" not in images else ".jpg"
     if found and split_names(found):
         options["splits"] = found
-    classes, value_map, ignore = mask_classes(values)
+    if mode == "RGB":  # a colour per class, black first
+        colors = [[v >> 16, (v >> 8) & 255, v & 255] for v in values]
+        classes, value_map, ignore = [f"color_{r}_{g}_{b}" for r, g, b in colors], None, []
+        options["colors"] = colors
+    else:
+        classes, value_map, ignore = mask_classes(values)
     if value_map:
         options["value_map"] = value_map
     if ignore:
@@ -287,7 +300,8 @@ def _mask_reading(root: Path, images: str, masks: str, suffix: str, found: dict)
         options["palette_as_index"] = True
     split_from = "folders" if set(found) == set(SPLITS) else "seed"
     data = {"format": "mask_folder", "path": str(root), "classes": classes, "split_from": split_from, "options": options}
-    evidence = (f"label masks ({mode} mode, values {values[:12]}{' ...' if len(values) > 12 else ''}) in {masks} "
+    shown = [tuple(c) for c in options.get("colors", [])] or values
+    evidence = (f"label masks ({mode} mode, values {shown[:12]}{' ...' if len(values) > 12 else ''}) in {masks} "
                 f"share file names with the images in {images}")
     return Reading("segmentation", "mask_folder", data, evidence, (), {"mask_values": values, "ignore_values": ignore})
 
