@@ -66,6 +66,7 @@ PRESET_WHY = {
     "documents": "text reads one way: no flips or rotations",
 }
 VAL_PASSES = 8  # validation passes wanted over the epochs that fit
+MIN_OBJECTS = 100  # training objects a class needs to be learnt from scratch in a CPU budget (README real-data rows)
 IMBALANCED = 5.0  # most / least frequent class at or above this: the loss counters it
 MIXING = ("mixup", "cutmix", "mosaic", "copy_paste")  # pay off over long schedules only
 
@@ -214,9 +215,24 @@ def data_policy_rule(c: Context) -> list[Choice]:
     return out
 
 
+def rare_classes_rule(c: Context) -> list[Choice]:
+    """Box tasks: classes with too few training objects to learn from random initialisation in a CPU budget
+    are left out (their images stay, as background), when some class has enough."""
+    f = c.facts
+    if not f.n_boxes or not c.has("data.options.keep_classes"):
+        return []
+    keep = [n for n, k in sorted(f.class_counts.items(), key=lambda t: -t[1]) if k >= MIN_OBJECTS]
+    if not keep or len(keep) == len(f.classes):
+        return []
+    return [Choice("data.options.keep_classes", keep, f"{len(f.classes) - len(keep)} of {len(f.classes)} classes have "
+                   f"under {MIN_OBJECTS} training objects: too few to learn from random initialisation in minutes "
+                   f"(remove the key to train on all)")]
+
+
 # every rule, in the order the table shows them; a new rule is one more function here
 RULES: list[Callable[[Context], list[Choice]]] = [size_rule, model_rule, epochs_rule, val_every_rule, augment_rule,
-                                                  cache_rule, detector_rule, balance_rule, data_policy_rule]
+                                                  cache_rule, detector_rule, balance_rule, data_policy_rule,
+                                                  rare_classes_rule]
 
 
 def pick_kind(kind: str | None, facts: DataFacts) -> tuple[str, str]:

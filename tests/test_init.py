@@ -332,3 +332,36 @@ def test_shared_dataset_validates_with_no_edit(project, name):
     project.params()
     result = init.run(SHARED / name, budget_minutes=5, out=project.root / "params.yaml", echo=lambda *_: None, **kw)
     assert result.reading.task == task and result.report["success"], json.dumps([c for c in result.report["checks"] if not c["success"]], indent=1)
+
+
+# ------------------------------------------------------------------ the rules, on figures alone
+def _figures(**kw):
+    from cv_models.data.measure import DataFacts
+
+    base = dict(n_images=100, splits={"train": 70, "val": 15, "test": 15}, width=640, height=480, aspect=4 / 3,
+                channels=3, classes=["person", "car", "kite"], class_counts={"person": 300, "car": 40, "kite": 3},
+                imbalance=100.0, n_boxes=343, most_objects=12, objects_per_image=3.4, box_side=0.1)
+    return DataFacts(**{**base, **kw})
+
+
+def _proposed(task: str, facts, budget: float = 10, kind=None) -> dict:
+    from tasks.init_rules import propose
+
+    schema = load_params(REPO / "params.yaml").task(task).model_dump()
+    return {c.key: c.value for c in propose(task, facts, budget, kind, schema)}
+
+
+def test_rare_classes_left_out_of_box_tasks_only_when_some_class_has_enough():
+    assert _proposed("detection", _figures())["data.options.keep_classes"] == ["person"]
+    enough = _figures(class_counts={"person": 300, "car": 140, "kite": 103}, imbalance=2.9)
+    assert "data.options.keep_classes" not in _proposed("detection", enough)
+
+
+def test_size_keeps_the_aspect_ratio_and_grows_with_the_budget():
+    small, large = (_proposed("segmentation", _figures(n_boxes=0, splits={"train": 400, "val": 50, "test": 50}), b)
+                    for b in (2, 60))
+    for p in (small, large):
+        h, w = p["image_size"]
+        assert abs(w / h - 4 / 3) < 0.2 and h % 32 == 0 and w % 32 == 0
+    assert small["image_size"][0] < large["image_size"][0] <= 256
+    assert small["train.time_limit_minutes"] == 2 and large["train.val_every"] >= small["train.val_every"]
