@@ -16,7 +16,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export NO_MKDOCS_2_WARNING := 1
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 300
 
-.PHONY: run test test-all lint docs docs-check docs-serve env serve worker deploy mlflow-server mlflow-ui benchmark gpu-benchmark ablate search clean
+.PHONY: run test test-all init lint docs docs-check docs-serve env serve worker deploy mlflow-server mlflow-ui benchmark gpu-benchmark ablate search clean
 
 env: $(STAMP)
 
@@ -50,6 +50,12 @@ docs-check: $(STAMP)
 DOCS_PORT ?= 8000
 docs-serve: $(STAMP)
 	mkdocs serve --dev-addr 127.0.0.1:$(DOCS_PORT)
+
+# your own data: find its layout, propose settings for the budget, write tasks.<task> of params.yaml, validate
+#   make init DATA=path/to/dataset [INIT_ARGS="--task detection --budget-minutes 10 --kind street"]
+init: $(STAMP)
+	@test -n "$(DATA)" || { echo "usage: make init DATA=path/to/dataset [INIT_ARGS='--budget-minutes 10 ...']"; exit 2; }
+	python -m tasks init $(DATA) $(INIT_ARGS)
 
 # everything, the six tests marked slow included (a few minutes more; not timed since the sixth joined)
 test-all: $(STAMP)

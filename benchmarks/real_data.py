@@ -4,6 +4,7 @@
     python benchmarks/real_data.py all --keep runs/real --baseline-minutes 1   # every dataset, in turn
     python benchmarks/real_data.py coco128_lightly --seed 1   # another training seed on both sides, same split
     python benchmarks/real_data.py coco128_json --device cuda --plain size=640   # both sides on the GPU
+    python benchmarks/real_data.py trashnet150 --from-init   # the settings `python -m tasks init` proposes
 
 For one dataset it
 1. runs the pipeline's validate stage with the dataset's settings overlay (benchmarks/real_data/<name>.yaml,
@@ -158,6 +159,17 @@ def overlay(name: str, root: Path) -> dict:
     return yaml.safe_load(text)
 
 
+def init_overlay(name: str, root: Path, spec: dict) -> dict:
+    """What ``python -m tasks init`` proposes for the dataset at the overlay's budget, as dotted keys in place of
+    the hand-written ones (the plain script's settings and the budget stay the overlay's)."""
+    from tasks.init import plan
+
+    task = DATASETS[name]
+    reading, _, _, choices, _ = plan(root / name, task=task, budget_minutes=spec["budget_minutes"])
+    return {"budget_minutes": spec["budget_minutes"], "plain": spec["plain"], f"tasks.{task}.data": reading.data,
+            **{f"tasks.{task}.{c.key}": c.value for c in choices}}
+
+
 def start_plain(task: str, work: Path, budget_s: float, settings: dict) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     cmd = [sys.executable, str(REPO / "benchmarks" / "plain" / f"{task}.py"), "--manifest", str(work / "manifest.json"),
@@ -230,7 +242,7 @@ def both_sides(task_name: str, spec: dict, extra: dict, device: str = "cpu", see
 
 def benchmark(name: str, root: Path, budget_minutes: float | None, extra: dict, keep: str | None,
               baseline_minutes: float = 0.0, seed: int | None = None, device: str = "cpu",
-              plain_extra: dict | None = None) -> dict:
+              plain_extra: dict | None = None, from_init: bool = False) -> dict:
     from cv_models import get_task
     from tasks import validate
     from tasks.config import load_params
@@ -243,6 +255,8 @@ def benchmark(name: str, root: Path, budget_minutes: float | None, extra: dict, 
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{work / 'mlflow.db'}"
     os.environ.setdefault("CV_PIPELINE_RUN_ID", f"real-data-{name}")
     spec = overlay(name, root)
+    if from_init:  # the settings init proposes instead of the hand-written overlay
+        spec = init_overlay(name, root, spec)
     budget_s = (budget_minutes or spec["budget_minutes"]) * 60
     overrides, plain_settings = both_sides(task_name, spec, extra, device, seed, plain_extra)
     t0 = time.perf_counter()
@@ -330,6 +344,8 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N: where both sides train (default cpu)")
     ap.add_argument("--plain", dest="plain_overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="a setting of the plain script (the overlay's plain: block), e.g. size=640")
+    ap.add_argument("--from-init", action="store_true",
+                    help="the pipeline's settings from `python -m tasks init` at the overlay's budget, not the overlay")
     args = ap.parse_args()
     root = Path(args.shared).resolve()
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
@@ -340,7 +356,7 @@ def main() -> None:
             raise SystemExit(f"{name} not found under {root} (--shared)")
         here = Path.cwd()
         r = benchmark(name, root, args.budget_minutes, parse_overrides(args.overrides), args.keep, args.baseline_minutes,
-                      args.seed, args.device, parse_overrides(args.plain_overrides))
+                      args.seed, args.device, parse_overrides(args.plain_overrides), args.from_init)
         os.chdir(here)
         rows.append(row(r))
         print(json.dumps(r, indent=2))

@@ -5,6 +5,7 @@
     python -m tasks crops          (object crops of a detection task, to pretrain on)
     python -m tasks {validate,normstats,baseline,augmented,evaluate} --task classification
     python -m tasks report
+    python -m tasks init PATH [--task T] [--budget-minutes M] [--kind K] [--out FILE]   (your data: tasks/init.py)
     python -m tasks predict --task detection --model best --input photos/ --out predictions/
     python -m tasks export --task detection --model best --format onnx [--out exports/detection]
 
@@ -37,6 +38,9 @@ def parse_overrides(pairs: list[str]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["init"]:  # python -m tasks init PATH ...: its own options (tasks/init.py)
+        return importlib.import_module("tasks.init").main(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m tasks", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("stage", choices=("generate", "pretrain", "crops", *STAGES, "report", "predict", "export"))
     parser.add_argument("--task", help="CV task name (a key of tasks: in params.yaml)")

@@ -1,0 +1,250 @@
+"""The rules ``python -m tasks init`` proposes settings by: tables per task and per kind of data, and one small
+function per setting. Each rule returns :class:`Choice` rows (a dotted key under ``tasks.<task>``, the value,
+and why), so the printed table explains every value written.
+
+The model of each task is chosen in one place, :data:`MODELS` (pretrained backbones go there).
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cv_models.data.measure import DataFacts
+from cv_models.sizing import AUTO_KEYS
+
+KINDS = ("photos", "street", "microscopy", "documents")
+
+
+@dataclass(frozen=True)
+class Profile:
+    """What one task costs and wants on a CPU core (figures from NOTES and the real-data overlays)."""
+
+    pixels_per_s: float  # training throughput, one torch thread, at the proposed model
+    epochs_wanted: int  # the image size is lowered until about this many epochs fit the budget
+    min_side: int
+    max_side: int
+    batch_size: int
+    size_step: int  # image sides are multiples of this (the networks' total stride)
+    balance: dict  # settings that counter class imbalance (empty: the task has none)
+
+
+# throughputs calibrated on the README's real-data rows (2-core AMD EPYC under load, one torch thread, validation
+# included): trashnet150 113k px/s, isbi_membrane 92k, bccd ~50k, coco128_lightly 78k, coco128_json 84k
+PROFILES = {
+    "classification": Profile(115_000, 3, 32, 160, 32, 16, {"train.loss.class_weights": "inverse_frequency"}),
+    "segmentation": Profile(90_000, 12, 64, 256, 4, 32, {"train.loss.name": "ce_dice"}),
+    "detection": Profile(60_000, 12, 192, 384, 4, 32, {}),
+    "instance_segmentation": Profile(80_000, 12, 192, 320, 4, 32, {}),
+}
+
+# the model of each task (and of a kind of data, where it differs): the one table to point at pretrained weights
+MODELS: dict[tuple[str, str | None], dict[str, Any]] = {
+    ("classification", None): {"model.name": "resnet18", "model.weights": "none"},
+    ("segmentation", None): {"model.name": "unet", "model.width": 16, "model.depth": 4, "model.weights": "none"},
+    ("segmentation", "street"): {"model.name": "lraspp_mobilenet_v3_large", "model.weights": "none",
+                                 "model.options": {"weights_backbone": None}},
+    ("detection", None): {"model.name": "fasterrcnn", "model.weights": "none", "model.options.backbone": "resnet18",
+                          "model.options.backbone_weights": "none"},
+    ("instance_segmentation", None): {"model.name": "maskrcnn", "model.weights": "none",
+                                      "model.options.backbone": "resnet18", "model.options.backbone_weights": "none"},
+}
+
+# augmentation preset per kind of data: flips only where they keep the labels true
+PRESETS: dict[str, dict[str, bool]] = {
+    "photos": {"hflip": True, "vflip": False, "rotation": False, "color": True},
+    "street": {"hflip": True, "vflip": False, "rotation": False, "color": True},
+    "microscopy": {"hflip": True, "vflip": True, "rotation": False, "color": False},
+    "documents": {"hflip": False, "vflip": False, "rotation": False, "color": True},
+}
+PRESET_WHY = {
+    "photos": "photos have an up: left-right flips and colour, no vertical flips or rotations",
+    "street": "street scenes have an up and a road below: left-right flips only, no vertical flips",
+    "microscopy": "slides have no up: flips both ways; no colour change (stains carry meaning)",
+    "documents": "text reads one way: no flips or rotations",
+}
+VAL_PASSES = 8  # validation passes wanted over the epochs that fit
+MIN_OBJECTS = 100  # training objects a class needs to be learnt from scratch in a CPU budget (README real-data rows)
+IMBALANCED = 5.0  # most / least frequent class at or above this: the loss counters it
+MIXING = ("mixup", "cutmix", "mosaic", "copy_paste")  # pay off over long schedules only
+
+
+@dataclass
+class Choice:
+    key: str  # dotted, under tasks.<task>
+    value: Any
+    why: str
+
+
+@dataclass
+class Context:
+    task: str
+    facts: DataFacts
+    budget_minutes: float
+    kind: str
+    kind_why: str
+    schema: dict  # the task's section as its defaults: which keys exist
+    size: tuple[int, int] = (0, 0)
+    epochs: float = 0.0  # estimated to fit the budget
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def profile(self) -> Profile:
+        return PROFILES[self.task]
+
+    def has(self, dotted: str) -> bool:
+        node = self.schema
+        for part in dotted.split("."):
+            if not isinstance(node, dict) or part not in node:
+                return False
+            node = node[part]
+        return True
+
+
+def model_for(task: str, kind: str) -> dict[str, Any]:
+    return MODELS.get((task, kind)) or MODELS[(task, None)]
+
+
+def _round(x: float, step: int = 32) -> int:
+    return max(step, round(x / step) * step)
+
+
+def size_rule(c: Context) -> list[Choice]:
+    f, p = c.facts, c.profile
+    n_train = max(1, f.splits.get("train", 0))
+    budget_px = p.pixels_per_s * c.budget_minutes * 60 * 0.8 / (n_train * p.epochs_wanted)
+    short = math.sqrt(budget_px / max(f.aspect, 1e-3)) if f.aspect >= 1 else math.sqrt(budget_px * f.aspect)
+    why = f"{p.epochs_wanted} epochs of {n_train} training images in {c.budget_minutes:g} min"
+    image_short = min(f.width, f.height) or short
+    cap = min(p.max_side * min(f.aspect, 1 / f.aspect), image_short)
+    if f.box_side > 0 and short < 12 / f.box_side <= cap:  # small objects stay a few pixels wide, where the cap allows
+        short, why = 12 / f.box_side, f"keeps the smallest 10% of boxes at 12 px or more ({f.box_side:.1%} of the image)"
+    if short < p.min_side:
+        why = f"the {c.task} floor of {p.min_side} px (fewer pixels lose the objects)"
+    short = min(max(short, p.min_side), cap)
+    h, w = (short, short * f.aspect) if f.aspect >= 1 else (short / f.aspect, short)
+    c.size = (_round(h, p.size_step), _round(w, p.size_step))
+    c.epochs = p.pixels_per_s * c.budget_minutes * 60 * 0.8 / (n_train * c.size[0] * c.size[1])
+    value = c.size[0] if c.size[0] == c.size[1] else list(c.size)
+    return [Choice("image_size", value, f"median aspect {f.aspect:.2f} kept; {why} (capped at {p.max_side} px, and at "
+                                        f"the images' own {image_short:.0f} px)")]
+
+
+def model_rule(c: Context) -> list[Choice]:
+    return [Choice(k, v, f"the {c.task} model for a {c.budget_minutes:g}-minute CPU budget (tasks/init_rules.py MODELS);"
+                         f" no offline pretrained weights configured") for k, v in model_for(c.task, c.kind).items()
+            if c.has(k.rsplit(".", 1)[0])]
+
+
+def epochs_rule(c: Context) -> list[Choice]:
+    epochs = int(min(300, max(10, 3 * c.epochs)))
+    return [Choice("train.epochs", epochs, f"an upper bound: about {c.epochs:.0f} fit; the time limit cuts them "
+                                           f"(fit_epochs_to_time_limit re-spans the schedule)"),
+            Choice("train.time_limit_minutes", c.budget_minutes, "--budget-minutes: training stops within it"),
+            Choice("train.batch_size", c.profile.batch_size, "small batches: more updates on a CPU"),
+            Choice("train.track_train_metric", False, "scoring a train subset each epoch costs as much as validating")]
+
+
+def val_every_rule(c: Context) -> list[Choice]:
+    every = max(1, round(c.epochs / VAL_PASSES))
+    return [Choice("train.val_every", every, f"about {VAL_PASSES} validation passes over the ~{c.epochs:.0f} epochs "
+                                             f"that fit (enough to pick the best epoch)")]
+
+
+def augment_rule(c: Context) -> list[Choice]:
+    out = [Choice(f"augment.{name}.enabled", on, f"{c.kind} preset ({c.kind_why}): {PRESET_WHY[c.kind]}")
+           for name, on in PRESETS[c.kind].items() if c.has(f"augment.{name}")]
+    if c.epochs < 60:
+        out += [Choice(f"augment.{name}.enabled", False, f"~{c.epochs:.0f} epochs fit: mixing images pays off over "
+                                                         f"longer schedules") for name in MIXING if c.has(f"augment.{name}")]
+    return out
+
+
+def _available_gb() -> float:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable"):
+                return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return 0.0
+
+
+def cache_rule(c: Context) -> list[Choice]:
+    gb = c.facts.n_images * c.size[0] * c.size[1] * 3 * 1.2 / 2**30
+    free = _available_gb()
+    if gb < min(4.0, free / 4):
+        return [Choice("data.cache", "ram", f"the resized images take ~{gb * 1024:.0f} MB, under a quarter of the "
+                                            f"{free:.1f} GB free: decoded once, not every epoch")]
+    return [Choice("data.cache", "none", f"the resized images would take ~{gb:.1f} GB ({free:.1f} GB free)")]
+
+
+def detector_rule(c: Context) -> list[Choice]:
+    keys = [k for k in AUTO_KEYS if c.has(f"model.options.{k}")]
+    return [Choice(f"model.options.{k}", "auto", f"sized from the busiest training image ({c.facts.most_objects} "
+                                                 f"objects)") for k in keys]
+
+
+def balance_rule(c: Context) -> list[Choice]:
+    f = c.facts
+    if f.imbalance < IMBALANCED or not c.profile.balance:
+        return []
+    why = f"classes are imbalanced (most / least frequent = {f.imbalance:.1f})"
+    out = []
+    for key, value in c.profile.balance.items():
+        if value == "inverse_frequency":
+            counts = [max(f.class_counts.get(n, 0.0), 1.0) for n in f.classes]
+            mean = sum(counts) / len(counts)
+            value = [round(mean / n, 3) for n in counts]
+            out.append(Choice(key, value, why + ": weights = mean count / class count"))
+        else:
+            out.append(Choice(key, value, why + ": Dice weighs every class alike"))
+    return out
+
+
+def data_policy_rule(c: Context) -> list[Choice]:
+    f, out = c.facts, []
+    if f.conflicting_duplicates and c.has("data.options.conflicting_duplicates"):
+        out.append(Choice("data.options.conflicting_duplicates", "drop", f"{f.conflicting_duplicates} identical files "
+                          f"under two classes: left out (named in the validation notes) instead of stopping"))
+    if f.invalid_boxes and f.invalid_boxes <= 0.01 * f.n_boxes and c.has("data.options.invalid_boxes"):
+        out.append(Choice("data.options.invalid_boxes", "drop", f"{f.invalid_boxes} of {f.n_boxes} boxes are invalid: "
+                          f"left out (listed by validation) instead of stopping"))
+    return out
+
+
+def rare_classes_rule(c: Context) -> list[Choice]:
+    """Box tasks: classes with too few training objects to learn from random initialisation in a CPU budget
+    are left out (their images stay, as background), when some class has enough."""
+    f = c.facts
+    if not f.n_boxes or not c.has("data.options.keep_classes"):
+        return []
+    keep = [n for n, k in sorted(f.class_counts.items(), key=lambda t: -t[1]) if k >= MIN_OBJECTS]
+    if not keep or len(keep) == len(f.classes):
+        return []
+    return [Choice("data.options.keep_classes", keep, f"{len(f.classes) - len(keep)} of {len(f.classes)} classes have "
+                   f"under {MIN_OBJECTS} training objects: too few to learn from random initialisation in minutes "
+                   f"(remove the key to train on all)")]
+
+
+# every rule, in the order the table shows them; a new rule is one more function here
+RULES: list[Callable[[Context], list[Choice]]] = [size_rule, model_rule, epochs_rule, val_every_rule, augment_rule,
+                                                  cache_rule, detector_rule, balance_rule, data_policy_rule,
+                                                  rare_classes_rule]
+
+
+def pick_kind(kind: str | None, facts: DataFacts) -> tuple[str, str]:
+    """The kind of data and why: given, or single-channel images as microscopy, else photos (said in the table)."""
+    if kind:
+        return kind, "--kind"
+    if facts.channels == 1:
+        return "microscopy", "no --kind; single-channel images"
+    return "photos", "no --kind; colour images (pass --kind for street, microscopy or documents)"
+
+
+def propose(task: str, facts: DataFacts, budget_minutes: float, kind: str | None, schema: dict) -> list[Choice]:
+    kind, why = pick_kind(kind, facts)
+    ctx = Context(task, facts, budget_minutes, kind, why, schema)
+    return [choice for rule in RULES for choice in rule(ctx)]
