@@ -121,7 +121,7 @@ SLOWEST_MODULES_FIRST = [
     "test_e2e_detection.py", "test_e2e_instance_segmentation.py", "test_e2e_classification.py", "test_use_model.py",
     "test_e2e_segmentation.py", "test_prefect_workers.py", "test_team_setup.py", "test_real_datasets.py",
     "test_ablation.py", "test_interruption.py", "test_distributed.py", "test_bad_input.py", "test_mlflow_view.py",
-    "test_chain.py", "test_segmentation.py", "test_layouts.py",
+    "test_chain.py", "test_init.py", "test_segmentation.py", "test_layouts.py",
 ]
 
 
