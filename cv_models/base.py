@@ -8,7 +8,7 @@ in ``cv_models/__init__.py``.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sized
+from collections.abc import Sequence, Sized
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, cast
@@ -73,7 +73,7 @@ class Prediction:
     overlay: torch.Tensor | None = None  # uint8 3xHxW picture of the prediction (dense tasks)
 
 
-def never_predicted(names: list[str], true_counts: list, predicted_counts: list) -> dict[str, float]:
+def never_predicted(names: list[str], true_counts: Sequence[float], predicted_counts: Sequence[float]) -> dict[str, float]:
     """``never_predicted/<class>: 1.0`` for each class present in the scored data that the model never predicts
     (a half-collapsed model: the warnings name them); nothing for the others."""
     return {f"never_predicted/{c}": 1.0 for c, t, p in zip(names, true_counts, predicted_counts) if t > 0 and p == 0}
