@@ -25,7 +25,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from PIL import Image
 from torch import nn
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
