@@ -17,7 +17,8 @@ from torchvision.transforms import v2
 
 from cv_models.augment import build_transforms
 from cv_models.base import Check, CVTask, DataError, EvalResult, Prediction, never_predicted, register_task
-from cv_models.data.imagefolder import list_samples
+from cv_models.data.imagefolder import read_imagefolder  # noqa: F401 (registers the imagefolder reader)
+from cv_models.data.registry import reader
 from cv_models.data.probe import IMAGE_SUFFIXES, load_rgb, probe_image
 from cv_models.nets import NETS
 from cv_models.weights import freeze, load_into, read_checkpoint, torchvision_state_dict
@@ -116,9 +117,7 @@ class ClassificationTask(CVTask):
     def _samples(self) -> tuple[list[dict], list[str]]:
         if not hasattr(self, "_listing"):  # the folder walk is done once per task object
             d = self.cfg.data
-            if d.format != "imagefolder":
-                raise DataError(f"classification reads data.format 'imagefolder', got {d.format!r}")
-            rows, classes = list_samples(Path(d.path), d.split_from, d.split_fractions, d.split_seed)
+            rows, classes = reader(self.name, d.format)(d)
             self._listing = (self._handle_duplicates(rows), classes)
         return self._listing
 

@@ -27,17 +27,16 @@ from torchvision.transforms import v2
 from pydantic import Field, model_validator
 
 from cv_models.augment import AUGMENTATIONS, BATCH, Augmentation, build_transforms, cutout_rectangle, with_builders
-from cv_models.base import Check, CVTask, DataError, EvalResult, Prediction, register_task
-from cv_models.data.annotations import BOX_RULES, AnnotationTables, invalid_box_findings, keep_only, require_all_splits, seed_split
-from cv_models.data.coco import (RESCORE_LINES, coco_map, no_ground_truth_notes, read_coco,  # noqa: F401 (coco_map re-exported)
+from cv_models.base import Check, CVTask, EvalResult, Prediction, register_task
+from cv_models.data.annotations import BOX_RULES, AnnotationTables, invalid_box_findings
+from cv_models.data.boxes import FORMAT_OPTIONS, TASK_OPTIONS
+from cv_models.data.coco import (RESCORE_LINES, coco_map, no_ground_truth_notes,  # noqa: F401 (coco_map re-exported)
                                   to_coco_ground_truth)
 from cv_models.data.probe import load_rgb
-from cv_models.data.voc import read_voc
-from cv_models.data.yolo import read_yolo
+from cv_models.data.registry import reader
 from cv_models.settings import AugmentConfig, AutoCount, DataConfig, Strict, Switch, task_settings
 from cv_models.weights import freeze
 
-READERS: dict[str, Callable[..., AnnotationTables]] = {"coco": read_coco, "voc": read_voc, "yolo": read_yolo}
 MAX_NOTES = 200
 
 
@@ -59,16 +58,6 @@ class DetectionDataOptions(Strict):
     data_yaml: str | None = None  # yolo: an Ultralytics data.yaml (path, train, val, test, names)
     labels: str | None = None  # yolo: the label txt folder template, "labels/{split}"
     names: list[str] | dict[int, str] | None = None  # yolo: class names by id (else data.classes or the data_yaml's)
-
-
-# data.options the task reads itself, whatever the format (the others are passed to the format's reader)
-TASK_OPTIONS = ("invalid_boxes", "keep_classes")
-# which data.options each format reads (a key set for another format is an error, not ignored)
-FORMAT_OPTIONS: dict[str, tuple[str, ...]] = {
-    "coco": ("annotations", "images", "splits"),
-    "voc": ("annotations", "images", "splits", "split_files", "image_suffix"),
-    "yolo": ("data_yaml", "images", "labels", "splits", "names"),
-}
 
 
 class DetectionData(DataConfig):
@@ -248,22 +237,8 @@ class DetectionTask(CVTask):
         return self.cfg.data.options.invalid_boxes
 
     def tables(self) -> AnnotationTables:
-        if not hasattr(self, "_tables"):  # read and probe once per task object
-            d = self.cfg.data
-            if d.format not in READERS:
-                raise DataError(f"detection reads data.format {sorted(READERS)}, got {d.format!r}")
-            opts = {k: v for k, v in d.options.model_dump(exclude=set(TASK_OPTIONS)).items() if v is not None}
-            try:
-                tables = READERS[d.format](Path(d.path), classes=d.classes, **opts)
-            except TypeError as err:
-                raise DataError(f"data.options for format {d.format!r}: {err}") from None
-            if d.options.keep_classes:
-                tables = keep_only(tables, d.options.keep_classes)
-            if d.split_from == "seed":
-                tables = seed_split(tables, d.split_fractions, d.split_seed)
-            else:
-                require_all_splits(tables, d.format)
-            self._tables = tables
+        if not hasattr(self, "_tables"):  # read and probe once per task object (cv_models/data/boxes.py)
+            self._tables = reader(self.name, self.cfg.data.format)(self.cfg.data)
         return self._tables
 
     def class_names(self) -> list[str]:

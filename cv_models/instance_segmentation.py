@@ -32,17 +32,17 @@ from torchvision import tv_tensors
 from pydantic import Field
 
 from cv_models.augment import AUGMENTATIONS, BATCH, Augmentation, build_transforms, cutout_rectangle, with_builders
-from cv_models.base import Check, CVTask, DataError, EvalResult, Prediction, in_order, register_task
+from cv_models.base import Check, CVTask, EvalResult, Prediction, in_order, register_task
 from cv_models.data.coco import RESCORE_LINES, no_ground_truth_notes
-from cv_models.data.instance_masks import (BOX_TOLERANCE_FRACTION, BOX_TOLERANCE_PX, decode, mask_facts,
-                                           read_png_mask)
+from cv_models.data.instance_masks import BOX_TOLERANCE_FRACTION, BOX_TOLERANCE_PX, decode, read_png_mask
+from cv_models.data.instances import add_mask_facts
 from cv_models.data.probe import load_rgb
+from cv_models.data.registry import reader
 from cv_models.mix.instances import InstanceBatchMixer, MixOp, boxes_from_masks, tidy
 from cv_models.nets.mask_rcnn import build_mask_rcnn
 from cv_models.settings import AugmentConfig, AutoCount, Strict, Switch, task_settings
 from cv_models.weights import freeze
 
-FORMATS = ("coco", "yolo", "instance_folders")
 COCO_STATS = ("map", "map50", "map75", "map50_maxdets100")  # reported for boxes and masks (and max_dets once)
 
 
@@ -253,93 +253,14 @@ class InstanceSegmentationTask(CVTask):
         return self.cfg.data.options
 
     def _tables(self):
-        """Images and annotations tables, read once: the detection reader's tables plus mask facts."""
-        if hasattr(self, "_cached_tables"):
-            return self._cached_tables
-        d = self.cfg.data
-        root = Path(d.path)
-        if d.format == "coco":
-            from cv_models.data.coco import read_coco
-
-            o = self._options()
-            tables = read_coco(root, d.classes, annotations=o.annotations or "annotations/{split}.json",
-                               images=o.images or "images", splits=o.splits, with_masks=True)
-        elif d.format == "yolo":
-            from cv_models.data.yolo import read_yolo
-
-            o = self._options()
-            keys = ("data_yaml", "images", "labels", "splits", "names")
-            # options left None are the reader's defaults (images/{split}, labels/{split}, or the data_yaml's)
-            tables = read_yolo(root, d.classes, with_masks=True,
-                               **{k: getattr(o, k) for k in keys if getattr(o, k) is not None})
-        if d.format in ("coco", "yolo"):
-            from cv_models.data.annotations import keep_only, require_all_splits, seed_split
-
-            if self._options().keep_classes:
-                tables = keep_only(tables, self._options().keep_classes)
-            if d.split_from == "seed":
-                tables = seed_split(tables, d.split_fractions, d.split_seed)
-            else:
-                require_all_splits(tables, d.format)
+        """Images and annotations tables, read once: the format's reader (cv_models/data/instances.py) plus mask facts."""
+        if not hasattr(self, "_cached_tables"):
+            d, o = self.cfg.data, self._options()
+            tables = reader(self.name, d.format)(d)
             self._reader_notes = tables.notes
-            images, anns, categories = tables.images, tables.annotations, tables.categories
-        if d.format == "instance_folders":
-            if self._options().keep_classes:
-                raise DataError("data.options.keep_classes is read by formats coco and yolo, not instance_folders "
-                                "(one class per folder layout: point data.path at the classes you want)")
-            images, anns, categories = self._folder_tables(root)
-        elif d.format not in FORMATS:
-            raise DataError(f"instance_segmentation reads data.format {list(FORMATS)}, got {d.format!r}")
-        anns = self._add_mask_facts(images, anns)
-        self._cached_tables = (images, anns, categories)
+            anns = add_mask_facts(tables.images, tables.annotations, o.box_tolerance_px, o.box_tolerance_fraction)
+            self._cached_tables = (tables.images, anns, tables.categories)
         return self._cached_tables
-
-    def _folder_tables(self, root: Path):
-        from cv_models.data.annotations import build_tables
-        from cv_models.data.instance_folder import list_instance_folders
-
-        d = self.cfg.data
-        class_name = (d.classes or [self._options().class_name])[0]
-        image_rows, box_rows = [], []
-        for rec in list_instance_folders(root, d.split_from, d.split_fractions, d.split_seed):
-            rel = str(Path(rec["path"]).relative_to(root))
-            image_rows.append({"item": rec["folder"], "split": rec["split"], "image_id": str(rec["image_id"]),
-                               "file_name": rel, "declared_width": 0, "declared_height": 0,
-                               "n_image_files": rec["n_image_files"]})
-            for inst in rec["instances"]:
-                box_rows.append({"item": inst["png"], "split": rec["split"], "ann_id": str(inst["ann_id"]),
-                                 "image_id": str(rec["image_id"]), "file_name": rel, "category": class_name,
-                                 "x0": 0.0, "y0": 0.0, "x1": 1.0, "y1": 1.0, "iscrowd": 0, "area": 0.0,
-                                 "png": inst["png"]})
-        t = build_tables(image_rows, box_rows, root, [class_name], [class_name], {"all": str(root)})
-        t.images["one_image_file"] = [r["n_image_files"] == 1 for r in image_rows]
-        return t.images, t.annotations, [class_name]
-
-    def _add_mask_facts(self, images: pd.DataFrame, anns: pd.DataFrame) -> pd.DataFrame:
-        """Decode every mask once and add the rule columns of :func:`mask_facts` to the annotations."""
-        o = self._options()
-        tol_px, tol_frac = o.box_tolerance_px, o.box_tolerance_fraction
-        sizes = images.drop_duplicates("split_image_id").set_index("split_image_id")[["width", "height", "decodes"]]
-        anns = anns.copy()
-        rows = []
-        for idx, a in zip(anns.index, anns.to_dict("records")):
-            key = f"{a['split']}/{a['image_id']}"
-            if key not in sizes.index or not sizes.loc[key, "decodes"]:
-                rows.append({**mask_facts(0, 0, None), "kind": "n/a", "decodes": True})  # the image's own rule reports it
-                continue
-            w, h = int(sizes.loc[key, "width"]), int(sizes.loc[key, "height"])
-            png = a.get("png")
-            if isinstance(png, str):  # no stored box: the mask's extent is the box
-                facts = mask_facts(h, w, png_path=Path(png))
-                if facts["decodes"] and facts["non_empty"]:
-                    anns.loc[idx, ["x0", "y0", "x1", "y1", "area"]] = [
-                        facts["mask_x0"], facts["mask_y0"], facts["mask_x1"], facts["mask_y1"], float(facts["area"])]
-            else:
-                bbox = [a["x0"], a["y0"], a["x1"] - a["x0"], a["y1"] - a["y0"]]
-                facts = mask_facts(h, w, a.get("segmentation"), bbox=bbox, tolerance_px=tol_px, tolerance_fraction=tol_frac)
-            rows.append(facts)
-        facts = pd.DataFrame(rows, index=anns.index, columns=list(mask_facts(0, 0, None)))
-        return pd.concat([anns.drop(columns=[c for c in facts.columns if c in anns]), facts], axis=1)
 
     def class_names(self) -> list[str]:
         if self.cfg.data.options.keep_classes:  # data.classes then names the ids of a YOLO set, not the classes trained

@@ -7,8 +7,6 @@ and the metrics. Reader settings live in ``data.options`` (see params.yaml).
 """
 from __future__ import annotations
 
-import contextlib
-import io
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal
@@ -28,7 +26,9 @@ from torchvision.transforms import v2
 from cv_models.augment import build_transforms
 from cv_models.base import (Check, CVTask, DataError, EvalResult, Prediction, in_order, never_predicted,
                              register_task)
+from cv_models.data.class_masks import INDEX_MODES, SPLITS, CocoMaskListing, MaskFolderListing, MaskReader, mask_facts
 from cv_models.data.probe import IMAGE_SUFFIXES, load_rgb, probe_image
+from cv_models.data.registry import reader
 from cv_models.mix.segmentation import build_mixer
 from cv_models.nets import NETS
 from cv_models.seg_losses import get_loss
@@ -36,8 +36,6 @@ from cv_models.augment import random_apply, with_builders
 from cv_models.settings import AugmentConfig, CutoutAug, Strict, task_settings
 from cv_models.weights import freeze, load_into, read_checkpoint, torchvision_state_dict
 
-SPLITS = ("train", "val", "test")
-INDEX_MODES = {"L", "I", "I;16", "I;16B", "I;16L", "1"}  # PIL modes whose values are class indices
 # colours for drawing when data.options.colors is not given (background first, black)
 PALETTE = [(0, 0, 0), (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
            (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (220, 190, 255),
@@ -91,54 +89,8 @@ SETTINGS = task_settings("Segmentation", data_options=SegmentationDataOptions, m
                          augment=SegmentationAugment, options=SegmentationOptions)
 
 
-def _key(rgb: np.ndarray) -> np.ndarray:
-    rgb = rgb.astype(np.int64)
-    return (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]
-
-
 # ---------------------------------------------------------------------- reading
-
-
-@dataclass
-class MaskReader:
-    """Turns a mask file into a class-index array: index masks as they are, palette / RGB through colours."""
-
-    colors: list | None
-    ignore_color: list | None
-    ignore_index: int
-    color_mode: str
-    ignore_values: tuple = ()
-    palette_as_index: bool = False
-    value_map: dict | None = None
-
-    def read(self, path: Path) -> tuple[np.ndarray, dict]:
-        """``(HxW int array, facts)``; facts: mode, channels, converted, undeclared colours."""
-        with Image.open(path) as im:
-            im.load()
-            mode, channels = im.mode, len(im.getbands())
-            if mode in INDEX_MODES or (mode == "P" and self.palette_as_index):
-                values = np.asarray(im).astype(np.int64)
-                if self.value_map:
-                    raw = values.copy()
-                    for src, dst in self.value_map.items():
-                        values[raw == int(src)] = int(dst)
-                if self.ignore_values:
-                    values[np.isin(values, list(self.ignore_values))] = self.ignore_index
-                return values, {"mode": "L" if mode == "P" else mode, "channels": channels, "converted": False,
-                                "undeclared_colors": []}
-            rgb = np.asarray(im.convert("RGB"))
-        facts = {"mode": mode, "channels": channels, "converted": self.color_mode == "convert", "undeclared_colors": []}
-        lookup = {}
-        for k, c in enumerate(self.colors or []):
-            lookup[(int(c[0]) << 16) | (int(c[1]) << 8) | int(c[2])] = k
-        if self.ignore_color is not None:
-            c = self.ignore_color
-            lookup[(int(c[0]) << 16) | (int(c[1]) << 8) | int(c[2])] = self.ignore_index
-        keys, inverse = np.unique(_key(rgb), return_inverse=True)
-        undeclared = [k for k in keys.tolist() if k not in lookup]
-        facts["undeclared_colors"] = [(k >> 16, (k >> 8) & 255, k & 255) for k in undeclared]
-        values = np.array([lookup.get(k, -1) for k in keys.tolist()], dtype=np.int64)  # -1: undeclared colour
-        return values[inverse].reshape(rgb.shape[:2]), facts
+# the readers (mask folders, COCO) and MaskReader: cv_models/data/class_masks.py
 
 
 class SegmentationDataset(Dataset):
@@ -309,185 +261,31 @@ class SegmentationTask(CVTask):
                           {int(k): int(v) for k, v in (o["value_map"] or {}).items()})
 
     # ------------------------------------------------------------------ listing
-    def _samples(self) -> list[dict]:
-        if not hasattr(self, "_listing"):  # the folder walk is done once per task object
+    def _read(self) -> MaskFolderListing | CocoMaskListing:
+        """The reader's listing of ``data.format`` (cv_models/data/class_masks.py), read once per task object."""
+        if not hasattr(self, "_listing"):
             d = self.cfg.data
             root = Path(d.path)
             if not root.is_dir():
                 raise DataError(f"dataset path {root} does not exist or is not a folder (rule: data.path must be an existing folder)")
             if not 0 <= self.ignore_index <= 255:
                 raise DataError(f"train.loss.ignore_index must be within 0..255 (8-bit masks), got {self.ignore_index}")
-            readers = {"mask_folder": self._list_mask_folder, "coco": self._list_coco}
-            if d.format not in readers:
-                raise DataError(f"segmentation reads data.format {sorted(readers)}, got {d.format!r}")
-            self._listing = readers[d.format](root)
+            self._listing = reader(self.name, d.format)(d)
         return self._listing
 
-    def _assign_splits(self, rows: list[dict]) -> list[dict]:
-        """split_from=seed: one shuffled listing cut by data.split_fractions."""
-        d = self.cfg.data
-        order = np.random.default_rng(d.split_seed).permutation(len(rows))
-        n_train = int(round(len(rows) * d.split_fractions["train"]))
-        n_val = int(round(len(rows) * d.split_fractions["val"]))
-        for rank, idx in enumerate(order):
-            rows[idx]["split"] = "train" if rank < n_train else "val" if rank < n_train + n_val else "test"
-        return rows
-
-    def _split_folders(self, root: Path) -> list[tuple[str | None, Path, Path]]:
-        """(split, images folder, masks folder) per split, from the templates and data.split_from."""
-        o, d = self.options, self.cfg.data
-        names = o["splits"] or {s: s for s in SPLITS}
-        if set(names) - set(SPLITS):
-            raise DataError(f"data.options.splits maps train, val and test to names on disk, got {names}")
-        templated = any("{split}" in o[k] for k in ("images_dir", "masks_dir"))
-        if templated:
-            folders = [(s, root / o["images_dir"].format(split=n), root / o["masks_dir"].format(split=n))
-                       for s, n in names.items()]
-        elif o["split_list"]:  # VOC: one flat image folder and one mask folder, split lists name the stems
-            folders = [(s, root / o["images_dir"], root / o["masks_dir"]) for s in names]
-        elif d.split_from == "folders":
-            folders = [(s, root / o["images_dir"] / n, root / o["masks_dir"] / n) for s, n in names.items()]
-        else:
-            folders = [(None, root / o["images_dir"], root / o["masks_dir"])]
-        for _, images, masks in folders:
-            for folder, key in ((images, "images_dir"), (masks, "masks_dir")):
-                if not folder.is_dir():
-                    raise DataError(f"{folder} is missing (rule: format mask_folder reads data.path/{o[key]}, set by "
-                                    f"data.options.{key}; a '{{split}}' in it is the split's name, data.options.splits)")
-        if d.split_from == "folders" and {s for s, _, _ in folders} != set(SPLITS):
-            raise DataError(f"split_from=folders needs train, val and test; data.options.splits names "
-                            f"{sorted(s for s, _, _ in folders if s)} (or set data.split_from: seed)")
-        return folders
-
-    def _list_mask_folder(self, root: Path) -> list[dict]:
-        o, d = self.options, self.cfg.data
-        folders = self._split_folders(root)
-        names = o["splits"] or {s: s for s in SPLITS}
-        rows = []
-        for split, image_dir, mask_dir in folders:
-            if o["split_list"]:
-                list_file = root / o["split_list"].format(split=names.get(split, split))
-                if not list_file.is_file():
-                    raise DataError(f"{list_file}: split list does not exist (rule: data.options.split_list names one "
-                                    f"file of image stems per split)")
-                stems = [line.split()[0] for line in list_file.read_text().splitlines() if line.strip()]
-                images = []
-                for stem in stems:
-                    options = [image_dir / (stem + sfx) for sfx in [o["image_suffix"], *sorted(IMAGE_SUFFIXES)]]
-                    images.append(next((p for p in options if p.is_file()), options[0]))
-            else:
-                images = sorted(q for q in image_dir.iterdir() if q.is_file())
-            for p in images:
-                mask = mask_dir / (p.stem + o["mask_suffix"])
-                rows.append({"path": str(p), "split": split, "mask_path": str(mask), "mask_source": str(mask)})
-        itself = next((r for r in rows if Path(r["mask_path"]) == Path(r["path"])), None)
-        if itself is not None:
-            raise DataError(f"{itself['path']}: this image would be its own mask: the images and masks folders are the same "
-                            f"folder (rule: data.options.masks_dir names the folder of class masks, e.g. SegNet "
-                            f"'{{split}}annot'; images_dir={o['images_dir']!r}, masks_dir={o['masks_dir']!r})")
-        if d.split_from == "seed":
-            for r in rows:
-                r["split"] = None
-        listed = {Path(r["path"]).stem for r in rows}
-        self._orphan_masks = [] if o["split_list"] else sorted(
-            str(m) for _, image_dir, mask_dir in folders if mask_dir.is_dir() for m in mask_dir.iterdir()
-            if m.is_file() and m.name.endswith(o["mask_suffix"]) and m.name[: -len(o["mask_suffix"])] not in listed)
-        return self._assign_splits(rows) if d.split_from == "seed" else rows
-
-    def _list_coco(self, root: Path) -> list[dict]:
-        from pycocotools.coco import COCO
-
-        o, d = self.options, self.cfg.data
-        files = {s: root / o["annotations"].format(split=s) for s in SPLITS} if d.split_from == "folders" \
-            else {None: root / o["annotations"].format(split="all")}
-        self._cocos = {}
-        rows = []
-        for split, ann_file in files.items():
-            if not ann_file.is_file():
-                raise DataError(f"{ann_file} is missing (rule: format coco needs data.options.annotations, "
-                                f"'{o['annotations']}' with {{split}} = train, val, test)")
-            try:
-                with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
-                    coco = COCO(str(ann_file))
-            except Exception as err:  # noqa: BLE001 - any parse error is a bad file
-                raise DataError(f"{ann_file}: not readable as COCO JSON ({type(err).__name__}: {err})") from None
-            self._cocos[str(ann_file)] = coco
-            for image_id in sorted(coco.imgs):
-                info = coco.imgs[image_id]
-                rows.append({"path": str(root / o["images_dir"] / info["file_name"]), "split": split,
-                             "ann_file": str(ann_file), "image_id": image_id,
-                             "mask_source": f"{ann_file}#image_id={image_id}",
-                             "declared_width": info.get("width"), "declared_height": info.get("height")})
-        return self._assign_splits(rows) if d.split_from == "seed" else rows
+    def _samples(self) -> list[dict]:
+        return self._read().rows
 
     def class_names(self) -> list[str]:
         if self.cfg.data.classes:
             return list(self.cfg.data.classes)
-        if self.cfg.data.format == "coco":
-            self._samples()
-            names = {}
-            for coco in self._cocos.values():
-                names.update({c["id"]: c["name"] for c in coco.loadCats(coco.getCatIds())})
-            return ["background"] + [names[k] for k in sorted(names)]
-        raise DataError("data.classes is required for format mask_folder: the class names in mask-value order, "
-                        "background first (rule: mask value k = data.classes[k])")
+        return self._read().class_names()
 
     # ----------------------------------------------------------------- masks
-    def _coco_mask(self, row: dict, unknown: list | None = None) -> np.ndarray:
-        """Rasterise one image's annotations in file order: category -> class index, crowd regions ->
-        ignore index, a category not in the declared classes -> -1 (its name appended to ``unknown``)."""
-        coco = self._cocos[row["ann_file"]]
-        names = self.class_names()
-        info = coco.imgs[row["image_id"]]
-        mask = np.zeros((info["height"], info["width"]), dtype=np.int64)
-        for ann in coco.loadAnns(coco.getAnnIds(imgIds=[row["image_id"]])):
-            name = coco.cats.get(ann["category_id"], {}).get("name", f"category_id {ann['category_id']}")
-            if ann.get("iscrowd"):
-                value = self.ignore_index
-            elif name in names:
-                value = names.index(name)
-            else:
-                value = -1
-                if unknown is not None:
-                    unknown.append(name)
-            mask[coco.annToMask(ann) > 0] = value
-        return mask
-
     def load_mask(self, row: dict) -> np.ndarray:
-        if self.cfg.data.format == "coco":
-            return self._coco_mask(row)
-        return self.mask_reader().read(Path(row["mask_path"]))[0]
+        return self._read().read(row, self.class_names, self.ignore_index, self.mask_reader)[0]
 
     # ------------------------------------------------------------ validation
-    def _mask_facts(self, row: dict, n_classes: int, reader: MaskReader) -> dict:
-        facts = {"mask_exists": True, "mask_decodes": False, "mask_width": 0, "mask_height": 0, "mask_mode": "",
-                 "mask_channels": 0, "mask_converted": False, "undeclared_colors": "", "bad_values": "",
-                 "values_ok": False, "foreground_pixels": 0, "labelled_pixels": 0, "mask_error": "", "counts": None}
-        try:
-            unknown: list[str] = []
-            if self.cfg.data.format == "coco":
-                mask, extra = self._coco_mask(row, unknown), {"mode": "L", "channels": 1, "converted": False,
-                                                              "undeclared_colors": []}
-            else:
-                if not Path(row["mask_path"]).is_file():
-                    return {**facts, "mask_exists": False}
-                mask, extra = reader.read(Path(row["mask_path"]))
-        except Exception as err:  # noqa: BLE001 - unreadable mask or annotation is reported, not raised
-            facts["mask_error"] = f"{type(err).__name__}: {err}"
-            return facts
-        values, counts = np.unique(mask, return_counts=True)
-        bad = [int(v) for v in values if not (0 <= v < n_classes or v == self.ignore_index)]
-        per_class = np.zeros(n_classes, dtype=np.int64)
-        ok = (values >= 0) & (values < n_classes)
-        per_class[values[ok]] = counts[ok]
-        facts.update(mask_decodes=True, mask_height=mask.shape[0], mask_width=mask.shape[1], mask_mode=extra["mode"],
-                     mask_channels=extra["channels"], mask_converted=extra["converted"],
-                     undeclared_colors=" ".join(f"rgb{c}".replace(" ", "") for c in extra["undeclared_colors"][:5]),
-                     bad_values=" ".join([*map(str, [v for v in bad if v >= 0][:10]), *sorted(set(unknown))]),
-                     values_ok=not bad,
-                     foreground_pixels=int(per_class[1:].sum()), labelled_pixels=int(per_class.sum()), counts=per_class)
-        return facts
-
     def validation_tables(self) -> dict[str, pd.DataFrame]:
         rows = self._samples()
         names = self.class_names()
@@ -497,7 +295,7 @@ class SegmentationTask(CVTask):
             image = probe_image(Path(r["path"])) if Path(r["path"]).is_file() else {
                 "bytes": 0, "sha256": f"missing:{r['path']}", "width": 0, "height": 0, "channels": 0, "mode": "",
                 "decodes": False, "error": "file missing"}
-            facts = self._mask_facts(r, len(names), reader)
+            facts = mask_facts(self._read(), r, names, self.ignore_index, reader)
             counts = facts.pop("counts")
             if counts is not None:
                 pixel_rows += [{"split": r["split"], "class": names[k], "pixels": int(c), "image": int(c > 0)}
@@ -588,7 +386,7 @@ class SegmentationTask(CVTask):
         if self.cfg.data.color_mode == "convert":
             odd = s[s["decodes"] & (s["mode"] != "RGB")]
             notes += [f"{p}: mode {m} converted to RGB (data.color_mode=convert)" for p, m in zip(odd["path"], odd["mode"])]
-        notes += [f"{m}: mask without an image (not used)" for m in getattr(self, "_orphan_masks", [])]
+        notes += [f"{m}: mask without an image (not used)" for m in self._read().orphan_masks]
         f = tables["class_pixels"]
         notes += [f"{r.class_split}: no pixels (its IoU there is undefined)" for r in f[f["pixels"] == 0].itertuples()]
         return notes

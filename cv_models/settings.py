@@ -240,8 +240,12 @@ class AugmentConfig(Strict):
 # ---------------------------------------------------------------- data
 
 
+# the dataset formats there is a reader for; which task reads which: cv_models/data/registry.py
+DataFormat = Literal["imagefolder", "mask_folder", "coco", "voc", "yolo", "instance_folders"]
+
+
 class DataConfig(Strict):
-    format: str = "imagefolder"
+    format: DataFormat = "imagefolder"
     path: str
     classes: list[str] | None = None  # declared class set; None = read from the data
     split_from: Literal["folders", "seed"] = "folders"

@@ -119,6 +119,17 @@ def require_all_splits(t: AnnotationTables, reader: str) -> None:
                         f"splits from what there is)")
 
 
+def select_and_split(t: AnnotationTables, data, keep_classes: list[str] | None) -> AnnotationTables:
+    """What every annotation reader does last: ``keep_classes`` (:func:`keep_only`), then the splits, drawn by
+    ``data.split_seed`` (split_from=seed) or train, val and test required on disk (split_from=folders)."""
+    if keep_classes:
+        t = keep_only(t, keep_classes)
+    if data.split_from == "seed":
+        return seed_split(t, data.split_fractions, data.split_seed)
+    require_all_splits(t, data.format)
+    return t
+
+
 def keep_only(t: AnnotationTables, keep: list[str]) -> AnnotationTables:
     """``data.options.keep_classes``: train on some of the dataset's classes (COCO's person, say). Boxes of the
     other classes are left out, not flagged invalid; their images stay, as background where nothing is left.

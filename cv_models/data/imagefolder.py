@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 
 from cv_models.base import DataError
+from cv_models.data.registry import register
 
 SPLITS = ("train", "val", "test")
 
@@ -47,3 +48,9 @@ def list_samples(root: Path, split_from: str, fractions: dict[str, float], seed:
     if not classes:
         raise DataError(f"{root}: no class folders found (rule: ImageFolder needs one folder per class)")
     return rows, classes
+
+
+@register("classification", "imagefolder")
+def read_imagefolder(data) -> tuple[list[dict], list[str]]:
+    """``data.format: imagefolder``: the rows of :func:`list_samples` and the class folder names."""
+    return list_samples(Path(data.path), data.split_from, data.split_fractions, data.split_seed)

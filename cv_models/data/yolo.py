@@ -122,81 +122,105 @@ def _missing_folder(folder: Path, split: str) -> DataError:
                      f"by data.options.images or the data yaml)")
 
 
+def _locate(root: Path, classes: list[str] | None, data_yaml: str | None, images: str | None, labels: str | None,
+            splits: dict[str, str] | None, names: list[str] | dict | None):
+    """(split -> image folder, split -> label folder, split -> source named in the notes, id -> class name)."""
+    if data_yaml and images is None and labels is None:
+        folders, id_to_name, source = read_data_yaml(root, data_yaml)
+        label_folders = {s: _labels_dir(f) for s, f in folders.items()}
+        sources = {s: f"{source} ({s}: {f})" for s, f in folders.items()}
+        return folders, label_folders, sources, id_to_name
+    splits = splits or DEFAULT_SPLITS
+    check_split_names(splits, "yolo")
+    images, labels = images or "images/{split}", labels or "labels/{split}"
+    folders = {s: root / images.format(split=name) for s, name in splits.items()}
+    label_folders = {s: root / labels.format(split=name) for s, name in splits.items()}
+    if data_yaml:  # the yaml's names, the templates' folders
+        id_to_name = read_data_yaml(root, data_yaml)[1]
+    else:
+        raw = names if names is not None else classes
+        if not raw:
+            raise DataError("yolo: the class names are needed (rule: data.options.data_yaml with 'names', or "
+                            "data.classes in class-id order)")
+        id_to_name = _names(raw, "data.options.names / data.classes")
+    return folders, label_folders, {s: str(f) for s, f in folders.items()}, id_to_name
+
+
+def _box_row(o: dict, size: tuple[int, int], item: str, split: str, rel: Path, category: str, with_masks: bool) -> dict:
+    """One label line as an annotation row: pixel corners (a polygon gives its extent), the polygon kept in pixels."""
+    c, (w, h) = o["coords"], size
+    if len(c) == 4:
+        cx, cy, bw, bh = c
+        x0, y0, x1, y1 = (cx - bw / 2) * w, (cy - bh / 2) * h, (cx + bw / 2) * w, (cy + bh / 2) * h
+    else:
+        xs, ys = [v * w for v in c[0::2]], [v * h for v in c[1::2]]
+        x0, y0, x1, y1 = min(xs), min(ys), max(xs), max(ys)
+    # six-decimal normalised text lands a hair outside the edge: clip up to half a pixel, report more
+    x0, y0 = (0.0 if -0.5 < x0 < 0 else x0), (0.0 if -0.5 < y0 < 0 else y0)
+    x1, y1 = (float(w) if w < x1 < w + 0.5 else x1), (float(h) if h < y1 < h + 0.5 else y1)
+    row = {"item": item, "split": split, "ann_id": f"{rel}#{o['line']}", "image_id": str(rel.with_suffix("")),
+           "file_name": str(rel), "category": category, "x0": x0, "y0": y0, "x1": x1, "y1": y1, "iscrowd": 0,
+           "area": max(x1 - x0, 0) * max(y1 - y0, 0)}
+    if with_masks:
+        row["segmentation"] = [[v * (w if k % 2 == 0 else h) for k, v in enumerate(c)]]
+    return row
+
+
+def _split_notes(split: str, folder: Path, label_dir: Path, without: list[str], stems: set[str]) -> list[str]:
+    """Images without a label file, label files without an image, a missing label folder."""
+    notes = []
+    if without:
+        notes.append(f"{split}: {len(without)} image(s) without a label file under {label_dir} (trained as "
+                     f"background): " + ", ".join(without[:10]) + (" ..." if len(without) > 10 else ""))
+    orphans = sorted(str(q.relative_to(label_dir)) for q in label_dir.rglob("*.txt")
+                     if str(q.relative_to(label_dir).with_suffix("")) not in stems) if label_dir.is_dir() else []
+    if orphans:
+        notes.append(f"{split}: {len(orphans)} label file(s) without an image in {folder} (not used): "
+                     + ", ".join(orphans[:10]) + (" ..." if len(orphans) > 10 else ""))
+    if not label_dir.is_dir():
+        notes.append(f"{split}: label folder {label_dir} does not exist (every image trains as background)")
+    return notes
+
+
+def _read_split(split: str, folder: Path, label_dir: Path, id_to_name: dict[int, str], with_masks: bool):
+    """(image rows, annotation rows, notes) of one split's image folder and its label folder."""
+    image_rows, box_rows = [], []
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    stems = set()
+    without = []
+    for p in files:
+        rel = p.relative_to(folder)
+        stems.add(str(rel.with_suffix("")))
+        label = label_dir / rel.with_suffix(".txt")
+        image_rows.append({"item": f"{folder.name}/{rel}", "split": split, "image_id": str(rel.with_suffix("")),
+                           "file_name": str(rel), "image_root": folder})
+        if not label.is_file():
+            without.append(str(rel))
+            continue
+        objects = _read_label_file(label, id_to_name, polygons=with_masks)
+        if not objects:
+            continue
+        with Image.open(p) as im:  # the header only: normalised coordinates need the size
+            size = im.size
+        box_rows += [_box_row(o, size, f"{label.relative_to(label_dir.parent)}:{o['line']}", split, rel,
+                              id_to_name[o["class_id"]], with_masks) for o in objects]
+    return image_rows, box_rows, _split_notes(split, folder, label_dir, without, stems)
+
+
 def read_yolo(root: Path, classes: list[str] | None = None, data_yaml: str | None = None,
               images: str | None = None, labels: str | None = None, splits: dict[str, str] | None = None,
               names: list[str] | dict | None = None, with_masks: bool = False) -> AnnotationTables:
     """Read the splits present. ``with_masks``: lines are polygons (instance segmentation), kept as
     COCO-style pixel polygons in ``segmentation``; otherwise boxes (a polygon line gives its extent)."""
-    if data_yaml and images is None and labels is None:
-        folders, id_to_name, source = read_data_yaml(root, data_yaml)
-        label_folders = {s: _labels_dir(f) for s, f in folders.items()}
-        sources = {s: f"{source} ({s}: {f})" for s, f in folders.items()}
-    else:
-        splits = splits or DEFAULT_SPLITS
-        check_split_names(splits, "yolo")
-        images, labels = images or "images/{split}", labels or "labels/{split}"
-        folders = {s: root / images.format(split=name) for s, name in splits.items()}
-        label_folders = {s: root / labels.format(split=name) for s, name in splits.items()}
-        if data_yaml:  # the yaml's names, the templates' folders
-            id_to_name = read_data_yaml(root, data_yaml)[1]
-        else:
-            raw = names if names is not None else classes
-            if not raw:
-                raise DataError("yolo: the class names are needed (rule: data.options.data_yaml with 'names', or "
-                                "data.classes in class-id order)")
-            id_to_name = _names(raw, "data.options.names / data.classes")
-        sources = {s: str(f) for s, f in folders.items()}
+    folders, label_folders, sources, id_to_name = _locate(root, classes, data_yaml, images, labels, splits, names)
     image_rows, box_rows, notes = [], [], []
     for split, folder in folders.items():
         if not folder.is_dir():
             raise _missing_folder(folder, split)
-        label_dir = label_folders[split]
-        files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-        stems = set()
-        without = []
-        for p in files:
-            rel = p.relative_to(folder)
-            stems.add(str(rel.with_suffix("")))
-            label = label_dir / rel.with_suffix(".txt")
-            item = f"{folder.name}/{rel}"
-            image_rows.append({"item": item, "split": split, "image_id": str(rel.with_suffix("")), "file_name": str(rel),
-                               "image_root": folder})
-            if not label.is_file():
-                without.append(str(rel))
-                continue
-            objects = _read_label_file(label, id_to_name, polygons=with_masks)
-            if not objects:
-                continue
-            with Image.open(p) as im:  # the header only: normalised coordinates need the size
-                w, h = im.size
-            for o in objects:
-                c = o["coords"]
-                if len(c) == 4:
-                    cx, cy, bw, bh = c
-                    x0, y0, x1, y1 = (cx - bw / 2) * w, (cy - bh / 2) * h, (cx + bw / 2) * w, (cy + bh / 2) * h
-                else:
-                    xs, ys = [v * w for v in c[0::2]], [v * h for v in c[1::2]]
-                    x0, y0, x1, y1 = min(xs), min(ys), max(xs), max(ys)
-                # six-decimal normalised text lands a hair outside the edge: clip up to half a pixel, report more
-                x0, y0 = (0.0 if -0.5 < x0 < 0 else x0), (0.0 if -0.5 < y0 < 0 else y0)
-                x1, y1 = (float(w) if w < x1 < w + 0.5 else x1), (float(h) if h < y1 < h + 0.5 else y1)
-                row = {"item": f"{label.relative_to(label_dir.parent)}:{o['line']}", "split": split,
-                       "ann_id": f"{rel}#{o['line']}", "image_id": str(rel.with_suffix("")), "file_name": str(rel),
-                       "category": id_to_name[o["class_id"]], "x0": x0, "y0": y0, "x1": x1, "y1": y1, "iscrowd": 0,
-                       "area": max(x1 - x0, 0) * max(y1 - y0, 0)}
-                if with_masks:
-                    row["segmentation"] = [[v * (w if k % 2 == 0 else h) for k, v in enumerate(c)]]
-                box_rows.append(row)
-        if without:
-            notes.append(f"{split}: {len(without)} image(s) without a label file under {label_dir} (trained as "
-                         f"background): " + ", ".join(without[:10]) + (" ..." if len(without) > 10 else ""))
-        orphans = sorted(str(q.relative_to(label_dir)) for q in label_dir.rglob("*.txt")
-                         if str(q.relative_to(label_dir).with_suffix("")) not in stems) if label_dir.is_dir() else []
-        if orphans:
-            notes.append(f"{split}: {len(orphans)} label file(s) without an image in {folder} (not used): "
-                         + ", ".join(orphans[:10]) + (" ..." if len(orphans) > 10 else ""))
-        if not label_dir.is_dir():
-            notes.append(f"{split}: label folder {label_dir} does not exist (every image trains as background)")
+        split_images, split_boxes, split_notes = _read_split(split, folder, label_folders[split], id_to_name, with_masks)
+        image_rows += split_images
+        box_rows += split_boxes
+        notes += split_notes
     categories = [id_to_name[k] for k in sorted(id_to_name)]
     known = list(classes) if classes else categories
     t = build_tables(image_rows, box_rows, root, known, categories, sources)
