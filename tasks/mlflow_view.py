@@ -18,7 +18,6 @@ import warnings
 from pathlib import Path
 from typing import Any, Iterable
 
-from tasks.chain import TRAINED
 from tasks.data_version import read_data_version
 
 SPLIT_CONTEXT = {"train": "training", "val": "validation", "test": "testing"}
@@ -120,8 +119,7 @@ def log_pictures(run_id: str | None, folder: Path, stage: str) -> None:
 
 # ---------------------------------------------------------------- the pipeline row
 
-HEADLINE = TRAINED[-1]  # the augmented model: its curves and its best validation metric go on the pipeline row
-MODELS = (*reversed(TRAINED), "dummy")  # the models scored on the test split, in the order of the row's columns
+TRAINED = ("baseline", "augmented")
 TIMINGS = ("images_per_second", "latency_ms")
 
 
@@ -131,7 +129,7 @@ def pipeline_metrics(primary: str, test: dict[str, dict], trained: dict[str, dic
     training seconds. ``test``: evaluate's metrics per model; ``trained``: the training stages'
     metrics.json and timings.json (best val metric, seconds)."""
     out: dict[str, float] = {}
-    models = [m for m in MODELS if m in test]
+    models = [m for m in ("augmented", "baseline", "dummy") if m in test]
     for model in models:
         out[f"test.{model}.{primary}"] = test[model][primary]
     for model in models:
@@ -167,7 +165,7 @@ def summarise_pipeline(parent_id: str, task_name: str, primary: str, test: dict[
     metrics = [Metric(k, v, now, 0) for k, v in pipeline_metrics(primary, test, trained).items()]
     # the augmented model's per-epoch curves under the stable names of the stage runs, so the chart
     # view overlays pipeline runs too; logged once (evaluate may run again for the same pipeline run)
-    history = outputs_of(HEADLINE) / "history.csv"
+    history = outputs_of("augmented") / "history.csv"
     if history.exists():
         df = pd.read_csv(history)
         for key in ("train_loss", f"val_{primary}"):
@@ -193,10 +191,10 @@ def column(kind: str, key: str) -> str:
     return f"{kind}.`{key}`"  # the UI's column id: attributes / metrics / params / tags
 
 
-def runs_view(primary: str, models: Iterable[str] = MODELS) -> dict:
+def runs_view(primary: str, models: Iterable[str] = ("augmented", "baseline", "dummy")) -> dict:
     cols = [column("attributes", "Dataset"), column("attributes", "Models")]
     cols += [column("metrics", f"test.{m}.{primary}") for m in models]
-    cols += [column("metrics", f"best_val.{HEADLINE}.{primary}"), column("metrics", "train_seconds")]
+    cols += [column("metrics", f"best_val.augmented.{primary}"), column("metrics", "train_seconds")]
     return {"selectedColumns": cols, "orderByKey": "attributes.start_time", "orderByAsc": False}
 
 

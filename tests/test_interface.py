@@ -17,7 +17,7 @@ from tasks.predict import predict_files
 from tests.conftest import REPO, tiny_overrides, tiny_task, write_params
 
 TASK_MODULES = {REPO / "cv_models" / f"{name}.py" for name in TASKS}
-NAME_BRANCH = re.compile(r"""(==|!=)\s*["'](%s)["']|\btask(\.name|_name)?\s*(==|!=)|(get|has)attr\((st\.)?task\b"""
+NAME_BRANCH = re.compile(r"""(==|!=)\s*["'](%s)["']|\btask(\.name|_name)\s*(==|!=)|(get|has)attr\((st\.)?task\b"""
                          % "|".join(TASKS))
 
 
