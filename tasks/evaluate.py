@@ -154,7 +154,7 @@ def run(task_name: str, params_path: str | Path = "params.yaml", overrides: dict
         st.log_inputs("test")
         st.log_pictures(out_dir)
         # the pipeline run's row in the MLflow UI: test metrics of all three, best val, seconds, data version
-        st.log_pipeline_summary({name: res.metrics for name, res in results.items()})
+        st.log_pipeline_summary({name: res.metrics for name, res in results.items()}, TRAINED)
         publish_prefect_artifact(task_name, markdown)
         print(markdown)
         return metrics
