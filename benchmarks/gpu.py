@@ -18,6 +18,8 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
+from typing import Callable
 
 # (task, torchvision builder, image size, batch) -- classification at the usual ImageNet setting
 MODELS = [
@@ -31,32 +33,67 @@ SETTINGS = [("fp32", False), ("fp32", True), ("bf16", True), ("fp16", True)]
 def build(task: str, name: str, num_classes: int = 10):
     from torchvision.models import get_model
 
-    if task == "classification":
-        return get_model(name, weights=None, num_classes=num_classes)
-    # no download: random backbones (the speed is the same as with pretrained weights)
-    return get_model(name, weights=None, weights_backbone=None, num_classes=num_classes)
+    # no download: random weights (the speed is the same as with pretrained weights)
+    return get_model(name, weights=None, num_classes=num_classes, **STEPS[task].builder_args)
+
+
+def labels(images, size: int, n: int, device):
+    import torch
+
+    return images, torch.randint(0, 10, (n,), device=device)
+
+
+def masks(images, size: int, n: int, device):
+    import torch
+
+    return images, torch.randint(0, 10, (n, size, size), device=device)
+
+
+def boxes(images, size: int, n: int, device):
+    import torch
+
+    box = torch.tensor([[size * 0.2, size * 0.2, size * 0.6, size * 0.7]], device=device)
+    return list(images), [{"boxes": box, "labels": torch.tensor([1], device=device)} for _ in range(n)]
+
+
+def logits_loss(model, images, targets):
+    import torch.nn.functional as F
+
+    return F.cross_entropy(model(images).float(), targets)
+
+
+def dense_loss(model, images, targets):
+    import torch.nn.functional as F
+
+    return F.cross_entropy(model(images)["out"].float(), targets)
+
+
+def summed_losses(model, images, targets):  # torchvision detectors return their losses in train mode
+    return sum(v.float() for v in model(images, targets).values())
+
+
+@dataclass(frozen=True)
+class Step:
+    """What one task's torchvision model is built with, fed and scored by in a training step."""
+
+    batch: Callable  # (images, size, n, device) -> (inputs, targets): synthetic targets on the GPU
+    loss: Callable  # (model, inputs, targets) -> loss
+    builder_args: dict = field(default_factory=dict)
+
+
+STEPS = {"classification": Step(labels, logits_loss),
+         "segmentation": Step(masks, dense_loss, {"weights_backbone": None}),
+         "detection": Step(boxes, summed_losses, {"weights_backbone": None})}
 
 
 def batch(task: str, size: int, n: int, device):
     import torch
 
-    images = torch.rand(n, 3, size, size, device=device)
-    if task == "classification":
-        return images, torch.randint(0, 10, (n,), device=device)
-    if task == "segmentation":
-        return images, torch.randint(0, 10, (n, size, size), device=device)
-    boxes = torch.tensor([[size * 0.2, size * 0.2, size * 0.6, size * 0.7]], device=device)
-    return list(images), [{"boxes": boxes, "labels": torch.tensor([1], device=device)} for _ in range(n)]
+    return STEPS[task].batch(torch.rand(n, 3, size, size, device=device), size, n, device)
 
 
 def loss_of(task: str, model, images, targets):
-    import torch.nn.functional as F
-
-    if task == "classification":
-        return F.cross_entropy(model(images).float(), targets)
-    if task == "segmentation":
-        return F.cross_entropy(model(images)["out"].float(), targets)
-    return sum(v.float() for v in model(images, targets).values())
+    return STEPS[task].loss(model, images, targets)
 
 
 def measure(task: str, name: str, size: int, n: int, precision: str, channels_last: bool, steps: int, warmup: int) -> float:

@@ -56,39 +56,51 @@ def write_manifest(task, out: Path) -> dict:
     """Every split's image files and ground truth at original resolution, as the pipeline split them.
     Segmentation masks are written as class-index PNGs (``ignore`` pixels 255), boxes and instance
     masks as COCO ground truth (category id k+1 for class k)."""
-    from PIL import Image
-    from pycocotools import mask as mask_utils
-
     names = task.class_names()
     manifest = {"task": task.name, "classes": names, "splits": {}}
+    truth = GROUND_TRUTH[task.name]
     for split in ("train", "val", "test"):
         ds = task.dataset(split, None)
-        items = []
-        rows = getattr(ds, "samples", None) or ds.records
-        for i in range(len(ds)):
-            path = rows[i]["path"]
-            if task.name == "classification":
-                items.append({"path": path, "label": int(ds.labels[i])})
-            elif task.name == "segmentation":
-                mask_file = out / "masks" / split / f"{i:05d}.png"
-                mask_file.parent.mkdir(parents=True, exist_ok=True)
-                Image.fromarray(ds.mask(i).numpy().astype(np.uint8)).save(mask_file)
-                items.append({"path": path, "mask": str(mask_file)})
-            elif task.name == "detection":
-                r = rows[i]
-                items.append({"path": path, "width": r["width"], "height": r["height"], "boxes": r["boxes"].tolist(),
-                              "labels": r["labels"].tolist(), "iscrowd": r["iscrowd"].tolist()})
-            else:  # instance segmentation: masks as compressed RLE
-                image, target = ds[i]
-                rles = []
-                for m in target["masks"].numpy():
-                    rle = mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))
-                    rles.append({"size": rle["size"], "counts": rle["counts"].decode()})
-                items.append({"path": path, "width": image.width, "height": image.height, "masks": rles,
-                              "boxes": target["boxes"].tolist(), "labels": target["labels"].tolist()})
-        manifest["splits"][split] = items
+        manifest["splits"][split] = [truth(ds, i, out / "masks" / split) for i in range(len(ds))]
     (out / "manifest.json").write_text(json.dumps(manifest))
     return manifest
+
+
+# one sample's ground truth in the manifest, per task: (dataset, index, the split's mask folder) -> item
+def _label_item(ds, i: int, masks: Path) -> dict:
+    return {"path": ds.samples[i]["path"], "label": int(ds.labels[i])}
+
+
+def _mask_item(ds, i: int, masks: Path) -> dict:
+    from PIL import Image
+
+    mask_file = masks / f"{i:05d}.png"
+    mask_file.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(ds.mask(i).numpy().astype(np.uint8)).save(mask_file)
+    return {"path": ds.samples[i]["path"], "mask": str(mask_file)}
+
+
+def _box_item(ds, i: int, masks: Path) -> dict:
+    r = ds.records[i]
+    return {"path": r["path"], "width": r["width"], "height": r["height"], "boxes": r["boxes"].tolist(),
+            "labels": r["labels"].tolist(), "iscrowd": r["iscrowd"].tolist()}
+
+
+def _instance_item(ds, i: int, masks: Path) -> dict:
+    """Instance masks as compressed RLE."""
+    from pycocotools import mask as mask_utils
+
+    image, target = ds[i]
+    rles = []
+    for m in target["masks"].numpy():
+        rle = mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))
+        rles.append({"size": rle["size"], "counts": rle["counts"].decode()})
+    return {"path": ds.records[i]["path"], "width": image.width, "height": image.height, "masks": rles,
+            "boxes": target["boxes"].tolist(), "labels": target["labels"].tolist()}
+
+
+GROUND_TRUTH = {"classification": _label_item, "segmentation": _mask_item, "detection": _box_item,
+                "instance_segmentation": _instance_item}
 
 
 def coco_ground_truth(manifest: dict) -> dict:
@@ -120,37 +132,50 @@ def score(manifest: dict, pred_dir: Path) -> float:
 def scores(manifest: dict, pred_dir: Path) -> dict:
     """``value``: the primary test metric (:func:`score`); for boxes and masks also ``max_dets``, the COCO maxDets
     every AP was taken at."""
-    task, test = manifest["task"], manifest["splits"]["test"]
-    if task == "classification":
-        import pandas as pd
-        from sklearn.metrics import accuracy_score
+    return SCORERS[manifest["task"]](manifest, pred_dir)
 
-        pred = pd.read_csv(pred_dir / "predictions.csv")
-        names = manifest["classes"]
-        return {"value": float(accuracy_score([names[it["label"]] for it in test], pred["class"].tolist()))}
-    if task == "segmentation":
-        from PIL import Image
 
-        images = json.loads((pred_dir / "images.json").read_text())
-        n = len(manifest["classes"])
-        cm = np.zeros((n, n), np.int64)
-        for it, entry in zip(test, images):
-            gt = np.asarray(Image.open(it["mask"])).astype(np.int64)
-            pr = np.asarray(Image.open(pred_dir / entry["mask"])).astype(np.int64)
-            keep = gt < n  # 255: not labelled
-            cm += np.bincount(gt[keep] * n + pr[keep], minlength=n * n).reshape(n, n)
-        tp = np.diag(cm).astype(float)
-        union = cm.sum(0) + cm.sum(1) - tp
-        with np.errstate(invalid="ignore", divide="ignore"):
-            iou = np.where(union > 0, tp / union, np.nan)
-        return {"value": float(np.nanmean(iou))}
-    from cv_models.data.coco import coco_map
+def _accuracy(manifest: dict, pred_dir: Path) -> dict:
+    import pandas as pd
+    from sklearn.metrics import accuracy_score
 
-    results = json.loads((pred_dir / "coco_results.json").read_text())
-    # the pipeline's own scoring: every AP at maxDets = max(100, the busiest image), COCO's 100 only beside it
-    metrics, _ = coco_map(coco_ground_truth(manifest), results, manifest["classes"],
-                          "segm" if task == "instance_segmentation" else "bbox")
-    return {"value": float(metrics["map50"]), "max_dets": int(metrics["max_dets"])}
+    pred = pd.read_csv(pred_dir / "predictions.csv")
+    names = manifest["classes"]
+    return {"value": float(accuracy_score([names[it["label"]] for it in manifest["splits"]["test"]], pred["class"].tolist()))}
+
+
+def _miou(manifest: dict, pred_dir: Path) -> dict:
+    from PIL import Image
+
+    images = json.loads((pred_dir / "images.json").read_text())
+    n = len(manifest["classes"])
+    cm = np.zeros((n, n), np.int64)
+    for it, entry in zip(manifest["splits"]["test"], images):
+        gt = np.asarray(Image.open(it["mask"])).astype(np.int64)
+        pr = np.asarray(Image.open(pred_dir / entry["mask"])).astype(np.int64)
+        keep = gt < n  # 255: not labelled
+        cm += np.bincount(gt[keep] * n + pr[keep], minlength=n * n).reshape(n, n)
+    tp = np.diag(cm).astype(float)
+    union = cm.sum(0) + cm.sum(1) - tp
+    with np.errstate(invalid="ignore", divide="ignore"):
+        iou = np.where(union > 0, tp / union, np.nan)
+    return {"value": float(np.nanmean(iou))}
+
+
+def _coco_map50(iou_type: str):
+    def score(manifest: dict, pred_dir: Path) -> dict:
+        from cv_models.data.coco import coco_map
+
+        results = json.loads((pred_dir / "coco_results.json").read_text())
+        # the pipeline's own scoring: every AP at maxDets = max(100, the busiest image), COCO's 100 only beside it
+        metrics, _ = coco_map(coco_ground_truth(manifest), results, manifest["classes"], iou_type)
+        return {"value": float(metrics["map50"]), "max_dets": int(metrics["max_dets"])}
+    return score
+
+
+# the primary test metric per task, computed from the files tasks.predict writes (METRIC names it)
+SCORERS = {"classification": _accuracy, "segmentation": _miou, "detection": _coco_map50("bbox"),
+           "instance_segmentation": _coco_map50("segm")}
 
 
 # ---------------------------------------------------------------- the two sides

@@ -7,6 +7,7 @@ in ``cv_models/__init__.py``.
 """
 from __future__ import annotations
 
+import json
 from abc import ABC, abstractmethod
 from collections.abc import Sequence, Sized
 from dataclasses import dataclass, field
@@ -119,9 +120,18 @@ class CVTask(ABC):
         """Findings that are reported but do not stop the run (e.g. converted grayscale images)."""
         return []
 
+    def validation_summaries(self, tables: dict[str, pd.DataFrame]) -> dict[str, str]:
+        """Markdown tables of the data (e.g. objects per class and split) for the validation report, by title."""
+        return {}
+
     @abstractmethod
     def class_names(self) -> list[str]:
         ...
+
+    def sample_labels(self, dataset: Dataset[Any]) -> list[int] | None:
+        """Each sample's class index, for subsets that keep every class's share; None where a sample has no
+        single class (boxes, masks)."""
+        return None
 
     def object_boxes(self, split: str) -> list[dict[str, Any]] | None:
         """The split's images with their objects' boxes in the original pixels, for the crops stage:
@@ -185,10 +195,34 @@ class CVTask(ABC):
         """PIL image -> model input tensor: the evaluation's resizing and normalisation, for an image alone."""
         return self.eval_transforms(normalize)
 
+    @abstractmethod
     def predict_image(self, model: nn.Module, image: Any, normalize: Callable[..., Any] | None,
                       image_id: int) -> Prediction:
         """The model's prediction on one RGB PIL image, mapped back to the image's own resolution."""
-        raise NotImplementedError(f"{self.name} has no predict_image")
+
+    # the predict stage's summary: how many of what, per class
+    counted_as: ClassVar[str] = "objects"  # what :attr:`Prediction.objects` counts, in words (a table header)
+
+    def counted_classes(self) -> list[str]:
+        """The classes the predict summary lists (with a count of 0 where none was found)."""
+        return self.class_names()
+
+    def result_rows(self, file: str, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """One image's :attr:`Prediction.records` as rows of :attr:`results_file`: a CSV row starts with the
+        input file; a COCO results entry names its image by ``image_id`` alone."""
+        if Path(self.results_file).suffix == ".csv":
+            return [{"file": file, **r} for r in records]
+        return records
+
+    def write_results(self, rows: list[dict[str, Any]], out: Path) -> Path:
+        """Write every image's :meth:`result_rows` to ``out``/:attr:`results_file` (a CSV table, or a JSON list
+        of COCO results entries); returns the file."""
+        path = out / self.results_file
+        if path.suffix == ".csv":
+            pd.DataFrame(rows).to_csv(path, index=False)
+        else:
+            path.write_text(json.dumps(rows))
+        return path
 
     # ----------------------------------------------------------------- export
     # the exported graph: a float N x 3 x H x W batch (``export_batched``) or one 3 x H x W image, H x W the training

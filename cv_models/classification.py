@@ -315,6 +315,11 @@ class ClassificationTask(CVTask):
         result.predictions["probs"] = torch.cat(probs).numpy()
         return result
 
+    def sample_labels(self, dataset) -> list[int]:
+        return dataset.labels
+
+    counted_as = "images"  # one predicted class per image
+
     @torch.no_grad()
     def predict_image(self, model, image, normalize, image_id: int) -> Prediction:
         """The class and every class's probability (softmax of the logits)."""

@@ -504,6 +504,11 @@ class SegmentationTask(CVTask):
             result.extra["masks"] = native_masks  # one HxW class-index array per image, in the dataset's order
         return result
 
+    counted_as = "images containing the class"
+
+    def counted_classes(self) -> list[str]:
+        return self.class_names()[1:]  # classes[0] is the background
+
     @torch.no_grad()
     def predict_image(self, model, image, normalize, image_id: int) -> Prediction:
         """A class-index mask at the image's own resolution: the logits at the training size are resized

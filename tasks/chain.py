@@ -13,9 +13,14 @@ from pathlib import Path
 from typing import Any
 
 SHARED = ("generate", "pretrain")  # one run serves every task
-PER_TASK = ("validate", "normstats", "baseline", "augmented", "evaluate")
+# the stages that train a model, each saving models/<task>/<stage>: the plain model first (of two models equally good
+# on validation, "best" keeps the plainer), the augmented one last (the headline model)
+TRAINED = ("baseline", "augmented")
+PER_TASK = ("validate", "normstats", *TRAINED, "evaluate")
 CHAIN = SHARED + PER_TASK
-BEFORE_TRAINING = CHAIN[:CHAIN.index("baseline")]  # what a training (ablation arm, search trial) needs first
+BEFORE_TRAINING = CHAIN[:CHAIN.index(TRAINED[0])]  # what a training (ablation arm, search trial) needs first
+BY_HAND = ("crops",)  # run once for every task, by hand, outside the chain and dvc.yaml (python -m tasks crops)
+ONCE = SHARED + BY_HAND  # the stages without --task
 
 
 def _inside(path: str | Path, folder: str | Path) -> bool:
@@ -45,8 +50,8 @@ def stages_for(params, task_name: str, stages: tuple[str, ...] = CHAIN) -> list[
 
 def stage_function(name: str):
     """The function that runs a stage (what ``python -m tasks <name>`` calls)."""
-    if name not in CHAIN:
-        raise KeyError(f"no stage {name!r}; the chain is {CHAIN}")
+    if name not in CHAIN + BY_HAND:
+        raise KeyError(f"no stage {name!r}; the chain is {CHAIN}, and {BY_HAND} run by hand")
     return importlib.import_module(f"tasks.{name}").run
 
 

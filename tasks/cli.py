@@ -21,7 +21,7 @@ import importlib
 import json
 import sys
 
-from tasks.chain import PER_TASK as STAGES  # noqa: E402  (the stage chain, defined once)
+from tasks.chain import ONCE, PER_TASK, TRAINED, stage_function  # the stage chain, defined once
 
 
 def parse_overrides(pairs: list[str]) -> dict:
@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["init"]:  # python -m tasks init PATH ...: its own options (tasks/init.py)
         return importlib.import_module("tasks.init").main(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m tasks", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("stage", choices=("generate", "pretrain", "crops", *STAGES, "report", "predict", "export"))
+    parser.add_argument("stage", choices=(*ONCE, *PER_TASK, "report", "predict", "export"))
     parser.add_argument("--task", help="CV task name (a key of tasks: in params.yaml)")
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -65,19 +65,19 @@ def main(argv: list[str] | None = None) -> int:
     overrides = parse_overrides(args.overrides)
     from tasks import accelerate
 
-    if accelerate.init_from_env() and args.stage not in ("baseline", "augmented"):
-        parser.error("under torchrun only the training stages run (baseline, augmented); run the others with python")
+    if accelerate.init_from_env() and args.stage not in TRAINED:
+        parser.error(f"under torchrun only the training stages run ({', '.join(TRAINED)}); run the others with python")
     if args.stage in ("predict", "export"):
         return use_model(parser, args, overrides)
     try:
-        if args.stage in ("generate", "pretrain", "crops"):
-            importlib.import_module(f"tasks.{args.stage}").run(args.params, overrides)
+        if args.stage in ONCE:
+            stage_function(args.stage)(args.params, overrides)
         elif args.stage == "report":
             importlib.import_module("tasks.report").main(args.params)
         else:
             if not args.task:
                 parser.error(f"stage {args.stage} needs --task")
-            importlib.import_module(f"tasks.{args.stage}").run(args.task, args.params, overrides)
+            stage_function(args.stage)(args.task, args.params, overrides)
     except (ValidationFailed, DataError, ConfigError, OverfitCheckFailed, WeightsError, CheckpointError, StageBusy) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

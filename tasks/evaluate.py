@@ -13,11 +13,12 @@ import torch
 
 from cv_models.settings import diff_markdown, diff_text, settings_diff
 from tasks import accelerate, engine
+from tasks.chain import TRAINED
 from tasks.paths import atomic_dir, models, outputs
 from tasks.stage import open_stage
 from tasks.train import normalizer
 
-MODELS = ("baseline", "augmented")
+DIFF_TAG = "_vs_".join(TRAINED)  # baseline_vs_augmented: the settings in which the trained models differ
 
 
 def comparison_table(results: dict, primary: str) -> pd.DataFrame:
@@ -44,10 +45,10 @@ def record_diff(changed: dict) -> None:
 
     text = diff_text(changed)[:5000]
     run = mlflow.active_run()
-    mlflow.set_tag("baseline_vs_augmented", text)
+    mlflow.set_tag(DIFF_TAG, text)
     parent = mlflow.get_run(run.info.run_id).data.tags.get("mlflow.parentRunId") if run is not None else None
     if parent:
-        mlflow.MlflowClient().set_tag(parent, "baseline_vs_augmented", text)
+        mlflow.MlflowClient().set_tag(parent, DIFF_TAG, text)
 
 
 def publish_prefect_artifact(task_name: str, markdown: str) -> None:
@@ -77,7 +78,7 @@ def run(task_name: str, params_path: str | Path = "params.yaml", overrides: dict
         loader = engine.make_loader(task, test, st.cfg.train.eval_batch_size, False, st.params.seed, engine.worker_count(st.cfg.train))
         results = {"dummy": task.dummy_result(task.dataset("train", None), test)}
         speed, diagnosis = {}, {}
-        for name in MODELS:
+        for name in TRAINED:
             path = models(task_name, name) / "model.pt"
             if not path.exists():
                 raise FileNotFoundError(f"{path} is missing: run the {name} stage first (dvc repro)")
@@ -99,14 +100,14 @@ def run(task_name: str, params_path: str | Path = "params.yaml", overrides: dict
         changed = settings_diff(st.cfg.without_augmentation(), st.cfg)
         markdown += ("\n## What differs between baseline and augmented\n\nThe effective settings of the two trained models "
                      "(the baseline has every augmentation off); nothing else differs, and both start from the same "
-                     "initial weights (MLflow param init_weights_sha256).\n\n" + diff_markdown(changed, "baseline", "augmented"))
+                     "initial weights (MLflow param init_weights_sha256).\n\n" + diff_markdown(changed, *TRAINED))
         markdown += (f"\nSpeed: images/s at batch size {st.cfg.train.eval_batch_size} and the latency of one image "
                      f"on {device.type}.\n")
         for name, res in results.items():
             if res.per_class is not None and name != "dummy":
                 markdown += f"\n## {name}: per class\n\n" + to_markdown(res.per_class) + "\n"
         alerts = {name: engine.silent_failure_warnings(results[name].metrics, results["dummy"].metrics, primary,
-                                                       len(task.class_names()), f"{name} (test)") for name in MODELS}
+                                                       len(task.class_names()), f"{name} (test)") for name in TRAINED}
         alerts = {k: v for k, v in alerts.items() if v}
         if alerts:
             markdown += "\n## Warnings: models that learnt nothing or never predict some classes\n\n" + "".join(
@@ -135,7 +136,7 @@ def run(task_name: str, params_path: str | Path = "params.yaml", overrides: dict
             metrics["n_test"] = len(test)
             metrics["overfitting"] = {name: line for name, line in diagnosis.items()}
             metrics["warnings"] = alerts  # model -> lines (empty when every model beat the dummy)
-            metrics["settings_changed"] = {k: {"baseline": a, "augmented": b} for k, (a, b) in changed.items()}
+            metrics["settings_changed"] = {k: dict(zip(TRAINED, pair)) for k, pair in changed.items()}
             (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
             (tmp / "timings.json").write_text(json.dumps(speed, indent=2) + "\n")
             (tmp / "comparison.md").write_text(markdown)
@@ -153,7 +154,7 @@ def run(task_name: str, params_path: str | Path = "params.yaml", overrides: dict
         st.log_inputs("test")
         st.log_pictures(out_dir)
         # the pipeline run's row in the MLflow UI: test metrics of all three, best val, seconds, data version
-        st.log_pipeline_summary({name: res.metrics for name, res in results.items()})
+        st.log_pipeline_summary({name: res.metrics for name, res in results.items()}, TRAINED)
         publish_prefect_artifact(task_name, markdown)
         print(markdown)
         return metrics

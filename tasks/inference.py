@@ -21,9 +21,9 @@ from torch import nn
 from cv_models import get_task
 from cv_models.base import CVTask
 from cv_models.normalize import load_normalizer
+from tasks.chain import TRAINED
 from tasks.paths import models, outputs
 
-STAGE_MODELS = ("baseline", "augmented")
 TASK_FILE = "task.json"
 
 
@@ -117,13 +117,13 @@ def write_bundle(task: CVTask, model_path: Path, folder: Path, extra: dict | Non
 def best_stage(task_name: str, primary: str) -> str:
     """baseline or augmented, whichever has the better validation metric (the test split is never used to choose)."""
     scores = {}
-    for stage in STAGE_MODELS:
+    for stage in TRAINED:
         path = models(task_name, stage) / "model.pt"
         if path.exists():
             scores[stage] = float(_read_checkpoint(path).get("val_metrics", {}).get(primary, float("-inf")))
     if not scores:
         raise ModelError(f"no trained model in {models(task_name, '*')}/model.pt: run the training stages first (dvc repro)")
-    return max(scores, key=lambda s: (scores[s], s == "baseline"))  # a tie keeps the plainer model
+    return max(scores, key=lambda s: (scores[s], s == TRAINED[0]))  # a tie keeps the plainer model
 
 
 def find_bundle(folder: Path) -> Path | None:
@@ -139,7 +139,7 @@ def load(task_name: str, spec: str, tracking_uri: str | None = None) -> Loaded:
         raise ModelError(f"unknown task {task_name!r}; tasks: {sorted(TASKS)}")
     if spec == "best":
         spec = best_stage(task_name, TASKS[task_name].primary_metric)
-    if spec in STAGE_MODELS:
+    if spec in TRAINED:
         path = models(task_name, spec) / "model.pt"
         if not path.exists():
             raise ModelError(f"{path} is missing: run the {spec} stage first (dvc repro)")
@@ -156,7 +156,7 @@ def load(task_name: str, spec: str, tracking_uri: str | None = None) -> Loaded:
         return load_bundle(task_name, bundle)
     if path.is_file():
         return load_checkpoint(task_name, path)
-    raise ModelError(f"--model {spec!r}: not baseline, augmented, best, an existing file or folder, or a models:/ URI")
+    raise ModelError(f"--model {spec!r}: not {', '.join(TRAINED)}, best, an existing file or folder, or a models:/ URI")
 
 
 def load_registered(task_name: str | None, uri: str, tracking_uri: str | None = None) -> Loaded:

@@ -119,7 +119,6 @@ def log_pictures(run_id: str | None, folder: Path, stage: str) -> None:
 
 # ---------------------------------------------------------------- the pipeline row
 
-TRAINED = ("baseline", "augmented")
 TIMINGS = ("images_per_second", "latency_ms")
 
 
@@ -127,9 +126,9 @@ def pipeline_metrics(primary: str, test: dict[str, dict], trained: dict[str, dic
     """The figures of one pipeline run, in the order they appear as columns: the primary test metric
     of every model first, then the other headline test metrics, the best validation metric and the
     training seconds. ``test``: evaluate's metrics per model; ``trained``: the training stages'
-    metrics.json and timings.json (best val metric, seconds)."""
+    metrics.json and timings.json (best val metric, seconds), in the chain's order."""
     out: dict[str, float] = {}
-    models = [m for m in ("augmented", "baseline", "dummy") if m in test]
+    models = [m for m in row_models(trained) if m in test]
     for model in models:
         out[f"test.{model}.{primary}"] = test[model][primary]
     for model in models:
@@ -144,15 +143,22 @@ def pipeline_metrics(primary: str, test: dict[str, dict], trained: dict[str, dic
     return {k: float(v) for k, v in out.items() if not isinstance(v, bool)}
 
 
+def row_models(trained: Iterable[str]) -> list[str]:
+    """The models in the order of the row's columns: the trained ones last trained first (the augmented model,
+    the headline), then the dummy solution."""
+    return [*reversed(list(trained)), "dummy"]
+
+
 def read_json(path: Path) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
-def summarise_pipeline(parent_id: str, task_name: str, primary: str, test: dict[str, dict], outputs_of) -> None:
+def summarise_pipeline(parent_id: str, task_name: str, primary: str, test: dict[str, dict], outputs_of,
+                       trained_models: tuple[str, ...]) -> None:
     """Put the pipeline run's results on its parent run (one row of the runs table), from the files
     the stages wrote: that works whether the stages ran in this process (Prefect) or each in its own
     (``dvc repro``, which may also skip stages whose outputs are up to date). ``outputs_of(stage)``
-    is the stage's output folder."""
+    is the stage's output folder; ``trained_models``: the stages that train a model (tasks.chain.TRAINED)."""
     import time
 
     import pandas as pd
@@ -160,12 +166,12 @@ def summarise_pipeline(parent_id: str, task_name: str, primary: str, test: dict[
 
     c = client()
     # the best val metric from metrics.json, the wall-clock seconds from timings.json (kept apart: tasks/train.py)
-    trained = {m: {**read_json(outputs_of(m) / "metrics.json"), **read_json(outputs_of(m) / "timings.json")} for m in TRAINED}
+    trained = {m: {**read_json(outputs_of(m) / "metrics.json"), **read_json(outputs_of(m) / "timings.json")} for m in trained_models}
     now = int(time.time() * 1000)
     metrics = [Metric(k, v, now, 0) for k, v in pipeline_metrics(primary, test, trained).items()]
     # the augmented model's per-epoch curves under the stable names of the stage runs, so the chart
     # view overlays pipeline runs too; logged once (evaluate may run again for the same pipeline run)
-    history = outputs_of("augmented") / "history.csv"
+    history = outputs_of(trained_models[-1]) / "history.csv"
     if history.exists():
         df = pd.read_csv(history)
         for key in ("train_loss", f"val_{primary}"):
@@ -176,7 +182,7 @@ def summarise_pipeline(parent_id: str, task_name: str, primary: str, test: dict[
         c.log_batch(parent_id, metrics=metrics[i:i + 1000])
     version = read_data_version(task_name)
     c.log_batch(parent_id, tags=[RunTag("data_version", version["digest"]), RunTag("primary_metric", primary)])
-    save_runs_view(c.get_run(parent_id).info.experiment_id, primary)
+    save_runs_view(c.get_run(parent_id).info.experiment_id, primary, trained_models)
 
 
 # ---------------------------------------------------------------- opening the UI on the rows
@@ -191,15 +197,15 @@ def column(kind: str, key: str) -> str:
     return f"{kind}.`{key}`"  # the UI's column id: attributes / metrics / params / tags
 
 
-def runs_view(primary: str, models: Iterable[str] = ("augmented", "baseline", "dummy")) -> dict:
+def runs_view(primary: str, trained_models: tuple[str, ...]) -> dict:
     cols = [column("attributes", "Dataset"), column("attributes", "Models")]
-    cols += [column("metrics", f"test.{m}.{primary}") for m in models]
-    cols += [column("metrics", f"best_val.augmented.{primary}"), column("metrics", "train_seconds")]
+    cols += [column("metrics", f"test.{m}.{primary}") for m in row_models(trained_models)]
+    cols += [column("metrics", f"best_val.{trained_models[-1]}.{primary}"), column("metrics", "train_seconds")]
     return {"selectedColumns": cols, "orderByKey": "attributes.start_time", "orderByAsc": False}
 
 
-def save_runs_view(experiment_id: str, primary: str) -> None:
-    client().set_experiment_tag(experiment_id, VIEW_TAG_PREFIX + VIEW_KEY, json.dumps(runs_view(primary)))
+def save_runs_view(experiment_id: str, primary: str, trained_models: tuple[str, ...]) -> None:
+    client().set_experiment_tag(experiment_id, VIEW_TAG_PREFIX + VIEW_KEY, json.dumps(runs_view(primary, trained_models)))
 
 
 def runs_table_url(base_url: str, experiment_id: str) -> str:

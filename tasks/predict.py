@@ -118,32 +118,26 @@ def predict_files(loaded: Loaded, files: list[Path], out: Path) -> dict[str, Any
             write_png(pred.overlay.cpu(), str(out / "overlays" / f"{name}.png"))
             entry["overlay"] = f"overlays/{name}.png"
         images.append(entry)
-        for r in pred.records:
-            records.append({"file": str(path), **r} if task.results_file.endswith(".csv") else r)
+        records += task.result_rows(str(path), pred.records)
         objects.update(pred.objects)
     seconds = time.perf_counter() - start
-    if task.results_file.endswith(".csv"):
-        pd.DataFrame(records).to_csv(out / task.results_file, index=False)
-    else:
-        (out / task.results_file).write_text(json.dumps(records))
+    task.write_results(records, out)
     (out / "images.json").write_text(json.dumps(images, indent=1))
     pd.DataFrame(skipped, columns=["file", "rule"]).to_csv(out / "skipped.csv", index=False)
     failures = [f"{s['file']}: {s['rule']}; skipped" for s in skipped]
     summary = {
         "task": task.name, "model": loaded.source, "images": len(images), "failed": len(failures), "skipped": skipped,
-        "objects_per_class": {c: objects.get(c, 0) for c in task.class_names() if objects.get(c, 0) or task.name != "segmentation"},
+        "objects_per_class": {c: objects.get(c, 0) for c in task.counted_classes()},
         "seconds": round(seconds, 3), "images_per_second": round(len(images) / seconds, 3) if seconds > 0 else None,
         "results": task.results_file, "failures": failures, "notes": notes,
     }
-    if task.name == "segmentation":  # images in which each class appears
-        summary["objects_per_class"] = {c: objects.get(c, 0) for c in task.class_names()[1:]}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    (out / "summary.md").write_text(summary_markdown(summary))
+    (out / "summary.md").write_text(summary_markdown(summary, task.counted_as))
     return summary
 
 
-def summary_markdown(s: dict) -> str:
-    what = "images containing the class" if s["task"] == "segmentation" else "objects" if s["task"] != "classification" else "images"
+def summary_markdown(s: dict, what: str) -> str:
+    """``what``: what the per-class counts count (the task's ``counted_as``)."""
     lines = [f"# Predictions: {s['task']}", "", f"- model: {s['model']}", f"- images: {s['images']} predicted, {s['failed']} skipped "
              "(`skipped.csv`: file, rule)",
              f"- time: {s['seconds']:.2f} s ({s['images_per_second']} images/s)", f"- results: {s['results']}", "",

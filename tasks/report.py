@@ -4,17 +4,20 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from tasks.chain import TRAINED
 from tasks.paths import outputs
+
+MODELS = ("dummy", *TRAINED)  # the columns of the table
 
 
 def results_table(task_names: list[str]) -> str:
     from cv_models import TASKS
 
-    lines = ["| task | metric | dummy | baseline | augmented | registered model (version, champion) |", "|---|---|---|---|---|---|"]
+    lines = [f"| task | metric | {' | '.join(MODELS)} | registered model (version, champion) |", "|---|---|" + "---|" * len(MODELS) + "---|"]
     for name in task_names:
         path = outputs(name, "evaluate") / "metrics.json"
         if not path.exists():
-            lines.append(f"| {name} | (not evaluated yet) | | | | |")
+            lines.append(f"| {name} | (not evaluated yet) |" + " |" * len(MODELS) + " |")
             continue
         m = json.loads(path.read_text())
         metric = TASKS[name].primary_metric
@@ -22,7 +25,7 @@ def results_table(task_names: list[str]) -> str:
         reg = json.loads(reg_path.read_text()) if reg_path.exists() else None
         registered = (f"{reg['name']} v{reg['version']} ({reg['stage']}); {reg['alias']}: v{reg['champion_version']}"
                       if reg else "(not registered)")
-        lines.append(f"| {name} | test {metric} | " + " | ".join(f"{m[k][metric]:.4f}" for k in ("dummy", "baseline", "augmented"))
+        lines.append(f"| {name} | test {metric} | " + " | ".join(f"{m[k][metric]:.4f}" for k in MODELS)
                      + f" | {registered} |")
     return "\n".join(lines)
 

@@ -86,13 +86,14 @@ class Stage:
         mlflow_view = self._view()
         mlflow_view.log_pictures(mlflow_view.parent_of(self.run_id), folder, self.name)
 
-    def log_pipeline_summary(self, test: dict[str, dict]) -> None:
-        """The pipeline run's row: ``test`` (metrics per model) plus what the training stages wrote."""
+    def log_pipeline_summary(self, test: dict[str, dict], trained_models: tuple[str, ...]) -> None:
+        """The pipeline run's row: ``test`` (metrics per model) plus what the training stages (``trained_models``)
+        wrote."""
         if not self.run_id:  # a torchrun rank other than 0: no MLflow run
             return
         mlflow_view = self._view()
         mlflow_view.summarise_pipeline(mlflow_view.parent_of(self.run_id), self.task_name, self.task.primary_metric,
-                                       test, lambda stage: outputs(self.task_name, stage))
+                                       test, lambda stage: outputs(self.task_name, stage), trained_models)
 
 
 @contextmanager

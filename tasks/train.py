@@ -77,7 +77,7 @@ def train_model(st: Stage, augment: AugmentConfig | None, out_dir: Path,
     if st.cfg.train.track_train_metric:
         train_plain = cached(st, "train", st.task.eval_transforms(norm))  # the same kept samples as ``train``'s
         # stratified and seeded: the first N of a sorted folder listing can all be one class
-        indices = engine.stratified_indices(getattr(train_plain, "labels", None), min(len(train_plain), len(val)),
+        indices = engine.stratified_indices(st.task.sample_labels(train_plain), min(len(train_plain), len(val)),
                                             st.params.seed, size=len(train_plain))
         train_eval = subset(st.task, train_plain, indices)
     model, init_hash = initial_model(st)

@@ -135,7 +135,7 @@ def run(task_name: str, params_path: str | Path = "params.yaml", overrides: dict
             results, notes = results + link_results, notes + link_notes
             main = next(iter(tables.values()))
             n_samples = len(main)
-            summaries = getattr(st.task, "validation_summaries", lambda t: {})(tables)
+            summaries = st.task.validation_summaries(tables)
         except DataError as err:
             tables, notes, n_samples, summaries = {}, [], 0, {}
             results = [{"table": "-", "rule": "dataset readable", "expectation": "-", "success": False,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tasks.chain import CHAIN, PER_TASK, SHARED, stages_for
+from tasks.chain import BY_HAND, CHAIN, ONCE, PER_TASK, SHARED, TRAINED, stages_for
 from tasks.config import load_params
 from tests.conftest import REPO, write_params
 
@@ -25,6 +26,40 @@ def test_dvc_yaml_has_the_chain_in_order():
         assert stages[name]["do"]["cmd"] == f"python -m tasks {name} --task ${{key}}"
     for name in SHARED:
         assert stages[name]["cmd"] == f"python -m tasks {name}"
+
+
+def test_dvc_yaml_trains_the_chains_models():
+    """The trained models are the chain's TRAINED stages: each saves models/<task>/<stage>, evaluate reads them all."""
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    saving = {name for name in PER_TASK for out in stages[name]["do"].get("outs", [])
+              if str(next(iter(out)) if isinstance(out, dict) else out).startswith("models/")}
+    assert saving == set(TRAINED)
+    for name in TRAINED:
+        assert f"models/${{key}}/{name}" in stages[name]["do"]["outs"]
+    assert [d.split("/")[-1] for d in stages["evaluate"]["do"]["deps"] if d.startswith("models/")] == list(TRAINED)
+    assert not set(BY_HAND) & set(stages)
+
+
+def test_the_trained_models_are_declared_once():
+    """No module but tasks/chain.py lists the trained models again (they come from chain.TRAINED)."""
+    pair = re.compile(r"""["']baseline["'],\s*["']augmented["']|["']augmented["'],\s*["']baseline["']""")
+    hits = [f"{path.relative_to(REPO)}:{n}" for folder in ("tasks", "flows") for path in sorted((REPO / folder).rglob("*.py"))
+            if path != REPO / "tasks" / "chain.py"
+            for n, line in enumerate(path.read_text().splitlines(), 1) if pair.search(line)]
+    assert hits == []
+
+
+def test_cli_runs_the_chains_stages(monkeypatch):
+    """``python -m tasks <stage>`` offers the chain's stages (and the by-hand ones) and runs them as the chain says."""
+    import tasks.cli
+
+    calls = []
+    monkeypatch.setattr(tasks.cli, "stage_function", lambda name: lambda *args: calls.append((name, args)))
+    for name in (*ONCE, *PER_TASK):
+        assert tasks.cli.main([name, "--task", "classification", "--params", "p.yaml"]) == 0
+    assert calls == [(n, ("p.yaml", {})) for n in ONCE] + [(n, ("classification", "p.yaml", {})) for n in PER_TASK]
+    with pytest.raises(SystemExit):  # not a stage
+        tasks.cli.main(["crop", "--params", "p.yaml"])
 
 
 def test_flow_runs_pretrain_only_for_a_task_that_uses_it(tmp_path):
