@@ -248,6 +248,13 @@ def read_resume_checkpoint(path: Path) -> dict:
     return ck
 
 
+def write_checkpoint(path: Path, state: dict) -> None:
+    """``state`` serialised whole, then written atomically: a kill mid-write leaves the previous file."""
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
 @dataclass
 class FitResult:
     history: pd.DataFrame
@@ -414,14 +421,13 @@ def fit(
 
     def save_checkpoint(epoch: int, done: bool = False, rank_rngs: list | None = None) -> None:
         # tensors and plain containers only, so resuming needs no pickled code (weights_only=True)
-        buf = io.BytesIO()
-        torch.save({"fingerprint": fingerprint, "fingerprint_parts": parts, "epoch": epoch, "done": done,
-                    "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "ema": ema.state_dict() if ema is not None else None, "rng": get_rng_states(),
-                    "loader_rng": train_loader.generator.get_state(), "history": history, "best": best,
-                    "elapsed": time.perf_counter() - t0, "timings": timings, "planned": planned,
-                    **({"rank_rngs": rank_rngs} if rank_rngs is not None and len(rank_rngs) > 1 else {})}, buf)
-        atomic_write_bytes(checkpoint_path, buf.getvalue())
+        write_checkpoint(checkpoint_path, {
+            "fingerprint": fingerprint, "fingerprint_parts": parts, "epoch": epoch, "done": done,
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "ema": ema.state_dict() if ema is not None else None, "rng": get_rng_states(),
+            "loader_rng": train_loader.generator.get_state(), "history": history, "best": best,
+            "elapsed": time.perf_counter() - t0, "timings": timings, "planned": planned,
+            **({"rank_rngs": rank_rngs} if rank_rngs is not None and len(rank_rngs) > 1 else {})})
 
     epoch = start_epoch
     while epoch <= planned:
