@@ -39,11 +39,12 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from cv_models import get_task
 from cv_models.data.cache import CachedDataset
-from cv_models.normalize import Normalize
+from cv_models.normalize import load_normalizer
 from tasks import engine
 from tasks.cli import parse_overrides
 from tasks.config import load_params
@@ -123,11 +124,16 @@ def instrumented(task, clock: Clock):
         del task.evaluate
 
 
-def normalizer(cfg) -> Normalize | None:
-    """Fixed statistics (the time does not depend on them), so no normstats output is needed."""
-    if cfg.normalization == "none":
-        return None
-    return Normalize("per_channel_std", torch.tensor([0.5, 0.5, 0.5]), torch.tensor([0.25, 0.25, 0.25]))
+def normstats_dir(task, cfg, folder: Path) -> Path:
+    """The normstats stage's output when there is one, else fixed statistics written to ``folder`` (the time does
+    not depend on them), so every task keeps its ``normalization`` without running the stage first."""
+    own = outputs(task.name, "normstats")
+    if (own / "stats.json").exists():
+        return own
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "stats.json").write_text(json.dumps({"per_channel_mean": [0.5] * 3, "per_channel_std": [0.25] * 3}))
+    np.save(folder / "mean_image.npy", np.full((*cfg.image_hw, 3), 0.5, dtype=np.float32))
+    return folder
 
 
 def spread(data, n: int, seed: int) -> list[int]:
@@ -140,7 +146,7 @@ def spread(data, n: int, seed: int) -> list[int]:
 def datasets(task, cfg, augment: bool, images: int, seed: int) -> dict:
     """The pipeline's train, validation and train-subset sets (as tasks/train.py makes them) and the plain
     loop's training set, ``images`` training images and a quarter as many validation images (0: all)."""
-    norm = normalizer(cfg)
+    norm = load_normalizer(task.normstats_dir, cfg.normalization)
 
     def load(split: str, transforms, n: int):
         data = task.dataset(split, transforms)
@@ -269,13 +275,10 @@ def profile(name: str, args, folder: Path) -> dict:
     overrides = {**parse_overrides(args.set), t + "train.epochs": args.epochs, t + "train.resume": False}
     if args.device:
         overrides[t + "train.device"] = args.device
-    if not (outputs(name, "normstats") / "stats.json").exists():  # detectors read it when built; the time is the same
-        print(f"[profile] {name}: no normstats output here, so normalization: none (run python -m tasks normstats "
-              f"--task {name} for the params' own)")
-        overrides[t + "normalization"] = "none"
     params = load_params(args.params, overrides)
     cfg = params.task(name)
     task = get_task(name, cfg)
+    task.normstats_dir = normstats_dir(task, cfg, folder / name / "normstats")
     sets = datasets(task, cfg, not args.no_augment, args.images, params.seed)
     plain = plain_loop(task, cfg, sets["plain"], params.seed)
     epochs = pipeline_epochs(task, cfg, sets, not args.no_augment, params.seed, folder / name)
