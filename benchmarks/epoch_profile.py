@@ -8,7 +8,7 @@ training loop waits for it:
   mix         the task's batch-level augmentation (MixUp, CutMix, mosaic, copy-paste), when it has one
   step        the rest of the training pass: to the device, forward, loss, backward, optimiser, schedule, progress bar
   validation  the validation pass and the train-subset scoring of the overfitting diagnosis
-  checkpoint  writing the resumable last.pt (weights, optimiser state, RNG states)
+  checkpoint  keeping the resumable last.pt (weights, optimiser state, RNG states): what the loop waits for
   logging     the epoch's metrics to MLflow
   other       the rest of the epoch (best-weights copy, time-limit planning, printing)
 
@@ -108,19 +108,19 @@ class TimedLoader:
 
 @contextlib.contextmanager
 def instrumented(task, clock: Clock):
-    """tasks.engine with its training loader, checkpoint writer and the task's evaluation timed; put back after."""
-    make_loader, write_checkpoint, evaluate = engine.make_loader, engine.write_checkpoint, task.evaluate
+    """tasks.engine with its training loader, its wait for last.pt and the task's evaluation timed; put back after."""
+    make_loader, save_last, evaluate = engine.make_loader, engine.save_last, task.evaluate
 
     def timed_loader(task_, dataset, batch_size, shuffle, *args, **kwargs):
         loader = make_loader(task_, dataset, batch_size, shuffle, *args, **kwargs)
         return TimedLoader(loader, clock) if shuffle else loader  # the training loader is the shuffled one
 
-    engine.make_loader, engine.write_checkpoint = timed_loader, clock.timed("checkpoint", write_checkpoint)
+    engine.make_loader, engine.save_last = timed_loader, clock.timed("checkpoint", save_last)
     task.evaluate = clock.timed("validation", evaluate)
     try:
         yield
     finally:
-        engine.make_loader, engine.write_checkpoint = make_loader, write_checkpoint
+        engine.make_loader, engine.save_last = make_loader, save_last
         del task.evaluate
 
 

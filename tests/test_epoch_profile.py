@@ -11,7 +11,7 @@ def test_short_profile_parts_sum_to_the_epoch(project, capsys):
     from benchmarks import epoch_profile
     from tasks import engine
 
-    make_loader, write_checkpoint = engine.make_loader, engine.write_checkpoint
+    make_loader, save_last = engine.make_loader, engine.save_last
     params = project.params(**tiny_task("classification"))
     [r] = epoch_profile.main(["--params", str(params), "--short", "--task", "classification", "--images", "16"])
     out = capsys.readouterr().out
@@ -28,4 +28,4 @@ def test_short_profile_parts_sum_to_the_epoch(project, capsys):
     assert ratio and float(ratio.group(1)) == round(r["ratio_epoch"], 3)
     assert re.search(r"checkpoint +\d+\.\d{3} +\d+\.\d%", out)
     # the benchmark put tasks.engine back as it found it
-    assert engine.make_loader is make_loader and engine.write_checkpoint is write_checkpoint
+    assert engine.make_loader is make_loader and engine.save_last is save_last
