@@ -21,7 +21,7 @@ which carries one-time costs).
 
     python -m tasks generate                                  # once: the embedded data
     python -m benchmarks.epoch_profile                        # every task of params.yaml
-    python -m benchmarks.epoch_profile --task detection --epochs 4
+    python -m benchmarks.epoch_profile --task detection --epochs 4 --rounds 2   # plain and pipeline in turn, twice
     python -m benchmarks.epoch_profile --short                # a few images per task: well under a minute on 2 cores
     python -m benchmarks.epoch_profile --device cuda --task classification \\
         --set tasks.classification.model.name=resnet50 --set tasks.classification.image_size=224
@@ -244,9 +244,8 @@ def mean(rows: list[dict[str, float]], key: str) -> float:
     return sum(r[key] for r in rows) / len(rows)
 
 
-def summary(name: str, cfg, sets: dict, epochs: list[dict[str, float]], plain: list[float], device: str) -> dict:
-    """Means over the epochs after the first (all of them if there is one), parts' shares and the ratios."""
-    rows, plain_rows = epochs[1:] or epochs, plain[1:] or plain
+def summary(name: str, cfg, sets: dict, rows: list[dict[str, float]], plain_rows: list[float], device: str) -> dict:
+    """Means over the measured epochs, the parts' shares and the ratios."""
     seconds = {p: mean(rows, p) for p in PARTS}
     epoch, train_pass, plain_epoch = mean(rows, "epoch"), mean(rows, "train_pass"), sum(plain_rows) / len(plain_rows)
     return {"task": name, "model": cfg.model.name, "image_size": cfg.image_size, "batch_size": cfg.train.batch_size,
@@ -260,7 +259,7 @@ def summary(name: str, cfg, sets: dict, epochs: list[dict[str, float]], plain: l
 def print_summary(r: dict) -> None:
     print(f"\n{r['task']}: {r['model']} at {r['image_size']} px, batch {r['batch_size']}, {r['train_images']} train / "
           f"{r['val_images']} val images, {r['threads']} thread(s), {r['workers']} worker(s), {r['device']}; mean of "
-          f"{r['epochs_measured']} epoch(s) after the first")
+          f"{r['epochs_measured']} epoch(s), each run's first left out")
     print(f"  {'part':<11} {'seconds':>8} {'share':>7}")
     for p in PARTS:
         print(f"  {p:<11} {r['seconds'][p]:8.3f} {100 * r['shares'][p]:6.1f}%")
@@ -280,8 +279,11 @@ def profile(name: str, args, folder: Path) -> dict:
     task = get_task(name, cfg)
     task.normstats_dir = normstats_dir(task, cfg, folder / name / "normstats")
     sets = datasets(task, cfg, not args.no_augment, args.images, params.seed)
-    plain = plain_loop(task, cfg, sets["plain"], params.seed)
-    epochs = pipeline_epochs(task, cfg, sets, not args.no_augment, params.seed, folder / name)
+    skip = 1 if args.epochs > 1 else 0  # each run's first epoch carries one-time costs
+    epochs, plain = [], []
+    for r in range(args.rounds):  # in turn, so that other load on the machine slows both sides alike
+        plain += plain_loop(task, cfg, sets["plain"], params.seed)[skip:]
+        epochs += pipeline_epochs(task, cfg, sets, not args.no_augment, params.seed, folder / f"{name}{r}")[skip:]
     return summary(name, cfg, sets, epochs, plain, str(engine.pick_device(cfg.train.device)))
 
 
@@ -290,6 +292,7 @@ def parse_args(argv: list[str] | None):
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--task", action="append", help="a task of params.yaml (repeatable); default: all of them")
     ap.add_argument("--epochs", type=int, default=3, help="epochs of each side; the first is left out of the means")
+    ap.add_argument("--rounds", type=int, default=1, help="plain loop and pipeline in turn, this many times")
     ap.add_argument("--images", type=int, default=0, help="training images (spread over the split; validation gets a "
                                                            "quarter as many); 0 = all")
     ap.add_argument("--short", action="store_true", help=f"{SHORT['epochs']} epochs of {SHORT['images']} images a task")
