@@ -23,7 +23,8 @@ which carries one-time costs).
     python -m benchmarks.epoch_profile                        # every task of params.yaml
     python -m benchmarks.epoch_profile --task detection --epochs 4 --rounds 2   # plain and pipeline in turn, twice
     python -m benchmarks.epoch_profile --short                # a few images per task: well under a minute on 2 cores
-    python -m benchmarks.epoch_profile --device cuda --task classification \\
+    python -m benchmarks.epoch_profile --dataset coco128_json      # a shared real dataset (benchmarks/real_data/)
+    python -m benchmarks.epoch_profile --device cuda --dataset trashnet150 \\
         --set tasks.classification.model.name=resnet50 --set tasks.classification.image_size=224
 
 On a shared machine other processes slow both sides unevenly: compare ratios from one run.
@@ -269,9 +270,21 @@ def print_summary(r: dict) -> None:
           f"{r['ratio_train_pass']:.3f}", flush=True)
 
 
+def dataset_overrides(name: str, shared: Path) -> tuple[str, dict]:
+    """A shared real dataset's task and settings (benchmarks/real_data/<name>.yaml) without its pretraining: the
+    backbone starts from random weights instead, which train at the same speed."""
+    from benchmarks.real_data import DATASETS, overlay
+
+    spec = overlay(name, shared)
+    pretrained = spec.get("pretrain.out")
+    return DATASETS[name], {k: "none" if pretrained is not None and v == pretrained else v for k, v in spec.items()
+                            if k not in ("plain", "budget_minutes") and not k.startswith(("pretrain.", "crops."))}
+
+
 def profile(name: str, args, folder: Path) -> dict:
     t = f"tasks.{name}."
-    overrides = {**parse_overrides(args.set), t + "train.epochs": args.epochs, t + "train.resume": False}
+    overrides = {**args.dataset_overrides, **parse_overrides(args.set), t + "train.epochs": args.epochs,
+                 t + "train.resume": False}
     if args.device:
         overrides[t + "train.device"] = args.device
     params = load_params(args.params, overrides)
@@ -291,6 +304,10 @@ def parse_args(argv: list[str] | None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--task", action="append", help="a task of params.yaml (repeatable); default: all of them")
+    ap.add_argument("--dataset", help="a shared real dataset instead, with its task and settings "
+                                      "(benchmarks/real_data/<name>.yaml, no pretraining), e.g. coco128_json, bccd")
+    ap.add_argument("--shared", default=str(Path(__file__).resolve().parents[2] / "shared" / "datasets"),
+                    help="folder holding the shared datasets")
     ap.add_argument("--epochs", type=int, default=3, help="epochs of each side; the first is left out of the means")
     ap.add_argument("--rounds", type=int, default=1, help="plain loop and pipeline in turn, this many times")
     ap.add_argument("--images", type=int, default=0, help="training images (spread over the split; validation gets a "
@@ -303,6 +320,10 @@ def parse_args(argv: list[str] | None):
                                            "temporary SQLite store)")
     ap.add_argument("--json", help="also write the results to this file")
     args = ap.parse_args(argv)
+    args.dataset_overrides = {}
+    if args.dataset:
+        task, args.dataset_overrides = dataset_overrides(args.dataset, Path(args.shared).resolve())
+        args.task = [task]
     if args.short:
         args.epochs, args.images = SHORT["epochs"], args.images or SHORT["images"]
     return args
