@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from conftest import tiny_task
+from tests.conftest import tiny_task
 
 
 def test_short_profile_parts_sum_to_the_epoch(project, capsys):

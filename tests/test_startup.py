@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from conftest import REPO, tiny_overrides, write_params
+from tests.conftest import REPO, tiny_overrides, write_params
 
 CHECK = ("import sys, runpy; sys.argv = ['tasks'] + sys.argv[1:]\n"
          "try:\n    runpy.run_module('tasks', run_name='__main__')\n"
