@@ -161,7 +161,8 @@ def datasets(task, cfg, augment: bool, images: int, seed: int) -> dict:
     plain = load("train", task.eval_transforms(norm), images)
     train_eval = None
     if cfg.train.track_train_metric:  # tasks/train.py: as many unaugmented training images as validation images
-        indices = engine.stratified_indices(getattr(plain, "labels", None), min(len(plain), len(val)), seed, size=len(plain))
+        n = min(len(plain), len(val))
+        indices = engine.stratified_indices(getattr(plain, "labels", None), n, seed, size=len(plain))
         train_eval = subset(task, plain, indices)
     return {"train": train, "val": val, "train_eval": train_eval, "plain": plain}
 
@@ -218,7 +219,8 @@ def pipeline_epochs(task, cfg, sets: dict, augment: bool, seed: int, folder: Pat
 
     def log_metrics(metrics: dict, step: int) -> None:  # as tasks/stage.py logs them; fit's last act in an epoch
         start = time.perf_counter()
-        mlflow.log_metrics({k.replace("/", "."): float(v) for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
+        clean = {k.replace("/", "."): float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+        mlflow.log_metrics(clean, step=step)
         clock.add("logging", time.perf_counter() - start)
         clock.end_epoch()
 
@@ -336,7 +338,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     names = args.task or list(load_params(args.params).tasks)
     results = []
     with tempfile.TemporaryDirectory(prefix="epoch-profile-") as tmp:
-        mlflow.set_tracking_uri(args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{tmp}/mlflow.db")
+        uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{tmp}/mlflow.db"
+        mlflow.set_tracking_uri(uri)
         mlflow.set_experiment("epoch-profile")
         for name in names:
             results.append(profile(name, args, Path(tmp)))

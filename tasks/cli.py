@@ -26,9 +26,10 @@ from tasks.chain import PER_TASK as STAGES  # noqa: E402  (the stage chain, defi
 # the failures a stage reports in one line (exit 1), by module and class. Only a module that was imported can have
 # raised one, so they are looked up there when caught (known_errors): a stage that needs no model, such as
 # generate, never imports torch just to name these
-KNOWN_ERRORS = (("tasks.validate", "ValidationFailed"), ("cv_models.base", "DataError"), ("tasks.config", "ConfigError"),
-                ("tasks.engine", "OverfitCheckFailed"), ("cv_models.weights", "WeightsError"),
-                ("tasks.engine", "CheckpointError"), ("tasks.runstate", "StageBusy"))
+KNOWN_ERRORS = (("tasks.validate", "ValidationFailed"), ("cv_models.base", "DataError"),
+                ("tasks.config", "ConfigError"), ("tasks.engine", "OverfitCheckFailed"),
+                ("cv_models.weights", "WeightsError"), ("tasks.engine", "CheckpointError"),
+                ("tasks.runstate", "StageBusy"))
 
 
 def known_errors() -> tuple[type[BaseException], ...]:
