@@ -93,6 +93,11 @@ class TrainConfig(Strict):
     # true: continue from checkpoints/<task>/<stage>/last.pt when it was made by the same run (settings, seed, code,
     # data), else start afresh saying why; strict: refuse to start when it was not; false: always start afresh
     resume: bool | Literal["strict"] = True
+    # epochs between writes of last.pt (the last epoch and a time-limit stop are always written): a kill loses at
+    # most this many epochs; and whether a background thread writes it (auto: on a GPU, not on the CPU). Neither
+    # changes results (tasks/checkpointing.py)
+    checkpoint_every: int = Field(1, ge=1)
+    checkpoint_background: bool | Literal["auto"] = "auto"
     device: DeviceName = "auto"
     # accelerator settings (tasks/accelerate.py); the defaults leave one-CPU results unchanged
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast dtype; fp16 adds a GradScaler

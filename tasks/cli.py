@@ -19,9 +19,22 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 
 from tasks.chain import ONCE, PER_TASK, TRAINED, stage_function  # the stage chain, defined once
+
+# the failures a stage reports in one line (exit 1), by module and class. Only a module that was imported can have
+# raised one, so they are looked up there when caught (known_errors): a stage that needs no model, such as
+# generate, never imports torch just to name these
+KNOWN_ERRORS = (("tasks.validate", "ValidationFailed"), ("cv_models.base", "DataError"),
+                ("tasks.config", "ConfigError"), ("tasks.engine", "OverfitCheckFailed"),
+                ("cv_models.weights", "WeightsError"), ("tasks.engine", "CheckpointError"),
+                ("tasks.runstate", "StageBusy"))
+
+
+def known_errors() -> tuple[type[BaseException], ...]:
+    return tuple(getattr(sys.modules[module], name) for module, name in KNOWN_ERRORS if module in sys.modules)
 
 
 def parse_overrides(pairs: list[str]) -> dict:
@@ -55,18 +68,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="predict: exit 1 when any input is skipped (default: only when nothing could be predicted)")
     args = parser.parse_args(argv)
 
-    from cv_models.base import DataError
-    from cv_models.weights import WeightsError
-    from tasks.config import ConfigError
-    from tasks.engine import CheckpointError, OverfitCheckFailed
-    from tasks.runstate import StageBusy, StageInterrupted
-    from tasks.validate import ValidationFailed
+    from tasks.runstate import StageInterrupted
 
     overrides = parse_overrides(args.overrides)
-    from tasks import accelerate
-
-    if accelerate.init_from_env() and args.stage not in TRAINED:
+    torchrun = int(os.environ.get("WORLD_SIZE", "1")) > 1  # tasks.accelerate.launched_by_torchrun, without torch
+    if torchrun and args.stage not in TRAINED:
         parser.error(f"under torchrun only the training stages run ({', '.join(TRAINED)}); run the others with python")
+    if torchrun:
+        from tasks import accelerate
+
+        accelerate.init_from_env()
     if args.stage in ("predict", "export"):
         return use_model(parser, args, overrides)
     try:
@@ -78,14 +89,17 @@ def main(argv: list[str] | None = None) -> int:
             if not args.task:
                 parser.error(f"stage {args.stage} needs --task")
             stage_function(args.stage)(args.task, args.params, overrides)
-    except (ValidationFailed, DataError, ConfigError, OverfitCheckFailed, WeightsError, CheckpointError, StageBusy) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
     except StageInterrupted as err:  # SIGTERM / SIGINT: the MLflow run ended KILLED, temporary outputs were removed
         print(f"error: {args.stage} {err}: its MLflow run is marked KILLED and its temporary outputs were removed; "
               f"run it again to resume from the last finished epoch", file=sys.stderr)
         return 128 + err.signum
-    accelerate.shutdown()
+    except Exception as err:
+        if not isinstance(err, known_errors()):
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    if torchrun:
+        accelerate.shutdown()
     return 0
 
 

@@ -131,14 +131,17 @@ def load_raw(path: str | Path = "params.yaml", overrides: dict[str, Any] | None 
     return raw
 
 
-def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None) -> Params:
-    """Read params.yaml, apply dotted-key overrides (``{"tasks.classification.train.epochs": 1}``), check all."""
+def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None,
+                check_tasks: bool = True) -> Params:
+    """Read params.yaml, apply dotted-key overrides (``{"tasks.classification.train.epochs": 1}``), check all.
+    ``check_tasks=False``: all but the sections under ``tasks:`` (``params.task(name)`` checks one when it is read),
+    for a stage that reads no task, ``generate``: it then starts without the task modules (torch, torchvision)."""
     raw = load_raw(path, overrides)
     try:
         params = Params.model_validate(raw)
     except ValidationError as err:
         raise ConfigError(describe(err, Params)) from None
-    for name in params.tasks:  # check every task section up front
+    for name in params.tasks if check_tasks else ():  # check every task section up front
         params.task(name)
     # and the experiment sections (their schemas are in tasks/experiment_settings.py, apart from the runners)
     for name, model in (("ablation", AblationConfig), ("search", SearchConfig)):

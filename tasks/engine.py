@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from cv_models.base import CVTask
 from cv_models.settings import diff_text, flat
-from tasks import accelerate, budget
+from tasks import accelerate, budget, checkpointing
 from tasks.config import OptimizerConfig, TrainConfig, config_hash
 from tasks.paths import atomic_write_bytes
 from tasks.seeding import loader_generator, seed_worker
@@ -184,7 +184,8 @@ def resume_settings(task: CVTask, cfg: TrainConfig) -> dict:
     ``train.num_workers`` as the number it resolved to (the augmentation stream depends on it, not on how it was chosen)."""
     settings = {"task": task.cfg.model_dump(mode="json"), "train": cfg.model_dump(mode="json")}
     for section in (settings["task"].get("train", {}), settings["train"]):  # a bare task may have no train section
-        section.pop("resume", None)
+        for key in ("resume", "checkpoint_every", "checkpoint_background"):  # how it is kept, not what is trained
+            section.pop(key, None)
         section["num_workers"] = worker_count(cfg)
     for key in ("cache", "cache_max_gb"):
         settings["task"].get("data", {}).pop(key, None)
@@ -202,7 +203,7 @@ def fingerprint_parts(task: CVTask, cfg: TrainConfig, seed: int, extra_state: di
 def changed_settings(old: dict, new: dict) -> str:
     """Every setting that differs between two flat :func:`resume_settings`, with its old and new value."""
     diff: dict[str, tuple] = {}
-    for key in sorted(set(old) | set(new), key=lambda k: not k.startswith("task.")):  # the task's keys first
+    for key in sorted(set(old) | set(new), key=lambda k: (not k.startswith("task."), k)):  # the task's keys first, by name
         shown = key.removeprefix("task.")  # fit's own train settings keep their "train." prefix
         if old.get(key) != new.get(key) and shown not in diff:
             diff[shown] = (old.get(key), new.get(key))
@@ -271,6 +272,22 @@ def read_resume_checkpoint(path: Path) -> dict:
         raise CheckpointError(f"{path}: not a resume checkpoint (rule: a dict written by tasks/engine.py); delete it "
                               f"to start this stage afresh")
     return ck
+
+
+def write_checkpoint(path: Path, state: dict) -> None:
+    """``state`` serialised whole, then written atomically: a kill mid-write leaves the previous file."""
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def save_last(path: Path, state: dict, writer: checkpointing.BackgroundWriter | None) -> None:
+    """What the training loop waits for to keep ``last.pt``: the whole write, or with a background writer a copy
+    of the state to the CPU (benchmarks/epoch_profile.py times this call)."""
+    if writer is None:
+        write_checkpoint(path, state)
+    else:
+        writer.submit(path, state)
 
 
 @dataclass
@@ -444,6 +461,8 @@ def fit(
     timings: dict[str, list[float]] = {"train": [], "val": []}
     planned = cfg.epochs  # fewer once a time limit shows that only so many fit (fit_epochs_to_time_limit)
 
+    if checkpoint_path is not None:
+        checkpointing.wait_for(checkpoint_path)  # an interrupted run's background write, in this process
     if checkpoint_path is not None and cfg.resume and checkpoint_path.exists():
         ck = read_resume_checkpoint(checkpoint_path)
         differs = [k for k in parts if (ck.get("fingerprint_parts") or {}).get(k) != parts[k]]
@@ -476,17 +495,18 @@ def fit(
     t0 = time.perf_counter() - elapsed
     stop = cfg.early_stopping
     time_limit = time_budget(cfg, timings)
+    writer = (checkpointing.BackgroundWriter(write_checkpoint)
+              if checkpointing.in_background(cfg.checkpoint_background, device) else None)
 
     def save_checkpoint(epoch: int, done: bool = False, rank_rngs: list | None = None) -> None:
         # tensors and plain containers only, so resuming needs no pickled code (weights_only=True)
-        buf = io.BytesIO()
-        torch.save({"fingerprint": fingerprint, "fingerprint_parts": parts, "settings": settings, "epoch": epoch, "done": done,
-                    "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "ema": ema.state_dict() if ema is not None else None, "rng": get_rng_states(),
-                    "loader_rng": train_loader.generator.get_state(), "history": history, "best": best,
-                    "elapsed": time.perf_counter() - t0, "timings": timings, "planned": planned,
-                    **({"rank_rngs": rank_rngs} if rank_rngs is not None and len(rank_rngs) > 1 else {})}, buf)
-        atomic_write_bytes(checkpoint_path, buf.getvalue())
+        save_last(checkpoint_path, {
+            "fingerprint": fingerprint, "fingerprint_parts": parts, "settings": settings, "epoch": epoch, "done": done,
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "ema": ema.state_dict() if ema is not None else None, "rng": get_rng_states(),
+            "loader_rng": train_loader.generator.get_state(), "history": history, "best": best,
+            "elapsed": time.perf_counter() - t0, "timings": timings, "planned": planned,
+            **({"rank_rngs": rank_rngs} if rank_rngs is not None and len(rank_rngs) > 1 else {})}, writer)
 
     epoch = start_epoch
     while epoch <= planned:
@@ -552,7 +572,8 @@ def fit(
             planned = follow_plan(time_limit, scheduler, planned, epoch, time.perf_counter() - t0, timings,
                                   len(train_loader), desc)
         rank_rngs = accelerate.gather(torch.get_rng_state())  # every rank's, so each resumes its own stream
-        if checkpoint_path is not None and accelerate.is_main():  # rank 0 alone writes
+        if (checkpoint_path is not None and accelerate.is_main()  # rank 0 alone writes
+                and checkpointing.due(epoch, planned, cfg.checkpoint_every, out)):
             save_checkpoint(epoch, rank_rngs=rank_rngs)
         if log_metrics is not None:  # after the checkpoint, so an interruption here loses no epoch
             log_metrics({k: v for k, v in row.items() if k != "epoch"}, epoch)
@@ -566,6 +587,9 @@ def fit(
             break
         epoch += 1
 
+    if writer is not None:  # the last epoch's file is whole before it is marked done (written here, at once) or removed
+        writer.wait()
+        writer = None
     seconds = time.perf_counter() - t0
     scored.load_state_dict(best["state"])
     if accelerate.is_main():

@@ -10,7 +10,7 @@ from tasks.paths import atomic_dir
 
 
 def run(params_path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None) -> dict:
-    params = load_params(params_path, overrides)
+    params = load_params(params_path, overrides, check_tasks=False)  # reads shapes only; validate checks each task
     cfg = params.shapes
     out = Path(cfg.out_dir)
     with atomic_dir(out) as tmp:

@@ -42,7 +42,7 @@ class Loaded:
 
 def _build(task_name: str, config: dict, class_names: list[str], state: dict, normstats_dir: Path, source: str,
            info: dict) -> Loaded:
-    from cv_models.base import TASKS
+    from cv_models import TASKS
 
     if task_name not in TASKS:
         raise ModelError(f"{source}: unknown task {task_name!r}; registered: {sorted(TASKS)}")
