@@ -1,6 +1,7 @@
 """Shared fixtures: tiny synthetic data, a throw-away project folder, a per-session MLflow store."""
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 from pathlib import Path
@@ -31,7 +32,8 @@ TINY = {
 
 
 def tiny_overrides(**extra) -> dict:
-    return {**TINY, **extra}
+    # a deep copy: applying an override such as shapes.scenes.num_imgs writes into the nested dicts it is given
+    return copy.deepcopy({**TINY, **extra})
 
 
 # one epoch on tiny inputs: enough to check that a path runs and scores, not how well it learns
