@@ -83,13 +83,13 @@ mlflow-server: $(STAMP)
 
 # prints each task's runs-table link (one row per pipeline run), then serves the UI
 mlflow-ui: $(STAMP)
-	@python -m tasks.mlflow_view $(MLFLOW_PORT) || true
+	@python -m tasks.track.mlflow_view $(MLFLOW_PORT) || true
 	mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port $(MLFLOW_PORT)
 
 # the Model Registry's champion of $(TASK) over HTTP, requests over params.yaml's serving.max_request_mb refused (413)
 .PHONY: serve-model
 serve-model: $(STAMP)
-	python -m tasks.serve_model --task $(TASK)
+	python -m tasks.use.serve_model --task $(TASK)
 
 # training-loop overhead against a bare PyTorch loop, per task (ratios; run on an otherwise idle machine)
 benchmark: $(STAMP)

@@ -59,9 +59,10 @@ def main():
     os.chdir(work)
     os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{work / 'mlflow.db'}")
     from cv_models import get_task
-    from tasks import augmented, crops, engine, generate, normstats, pretrain, validate
+    from tasks import augmented, crops, generate, normstats, pretrain, validate
     from tasks.config import load_params
     from tasks.paths import models
+    from tasks.training import engine
 
     overrides = bccd_overrides(root, args.pretrain, parse_overrides(args.overrides))
     t0 = time.perf_counter()

@@ -28,9 +28,9 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from bare_loop import run_bare_loop
 from cv_models import get_task
-from tasks import engine
+from tasks.training import engine
 from tasks.config import load_params
-from tasks.seeding import seed_everything
+from tasks.training.seeding import seed_everything
 
 
 class BareDetection(Dataset):
@@ -132,7 +132,7 @@ def main():
     bare, pipe = statistics.median(times["bare"]), statistics.median(times["pipeline"])
     print(f"\ndetection, {n} train images, {len(val)} val images, {args.epochs} epochs, {args.threads} threads, "
           f"batch {cfg.train.batch_size}, model {cfg.model.name} ({getattr(cfg.model.options, 'backbone', '-')}), {cfg.image_size}px")
-    print(f"median bare PyTorch loop: {bare:.2f}s   median pipeline (tasks.engine.fit): {pipe:.2f}s")
+    print(f"median bare PyTorch loop: {bare:.2f}s   median pipeline (tasks.training.engine.fit): {pipe:.2f}s")
     print(f"ratio pipeline / bare = {pipe / bare:.3f}  (target <= 1.05)")
 
 

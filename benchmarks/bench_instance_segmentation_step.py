@@ -32,9 +32,9 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from bare_loop import run_bare_loop
 from cv_models import get_task
-from tasks import engine
+from tasks.training import engine
 from tasks.config import load_params
-from tasks.seeding import seed_everything
+from tasks.training.seeding import seed_everything
 
 TASK = "instance_segmentation"
 
@@ -174,7 +174,7 @@ def main():
     print(f"\n{TASK}, {n} train images, {len(val)} val images, {args.epochs} epochs, {args.threads} threads, "
           f"batch {cfg.train.batch_size}, model {cfg.model.name} ({getattr(cfg.model.options, 'backbone', '-')}), {cfg.image_size}px")
     print(f"median bare PyTorch loop: {bare:.2f}s wall, {bare_cpu:.2f}s cpu   "
-          f"median pipeline (tasks.engine.fit): {pipe:.2f}s wall, {pipe_cpu:.2f}s cpu")
+          f"median pipeline (tasks.training.engine.fit): {pipe:.2f}s wall, {pipe_cpu:.2f}s cpu")
     print(f"ratio pipeline / bare = {pipe / bare:.3f} wall, {pipe_cpu / bare_cpu:.3f} cpu  (target <= 1.05)")
 
 

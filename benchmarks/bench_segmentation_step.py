@@ -1,4 +1,4 @@
-"""Training speed of the pipeline's loop (tasks.engine.fit on the segmentation task) against a bare
+"""Training speed of the pipeline's loop (tasks.training.engine.fit on the segmentation task) against a bare
 PyTorch loop on the same model, data, transforms, loss, optimiser, schedule, epochs and threads.
 
     PYTHONPATH=. python benchmarks/bench_segmentation_step.py [--epochs 3] [--rounds 3] [--params params.yaml]
@@ -28,7 +28,7 @@ from cv_models import get_task  # noqa: E402
 from cv_models.normalize import Normalize, RunningStats  # noqa: E402
 from cv_models.seg_losses import get_loss  # noqa: E402
 from cv_models.segmentation import confusion, model_outputs  # noqa: E402
-from tasks import engine  # noqa: E402
+from tasks.training import engine  # noqa: E402
 from tasks.config import load_params  # noqa: E402
 
 

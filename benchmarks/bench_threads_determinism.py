@@ -25,9 +25,9 @@ def one_run(folder: Path, threads: int, epochs: int, deterministic: bool) -> dic
     os.chdir(folder)
     from cv_models import get_task
     from cv_models.data import shapes
-    from tasks import engine
     from tasks.config import load_params
-    from tasks.seeding import seed_everything, state_sha256
+    from tasks.training import engine
+    from tasks.training.seeding import seed_everything, state_sha256
 
     t = "tasks.classification."
     params = load_params(REPO / "params.yaml", {

@@ -27,9 +27,9 @@ from torch.utils.data import DataLoader, Dataset
 from bare_loop import run_bare_loop
 from cv_models import get_task
 from cv_models.normalize import load_normalizer
-from tasks import engine
+from tasks.training import engine
 from tasks.config import load_params
-from tasks.seeding import seed_everything
+from tasks.training.seeding import seed_everything
 
 
 class BareImageFolder(Dataset):
@@ -102,7 +102,7 @@ def main():
     bare, pipe = statistics.median(times["bare"]), statistics.median(times["pipeline"])
     print(f"\nclassification, {len(train)} train images, {args.epochs} epochs, {args.threads} threads, "
           f"batch {cfg.train.batch_size}, model {cfg.model.name}")
-    print(f"median bare PyTorch loop: {bare:.2f}s   median pipeline (tasks.engine.fit): {pipe:.2f}s")
+    print(f"median bare PyTorch loop: {bare:.2f}s   median pipeline (tasks.training.engine.fit): {pipe:.2f}s")
     print(f"ratio pipeline / bare = {pipe / bare:.3f}  (target <= 1.05)")
 
 

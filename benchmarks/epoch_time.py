@@ -3,7 +3,7 @@
 Real data: ../shared/datasets/trashnet150 beside the repository (TrashNet, 6 classes, 150x150 JPEGs, split by seed). Both sides train
 the same model built by the task (resnet18 by default) with the same threads, batch size, optimiser and schedule.
 The bare loop holds every training image as a normalised float tensor (a plain list) and stacks shuffled batches:
-no decoding, no transforms, no DataLoader. The pipeline is tasks.engine.fit on the task's datasets (no
+no decoding, no transforms, no DataLoader. The pipeline is tasks.training.engine.fit on the task's datasets (no
 augmentation, the baseline's transforms) with ``data.cache: ram`` and, for context, ``none``. Prints the median
 training-pass time per epoch of each and the ratios; also the full pipeline epoch (with its validation pass and
 the train-subset scoring of the overfitting diagnosis), which the bare loop does not do.
@@ -28,9 +28,9 @@ import torch.nn.functional as F
 from cv_models import get_task
 from cv_models.data.cache import CachedDataset
 from cv_models.normalize import Normalize
-from tasks import engine
 from tasks.config import load_params
-from tasks.seeding import seed_everything
+from tasks.training import engine
+from tasks.training.seeding import seed_everything
 
 DATA = str(Path(__file__).resolve().parents[2] / "shared" / "datasets" / "trashnet150" / "data" / "dataset-resized")
 
@@ -106,7 +106,7 @@ def main():
         indices = engine.stratified_indices(plain.labels, len(val), params.seed)
         if mode == "none":
             return train, val, task.subset(plain, indices)
-        # keys as tasks/train.py makes them: the train split is kept once for training and the train-subset scoring
+        # keys as tasks/training/train.py makes them: the train split is kept once for training and the train-subset scoring
         key = f"bench-{args.size}-{args.limit}"
         train = CachedDataset(train, mode, f"{key}-train", 4.0, label="train")
         val = CachedDataset(val, mode, f"{key}-val", 4.0, label="val")

@@ -99,7 +99,7 @@ def loss_of(task: str, model, images, targets):
 def measure(task: str, name: str, size: int, n: int, precision: str, channels_last: bool, steps: int, warmup: int) -> float:
     import torch
 
-    from tasks.accelerate import Accelerator
+    from tasks.training.accelerate import Accelerator
 
     device = torch.device("cuda")
     acc = Accelerator(device, precision, channels_last)

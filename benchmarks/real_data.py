@@ -15,7 +15,7 @@ For one dataset it
    preloaded, a textbook loop, no validation, no augmentation beyond the detection tutorial's flip) on
    one core, and at the same time the pipeline on the other: pretraining (when the overlay has it),
    normstats and the augmented stage, stopped by ``train.time_limit_minutes`` within the budget;
-3. predicts the test split with both at original resolution (the pipeline through ``tasks.predict``)
+3. predicts the test split with both at original resolution (the pipeline through ``tasks.use.predict``)
    and scores both files with the same library call: sklearn (accuracy), numpy (mIoU from the
    confusion matrix), pycocotools (AP@.5 for boxes or masks).
 
@@ -104,7 +104,7 @@ GROUND_TRUTH = {"classification": _label_item, "segmentation": _mask_item, "dete
 
 
 def coco_ground_truth(manifest: dict) -> dict:
-    """The test split as COCO ground truth; image ids 1..n in the manifest's order (as tasks.predict numbers them)."""
+    """The test split as COCO ground truth; image ids 1..n in the manifest's order (as tasks.use.predict numbers them)."""
     images, anns = [], []
     for image_id, it in enumerate(manifest["splits"]["test"], start=1):
         images.append({"id": image_id, "file_name": it["path"], "width": it["width"], "height": it["height"]})
@@ -125,7 +125,7 @@ def coco_ground_truth(manifest: dict) -> dict:
 
 # ---------------------------------------------------------------- one scorer for both sides
 def score(manifest: dict, pred_dir: Path) -> float:
-    """The primary test metric of the predictions in ``pred_dir`` (the layout tasks.predict writes)."""
+    """The primary test metric of the predictions in ``pred_dir`` (the layout tasks.use.predict writes)."""
     return scores(manifest, pred_dir)["value"]
 
 
@@ -173,7 +173,7 @@ def _coco_map50(iou_type: str):
     return score
 
 
-# the primary test metric per task, computed from the files tasks.predict writes (METRIC names it)
+# the primary test metric per task, computed from the files tasks.use.predict writes (METRIC names it)
 SCORERS = {"classification": _accuracy, "segmentation": _miou, "detection": _coco_map50("bbox"),
            "instance_segmentation": _coco_map50("segm")}
 
@@ -237,10 +237,10 @@ def logged_budget(task_name: str, stage: str, metrics: dict) -> dict:
 
 
 def predict_pipeline(task_name: str, manifest: dict, out: Path, stage: str = "augmented") -> None:
-    from tasks import engine
-    from tasks.inference import load_checkpoint
     from tasks.paths import models, outputs
-    from tasks.predict import predict_files
+    from tasks.training import engine
+    from tasks.use.inference import load_checkpoint
+    from tasks.use.predict import predict_files
 
     loaded = load_checkpoint(task_name, models(task_name, stage) / "model.pt", outputs(task_name, "normstats"))
     engine.set_threads(1)

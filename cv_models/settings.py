@@ -79,13 +79,13 @@ class TrainConfig(Strict):
     batch_size: int = Field(32, ge=1, le=4096)
     eval_batch_size: int = Field(64, ge=1, le=4096)
     # DataLoader worker processes; auto: 0 on <= 2 cores (a worker there costs more than it saves), else the cores
-    # left over by num_threads, at most 8 (tasks/engine.py worker_count). Results depend on the number of workers
+    # left over by num_threads, at most 8 (tasks/training/engine.py worker_count). Results depend on the number of workers
     num_workers: Annotated[int, Field(ge=0, le=64)] | Literal["auto"] = "auto"
     # torch CPU threads; 0 = all cores. 1 (the default) gives bitwise-equal runs; more threads are faster on free
     # cores but some CPU kernels then reduce in a varying order (run-to-run differences in the last digits)
     num_threads: int = Field(1, ge=0, le=256, description="torch CPU threads; 0 = all cores")
     # torch.use_deterministic_algorithms (warn-only) and cuDNN's deterministic mode; false trades repeatability for
-    # speed (cuDNN autotunes); auto: on for the CPU, off on a GPU (tasks/engine.py deterministic_kernels says why)
+    # speed (cuDNN autotunes); auto: on for the CPU, off on a GPU (tasks/training/engine.py deterministic_kernels says why)
     deterministic: bool | Literal["auto"] = "auto"
     optimizer: OptimizerConfig = OptimizerConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
@@ -95,11 +95,11 @@ class TrainConfig(Strict):
     resume: bool | Literal["strict"] = True
     # epochs between writes of last.pt (the last epoch and a time-limit stop are always written): a kill loses at
     # most this many epochs; and whether a background thread writes it (auto: on a GPU, not on the CPU). Neither
-    # changes results (tasks/checkpointing.py)
+    # changes results (tasks/training/checkpointing.py)
     checkpoint_every: int = Field(1, ge=1)
     checkpoint_background: bool | Literal["auto"] = "auto"
     device: DeviceName = "auto"
-    # accelerator settings (tasks/accelerate.py); the defaults leave one-CPU results unchanged
+    # accelerator settings (tasks/training/accelerate.py); the defaults leave one-CPU results unchanged
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast dtype; fp16 adds a GradScaler
     channels_last: bool = False  # NHWC memory format for models and image batches (faster convs on GPUs)
     compile: bool = False  # torch.compile the training forward (first steps pay the compile time)
@@ -115,7 +115,7 @@ class TrainConfig(Strict):
                                                             "0 = off (size epochs to fit: the schedule spans all of them)")
     # with a time limit: after every epoch, plan the epochs (at most `epochs`) that end within 97% of it and re-span
     # the learning-rate schedule over them, continuously, so training ends annealed instead of cut mid-schedule
-    # (tasks/budget.py; times differ between runs: so may results)
+    # (tasks/training/budget.py; times differ between runs: so may results)
     fit_epochs_to_time_limit: bool = True
 
 

@@ -20,11 +20,11 @@ from typing import Any
 from prefect import flow, task
 
 from flows.fanout import FanOut
-from tasks import ablation
+from tasks.runners import ablation
 from tasks.config import load_params
-from tasks.experiments import (TrainJob, child_runs, find_or_create_parent, log_metrics, prepare,
+from tasks.runners.experiments import (TrainJob, child_runs, find_or_create_parent, log_metrics, prepare,
                                retry_locked, client, train_and_score)
-from tasks.tracking import ensure_store
+from tasks.track.tracking import ensure_store
 
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from contextlib import AbstractContextManager
 from typing import Any
 
-from tasks.experiment_settings import RunnerConfig
+from tasks.runners.experiment_settings import RunnerConfig
 
 
 def task_runner(cfg: RunnerConfig):

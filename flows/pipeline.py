@@ -17,7 +17,7 @@ from prefect.runtime import flow_run
 from cv_models import TASKS
 from tasks.chain import CHAIN, run_stage, stages_for
 from tasks.config import load_params
-from tasks.tracking import ensure_store
+from tasks.track.tracking import ensure_store
 
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
 

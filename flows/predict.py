@@ -1,4 +1,4 @@
-"""Prefect flows ``predict-<task>``: a trained model on new images (the predict stage, tasks/predict.py).
+"""Prefect flows ``predict-<task>``: a trained model on new images (the predict stage, tasks/use/predict.py).
 
     python -m flows.predict detection photos/ predictions/ [best|baseline|augmented|path|models:/cv-detection@champion]
 
@@ -13,7 +13,7 @@ from pathlib import Path
 from prefect import flow, task
 
 from cv_models import TASKS
-from tasks import predict as predict_stage
+from tasks.use import predict as predict_stage
 
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
 

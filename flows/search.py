@@ -17,10 +17,10 @@ from typing import Any
 from prefect import flow, task
 
 from flows.fanout import FanOut
-from tasks import search as search_stage
 from tasks.config import load_params
-from tasks.experiments import TrainJob, client, find_or_create_parent, log_metrics, prepare, retry_locked
-from tasks.tracking import ensure_store
+from tasks.runners import search as search_stage
+from tasks.runners.experiments import TrainJob, client, find_or_create_parent, log_metrics, prepare, retry_locked
+from tasks.track.tracking import ensure_store
 
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
 

@@ -6,7 +6,7 @@ from typing import Any
 
 from tasks.paths import atomic_dir, outputs
 from tasks.stage import open_stage
-from tasks.train import preview, summary_metrics, timings, train_model, write_metrics
+from tasks.training.train import preview, summary_metrics, timings, train_model, write_metrics
 
 
 def run(task_name: str, params_path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None,

@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from tasks import engine
+from tasks.training import engine
 from tasks.paths import atomic_dir, outputs
 from tasks.stage import open_stage
-from tasks.train import (initial_weights, normalizer, summary_metrics, timings, train_model,
+from tasks.training.train import (initial_weights, normalizer, summary_metrics, timings, train_model,
                          write_metrics)
 
 

@@ -1,4 +1,4 @@
-"""The stage chain, defined once. ``flows/pipeline.py`` (the Prefect flows), ``tasks/experiments.py``
+"""The stage chain, defined once. ``flows/pipeline.py`` (the Prefect flows), ``tasks/runners/experiments.py``
 (what a training needs first) and the CLI follow it; ``dvc.yaml`` is written by hand and a test checks that
 its stages are these, in this order.
 

@@ -28,9 +28,9 @@ from tasks.chain import ONCE, PER_TASK, TRAINED, stage_function  # the stage cha
 # raised one, so they are looked up there when caught (known_errors): a stage that needs no model, such as
 # generate, never imports torch just to name these
 KNOWN_ERRORS = (("tasks.validate", "ValidationFailed"), ("cv_models.base", "DataError"),
-                ("tasks.config", "ConfigError"), ("tasks.engine", "OverfitCheckFailed"),
-                ("cv_models.weights", "WeightsError"), ("tasks.engine", "CheckpointError"),
-                ("tasks.runstate", "StageBusy"))
+                ("tasks.config", "ConfigError"), ("tasks.training.engine", "OverfitCheckFailed"),
+                ("cv_models.weights", "WeightsError"), ("tasks.training.engine", "CheckpointError"),
+                ("tasks.training.runstate", "StageBusy"))
 
 
 def known_errors() -> tuple[type[BaseException], ...]:
@@ -68,14 +68,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="predict: exit 1 when any input is skipped (default: only when nothing could be predicted)")
     args = parser.parse_args(argv)
 
-    from tasks.runstate import StageInterrupted
+    from tasks.training.runstate import StageInterrupted
 
     overrides = parse_overrides(args.overrides)
-    torchrun = int(os.environ.get("WORLD_SIZE", "1")) > 1  # tasks.accelerate.launched_by_torchrun, without torch
+    torchrun = int(os.environ.get("WORLD_SIZE", "1")) > 1  # tasks.training.accelerate.launched_by_torchrun, without torch
     if torchrun and args.stage not in TRAINED:
         parser.error(f"under torchrun only the training stages run ({', '.join(TRAINED)}); run the others with python")
     if torchrun:
-        from tasks import accelerate
+        from tasks.training import accelerate
 
         accelerate.init_from_env()
     if args.stage in ("predict", "export"):
@@ -105,27 +105,27 @@ def main(argv: list[str] | None = None) -> int:
 
 def use_model(parser: argparse.ArgumentParser, args, overrides: dict) -> int:
     """predict and export: known failures (bad input, wrong model, failed parity) exit 1 with the reason."""
-    from tasks.inference import ModelError
+    from tasks.use.inference import ModelError
 
     if not args.task:
         parser.error(f"{args.stage} needs --task")
     try:
         if args.stage == "predict":
-            from tasks.predict import InputError, PredictionFailures
+            from tasks.use.predict import InputError, PredictionFailures
 
             if not args.input or not args.out:
                 parser.error("predict needs --input and --out")
             try:
-                importlib.import_module("tasks.predict").run(args.task, args.model, args.input, args.out, args.params, overrides,
+                importlib.import_module("tasks.use.predict").run(args.task, args.model, args.input, args.out, args.params, overrides,
                                                               strict=args.strict)
             except (InputError, PredictionFailures) as err:
                 print(f"error: {err}", file=sys.stderr)
                 return 1
         else:
-            from tasks.export import ParityError
+            from tasks.use.export import ParityError
 
             try:
-                importlib.import_module("tasks.export").run(args.task, args.model, args.format, args.out, args.params, overrides)
+                importlib.import_module("tasks.use.export").run(args.task, args.model, args.format, args.out, args.params, overrides)
             except ParityError as err:
                 print(f"error: {err}", file=sys.stderr)
                 return 1

@@ -23,7 +23,7 @@ from cv_models.settings import (  # noqa: F401  (re-exported: the public names o
     Switch, TaskConfig, TrainConfig, describe, did_you_mean,
 )
 from cv_models.data.shapes import ShapesClassification, ShapesConfig, ShapesScenes  # noqa: F401  (the generator's schema)
-from tasks.experiment_settings import AblationConfig, SearchConfig
+from tasks.runners.experiment_settings import AblationConfig, SearchConfig
 
 
 class TrackingConfig(Strict):
@@ -42,7 +42,7 @@ class RegistryConfig(Strict):
 
 
 class ServingConfig(Strict):
-    """``python -m tasks.serve_model``: a registered model over HTTP (MLflow's scoring server); requests whose
+    """``python -m tasks.use.serve_model``: a registered model over HTTP (MLflow's scoring server); requests whose
     body is larger than ``max_request_mb`` get HTTP 413 (stock ``mlflow models serve`` has no limit)."""
 
     host: str = "127.0.0.1"
@@ -89,7 +89,7 @@ class Params(Strict):
     serving: ServingConfig = ServingConfig()
     shapes: ShapesConfig = ShapesConfig()
     tasks: dict[str, dict[str, Any]]
-    # experiments over a task (checked by tasks/ablation.py and tasks/search.py when they start)
+    # experiments over a task (checked by tasks/runners/ablation.py and tasks/runners/search.py when they start)
     ablation: dict[str, Any] = {}
     search: dict[str, Any] = {}
 
@@ -143,7 +143,7 @@ def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | No
         raise ConfigError(describe(err, Params)) from None
     for name in params.tasks if check_tasks else ():  # check every task section up front
         params.task(name)
-    # and the experiment sections (their schemas are in tasks/experiment_settings.py, apart from the runners)
+    # and the experiment sections (their schemas are in tasks/runners/experiment_settings.py, apart from the runners)
     for name, model in (("ablation", AblationConfig), ("search", SearchConfig)):
         try:
             model.model_validate(getattr(params, name) or {})

@@ -12,11 +12,11 @@ import pandas as pd
 import torch
 
 from cv_models.settings import diff_markdown, diff_text, settings_diff
-from tasks import accelerate, engine
+from tasks.training import accelerate, engine
 from tasks.chain import TRAINED
 from tasks.paths import atomic_dir, models, outputs
 from tasks.stage import open_stage
-from tasks.train import normalizer
+from tasks.training.train import normalizer
 
 DIFF_TAG = "_vs_".join(TRAINED)  # baseline_vs_augmented: the settings in which the trained models differ
 
@@ -122,7 +122,7 @@ def run(task_name: str, params_path: str | Path = "params.yaml", overrides: dict
         markdown += "\n"
         registered = None
         if st.params.registry.enabled:  # the better model by validation metric, as an MLflow model in the registry
-            from tasks import registry
+            from tasks.track import registry
 
             registered = registry.publish(st, {name: res.metrics for name, res in results.items()}, device)
             markdown += (f"\nRegistered: {registered['name']} version {registered['version']} ({registered['stage']}); "

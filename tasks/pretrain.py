@@ -16,10 +16,11 @@ import torch
 
 from cv_models import TASKS, get_task
 from cv_models.normalize import Normalize, RunningStats
-from tasks import engine, runstate, tracking
 from tasks.config import PretrainConfig, TaskConfig, load_params
-from tasks.seeding import seed_everything
 from tasks.stage import write_json
+from tasks.track import tracking
+from tasks.training import engine, runstate
+from tasks.training.seeding import seed_everything
 
 
 def task_config(pre: PretrainConfig) -> TaskConfig:

@@ -32,7 +32,7 @@ def results_table(task_names: list[str]) -> str:
 
 def main(params_path: str | Path = "params.yaml") -> str:
     from tasks.config import load_params
-    from tasks.tracking import tracking_uri
+    from tasks.track.tracking import tracking_uri
 
     params = load_params(params_path)
     table = results_table(list(params.tasks))

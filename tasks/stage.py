@@ -11,12 +11,13 @@ from typing import Any, Iterator
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
 
 from cv_models import get_task  # noqa: E402
-from tasks import accelerate  # noqa: E402
+from tasks.training import accelerate  # noqa: E402
 from cv_models.base import CVTask  # noqa: E402
-from tasks import runstate, tracking  # noqa: E402
+from tasks.training import runstate  # noqa: E402
+from tasks.track import tracking  # noqa: E402
 from tasks.config import Params, TaskConfig, load_params  # noqa: E402
 from tasks.paths import outputs  # noqa: E402
-from tasks.seeding import seed_everything  # noqa: E402
+from tasks.training.seeding import seed_everything  # noqa: E402
 
 
 @dataclass
@@ -55,11 +56,11 @@ class Stage:
         elif path.exists():
             mlflow.log_artifact(str(path), artifact_path=artifact_path)
 
-    # what the MLflow UI shows in the runs table (tasks/mlflow_view.py); each call names its run
+    # what the MLflow UI shows in the runs table (tasks/track/mlflow_view.py); each call names its run
     def _view(self):
         import mlflow
 
-        from tasks import mlflow_view
+        from tasks.track import mlflow_view
 
         mlflow.set_tracking_uri(tracking.tracking_uri(self.params))  # worker processes start without it
         return mlflow_view

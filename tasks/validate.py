@@ -14,9 +14,9 @@ from typing import Any
 import pandas as pd
 
 from cv_models.base import Check, DataError
-from tasks.data_version import digest_tables
 from tasks.paths import atomic_dir, outputs
 from tasks.stage import open_stage
+from tasks.track.data_version import digest_tables
 
 MAX_LISTED = 50  # files listed per rule in the Markdown summary (the JSON lists all)
 
@@ -142,7 +142,7 @@ def run(task_name: str, params_path: str | Path = "params.yaml", overrides: dict
                         "unexpected_count": 1, "failing": [str(err)]}]
         report = {"task": task_name, "success": all(r["success"] for r in results), "n_samples": n_samples,
                   "checks": results, "notes": notes, "summaries": summaries,
-                  "data_version": digest_tables(tables)}  # per split and overall (tasks/data_version.py)
+                  "data_version": digest_tables(tables)}  # per split and overall (tasks/track/data_version.py)
         with atomic_dir(out_dir) as tmp:
             (tmp / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
             (tmp / "report.md").write_text(_markdown(task_name, report))

@@ -1,5 +1,5 @@
 """Run by tests/test_distributed.py under ``torchrun --nproc-per-node 2``: one training step through
-the pipeline's DDP wrapping (tasks.accelerate) on a fixed global batch split across the ranks; rank 0
+the pipeline's DDP wrapping (tasks.training.accelerate) on a fixed global batch split across the ranks; rank 0
 compares the averaged DDP gradient with the gradient one process computes on the whole batch.
 
     torchrun --nproc-per-node 2 tests/ddp_gradcheck.py <task> <params.yaml> <result.json>
@@ -20,8 +20,8 @@ from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from cv_models import get_task
-from tasks import accelerate
 from tasks.config import load_params
+from tasks.training import accelerate
 
 
 def freeze_batchnorm(module: nn.Module) -> nn.Module:

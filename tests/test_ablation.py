@@ -64,7 +64,7 @@ def children(parent_id: str) -> list:
 def test_welch_interval_on_known_numbers():
     from scipy import stats
 
-    from tasks.ablation import table, welch_interval
+    from tasks.runners.ablation import table, welch_interval
 
     a, b = [0.80, 0.82, 0.84], [0.70, 0.71, 0.72]
     diff, low, high, df = welch_interval(a, b)
@@ -242,7 +242,7 @@ def test_three_trial_search_prunes_and_writes_best_params(small, harness):
 def test_a_search_stopped_mid_trial_queues_that_trial_again(small):
     import optuna
 
-    from tasks import search as search_stage
+    from tasks.runners import search as search_stage
 
     params = small(**{"search.trials": 2, "search.space": {"train.optimizer.lr": {"low": 1e-4, "high": 1e-2, "log": True}}})
     p = search_stage.plan(TASK, params)

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from tasks import ablation
 from tasks.config import ConfigError, load_params
+from tasks.runners import ablation
 from tests.conftest import REPO, write_params
 
 TASK_NAMES = ("classification", "segmentation", "detection", "instance_segmentation")

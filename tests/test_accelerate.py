@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from tasks import accelerate, augmented, baseline, evaluate, normstats
+from tasks import augmented, baseline, evaluate, normstats
 from tasks.config import ConfigError, load_params
+from tasks.training import accelerate
 from tests.conftest import REPO, TINY_TASKS, tiny_task
 from tests.layer_probe import dtypes, layer_outputs
 
@@ -39,7 +40,7 @@ def test_bf16_autocast_trains_and_scores_every_task_on_the_cpu(project, task_nam
     """engine.fit under bf16 autocast on 8 training images, then the test split scored under the same autocast."""
     from cv_models import get_task
     from cv_models.normalize import load_normalizer
-    from tasks import engine
+    from tasks.training import engine
 
     params = project.params(**tiny_task(task_name, **{f"tasks.{task_name}.train.precision": "bf16"}))
     normstats.run(task_name, params)
@@ -121,7 +122,7 @@ def test_deterministic_auto_is_on_for_the_cpu_off_on_a_gpu_and_true_on_a_gpu_det
     from torchvision.models import resnet18
     from torchvision.models.detection import maskrcnn_resnet50_fpn
 
-    from tasks.engine import deterministic_kernels, warn_slow_deterministic_roi
+    from tasks.training.engine import deterministic_kernels, warn_slow_deterministic_roi
 
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
     assert deterministic_kernels("auto", cpu) is True and deterministic_kernels("auto", gpu) is False

@@ -311,7 +311,7 @@ def test_bad_input_stops_with_the_file_and_rule(project, name, capfd):
 
 @pytest.mark.e2e
 def test_a_second_run_of_the_same_stage_stops_naming_the_holder(project):
-    from tasks import runstate
+    from tasks.training import runstate
 
     project.params(**QUICK)
     os.chdir(project.root)

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from cv_models.data import coco
-from tasks import budget, engine
 from tasks.config import TrainConfig
+from tasks.training import budget, engine
 
 
 def _crowded(n_objects: int = 150, class_names=("cell", "debris")):
@@ -230,7 +230,7 @@ def test_a_real_training_with_a_time_limit_ends_annealed_within_it(project, caps
     from cv_models.normalize import load_normalizer
     from tasks import normstats
     from tasks.config import load_params
-    from tasks.train import budget_figures, summary_metrics
+    from tasks.training.train import budget_figures, summary_metrics
 
     params = project.params(**{"tasks.classification.train.epochs": 200, "tasks.classification.train.time_limit_minutes": 0.12,
                                "tasks.classification.train.scheduler": {"name": "cosine", "warmup_epochs": 1}})

@@ -1,4 +1,4 @@
-"""last.pt every train.checkpoint_every epochs and written in a background thread (tasks/checkpointing.py, issue 33):
+"""last.pt every train.checkpoint_every epochs and written in a background thread (tasks/training/checkpointing.py, issue 33):
 what is trained does not change, and an interrupted run still resumes from the last file written."""
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from cv_models import get_task
-from tasks import checkpointing, engine
 from tasks.config import load_params
+from tasks.training import checkpointing, engine
 
 
 def _setup(project, **train):

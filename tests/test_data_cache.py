@@ -10,8 +10,8 @@ import torch
 from cv_models import get_task
 from cv_models.data import cache
 from cv_models.normalize import Normalize
-from tasks import engine
 from tasks.config import TrainConfig, load_params
+from tasks.training import engine
 
 AUGMENT = {"hflip": {"enabled": True}, "crop": {"enabled": True}, "color": {"enabled": True},
            "rotation": {"enabled": True, "p": 1.0}, "cutout": {"enabled": True}}
@@ -153,12 +153,12 @@ def test_val_every_validates_some_epochs_and_the_last(tmp_path):
 
 
 def test_training_stages_cache_per_setting(project):
-    """tasks/train.py's wiring: none passes the dataset through; ram keeps the train split once for training and the
+    """tasks/training/train.py's wiring: none passes the dataset through; ram keeps the train split once for training and the
     train-subset scoring; disk without the validate stage's data version is refused, naming what to do."""
     from types import SimpleNamespace
 
     from tasks.config import ConfigError
-    from tasks.train import cached
+    from tasks.training.train import cached
 
     def stage(mode):
         task, norm, cfg = _task(project, "classification", **{"data.cache": mode})

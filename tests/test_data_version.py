@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from tasks.data_version import ALL, digest_tables
+from tasks.track.data_version import ALL, digest_tables
 
 
 def _tables(tmp_path, pixels: bytes, label: str = "a") -> dict[str, pd.DataFrame]:

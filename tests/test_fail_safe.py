@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from cv_models import get_task
-from tasks import engine, runstate
 from tasks.config import load_params
+from tasks.training import engine, runstate
 
 
 def _fit(project, capsys, stop_at=None, data_version="v1", seed=0, keep=False, **overrides):

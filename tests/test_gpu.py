@@ -46,8 +46,8 @@ def _test_files(task_name: str, params: Path) -> list[Path]:
 
 @pytest.mark.parametrize("task_name", list(TINY_TASKS))
 def test_every_task_trains_on_the_gpu_in_bf16_channels_last_and_predicts_on_a_cpu(project, task_name, tmp_path):
-    from tasks.inference import load_checkpoint
-    from tasks.predict import predict_files
+    from tasks.use.inference import load_checkpoint
+    from tasks.use.predict import predict_files
 
     t = f"tasks.{task_name}."
     params = project.params(**_on_device(task_name, **{t + "train.epochs": 2, t + "train.precision": "bf16",

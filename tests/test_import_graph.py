@@ -13,12 +13,12 @@ from tests.import_graph import REPO, cycles, import_graph, reachable
 # Modules a stage imports that do not change what it writes, so editing them re-runs nothing. Each with its reason.
 NOT_OUTPUT = {
     "cv_models/__init__.py": "imports the task modules so that they register; a stage's own task module is a dep",
-    "tasks/experiment_settings.py": "the schemas of ablation: and search:, which no pipeline stage reads",
+    "tasks/runners/experiment_settings.py": "the schemas of ablation: and search:, which no pipeline stage reads",
     "tasks/paths.py": "where outputs go, and writing them atomically",
     "tasks/stage.py": "stage bookkeeping: lock, MLflow run, clean-up of dead runs",
-    "tasks/runstate.py": "run state and clean-up of dead processes' runs and folders",
-    "tasks/tracking.py": "MLflow logging",
-    "tasks/mlflow_view.py": "the MLflow UI's saved view",
+    "tasks/training/runstate.py": "run state and clean-up of dead processes' runs and folders",
+    "tasks/track/tracking.py": "MLflow logging",
+    "tasks/track/mlflow_view.py": "the MLflow UI's saved view",
 }
 
 

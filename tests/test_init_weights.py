@@ -4,8 +4,9 @@ from __future__ import annotations
 import mlflow
 import pytest
 
-from tasks import augmented, baseline, engine
-from tasks.seeding import init_seed, isolated_rng, state_sha256
+from tasks import augmented, baseline
+from tasks.training import engine
+from tasks.training.seeding import init_seed, isolated_rng, state_sha256
 
 TASK_NAMES = ("classification", "segmentation", "detection", "instance_segmentation")
 

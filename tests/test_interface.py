@@ -12,8 +12,8 @@ from PIL import Image
 from cv_models import TASKS
 from cv_models.base import CVTask
 from tasks.config import load_params
-from tasks.inference import Loaded
-from tasks.predict import predict_files
+from tasks.use.inference import Loaded
+from tasks.use.predict import predict_files
 from tests.conftest import REPO, tiny_overrides, tiny_task, write_params
 
 TASK_MODULES = {REPO / "cv_models" / f"{name}.py" for name in TASKS}

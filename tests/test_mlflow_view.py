@@ -11,7 +11,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from tasks import augmented, baseline, evaluate, normstats, tracking, validate
+from tasks import augmented, baseline, evaluate, normstats, validate
+from tasks.track import tracking
 
 # one epoch on the tiny shapes: the figures only need to exist, not to be good
 FAST = {"tasks.classification.train.epochs": 1, "tasks.classification.overfit_check.enabled": False,
@@ -128,7 +129,7 @@ def visible_text(dom: str) -> str:
 @pytest.mark.e2e
 def test_the_ui_shows_the_pipeline_rows_with_their_primary_test_metric(two_runs, tmp_path):
     """A real `mlflow server` on the store, a real headless Chromium on its runs table."""
-    from tasks.mlflow_view import runs_table_url
+    from tasks.track.mlflow_view import runs_table_url
     from tests.browser import dump_dom, find_chromium, mlflow_server, screenshot
 
     chromium = find_chromium()

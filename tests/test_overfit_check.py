@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from cv_models import get_task
-from tasks import engine
 from tasks.baseline import overfit_verdict, run_overfit_check
 from tasks.config import OverfitCheckConfig, load_params
+from tasks.training import engine
 
 
 def _setup(project, **overrides):

@@ -37,7 +37,7 @@ def test_two_workers_on_a_process_pool_each_complete_a_flow_run(project, tmp_pat
         (shutil.copytree(src, project.root / name, ignore=shutil.ignore_patterns("__pycache__")) if src.is_dir()
          else shutil.copy(src, project.root / name))
     from tasks.config import load_params
-    from tasks.tracking import ensure_store
+    from tasks.track.tracking import ensure_store
 
     ensure_store(load_params(project.params()))  # the MLflow schema once, before two runs at once (it can race)
     port = free_port()

@@ -92,7 +92,7 @@ def test_bccd_boxes_detached_from_their_images_fail_the_overfit_check(tmp_path, 
     falls below it (test above). The synthetic shapes, 1-3 per image, cannot tell the two apart."""
     import torch
 
-    from tasks import engine
+    from tasks.training import engine
 
     root = shared_datasets()
     task_name, needed, data = DATASETS["bccd"]

@@ -7,8 +7,9 @@ import torch
 
 from cv_models import get_task
 from cv_models.normalize import load_normalizer
-from tasks import engine, normstats
+from tasks import normstats
 from tasks.config import OptimizerConfig, TrainConfig, load_params
+from tasks.training import engine
 
 
 def _setup(project, **train):

@@ -286,7 +286,7 @@ def test_perfect_and_dummy_scores(project):
             masks = torch.stack([test[i][1] for i in range(len(test))]).long()[: len(images)]
             return torch.nn.functional.one_hot(masks.clamp(max=4), 5).permute(0, 3, 1, 2).float()
 
-    from tasks.engine import make_loader
+    from tasks.training.engine import make_loader
 
     loader = make_loader(task, test, 64, False, 0)
     result = task.evaluate(Oracle(), loader, torch.device("cpu"))

@@ -8,8 +8,9 @@ import torch
 
 from cv_models import get_task
 from cv_models.weights import WeightsError
-from tasks import baseline, engine, normstats
+from tasks import baseline, normstats
 from tasks.config import load_params
+from tasks.training import engine
 
 
 def _metrics(stage="baseline"):

@@ -122,7 +122,7 @@ def predicted_metric(root: Path, name: str, out: Path) -> dict[str, float]:
 
 @pytest.mark.parametrize("name", TASKS)
 def test_predictions_on_the_test_split_give_the_evaluate_stages_metric(trained, name, monkeypatch):
-    from tasks import predict
+    from tasks.use import predict
 
     monkeypatch.chdir(trained)
     metrics, registered = evaluated(trained, name)
@@ -219,7 +219,7 @@ def test_evaluate_details_rescore_to_the_reported_metric_at_each_images_own_size
 def test_outputs_are_at_the_inputs_own_resolution(trained, name, monkeypatch, tmp_path):
     from pycocotools import mask as mask_utils
 
-    from tasks import predict
+    from tasks.use import predict
 
     monkeypatch.chdir(trained)
     source = sorted(Path(TEST_INPUT[name]).rglob("*.png"))[0]
@@ -351,7 +351,7 @@ def test_predict_on_a_real_dataset(trained, monkeypatch, tmp_path, name, pattern
     """The shapes-trained models on real photographs: every file read, predicted and written at its own size."""
     import glob
 
-    from tasks import predict
+    from tasks.use import predict
 
     monkeypatch.chdir(trained)
     files = glob.glob(str(DATASETS / pattern))
@@ -368,7 +368,8 @@ def test_predict_on_a_real_dataset(trained, monkeypatch, tmp_path, name, pattern
 def test_registered_champion_predicts_like_the_best_model_and_keeps_the_alias_unless_beaten(trained, monkeypatch, tmp_path):
     import mlflow
 
-    from tasks import evaluate, predict
+    from tasks import evaluate
+    from tasks.use import predict
 
     monkeypatch.chdir(trained)
     _, registered = evaluated(trained, "classification")
@@ -390,7 +391,7 @@ def test_registered_champion_predicts_like_the_best_model_and_keeps_the_alias_un
     assert version.tags["previous_champion_val.accuracy"] == version.tags["val.accuracy"]
     assert "champion stays" in version.tags["champion_decision"]
     from tasks.config import config_hash, load_params
-    from tasks.tracking import git_commit
+    from tasks.track.tracking import git_commit
 
     test_metrics, _ = evaluated(trained, "classification")
     assert version.tags["git_commit"] == git_commit()  # the project folder's commit ("unknown" outside git)
@@ -422,7 +423,7 @@ def test_registered_champion_predicts_like_the_best_model_and_keeps_the_alias_un
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
 @pytest.mark.parametrize("name", TASKS)
 def test_export_passes_its_parity_check_and_describes_itself(trained, name, fmt, monkeypatch, tmp_path):
-    from tasks import export
+    from tasks.use import export
 
     monkeypatch.chdir(trained)
     meta = export.run(name, "best", fmt, tmp_path, trained / "params.yaml")
@@ -445,8 +446,8 @@ def test_export_passes_its_parity_check_and_describes_itself(trained, name, fmt,
 
 def test_parity_check_fails_on_another_models_outputs(trained, monkeypatch, tmp_path):
     """The check can fail: baseline's exported file against the augmented model's PyTorch outputs."""
-    from tasks import export
-    from tasks.inference import load
+    from tasks.use import export
+    from tasks.use.inference import load
 
     monkeypatch.chdir(trained)
     export.run("segmentation", "baseline", "onnx", tmp_path, trained / "params.yaml")
@@ -524,7 +525,7 @@ def served(trained):
 
 
 def predicted_rows(trained: Path, task: str, files: list[Path], out: Path) -> list[dict]:
-    from tasks import predict
+    from tasks.use import predict
 
     for k, f in enumerate(files):  # one file per call: image ids start at 1, as in a one-image request
         predict.run(task, "models:/cv-" + task.replace("_", "-") + "@champion", str(f), out / str(k))
@@ -573,13 +574,13 @@ def raw_post(port: int, headers: dict, body: bytes = b"") -> tuple[int, bytes]:
 
 @pytest.mark.e2e
 def test_served_model_refuses_a_request_over_the_size_limit_with_413(trained, tmp_path):
-    """python -m tasks.serve_model: MLflow's scoring server behind serving.max_request_mb (here 1 MB)."""
+    """python -m tasks.use.serve_model: MLflow's scoring server behind serving.max_request_mb (here 1 MB)."""
     port = free_port()
     log = tmp_path / "serve.log"
     params = tmp_path / "params.yaml"
     raw = yaml.safe_load((trained / "params.yaml").read_text())
     params.write_text(yaml.safe_dump({**raw, "serving": {**raw.get("serving", {}), "max_request_mb": 1}}))
-    proc = subprocess.Popen([sys.executable, "-m", "tasks.serve_model", "--task", "classification", "--params", str(params),
+    proc = subprocess.Popen([sys.executable, "-m", "tasks.use.serve_model", "--task", "classification", "--params", str(params),
                              "--port", str(port)], cwd=trained, env={**env(), "PYTHONPATH": str(REPO)},
                             stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
     try:

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from tasks.inference import Loaded, load
+from tasks.use.inference import Loaded, load
 
 OPSET = 17
 # stated tolerances (absolute): logits / scores / mask probabilities, box corners in pixels, mask IoU
@@ -188,7 +188,7 @@ def run(task_name: str, model: str, fmt: str, out: str | Path | None = None, par
     tracking = None
     if model.startswith("models:/"):
         from tasks.config import load_params
-        from tasks.tracking import tracking_uri
+        from tasks.track.tracking import tracking_uri
 
         tracking = tracking_uri(load_params(params_path, overrides))
     loaded = load(task_name, model, tracking)

@@ -2,7 +2,7 @@
 
 * ``RunnerConfig``: where independent trainings run (in turn, threads, processes or a Dask cluster).
 * ``TrainJob`` / :func:`train_and_score`: one training of a changed task config, reusing
-  :func:`tasks.train.train_model` (and so :func:`tasks.engine.fit`): train split to fit, validation
+  :func:`tasks.training.train.train_model` (and so :func:`tasks.training.engine.fit`): train split to fit, validation
   split to pick the best epoch, and optionally the test split for the final figure.
 * MLflow bookkeeping through explicit run ids (``MlflowClient``), never the fluent active run, which is
   thread-local and so invisible to task-runner threads, processes and Dask workers; every write is
@@ -21,7 +21,7 @@ from typing import Any, Callable
 from pydantic import ValidationError
 
 from tasks.config import ConfigError, Params, Strict, config_hash, describe, flatten, load_params
-from tasks.experiment_settings import RunnerConfig
+from tasks.runners.experiment_settings import RunnerConfig
 
 # settings that change how fast a run goes, not what it learns: left out of the resume keys
 NOT_LEARNING = ("train.num_threads", "train.num_workers", "train.resume", "train.device", "train.eval_batch_size",
@@ -78,13 +78,13 @@ def retry_locked(fn: Callable, *args, attempts: int = 10, **kwargs):
 def client(params: Params):
     import mlflow
 
-    from tasks.tracking import tracking_uri
+    from tasks.track.tracking import tracking_uri
 
     return mlflow.MlflowClient(tracking_uri(params))
 
 
 def create_child_run(params: Params, experiment_id: str, parent_id: str, name: str, tags: dict[str, str]) -> str:
-    from tasks.tracking import git_commit
+    from tasks.track.tracking import git_commit
 
     all_tags = {"mlflow.parentRunId": parent_id, "git_commit": git_commit(), **tags}
     run = retry_locked(client(params).create_run, experiment_id, run_name=name, tags=all_tags)
@@ -93,7 +93,7 @@ def create_child_run(params: Params, experiment_id: str, parent_id: str, name: s
 
 def find_or_create_parent(params: Params, task_name: str, kind: str, key: str, name: str, tags: dict[str, str]) -> tuple[str, str]:
     """The parent run grouping one ablation or one search (found by its key, so a resumed run reuses it)."""
-    from tasks import tracking
+    from tasks.track import tracking
 
     c = client(params)
     exp = retry_locked(tracking.experiment_id, params, task_name)
@@ -156,11 +156,11 @@ def train_and_score(job: TrainJob, on_epoch: Callable[[dict, int], None] | None 
 
     ``on_epoch(metrics, epoch)`` sees every epoch's validation metrics (the search prunes from there).
     """
-    from tasks import engine
-    from tasks.seeding import seed_everything
+    from tasks.training import engine
+    from tasks.training.seeding import seed_everything
     from tasks.stage import Stage
     from tasks.paths import checkpoints
-    from tasks.train import normalizer, train_model
+    from tasks.training.train import normalizer, train_model
     from cv_models import get_task
 
     enter_project(job.project_dir)

@@ -2,7 +2,7 @@
 ``tasks.<task>``: learning rate, weight decay, batch size, schedule, augmentation strengths, ...).
 
 Each trial trains the task's augmented configuration with the sampled values through
-:func:`tasks.experiments.train_and_score` (so :func:`tasks.engine.fit`), reports the validation
+:func:`tasks.runners.experiments.train_and_score` (so :func:`tasks.training.engine.fit`), reports the validation
 metric every epoch to Optuna and is pruned when the pruner says so. The objective is the best
 validation primary metric; the test split is never looked at. The study lives in Optuna's RDB
 storage (``search.storage``, a SQLite file in the project, git-ignored): running the search again
@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from tasks.config import ConfigError, config_hash, load_params
-from tasks.experiment_settings import PrunerConfig, SearchConfig
-from tasks.experiments import (TrainJob, check_section, learning_hash, section, task_keys,
+from tasks.runners.experiment_settings import PrunerConfig, SearchConfig
+from tasks.runners.experiments import (TrainJob, check_section, learning_hash, section, task_keys,
                                worker_threads)
 from tasks.paths import checkpoints, outputs
 
@@ -142,7 +142,7 @@ def run_trial(j: TrainJob, storage: str, study_name: str, trial_id: int, primary
 
     import optuna
 
-    from tasks.experiments import enter_project, train_and_score
+    from tasks.runners.experiments import enter_project, train_and_score
 
     enter_project(j.project_dir)
     study = optuna.load_study(study_name=study_name, storage=storage, pruner=PrunerConfig(**pruner).build())

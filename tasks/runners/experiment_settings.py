@@ -1,6 +1,6 @@
 """The schemas of the experiment sections of params.yaml: ``ablation:``, ``search:`` and the runner both use.
 
-They live apart from the runners (``tasks/ablation.py``, ``tasks/search.py``, ``tasks/experiments.py``) so that
+They live apart from the runners (``tasks/runners/ablation.py``, ``tasks/runners/search.py``, ``tasks/runners/experiments.py``) so that
 ``tasks/config.py`` can check these sections when it loads params.yaml without importing the runners, which
 import it: no import circle. This module imports only the shared schema.
 """

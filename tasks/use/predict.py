@@ -32,7 +32,7 @@ from typing import Any
 from PIL import Image, UnidentifiedImageError
 
 from cv_models.data.probe import BOMB_ERRORS, IMAGE_SUFFIXES, screen_image
-from tasks.inference import Loaded, ModelError, load
+from tasks.use.inference import Loaded, ModelError, load
 
 
 class InputError(ValueError):
@@ -153,12 +153,12 @@ def run(task_name: str, model: str, inputs: str, out: str | Path, params_path: s
         overrides: dict[str, Any] | None = None, strict: bool = False) -> dict[str, Any]:
     """Load ``model`` for ``task_name``, predict ``inputs``; after writing everything, raises
     :class:`PredictionFailures` when no file could be predicted, or (``strict``) when any was skipped."""
-    from tasks import engine
+    from tasks.training import engine
 
     tracking = None
     if model.startswith("models:/"):
         from tasks.config import load_params
-        from tasks.tracking import tracking_uri
+        from tasks.track.tracking import tracking_uri
 
         tracking = tracking_uri(load_params(params_path, overrides)) if Path(params_path).exists() else None
     files = list_inputs(inputs)  # an empty input fails before the model is loaded

@@ -23,10 +23,10 @@ from tqdm import tqdm
 
 from cv_models.base import CVTask
 from cv_models.settings import diff_text, flat
-from tasks import accelerate, budget, checkpointing
 from tasks.config import OptimizerConfig, TrainConfig, config_hash
 from tasks.paths import atomic_write_bytes
-from tasks.seeding import loader_generator, seed_worker
+from tasks.training import accelerate, budget, checkpointing
+from tasks.training.seeding import loader_generator, seed_worker
 
 
 class OverfitCheckFailed(RuntimeError):
@@ -165,7 +165,7 @@ def to_device(obj, device: torch.device):
     return obj
 
 
-PART_NAMES = {"settings": "the task's settings", "seed": "the seed", "code": "the task's code, tasks/engine.py or tasks/budget.py",
+PART_NAMES = {"settings": "the task's settings", "seed": "the seed", "code": "the task's code, tasks/training/engine.py or tasks/training/budget.py",
               "data": "the data version (validate stage's digest)", "stage": "the stage's own settings",
               "n_train": "the number of training samples"}
 
@@ -269,7 +269,7 @@ def read_resume_checkpoint(path: Path) -> dict:
             f"holding tensors and plain containers only; {type(err).__name__}: {reason or ' '.join(lines)}). Nothing "
             f"was run from it and nothing else was changed; delete the file to start this stage afresh.") from None
     if not isinstance(ck, dict):
-        raise CheckpointError(f"{path}: not a resume checkpoint (rule: a dict written by tasks/engine.py); delete it "
+        raise CheckpointError(f"{path}: not a resume checkpoint (rule: a dict written by tasks/training/engine.py); delete it "
                               f"to start this stage afresh")
     return ck
 

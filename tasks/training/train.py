@@ -11,11 +11,11 @@ from torch.utils.data import Dataset
 from cv_models.data.cache import CachedDataset, cache_key, split_transforms
 from cv_models.normalize import load_normalizer
 from cv_models.settings import ConfigError
-from tasks import engine
+from tasks.training import engine
 from tasks.config import AugmentConfig
-from tasks.data_version import read_data_version
+from tasks.track.data_version import read_data_version
 from tasks.paths import checkpoints, models, outputs
-from tasks.seeding import init_seed, isolated_rng, seed_everything, state_sha256
+from tasks.training.seeding import init_seed, isolated_rng, seed_everything, state_sha256
 from tasks.stage import Stage, write_json
 from cv_models.visualise import history_figure
 

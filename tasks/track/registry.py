@@ -19,11 +19,11 @@ import numpy as np
 import pandas as pd
 
 from tasks.config import config_hash
-from tasks.data_version import read_data_version
-from tasks.inference import best_stage, load_bundle, load_registered, write_bundle
 from tasks.paths import models
+from tasks.track.data_version import read_data_version
+from tasks.use.inference import best_stage, load_bundle, load_registered, write_bundle
 
-CODE = [str(Path(__file__).resolve().parents[1] / pkg) for pkg in ("tasks", "cv_models")]  # shipped with the model
+CODE = [str(Path(__file__).resolve().parents[2] / pkg) for pkg in ("tasks", "cv_models")]  # shipped with the model
 MODEL_FILE = Path(__file__).with_name("pyfunc_model.py")  # models from code: the model is this file, never a pickle
 
 
@@ -115,7 +115,7 @@ def log_model(task, loaded, bundle: Path):
 def _rescore(st, loaded, device) -> float:
     """The champion's validation metric on the current validation split, with its own preprocessing."""
     from cv_models import get_task
-    from tasks import engine
+    from tasks.training import engine
 
     if loaded.task.class_names() != st.task.class_names():
         raise ValueError(f"classes differ ({loaded.task.class_names()} vs {st.task.class_names()})")
@@ -137,7 +137,7 @@ def publish(st, test_metrics: dict[str, dict], device) -> dict[str, Any]:
     stage = best_stage(st.task_name, primary)
     version_all = read_data_version(st.task_name)
     version_val = read_data_version(st.task_name, "val")
-    from tasks.tracking import git_commit
+    from tasks.track.tracking import git_commit
 
     with tempfile.TemporaryDirectory() as tmp:
         bundle = write_bundle(task, models(st.task_name, stage) / "model.pt", Path(tmp) / "bundle",

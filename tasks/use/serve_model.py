@@ -1,6 +1,6 @@
 """A registered model over HTTP with a request-size limit: `mlflow models serve`, plus the limit it lacks.
 
-    python -m tasks.serve_model --task detection [--model models:/cv-detection@champion] [--port 5001]
+    python -m tasks.use.serve_model --task detection [--model models:/cv-detection@champion] [--port 5001]
     make serve-model TASK=detection
 
 MLflow's own scoring server (``mlflow.pyfunc.scoring_server``: ``/ping``, ``/health``, ``/version`` and
@@ -75,7 +75,7 @@ class BodyLimit:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m tasks.serve_model", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m tasks.use.serve_model", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", required=True, help="CV task name (a key of tasks: in params.yaml)")
     parser.add_argument("--model", help="an MLflow model URI (default: models:/<registry name>@<registry alias>)")
@@ -88,8 +88,8 @@ def main(argv: list[str] | None = None) -> None:
     import uvicorn
     from mlflow.pyfunc import scoring_server
 
-    from tasks.registry import model_name
-    from tasks.tracking import tracking_uri
+    from tasks.track.registry import model_name
+    from tasks.track.tracking import tracking_uri
 
     params = load_params(args.params)
     mlflow.set_tracking_uri(tracking_uri(params))

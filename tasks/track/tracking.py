@@ -188,7 +188,7 @@ def set_parent_status(run_id: str, status: str) -> None:
     parent spans the whole pipeline even when each stage is its own process (``dvc repro``)."""
     import mlflow
 
-    from tasks import runstate
+    from tasks.training import runstate
 
     client = mlflow.MlflowClient()
     if status == "RUNNING":
@@ -203,7 +203,7 @@ def close_stale_runs(params: Params) -> list[str]:
     """Runs left RUNNING by a killed stage (``kill -9``, out of memory) end FAILED with a note."""
     import mlflow
 
-    from tasks import runstate
+    from tasks.training import runstate
 
     mlflow.set_tracking_uri(tracking_uri(params))
     stale = runstate.mark_stale_runs(mlflow.MlflowClient())
@@ -214,7 +214,7 @@ def close_stale_runs(params: Params) -> list[str]:
 
 def run_data_version(task_name: str, cfg: TaskConfig) -> dict[str, str]:
     """The validate stage's digest of every file (works for data outside DVC), and DVC's hash where known."""
-    from tasks.data_version import read_data_version
+    from tasks.track.data_version import read_data_version
 
     dvc_hash = data_version(cfg.data.path)
     digest = read_data_version(task_name)["digest"]
@@ -231,7 +231,7 @@ def stage_run(params: Params, task_name: str, stage: str, cfg: TaskConfig | None
     """
     import mlflow
 
-    from tasks import runstate
+    from tasks.training import runstate
 
     pipeline_run_id = pipeline_run_id or resolve_pipeline_run_id(None)
     mlflow.set_tracking_uri(tracking_uri(params))

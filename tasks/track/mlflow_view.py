@@ -1,7 +1,7 @@
-"""What the MLflow UI shows of a pipeline run, beyond the per-stage runs of tasks/tracking.py.
+"""What the MLflow UI shows of a pipeline run, beyond the per-stage runs of tasks/track/tracking.py.
 
 * the data splits each stage used, as MLflow dataset inputs (Dataset column and filter), with the
-  validate stage's digest of the split (tasks/data_version.py), the data folder and the sample count;
+  validate stage's digest of the split (tasks/track/data_version.py), the data folder and the sample count;
 * the models the training stages wrote, as MLflow logged models (Model column);
 * one row per pipeline run: the parent run gets the headline test metrics of dummy, baseline and
   augmented, the best validation metric, the training seconds, the data version, the per-epoch
@@ -18,7 +18,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Iterable
 
-from tasks.data_version import read_data_version
+from tasks.track.data_version import read_data_version
 
 SPLIT_CONTEXT = {"train": "training", "val": "validation", "test": "testing"}
 PICTURES = (".png", ".jpg", ".jpeg", ".svg")
@@ -78,7 +78,7 @@ def log_split_inputs(run_ids: Iterable[str], task_name: str, data_path: str | Pa
 def log_model_file(run_id: str, name: str, model_path: Path, params: dict[str, Any], metrics: dict[str, float]) -> str:
     """The stage's ``model.pt`` as an MLflow logged model, an output of the stage run and of its
     pipeline run (the Model column of the pipeline row). The file stays this pipeline's checkpoint format
-    (``tasks.engine.load_model`` reads it); the registry (issue 14) logs a loadable flavour."""
+    (``tasks.training.engine.load_model`` reads it); the registry (issue 14) logs a loadable flavour."""
     from mlflow.entities import LoggedModelOutput, LoggedModelStatus, Metric
 
     c = client()
@@ -165,7 +165,7 @@ def summarise_pipeline(parent_id: str, task_name: str, primary: str, test: dict[
     from mlflow.entities import Metric, RunTag
 
     c = client()
-    # the best val metric from metrics.json, the wall-clock seconds from timings.json (kept apart: tasks/train.py)
+    # the best val metric from metrics.json, the wall-clock seconds from timings.json (kept apart: tasks/training/train.py)
     trained = {m: {**read_json(outputs_of(m) / "metrics.json"), **read_json(outputs_of(m) / "timings.json")} for m in trained_models}
     now = int(time.time() * 1000)
     metrics = [Metric(k, v, now, 0) for k, v in pipeline_metrics(primary, test, trained).items()]
@@ -217,13 +217,13 @@ def runs_table_url(base_url: str, experiment_id: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Print the runs-table link of every task's experiment: ``python -m tasks.mlflow_view [PORT]``."""
+    """Print the runs-table link of every task's experiment: ``python -m tasks.track.mlflow_view [PORT]``."""
     import sys
 
     import mlflow
 
     from tasks.config import load_params
-    from tasks.tracking import tracking_uri
+    from tasks.track.tracking import tracking_uri
 
     argv = sys.argv[1:] if argv is None else argv
     base = f"http://127.0.0.1:{argv[0] if argv else 5000}"

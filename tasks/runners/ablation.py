@@ -12,7 +12,7 @@ are compared with the baseline's; an arm whose difference is not exactly its nam
 plan, and the table states each arm's difference.
 
 Fan-out, resume and MLflow: :mod:`flows.ablation` (flow ``ablate``) plans the jobs here, trains them
-on its task runner through :func:`tasks.experiments.train_and_score`, and summarises here. Finished
+on its task runner through :func:`tasks.runners.experiments.train_and_score`, and summarises here. Finished
 arm+seed runs are kept as ``outputs/<task>/ablation/runs/<arm>/seed<k>/result.json`` (and as finished
 MLflow child runs), so a stopped ablation resumes without retraining them.
 """
@@ -28,8 +28,8 @@ import pandas as pd
 
 from cv_models.settings import diff_text, flat, settings_diff
 from tasks.config import ConfigError, config_hash, load_params
-from tasks.experiment_settings import AblationConfig
-from tasks.experiments import (NOT_LEARNING, TrainJob, check_section, learning_hash, section, task_keys,
+from tasks.runners.experiment_settings import AblationConfig
+from tasks.runners.experiments import (NOT_LEARNING, TrainJob, check_section, learning_hash, section, task_keys,
                                worker_threads)
 from tasks.paths import outputs
 

@@ -1,0 +1,1 @@
+"""Experiment runners: ablation, hyperparameter search and their settings."""
