@@ -20,7 +20,6 @@ from torch import nn
 
 from cv_models import get_task
 from cv_models.base import CVTask
-from cv_models.normalize import load_normalizer
 from tasks.config import TaskConfig
 from tasks.paths import models, outputs
 
@@ -47,7 +46,7 @@ def _build(task_name: str, config: dict, class_names: list[str], state: dict, no
 
     if task_name not in TASKS:
         raise ModelError(f"{source}: unknown task {task_name!r}; registered: {sorted(TASKS)}")
-    cfg = TASKS[task_name].settings.model_validate(config)  # the task's own typed schema
+    cfg = pretrained = TASKS[task_name].settings.model_validate(config)  # the task's own typed schema
     # the class list comes with the model (no dataset is read); the saved weights replace any initial weights
     options = cfg.model.options
     trunks = {"backbone_weights": "none", "weights_backbone": None}  # pretrained trunks are in the saved weights too
@@ -61,7 +60,8 @@ def _build(task_name: str, config: dict, class_names: list[str], state: dict, no
                          f"(run `dvc repro normstats@{task_name}` or use a model bundle)")
     model = task.build_model()
     model.load_state_dict(state)
-    normalize = load_normalizer(normstats_dir, cfg.normalization)
+    # the normalisation the model was trained with: the pretrained weights' convention for weights: imagenet
+    normalize = get_task(task_name, pretrained.model_copy(update={"data": cfg.data})).input_normalizer(normstats_dir)
     return Loaded(task, model.eval(), normalize, source, info)
 
 
