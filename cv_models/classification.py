@@ -283,6 +283,7 @@ class ClassificationTask(CVTask):
         head = self._head = _head_name(model)
         if m.weights == "imagenet":
             self.load_imagenet(model, head_prefixes=(head + ".",))
+            _zero_head(model, head)
         elif m.weights.startswith("torchvision:"):
             state = torchvision_state_dict(m.name, m.weights.split(":", 1)[1])
             load_into(model, state, m.weights, head_prefixes=(head + ".",))
@@ -407,6 +408,15 @@ class ClassificationTask(CVTask):
                 confusion_matrix_figure(res.extra["confusion_matrix"], self.class_names(), f"{model_name}: test", path)
                 files.append(path)
         return files
+
+
+def _zero_head(model: nn.Module, head: str) -> None:
+    """The new head on pretrained features starts at zero (every class equally likely). Its own init can be far too
+    large for a few classes: timm's EfficientNets draw it from U(+-1/sqrt(num_classes)), logits of std 7 on 6 classes,
+    a first epoch's loss of 6.8 where ln 6 = 1.8 is the start of an untrained head."""
+    layer = model.get_submodule(head)
+    nn.init.zeros_(layer.weight)
+    nn.init.zeros_(layer.bias)
 
 
 def _head_name(model: nn.Module) -> str:
