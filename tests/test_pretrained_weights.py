@@ -128,3 +128,15 @@ def test_package_weights_separate_real_photos_better_than_random_weights(empty_c
     imagenet = _probe_accuracy(_features(pretrained, files, 0.5, 0.5), labels)
     print(f"linear probe, 4-fold: ImageNet weights {imagenet:.3f}, random weights {scratch:.3f}")
     assert imagenet >= 0.85 and imagenet >= scratch + 0.1  # measured: 0.938 against 0.771
+
+
+def test_the_imagenet_ablation_arm_is_the_one_change_and_refused_without_a_pretrained_network(project):
+    from tasks import ablation
+    from tasks.config import ConfigError
+
+    path = project.params(**{"ablation.arms": ["imagenet"], "ablation.seeds": 1, "tasks.classification.model.name": LITE0})
+    p = ablation.plan("classification", path, build_models=True)  # the weights are found before anything trains
+    assert p.diffs["imagenet"] == {"model.weights": ("none", "imagenet")}
+    small = project.params(**{"ablation.arms": ["imagenet"]})  # the main job's small_cnn has no ImageNet network
+    with pytest.raises(ConfigError, match=r"arm 'imagenet'.*small_cnn.*has no pretrained network"):
+        ablation.plan("classification", small, build_models=True)
