@@ -140,3 +140,24 @@ def test_the_imagenet_ablation_arm_is_the_one_change_and_refused_without_a_pretr
     small = project.params(**{"ablation.arms": ["imagenet"]})  # the main job's small_cnn has no ImageNet network
     with pytest.raises(ConfigError, match=r"arm 'imagenet'.*small_cnn.*has no pretrained network"):
         ablation.plan("classification", small, build_models=True)
+
+
+@pytest.mark.parametrize("dataset", ["trashnet150", "isbi_membrane", "bccd"])
+def test_pretrained_overlays_start_both_sides_from_the_same_imagenet_network(dataset):
+    """benchmarks/real_data.py --variant pretrained: valid settings, weights: imagenet, and the plain script given
+    the same network (the settings are checked without reading the data)."""
+    import importlib.util
+
+    from cv_models import TASKS
+    from cv_models.settings import validate_task
+    from tasks.config import load_raw
+    from tests.conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("real_data", REPO / "benchmarks" / "real_data.py")
+    real_data = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(real_data)
+    task_name = real_data.DATASETS[dataset]
+    overrides, plain = real_data.both_sides(task_name, real_data.overlay(f"{dataset}_pretrained", Path("/data")), {})
+    cfg = validate_task(TASKS[task_name].settings, load_raw(REPO / "params.yaml", overrides)["tasks"][task_name], task_name)
+    task = TASKS[task_name](cfg)
+    assert cfg.model.weights == "imagenet" and task.pretrained_name() == plain["pretrained"] == LITE0
