@@ -370,7 +370,9 @@ def fit(
     val_loader = make_loader(task, val_set, cfg.eval_batch_size, False, seed, workers, pin_memory=pin)
     train_eval_loader = (make_loader(task, train_eval_set, cfg.eval_batch_size, False, seed, workers, pin_memory=pin)
                          if train_eval_set is not None and cfg.track_train_metric else None)
-    optimizer = build_optimizer(model, cfg.optimizer, task.lr_factor)
+    # a CVTask's hooks for a pretrained encoder (a duck-typed task without them trains everything alike)
+    before_epoch = getattr(task, "before_epoch", lambda model, epoch: None)
+    optimizer = build_optimizer(model, cfg.optimizer, getattr(task, "lr_factor", None))
     scheduler = build_scheduler(optimizer, cfg, len(train_loader))
     train_model = acc.prepare(model)  # what the training step calls: channels-last, DDP (rank 0's weights), compiled
     ema = (torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.ema_decay),
@@ -434,7 +436,7 @@ def fit(
     epoch = start_epoch
     while epoch <= planned:
         train_model.train()
-        task.before_epoch(model, epoch)  # freeze_encoder_epochs: the pretrained encoder frozen, then trained
+        before_epoch(model, epoch)  # freeze_encoder_epochs: the pretrained encoder frozen, then trained
         if sampler is not None:
             sampler.set_epoch(epoch)  # a new shuffle each epoch, the same on every rank
         loss_sum, n_batches = 0.0, 0
