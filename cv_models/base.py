@@ -94,6 +94,7 @@ class CVTask(ABC):
         # where the normstats stage's files are; None = outputs/<task>/normstats of the working folder
         self.normstats_dir: Path | None = None
         self.weights_record: dict[str, str] = {}  # where build_model's ImageNet weights came from (MLflow params)
+        self.skip_imagenet_load = False  # saved weights will replace them (for_saved_weights)
         self._hook_frozen: list[str] = []  # encoder parameters frozen by before_epoch (freeze_encoder_epochs)
 
     @classmethod
@@ -164,6 +165,17 @@ class CVTask(ABC):
         :meth:`is_encoder` may decide otherwise)."""
         return ()
 
+    @classmethod
+    def for_saved_weights(cls, cfg: TaskConfig) -> "CVTask":
+        """The task whose ``build_model`` loads no initial weights, for a model whose saved weights replace them.
+        ``weights: imagenet`` is kept (its input normalisation goes with the model), the files are not read."""
+        imagenet = cfg.model.weights == "imagenet"
+        if not imagenet:
+            cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"weights": "none"})})
+        task = cls(cfg)
+        task.skip_imagenet_load = imagenet
+        return task
+
     def load_imagenet(self, module: nn.Module, head_prefixes: tuple[str, ...] = ()) -> None:
         """``module`` (the model or its encoder) from the ImageNet weights of :meth:`pretrained_name`, found offline;
         where they came from is kept in ``weights_record`` for MLflow."""
@@ -171,6 +183,8 @@ class CVTask(ABC):
         if name is None:
             raise ValueError(f"model.weights: imagenet: {self.cfg.model.name!r} has no pretrained network; for "
                              f"{self.name} use a timm:<arch> model or encoder")
+        if self.skip_imagenet_load:
+            return
         resolved = resolve_imagenet(name, self.cfg.model.weights_file)
         load_pretrained(module, resolved, head_prefixes)
         self.weights_record = {"weights_network": name, **resolved.record(), **self.normalization_record()}

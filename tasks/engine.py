@@ -590,8 +590,7 @@ def load_model(task: CVTask, path: Path) -> nn.Module:
     """Rebuild the task's model and load the weights a training stage saved (weights only: no pickle code)."""
     blob = torch.load(path, map_location="cpu", weights_only=True)
     # the saved weights replace any initial weights, so build without loading those again
-    cfg = task.cfg.model_copy(update={"model": task.cfg.model.model_copy(update={"weights": "none"})})
-    model = type(task)(cfg).build_model()
+    model = type(task).for_saved_weights(task.cfg).build_model()
     model.load_state_dict(blob["model"])
     return model.eval()
 

@@ -58,6 +58,10 @@ def test_each_task_trains_from_the_imagenet_encoder_then_predicts(project, task_
     loaded = load_checkpoint(task_name, models(task_name, "augmented") / "model.pt", outputs(task_name, "normstats"))
     if loaded.normalize is not None:  # the weights' convention, not the data's statistics
         assert loaded.normalize.mean.tolist() == [0.5] * 3 and loaded.normalize.std.tolist() == [0.5] * 3
+    rebuilt = engine.load_model(loaded.task, models(task_name, "augmented") / "model.pt")  # as evaluate does
+    for model in (loaded.model, rebuilt):  # a detector normalises inside: with the weights' convention too
+        if task_name == "detection":
+            assert model.transform.image_mean == [0.5] * 3 and model.transform.image_std == [0.5] * 3
     cfg = load_params(params).task(task_name)
     files = [Path(s["path"]) for s in loaded.task.__class__(cfg).dataset("test", None).samples[:2]] \
         if task_name == "classification" else [Path(r["path"]) for r in _records(task_name, cfg)[:2]]
