@@ -92,10 +92,10 @@ def test_a_file_with_another_tensor_count_is_refused(empty_caches, tmp_path):
 
 
 def _features(model, paths: list[Path], mean: float, std: float) -> torch.Tensor:
+    import numpy as np
     from PIL import Image
 
-    images = [torch.from_numpy(__import__("numpy").asarray(Image.open(p).convert("RGB").resize((160, 160))).copy())
-              for p in paths]
+    images = [torch.from_numpy(np.asarray(Image.open(p).convert("RGB").resize((160, 160))).copy()) for p in paths]
     x = (torch.stack(images).permute(0, 3, 1, 2).float() / 255 - mean) / std
     with torch.no_grad():
         return model.forward_head(model.forward_features(x), pre_logits=True)
