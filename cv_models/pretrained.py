@@ -11,9 +11,9 @@ normalisation they expect (:func:`input_convention`) are answered here too; :mod
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn

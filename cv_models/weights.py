@@ -14,7 +14,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from cv_models.pretrained import IMAGENET, PROVIDERS, WEIGHT_PACKAGES, Convention, input_convention, reference_shapes, split_name
+from cv_models.pretrained import (
+    IMAGENET,
+    PROVIDERS,
+    WEIGHT_PACKAGES,
+    Convention,
+    input_convention,
+    reference_shapes,
+    split_name,
+)
 
 
 class WeightsError(RuntimeError):
