@@ -31,6 +31,16 @@ TINY = {
 }
 
 
+class FitHooksStub:
+    """For the tests' duck-typed tasks: what engine.fit calls on a CVTask beyond the step and the score, the
+    pretrained-encoder hooks, as a task without a pretrained encoder has them (nothing frozen, one learning rate)."""
+
+    lr_factor = None
+
+    def before_epoch(self, model, epoch: int) -> None:
+        return None
+
+
 def tiny_overrides(**extra) -> dict:
     # a deep copy: applying an override such as shapes.scenes.num_imgs writes into the nested dicts it is given
     return copy.deepcopy({**TINY, **extra})

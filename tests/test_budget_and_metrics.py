@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 import torch
 
+from tests.conftest import FitHooksStub
+
 from cv_models.data import coco
 from tasks.config import TrainConfig
 from tasks.training import budget, engine
@@ -149,7 +151,7 @@ class _Clock:
         return self.now
 
 
-class _TimedTask:
+class _TimedTask(FitHooksStub):
     """Enough of a CVTask for engine.fit: a linear model; each training step and each validation pass advance the
     clock by the epoch's synthetic time. ``stop_at_step``: the run is killed there (KeyboardInterrupt)."""
 
@@ -242,7 +244,7 @@ def test_a_real_training_with_a_time_limit_ends_annealed_within_it(project, caps
     result = engine.fit(task, task.build_model(), train, val, cfg.train, 0, Path("m.pt"))
     out = capsys.readouterr().out
     assert "epochs fit" in out and "stopping after epoch" not in out
-    assert 3 <= len(result.history) == result.planned < 200
+    assert 2 <= len(result.history) == result.planned < 200  # 2 under heavy load (seen with 4 jobs on 2 cores)
     assert result.history["lr"].iloc[-1] == result.end_lr  # the schedule's end reached
     assert result.end_lr < 1e-6 * cfg.train.optimizer.lr  # a cosine annealed to (almost) zero
     # 97% aimed at, in whole epochs; the strict 100% bound is checked with synthetic timings above, since one epoch's

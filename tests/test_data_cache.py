@@ -7,6 +7,8 @@ import pandas as pd
 import pytest
 import torch
 
+from tests.conftest import FitHooksStub
+
 from cv_models import get_task
 from cv_models.data import cache
 from cv_models.normalize import Normalize
@@ -114,7 +116,7 @@ def test_num_workers_auto_follows_the_cores():
     assert engine.worker_count(TrainConfig(num_workers=3), cores=2) == 3
 
 
-class _Counting:
+class _Counting(FitHooksStub):
     """Enough of a CVTask for engine.fit: a linear model; the validation score rises then falls."""
 
     name, primary_metric = "toy", "score"

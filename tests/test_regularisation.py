@@ -5,6 +5,8 @@ import pandas as pd
 import pytest
 import torch
 
+from tests.conftest import FitHooksStub
+
 from cv_models import get_task
 from cv_models.normalize import load_normalizer
 from tasks import normstats
@@ -48,7 +50,7 @@ def test_time_limit_stops_before_an_epoch_that_would_overrun(project, capsys):
     assert "time limit: stopping after epoch 1 of 50" in capsys.readouterr().out
 
 
-class _LinearTask:
+class _LinearTask(FitHooksStub):
     """Just enough of a CVTask for engine.fit: a linear model, squared error; records the weights at every step."""
 
     name, primary_metric = "toy", "score"
