@@ -267,7 +267,7 @@ def both_sides(task_name: str, spec: dict, extra: dict, device: str = "cpu", see
 
 def benchmark(name: str, root: Path, budget_minutes: float | None, extra: dict, keep: str | None,
               baseline_minutes: float = 0.0, seed: int | None = None, device: str = "cpu",
-              plain_extra: dict | None = None, from_init: bool = False) -> dict:
+              plain_extra: dict | None = None, from_init: bool = False, variant: str | None = None) -> dict:
     from cv_models import get_task
     from tasks import validate
     from tasks.config import load_params
@@ -279,7 +279,7 @@ def benchmark(name: str, root: Path, budget_minutes: float | None, extra: dict, 
     os.chdir(work)
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{work / 'mlflow.db'}"
     os.environ.setdefault("CV_PIPELINE_RUN_ID", f"real-data-{name}")
-    spec = overlay(name, root)
+    spec = overlay(f"{name}_{variant}" if variant else name, root)
     if from_init:  # the settings init proposes instead of the hand-written overlay
         spec = init_overlay(name, root, spec)
     budget_s = (budget_minutes or spec["budget_minutes"]) * 60
@@ -312,7 +312,8 @@ def benchmark(name: str, root: Path, budget_minutes: float | None, extra: dict, 
         "pipeline_train_s": round(t_pipeline, 1), "pipeline_epochs": run["epochs_run"], "plain_train_s": plain_info["seconds"],
         "plain_epochs": plain_info["epochs"], "validate_s": round(t_validate, 1), "baseline": base,
         "splits": {s: len(v) for s, v in manifest["splits"].items()}, "validation_notes": len(report["notes"]),
-        "model": cfg.model.name, "image_size": cfg.image_size, "plain_settings": plain_settings, "seed": seed,
+        "model": cfg.model.name + (f" ({cfg.model.weights})" if cfg.model.weights != "none" else ""),
+        "image_size": cfg.image_size, "variant": variant, "plain_settings": plain_settings, "seed": seed,
         "device": device_name(device), "cpu": cpu_name(), "work": str(work),
     }
     (work / "result.json").write_text(json.dumps(result, indent=2))
@@ -360,6 +361,8 @@ def main() -> None:
     ap.add_argument("dataset", choices=[*DATASETS, "all"])
     ap.add_argument("--shared", default=str(REPO.parent / "shared" / "datasets"), help="folder holding the datasets")
     ap.add_argument("--budget-minutes", type=float, help="training wall time of each side (default: the overlay's)")
+    ap.add_argument("--variant", help="the overlay benchmarks/real_data/<dataset>_<variant>.yaml instead of <dataset>.yaml "
+                                      "(e.g. pretrained: ImageNet weights on both sides)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--keep", help="folder to keep each dataset's work folder in (default: temporary folders)")
     ap.add_argument("--baseline-minutes", type=float, default=0.0,
@@ -381,7 +384,7 @@ def main() -> None:
             raise SystemExit(f"{name} not found under {root} (--shared)")
         here = Path.cwd()
         r = benchmark(name, root, args.budget_minutes, parse_overrides(args.overrides), args.keep, args.baseline_minutes,
-                      args.seed, args.device, parse_overrides(args.plain_overrides), args.from_init)
+                      args.seed, args.device, parse_overrides(args.plain_overrides), args.from_init, args.variant)
         os.chdir(here)
         rows.append(row(r))
         print(json.dumps(r, indent=2))

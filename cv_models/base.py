@@ -20,7 +20,10 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from cv_models.augment import AUGMENTATIONS, Augmentation
+from cv_models.normalize import Normalize, load_normalizer
+from cv_models.pretrained import input_convention
 from cv_models.settings import AugmentConfig, TaskConfig
+from cv_models.weights import load_pretrained, resolve_imagenet
 
 if TYPE_CHECKING:
     from cv_models.normalize import Normalize
@@ -101,6 +104,9 @@ class CVTask(ABC):
         self.cfg = cfg
         # where the normstats stage's files are; None = outputs/<task>/normstats of the working folder
         self.normstats_dir: Path | None = None
+        self.weights_record: dict[str, str] = {}  # where build_model's ImageNet weights came from (MLflow params)
+        self.skip_imagenet_load = False  # saved weights will replace them (for_saved_weights)
+        self._hook_frozen: list[str] = []  # encoder parameters frozen by before_epoch (freeze_encoder_epochs)
 
     @classmethod
     def augment_schema(cls) -> type[AugmentConfig]:
@@ -168,6 +174,85 @@ class CVTask(ABC):
     @abstractmethod
     def build_model(self) -> nn.Module:
         ...
+
+    # ---------------------------------------------------- pretrained encoder
+    def pretrained_name(self) -> str | None:
+        """The network (``timm:<arch>`` or a torchvision name) whose ImageNet weights ``model.weights: imagenet``
+        loads into this task's model: the classifier itself, or the encoder of a dense model. None: no such network."""
+        return None
+
+    def encoder_prefixes(self) -> tuple[str, ...]:
+        """State-dict prefixes of the pretrained part (what freeze_encoder_epochs freezes and encoder_lr_factor slows;
+        :meth:`is_encoder` may decide otherwise)."""
+        return ()
+
+    @classmethod
+    def for_saved_weights(cls, cfg: TaskConfig) -> "CVTask":
+        """The task whose ``build_model`` loads no initial weights, for a model whose saved weights replace them.
+        ``weights: imagenet`` is kept (its input normalisation goes with the model), the files are not read."""
+        imagenet = cfg.model.weights == "imagenet"
+        if not imagenet:
+            cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"weights": "none"})})
+        task = cls(cfg)
+        task.skip_imagenet_load = imagenet
+        return task
+
+    def load_imagenet(self, module: nn.Module, head_prefixes: tuple[str, ...] = ()) -> None:
+        """``module`` (the model or its encoder) from the ImageNet weights of :meth:`pretrained_name`, found offline;
+        where they came from is kept in ``weights_record`` for MLflow."""
+        name = self.pretrained_name()
+        if name is None:
+            raise ValueError(f"model.weights: imagenet: {self.cfg.model.name!r} has no pretrained network; for "
+                             f"{self.name} use a timm:<arch> model or encoder")
+        if self.skip_imagenet_load:
+            return
+        resolved = resolve_imagenet(name, self.cfg.model.weights_file)
+        load_pretrained(module, resolved, head_prefixes)
+        self.weights_record = {"weights_network": name, **resolved.record(), **self.normalization_record()}
+
+    def uses_imagenet_convention(self) -> bool:
+        return self.cfg.model.weights == "imagenet"
+
+    def input_normalizer(self, stats_dir: str | Path) -> Normalize | None:
+        """The input normalisation: the pretrained weights' own convention with ``weights: imagenet`` (the
+        normstats stage still records the data's statistics), else ``normalization`` from those statistics."""
+        if not self.uses_imagenet_convention():
+            return load_normalizer(stats_dir, self.cfg.normalization)
+        c = input_convention(self.pretrained_name())
+        return Normalize("per_channel_std", torch.tensor(c.mean), torch.tensor(c.std))
+
+    def normalization_record(self) -> dict[str, str]:
+        c = input_convention(self.pretrained_name())
+        return {"input_normalization": f"mean {list(c.mean)}, std {list(c.std)}: {c.why}, the convention of the "
+                                       f"pretrained weights (model.weights: imagenet), not normalization "
+                                       f"{self.cfg.normalization!r} from the data's statistics"}
+
+    def is_encoder(self, parameter: str) -> bool:
+        prefixes = self.encoder_prefixes()
+        return bool(prefixes) and parameter.startswith(prefixes)
+
+    def lr_factor(self, parameter: str) -> float:
+        """The parameter's learning rate as a fraction of optimizer.lr: encoder_lr_factor for the encoder."""
+        return self.cfg.model.encoder_lr_factor if self.is_encoder(parameter) else 1.0
+
+    def before_epoch(self, model: nn.Module, epoch: int) -> None:
+        """The loop calls this after ``model.train()``: for the first ``freeze_encoder_epochs`` epochs the encoder's
+        trainable parameters are frozen and its BatchNorm layers kept in eval mode; afterwards they train again."""
+        n = self.cfg.model.freeze_encoder_epochs
+        if not n:
+            return
+        if epoch <= n:
+            self._hook_frozen = self._hook_frozen or [k for k, p in model.named_parameters()
+                                                      if self.is_encoder(k) and p.requires_grad]
+            for name, p in model.named_parameters():
+                p.requires_grad = p.requires_grad and name not in self._hook_frozen
+            for name, m in model.named_modules():
+                if self.is_encoder(name + ".") and isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+        elif self._hook_frozen:
+            for name, p in model.named_parameters():
+                p.requires_grad = p.requires_grad or name in self._hook_frozen
+            self._hook_frozen = []
 
     @abstractmethod
     def training_loss(self, model: nn.Module, images: Any, targets: Any) -> torch.Tensor:

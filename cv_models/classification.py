@@ -21,6 +21,7 @@ from cv_models.data.imagefolder import read_imagefolder  # noqa: F401 (registers
 from cv_models.data.registry import reader
 from cv_models.data.probe import IMAGE_SUFFIXES, load_rgb, probe_image
 from cv_models.nets import NETS
+from cv_models.pretrained import split_name
 from cv_models.weights import freeze, load_into, read_checkpoint, torchvision_state_dict
 from cv_models.settings import AugmentConfig, Strict, size_hw, task_settings
 
@@ -272,15 +273,17 @@ class ClassificationTask(CVTask):
             if m.options.kwargs:
                 raise ValueError(f"model.options.kwargs is for torchvision classifiers; {m.name!r} takes width, depth and dropout")
             model = NETS[m.name](num_classes=n, width=m.width, depth=m.depth, dropout=m.dropout)
-        else:
-            from torchvision.models import get_model
-
+        else:  # timm:<arch> or a torchvision classifier by name (cv_models/pretrained.py PROVIDERS)
+            provider, arch = split_name(m.name)
             try:
-                model = get_model(m.name, weights=None, num_classes=n, **m.options.kwargs)
-            except ValueError as err:
+                model = provider.classifier(arch, n, m.options.kwargs)
+            except (ValueError, RuntimeError) as err:
                 raise ValueError(f"model.name {m.name!r}: {err}") from None
-        head = _head_name(model)
-        if m.weights.startswith("torchvision:"):
+        head = self._head = _head_name(model)
+        if m.weights == "imagenet":
+            self.load_imagenet(model, head_prefixes=(head + ".",))
+            _zero_head(model, head)
+        elif m.weights.startswith("torchvision:"):
             state = torchvision_state_dict(m.name, m.weights.split(":", 1)[1])
             load_into(model, state, m.weights, head_prefixes=(head + ".",))
         elif m.weights != "none":
@@ -290,6 +293,13 @@ class ClassificationTask(CVTask):
                 p.requires_grad = name.startswith(head + ".")
         freeze(model, m.frozen_layers)
         return model
+
+    def pretrained_name(self) -> str | None:
+        return None if self.cfg.model.name in NETS else self.cfg.model.name
+
+    def is_encoder(self, parameter: str) -> bool:
+        """Every layer but the head (the last Linear layer, found when the model is built)."""
+        return self.pretrained_name() is not None and not parameter.startswith(getattr(self, "_head", "") + ".")
 
     def training_loss(self, model, images, targets):
         loss_cfg = self.cfg.train.loss
@@ -403,6 +413,15 @@ class ClassificationTask(CVTask):
                 confusion_matrix_figure(res.extra["confusion_matrix"], self.class_names(), f"{model_name}: test", path)
                 files.append(path)
         return files
+
+
+def _zero_head(model: nn.Module, head: str) -> None:
+    """The new head on pretrained features starts at zero (every class equally likely). Its own init can be far too
+    large for a few classes: timm's EfficientNets draw it from U(+-1/sqrt(num_classes)), logits of std 7 on 6 classes,
+    a first epoch's loss of 6.8 where ln 6 = 1.8 is the start of an untrained head."""
+    layer = model.get_submodule(head)
+    nn.init.zeros_(layer.weight)
+    nn.init.zeros_(layer.bias)
 
 
 def _head_name(model: nn.Module) -> str:

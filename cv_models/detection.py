@@ -34,6 +34,7 @@ from cv_models.data.coco import (RESCORE_LINES, coco_map, no_ground_truth_notes,
                                   to_coco_ground_truth)
 from cv_models.data.probe import load_rgb
 from cv_models.data.registry import reader
+from cv_models.pretrained import input_convention
 from cv_models.settings import AugmentConfig, AutoCount, DataConfig, Strict, Switch, task_settings
 from cv_models.weights import freeze
 
@@ -370,7 +371,11 @@ class DetectionTask(CVTask):
 
     # ------------------------------------------------------------------ model
     def input_stats(self) -> tuple[list[float], list[float]]:
-        """Per-channel mean and std the detector normalises with (from the normstats stage)."""
+        """Per-channel mean and std the detector normalises with (from the normstats stage), or the input
+        convention of its pretrained backbone's weights (model.weights: imagenet)."""
+        if self.uses_imagenet_convention():
+            c = input_convention(self.pretrained_name())
+            return list(c.mean), list(c.std)
         mode = self.cfg.normalization
         if mode == "none":
             return [0.0] * 3, [1.0] * 3
@@ -452,7 +457,7 @@ class DetectionTask(CVTask):
         return DetectionOutputs(model, self.export_outputs)
 
     def build_model(self) -> nn.Module:
-        from cv_models.nets.detectors import DETECTORS, build_detector, head_prefixes, make_weighted
+        from cv_models.nets.detectors import DETECTORS, build_detector, head_prefixes, make_weighted, pretrained_trunk
         from cv_models.weights import load_into, read_checkpoint, torchvision_state_dict
 
         m, t = self.cfg.model, self.cfg.train
@@ -474,7 +479,9 @@ class DetectionTask(CVTask):
             make_weighted(model)
         heads = head_prefixes(model)
         # pretrained weights: everything but the class-dependent head loads; the head is rebuilt for our classes
-        if m.weights.startswith("torchvision:"):
+        if m.weights == "imagenet":  # ImageNet weights into the backbone's trunk (the FPN and heads are new)
+            self.load_imagenet(pretrained_trunk(model.backbone))
+        elif m.weights.startswith("torchvision:"):
             load_into(model, torchvision_state_dict(m.name, m.weights.split(":", 1)[1]), m.weights, head_prefixes=heads)
         elif m.weights != "none":
             load_into(model, read_checkpoint(m.weights), m.weights, head_prefixes=heads)
@@ -483,6 +490,15 @@ class DetectionTask(CVTask):
                 p.requires_grad = not name.startswith("backbone.body.")
         freeze(model, m.frozen_layers)
         return model
+
+    def pretrained_name(self) -> str | None:
+        from cv_models.nets.detectors import DETECTORS, backbone_network
+
+        # the registry's detectors take model.options.backbone; torchvision's built-by-name ones have their own
+        return backbone_network(self.cfg.model.options.backbone) if self.cfg.model.name in DETECTORS else None
+
+    def encoder_prefixes(self) -> tuple[str, ...]:
+        return ("backbone.body.",) if self.pretrained_name() else ()
 
     def training_loss(self, model, images, targets):
         losses = model(images, targets)

@@ -39,6 +39,7 @@ from cv_models.data.instances import add_mask_facts
 from cv_models.data.probe import load_rgb
 from cv_models.data.registry import reader
 from cv_models.mix.instances import InstanceBatchMixer, MixOp, boxes_from_masks, tidy
+from cv_models.nets.detectors import backbone_network, pretrained_trunk
 from cv_models.nets.mask_rcnn import build_mask_rcnn
 from cv_models.settings import AugmentConfig, AutoCount, Strict, Switch, task_settings
 from cv_models.weights import freeze
@@ -405,12 +406,23 @@ class InstanceSegmentationTask(CVTask):
 
         m = self.cfg.model
         options, _ = sized_options(m.options.model_dump(), self.most_objects())
-        model = build_mask_rcnn(m.name, len(self.class_names()) + 1, self.cfg.image_hw, m.width, options, m.weights)
+        imagenet = m.weights == "imagenet"  # into the backbone's trunk; else weights of the whole model
+        model = build_mask_rcnn(m.name, len(self.class_names()) + 1, self.cfg.image_hw, m.width, options,
+                                "none" if imagenet else m.weights)
+        if imagenet:
+            self.load_imagenet(pretrained_trunk(model.backbone))
         if m.freeze_backbone:
             for p in model.backbone.body.parameters():
                 p.requires_grad = False
         freeze(model, m.frozen_layers)
         return model
+
+    def pretrained_name(self) -> str | None:
+        # the light maskrcnn takes model.options.backbone; torchvision's ResNet-50 ones their own whole-model weights
+        return backbone_network(self.cfg.model.options.backbone) if self.cfg.model.name == "maskrcnn" else None
+
+    def encoder_prefixes(self) -> tuple[str, ...]:
+        return ("backbone.body.",) if self.pretrained_name() else ()
 
     def training_loss(self, model, images, targets):
         losses = model(list(images), [{k: t[k] for k in ("boxes", "labels", "masks")} for t in targets])

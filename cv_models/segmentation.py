@@ -31,6 +31,7 @@ from cv_models.data.probe import IMAGE_SUFFIXES, load_rgb, probe_image
 from cv_models.data.registry import reader
 from cv_models.mix.segmentation import build_mixer
 from cv_models.nets import NETS
+from cv_models.nets.timm_unet import encoder_unet
 from cv_models.seg_losses import get_loss
 from cv_models.augment import random_apply, with_builders
 from cv_models.settings import AugmentConfig, CutoutAug, Strict, task_settings
@@ -65,12 +66,14 @@ class SegmentationDataOptions(Strict):
 
 
 class SegmentationModelOptions(Strict):
-    """``model.options``: torchvision segmentation models only (the U-Net takes width, depth and dropout)."""
+    """``model.options``: torchvision segmentation models only (the U-Net takes width, depth and dropout; the
+    timm_unet its encoder, width and dropout)."""
 
     aux_loss: bool = False  # fcn / deeplabv3: the auxiliary head, weighted 0.5 in the loss
     weights_backbone: str | None = None  # torchvision ImageNet backbone weights (DEFAULT, IMAGENET1K_V1...); None = no download
     backbone_weights: str = "none"  # or the trunk of a classifier checkpoint of the same family (models/pretrain/backbone.pt)
     kwargs: dict[str, Any] = {}  # extra keyword arguments of the torchvision builder
+    encoder: str = "timm:efficientnet_lite0"  # timm_unet: the pretrained encoder (model.weights: imagenet loads it)
 
 
 class SegmentationCutoutAug(CutoutAug):
@@ -154,6 +157,8 @@ class Architecture:
     build: Callable[[int, object], nn.Module]  # (num_classes, ModelConfig) -> model
     head_prefixes: tuple[str, ...]  # re-fitted when weights come from another class count
     backbone_prefixes: tuple[str, ...]  # frozen by model.freeze_backbone
+    # the network whose ImageNet weights model.weights: imagenet loads into the model's `encoder` (None: none)
+    pretrained: Callable[[object], str | None] = lambda m: None
 
 
 def _torchvision_builder(name: str, aux: bool):
@@ -183,6 +188,9 @@ def _torchvision_builder(name: str, aux: bool):
 ARCHITECTURES: dict[str, Architecture] = {
     "unet": Architecture(lambda n, m: NETS["unet"](num_classes=n, width=m.width, depth=m.depth, dropout=m.dropout),
                          ("head.",), ("encoder.",)),
+    # the U-Net decoder (ConvTranspose up) on a timm encoder's feature maps (cv_models/nets/timm_unet.py)
+    "timm_unet": Architecture(lambda n, m: encoder_unet(m.options.encoder, n, width=m.width, dropout=m.dropout),
+                              ("head.",), ("encoder.",), pretrained=lambda m: m.options.encoder),
     **{name: Architecture(_torchvision_builder(name, aux=True), ("classifier.4.", "aux_classifier.4."), ("backbone.",))
        for name in ("fcn_resnet50", "fcn_resnet101", "deeplabv3_resnet50", "deeplabv3_resnet101",
                     "deeplabv3_mobilenet_v3_large")},
@@ -451,7 +459,9 @@ class SegmentationTask(CVTask):
         if m.name == "unet" and m.options != SegmentationModelOptions():
             raise ValueError("model.options are for torchvision segmentation models; the unet takes width, depth and dropout")
         model = arch.build(len(self.class_names()), m)
-        if m.weights.startswith("torchvision:"):
+        if m.weights == "imagenet":
+            self.load_imagenet(model.encoder)
+        elif m.weights.startswith("torchvision:"):
             load_into(model, torchvision_state_dict(m.name, m.weights.split(":", 1)[1]), m.weights, arch.head_prefixes)
         elif m.weights != "none":
             load_into(model, read_checkpoint(m.weights), m.weights, arch.head_prefixes)
@@ -460,6 +470,13 @@ class SegmentationTask(CVTask):
                 p.requires_grad = not name.startswith(arch.backbone_prefixes)
         freeze(model, m.frozen_layers)
         return model
+
+    def pretrained_name(self) -> str | None:
+        arch = ARCHITECTURES.get(self.cfg.model.name)
+        return arch.pretrained(self.cfg.model) if arch else None
+
+    def encoder_prefixes(self) -> tuple[str, ...]:
+        return ARCHITECTURES[self.cfg.model.name].backbone_prefixes if self.pretrained_name() else ()
 
     def training_loss(self, model, images, targets):
         loss_fn = get_loss(self.cfg.train.loss.name)

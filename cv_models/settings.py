@@ -122,8 +122,15 @@ class TrainConfig(Strict):
 
 class ModelConfig(Strict):
     name: str = "small_cnn"
-    # none | path to a local checkpoint | torchvision:<WeightsEnum member>, e.g. torchvision:DEFAULT
+    # none | path to a local checkpoint | torchvision:<WeightsEnum member>, e.g. torchvision:DEFAULT | imagenet: the
+    # ImageNet weights of the model's pretrained network (its encoder), found offline (cv_models/weights.py
+    # resolve_imagenet), with the input normalisation those weights expect instead of `normalization`
     weights: str = "none"
+    weights_file: str = ""  # weights: imagenet: a local file of those ImageNet weights, tried before any cache
+    # fine-tuning from weights: imagenet: the pretrained encoder frozen (its BatchNorm in eval mode) for the first N
+    # epochs, then trained; and its learning rate as a fraction of optimizer.lr (the new layers get optimizer.lr)
+    freeze_encoder_epochs: int = Field(0, ge=0)
+    encoder_lr_factor: float = Field(1.0, gt=0, le=1)
     freeze_backbone: bool = False  # train the head only
     frozen_layers: list[str] = []  # or freeze these layers by name prefix, e.g. [conv1, bn1, layer1]
     width: int = Field(32, ge=1, le=1024)

@@ -56,6 +56,9 @@ CHANGES: dict[str, dict[str, Any]] = {
     # downloadable weights file) against random initialisation
     "pretrained": {"model.weights": "torchvision:DEFAULT"},
     "random_init": {"model.weights": "none"},
+    # ImageNet weights found offline for the model's timm/torchvision network or encoder (cv_models/weights.py),
+    # with their own input normalisation: on a base with weights none, pretrained against random initialisation
+    "imagenet": {"model.weights": "imagenet"},
 }
 BASELINE = "baseline"
 RUNTIME_KEYS = NOT_LEARNING  # how a run executes, not what it learns: not part of an arm's difference

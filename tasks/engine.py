@@ -106,15 +106,22 @@ def make_loader(task: CVTask, dataset: Dataset, batch_size: int, shuffle: bool, 
     )
 
 
-def parameter_groups(model: nn.Module, cfg: OptimizerConfig) -> list[dict]:
+def parameter_groups(model: nn.Module, cfg: OptimizerConfig, lr_factor: Callable[[str], float] | None = None) -> list[dict]:
     """Weight decay on weights only: norm layers' scales and all biases (1-d tensors) are not decayed,
-    since shrinking them regularises nothing and hurts normalisation."""
+    since shrinking them regularises nothing and hurts normalisation. ``lr_factor(name)``: a parameter's learning
+    rate as a fraction of ``cfg.lr`` (a pretrained encoder's, model.encoder_lr_factor); each factor its own groups."""
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    if cfg.decay_norms_and_biases:
-        return [{"params": [p for _, p in trainable], "weight_decay": cfg.weight_decay}]
-    decay = [p for _, p in trainable if p.ndim > 1]
-    no_decay = [p for _, p in trainable if p.ndim <= 1]
-    return [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    factors = {n: lr_factor(n) if lr_factor else 1.0 for n, _ in trainable}
+    groups = []
+    for f in sorted(set(factors.values()), reverse=True):  # factor 1 (the new layers) first: the logged lr is theirs
+        mine = [(n, p) for n, p in trainable if factors[n] == f]
+        extra = {} if f == 1.0 else {"lr": cfg.lr * f, "lr_factor": f}
+        if cfg.decay_norms_and_biases:
+            groups.append({"params": [p for _, p in mine], "weight_decay": cfg.weight_decay, **extra})
+            continue
+        groups += [{"params": [p for _, p in mine if p.ndim > 1], "weight_decay": cfg.weight_decay, **extra},
+                   {"params": [p for _, p in mine if p.ndim <= 1], "weight_decay": 0.0, **extra}]
+    return groups
 
 
 OPTIMIZERS = {
@@ -124,8 +131,8 @@ OPTIMIZERS = {
 }
 
 
-def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer:
-    return OPTIMIZERS[cfg.name](parameter_groups(model, cfg), cfg)
+def build_optimizer(model: nn.Module, cfg: OptimizerConfig, lr_factor: Callable[[str], float] | None = None) -> torch.optim.Optimizer:
+    return OPTIMIZERS[cfg.name](parameter_groups(model, cfg, lr_factor), cfg)
 
 
 def build_scheduler(optimizer, cfg: TrainConfig, steps_per_epoch: int):
@@ -138,7 +145,8 @@ def build_scheduler(optimizer, cfg: TrainConfig, steps_per_epoch: int):
             return sched.LambdaLR(optimizer, lambda _: 1.0)
         pct = warmup / total if warmup else 0.3
         # at least two steps in each phase, or OneCycleLR divides by zero
-        return sched.OneCycleLR(optimizer, max_lr=cfg.optimizer.lr, total_steps=total,
+        max_lr = [cfg.optimizer.lr * g.get("lr_factor", 1.0) for g in optimizer.param_groups]
+        return sched.OneCycleLR(optimizer, max_lr=max_lr, total_steps=total,
                                 pct_start=min(max(pct, 2.5 / total), 1 - 2.5 / total))
     if s.name == "cosine":
         main = sched.CosineAnnealingLR(optimizer, T_max=max(total - warmup, 1))
@@ -443,7 +451,9 @@ def fit(
     val_loader = make_loader(task, val_set, cfg.eval_batch_size, False, seed, workers, pin_memory=pin)
     train_eval_loader = (make_loader(task, train_eval_set, cfg.eval_batch_size, False, seed, workers, pin_memory=pin)
                          if train_eval_set is not None and cfg.track_train_metric else None)
-    optimizer = build_optimizer(model, cfg.optimizer)
+    # a CVTask's hooks for a pretrained encoder (a duck-typed task without them trains everything alike)
+    before_epoch = getattr(task, "before_epoch", lambda model, epoch: None)
+    optimizer = build_optimizer(model, cfg.optimizer, getattr(task, "lr_factor", None))
     scheduler = make_scheduler(optimizer, cfg, len(train_loader))
     train_model = acc.prepare(model)  # what the training step calls: channels-last, DDP (rank 0's weights), compiled
     ema = (torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.ema_decay),
@@ -511,6 +521,7 @@ def fit(
     epoch = start_epoch
     while epoch <= planned:
         train_model.train()
+        before_epoch(model, epoch)  # freeze_encoder_epochs: the pretrained encoder frozen, then trained
         if sampler is not None:
             sampler.set_epoch(epoch)  # a new shuffle each epoch, the same on every rank
         loss_sum, n_batches = 0.0, 0
@@ -673,8 +684,7 @@ def load_model(task: CVTask, path: Path) -> nn.Module:
     """Rebuild the task's model and load the weights a training stage saved (weights only: no pickle code)."""
     blob = torch.load(path, map_location="cpu", weights_only=True)
     # the saved weights replace any initial weights, so build without loading those again
-    cfg = task.cfg.model_copy(update={"model": task.cfg.model.model_copy(update={"weights": "none"})})
-    model = type(task)(cfg).build_model()
+    model = type(task).for_saved_weights(task.cfg).build_model()
     model.load_state_dict(blob["model"])
     return model.eval()
 

@@ -18,9 +18,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from cv_models import get_task
 from cv_models.base import CVTask
-from cv_models.normalize import load_normalizer
 from tasks.chain import TRAINED
 from tasks.paths import models, outputs
 
@@ -52,15 +50,15 @@ def _build(task_name: str, config: dict, class_names: list[str], state: dict, no
     trunks = {"backbone_weights": "none", "weights_backbone": None}  # pretrained trunks are in the saved weights too
     options = options.model_copy(update={k: v for k, v in trunks.items() if k in type(options).model_fields})
     cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"classes": list(class_names)}),
-                                 "model": cfg.model.model_copy(update={"weights": "none", "options": options})})
-    task = get_task(task_name, cfg)
+                                 "model": cfg.model.model_copy(update={"options": options})})
+    task = TASKS[task_name].for_saved_weights(cfg)  # weights: imagenet kept: the input normalisation goes with it
     task.normstats_dir = Path(normstats_dir)
     if not (Path(normstats_dir) / "stats.json").exists() and cfg.normalization != "none":
         raise ModelError(f"{normstats_dir}/stats.json is missing: the model needs the normstats stage's statistics "
                          f"(run `dvc repro normstats@{task_name}` or use a model bundle)")
     model = task.build_model()
     model.load_state_dict(state)
-    normalize = load_normalizer(normstats_dir, cfg.normalization)
+    normalize = task.input_normalizer(normstats_dir)  # the pretrained weights' convention for weights: imagenet
     return Loaded(task, model.eval(), normalize, source, info)
 
 

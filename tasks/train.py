@@ -9,7 +9,6 @@ import torch
 from torch.utils.data import Dataset
 
 from cv_models.data.cache import CachedDataset, cache_key, split_transforms
-from cv_models.normalize import load_normalizer
 from cv_models.settings import ConfigError
 from tasks import engine
 from tasks.config import AugmentConfig
@@ -21,7 +20,8 @@ from cv_models.visualise import history_figure
 
 
 def normalizer(st: Stage):
-    return load_normalizer(outputs(st.task_name, "normstats"), st.cfg.normalization)
+    """``normalization`` from the normstats stage's statistics, or the pretrained weights' own convention."""
+    return st.task.input_normalizer(outputs(st.task_name, "normstats"))
 
 
 def initial_model(st: Stage) -> tuple[torch.nn.Module, str]:
@@ -81,7 +81,8 @@ def train_model(st: Stage, augment: AugmentConfig | None, out_dir: Path,
                                             st.params.seed, size=len(train_plain))
         train_eval = subset(st.task, train_plain, indices)
     model, init_hash = initial_model(st)
-    st.log_params({"init_weights_sha256": init_hash})
+    # with model.weights: imagenet, where those weights came from (source, sha256, key mapping) and the normalisation
+    st.log_params({"init_weights_sha256": init_hash, **st.task.weights_record})
     # the augmentation stream starts from the seed too, whatever ran before in this process
     seed_everything(st.params.seed)
     model_path = models(st.task_name, st.name) / "model.pt"

@@ -1,7 +1,9 @@
 """Plain torchvision detection, after the torchvision object-detection tutorial: Faster R-CNN (or
 Mask R-CNN with --masks) on a resnet FPN backbone from random init, images preloaded at size x size,
 random horizontal flip, SGD(lr, momentum 0.9, weight decay 5e-4) with the tutorial's warmup over the
-first epoch; results on the test split in the image's own pixels as COCO results."""
+first epoch; results on the test split in the image's own pixels as COCO results.
+With ``pretrained: timm:<arch>`` in its settings: the pipeline's FPN over that timm encoder (strides 8-32) from the
+ImageNet weights the pipeline resolves, normalised as they expect; anchors and RoI pooling for its four levels."""
 from __future__ import annotations
 
 import json
@@ -45,16 +47,38 @@ def flip(image: torch.Tensor, target: dict) -> tuple[torch.Tensor, dict]:
     return image.flip(-1), t
 
 
+def build_backbone(s: dict) -> tuple[torch.nn.Module, dict]:
+    """The tutorial's resnet FPN backbone from random init, or the pipeline's FPN over a pretrained timm encoder
+    (three levels plus the pooled one: anchors 32 to 256 and RoI pooling on the three, as torchvision's resnet FPN
+    has them on its five and four), with the weights' own input mean and std."""
+    if not s.get("pretrained"):
+        return resnet_fpn_backbone(backbone_name=s["backbone"], weights=None, trainable_layers=5), {}
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+    from torchvision.ops import MultiScaleRoIAlign
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: its backbones and resolver
+    from cv_models.nets.detectors import get_backbone, pretrained_trunk
+    from cv_models.weights import load_pretrained, resolve_imagenet
+
+    backbone = get_backbone(s["pretrained"])(16, s.get("fpn_channels", 256), "none")
+    resolved = resolve_imagenet(s["pretrained"])
+    load_pretrained(pretrained_trunk(backbone), resolved)
+    anchors = AnchorGenerator(((32,), (64,), (128,), (256,)), ((0.5, 1.0, 2.0),) * 4)
+    return backbone, {"rpn_anchor_generator": anchors, "box_roi_pool": MultiScaleRoIAlign(["0", "1", "2"], 7, 2),
+                      "image_mean": list(resolved.convention.mean), "image_std": list(resolved.convention.std),
+                      **({"mask_roi_pool": MultiScaleRoIAlign(["0", "1", "2"], 14, 2)} if s.get("masks") else {})}
+
+
 def main() -> None:
     args = parse_args()
     s, m = args.settings, args.manifest
     size, masks = s["size"], bool(s.get("masks"))
     dev = args.device
     train = [(x.to(dev), {k: v.to(dev) for k, v in t.items()}) for x, t in load_split(m["splits"]["train"], size, masks)]
-    backbone = resnet_fpn_backbone(backbone_name=s["backbone"], weights=None, trainable_layers=5)
+    backbone, extra = build_backbone(s)
     kind = torchvision.models.detection.MaskRCNN if masks else torchvision.models.detection.FasterRCNN
     model = kind(backbone, num_classes=len(m["classes"]) + 1, min_size=size, max_size=size,
-                 box_detections_per_img=s.get("detections_per_img", 100)).to(dev)
+                 box_detections_per_img=s.get("detections_per_img", 100), **extra).to(dev)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=s["lr"], momentum=0.9, weight_decay=5e-4)
     steps_per_epoch = max(len(train) // s["batch_size"], 1)

@@ -1,6 +1,9 @@
 """Plain U-Net segmentation: the textbook U-Net (two 3x3 conv-BN-ReLU per level, max-pool down,
 ConvTranspose up, skip concatenation) from random init, images and masks preloaded at size x size,
-Adam, cross-entropy; test logits resized back to each image's own size, then argmax."""
+Adam, cross-entropy; test logits resized back to each image's own size, then argmax.
+With ``pretrained: timm:<arch>`` in its settings: the same U-Net decoder on that timm encoder from the ImageNet
+weights the pipeline resolves (cv_models/nets/timm_unet.py, cv_models/weights.py), normalised as those weights
+expect; the loop stays plain."""
 from __future__ import annotations
 
 import json
@@ -41,6 +44,22 @@ class UNet(nn.Module):
         return self.head(x)
 
 
+def build(s: dict, n: int, mean: torch.Tensor, std: torch.Tensor) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """The textbook U-Net from random init (the data's mean and std), or the U-Net decoder on a pretrained timm
+    encoder (the weights' own mean and std)."""
+    if not s.get("pretrained"):
+        return UNet(n, s["width"], s["depth"]), mean, std
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: its encoder U-Net and resolver
+    from cv_models.nets.timm_unet import encoder_unet
+    from cv_models.weights import load_pretrained, resolve_imagenet
+
+    model = encoder_unet(s["pretrained"], n, width=s["width"])
+    resolved = resolve_imagenet(s["pretrained"])
+    load_pretrained(model.encoder, resolved)
+    c = resolved.convention
+    return model, torch.tensor(c.mean)[:, None, None], torch.tensor(c.std)[:, None, None]
+
+
 def main() -> None:
     args = parse_args()
     s, m = args.settings, args.manifest
@@ -48,11 +67,12 @@ def main() -> None:
     train = m["splits"]["train"]
     x = torch.stack([to_tensor(load_rgb(it["path"]), size) for it in train])
     mean, std = x.mean((0, 2, 3))[:, None, None], x.std((0, 2, 3))[:, None, None]  # the train split's statistics
+    model, mean, std = build(s, n, mean, std)
     x = (x - mean) / std
     y = torch.stack([torch.from_numpy(np.asarray(Image.open(it["mask"]).resize((size, size), Image.NEAREST)).astype(np.int64))
                      for it in train])
     x, y = x.to(args.device), y.to(args.device)
-    model = UNet(n, s["width"], s["depth"]).to(args.device)
+    model = model.to(args.device)
     opt = torch.optim.Adam(model.parameters(), lr=s["lr"])
 
     def epoch(k: int) -> float:

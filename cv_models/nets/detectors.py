@@ -25,6 +25,7 @@ from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.ops import MultiScaleRoIAlign, sigmoid_focal_loss
 from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool
 
+from cv_models.pretrained import split_name
 from cv_models.settings import size_hw
 
 
@@ -112,6 +113,60 @@ BACKBONES: dict[str, Callable[[int, int, str], nn.Module]] = {
     "resnet34": resnet_fpn("resnet34"),
     "resnet50": resnet_fpn("resnet50"),
 }
+
+
+class TimmBody(nn.Module):
+    """A timm network's ``features_only`` maps at strides 8, 16 and 32 as the ordered dict an FPN takes; ``net``
+    is the pretrained network itself (what model.weights: imagenet loads)."""
+
+    def __init__(self, name: str):
+        super().__init__()
+        provider, arch = split_name(name)
+        self.net, self.channels, strides = provider.features(arch, (2, 3, 4))
+        if strides != [8, 16, 32]:
+            raise ValueError(f"model.options.backbone {name!r}: its last three feature maps have strides {strides}, "
+                             f"not 8, 16, 32")
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return OrderedDict((str(i), f) for i, f in enumerate(self.net(x)))
+
+
+def timm_fpn(name: str) -> Callable[[int, int, str], nn.Module]:
+    """A timm encoder (strides 8, 16, 32) under torchvision's FeaturePyramidNetwork, as the resnets are."""
+
+    def build(width: int, fpn_channels: int, weights: str) -> nn.Module:
+        if weights != "none":
+            raise ValueError(f"model.options.backbone {name!r}: its ImageNet weights come with model.weights: imagenet, "
+                             f"not model.options.backbone_weights")
+        body = TimmBody(name)
+        return FPNBackbone(body, body.channels, fpn_channels)
+
+    return build
+
+
+# provider:<arch> backbones, built on demand (cv_models/pretrained.py PROVIDERS): model.options.backbone: timm:<arch>
+BACKBONE_PROVIDERS: dict[str, Callable[[str], Callable[[int, int, str], nn.Module]]] = {"timm": timm_fpn}
+
+
+def get_backbone(name: str) -> Callable[[int, int, str], nn.Module]:
+    """A builder ``(width, fpn_channels, backbone_weights) -> backbone`` by name: the registry's, or a provider's."""
+    provider, _, arch = name.partition(":")
+    if name in BACKBONES:
+        return BACKBONES[name]
+    if arch and provider in BACKBONE_PROVIDERS:
+        return BACKBONE_PROVIDERS[provider](name)
+    raise ValueError(f"model.options.backbone {name!r}: choose one of {sorted(BACKBONES)} or "
+                     f"{' | '.join(p + ':<arch>' for p in BACKBONE_PROVIDERS)}")
+
+
+def pretrained_trunk(backbone: nn.Module) -> nn.Module:
+    """The part of an FPN backbone that ImageNet weights fit: a timm body's network, or a torchvision resnet's layers."""
+    return getattr(backbone.body, "net", backbone.body)
+
+
+def backbone_network(name: str) -> str | None:
+    """The network whose ImageNet weights the backbone ``name`` takes (None for the tiny one, which has none)."""
+    return None if name == "tiny" else name
 
 
 DEFAULT_ANCHOR_SIZE = 16
@@ -311,8 +366,5 @@ def build_detector(name: str, num_classes: int, image_size: int | tuple[int, int
     """``num_classes`` counts the background (index 0)."""
     if name not in DETECTORS:
         raise ValueError(f"model.name {name!r} is not a detector here; choose one of {sorted(DETECTORS)}")
-    backbone_name = options["backbone"]
-    if backbone_name not in BACKBONES:
-        raise ValueError(f"model.options.backbone {backbone_name!r}: choose one of {sorted(BACKBONES)}")
-    backbone = BACKBONES[backbone_name](width, options["fpn_channels"], options["backbone_weights"])
+    backbone = get_backbone(options["backbone"])(width, options["fpn_channels"], options["backbone_weights"])
     return DETECTORS[name](num_classes, backbone, image_size, mean, std, options)

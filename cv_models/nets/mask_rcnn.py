@@ -22,7 +22,7 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHe
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.ops import MultiScaleRoIAlign
 
-from cv_models.nets.detectors import BACKBONES, anchors_from_options
+from cv_models.nets.detectors import anchors_from_options, get_backbone
 from cv_models.settings import size_hw
 
 # class-dependent tensors: skipped when loading weights made for another class list
@@ -49,10 +49,7 @@ def _no_rescale(image_size: int | tuple[int, int]) -> dict:
 
 
 def light_mask_rcnn(num_classes: int, image_size: int | tuple[int, int], width: int, o: dict) -> nn.Module:
-    backbone_name = o["backbone"]
-    if backbone_name not in BACKBONES:
-        raise ValueError(f"model.options.backbone {backbone_name!r}: choose one of {sorted(BACKBONES)}")
-    backbone = BACKBONES[backbone_name](width, o["fpn_channels"], o["backbone_weights"])
+    backbone = get_backbone(o["backbone"])(width, o["fpn_channels"], o["backbone_weights"])
     c = backbone.out_channels
     levels = ["0", "1", "2"]  # the pooled extra level only feeds the RPN
     head_size = o["representation_size"]
