@@ -46,7 +46,7 @@ import torch
 from cv_models import get_task
 from cv_models.data.cache import CachedDataset
 from cv_models.normalize import load_normalizer
-from tasks import engine
+from tasks import checkpointing, engine
 from tasks.cli import parse_overrides
 from tasks.config import load_params
 from tasks.paths import outputs
@@ -109,19 +109,20 @@ class TimedLoader:
 
 @contextlib.contextmanager
 def instrumented(task, clock: Clock):
-    """tasks.engine with its training loader, its wait for last.pt and the task's evaluation timed; put back after."""
-    make_loader, save_last, evaluate = engine.make_loader, engine.save_last, task.evaluate
+    """tasks.engine with its training loader, the checkpoint callback's wait for last.pt (tasks.checkpointing's
+    save_last) and the task's evaluation timed; put back after."""
+    make_loader, save_last, evaluate = engine.make_loader, checkpointing.save_last, task.evaluate
 
     def timed_loader(task_, dataset, batch_size, shuffle, *args, **kwargs):
         loader = make_loader(task_, dataset, batch_size, shuffle, *args, **kwargs)
         return TimedLoader(loader, clock) if shuffle else loader  # the training loader is the shuffled one
 
-    engine.make_loader, engine.save_last = timed_loader, clock.timed("checkpoint", save_last)
+    engine.make_loader, checkpointing.save_last = timed_loader, clock.timed("checkpoint", save_last)
     task.evaluate = clock.timed("validation", evaluate)
     try:
         yield
     finally:
-        engine.make_loader, engine.save_last = make_loader, save_last
+        engine.make_loader, checkpointing.save_last = make_loader, save_last
         del task.evaluate
 
 
