@@ -7,8 +7,9 @@ Every callback sees the loop's shared state, a :class:`Run`. The hooks, in the o
 callback of the list in turn): ``on_fit_start`` (the model, optimiser and schedule are built; a resume restores
 them here), ``on_train_start`` (the state is final, resumed or not; the first epoch comes next),
 ``on_epoch_start``, ``on_batch_end`` (after each optimiser and schedule step), ``on_train_end`` (the epoch's
-training pass is done, its validation not yet: the time limit decides here whether this epoch is the last), ``on_epoch_end`` (validated and recorded; a callback ends training with ``run.stop``), ``on_fit_end``
-(training is over; the best weights are saved next) and ``on_saved`` (they are).
+training pass is done, its validation not yet: the time limit decides here whether this epoch is the last),
+``on_epoch_end`` (validated and recorded; a callback ends training with ``run.stop``), ``on_fit_end`` (training
+is over; the best weights are saved next) and ``on_saved`` (they are).
 """
 from __future__ import annotations
 
