@@ -49,6 +49,11 @@ class SchedulerConfig(Strict):
     warmup_epochs: int = Field(0, ge=0)
     step_size: int = Field(10, gt=0)
     gamma: float = Field(0.1, gt=0, le=1)
+    # the warmup's rates as fractions of optimizer.lr: linear ramps up from warmup_start_factor, constant holds
+    # constant_warmup_factor; one-cycle rises for onecycle_pct_start of its steps when warmup_epochs is 0
+    warmup_start_factor: float = Field(0.01, gt=0, le=1)
+    constant_warmup_factor: float = Field(0.1, gt=0, le=1)
+    onecycle_pct_start: float = Field(0.3, gt=0, lt=1)
 
 
 class LossConfig(Strict):

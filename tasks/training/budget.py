@@ -92,8 +92,7 @@ class FittedSchedule:
     scheduler gives them) run over another number of steps. :meth:`respan` keeps the rate where it is and spreads
     what is left of the schedule over the steps now planned, so a one-cycle or cosine schedule stays continuous and
     still reaches its final rate on the last planned step. Until the first re-span it is the configured schedule,
-    step for step. A parameter group with an ``lr_factor`` (a pretrained encoder's, model.encoder_lr_factor) runs
-    at that fraction of the rate; the others get the rate itself."""
+    step for step. Every parameter group gets the same rate, times its ``lr_factor`` (a pretrained encoder's)."""
 
     def __init__(self, optimizer, lrs: list[float], momenta: list[float | None], total_steps: int):
         self.optimizer, self.lrs, self.momenta = optimizer, lrs, momenta
@@ -127,7 +126,7 @@ class FittedSchedule:
     def _apply(self) -> None:
         lr, momentum = self._at(self.lrs), self._at(self.momenta) if self.momenta[0] is not None else None
         for group in self.optimizer.param_groups:
-            group["lr"] = lr * group.get("lr_factor", 1.0)
+            group["lr"] = lr * group.get("lr_factor", 1.0)  # a pretrained encoder's groups at their fraction
             if momentum is not None and "betas" in group:
                 group["betas"] = (momentum, group["betas"][1])
             elif momentum is not None:

@@ -2,18 +2,15 @@
 validation metric, a resumable last checkpoint, per-epoch metrics to MLflow and a progress bar."""
 from __future__ import annotations
 
-import copy
 import hashlib
 import inspect
 import io
 import math
 import os
-import pickle
-import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import pandas as pd
 import torch
@@ -22,19 +19,17 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from cv_models.base import CVTask
-from cv_models.settings import diff_text, flat
-from tasks.config import OptimizerConfig, TrainConfig, config_hash
+from cv_models.settings import flat
+from tasks import accelerate, budget, callbacks, checkpointing, optim
+from tasks.checkpointing import CheckpointError, read_resume_checkpoint, save_last, write_checkpoint  # noqa: F401
+from tasks.config import TrainConfig, config_hash
+from tasks.optim import build_optimizer, build_scheduler, make_scheduler, parameter_groups  # noqa: F401
 from tasks.paths import atomic_write_bytes
-from tasks.training import accelerate, budget, checkpointing
-from tasks.training.seeding import loader_generator, seed_worker
+from tasks.seeding import loader_generator, seed_worker
 
 
 class OverfitCheckFailed(RuntimeError):
     pass
-
-
-class CheckpointError(RuntimeError):
-    """A resume checkpoint that cannot be trusted or used (the message names the file and the rule)."""
 
 
 def pick_device(name: str) -> torch.device:
@@ -106,63 +101,6 @@ def make_loader(task: CVTask, dataset: Dataset, batch_size: int, shuffle: bool, 
     )
 
 
-def parameter_groups(model: nn.Module, cfg: OptimizerConfig, lr_factor: Callable[[str], float] | None = None) -> list[dict]:
-    """Weight decay on weights only: norm layers' scales and all biases (1-d tensors) are not decayed,
-    since shrinking them regularises nothing and hurts normalisation. ``lr_factor(name)``: a parameter's learning
-    rate as a fraction of ``cfg.lr`` (a pretrained encoder's, model.encoder_lr_factor); each factor its own groups."""
-    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    factors = {n: lr_factor(n) if lr_factor else 1.0 for n, _ in trainable}
-    groups = []
-    for f in sorted(set(factors.values()), reverse=True):  # factor 1 (the new layers) first: the logged lr is theirs
-        mine = [(n, p) for n, p in trainable if factors[n] == f]
-        extra = {} if f == 1.0 else {"lr": cfg.lr * f, "lr_factor": f}
-        if cfg.decay_norms_and_biases:
-            groups.append({"params": [p for _, p in mine], "weight_decay": cfg.weight_decay, **extra})
-            continue
-        groups += [{"params": [p for _, p in mine if p.ndim > 1], "weight_decay": cfg.weight_decay, **extra},
-                   {"params": [p for _, p in mine if p.ndim <= 1], "weight_decay": 0.0, **extra}]
-    return groups
-
-
-OPTIMIZERS = {
-    "sgd": lambda groups, c: torch.optim.SGD(groups, lr=c.lr, momentum=c.momentum, nesterov=c.momentum > 0),
-    "adam": lambda groups, c: torch.optim.Adam(groups, lr=c.lr),
-    "adamw": lambda groups, c: torch.optim.AdamW(groups, lr=c.lr),
-}
-
-
-def build_optimizer(model: nn.Module, cfg: OptimizerConfig, lr_factor: Callable[[str], float] | None = None) -> torch.optim.Optimizer:
-    return OPTIMIZERS[cfg.name](parameter_groups(model, cfg, lr_factor), cfg)
-
-
-def build_scheduler(optimizer, cfg: TrainConfig, steps_per_epoch: int):
-    """Per-step schedule: linear warmup then step / cosine; one-cycle has its own warmup."""
-    s, total = cfg.scheduler, cfg.epochs * steps_per_epoch
-    warmup = min(s.warmup_epochs * steps_per_epoch, max(total - 1, 0))
-    sched = torch.optim.lr_scheduler
-    if s.name == "onecycle":
-        if total < 4:  # too few steps for a ramp up and down (e.g. one epoch of one batch): constant lr
-            return sched.LambdaLR(optimizer, lambda _: 1.0)
-        pct = warmup / total if warmup else 0.3
-        # at least two steps in each phase, or OneCycleLR divides by zero
-        max_lr = [cfg.optimizer.lr * g.get("lr_factor", 1.0) for g in optimizer.param_groups]
-        return sched.OneCycleLR(optimizer, max_lr=max_lr, total_steps=total,
-                                pct_start=min(max(pct, 2.5 / total), 1 - 2.5 / total))
-    if s.name == "cosine":
-        main = sched.CosineAnnealingLR(optimizer, T_max=max(total - warmup, 1))
-    elif s.name == "step":
-        main = sched.StepLR(optimizer, step_size=s.step_size * steps_per_epoch, gamma=s.gamma)
-    else:
-        main = sched.LambdaLR(optimizer, lambda _: 1.0)
-    if not warmup:
-        return main
-    if s.warmup == "constant":
-        ramp = sched.ConstantLR(optimizer, factor=0.1, total_iters=warmup)
-    else:
-        ramp = sched.LinearLR(optimizer, start_factor=1e-2, total_iters=warmup)
-    return sched.SequentialLR(optimizer, [ramp, main], milestones=[warmup])
-
-
 def to_device(obj, device: torch.device):
     if isinstance(obj, torch.Tensor):
         return obj.to(device, non_blocking=True)
@@ -173,15 +111,10 @@ def to_device(obj, device: torch.device):
     return obj
 
 
-PART_NAMES = {"settings": "the task's settings", "seed": "the seed", "code": "the task's code, tasks/training/engine.py or tasks/training/budget.py",
-              "data": "the data version (validate stage's digest)", "stage": "the stage's own settings",
-              "n_train": "the number of training samples"}
-
-
 def code_version(task: CVTask) -> str:
     """sha256 of the task's module and of this training loop: changed code never resumes old state."""
     h = hashlib.sha256()
-    for path in sorted({inspect.getfile(type(task)), __file__, budget.__file__}):
+    for path in sorted({inspect.getfile(type(task)), __file__, budget.__file__, callbacks.__file__, optim.__file__}):
         h.update(Path(path).read_bytes())
     return h.hexdigest()[:16]
 
@@ -208,96 +141,6 @@ def fingerprint_parts(task: CVTask, cfg: TrainConfig, seed: int, extra_state: di
             "data": data_version or "unknown", "stage": config_hash(extra_state or {}), "n_train": str(n_train)}
 
 
-def changed_settings(old: dict, new: dict) -> str:
-    """Every setting that differs between two flat :func:`resume_settings`, with its old and new value."""
-    diff: dict[str, tuple] = {}
-    for key in sorted(set(old) | set(new), key=lambda k: (not k.startswith("task."), k)):  # the task's keys first, by name
-        shown = key.removeprefix("task.")  # fit's own train settings keep their "train." prefix
-        if old.get(key) != new.get(key) and shown not in diff:
-            diff[shown] = (old.get(key), new.get(key))
-    return diff_text(diff)
-
-
-def resume_mismatch(ck: dict, differs: list[str], settings: dict) -> str:
-    """Why a checkpoint does not continue this run: each differing part, the settings by key (old -> new)."""
-    if not ck.get("fingerprint_parts"):
-        return "it was written by an older version of the pipeline"
-    named = [f"{PART_NAMES[k]} ({changed_settings(ck['settings'], settings)})" if k == "settings" and ck.get("settings")
-             else f"{k} ({PART_NAMES[k]})" for k in differs]
-    return ", ".join(named) + (" differs" if len(differs) == 1 else " differ") + " from this run"
-
-
-def plain_numbers(d: dict) -> dict:
-    """numpy / tensor scalars as Python floats and ints (the only numbers weights_only loads without help)."""
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, bool) or isinstance(v, (int, float, str)) or v is None:
-            out[k] = v
-        elif hasattr(v, "item"):
-            out[k] = v.item()
-        else:
-            out[k] = v
-    return out
-
-
-def get_rng_states() -> dict:
-    """torch, Python and numpy generators as tensors and plain containers (weights_only can load them)."""
-    import numpy as np
-
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    version, state, gauss_py = random.getstate()
-    return {"torch": torch.get_rng_state(), "python": [version, list(state), gauss_py],
-            "numpy": [kind, torch.from_numpy(keys.astype("int64")), int(pos), int(has_gauss), float(gauss)]}
-
-
-def set_rng_states(states) -> None:
-    import numpy as np
-
-    if isinstance(states, torch.Tensor):  # a checkpoint holding only torch's state
-        torch.set_rng_state(states)
-        return
-    torch.set_rng_state(states["torch"])
-    version, state, gauss_py = states["python"]
-    random.setstate((version, tuple(state), gauss_py))
-    kind, keys, pos, has_gauss, gauss = states["numpy"]
-    np.random.set_state((kind, keys.numpy().astype("uint32"), pos, has_gauss, gauss))
-
-
-def read_resume_checkpoint(path: Path) -> dict:
-    """The last checkpoint, loaded with ``weights_only=True``: tensors and plain containers only, never code.
-    Checkpoint folders are shared scratch space, copied between machines: a file that needs more is refused."""
-    try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError, ImportError, TypeError) as err:
-        lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
-        # torch's message opens with how to load the file unsafely and ends with a link: the reason is in between
-        reason = " ".join(ln for ln in lines if not ln.startswith(("Weights only load failed", "Check the documentation")))
-        raise CheckpointError(
-            f"{path}: refused to resume from this checkpoint (rule: resume checkpoints load with weights_only=True, "
-            f"holding tensors and plain containers only; {type(err).__name__}: {reason or ' '.join(lines)}). Nothing "
-            f"was run from it and nothing else was changed; delete the file to start this stage afresh.") from None
-    if not isinstance(ck, dict):
-        raise CheckpointError(f"{path}: not a resume checkpoint (rule: a dict written by tasks/training/engine.py); delete it "
-                              f"to start this stage afresh")
-    return ck
-
-
-def write_checkpoint(path: Path, state: dict) -> None:
-    """``state`` serialised whole, then written atomically: a kill mid-write leaves the previous file."""
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    atomic_write_bytes(path, buf.getvalue())
-
-
-def save_last(path: Path, state: dict, writer: checkpointing.BackgroundWriter | None) -> None:
-    """What the training loop waits for to keep ``last.pt``: the whole write, or with a background writer a copy
-    of the state to the CPU (benchmarks/epoch_profile.py times this call)."""
-    if writer is None:
-        write_checkpoint(path, state)
-    else:
-        writer.submit(path, state)
-
-
 @dataclass
 class FitResult:
     history: pd.DataFrame
@@ -311,70 +154,6 @@ class FitResult:
     final_lr: float = float("nan")  # the learning rate after the last epoch trained
     end_lr: float | None = None  # where the schedule ends (with a fitted time limit): final_lr should be it
     time_limit_s: float = 0.0  # train.time_limit_minutes in seconds (0: none)
-
-
-def schedule_table(cfg: TrainConfig, steps_per_epoch: int) -> tuple[list[float], list[float | None]]:
-    """The configured schedule's learning rate and momentum (one-cycle cycles it) at each of its steps: torch's
-    scheduler (:func:`build_scheduler`) stepped on a throwaway optimizer of the same kind."""
-    import warnings
-
-    optimizer = OPTIMIZERS[cfg.optimizer.name]([{"params": [nn.Parameter(torch.zeros(1))]}], cfg.optimizer)
-    scheduler = build_scheduler(optimizer, cfg, steps_per_epoch)
-    lrs, momenta = [], []
-    with warnings.catch_warnings():  # stepping without optimizer steps in between is the point here
-        warnings.simplefilter("ignore", UserWarning)
-        for _ in range(cfg.epochs * steps_per_epoch):
-            group = optimizer.param_groups[0]
-            lrs.append(group["lr"])
-            momenta.append(group["betas"][0] if "betas" in group else group.get("momentum"))
-            scheduler.step()
-    return lrs, momenta
-
-
-def make_scheduler(optimizer, cfg: TrainConfig, steps_per_epoch: int):
-    """torch's scheduler (:func:`build_scheduler`); with a time limit that the epochs are fitted to, the same schedule
-    as a :class:`budget.FittedSchedule`, which the plan re-spans as it moves."""
-    if cfg.time_limit_minutes and cfg.fit_epochs_to_time_limit:
-        lrs, momenta = schedule_table(cfg, steps_per_epoch)
-        return budget.FittedSchedule(optimizer, lrs, momenta, len(lrs))
-    return build_scheduler(optimizer, cfg, steps_per_epoch)
-
-
-def time_budget(cfg: TrainConfig, timings: dict[str, list[float]]) -> budget.TimeBudget | None:
-    """The run's time limit (None without one); the timings already there were measured by an interrupted run."""
-    if not cfg.time_limit_minutes:
-        return None
-    return budget.TimeBudget(cfg.time_limit_minutes * 60, cfg.epochs, cfg.val_every, len(timings["train"]),
-                             len(timings["val"]))
-
-
-def refit_on_resume(scheduler, cfg: TrainConfig, planned: int, elapsed: float, steps_per_epoch: int, desc: str) -> int:
-    """A resumed run's plan: the one the interrupted run fitted (perhaps under other load) is dropped; the schedule
-    spans the cap again until this process has timed an epoch, and the plan is then re-fitted from the time left."""
-    scheduler.respan(cfg.epochs * steps_per_epoch)
-    print(f"[{desc}] time limit: resuming with {max(cfg.time_limit_minutes * 60 - elapsed, 0):.0f} s of "
-          f"train.time_limit_minutes={cfg.time_limit_minutes:g} left; the plan of {planned} epochs fitted before the "
-          f"interruption is dropped and re-fitted from the time left after this process's first epoch", flush=True)
-    return cfg.epochs
-
-
-def follow_plan(time_limit: budget.TimeBudget, scheduler, planned: int, epoch: int, spent: float,
-                timings: dict[str, list[float]], steps_per_epoch: int, desc: str) -> int:
-    """After ``epoch``: the epochs that fit now (rank 0's count); when that moved, the schedule re-spanned over them."""
-    fits = accelerate.broadcast(time_limit.plan(spent, epoch, timings))
-    if fits != planned:
-        scheduler.respan(fits * steps_per_epoch)
-        print(f"[{desc}] time limit: {fits} of {time_limit.cap} epochs fit ({time_limit.describe(timings)}); the "
-              f"learning-rate schedule now spans {fits} (train.fit_epochs_to_time_limit)", flush=True)
-    return fits
-
-
-def say_out_of_time(time_limit: budget.TimeBudget, epoch: int, planned: int, spent: float,
-                    timings: dict[str, list[float]], desc: str) -> None:
-    train_s, val_s = time_limit.estimates(timings)
-    print(f"[{desc}] time limit: stopping after epoch {epoch} of {planned} ({spent:.0f} s spent; another epoch "
-          f"({train_s:.0f} s, plus {val_s:.0f} s of validation: medians of the last {budget.RECENT_EPOCHS}) would pass "
-          f"train.time_limit_minutes={time_limit.limit_s / 60:g})", flush=True)
 
 
 class SilentFailureWarning(UserWarning):
@@ -431,187 +210,159 @@ def fit(
     outputs are committed: a kill in between then resumes without training again.
     ``train_eval_set`` (training images without augmentation) is scored each epoch beside the
     validation split, for the overfitting diagnosis. With ``cfg.ema_decay`` the exponential moving
-    average of the weights is what gets scored and saved.
+    average of the weights is what gets scored and saved. Everything beside the training step and validation is
+    a callback (tasks/callbacks.py, :func:`default_callbacks`).
     """
+    device, acc = prepare_device(cfg, model, desc)
+    loaders = make_loaders(task, train_set, val_set, train_eval_set, cfg, seed, acc.pin_memory, desc)
+    optimizer = build_optimizer(model, cfg.optimizer, getattr(task, "lr_factor", None))
+    scheduler = make_scheduler(optimizer, cfg, len(loaders.train))
+    train_model = acc.prepare(model)  # what the training step calls: channels-last, DDP (rank 0's weights), compiled
+    run = callbacks.Run(cfg, desc, task.primary_metric, model, optimizer, scheduler, loaders.train, time.perf_counter,
+                        scored=model, planned=cfg.epochs)
+    hooks = default_callbacks(task, cfg, seed, device, checkpoint_path, keep_checkpoint, log_metrics,
+                              fingerprint_parts(task, cfg, seed, extra_state, len(train_set), data_version))
+    callbacks.call(hooks, "on_fit_start", run)
+    run.t0 = run.clock() - run.elapsed
+    callbacks.call(hooks, "on_train_start", run)
+    while run.epoch <= run.planned:
+        train_epoch(run, task, train_model, acc, device, loaders.sampler, mixer, hooks)
+        run.due = run.epoch % cfg.val_every == 0 or run.epoch == run.planned
+        callbacks.call(hooks, "on_train_end", run)  # the time limit: is this the last epoch (then validated)?
+        run.val = validate(run, task, acc, device, loaders) if run.due or run.out else None
+        record_epoch(run)
+        callbacks.call(hooks, "on_epoch_end", run)
+        if run.stop:
+            break
+        run.epoch += 1
+    callbacks.call(hooks, "on_fit_end", run)
+    seconds = run.spent()
+    run.scored.load_state_dict(run.best["state"])
+    if accelerate.is_main():
+        save_model(model_path, run.best["state"], task, extra={"epoch": run.best["epoch"], "val_metrics": run.best["metrics"]})
+    callbacks.call(hooks, "on_saved", run)
+    return FitResult(pd.DataFrame(run.history), run.best["epoch"], run.best["metrics"], seconds, run.timings,
+                     planned=run.planned, final_lr=float(run.history[-1]["lr"]) if run.history else float("nan"),
+                     end_lr=scheduler.end_lr if isinstance(scheduler, budget.FittedSchedule) else None,
+                     time_limit_s=cfg.time_limit_minutes * 60)
+
+
+def default_callbacks(task: CVTask, cfg: TrainConfig, seed: int, device: torch.device, checkpoint_path: Path | None,
+                      keep_checkpoint: bool, log_metrics: Callable[[dict, int], None] | None,
+                      parts: dict) -> list[callbacks.Callback]:
+    """The callbacks ``fit`` runs, in their order: the EMA first (a resume restores it), the best weights and the
+    time limit's refit before the checkpoint (which keeps them), logging after it (an interruption there loses no
+    epoch), early stopping last."""
+    if accelerate.world_size() > 1:
+        parts["processes"] = accelerate.world_size()
+    settings = flat(resume_settings(task, cfg))  # kept in the checkpoint, so a refused resume can name each change
+    background = checkpointing.in_background(cfg.checkpoint_background, device)
+    hooks: list[callbacks.Callback] = [callbacks.EMA(cfg.ema_decay)] if cfg.ema_decay > 0 else []
+    if hasattr(task, "before_epoch"):
+        hooks.append(callbacks.EncoderSchedule(task.before_epoch))
+    hooks.append(callbacks.BestWeights(cfg.early_stopping.min_delta))
+    checkpoint = callbacks.Checkpoint(checkpoint_path, config_hash(parts), parts, settings, keep_checkpoint, background)
+    hooks += [callbacks.TimeLimit(), checkpoint] if cfg.time_limit_minutes else [checkpoint]
+    hooks += [callbacks.MetricsLog(log_metrics)] if log_metrics is not None else []
+    hooks += [callbacks.EarlyStopping(cfg.early_stopping.patience)] if cfg.early_stopping.enabled else []
+    return hooks
+
+
+def prepare_device(cfg: TrainConfig, model: nn.Module, desc: str) -> tuple[torch.device, accelerate.Accelerator]:
+    """The device, threads and kernels ``cfg`` asks for, the model moved there, and its accelerator."""
     device = pick_device(cfg.device)
     set_threads(cfg.num_threads)
     deterministic = deterministic_kernels(cfg.deterministic, device)
     set_determinism(deterministic)
     warn_slow_deterministic_roi(model, device, deterministic, desc)
     model.to(device)
-    acc = accelerate.Accelerator(device, cfg.precision, cfg.channels_last, cfg.compile)
+    return device, accelerate.Accelerator(device, cfg.precision, cfg.channels_last, cfg.compile)
+
+
+@dataclass
+class Loaders:
+    train: DataLoader
+    val: DataLoader
+    train_eval: DataLoader | None  # the training images without augmentation (train.track_train_metric)
+    sampler: Any  # torchrun's DistributedSampler of the training set, else None
+
+
+def make_loaders(task: CVTask, train_set: Dataset, val_set: Dataset, train_eval_set: Dataset | None, cfg: TrainConfig,
+                 seed: int, pin: bool, desc: str) -> Loaders:
     # under torchrun each process takes its share of the global batch from a DistributedSampler
     sampler = accelerate.train_sampler(train_set, seed)
-    pin = acc.pin_memory
     workers = worker_count(cfg)
     print(f"[{desc}] {workers} DataLoader worker(s) (train.num_workers={cfg.num_workers}, {available_cores()} cores, "
           f"{cfg.num_threads or available_cores()} torch thread(s))", flush=True)
-    train_loader = make_loader(task, train_set, accelerate.local_batch_size(cfg.batch_size), True, seed, workers,
-                               drop_last=len(train_set) > cfg.batch_size, sampler=sampler, pin_memory=pin)
-    val_loader = make_loader(task, val_set, cfg.eval_batch_size, False, seed, workers, pin_memory=pin)
-    train_eval_loader = (make_loader(task, train_eval_set, cfg.eval_batch_size, False, seed, workers, pin_memory=pin)
-                         if train_eval_set is not None and cfg.track_train_metric else None)
-    before_epoch = task.before_epoch  # the hooks for a pretrained encoder: freeze_encoder_epochs, encoder_lr_factor
-    optimizer = build_optimizer(model, cfg.optimizer, task.lr_factor)
-    scheduler = make_scheduler(optimizer, cfg, len(train_loader))
-    train_model = acc.prepare(model)  # what the training step calls: channels-last, DDP (rank 0's weights), compiled
-    ema = (torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.ema_decay),
-                                                use_buffers=True) if cfg.ema_decay > 0 else None)
-    scored = ema.module if ema is not None else model  # the weights that are evaluated and saved
-    parts = fingerprint_parts(task, cfg, seed, extra_state, len(train_set), data_version)
-    settings = flat(resume_settings(task, cfg))  # kept in the checkpoint, so a refused resume can name each change
-    if accelerate.world_size() > 1:
-        parts["processes"] = accelerate.world_size()
-    fingerprint = config_hash(parts)
-    metric = task.primary_metric
-    history: list[dict] = []
-    best = {"epoch": -1, "value": -math.inf, "state": None, "metrics": {}}
-    start_epoch, elapsed = 1, 0.0
-    timings: dict[str, list[float]] = {"train": [], "val": []}
-    planned = cfg.epochs  # fewer once a time limit shows that only so many fit (fit_epochs_to_time_limit)
+    return Loaders(
+        make_loader(task, train_set, accelerate.local_batch_size(cfg.batch_size), True, seed, workers,
+                    drop_last=len(train_set) > cfg.batch_size, sampler=sampler, pin_memory=pin),
+        make_loader(task, val_set, cfg.eval_batch_size, False, seed, workers, pin_memory=pin),
+        make_loader(task, train_eval_set, cfg.eval_batch_size, False, seed, workers, pin_memory=pin)
+        if train_eval_set is not None and cfg.track_train_metric else None, sampler)
 
-    if checkpoint_path is not None:
-        checkpointing.wait_for(checkpoint_path)  # an interrupted run's background write, in this process
-    if checkpoint_path is not None and cfg.resume and checkpoint_path.exists():
-        ck = read_resume_checkpoint(checkpoint_path)
-        differs = [k for k in parts if (ck.get("fingerprint_parts") or {}).get(k) != parts[k]]
-        if ck.get("fingerprint") == fingerprint and not differs:
-            planned = int(ck.get("planned", cfg.epochs))
-            model.load_state_dict(ck["model"])
-            optimizer.load_state_dict(ck["optimizer"])
-            scheduler.load_state_dict(ck["scheduler"])
-            if ema is not None:
-                ema.load_state_dict(ck["ema"])
-            set_rng_states(ck["rng"])
-            if "rank_rngs" in ck:  # torchrun: each rank resumes its own torch stream
-                torch.set_rng_state(accelerate.own_rng_state(ck))
-            train_loader.generator.set_state(ck["loader_rng"])
-            history, best, elapsed, timings = ck["history"], ck["best"], ck["elapsed"], ck["timings"]
-            start_epoch = planned + 1 if ck.get("done") else ck["epoch"] + 1  # done: early stop or time limit included
-            print(f"[{desc}] resuming from {checkpoint_path} after epoch {ck['epoch']}"
-                  + (" (training had finished)" if ck.get("done") else ""))
-            if isinstance(scheduler, budget.FittedSchedule) and not ck.get("done"):
-                planned = refit_on_resume(scheduler, cfg, planned, elapsed, len(train_loader), desc)
-        else:
-            why = resume_mismatch(ck, differs, settings)
-            if cfg.resume == "strict":
-                raise CheckpointError(
-                    f"{checkpoint_path} belongs to another run: {why} (rule: train.resume: strict "
-                    f"resumes only the same settings, seed, code and data). Delete the file to start afresh, or set "
-                    f"train.resume: true to start afresh automatically.")
-            print(f"[{desc}] not resuming from {checkpoint_path}: {why}; starting afresh")
 
-    t0 = time.perf_counter() - elapsed
-    stop = cfg.early_stopping
-    time_limit = time_budget(cfg, timings)
-    writer = (checkpointing.BackgroundWriter(write_checkpoint)
-              if checkpointing.in_background(cfg.checkpoint_background, device) else None)
+def train_epoch(run: callbacks.Run, task: CVTask, train_model: nn.Module, acc: accelerate.Accelerator,
+                device: torch.device, sampler, mixer: Callable | None, hooks: list[callbacks.Callback]) -> None:
+    """One pass over the training set; its time to ``run.timings`` and its row (loss, lr) to ``run.row``."""
+    train_model.train()
+    callbacks.call(hooks, "on_epoch_start", run)
+    if sampler is not None:
+        sampler.set_epoch(run.epoch)  # a new shuffle each epoch, the same on every rank
+    loss_sum, n_batches = 0.0, 0
+    epoch_start = run.clock()
+    bar = tqdm(run.train_loader, desc=f"[{run.desc}] epoch {run.epoch}/{run.planned}", leave=False, mininterval=1.0,
+               dynamic_ncols=True, disable=None)  # shown on a terminal, silent in logs
+    for images, targets in bar:
+        images, targets = to_device(images, device), to_device(targets, device)
+        if mixer is not None:
+            images, targets = mixer(images, targets)
+        with acc.autocast():
+            loss = task.training_loss(train_model, acc.images(images), targets)
+        loss = loss.float()  # the loss and its scaling in fp32 under mixed precision
+        run.optimizer.zero_grad(set_to_none=True)
+        acc.backward_step(loss, run.optimizer, run.model.parameters(), run.cfg.grad_clip_norm)
+        run.scheduler.step()
+        callbacks.call(hooks, "on_batch_end", run)
+        value = loss.item()
+        if not math.isfinite(value):
+            raise FloatingPointError(f"[{run.desc}] loss became {value} at epoch {run.epoch}; lower optimizer.lr")
+        loss_sum += value
+        n_batches += 1
+        if not bar.disable:
+            bar.set_postfix(loss=f"{loss_sum / n_batches:.4f}", refresh=False)
+    run.timings["train"].append(run.clock() - epoch_start)
+    run.row = {"epoch": run.epoch, "train_loss": accelerate.mean_across_ranks(loss_sum / max(n_batches, 1)),
+               "lr": run.optimizer.param_groups[0]["lr"]}
 
-    def save_checkpoint(epoch: int, done: bool = False, rank_rngs: list | None = None) -> None:
-        # tensors and plain containers only, so resuming needs no pickled code (weights_only=True)
-        save_last(checkpoint_path, {
-            "fingerprint": fingerprint, "fingerprint_parts": parts, "settings": settings, "epoch": epoch, "done": done,
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "ema": ema.state_dict() if ema is not None else None, "rng": get_rng_states(),
-            "loader_rng": train_loader.generator.get_state(), "history": history, "best": best,
-            "elapsed": time.perf_counter() - t0, "timings": timings, "planned": planned,
-            **({"rank_rngs": rank_rngs} if rank_rngs is not None and len(rank_rngs) > 1 else {})}, writer)
 
-    epoch = start_epoch
-    while epoch <= planned:
-        train_model.train()
-        before_epoch(model, epoch)  # freeze_encoder_epochs: the pretrained encoder frozen, then trained
-        if sampler is not None:
-            sampler.set_epoch(epoch)  # a new shuffle each epoch, the same on every rank
-        loss_sum, n_batches = 0.0, 0
-        epoch_start = time.perf_counter()
-        bar = tqdm(train_loader, desc=f"[{desc}] epoch {epoch}/{planned}", leave=False, mininterval=1.0, dynamic_ncols=True,
-                   disable=None)  # shown on a terminal, silent in logs
-        for images, targets in bar:
-            images, targets = to_device(images, device), to_device(targets, device)
-            if mixer is not None:
-                images, targets = mixer(images, targets)
-            with acc.autocast():
-                loss = task.training_loss(train_model, acc.images(images), targets)
-            loss = loss.float()  # the loss and its scaling in fp32 under mixed precision
-            optimizer.zero_grad(set_to_none=True)
-            acc.backward_step(loss, optimizer, model.parameters(), cfg.grad_clip_norm)
-            scheduler.step()
-            if ema is not None:
-                ema.update_parameters(model)
-            value = loss.item()
-            if not math.isfinite(value):
-                raise FloatingPointError(f"[{desc}] loss became {value} at epoch {epoch}; lower optimizer.lr")
-            loss_sum += value
-            n_batches += 1
-            if not bar.disable:
-                bar.set_postfix(loss=f"{loss_sum / n_batches:.4f}", refresh=False)
-        timings["train"].append(time.perf_counter() - epoch_start)
-        row = {"epoch": epoch, "train_loss": accelerate.mean_across_ranks(loss_sum / max(n_batches, 1)),
-               "lr": optimizer.param_groups[0]["lr"]}
-        # validated: every val_every-th epoch, the last, and the one the time limit stops at (rank 0's clock decides)
-        due = epoch % cfg.val_every == 0 or epoch == planned
-        out = time_limit is not None and epoch < planned and accelerate.broadcast(time_limit.out_of_time(
-            time.perf_counter() - t0, epoch, timings, due))
-        val = None
-        if due or out:
-            val_start = time.perf_counter()
-            # scored on rank 0 and broadcast (every rank holds the same weights), under the training autocast
-            with acc.autocast():
-                val = accelerate.broadcast(task.evaluate(scored, val_loader, device).metrics if accelerate.is_main() else None)
-            if train_eval_loader is not None:
-                with acc.autocast():
-                    plain = accelerate.broadcast(task.evaluate(scored, train_eval_loader, device).metrics
-                                                 if accelerate.is_main() else None)
-                row[f"train_{metric}"] = plain[metric]
-                if "loss" in plain:
-                    row["train_loss_plain"] = plain["loss"]
-            row.update({f"val_{k}": v for k, v in val.items()})
-            timings["val"].append(time.perf_counter() - val_start)
-        row = plain_numbers(row)  # plain floats: the checkpoint stays loadable with weights_only=True
-        history.append(row)
-        print(f"[{desc}] epoch {epoch}/{planned} train_loss={row['train_loss']:.4f}"
-              + (f" val_{metric}={val[metric]:.4f}" + (f" val_loss={val['loss']:.4f}" if "loss" in val else "")
-                 if val is not None else f" (validated every {cfg.val_every} epochs)"), flush=True)
-        # the first validated epoch is best so far even when its metric is NaN (a split without ground truth)
-        if val is not None and (best["state"] is None or val[metric] > best["value"] + (stop.min_delta if best["epoch"] > 0 else 0)):
-            best = {"epoch": epoch, "value": float(val[metric]), "state": copy.deepcopy(scored.state_dict()),
-                    "metrics": plain_numbers(val)}
-        # re-fitted after every epoch, before the checkpoint (which keeps the plan and the schedule's span)
-        if isinstance(scheduler, budget.FittedSchedule) and not out and epoch < planned:
-            planned = follow_plan(time_limit, scheduler, planned, epoch, time.perf_counter() - t0, timings,
-                                  len(train_loader), desc)
-        rank_rngs = accelerate.gather(torch.get_rng_state())  # every rank's, so each resumes its own stream
-        if (checkpoint_path is not None and accelerate.is_main()  # rank 0 alone writes
-                and checkpointing.due(epoch, planned, cfg.checkpoint_every, out)):
-            save_checkpoint(epoch, rank_rngs=rank_rngs)
-        if log_metrics is not None:  # after the checkpoint, so an interruption here loses no epoch
-            log_metrics({k: v for k, v in row.items() if k != "epoch"}, epoch)
-        if out:
-            say_out_of_time(time_limit, epoch, planned, time.perf_counter() - t0, timings, desc)
-            break
-        # patience counts epochs, checked on validated ones
-        if stop.enabled and val is not None and epoch - best["epoch"] >= stop.patience:
-            print(f"[{desc}] early stopping at epoch {epoch}: no better val_{metric} for {stop.patience} epochs "
-                  f"(best {best['value']:.4f} at epoch {best['epoch']})")
-            break
-        epoch += 1
+def validate(run: callbacks.Run, task: CVTask, acc: accelerate.Accelerator, device: torch.device,
+             loaders: Loaders) -> dict:
+    """The validation metrics of ``run.scored`` (and the training subset's beside them, into ``run.row``): scored on
+    rank 0 and broadcast (every rank holds the same weights), under the training autocast."""
+    val_start = run.clock()
+    with acc.autocast():
+        val = accelerate.broadcast(task.evaluate(run.scored, loaders.val, device).metrics if accelerate.is_main() else None)
+    if loaders.train_eval is not None:
+        with acc.autocast():
+            plain = accelerate.broadcast(task.evaluate(run.scored, loaders.train_eval, device).metrics
+                                         if accelerate.is_main() else None)
+        run.row[f"train_{run.metric}"] = plain[run.metric]
+        if "loss" in plain:
+            run.row["train_loss_plain"] = plain["loss"]
+    run.row.update({f"val_{k}": v for k, v in val.items()})
+    run.timings["val"].append(run.clock() - val_start)
+    return val
 
-    if writer is not None:  # the last epoch's file is whole before it is marked done (written here, at once) or removed
-        writer.wait()
-        writer = None
-    seconds = time.perf_counter() - t0
-    scored.load_state_dict(best["state"])
-    if accelerate.is_main():
-        save_model(model_path, best["state"], task, extra={"epoch": best["epoch"], "val_metrics": best["metrics"]})
-        if checkpoint_path is not None and keep_checkpoint and history:
-            save_checkpoint(int(history[-1]["epoch"]), done=True)
-        elif checkpoint_path is not None and checkpoint_path.exists():
-            checkpoint_path.unlink()  # finished: nothing left to resume
-    return FitResult(pd.DataFrame(history), best["epoch"], best["metrics"], seconds, timings, planned=planned,
-                     final_lr=float(history[-1]["lr"]) if history else float("nan"),
-                     end_lr=scheduler.end_lr if isinstance(scheduler, budget.FittedSchedule) else None,
-                     time_limit_s=cfg.time_limit_minutes * 60)
+
+def record_epoch(run: callbacks.Run) -> None:
+    """The epoch's row into the history (plain numbers: the checkpoint stays loadable with weights_only=True)."""
+    run.row = callbacks.plain_numbers(run.row)
+    run.history.append(run.row)
+    val, metric = run.val, run.metric
+    print(f"[{run.desc}] epoch {run.epoch}/{run.planned} train_loss={run.row['train_loss']:.4f}"
+          + (f" val_{metric}={val[metric]:.4f}" + (f" val_loss={val['loss']:.4f}" if "loss" in val else "")
+             if val is not None else f" (validated every {run.cfg.val_every} epochs)"), flush=True)
 
 
 def diagnose_overfitting(history: pd.DataFrame, metric: str, min_gap_growth: float = 0.02, min_flat_epochs: int = 2) -> str | None:
