@@ -1,6 +1,6 @@
 """Where a pipeline epoch goes, part by part, against a plain PyTorch loop on the same work (issue 33).
 
-For each task, the pipeline's epoch (tasks.engine.fit, as the augmented stage runs it: the task's augmentations,
+For each task, the pipeline's epoch (tasks.training.engine.fit, as the augmented stage runs it: the task's augmentations,
 validation, the train-subset scoring, last.pt, metrics to MLflow) is split into parts, each timed as the
 training loop waits for it:
 
@@ -46,12 +46,12 @@ import torch
 from cv_models import get_task
 from cv_models.data.cache import CachedDataset
 from cv_models.normalize import load_normalizer
-from tasks import checkpointing, engine
+from tasks.training import checkpointing, engine
 from tasks.cli import parse_overrides
 from tasks.config import load_params
 from tasks.paths import outputs
-from tasks.seeding import seed_everything
-from tasks.train import subset
+from tasks.training.seeding import seed_everything
+from tasks.training.train import subset
 
 PARTS = ("data", "mix", "step", "validation", "checkpoint", "logging", "other")
 SHORT = {"epochs": 3, "images": 24}  # --short: three epochs (the first left out) of a few images per task
@@ -109,7 +109,7 @@ class TimedLoader:
 
 @contextlib.contextmanager
 def instrumented(task, clock: Clock):
-    """tasks.engine with its training loader, the checkpoint callback's wait for last.pt (tasks.checkpointing's
+    """tasks.training.engine with its training loader, the checkpoint callback's wait for last.pt (tasks.training.checkpointing's
     save_last) and the task's evaluation timed; put back after."""
     make_loader, save_last, evaluate = engine.make_loader, checkpointing.save_last, task.evaluate
 
@@ -146,7 +146,7 @@ def spread(data, n: int, seed: int) -> list[int]:
 
 
 def datasets(task, cfg, augment: bool, images: int, seed: int) -> dict:
-    """The pipeline's train, validation and train-subset sets (as tasks/train.py makes them) and the plain
+    """The pipeline's train, validation and train-subset sets (as tasks/training/train.py makes them) and the plain
     loop's training set, ``images`` training images and a quarter as many validation images (0: all)."""
     norm = load_normalizer(task.normstats_dir, cfg.normalization)
 
@@ -161,7 +161,7 @@ def datasets(task, cfg, augment: bool, images: int, seed: int) -> dict:
     val = load("val", task.eval_transforms(norm), images // 4)
     plain = load("train", task.eval_transforms(norm), images)
     train_eval = None
-    if cfg.train.track_train_metric:  # tasks/train.py: as many unaugmented training images as validation images
+    if cfg.train.track_train_metric:  # tasks/training/train.py: as many unaugmented training images as validation images
         n = min(len(plain), len(val))
         indices = engine.stratified_indices(getattr(plain, "labels", None), n, seed, size=len(plain))
         train_eval = subset(task, plain, indices)
@@ -210,7 +210,7 @@ def plain_loop(task, cfg, data, seed: int) -> list[float]:
 
 
 def pipeline_epochs(task, cfg, sets: dict, augment: bool, seed: int, folder: Path) -> list[dict[str, float]]:
-    """Each epoch of tasks.engine.fit, in parts (see the module's docstring), with the metrics logged to MLflow."""
+    """Each epoch of tasks.training.engine.fit, in parts (see the module's docstring), with the metrics logged to MLflow."""
     import mlflow
 
     clock = Clock()

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from tasks import budget, callbacks, engine, optim
 from tasks.config import TrainConfig
+from tests.conftest import FitHooksStub
+from tasks.training import budget, callbacks, engine, optim
 
 
 def _first_lrs(cfg: TrainConfig, steps: int = 3) -> list[float]:
@@ -48,7 +49,7 @@ def test_the_fitted_schedule_keeps_an_encoders_lr_factor():
         assert encoder == head * 0.5 and head > 0
 
 
-class _Task:
+class _Task(FitHooksStub):
     name, primary_metric = "toy", "score"
     cfg = TrainConfig()
 
@@ -58,8 +59,8 @@ def test_the_callbacks_run_in_the_order_their_state_needs(tmp_path):
     hooks = engine.default_callbacks(_Task(), cfg, 0, torch.device("cpu"), tmp_path / "last.pt", False,
                                      lambda metrics, epoch: None, {"seed": "0"})
     kinds = [type(h) for h in hooks]
-    assert kinds == [callbacks.EMA, callbacks.BestWeights, callbacks.TimeLimit, callbacks.Checkpoint,
-                     callbacks.MetricsLog, callbacks.EarlyStopping]
+    assert kinds == [callbacks.EMA, callbacks.EncoderSchedule, callbacks.BestWeights, callbacks.TimeLimit,
+                     callbacks.Checkpoint, callbacks.MetricsLog, callbacks.EarlyStopping]
     # without EMA, time limit, logging or early stopping, only what every run needs
     plain = engine.default_callbacks(_Task(), TrainConfig(), 0, torch.device("cpu"), None, False, None, {})
-    assert [type(h) for h in plain] == [callbacks.BestWeights, callbacks.Checkpoint]
+    assert [type(h) for h in plain] == [callbacks.EncoderSchedule, callbacks.BestWeights, callbacks.Checkpoint]

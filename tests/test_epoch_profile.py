@@ -9,7 +9,7 @@ from tests.conftest import tiny_task
 
 def test_short_profile_parts_sum_to_the_epoch(project, capsys):
     from benchmarks import epoch_profile
-    from tasks import checkpointing, engine
+    from tasks.training import checkpointing, engine
 
     make_loader, save_last = engine.make_loader, checkpointing.save_last
     params = project.params(**tiny_task("classification"))
@@ -19,7 +19,7 @@ def test_short_profile_parts_sum_to_the_epoch(project, capsys):
     assert r["epochs_measured"] == 2  # --short: three epochs, the first left out
     assert abs(sum(r["seconds"].values()) - r["epoch"]) < 1e-9
     assert abs(sum(r["shares"].values()) - 1) < 1e-9
-    # every part the pipeline pays for was timed (a renamed hook in tasks/engine.py or tasks/checkpointing.py would
+    # every part the pipeline pays for was timed (a renamed hook in tasks/training/engine.py or tasks/training/checkpointing.py would
     # leave one at zero)
     for part in ("data", "step", "validation", "checkpoint", "logging"):
         assert r["seconds"][part] > 0, part
@@ -29,5 +29,5 @@ def test_short_profile_parts_sum_to_the_epoch(project, capsys):
                       r"training pass / plain loop = (\d+\.\d{3})", out)
     assert ratio and float(ratio.group(1)) == round(r["ratio_epoch"], 3)
     assert re.search(r"checkpoint +\d+\.\d{3} +\d+\.\d%", out)
-    # the benchmark put tasks.engine and tasks.checkpointing back as it found them
+    # the benchmark put tasks.training.engine and tasks.training.checkpointing back as it found them
     assert engine.make_loader is make_loader and checkpointing.save_last is save_last

@@ -125,7 +125,7 @@ def read_resume_checkpoint(path: Path) -> dict:
             f"holding tensors and plain containers only; {type(err).__name__}: {reason or ' '.join(lines)}). Nothing "
             f"was run from it and nothing else was changed; delete the file to start this stage afresh.") from None
     if not isinstance(ck, dict):
-        raise CheckpointError(f"{path}: not a resume checkpoint (rule: a dict written by tasks/engine.py); delete it "
+        raise CheckpointError(f"{path}: not a resume checkpoint (rule: a dict written by tasks/training/engine.py); delete it "
                               f"to start this stage afresh")
     return ck
 

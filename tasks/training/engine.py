@@ -20,12 +20,12 @@ from tqdm import tqdm
 
 from cv_models.base import CVTask
 from cv_models.settings import flat
-from tasks import accelerate, budget, callbacks, checkpointing, optim
-from tasks.checkpointing import CheckpointError, read_resume_checkpoint, save_last, write_checkpoint  # noqa: F401
 from tasks.config import TrainConfig, config_hash
-from tasks.optim import build_optimizer, build_scheduler, make_scheduler, parameter_groups  # noqa: F401
 from tasks.paths import atomic_write_bytes
-from tasks.seeding import loader_generator, seed_worker
+from tasks.training import accelerate, budget, callbacks, checkpointing, optim
+from tasks.training.checkpointing import CheckpointError, read_resume_checkpoint, save_last, write_checkpoint  # noqa: F401
+from tasks.training.optim import build_optimizer, build_scheduler, make_scheduler, parameter_groups  # noqa: F401
+from tasks.training.seeding import loader_generator, seed_worker
 
 
 class OverfitCheckFailed(RuntimeError):
@@ -211,11 +211,11 @@ def fit(
     ``train_eval_set`` (training images without augmentation) is scored each epoch beside the
     validation split, for the overfitting diagnosis. With ``cfg.ema_decay`` the exponential moving
     average of the weights is what gets scored and saved. Everything beside the training step and validation is
-    a callback (tasks/callbacks.py, :func:`default_callbacks`).
+    a callback (tasks/training/callbacks.py, :func:`default_callbacks`).
     """
     device, acc = prepare_device(cfg, model, desc)
     loaders = make_loaders(task, train_set, val_set, train_eval_set, cfg, seed, acc.pin_memory, desc)
-    optimizer = build_optimizer(model, cfg.optimizer, getattr(task, "lr_factor", None))
+    optimizer = build_optimizer(model, cfg.optimizer, task.lr_factor)
     scheduler = make_scheduler(optimizer, cfg, len(loaders.train))
     train_model = acc.prepare(model)  # what the training step calls: channels-last, DDP (rank 0's weights), compiled
     run = callbacks.Run(cfg, desc, task.primary_metric, model, optimizer, scheduler, loaders.train, time.perf_counter,
@@ -258,8 +258,7 @@ def default_callbacks(task: CVTask, cfg: TrainConfig, seed: int, device: torch.d
     settings = flat(resume_settings(task, cfg))  # kept in the checkpoint, so a refused resume can name each change
     background = checkpointing.in_background(cfg.checkpoint_background, device)
     hooks: list[callbacks.Callback] = [callbacks.EMA(cfg.ema_decay)] if cfg.ema_decay > 0 else []
-    if hasattr(task, "before_epoch"):
-        hooks.append(callbacks.EncoderSchedule(task.before_epoch))
+    hooks.append(callbacks.EncoderSchedule(task.before_epoch))  # freeze_encoder_epochs (a no-op without an encoder)
     hooks.append(callbacks.BestWeights(cfg.early_stopping.min_delta))
     checkpoint = callbacks.Checkpoint(checkpoint_path, config_hash(parts), parts, settings, keep_checkpoint, background)
     hooks += [callbacks.TimeLimit(), checkpoint] if cfg.time_limit_minutes else [checkpoint]

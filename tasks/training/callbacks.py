@@ -1,4 +1,4 @@
-"""The training loop's callbacks (issue 30): ``tasks.engine.fit`` is a short loop, and each concern beside the
+"""The training loop's callbacks (issue 30): ``tasks.training.engine.fit`` is a short loop, and each concern beside the
 training step is a small object here: the exponential moving average of the weights, a pretrained encoder's
 freeze-then-unfreeze, the resumable last checkpoint, the time limit and its schedule refit, the best weights,
 early stopping and per-epoch logging.
@@ -23,8 +23,8 @@ import torch
 from torch import nn
 
 from cv_models.settings import diff_text
-from tasks import accelerate, budget, checkpointing
 from tasks.config import TrainConfig
+from tasks.training import accelerate, budget, checkpointing
 
 
 @dataclass
@@ -38,7 +38,7 @@ class Run:
     optimizer: torch.optim.Optimizer
     scheduler: Any  # torch's scheduler or a budget.FittedSchedule
     train_loader: Any
-    clock: Callable[[], float]  # time.perf_counter, as tasks.engine sees it
+    clock: Callable[[], float]  # time.perf_counter, as tasks.training.engine sees it
     scored: nn.Module | None = None  # the weights evaluated and saved: the model's, or their moving average
     ema: Any = None  # torch's AveragedModel (the EMA callback's)
     planned: int = 0  # the epochs planned: train.epochs, or those that fit the time limit
@@ -210,13 +210,13 @@ class TimeLimit(Callback):
 
 
 PART_NAMES = {"settings": "the task's settings", "seed": "the seed",
-              "code": "the task's code or the training loop's (tasks/engine.py, callbacks.py, optim.py, budget.py)",
+              "code": "the task's code or the training loop's (tasks/training/engine.py, callbacks.py, optim.py, budget.py)",
               "data": "the data version (validate stage's digest)", "stage": "the stage's own settings",
               "n_train": "the number of training samples"}
 
 
 def changed_settings(old: dict, new: dict) -> str:
-    """Every setting that differs between two flat :func:`tasks.engine.resume_settings`, with its old and new value."""
+    """Every setting that differs between two flat :func:`tasks.training.engine.resume_settings`, with its old and new value."""
     diff: dict[str, tuple] = {}
     for key in sorted(set(old) | set(new), key=lambda k: (not k.startswith("task."), k)):  # the task's keys first, by name
         shown = key.removeprefix("task.")  # fit's own train settings keep their "train." prefix

@@ -1,4 +1,4 @@
-"""The optimiser and the learning-rate schedule that ``tasks.engine.fit`` trains with (issue 30), built from the
+"""The optimiser and the learning-rate schedule that ``tasks.training.engine.fit`` trains with (issue 30), built from the
 typed settings (``train.optimizer``, ``train.scheduler``): no constant of theirs lives in the training loop."""
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from tasks import budget
 from tasks.config import OptimizerConfig, TrainConfig
+from tasks.training import budget
 
 
 def parameter_groups(model: nn.Module, cfg: OptimizerConfig, lr_factor: Callable[[str], float] | None = None) -> list[dict]:
