@@ -34,9 +34,10 @@ run: $(STAMP)
 test: $(STAMP) lint docs-check
 	python -m pytest
 
-# ruff (rules and line length in pyproject.toml) and mypy, strict on the settings, the config and the task interface
+# ruff (lint rules, format check; line length in pyproject.toml) and mypy, strict on the settings, the config and the task interface
 lint: $(STAMP)
 	ruff check .
+	ruff format --check .
 	mypy
 
 # the docs site (mkdocs.yml, docs/): `make docs` builds it into site/, `make docs-serve` serves it with live reload;

@@ -8,6 +8,7 @@ Settings: benchmarks/bccd.yaml on top of params.yaml; change one with --set key=
 --pretrain shapes: the main job's pretraining (resnet18 on the embedded synthetic shapes);
 --pretrain none: the backbone starts from random weights.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,7 +45,9 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bccd", default=str(REPO / ".." / "shared" / "datasets" / "bccd" / "BCCD"))
     ap.add_argument("--pretrain", choices=("crops", "shapes", "none"), default="crops")
-    ap.add_argument("--budget-minutes", type=float, default=10.0, help="wall time for everything; training stops in time")
+    ap.add_argument(
+        "--budget-minutes", type=float, default=10.0, help="wall time for everything; training stops in time"
+    )
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--keep", help="folder to keep the outputs in (default: a temporary one)")
     args = ap.parse_args()
@@ -102,19 +105,31 @@ def main():
     times["test"] = time.perf_counter() - start
     total = time.perf_counter() - t0
 
-    print(f"\nBCCD, {cfg.model.name} + {cfg.model.options.backbone} (pretrain: {args.pretrain}), {cfg.image_size}px, "
-          f"{run['epochs_run']} of {run['epochs']} epochs (best {run['best_epoch']}); outputs in {work}, the test "
-          f"split's boxes and ground truth in {details} (RECOMPUTE.md)")
+    print(
+        f"\nBCCD, {cfg.model.name} + {cfg.model.options.backbone} (pretrain: {args.pretrain}), {cfg.image_size}px, "
+        f"{run['epochs_run']} of {run['epochs']} epochs (best {run['best_epoch']}); outputs in {work}, the test "
+        f"split's boxes and ground truth in {details} (RECOMPUTE.md)"
+    )
     print("| model | test mAP@.5 | test mAP@[.5:.95] | wall time |")
     print("|---|---|---|---|")
     print(f"| this pipeline | {m['map50']:.3f} | {m['map']:.3f} | {total:.0f} s |")
-    print(f"| YOLOv8n, random init, 320 px (reference) | {YOLOV8N['map50']:.3f} | {YOLOV8N['map']:.3f} | {YOLOV8N['seconds']} s |")
-    print("per class AP@.5: " + json.dumps({k.split('/', 1)[1]: round(v, 3) for k, v in m.items() if k.startswith('ap50/')}))
+    print(
+        f"| YOLOv8n, random init, 320 px (reference) | {YOLOV8N['map50']:.3f} | {YOLOV8N['map']:.3f} | {YOLOV8N['seconds']} s |"
+    )
+    print(
+        "per class AP@.5: "
+        + json.dumps({k.split("/", 1)[1]: round(v, 3) for k, v in m.items() if k.startswith("ap50/")})
+    )
     print("seconds per step: " + ", ".join(f"{k} {v:.0f}" for k, v in times.items()))
     within = total <= args.budget_minutes * 60
     print(f"whole run {total:.0f} s: {'within' if within else 'OVER'} the {args.budget_minutes:g}-minute budget")
-    (work / "bccd_result.json").write_text(json.dumps({"test": m, "seconds": times, "total_seconds": total,
-                                                      "pretrain": args.pretrain, "run": run}, indent=2, default=str))
+    (work / "bccd_result.json").write_text(
+        json.dumps(
+            {"test": m, "seconds": times, "total_seconds": total, "pretrain": args.pretrain, "run": run},
+            indent=2,
+            default=str,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ alternating repeats and the ratio (target: at most 1.05).
     python -m tasks generate   # once, for the synthetic scenes
     python benchmarks/bench_detection_step.py [--epochs 2] [--repeats 3] [--images 96]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -60,8 +61,14 @@ def bare_loop(task, cfg, train_set, val_set, seed):
     seed_everything(seed)
     model = task.build_model()
     t = cfg.train
-    loader = DataLoader(train_set, batch_size=t.batch_size, shuffle=True, drop_last=True, collate_fn=_collate,
-                        generator=torch.Generator().manual_seed(seed))
+    loader = DataLoader(
+        train_set,
+        batch_size=t.batch_size,
+        shuffle=True,
+        drop_last=True,
+        collate_fn=_collate,
+        generator=torch.Generator().manual_seed(seed),
+    )
     val_loader = DataLoader(val_set, batch_size=t.eval_batch_size, collate_fn=_collate)
     opt = engine.build_optimizer(model, t.optimizer)
     sched = engine.build_scheduler(opt, t, len(loader))
@@ -76,9 +83,15 @@ def bare_loop(task, cfg, train_set, val_set, seed):
             for out, tg in zip(model(images), targets):
                 r = val_set.records[tg["image_id"] - 1]
                 b = out["boxes"] * torch.tensor([r["width"] / cfg.image_size, r["height"] / cfg.image_size] * 2)
-                results += [{"image_id": tg["image_id"], "category_id": int(lab), "score": float(s),
-                             "bbox": [x0, y0, x1 - x0, y1 - y0]}
-                            for (x0, y0, x1, y1), s, lab in zip(b.tolist(), out["scores"].tolist(), out["labels"].tolist())]
+                results += [
+                    {
+                        "image_id": tg["image_id"],
+                        "category_id": int(lab),
+                        "score": float(s),
+                        "bbox": [x0, y0, x1 - x0, y1 - y0],
+                    }
+                    for (x0, y0, x1, y1), s, lab in zip(b.tolist(), out["scores"].tolist(), out["labels"].tolist())
+                ]
         if results:
             with contextlib.redirect_stdout(io.StringIO()):
                 ev = COCOeval(gt, gt.loadRes(results), "bbox")
@@ -110,9 +123,14 @@ def main():
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     # normalisation 'none' so the benchmark needs no normstats output (the detector normalises inside either way)
-    params = load_params(args.params, {"tasks.detection.train.epochs": args.epochs,
-                                       "tasks.detection.train.num_threads": args.threads,
-                                       "tasks.detection.normalization": "none"})
+    params = load_params(
+        args.params,
+        {
+            "tasks.detection.train.epochs": args.epochs,
+            "tasks.detection.train.num_threads": args.threads,
+            "tasks.detection.normalization": "none",
+        },
+    )
     cfg = params.task("detection")
     task = get_task("detection", cfg)
     if not Path(cfg.data.path).exists():
@@ -130,8 +148,10 @@ def main():
             times["pipeline"].append(pipeline_loop(task, cfg, train_sub, val, params.seed, Path(tmp) / str(r)))
             print(f"repeat {r + 1}: bare {times['bare'][-1]:.2f}s  pipeline {times['pipeline'][-1]:.2f}s", flush=True)
     bare, pipe = statistics.median(times["bare"]), statistics.median(times["pipeline"])
-    print(f"\ndetection, {n} train images, {len(val)} val images, {args.epochs} epochs, {args.threads} threads, "
-          f"batch {cfg.train.batch_size}, model {cfg.model.name} ({getattr(cfg.model.options, 'backbone', '-')}), {cfg.image_size}px")
+    print(
+        f"\ndetection, {n} train images, {len(val)} val images, {args.epochs} epochs, {args.threads} threads, "
+        f"batch {cfg.train.batch_size}, model {cfg.model.name} ({getattr(cfg.model.options, 'backbone', '-')}), {cfg.image_size}px"
+    )
     print(f"median bare PyTorch loop: {bare:.2f}s   median pipeline (tasks.training.engine.fit): {pipe:.2f}s")
     print(f"ratio pipeline / bare = {pipe / bare:.3f}  (target <= 1.05)")
 

@@ -13,6 +13,7 @@ is the steadier figure: other people's jobs stretch wall time but not the CPU wo
     python -m tasks generate   # once, for the synthetic scenes
     python benchmarks/bench_instance_segmentation_step.py [--epochs 2] [--repeats 3] [--images 64]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -59,8 +60,11 @@ class BareInstances(Dataset):
         masks = []
         for inst in r["instances"]:
             seg = inst["segmentation"]
-            rle = mask_utils.merge(mask_utils.frPyObjects(seg, h, w)) if isinstance(seg, list) else \
-                {"size": seg["size"], "counts": seg["counts"].encode()}
+            rle = (
+                mask_utils.merge(mask_utils.frPyObjects(seg, h, w))
+                if isinstance(seg, list)
+                else {"size": seg["size"], "counts": seg["counts"].encode()}
+            )
             masks.append(mask_utils.decode(rle))
         m = torch.from_numpy(np.stack(masks)) if masks else torch.zeros((0, h, w), dtype=torch.uint8)
         m = F.interpolate(m[None].float(), size=(self.size, self.size), mode="nearest")[0].to(torch.uint8)
@@ -94,29 +98,56 @@ def bare_loop(task, cfg, train_set, val_set, seed):
     seed_everything(seed)
     model = task.build_model()
     t = cfg.train
-    loader = DataLoader(train_set, batch_size=t.batch_size, shuffle=True, drop_last=True, collate_fn=_collate,
-                        generator=torch.Generator().manual_seed(seed))
+    loader = DataLoader(
+        train_set,
+        batch_size=t.batch_size,
+        shuffle=True,
+        drop_last=True,
+        collate_fn=_collate,
+        generator=torch.Generator().manual_seed(seed),
+    )
     val_loader = DataLoader(val_set, batch_size=t.eval_batch_size, collate_fn=_collate)
     opt = engine.build_optimizer(model, t.optimizer)
     sched = engine.build_scheduler(opt, t, len(loader))
+
     def loss_of(model, images, targets):
         return sum(model(images, [{k: v for k, v in tg.items() if k != "image_id"} for tg in targets]).values())
 
     def validate(model, val_loader):
-        gt = {"images": [], "annotations": [], "categories": [{"id": k + 1, "name": n} for k, n in enumerate(task.class_names())]}
+        gt = {
+            "images": [],
+            "annotations": [],
+            "categories": [{"id": k + 1, "name": n} for k, n in enumerate(task.class_names())],
+        }
         results = []
         for images, targets in val_loader:
             for out, tg in zip(model(images), targets):
                 gt["images"].append({"id": tg["image_id"], "width": cfg.image_size, "height": cfg.image_size})
                 for m, b, lab in zip(tg["masks"].numpy(), tg["boxes"].tolist(), tg["labels"].tolist()):
-                    gt["annotations"].append({"id": len(gt["annotations"]) + 1, "image_id": tg["image_id"],
-                                              "category_id": lab, "segmentation": _rle(m), "area": float(m.sum()),
-                                              "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]], "iscrowd": 0})
+                    gt["annotations"].append(
+                        {
+                            "id": len(gt["annotations"]) + 1,
+                            "image_id": tg["image_id"],
+                            "category_id": lab,
+                            "segmentation": _rle(m),
+                            "area": float(m.sum()),
+                            "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]],
+                            "iscrowd": 0,
+                        }
+                    )
                 masks = (out["masks"][:, 0] > 0.5).numpy()
-                results += [{"image_id": tg["image_id"], "category_id": int(lab), "score": float(s),
-                             "bbox": [x0, y0, x1 - x0, y1 - y0], "segmentation": _rle(m)}
-                            for (x0, y0, x1, y1), s, lab, m in zip(out["boxes"].tolist(), out["scores"].tolist(),
-                                                                   out["labels"].tolist(), masks)]
+                results += [
+                    {
+                        "image_id": tg["image_id"],
+                        "category_id": int(lab),
+                        "score": float(s),
+                        "bbox": [x0, y0, x1 - x0, y1 - y0],
+                        "segmentation": _rle(m),
+                    }
+                    for (x0, y0, x1, y1), s, lab, m in zip(
+                        out["boxes"].tolist(), out["scores"].tolist(), out["labels"].tolist(), masks
+                    )
+                ]
         if results:
             with contextlib.redirect_stdout(io.StringIO()):
                 coco_gt = COCO()
@@ -149,9 +180,14 @@ def main():
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     # normalisation 'none': the benchmark needs no normstats output and the bare loop feeds [0, 1] pixels
-    params = load_params(args.params, {f"tasks.{TASK}.train.epochs": args.epochs,
-                                       f"tasks.{TASK}.train.num_threads": args.threads,
-                                       f"tasks.{TASK}.normalization": "none"})
+    params = load_params(
+        args.params,
+        {
+            f"tasks.{TASK}.train.epochs": args.epochs,
+            f"tasks.{TASK}.train.num_threads": args.threads,
+            f"tasks.{TASK}.normalization": "none",
+        },
+    )
     cfg = params.task(TASK)
     task = get_task(TASK, cfg)
     if cfg.data.format != "coco" or not Path(cfg.data.path).exists():
@@ -170,11 +206,18 @@ def main():
             (bw, bc), (pw, pc) = times["bare"][-1], times["pipeline"][-1]
             print(f"repeat {r + 1}: bare {bw:.2f}s (cpu {bc:.2f}s)  pipeline {pw:.2f}s (cpu {pc:.2f}s)", flush=True)
     bare, pipe = (statistics.median(w for w, _ in times["bare"]), statistics.median(w for w, _ in times["pipeline"]))
-    bare_cpu, pipe_cpu = (statistics.median(c for _, c in times["bare"]), statistics.median(c for _, c in times["pipeline"]))
-    print(f"\n{TASK}, {n} train images, {len(val)} val images, {args.epochs} epochs, {args.threads} threads, "
-          f"batch {cfg.train.batch_size}, model {cfg.model.name} ({getattr(cfg.model.options, 'backbone', '-')}), {cfg.image_size}px")
-    print(f"median bare PyTorch loop: {bare:.2f}s wall, {bare_cpu:.2f}s cpu   "
-          f"median pipeline (tasks.training.engine.fit): {pipe:.2f}s wall, {pipe_cpu:.2f}s cpu")
+    bare_cpu, pipe_cpu = (
+        statistics.median(c for _, c in times["bare"]),
+        statistics.median(c for _, c in times["pipeline"]),
+    )
+    print(
+        f"\n{TASK}, {n} train images, {len(val)} val images, {args.epochs} epochs, {args.threads} threads, "
+        f"batch {cfg.train.batch_size}, model {cfg.model.name} ({getattr(cfg.model.options, 'backbone', '-')}), {cfg.image_size}px"
+    )
+    print(
+        f"median bare PyTorch loop: {bare:.2f}s wall, {bare_cpu:.2f}s cpu   "
+        f"median pipeline (tasks.training.engine.fit): {pipe:.2f}s wall, {pipe_cpu:.2f}s cpu"
+    )
     print(f"ratio pipeline / bare = {pipe / bare:.3f} wall, {pipe_cpu / bare_cpu:.3f} cpu  (target <= 1.05)")
 
 

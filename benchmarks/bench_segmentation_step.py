@@ -8,6 +8,7 @@ needs it to keep the best checkpoint). Rounds alternate pipeline / bare and the 
 kept, which damps the noise of a shared machine. Prints seconds per training step and the ratio
 (target: at most 1.05). Uses params.yaml's segmentation data; generates the shapes data if absent.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,12 +44,19 @@ def normalizer(task) -> Normalize:
 def bare_loop(task, model, train, val, cfg, seed: int) -> float:
     """What one would write by hand: DataLoader, forward, loss, backward, step; argmax on val."""
     torch.manual_seed(seed)
-    loader = DataLoader(train, batch_size=cfg.batch_size, shuffle=True, collate_fn=task.collate,
-                        drop_last=len(train) > cfg.batch_size, generator=torch.Generator().manual_seed(seed))
+    loader = DataLoader(
+        train,
+        batch_size=cfg.batch_size,
+        shuffle=True,
+        collate_fn=task.collate,
+        drop_last=len(train) > cfg.batch_size,
+        generator=torch.Generator().manual_seed(seed),
+    )
     val_loader = DataLoader(val, batch_size=cfg.eval_batch_size, collate_fn=task.collate)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optimizer.lr, weight_decay=cfg.optimizer.weight_decay)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.optimizer.lr, total_steps=cfg.epochs * len(loader),
-                                                    pct_start=0.3)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=cfg.optimizer.lr, total_steps=cfg.epochs * len(loader), pct_start=0.3
+    )
     loss_fn, n = get_loss(cfg.loss.name), len(task.class_names())
 
     def loss_of(model, images, masks):
@@ -71,8 +79,16 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     t = "tasks.segmentation.train."
-    params = load_params(args.params, {t + "epochs": args.epochs, t + "num_threads": args.threads, t + "device": "cpu",
-                                       t + "scheduler": {"name": "onecycle", "warmup_epochs": 0}, t + "optimizer.name": "adamw"})
+    params = load_params(
+        args.params,
+        {
+            t + "epochs": args.epochs,
+            t + "num_threads": args.threads,
+            t + "device": "cpu",
+            t + "scheduler": {"name": "onecycle", "warmup_epochs": 0},
+            t + "optimizer.name": "adamw",
+        },
+    )
     cfg = params.task("segmentation")
     if not Path(cfg.data.path).exists():
         from cv_models.data import shapes
@@ -89,14 +105,25 @@ def main() -> None:
     torch.manual_seed(params.seed)
     initial = task.build_model()
     steps = args.epochs * (len(train) // cfg.train.batch_size if len(train) > cfg.train.batch_size else 1)
-    print(f"segmentation: {cfg.model.name} width {cfg.model.width} depth {cfg.model.depth}, {len(train)} train images "
-          f"at {cfg.image_size} px, batch {cfg.train.batch_size}, loss {cfg.train.loss.name}, {args.epochs} epochs "
-          f"= {steps} steps, {args.threads} thread(s), best of {args.rounds} rounds")
+    print(
+        f"segmentation: {cfg.model.name} width {cfg.model.width} depth {cfg.model.depth}, {len(train)} train images "
+        f"at {cfg.image_size} px, batch {cfg.train.batch_size}, loss {cfg.train.loss.name}, {args.epochs} epochs "
+        f"= {steps} steps, {args.threads} thread(s), best of {args.rounds} rounds"
+    )
     pipeline, bare = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.rounds):
-            fit = engine.fit(task, copy.deepcopy(initial), train, val, cfg.train, params.seed, Path(tmp) / "model.pt",
-                             checkpoint_path=Path(tmp) / "last.pt", desc="bench")
+            fit = engine.fit(
+                task,
+                copy.deepcopy(initial),
+                train,
+                val,
+                cfg.train,
+                params.seed,
+                Path(tmp) / "model.pt",
+                checkpoint_path=Path(tmp) / "last.pt",
+                desc="bench",
+            )
             pipeline.append(fit.seconds)
             bare.append(bare_loop(task, copy.deepcopy(initial), train, val, cfg.train, params.seed))
             print(f"round {r + 1}: pipeline {pipeline[-1]:.2f}s  bare {bare[-1]:.2f}s")

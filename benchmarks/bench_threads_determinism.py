@@ -6,6 +6,7 @@ weights (the trade train.num_threads makes between speed and repeatability).
 Each run is a fresh process (thread pools and kernel choices start anew), on synthetic shapes written to a
 temporary folder (960 images at 48 px), with params.yaml's classification model and augmentations.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,10 +31,18 @@ def one_run(folder: Path, threads: int, epochs: int, deterministic: bool) -> dic
     from tasks.training.seeding import seed_everything, state_sha256
 
     t = "tasks.classification."
-    params = load_params(REPO / "params.yaml", {
-        "shapes.image_size": 48, "shapes.classification.num_images": 960, t + "train.epochs": epochs,
-        t + "train.num_threads": threads, t + "train.deterministic": deterministic, t + "normalization": "none",
-        t + "train.track_train_metric": False})
+    params = load_params(
+        REPO / "params.yaml",
+        {
+            "shapes.image_size": 48,
+            "shapes.classification.num_images": 960,
+            t + "train.epochs": epochs,
+            t + "train.num_threads": threads,
+            t + "train.deterministic": deterministic,
+            t + "normalization": "none",
+            t + "train.track_train_metric": False,
+        },
+    )
     if not Path("data/shapes/classification").exists():
         shapes.generate(Path("data/shapes"), params.shapes.model_dump())
     cfg = params.task("classification")
@@ -44,8 +53,13 @@ def one_run(folder: Path, threads: int, epochs: int, deterministic: bool) -> dic
     val = task.dataset("val", task.eval_transforms(None))
     start = time.perf_counter()
     result = engine.fit(task, model, train, val, cfg.train, 0, Path(f"model-{os.getpid()}.pt"), desc="bench")
-    return {"threads": threads, "deterministic": deterministic, "s_per_epoch": round((time.perf_counter() - start) / epochs, 2),
-            "val_accuracy": result.best_metrics["accuracy"], "weights_sha256": state_sha256(model)[:16]}
+    return {
+        "threads": threads,
+        "deterministic": deterministic,
+        "s_per_epoch": round((time.perf_counter() - start) / epochs, 2),
+        "val_accuracy": result.best_metrics["accuracy"],
+        "weights_sha256": state_sha256(model)[:16],
+    }
 
 
 def main() -> None:
@@ -70,7 +84,9 @@ def main() -> None:
                 print(out, flush=True)
         for threads in args.threads:
             hashes = {r["weights_sha256"] for r in rows if r["threads"] == threads}
-            print(f"{threads} thread(s): {'bitwise-equal' if len(hashes) == 1 else 'DIFFERENT'} weights over {args.runs} runs")
+            print(
+                f"{threads} thread(s): {'bitwise-equal' if len(hashes) == 1 else 'DIFFERENT'} weights over {args.runs} runs"
+            )
 
 
 if __name__ == "__main__":

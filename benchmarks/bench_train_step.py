@@ -10,6 +10,7 @@ each over several alternating repeats and the ratio (target: at most 1.05).
 
     python benchmarks/bench_train_step.py [--epochs 5] [--repeats 3] [--threads 2]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,8 +54,9 @@ def bare_loop(task, cfg, train_set, val_set, seed):
     seed_everything(seed)
     model = task.build_model()
     t = cfg.train
-    loader = DataLoader(train_set, batch_size=t.batch_size, shuffle=True, drop_last=True,
-                        generator=torch.Generator().manual_seed(seed))
+    loader = DataLoader(
+        train_set, batch_size=t.batch_size, shuffle=True, drop_last=True, generator=torch.Generator().manual_seed(seed)
+    )
     val_loader = DataLoader(val_set, batch_size=t.eval_batch_size)
     opt = engine.build_optimizer(model, t.optimizer)
     sched = engine.build_scheduler(opt, t, len(loader))
@@ -62,7 +64,9 @@ def bare_loop(task, cfg, train_set, val_set, seed):
     def validate(model, val_loader):
         return sum((model(x).argmax(1) == y).sum().item() for x, y in val_loader)
 
-    return run_bare_loop(model, loader, val_loader, opt, sched, t.epochs, lambda m, x, y: F.cross_entropy(m(x), y), validate)[0]
+    return run_bare_loop(
+        model, loader, val_loader, opt, sched, t.epochs, lambda m, x, y: F.cross_entropy(m(x), y), validate
+    )[0]
 
 
 def pipeline_loop(task, cfg, train_set, val_set, seed, out: Path):
@@ -81,8 +85,10 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    params = load_params(args.params, {"tasks.classification.train.epochs": args.epochs,
-                                       "tasks.classification.train.num_threads": args.threads})
+    params = load_params(
+        args.params,
+        {"tasks.classification.train.epochs": args.epochs, "tasks.classification.train.num_threads": args.threads},
+    )
     cfg = params.task("classification")
     task = get_task("classification", cfg)
     stats_dir = Path("outputs/classification/normstats")
@@ -100,8 +106,10 @@ def main():
             times["pipeline"].append(pipeline_loop(task, cfg, train, val, params.seed, Path(tmp) / str(r)))
             print(f"repeat {r + 1}: bare {times['bare'][-1]:.2f}s  pipeline {times['pipeline'][-1]:.2f}s", flush=True)
     bare, pipe = statistics.median(times["bare"]), statistics.median(times["pipeline"])
-    print(f"\nclassification, {len(train)} train images, {args.epochs} epochs, {args.threads} threads, "
-          f"batch {cfg.train.batch_size}, model {cfg.model.name}")
+    print(
+        f"\nclassification, {len(train)} train images, {args.epochs} epochs, {args.threads} threads, "
+        f"batch {cfg.train.batch_size}, model {cfg.model.name}"
+    )
     print(f"median bare PyTorch loop: {bare:.2f}s   median pipeline (tasks.training.engine.fit): {pipe:.2f}s")
     print(f"ratio pipeline / bare = {pipe / bare:.3f}  (target <= 1.05)")
 

@@ -29,6 +29,7 @@ which carries one-time costs).
 
 On a shared machine other processes slow both sides unevenly: compare ratios from one run.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -78,6 +79,7 @@ class Clock:
                 return fn(*args, **kwargs)
             finally:
                 self.add(part, time.perf_counter() - start)
+
         return wrapper
 
 
@@ -153,15 +155,18 @@ def datasets(task, cfg, augment: bool, images: int, seed: int) -> dict:
     def load(split: str, transforms, n: int):
         data = task.dataset(split, transforms)
         if cfg.data.cache != "none":  # decoded and resized once, in memory (disk needs the validate stage's digest)
-            data = CachedDataset(data, "ram", f"profile-{task.name}-{split}-{cfg.image_size}", cfg.data.cache_max_gb,
-                                 label=split)
+            data = CachedDataset(
+                data, "ram", f"profile-{task.name}-{split}-{cfg.image_size}", cfg.data.cache_max_gb, label=split
+            )
         return subset(task, data, spread(data, n, seed))
 
     train = load("train", task.train_transforms(cfg.augment if augment else None, norm), images)
     val = load("val", task.eval_transforms(norm), images // 4)
     plain = load("train", task.eval_transforms(norm), images)
     train_eval = None
-    if cfg.train.track_train_metric:  # tasks/training/train.py: as many unaugmented training images as validation images
+    if (
+        cfg.train.track_train_metric
+    ):  # tasks/training/train.py: as many unaugmented training images as validation images
         n = min(len(plain), len(val))
         indices = engine.stratified_indices(getattr(plain, "labels", None), n, seed, size=len(plain))
         train_eval = subset(task, plain, indices)
@@ -196,7 +201,7 @@ def plain_loop(task, cfg, data, seed: int) -> list[float]:
         start = time.perf_counter()
         order = torch.randperm(len(samples)).tolist()
         for b in range(steps):
-            images, targets = task.collate([samples[i] for i in order[b * t.batch_size:(b + 1) * t.batch_size]])
+            images, targets = task.collate([samples[i] for i in order[b * t.batch_size : (b + 1) * t.batch_size]])
             loss = task.training_loss(model, images, targets)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -226,9 +231,20 @@ def pipeline_epochs(task, cfg, sets: dict, augment: bool, seed: int, folder: Pat
         clock.end_epoch()
 
     with instrumented(task, clock), mlflow.start_run(run_name=f"epoch-profile-{task.name}"):
-        result = engine.fit(task, model, sets["train"], sets["val"], cfg.train, seed, folder / "model.pt",
-                            checkpoint_path=folder / "last.pt", mixer=clock.timed("mix", mixer) if mixer else None,
-                            log_metrics=log_metrics, desc=f"profile/{task.name}", train_eval_set=sets["train_eval"])
+        result = engine.fit(
+            task,
+            model,
+            sets["train"],
+            sets["val"],
+            cfg.train,
+            seed,
+            folder / "model.pt",
+            checkpoint_path=folder / "last.pt",
+            mixer=clock.timed("mix", mixer) if mixer else None,
+            log_metrics=log_metrics,
+            desc=f"profile/{task.name}",
+            train_eval_set=sets["train_eval"],
+        )
     return epoch_parts(clock, result.timings["train"])
 
 
@@ -252,25 +268,43 @@ def summary(name: str, cfg, sets: dict, rows: list[dict[str, float]], plain_rows
     """Means over the measured epochs, the parts' shares and the ratios."""
     seconds = {p: mean(rows, p) for p in PARTS}
     epoch, train_pass, plain_epoch = mean(rows, "epoch"), mean(rows, "train_pass"), sum(plain_rows) / len(plain_rows)
-    return {"task": name, "model": cfg.model.name, "image_size": cfg.image_size, "batch_size": cfg.train.batch_size,
-            "train_images": len(sets["train"]), "val_images": len(sets["val"]), "device": device,
-            "threads": cfg.train.num_threads, "workers": engine.worker_count(cfg.train), "epochs_measured": len(rows),
-            "seconds": seconds, "shares": {p: v / epoch for p, v in seconds.items()}, "epoch": epoch,
-            "train_pass": train_pass, "plain_epoch": plain_epoch, "ratio_epoch": epoch / plain_epoch,
-            "ratio_train_pass": train_pass / plain_epoch}
+    return {
+        "task": name,
+        "model": cfg.model.name,
+        "image_size": cfg.image_size,
+        "batch_size": cfg.train.batch_size,
+        "train_images": len(sets["train"]),
+        "val_images": len(sets["val"]),
+        "device": device,
+        "threads": cfg.train.num_threads,
+        "workers": engine.worker_count(cfg.train),
+        "epochs_measured": len(rows),
+        "seconds": seconds,
+        "shares": {p: v / epoch for p, v in seconds.items()},
+        "epoch": epoch,
+        "train_pass": train_pass,
+        "plain_epoch": plain_epoch,
+        "ratio_epoch": epoch / plain_epoch,
+        "ratio_train_pass": train_pass / plain_epoch,
+    }
 
 
 def print_summary(r: dict) -> None:
-    print(f"\n{r['task']}: {r['model']} at {r['image_size']} px, batch {r['batch_size']}, {r['train_images']} train / "
-          f"{r['val_images']} val images, {r['threads']} thread(s), {r['workers']} worker(s), {r['device']}; mean of "
-          f"{r['epochs_measured']} epoch(s), each run's first left out")
+    print(
+        f"\n{r['task']}: {r['model']} at {r['image_size']} px, batch {r['batch_size']}, {r['train_images']} train / "
+        f"{r['val_images']} val images, {r['threads']} thread(s), {r['workers']} worker(s), {r['device']}; mean of "
+        f"{r['epochs_measured']} epoch(s), each run's first left out"
+    )
     print(f"  {'part':<11} {'seconds':>8} {'share':>7}")
     for p in PARTS:
         print(f"  {p:<11} {r['seconds'][p]:8.3f} {100 * r['shares'][p]:6.1f}%")
     print(f"  {'epoch':<11} {r['epoch']:8.3f} {100 * sum(r['shares'].values()):6.1f}%")
     print(f"  plain loop epoch {r['plain_epoch']:.3f} s (preloaded tensors, no augmentation, validation or checkpoint)")
-    print(f"  ratio pipeline epoch / plain loop = {r['ratio_epoch']:.3f}; training pass / plain loop = "
-          f"{r['ratio_train_pass']:.3f}", flush=True)
+    print(
+        f"  ratio pipeline epoch / plain loop = {r['ratio_epoch']:.3f}; training pass / plain loop = "
+        f"{r['ratio_train_pass']:.3f}",
+        flush=True,
+    )
 
 
 def dataset_overrides(name: str, shared: Path) -> tuple[str, dict]:
@@ -280,14 +314,21 @@ def dataset_overrides(name: str, shared: Path) -> tuple[str, dict]:
 
     spec = overlay(name, shared)
     pretrained = spec.get("pretrain.out")
-    return DATASETS[name], {k: "none" if pretrained is not None and v == pretrained else v for k, v in spec.items()
-                            if k not in ("plain", "budget_minutes") and not k.startswith(("pretrain.", "crops."))}
+    return DATASETS[name], {
+        k: "none" if pretrained is not None and v == pretrained else v
+        for k, v in spec.items()
+        if k not in ("plain", "budget_minutes") and not k.startswith(("pretrain.", "crops."))
+    }
 
 
 def profile(name: str, args, folder: Path) -> dict:
     t = f"tasks.{name}."
-    overrides = {**args.dataset_overrides, **parse_overrides(args.set), t + "train.epochs": args.epochs,
-                 t + "train.resume": False}
+    overrides = {
+        **args.dataset_overrides,
+        **parse_overrides(args.set),
+        t + "train.epochs": args.epochs,
+        t + "train.resume": False,
+    }
     if args.device:
         overrides[t + "train.device"] = args.device
     params = load_params(args.params, overrides)
@@ -307,20 +348,32 @@ def parse_args(argv: list[str] | None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--task", action="append", help="a task of params.yaml (repeatable); default: all of them")
-    ap.add_argument("--dataset", help="a shared real dataset instead, with its task and settings "
-                                      "(benchmarks/real_data/<name>.yaml, no pretraining), e.g. coco128_json, bccd")
-    ap.add_argument("--shared", default=str(Path(__file__).resolve().parents[2] / "shared" / "datasets"),
-                    help="folder holding the shared datasets")
+    ap.add_argument(
+        "--dataset",
+        help="a shared real dataset instead, with its task and settings "
+        "(benchmarks/real_data/<name>.yaml, no pretraining), e.g. coco128_json, bccd",
+    )
+    ap.add_argument(
+        "--shared",
+        default=str(Path(__file__).resolve().parents[2] / "shared" / "datasets"),
+        help="folder holding the shared datasets",
+    )
     ap.add_argument("--epochs", type=int, default=3, help="epochs of each side; the first is left out of the means")
     ap.add_argument("--rounds", type=int, default=1, help="plain loop and pipeline in turn, this many times")
-    ap.add_argument("--images", type=int, default=0, help="training images (spread over the split; validation gets a "
-                                                           "quarter as many); 0 = all")
+    ap.add_argument(
+        "--images",
+        type=int,
+        default=0,
+        help="training images (spread over the split; validation gets a quarter as many); 0 = all",
+    )
     ap.add_argument("--short", action="store_true", help=f"{SHORT['epochs']} epochs of {SHORT['images']} images a task")
     ap.add_argument("--device", help="cpu | cuda | cuda:N (default: the params' train.device)")
     ap.add_argument("--no-augment", action="store_true", help="the baseline stage's epoch (no augmentation)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a params value")
-    ap.add_argument("--tracking-uri", help="MLflow store the epochs log to (default: $MLFLOW_TRACKING_URI, else a "
-                                           "temporary SQLite store)")
+    ap.add_argument(
+        "--tracking-uri",
+        help="MLflow store the epochs log to (default: $MLFLOW_TRACKING_URI, else a temporary SQLite store)",
+    )
     ap.add_argument("--json", help="also write the results to this file")
     args = ap.parse_args(argv)
     args.dataset_overrides = {}

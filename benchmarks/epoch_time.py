@@ -13,6 +13,7 @@ the train-subset scoring of the overfitting diagnosis), which the bare loop does
 Normalisation uses fixed statistics (the time does not depend on them). Run it on an otherwise idle machine if
 you can: other processes on the cores inflate both sides unevenly.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,7 +50,7 @@ def bare_epochs(task, cfg, images: list[torch.Tensor], labels: list[int], seed: 
         start = time.perf_counter()
         order = torch.randperm(len(images))
         for b in range(steps):
-            idx = order[b * t.batch_size:(b + 1) * t.batch_size]
+            idx = order[b * t.batch_size : (b + 1) * t.batch_size]
             x = torch.stack([images[i] for i in idx])
             loss = F.cross_entropy(model(x), y_all[idx])
             opt.zero_grad(set_to_none=True)
@@ -64,7 +65,9 @@ def bare_epochs(task, cfg, images: list[torch.Tensor], labels: list[int], seed: 
 def pipeline_epochs(task, cfg, train, val, train_eval, seed: int, out: Path) -> dict[str, list[float]]:
     seed_everything(seed)
     model = task.build_model()
-    result = engine.fit(task, model, train, val, cfg.train, seed, out / "model.pt", train_eval_set=train_eval, desc="bench")
+    result = engine.fit(
+        task, model, train, val, cfg.train, seed, out / "model.pt", train_eval_set=train_eval, desc="bench"
+    )
     return result.timings
 
 
@@ -73,20 +76,36 @@ def main():
     ap.add_argument("--data", default=DATA)
     ap.add_argument("--size", type=int, default=32)
     ap.add_argument("--epochs", type=int, default=3)
-    ap.add_argument("--limit", type=int, default=600, help="train images (an even spread over the split); val gets a "
-                                                           "quarter as many; 0 = all 1771 / 378")
+    ap.add_argument(
+        "--limit",
+        type=int,
+        default=600,
+        help="train images (an even spread over the split); val gets a quarter as many; 0 = all 1771 / 378",
+    )
     ap.add_argument("--model", default="resnet18")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--workers", type=int, default=0, help="DataLoader workers of the pipeline runs")
     ap.add_argument("--modes", default="ram,none", help="data.cache modes to time, comma-separated")
-    ap.add_argument("--repeats", type=int, default=2, help="rounds of bare + each mode, in turn (machine noise hits all)")
+    ap.add_argument(
+        "--repeats", type=int, default=2, help="rounds of bare + each mode, in turn (machine noise hits all)"
+    )
     args = ap.parse_args()
     t = "tasks.classification."
-    params = load_params("params.yaml", {
-        t + "data.path": args.data, t + "data.split_from": "seed", t + "image_size": args.size,
-        t + "model.name": args.model, t + "train.epochs": args.epochs, t + "train.batch_size": args.batch,
-        t + "train.num_threads": args.threads, t + "train.num_workers": args.workers, t + "train.resume": False})
+    params = load_params(
+        "params.yaml",
+        {
+            t + "data.path": args.data,
+            t + "data.split_from": "seed",
+            t + "image_size": args.size,
+            t + "model.name": args.model,
+            t + "train.epochs": args.epochs,
+            t + "train.batch_size": args.batch,
+            t + "train.num_threads": args.threads,
+            t + "train.num_workers": args.workers,
+            t + "train.resume": False,
+        },
+    )
     cfg = params.task("classification")
     task = get_task("classification", cfg)
     engine.set_threads(args.threads)
@@ -131,17 +150,24 @@ def main():
                 tm = pipeline_epochs(task, cfg, train, val, train_eval, params.seed, Path(tmp) / f"{mode}{r}")
                 results[mode]["train"] += tm["train"][1:]
                 results[mode]["val"] += tm["val"][1:]
-                print(f"round {r + 1} cache {mode}: train passes {' '.join(f'{s:.2f}' for s in tm['train'])}; validation "
-                      f"passes {' '.join(f'{s:.2f}' for s in tm['val'])} (datasets ready in {fill:.1f}s)", flush=True)
+                print(
+                    f"round {r + 1} cache {mode}: train passes {' '.join(f'{s:.2f}' for s in tm['train'])}; validation "
+                    f"passes {' '.join(f'{s:.2f}' for s in tm['val'])} (datasets ready in {fill:.1f}s)",
+                    flush=True,
+                )
     b = statistics.median(bare)
-    print(f"\nclassification on {args.data}: {len(images)} train images at {args.size}px, model {args.model}, "
-          f"batch {args.batch}, {args.threads} thread(s), {args.workers} worker(s), {args.epochs} epochs x "
-          f"{args.repeats} rounds (medians without each run's first epoch), {os.cpu_count()} cores")
+    print(
+        f"\nclassification on {args.data}: {len(images)} train images at {args.size}px, model {args.model}, "
+        f"batch {args.batch}, {args.threads} thread(s), {args.workers} worker(s), {args.epochs} epochs x "
+        f"{args.repeats} rounds (medians without each run's first epoch), {os.cpu_count()} cores"
+    )
     print(f"median bare epoch (tensors in memory): {b:.2f}s")
     for mode, tm in results.items():
         tr, va = statistics.median(tm["train"]), statistics.median(tm["val"])
-        print(f"cache {mode:4s}: median training pass {tr:.2f}s -> ratio {tr / b:.3f}; with its validation pass "
-              f"{tr + va:.2f}s -> ratio {(tr + va) / b:.3f}")
+        print(
+            f"cache {mode:4s}: median training pass {tr:.2f}s -> ratio {tr / b:.3f}; with its validation pass "
+            f"{tr + va:.2f}s -> ratio {(tr + va) / b:.3f}"
+        )
     print("goal: training-pass ratio <= 1.10 with cache ram")
 
 

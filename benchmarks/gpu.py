@@ -10,6 +10,7 @@ train.precision: fp16 does). Then it runs the main job (`dvc repro`) with the pa
 set train.precision / channels_last in params.yaml first to run the job the fast way.
 The last line printed is a JSON summary.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -81,9 +82,11 @@ class Step:
     builder_args: dict = field(default_factory=dict)
 
 
-STEPS = {"classification": Step(labels, logits_loss),
-         "segmentation": Step(masks, dense_loss, {"weights_backbone": None}),
-         "detection": Step(boxes, summed_losses, {"weights_backbone": None})}
+STEPS = {
+    "classification": Step(labels, logits_loss),
+    "segmentation": Step(masks, dense_loss, {"weights_backbone": None}),
+    "detection": Step(boxes, summed_losses, {"weights_backbone": None}),
+}
 
 
 def batch(task: str, size: int, n: int, device):
@@ -96,7 +99,9 @@ def loss_of(task: str, model, images, targets):
     return STEPS[task].loss(model, images, targets)
 
 
-def measure(task: str, name: str, size: int, n: int, precision: str, channels_last: bool, steps: int, warmup: int) -> float:
+def measure(
+    task: str, name: str, size: int, n: int, precision: str, channels_last: bool, steps: int, warmup: int
+) -> float:
     import torch
 
     from tasks.training.accelerate import Accelerator
@@ -128,14 +133,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-main-job", action="store_true", help="only the throughput table")
     p.add_argument("--tasks", nargs="+", choices=[t for t, *_ in MODELS], help="time these tasks' models only")
     args = p.parse_args(argv)
-    plan = [{"task": t, "model": m, "image_size": s, "batch": b, "precision": pr, "channels_last": cl}
-            for t, m, s, b in MODELS for pr, cl in SETTINGS if not args.tasks or t in args.tasks]
+    plan = [
+        {"task": t, "model": m, "image_size": s, "batch": b, "precision": pr, "channels_last": cl}
+        for t, m, s, b in MODELS
+        for pr, cl in SETTINGS
+        if not args.tasks or t in args.tasks
+    ]
     main_job = ["dvc", "repro"]
     if args.dry_run:
         print("dry run: on a CUDA machine this would time training steps (images/s) for")
         for r in plan:
-            print(f"  {r['task']:<15} {r['model']:<25} {r['image_size']} px, batch {r['batch']:<4} "
-                  f"{r['precision']}{' + channels_last' if r['channels_last'] else ''}")
+            print(
+                f"  {r['task']:<15} {r['model']:<25} {r['image_size']} px, batch {r['batch']:<4} "
+                f"{r['precision']}{' + channels_last' if r['channels_last'] else ''}"
+            )
         print(f"then run the main job: {' '.join(main_job)}")
         print(json.dumps({"dry_run": True, "measurements": plan, "main_job": main_job}))
         return 0
@@ -152,21 +163,40 @@ def main(argv: list[str] | None = None) -> int:
         if r["precision"] == "bf16" and not torch.cuda.is_bf16_supported():
             r["images_per_second"] = None
         else:
-            r["images_per_second"] = round(measure(r["task"], r["model"], r["image_size"], r["batch"], r["precision"],
-                                                   r["channels_last"], args.steps, args.warmup), 1)
+            r["images_per_second"] = round(
+                measure(
+                    r["task"],
+                    r["model"],
+                    r["image_size"],
+                    r["batch"],
+                    r["precision"],
+                    r["channels_last"],
+                    args.steps,
+                    args.warmup,
+                ),
+                1,
+            )
             torch.cuda.empty_cache()
         results.append(r)
-        print(f"{r['task']:<15} {r['model']:<25} {r['precision']}{' + channels_last' if r['channels_last'] else '':<16} "
-              f"{r['images_per_second']} images/s", flush=True)
+        print(
+            f"{r['task']:<15} {r['model']:<25} {r['precision']}{' + channels_last' if r['channels_last'] else '':<16} "
+            f"{r['images_per_second']} images/s",
+            flush=True,
+        )
     job = None
     if not args.skip_main_job:
         if shutil.which("dvc") is None:
             print("dvc not on PATH: activate the project's venv", file=sys.stderr)
             return 2
         t0 = time.perf_counter()
-        job = {"command": main_job, "returncode": subprocess.run(main_job).returncode,
-               "seconds": round(time.perf_counter() - t0, 1)}
-    print(json.dumps({"dry_run": False, "device": torch.cuda.get_device_name(), "measurements": results, "main_job": job}))
+        job = {
+            "command": main_job,
+            "returncode": subprocess.run(main_job).returncode,
+            "seconds": round(time.perf_counter() - t0, 1),
+        }
+    print(
+        json.dumps({"dry_run": False, "device": torch.cuda.get_device_name(), "measurements": results, "main_job": job})
+    )
     return 0 if job is None or job["returncode"] == 0 else 1
 
 

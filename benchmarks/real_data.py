@@ -28,6 +28,7 @@ Both sides get one torch thread each and run side by side, so the machine's load
 a GPU and the plain script a core); with cuda they share the GPU as they share the CPU.
 Prints a markdown row per dataset; ``result.json`` in the work folder keeps the details.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,9 +47,19 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 OVERLAYS = REPO / "benchmarks" / "real_data"
 # dataset -> task; the overlay file benchmarks/real_data/<dataset>.yaml holds its settings
-DATASETS = {"trashnet150": "classification", "isbi_membrane": "segmentation", "bccd": "detection",
-            "coco128_lightly": "detection", "coco128_json": "instance_segmentation"}
-METRIC = {"classification": "accuracy", "segmentation": "miou", "detection": "map50", "instance_segmentation": "mask_map50"}
+DATASETS = {
+    "trashnet150": "classification",
+    "isbi_membrane": "segmentation",
+    "bccd": "detection",
+    "coco128_lightly": "detection",
+    "coco128_json": "instance_segmentation",
+}
+METRIC = {
+    "classification": "accuracy",
+    "segmentation": "miou",
+    "detection": "map50",
+    "instance_segmentation": "mask_map50",
+}
 
 
 # ---------------------------------------------------------------- the split, written once for both sides
@@ -82,8 +93,14 @@ def _mask_item(ds, i: int, masks: Path) -> dict:
 
 def _box_item(ds, i: int, masks: Path) -> dict:
     r = ds.records[i]
-    return {"path": r["path"], "width": r["width"], "height": r["height"], "boxes": r["boxes"].tolist(),
-            "labels": r["labels"].tolist(), "iscrowd": r["iscrowd"].tolist()}
+    return {
+        "path": r["path"],
+        "width": r["width"],
+        "height": r["height"],
+        "boxes": r["boxes"].tolist(),
+        "labels": r["labels"].tolist(),
+        "iscrowd": r["iscrowd"].tolist(),
+    }
 
 
 def _instance_item(ds, i: int, masks: Path) -> dict:
@@ -95,12 +112,22 @@ def _instance_item(ds, i: int, masks: Path) -> dict:
     for m in target["masks"].numpy():
         rle = mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))
         rles.append({"size": rle["size"], "counts": rle["counts"].decode()})
-    return {"path": ds.records[i]["path"], "width": image.width, "height": image.height, "masks": rles,
-            "boxes": target["boxes"].tolist(), "labels": target["labels"].tolist()}
+    return {
+        "path": ds.records[i]["path"],
+        "width": image.width,
+        "height": image.height,
+        "masks": rles,
+        "boxes": target["boxes"].tolist(),
+        "labels": target["labels"].tolist(),
+    }
 
 
-GROUND_TRUTH = {"classification": _label_item, "segmentation": _mask_item, "detection": _box_item,
-                "instance_segmentation": _instance_item}
+GROUND_TRUTH = {
+    "classification": _label_item,
+    "segmentation": _mask_item,
+    "detection": _box_item,
+    "instance_segmentation": _instance_item,
+}
 
 
 def coco_ground_truth(manifest: dict) -> dict:
@@ -111,16 +138,27 @@ def coco_ground_truth(manifest: dict) -> dict:
         crowd = it.get("iscrowd") or [0] * len(it["labels"])
         for k, (box, label) in enumerate(zip(it["boxes"], it["labels"])):
             x0, y0, x1, y1 = box
-            ann = {"id": len(anns) + 1, "image_id": image_id, "category_id": int(label), "bbox": [x0, y0, x1 - x0, y1 - y0],
-                   "area": (x1 - x0) * (y1 - y0), "iscrowd": int(crowd[k])}
+            ann = {
+                "id": len(anns) + 1,
+                "image_id": image_id,
+                "category_id": int(label),
+                "bbox": [x0, y0, x1 - x0, y1 - y0],
+                "area": (x1 - x0) * (y1 - y0),
+                "iscrowd": int(crowd[k]),
+            }
             if "masks" in it:
                 from pycocotools import mask as mask_utils
 
                 ann["segmentation"] = it["masks"][k]
-                ann["area"] = float(mask_utils.area({"size": it["masks"][k]["size"], "counts": it["masks"][k]["counts"].encode()}))
+                ann["area"] = float(
+                    mask_utils.area({"size": it["masks"][k]["size"], "counts": it["masks"][k]["counts"].encode()})
+                )
             anns.append(ann)
-    return {"images": images, "annotations": anns,
-            "categories": [{"id": k + 1, "name": n} for k, n in enumerate(manifest["classes"])]}
+    return {
+        "images": images,
+        "annotations": anns,
+        "categories": [{"id": k + 1, "name": n} for k, n in enumerate(manifest["classes"])],
+    }
 
 
 # ---------------------------------------------------------------- one scorer for both sides
@@ -141,7 +179,11 @@ def _accuracy(manifest: dict, pred_dir: Path) -> dict:
 
     pred = pd.read_csv(pred_dir / "predictions.csv")
     names = manifest["classes"]
-    return {"value": float(accuracy_score([names[it["label"]] for it in manifest["splits"]["test"]], pred["class"].tolist()))}
+    return {
+        "value": float(
+            accuracy_score([names[it["label"]] for it in manifest["splits"]["test"]], pred["class"].tolist())
+        )
+    }
 
 
 def _miou(manifest: dict, pred_dir: Path) -> dict:
@@ -170,12 +212,17 @@ def _coco_map50(iou_type: str):
         # the pipeline's own scoring: every AP at maxDets = max(100, the busiest image), COCO's 100 only beside it
         metrics, _ = coco_map(coco_ground_truth(manifest), results, manifest["classes"], iou_type)
         return {"value": float(metrics["map50"]), "max_dets": int(metrics["max_dets"])}
+
     return score
 
 
 # the primary test metric per task, computed from the files tasks.use.predict writes (METRIC names it)
-SCORERS = {"classification": _accuracy, "segmentation": _miou, "detection": _coco_map50("bbox"),
-           "instance_segmentation": _coco_map50("segm")}
+SCORERS = {
+    "classification": _accuracy,
+    "segmentation": _miou,
+    "detection": _coco_map50("bbox"),
+    "instance_segmentation": _coco_map50("segm"),
+}
 
 
 # ---------------------------------------------------------------- the two sides
@@ -191,14 +238,28 @@ def init_overlay(name: str, root: Path, spec: dict) -> dict:
 
     task = DATASETS[name]
     reading, _, _, choices, _ = plan(root / name, task=task, budget_minutes=spec["budget_minutes"])
-    return {"budget_minutes": spec["budget_minutes"], "plain": spec["plain"], f"tasks.{task}.data": reading.data,
-            **{f"tasks.{task}.{c.key}": c.value for c in choices}}
+    return {
+        "budget_minutes": spec["budget_minutes"],
+        "plain": spec["plain"],
+        f"tasks.{task}.data": reading.data,
+        **{f"tasks.{task}.{c.key}": c.value for c in choices},
+    }
 
 
 def start_plain(task: str, work: Path, budget_s: float, settings: dict) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    cmd = [sys.executable, str(REPO / "benchmarks" / "plain" / f"{task}.py"), "--manifest", str(work / "manifest.json"),
-           "--budget-seconds", str(budget_s), "--out", str(work / "plain"), "--settings", json.dumps(settings)]
+    cmd = [
+        sys.executable,
+        str(REPO / "benchmarks" / "plain" / f"{task}.py"),
+        "--manifest",
+        str(work / "manifest.json"),
+        "--budget-seconds",
+        str(budget_s),
+        "--out",
+        str(work / "plain"),
+        "--settings",
+        json.dumps(settings),
+    ]
     log = (work / "plain.log").open("w")
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
 
@@ -230,10 +291,15 @@ def logged_budget(task_name: str, stage: str, metrics: dict) -> dict:
     from tasks.paths import outputs
 
     logged = json.loads((outputs(task_name, stage) / "timings.json").read_text())
-    return {"train_s": logged["train_seconds"], "limit_s": logged.get("time_limit_seconds"),
-            "budget_use": logged.get("budget_use"), "final_lr": metrics["final_lr"],
-            "schedule_end_lr": logged.get("schedule_end_lr"), "epochs_planned": metrics["epochs"],
-            "epochs_cap": metrics["epochs_cap"]}
+    return {
+        "train_s": logged["train_seconds"],
+        "limit_s": logged.get("time_limit_seconds"),
+        "budget_use": logged.get("budget_use"),
+        "final_lr": metrics["final_lr"],
+        "schedule_end_lr": logged.get("schedule_end_lr"),
+        "epochs_planned": metrics["epochs"],
+        "epochs_cap": metrics["epochs_cap"],
+    }
 
 
 def predict_pipeline(task_name: str, manifest: dict, out: Path, stage: str = "augmented") -> None:
@@ -247,8 +313,14 @@ def predict_pipeline(task_name: str, manifest: dict, out: Path, stage: str = "au
     predict_files(loaded, [Path(it["path"]) for it in manifest["splits"]["test"]], out)
 
 
-def both_sides(task_name: str, spec: dict, extra: dict, device: str = "cpu", seed: int | None = None,
-               plain_extra: dict | None = None) -> tuple[dict, dict]:
+def both_sides(
+    task_name: str,
+    spec: dict,
+    extra: dict,
+    device: str = "cpu",
+    seed: int | None = None,
+    plain_extra: dict | None = None,
+) -> tuple[dict, dict]:
     """The pipeline's overrides and the plain script's settings from a dataset's overlay (``spec``), the
     command line's ``--set`` (``extra``) and ``--plain`` (``plain_extra``): one device and one seed for both."""
     spec = dict(spec)
@@ -259,15 +331,27 @@ def both_sides(task_name: str, spec: dict, extra: dict, device: str = "cpu", see
     if any(k.startswith("pretrain.") for k in overrides):  # a pretrain key is what switches pretraining on
         overrides.setdefault("pretrain.device", device)
     plain_settings = {**plain_settings, **(plain_extra or {}), "device": device}
-    if seed is not None:  # the training seed of both sides; the split's own seed (data.split_seed) stays, so does the split
+    if (
+        seed is not None
+    ):  # the training seed of both sides; the split's own seed (data.split_seed) stays, so does the split
         overrides["seed"] = seed
         plain_settings = {**plain_settings, "seed": seed}
     return overrides, plain_settings
 
 
-def benchmark(name: str, root: Path, budget_minutes: float | None, extra: dict, keep: str | None,
-              baseline_minutes: float = 0.0, seed: int | None = None, device: str = "cpu",
-              plain_extra: dict | None = None, from_init: bool = False, variant: str | None = None) -> dict:
+def benchmark(
+    name: str,
+    root: Path,
+    budget_minutes: float | None,
+    extra: dict,
+    keep: str | None,
+    baseline_minutes: float = 0.0,
+    seed: int | None = None,
+    device: str = "cpu",
+    plain_extra: dict | None = None,
+    from_init: bool = False,
+    variant: str | None = None,
+) -> dict:
     from cv_models import get_task
     from tasks import validate
     from tasks.config import load_params
@@ -295,26 +379,47 @@ def benchmark(name: str, root: Path, budget_minutes: float | None, extra: dict, 
     t_pipeline = time.perf_counter() - t_start
     predict_pipeline(task_name, manifest, work / "pipeline")
     if plain.wait() != 0:
-        raise SystemExit(f"the plain script failed: see {work / 'plain.log'}\n" + (work / "plain.log").read_text()[-3000:])
+        raise SystemExit(
+            f"the plain script failed: see {work / 'plain.log'}\n" + (work / "plain.log").read_text()[-3000:]
+        )
     plain_info = json.loads((work / "plain" / "run.json").read_text())
     base = None
     if baseline_minutes > 0:  # after the timed comparison: the first three stages of the pipeline on this data
         base_run = run_baseline(task_name, overrides, baseline_minutes)
         predict_pipeline(task_name, manifest, work / "pipeline_baseline", "baseline")
-        base = {"test": score(manifest, work / "pipeline_baseline"), "epochs": base_run["epochs_run"],
-                "overfit_final_loss": base_run["overfit_final_loss"], "minutes": baseline_minutes,
-                "budget": logged_budget(task_name, "baseline", base_run)}
+        base = {
+            "test": score(manifest, work / "pipeline_baseline"),
+            "epochs": base_run["epochs_run"],
+            "overfit_final_loss": base_run["overfit_final_loss"],
+            "minutes": baseline_minutes,
+            "budget": logged_budget(task_name, "baseline", base_run),
+        }
     pipeline_scores = scores(manifest, work / "pipeline")
     result = {
-        "dataset": name, "task": task_name, "metric": METRIC[task_name], "budget_s": budget_s,
-        "pipeline": pipeline_scores["value"], "plain": score(manifest, work / "plain"),
-        "max_dets": pipeline_scores.get("max_dets"), "pipeline_budget": logged_budget(task_name, "augmented", run),
-        "pipeline_train_s": round(t_pipeline, 1), "pipeline_epochs": run["epochs_run"], "plain_train_s": plain_info["seconds"],
-        "plain_epochs": plain_info["epochs"], "validate_s": round(t_validate, 1), "baseline": base,
-        "splits": {s: len(v) for s, v in manifest["splits"].items()}, "validation_notes": len(report["notes"]),
+        "dataset": name,
+        "task": task_name,
+        "metric": METRIC[task_name],
+        "budget_s": budget_s,
+        "pipeline": pipeline_scores["value"],
+        "plain": score(manifest, work / "plain"),
+        "max_dets": pipeline_scores.get("max_dets"),
+        "pipeline_budget": logged_budget(task_name, "augmented", run),
+        "pipeline_train_s": round(t_pipeline, 1),
+        "pipeline_epochs": run["epochs_run"],
+        "plain_train_s": plain_info["seconds"],
+        "plain_epochs": plain_info["epochs"],
+        "validate_s": round(t_validate, 1),
+        "baseline": base,
+        "splits": {s: len(v) for s, v in manifest["splits"].items()},
+        "validation_notes": len(report["notes"]),
         "model": cfg.model.name + (f" ({cfg.model.weights})" if cfg.model.weights != "none" else ""),
-        "image_size": cfg.image_size, "variant": variant, "plain_settings": plain_settings, "seed": seed,
-        "device": device_name(device), "cpu": cpu_name(), "work": str(work),
+        "image_size": cfg.image_size,
+        "variant": variant,
+        "plain_settings": plain_settings,
+        "seed": seed,
+        "device": device_name(device),
+        "cpu": cpu_name(),
+        "work": str(work),
     }
     (work / "result.json").write_text(json.dumps(result, indent=2))
     return result
@@ -338,20 +443,30 @@ def device_name(device: str) -> str:
 def budget_cells(b: dict) -> str:
     """Budget use (training seconds ÷ the time limit, as the run logged them) and the final learning rate beside the
     one the schedule ends at."""
-    use = f"{b['budget_use']:.3f} ({b['train_s']:.0f} of {b['limit_s']:.0f} s)" if b["budget_use"] is not None else "no limit"
+    use = (
+        f"{b['budget_use']:.3f} ({b['train_s']:.0f} of {b['limit_s']:.0f} s)"
+        if b["budget_use"] is not None
+        else "no limit"
+    )
     end = f" (end {b['schedule_end_lr']:.1e})" if b["schedule_end_lr"] is not None else ""
     return f"{use} | {b['final_lr']:.1e}{end}"
 
 
 def row(r: dict) -> str:
     ahead = "yes" if r["pipeline"] > r["plain"] else "no"
-    base = (f" | {r['baseline']['test']:.3f} ({r['baseline']['epochs']} ep, {r['baseline']['minutes']:g} min; "
-            f"{budget_cells(r['baseline']['budget']).replace(' | ', ', lr ')})" if r["baseline"] else "")
+    base = (
+        f" | {r['baseline']['test']:.3f} ({r['baseline']['epochs']} ep, {r['baseline']['minutes']:g} min; "
+        f"{budget_cells(r['baseline']['budget']).replace(' | ', ', lr ')})"
+        if r["baseline"]
+        else ""
+    )
     metric = r["metric"] + (f" (maxDets {r['max_dets']})" if r.get("max_dets") else "")
-    return (f"| {r['dataset']} | {r['task']} | {r['model']} {r['image_size']} | {r['budget_s'] / 60:g} min | "
-            f"{r['splits']['train']}/{r['splits']['val']}/{r['splits']['test']} | {metric} | "
-            f"**{r['pipeline']:.3f}** ({r['pipeline_epochs']} of {r['pipeline_budget']['epochs_planned']} planned ep) | "
-            f"{budget_cells(r['pipeline_budget'])} | {r['plain']:.3f} ({r['plain_epochs']} ep) | {ahead}{base} |")
+    return (
+        f"| {r['dataset']} | {r['task']} | {r['model']} {r['image_size']} | {r['budget_s'] / 60:g} min | "
+        f"{r['splits']['train']}/{r['splits']['val']}/{r['splits']['test']} | {metric} | "
+        f"**{r['pipeline']:.3f}** ({r['pipeline_epochs']} of {r['pipeline_budget']['epochs_planned']} planned ep) | "
+        f"{budget_cells(r['pipeline_budget'])} | {r['plain']:.3f} ({r['plain_epochs']} ep) | {ahead}{base} |"
+    )
 
 
 def main() -> None:
@@ -361,19 +476,39 @@ def main() -> None:
     ap.add_argument("dataset", choices=[*DATASETS, "all"])
     ap.add_argument("--shared", default=str(REPO.parent / "shared" / "datasets"), help="folder holding the datasets")
     ap.add_argument("--budget-minutes", type=float, help="training wall time of each side (default: the overlay's)")
-    ap.add_argument("--variant", help="the overlay benchmarks/real_data/<dataset>_<variant>.yaml instead of <dataset>.yaml "
-                                      "(e.g. pretrained: ImageNet weights on both sides)")
+    ap.add_argument(
+        "--variant",
+        help="the overlay benchmarks/real_data/<dataset>_<variant>.yaml instead of <dataset>.yaml "
+        "(e.g. pretrained: ImageNet weights on both sides)",
+    )
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--keep", help="folder to keep each dataset's work folder in (default: temporary folders)")
-    ap.add_argument("--baseline-minutes", type=float, default=0.0,
-                    help="afterwards, also the pipeline's baseline stage (overfit check, no augmentation) for this long")
-    ap.add_argument("--seed", type=int, help="training seed of both sides (default: params.yaml's seed and the plain "
-                                            "script's 0); the split does not move")
+    ap.add_argument(
+        "--baseline-minutes",
+        type=float,
+        default=0.0,
+        help="afterwards, also the pipeline's baseline stage (overfit check, no augmentation) for this long",
+    )
+    ap.add_argument(
+        "--seed",
+        type=int,
+        help="training seed of both sides (default: params.yaml's seed and the plain "
+        "script's 0); the split does not move",
+    )
     ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N: where both sides train (default cpu)")
-    ap.add_argument("--plain", dest="plain_overrides", action="append", default=[], metavar="KEY=VALUE",
-                    help="a setting of the plain script (the overlay's plain: block), e.g. size=640")
-    ap.add_argument("--from-init", action="store_true",
-                    help="the pipeline's settings from `python -m tasks init` at the overlay's budget, not the overlay")
+    ap.add_argument(
+        "--plain",
+        dest="plain_overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a setting of the plain script (the overlay's plain: block), e.g. size=640",
+    )
+    ap.add_argument(
+        "--from-init",
+        action="store_true",
+        help="the pipeline's settings from `python -m tasks init` at the overlay's budget, not the overlay",
+    )
     args = ap.parse_args()
     root = Path(args.shared).resolve()
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
@@ -383,15 +518,28 @@ def main() -> None:
         if not (root / name).is_dir():
             raise SystemExit(f"{name} not found under {root} (--shared)")
         here = Path.cwd()
-        r = benchmark(name, root, args.budget_minutes, parse_overrides(args.overrides), args.keep, args.baseline_minutes,
-                      args.seed, args.device, parse_overrides(args.plain_overrides), args.from_init, args.variant)
+        r = benchmark(
+            name,
+            root,
+            args.budget_minutes,
+            parse_overrides(args.overrides),
+            args.keep,
+            args.baseline_minutes,
+            args.seed,
+            args.device,
+            parse_overrides(args.plain_overrides),
+            args.from_init,
+            args.variant,
+        )
         os.chdir(here)
         rows.append(row(r))
         print(json.dumps(r, indent=2))
     print(f"\nCPU: {cpu_name()}; each side one torch thread, both at once; trained on {device_name(args.device)}\n")
     extra = " pipeline baseline stage |" if args.baseline_minutes > 0 else ""
-    print("| dataset | task | pipeline model, size | budget | train/val/test | test metric | pipeline | pipeline budget use "
-          "(training s ÷ time limit) | pipeline final lr | plain script | ahead |" + extra)
+    print(
+        "| dataset | task | pipeline model, size | budget | train/val/test | test metric | pipeline | pipeline budget use "
+        "(training s ÷ time limit) | pipeline final lr | plain script | ahead |" + extra
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if extra else ""))
     print("\n".join(rows))
 

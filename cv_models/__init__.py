@@ -3,6 +3,7 @@
 The names below load the task modules (and with them torch and torchvision) on first use, not when a light
 module of the package is imported (``cv_models.settings``, ``cv_models.data.shapes``): a stage that needs no
 model, such as ``generate``, starts without them."""
+
 from __future__ import annotations
 
 import importlib

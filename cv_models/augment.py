@@ -9,6 +9,7 @@ its phase) and one Switch field in the augment schema (:mod:`cv_models.settings`
 subclass); :func:`cv_models.base.register_task` refuses a task whose schema and registry disagree,
 and the ablation baseline switches off every Switch field, so none can be forgotten.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -71,18 +72,35 @@ def random_apply(t: v2.Transform, p: float) -> v2.Transform:
 AUGMENTATIONS: dict[str, Augmentation] = {
     "hflip": Augmentation("geometric", lambda c, size: v2.RandomHorizontalFlip(p=c.p)),
     "vflip": Augmentation("geometric", lambda c, size: v2.RandomVerticalFlip(p=c.p)),
-    "rotation": Augmentation("geometric", lambda c, size: random_apply(
-        v2.RandomRotation(degrees=c.degrees, fill={tv_tensors.Image: c.fill, "others": 0}), c.p)),
-    "crop": Augmentation("geometric", lambda c, size: random_apply(
-        v2.RandomResizedCrop(size=size, scale=tuple(c.scale), antialias=True), c.p)),
-    "rescale": Augmentation("geometric", lambda c, size: random_apply(v2.RandomAffine(degrees=0, scale=tuple(c.scale)), c.p)),
-    "color": Augmentation("photometric", lambda c, size: random_apply(
-        v2.ColorJitter(brightness=c.brightness, contrast=c.contrast, saturation=c.saturation, hue=c.hue), c.p)),
-    "blur": Augmentation("photometric", lambda c, size: random_apply(
-        v2.GaussianBlur(kernel_size=c.kernel_size, sigma=tuple(c.sigma)), c.p)),
-    "noise": Augmentation("after_float", lambda c, size: random_apply(v2.GaussianNoise(sigma=c.sigma, clip=False), c.p)),
-    "cutout": Augmentation("after_normalize", lambda c, size: v2.RandomErasing(p=c.p, scale=tuple(c.scale),
-                                                                               ratio=CUTOUT_RATIO, value=0)),
+    "rotation": Augmentation(
+        "geometric",
+        lambda c, size: random_apply(
+            v2.RandomRotation(degrees=c.degrees, fill={tv_tensors.Image: c.fill, "others": 0}), c.p
+        ),
+    ),
+    "crop": Augmentation(
+        "geometric",
+        lambda c, size: random_apply(v2.RandomResizedCrop(size=size, scale=tuple(c.scale), antialias=True), c.p),
+    ),
+    "rescale": Augmentation(
+        "geometric", lambda c, size: random_apply(v2.RandomAffine(degrees=0, scale=tuple(c.scale)), c.p)
+    ),
+    "color": Augmentation(
+        "photometric",
+        lambda c, size: random_apply(
+            v2.ColorJitter(brightness=c.brightness, contrast=c.contrast, saturation=c.saturation, hue=c.hue), c.p
+        ),
+    ),
+    "blur": Augmentation(
+        "photometric",
+        lambda c, size: random_apply(v2.GaussianBlur(kernel_size=c.kernel_size, sigma=tuple(c.sigma)), c.p),
+    ),
+    "noise": Augmentation(
+        "after_float", lambda c, size: random_apply(v2.GaussianNoise(sigma=c.sigma, clip=False), c.p)
+    ),
+    "cutout": Augmentation(
+        "after_normalize", lambda c, size: v2.RandomErasing(p=c.p, scale=tuple(c.scale), ratio=CUTOUT_RATIO, value=0)
+    ),
     "mixup": Augmentation(BATCH),
     "cutmix": Augmentation(BATCH),
 }
@@ -131,8 +149,11 @@ def build_transforms(
     def stage(phase: str) -> list[v2.Transform]:
         if augment is None:
             return []
-        return [aug.build(getattr(augment, n), size) for n, aug in registry.items()
-                if aug.phase == phase and getattr(augment, n).enabled]
+        return [
+            aug.build(getattr(augment, n), size)
+            for n, aug in registry.items()
+            if aug.phase == phase and getattr(augment, n).enabled
+        ]
 
     # resize first: on a PIL image v2 uses PIL's fast resampling, then convert to a tensor image
     steps: list = [resize if resize is not None else v2.Resize(size, antialias=True)]

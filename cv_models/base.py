@@ -5,6 +5,7 @@ boxes: they call these methods. Adding a task means writing one module with a
 :class:`CVTask` subclass decorated with :func:`register_task` and importing it
 in ``cv_models/__init__.py``.
 """
+
 from __future__ import annotations
 
 import json
@@ -37,8 +38,10 @@ def register_task(cls: type["CVTask"]) -> type["CVTask"]:
     declared = cls.augment_schema().switch_names()
     registered = list(cls.augmentations)
     if sorted(declared) != sorted(registered):
-        raise TypeError(f"task {cls.name!r}: augment schema switches {sorted(declared)} but registered augmentations "
-                        f"{sorted(registered)}: add the missing Switch field or registry entry")
+        raise TypeError(
+            f"task {cls.name!r}: augment schema switches {sorted(declared)} but registered augmentations "
+            f"{sorted(registered)}: add the missing Switch field or registry entry"
+        )
     TASKS[cls.name] = cls
     return cls
 
@@ -77,7 +80,9 @@ class Prediction:
     overlay: torch.Tensor | None = None  # uint8 3xHxW picture of the prediction (dense tasks)
 
 
-def never_predicted(names: list[str], true_counts: Sequence[float], predicted_counts: Sequence[float]) -> dict[str, float]:
+def never_predicted(
+    names: list[str], true_counts: Sequence[float], predicted_counts: Sequence[float]
+) -> dict[str, float]:
     """``never_predicted/<class>: 1.0`` for each class present in the scored data that the model never predicts
     (a half-collapsed model: the warnings name them); nothing for the others."""
     return {f"never_predicted/{c}": 1.0 for c, t, p in zip(names, true_counts, predicted_counts) if t > 0 and p == 0}
@@ -131,8 +136,7 @@ class CVTask(ABC):
         return {}
 
     @abstractmethod
-    def class_names(self) -> list[str]:
-        ...
+    def class_names(self) -> list[str]: ...
 
     def sample_labels(self, dataset: Dataset[Any]) -> list[int] | None:
         """Each sample's class index, for subsets that keep every class's share; None where a sample has no
@@ -158,13 +162,13 @@ class CVTask(ABC):
 
     # ------------------------------------------------------------ transforms
     @abstractmethod
-    def train_transforms(self, augment: AugmentConfig | None,
-                         normalize: Callable[..., Any] | None) -> Callable[..., Any]:
+    def train_transforms(
+        self, augment: AugmentConfig | None, normalize: Callable[..., Any] | None
+    ) -> Callable[..., Any]:
         """Training-time transforms; ``augment=None`` is the plain baseline."""
 
     @abstractmethod
-    def eval_transforms(self, normalize: Callable[..., Any] | None) -> Callable[..., Any]:
-        ...
+    def eval_transforms(self, normalize: Callable[..., Any] | None) -> Callable[..., Any]: ...
 
     def batch_mixer(self, augment: AugmentConfig | None) -> Callable[..., Any] | None:
         """Batch-level augmentation (MixUp / CutMix) as ``(images, targets) -> (images, targets)``."""
@@ -172,8 +176,7 @@ class CVTask(ABC):
 
     # ------------------------------------------------------------------ model
     @abstractmethod
-    def build_model(self) -> nn.Module:
-        ...
+    def build_model(self) -> nn.Module: ...
 
     # ---------------------------------------------------- pretrained encoder
     def pretrained_name(self) -> str | None:
@@ -202,8 +205,10 @@ class CVTask(ABC):
         where they came from is kept in ``weights_record`` for MLflow."""
         name = self.pretrained_name()
         if name is None:
-            raise ValueError(f"model.weights: imagenet: {self.cfg.model.name!r} has no pretrained network; for "
-                             f"{self.name} use a timm:<arch> model or encoder")
+            raise ValueError(
+                f"model.weights: imagenet: {self.cfg.model.name!r} has no pretrained network; for "
+                f"{self.name} use a timm:<arch> model or encoder"
+            )
         if self.skip_imagenet_load:
             return
         resolved = resolve_imagenet(name, self.cfg.model.weights_file)
@@ -225,15 +230,19 @@ class CVTask(ABC):
         """The network whose ImageNet weights ``model.weights: imagenet`` asks for; an error for a model without one."""
         name = self.pretrained_name()
         if name is None:
-            raise DataError(f"{self.name}: model.weights: imagenet, but model {self.cfg.model.name!r} has no network "
-                            f"with ImageNet weights (rule: model.weights: imagenet needs a pretrained architecture)")
+            raise DataError(
+                f"{self.name}: model.weights: imagenet, but model {self.cfg.model.name!r} has no network "
+                f"with ImageNet weights (rule: model.weights: imagenet needs a pretrained architecture)"
+            )
         return name
 
     def normalization_record(self) -> dict[str, str]:
         c = input_convention(self.imagenet_network())
-        return {"input_normalization": f"mean {list(c.mean)}, std {list(c.std)}: {c.why}, the convention of the "
-                                       f"pretrained weights (model.weights: imagenet), not normalization "
-                                       f"{self.cfg.normalization!r} from the data's statistics"}
+        return {
+            "input_normalization": f"mean {list(c.mean)}, std {list(c.std)}: {c.why}, the convention of the "
+            f"pretrained weights (model.weights: imagenet), not normalization "
+            f"{self.cfg.normalization!r} from the data's statistics"
+        }
 
     def is_encoder(self, parameter: str) -> bool:
         prefixes = self.encoder_prefixes()
@@ -250,8 +259,9 @@ class CVTask(ABC):
         if not n:
             return
         if epoch <= n:
-            self._hook_frozen = self._hook_frozen or [k for k, p in model.named_parameters()
-                                                      if self.is_encoder(k) and p.requires_grad]
+            self._hook_frozen = self._hook_frozen or [
+                k for k, p in model.named_parameters() if self.is_encoder(k) and p.requires_grad
+            ]
             for name, p in model.named_parameters():
                 p.requires_grad = p.requires_grad and name not in self._hook_frozen
             for name, m in model.named_modules():
@@ -267,8 +277,9 @@ class CVTask(ABC):
         """Loss of one batch, model in train mode (the loss chosen to match the metric)."""
 
     @abstractmethod
-    def evaluate(self, model: nn.Module, loader: torch.utils.data.DataLoader[Any], device: torch.device,
-                 native: bool = False) -> EvalResult:
+    def evaluate(
+        self, model: nn.Module, loader: torch.utils.data.DataLoader[Any], device: torch.device, native: bool = False
+    ) -> EvalResult:
         """Metrics of ``model`` on ``loader`` (not shuffled). ``native``: score every image at its own resolution
         against its original annotation, predictions mapped back as :meth:`predict_image` does (the evaluate
         stage: the figures users and papers report), and keep the per-image predictions :meth:`report` writes.
@@ -289,8 +300,9 @@ class CVTask(ABC):
         return self.eval_transforms(normalize)
 
     @abstractmethod
-    def predict_image(self, model: nn.Module, image: Any, normalize: Callable[..., Any] | None,
-                      image_id: int) -> Prediction:
+    def predict_image(
+        self, model: nn.Module, image: Any, normalize: Callable[..., Any] | None, image_id: int
+    ) -> Prediction:
         """The model's prediction on one RGB PIL image, mapped back to the image's own resolution."""
 
     # the predict stage's summary: how many of what, per class

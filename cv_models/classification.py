@@ -1,4 +1,5 @@
 """Image classification: ImageFolder data, small CNN or torchvision classifiers, accuracy and F1."""
+
 from __future__ import annotations
 
 from collections import Counter
@@ -110,8 +111,9 @@ class ClassificationModelOptions(Strict):
 class ClassificationTask(CVTask):
     name = "classification"
     primary_metric = "accuracy"
-    settings = task_settings("Classification", data_options=ClassificationDataOptions,
-                             model_options=ClassificationModelOptions)
+    settings = task_settings(
+        "Classification", data_options=ClassificationDataOptions, model_options=ClassificationModelOptions
+    )
     results_file = "predictions.csv"
 
     # ------------------------------------------------------------------ data
@@ -163,8 +165,24 @@ class ClassificationTask(CVTask):
     def validation_tables(self) -> dict[str, pd.DataFrame]:
         rows, folders = self._samples()
         classes = self.cfg.data.classes or folders
-        table = pd.DataFrame([{**r, **probe_image(Path(r["path"]))} for r in rows]) if rows else pd.DataFrame(
-            columns=["path", "split", "label", "bytes", "sha256", "width", "height", "channels", "mode", "decodes", "error"]
+        table = (
+            pd.DataFrame([{**r, **probe_image(Path(r["path"]))} for r in rows])
+            if rows
+            else pd.DataFrame(
+                columns=[
+                    "path",
+                    "split",
+                    "label",
+                    "bytes",
+                    "sha256",
+                    "width",
+                    "height",
+                    "channels",
+                    "mode",
+                    "decodes",
+                    "error",
+                ]
+            )
         )
         table["suffix_is_image"] = table["path"].map(lambda p: Path(p).suffix.lower() in IMAGE_SUFFIXES)
         splits_per_hash = table.groupby("sha256")["split"].nunique() if len(table) else pd.Series(dtype=int)
@@ -174,9 +192,14 @@ class ClassificationTask(CVTask):
         decoded = table[table["decodes"]] if len(table) else table
         coverage = pd.DataFrame(
             [
-                {"class_split": f"class '{c}' in split '{s}'", "label": c, "split": s,
-                 "count": int(((decoded["label"] == c) & (decoded["split"] == s)).sum()) if len(decoded) else 0}
-                for c in sorted(set(classes) | set(folders)) for s in ("train", "val", "test")
+                {
+                    "class_split": f"class '{c}' in split '{s}'",
+                    "label": c,
+                    "split": s,
+                    "count": int(((decoded["label"] == c) & (decoded["split"] == s)).sum()) if len(decoded) else 0,
+                }
+                for c in sorted(set(classes) | set(folders))
+                for s in ("train", "val", "test")
             ]
         )
         return {"samples": table, "coverage": coverage}
@@ -188,31 +211,68 @@ class ClassificationTask(CVTask):
         classes = d.classes or sorted(tables["samples"]["label"].unique())
         # the size rules read the header's size, so a decompression bomb (refused before decoding) is named by them too
         out = [
-            Check("samples", "every file decodes as an image",
-                  gx.expectations.ExpectColumnValuesToBeInSet(column="decodes", value_set=[True])),
-            Check("samples", f"image width within [{d.min_size}, {d.max_size}]",
-                  gx.expectations.ExpectColumnValuesToBeBetween(column="width", min_value=d.min_size, max_value=d.max_size,
-                                                                row_condition='width > 0', condition_parser="pandas")),
-            Check("samples", f"image height within [{d.min_size}, {d.max_size}]",
-                  gx.expectations.ExpectColumnValuesToBeBetween(column="height", min_value=d.min_size, max_value=d.max_size,
-                                                                row_condition='width > 0', condition_parser="pandas")),
-            Check("samples", f"label in the declared classes {list(classes)}",
-                  gx.expectations.ExpectColumnValuesToBeInSet(column="label", value_set=list(classes))),
-            Check("samples", "no identical file in two splits",
-                  gx.expectations.ExpectColumnValuesToBeInSet(column="duplicate_in_other_split", value_set=[False])),
-            Check("samples", "no identical image filed under two different classes (set "
-                             "data.options.conflicting_duplicates: drop to leave such files out)",
-                  gx.expectations.ExpectColumnValuesToBeInSet(column="duplicate_with_other_label", value_set=[False])),
-            Check("coverage", "every class present in train and val (an empty class folder breaks this)",
-                  gx.expectations.ExpectColumnValuesToBeBetween(column="count", min_value=1,
-                                                                row_condition='split != "test"', condition_parser="pandas"),
-                  key_column="class_split"),
+            Check(
+                "samples",
+                "every file decodes as an image",
+                gx.expectations.ExpectColumnValuesToBeInSet(column="decodes", value_set=[True]),
+            ),
+            Check(
+                "samples",
+                f"image width within [{d.min_size}, {d.max_size}]",
+                gx.expectations.ExpectColumnValuesToBeBetween(
+                    column="width",
+                    min_value=d.min_size,
+                    max_value=d.max_size,
+                    row_condition="width > 0",
+                    condition_parser="pandas",
+                ),
+            ),
+            Check(
+                "samples",
+                f"image height within [{d.min_size}, {d.max_size}]",
+                gx.expectations.ExpectColumnValuesToBeBetween(
+                    column="height",
+                    min_value=d.min_size,
+                    max_value=d.max_size,
+                    row_condition="width > 0",
+                    condition_parser="pandas",
+                ),
+            ),
+            Check(
+                "samples",
+                f"label in the declared classes {list(classes)}",
+                gx.expectations.ExpectColumnValuesToBeInSet(column="label", value_set=list(classes)),
+            ),
+            Check(
+                "samples",
+                "no identical file in two splits",
+                gx.expectations.ExpectColumnValuesToBeInSet(column="duplicate_in_other_split", value_set=[False]),
+            ),
+            Check(
+                "samples",
+                "no identical image filed under two different classes (set "
+                "data.options.conflicting_duplicates: drop to leave such files out)",
+                gx.expectations.ExpectColumnValuesToBeInSet(column="duplicate_with_other_label", value_set=[False]),
+            ),
+            Check(
+                "coverage",
+                "every class present in train and val (an empty class folder breaks this)",
+                gx.expectations.ExpectColumnValuesToBeBetween(
+                    column="count", min_value=1, row_condition='split != "test"', condition_parser="pandas"
+                ),
+                key_column="class_split",
+            ),
         ]
         if d.color_mode == "reject":
-            out.append(Check("samples", "image is RGB (grayscale, palette and RGBA are rejected: data.color_mode=reject)",
-                             gx.expectations.ExpectColumnValuesToBeInSet(column="mode", value_set=["RGB"],
-                                                                         row_condition='decodes == True',
-                                                                         condition_parser="pandas")))
+            out.append(
+                Check(
+                    "samples",
+                    "image is RGB (grayscale, palette and RGBA are rejected: data.color_mode=reject)",
+                    gx.expectations.ExpectColumnValuesToBeInSet(
+                        column="mode", value_set=["RGB"], row_condition="decodes == True", condition_parser="pandas"
+                    ),
+                )
+            )
         return out
 
     def validation_notes(self, tables: dict[str, pd.DataFrame]) -> list[str]:
@@ -220,12 +280,19 @@ class ClassificationTask(CVTask):
         if len(s):
             odd = s[s["decodes"] & (s["mode"] != "RGB")]
             if len(odd) and self.cfg.data.color_mode == "convert":
-                notes += [f"{p}: mode {m} converted to RGB (data.color_mode=convert)" for p, m in zip(odd["path"], odd["mode"])]
-        notes += [f"identical files under different classes, left out (data.options.conflicting_duplicates=drop): {g}"
-                  for g in getattr(self, "_dropped_duplicates", [])]
+                notes += [
+                    f"{p}: mode {m} converted to RGB (data.color_mode=convert)"
+                    for p, m in zip(odd["path"], odd["mode"])
+                ]
+        notes += [
+            f"identical files under different classes, left out (data.options.conflicting_duplicates=drop): {g}"
+            for g in getattr(self, "_dropped_duplicates", [])
+        ]
         cov = tables["coverage"]
-        notes += [f"{r.class_split}: no images (test metrics for this class will be missing)"
-                  for r in cov[(cov["split"] == "test") & (cov["count"] == 0)].itertuples()]
+        notes += [
+            f"{r.class_split}: no images (test metrics for this class will be missing)"
+            for r in cov[(cov["split"] == "test") & (cov["count"] == 0)].itertuples()
+        ]
         return notes
 
     def dataset(self, split: str, transforms) -> ImageFolderDataset:
@@ -271,7 +338,9 @@ class ClassificationTask(CVTask):
         n = len(self.class_names())
         if m.name in NETS:
             if m.options.kwargs:
-                raise ValueError(f"model.options.kwargs is for torchvision classifiers; {m.name!r} takes width, depth and dropout")
+                raise ValueError(
+                    f"model.options.kwargs is for torchvision classifiers; {m.name!r} takes width, depth and dropout"
+                )
             model = NETS[m.name](num_classes=n, width=m.width, depth=m.depth, dropout=m.dropout)
         else:  # timm:<arch> or a torchvision classifier by name (cv_models/pretrained.py PROVIDERS)
             provider, arch = split_name(m.name)
@@ -304,7 +373,9 @@ class ClassificationTask(CVTask):
     def training_loss(self, model, images, targets):
         loss_cfg = self.cfg.train.loss
         if loss_cfg.name != "cross_entropy":
-            raise ValueError(f"classification supports loss.name 'cross_entropy' (with label_smoothing), got {loss_cfg.name!r}")
+            raise ValueError(
+                f"classification supports loss.name 'cross_entropy' (with label_smoothing), got {loss_cfg.name!r}"
+            )
         weight = torch.tensor(loss_cfg.class_weights, device=images.device) if loss_cfg.class_weights else None
         return F.cross_entropy(model(images), targets, weight=weight, label_smoothing=loss_cfg.label_smoothing)
 
@@ -338,8 +409,12 @@ class ClassificationTask(CVTask):
         probs = F.softmax(model.eval()(x.to(device)), 1)[0].cpu()
         names = self.class_names()
         k = int(probs.argmax())
-        record = {"image_id": image_id, "class": names[k], "score": round(float(probs[k]), 6),
-                  **{f"prob_{c}": round(float(p), 6) for c, p in zip(names, probs.tolist())}}
+        record = {
+            "image_id": image_id,
+            "class": names[k],
+            "score": round(float(probs[k]), 6),
+            **{f"prob_{c}": round(float(p), 6) for c, p in zip(names, probs.tolist())},
+        }
         return Prediction([record], [names[k]])
 
     def _score(self, y_true: np.ndarray, y_pred: np.ndarray) -> EvalResult:
@@ -363,8 +438,12 @@ class ClassificationTask(CVTask):
             **{f"f1/{c}": float(v) for c, v in zip(names, f)},
             **never_predicted(names, support.tolist(), predicted.tolist()),
         }
-        return EvalResult(metrics, predictions={"y_true": y_true, "y_pred": y_pred}, per_class=per_class,
-                          extra={"confusion_matrix": cm})
+        return EvalResult(
+            metrics,
+            predictions={"y_true": y_true, "y_pred": y_pred},
+            per_class=per_class,
+            extra={"confusion_matrix": cm},
+        )
 
     def dummy_result(self, train, evaluation) -> EvalResult:
         most_frequent = Counter(train.labels).most_common(1)[0][0]
@@ -378,7 +457,9 @@ class ClassificationTask(CVTask):
         names = self.class_names()
         if isinstance(target, torch.Tensor) and target.ndim == 1:  # soft label after MixUp / CutMix
             top = target.topk(min(2, len(names)))
-            text = " + ".join(f"{names[i]} {w:.2f}" for w, i in zip(top.values.tolist(), top.indices.tolist()) if w > 0.01)
+            text = " + ".join(
+                f"{names[i]} {w:.2f}" for w, i in zip(top.values.tolist(), top.indices.tolist()) if w > 0.01
+            )
         else:
             text = names[int(target)]
         return caption(image, text)
@@ -393,8 +474,13 @@ class ClassificationTask(CVTask):
         for model_name, res in results.items():
             y_true, y_pred = res.predictions["y_true"], res.predictions["y_pred"]
             probs = res.predictions.get("probs", np.eye(len(names))[y_pred])
-            table = pd.DataFrame({"file": [s["path"] for s in test.samples], "true_class": [names[k] for k in y_true],
-                                  "predicted_class": [names[k] for k in y_pred]})
+            table = pd.DataFrame(
+                {
+                    "file": [s["path"] for s in test.samples],
+                    "true_class": [names[k] for k in y_true],
+                    "predicted_class": [names[k] for k in y_pred],
+                }
+            )
             table[[f"prob_{c}" for c in names]] = np.round(probs, 6)
             files.append(out_dir / f"predictions_{model_name}.csv")
             table.to_csv(files[-1], index=False)
@@ -405,7 +491,8 @@ class ClassificationTask(CVTask):
             "print('accuracy', accuracy_score(df.true_class, df.predicted_class))\n"
             f"print('macro_f1', f1_score(df.true_class, df.predicted_class, labels={names!r}, average='macro', "
             "zero_division=0))\n```\n\nThe macro F1 averages over every declared class (one absent from both columns "
-            "counts 0), as metrics.json does.\n")
+            "counts 0), as metrics.json does.\n"
+        )
         files.append(out_dir / "RECOMPUTE.md")
         for model_name, res in results.items():
             if "confusion_matrix" in res.extra:

@@ -8,6 +8,7 @@ that pick the best checkpoint of a short CPU training. ``map`` (AP@[.5:.95]) is 
 Images are not normalised by the transforms: the detectors normalise inside
 (``GeneralizedRCNNTransform``) with the training split's per-channel mean and std from normstats.
 """
+
 from __future__ import annotations
 
 import json
@@ -30,8 +31,12 @@ from cv_models.augment import AUGMENTATIONS, BATCH, Augmentation, build_transfor
 from cv_models.base import Check, CVTask, EvalResult, Prediction, register_task
 from cv_models.data.annotations import BOX_RULES, AnnotationTables, invalid_box_findings
 from cv_models.data.boxes import FORMAT_OPTIONS, TASK_OPTIONS
-from cv_models.data.coco import (RESCORE_LINES, coco_map, no_ground_truth_notes,  # noqa: F401 (coco_map re-exported)
-                                  to_coco_ground_truth)
+from cv_models.data.coco import (
+    RESCORE_LINES,
+    coco_map,
+    no_ground_truth_notes,  # noqa: F401 (coco_map re-exported)
+    to_coco_ground_truth,
+)
 from cv_models.data.probe import load_rgb
 from cv_models.data.registry import reader
 from cv_models.pretrained import input_convention
@@ -45,7 +50,9 @@ MAX_NOTES = 200
 class DetectionDataOptions(Strict):
     """``data.options``: the reader's layout (None = the format's own default) and the bad-box policy."""
 
-    invalid_boxes: Literal["fail", "drop"] = "fail"  # fail: invalid boxes stop the run | drop: left out; reported either way
+    invalid_boxes: Literal["fail", "drop"] = (
+        "fail"  # fail: invalid boxes stop the run | drop: left out; reported either way
+    )
     keep_classes: list[str] | None = None  # train on these of the dataset's classes only (others' boxes left out)
     # coco: "annotations/{split}.json" | voc: the XML folder, "Annotations" ("{split}" allowed)
     annotations: str | None = None
@@ -68,11 +75,18 @@ class DetectionData(DataConfig):
     def _options_of_format(self):
         if self.format in FORMAT_OPTIONS:
             # None means "not given" (a saved model's settings list every option, unset ones as None)
-            foreign = [k for k in self.options.model_fields_set
-                       if k not in TASK_OPTIONS and k not in FORMAT_OPTIONS[self.format] and getattr(self.options, k) is not None]
+            foreign = [
+                k
+                for k in self.options.model_fields_set
+                if k not in TASK_OPTIONS
+                and k not in FORMAT_OPTIONS[self.format]
+                and getattr(self.options, k) is not None
+            ]
             if foreign:
-                raise ValueError(f"options {foreign} are not read by format {self.format!r} "
-                                 f"(it reads {list(FORMAT_OPTIONS[self.format])})")
+                raise ValueError(
+                    f"options {foreign} are not read by format {self.format!r} "
+                    f"(it reads {list(FORMAT_OPTIONS[self.format])})"
+                )
         return self
 
 
@@ -82,9 +96,15 @@ class DetectionModelOptions(Strict):
     backbone: str = "tiny"  # tiny | resnet18 | resnet34 | resnet50 (BatchNorm, FPN on strides 8-32)
     backbone_weights: str = "none"  # none | torchvision:DEFAULT | a classifier checkpoint (models/pretrain/backbone.pt)
     fpn_channels: int = Field(64, ge=1)
-    anchor_size: float | Literal["auto"] = "auto"  # pixels on the finest level, doubling per level; auto: sized to the train boxes
-    aspect_ratios: list[float] | Literal["auto"] = "auto"  # anchor height / width, e.g. [0.5, 1.0, 2.0]; auto: train boxes' percentiles
-    scales_per_level: int | None = Field(None, ge=1)  # anchor sizes per level; None: the detector's (fasterrcnn 1, retinanet 2)
+    anchor_size: float | Literal["auto"] = (
+        "auto"  # pixels on the finest level, doubling per level; auto: sized to the train boxes
+    )
+    aspect_ratios: list[float] | Literal["auto"] = (
+        "auto"  # anchor height / width, e.g. [0.5, 1.0, 2.0]; auto: train boxes' percentiles
+    )
+    scales_per_level: int | None = Field(
+        None, ge=1
+    )  # anchor sizes per level; None: the detector's (fasterrcnn 1, retinanet 2)
     # auto: sized from the busiest training image (cv_models/sizing.py; the validation report states the values)
     rpn_pre_nms_top_n_train: AutoCount = "auto"
     rpn_post_nms_top_n_train: AutoCount = "auto"
@@ -120,8 +140,14 @@ class DetectionOptions(Strict):
     draw_score_threshold: float = Field(0.5, ge=0, le=1)
 
 
-SETTINGS = task_settings("Detection", data=DetectionData, data_options=DetectionDataOptions,
-                         model_options=DetectionModelOptions, augment=DetectionAugment, options=DetectionOptions)
+SETTINGS = task_settings(
+    "Detection",
+    data=DetectionData,
+    data_options=DetectionDataOptions,
+    model_options=DetectionModelOptions,
+    augment=DetectionAugment,
+    options=DetectionOptions,
+)
 
 
 # ------------------------------------------------------------------ dataset
@@ -149,8 +175,11 @@ class DetectionDataset(Dataset):
             h, w = self.size
             boxes = boxes * torch.tensor([w / image.width, h / image.height] * 2)
             image = image.resize((w, h), Image.BILINEAR)
-        target = {"boxes": tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=(image.height, image.width)),
-                  "labels": r["labels"][keep], "image_id": r["image_id"]}
+        target = {
+            "boxes": tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=(image.height, image.width)),
+            "labels": r["labels"][keep],
+            "image_id": r["image_id"],
+        }
         if self.transforms is not None:
             image, target = self.transforms(image, target)
         return image, target
@@ -162,7 +191,9 @@ class DetectionDataset(Dataset):
 def collate(batch):
     """Lists of images and targets (detectors take lists; sizes may differ); plain tensors."""
     images = [im.as_subclass(torch.Tensor) if isinstance(im, torch.Tensor) else im for im, _ in batch]
-    targets = [{k: v.as_subclass(torch.Tensor) if isinstance(v, torch.Tensor) else v for k, v in t.items()} for _, t in batch]
+    targets = [
+        {k: v.as_subclass(torch.Tensor) if isinstance(v, torch.Tensor) else v for k, v in t.items()} for _, t in batch
+    ]
     return images, targets
 
 
@@ -182,10 +213,13 @@ class BoxCutout(nn.Module):
         _, H, W = image.shape
         y0, x0, h, w = cutout_rectangle(H, W, self.scale)
         out = image.clone()
-        out[:, y0:y0 + h, x0:x0 + w] = self.value
+        out[:, y0 : y0 + h, x0 : x0 + w] = self.value
         boxes = target["boxes"]
-        plain = {"boxes": boxes.as_subclass(torch.Tensor), "labels": target["labels"],
-                 "weights": torch.ones(len(target["labels"]))}
+        plain = {
+            "boxes": boxes.as_subclass(torch.Tensor),
+            "labels": target["labels"],
+            "weights": torch.ones(len(target["labels"])),
+        }
         kept = drop_covered(plain, (x0, y0, x0 + w, y0 + h), self.min_visible)
         new_boxes = tv_tensors.wrap(kept["boxes"], like=boxes)
         return tv_tensors.wrap(out, like=image), {**target, "boxes": new_boxes, "labels": kept["labels"]}
@@ -200,11 +234,22 @@ def _detection_overrides(size: tuple[int, int], augment: AugmentConfig) -> dict[
         return t if p >= 1 else v2.RandomApply([t], p=p)
 
     return {
-        "crop": lambda c, s: maybe(v2.Compose([v2.RandomIoUCrop(min_scale=c.scale[0], max_scale=c.scale[1]),
-                                               v2.Resize(s, antialias=True)]), c.p),
-        "rescale": lambda c, s: maybe(v2.Compose([v2.RandomZoomOut(fill=fill, side_range=(1.0, max(c.scale[1], 1.0 + 1e-3)), p=1.0),
-                                                  v2.Resize(s, antialias=True)]), c.p),
-        "rotation": lambda c, s: maybe(v2.RandomRotation(degrees=c.degrees, fill={tv_tensors.Image: c.fill, "others": 0}), c.p),
+        "crop": lambda c, s: maybe(
+            v2.Compose([v2.RandomIoUCrop(min_scale=c.scale[0], max_scale=c.scale[1]), v2.Resize(s, antialias=True)]),
+            c.p,
+        ),
+        "rescale": lambda c, s: maybe(
+            v2.Compose(
+                [
+                    v2.RandomZoomOut(fill=fill, side_range=(1.0, max(c.scale[1], 1.0 + 1e-3)), p=1.0),
+                    v2.Resize(s, antialias=True),
+                ]
+            ),
+            c.p,
+        ),
+        "rotation": lambda c, s: maybe(
+            v2.RandomRotation(degrees=c.degrees, fill={tv_tensors.Image: c.fill, "others": 0}), c.p
+        ),
         "cutout": lambda c, s: BoxCutout(c.p, tuple(c.scale), o.cutout_min_visible),
     }
 
@@ -259,22 +304,51 @@ class DetectionTask(CVTask):
         mostly = 1.0 if self._policy() == "fail" else 0.0
         classes = self.class_names()
         out = [
-            Check("images", "file name stays inside the dataset folder (no '..', no absolute path)",
-                  E.ExpectColumnValuesToBeInSet(column="path_inside", value_set=[True]), key_column="item"),
-            Check("images", "image file exists",
-                  E.ExpectColumnValuesToBeInSet(column="exists", value_set=[True], row_condition="path_inside == True",
-                                                condition_parser="pandas"), key_column="item_path"),
-            Check("images", "image file decodes",
-                  E.ExpectColumnValuesToBeInSet(column="decodes", value_set=[True], row_condition="exists == True",
-                                                condition_parser="pandas"), key_column="item"),
-            Check("images", "image size matches the annotation's width and height",
-                  E.ExpectColumnValuesToBeInSet(column="size_matches", value_set=[True]), key_column="item"),
-            Check("images", "image id unique within its split",
-                  E.ExpectColumnValuesToBeUnique(column="split_image_id"), key_column="item"),
+            Check(
+                "images",
+                "file name stays inside the dataset folder (no '..', no absolute path)",
+                E.ExpectColumnValuesToBeInSet(column="path_inside", value_set=[True]),
+                key_column="item",
+            ),
+            Check(
+                "images",
+                "image file exists",
+                E.ExpectColumnValuesToBeInSet(
+                    column="exists", value_set=[True], row_condition="path_inside == True", condition_parser="pandas"
+                ),
+                key_column="item_path",
+            ),
+            Check(
+                "images",
+                "image file decodes",
+                E.ExpectColumnValuesToBeInSet(
+                    column="decodes", value_set=[True], row_condition="exists == True", condition_parser="pandas"
+                ),
+                key_column="item",
+            ),
+            Check(
+                "images",
+                "image size matches the annotation's width and height",
+                E.ExpectColumnValuesToBeInSet(column="size_matches", value_set=[True]),
+                key_column="item",
+            ),
+            Check(
+                "images",
+                "image id unique within its split",
+                E.ExpectColumnValuesToBeUnique(column="split_image_id"),
+                key_column="item",
+            ),
         ]
         rules = dict(BOX_RULES, known_category=f"category is one of the known classes {classes}")
-        out += [Check("annotations", rule, E.ExpectColumnValuesToBeInSet(column=col, value_set=[True], mostly=mostly),
-                      key_column="item") for col, rule in rules.items()]
+        out += [
+            Check(
+                "annotations",
+                rule,
+                E.ExpectColumnValuesToBeInSet(column=col, value_set=[True], mostly=mostly),
+                key_column="item",
+            )
+            for col, rule in rules.items()
+        ]
         return out
 
     def validation_notes(self, tables: dict[str, pd.DataFrame]) -> list[str]:
@@ -282,8 +356,11 @@ class DetectionTask(CVTask):
         empty = images[images["n_boxes"] == 0]
         notes = list(self.tables().notes)
         if len(empty):
-            notes.append(f"{len(empty)} image(s) without boxes (reported, not fatal; they train as background): "
-                         + ", ".join(empty["item"].head(20)) + (" ..." if len(empty) > 20 else ""))
+            notes.append(
+                f"{len(empty)} image(s) without boxes (reported, not fatal; they train as background): "
+                + ", ".join(empty["item"].head(20))
+                + (" ..." if len(empty) > 20 else "")
+            )
         if self._policy() == "drop" and len(boxes):
             findings = invalid_box_findings(boxes)
             notes += [f"dropped (data.options.invalid_boxes=drop): {f}" for f in findings[:MAX_NOTES]]
@@ -293,7 +370,9 @@ class DetectionTask(CVTask):
 
     def validation_summaries(self, tables: dict[str, pd.DataFrame]) -> dict[str, str]:
         images, boxes = tables["images"], tables["annotations"]
-        per_split = images.groupby("split").agg(images=("item", "size"), without_boxes=("n_boxes", lambda s: int((s == 0).sum())))
+        per_split = images.groupby("split").agg(
+            images=("item", "size"), without_boxes=("n_boxes", lambda s: int((s == 0).sum()))
+        )
         lines = ["| split | images | images without boxes |", "|---|---|---|"]
         lines += [f"| {s} | {r.images} | {r.without_boxes} |" for s, r in per_split.iterrows()]
         out = {"Images per split": "\n".join(lines)}
@@ -304,7 +383,9 @@ class DetectionTask(CVTask):
             out["Boxes per class and split"] = "\n".join(lines)
         from cv_models.sizing import describe
 
-        out["Settings sized from the data"] = describe(self.most_objects(), self.cfg.model.options.model_dump(exclude={"kwargs"}))
+        out["Settings sized from the data"] = describe(
+            self.most_objects(), self.cfg.model.options.model_dump(exclude={"kwargs"})
+        )
         return out
 
     def object_boxes(self, split: str) -> list[dict]:
@@ -328,14 +409,25 @@ class DetectionTask(CVTask):
         out = []
         for n, im in enumerate(images.itertuples(), start=1):
             b = grouped.get(im.image_id)
-            out.append({
-                "image_id": n, "source_id": im.image_id, "file_name": im.file_name, "path": im.path,
-                "width": int(im.width), "height": int(im.height),
-                "boxes": torch.tensor(b[["x0", "y0", "x1", "y1"]].to_numpy(np.float32)) if b is not None else torch.zeros((0, 4)),
-                "labels": torch.tensor([label[c] for c in b["category"]], dtype=torch.int64) if b is not None
-                else torch.zeros(0, dtype=torch.int64),
-                "iscrowd": torch.tensor(b["iscrowd"].to_numpy(np.int64)) if b is not None else torch.zeros(0, dtype=torch.int64),
-            })
+            out.append(
+                {
+                    "image_id": n,
+                    "source_id": im.image_id,
+                    "file_name": im.file_name,
+                    "path": im.path,
+                    "width": int(im.width),
+                    "height": int(im.height),
+                    "boxes": torch.tensor(b[["x0", "y0", "x1", "y1"]].to_numpy(np.float32))
+                    if b is not None
+                    else torch.zeros((0, 4)),
+                    "labels": torch.tensor([label[c] for c in b["category"]], dtype=torch.int64)
+                    if b is not None
+                    else torch.zeros(0, dtype=torch.int64),
+                    "iscrowd": torch.tensor(b["iscrowd"].to_numpy(np.int64))
+                    if b is not None
+                    else torch.zeros(0, dtype=torch.int64),
+                }
+            )
         self.__dict__[key] = out
         return out
 
@@ -349,7 +441,9 @@ class DetectionTask(CVTask):
     def train_transforms(self, augment: AugmentConfig | None, normalize):
         # ``normalize`` is not applied: the detector normalises inside (see build_model)
         size = self.cfg.image_hw
-        registry = with_builders(self.augmentations, _detection_overrides(size, augment)) if augment is not None else None
+        registry = (
+            with_builders(self.augmentations, _detection_overrides(size, augment)) if augment is not None else None
+        )
         return build_transforms(size, augment, None, registry=registry, tail=[v2.SanitizeBoundingBoxes(min_size=1)])
 
     def eval_transforms(self, normalize):
@@ -362,10 +456,13 @@ class DetectionTask(CVTask):
 
         o = augment.options
         mixer = DetectionMixer(
-            mixup_p=augment.mixup.p if augment.mixup.enabled else 0.0, mixup_alpha=augment.mixup.alpha,
+            mixup_p=augment.mixup.p if augment.mixup.enabled else 0.0,
+            mixup_alpha=augment.mixup.alpha,
             mosaic_p=augment.mosaic.p if augment.mosaic.enabled else 0.0,
-            cutmix_p=augment.cutmix.p if augment.cutmix.enabled else 0.0, cutmix_alpha=augment.cutmix.alpha,
-            min_visible=o.min_visible, min_side=o.min_side,
+            cutmix_p=augment.cutmix.p if augment.cutmix.enabled else 0.0,
+            cutmix_alpha=augment.cutmix.alpha,
+            min_visible=o.min_visible,
+            min_side=o.min_side,
         )
         return mixer if max(mixer.mixup_p, mixer.mosaic_p, mixer.cutmix_p) > 0 else None
 
@@ -380,8 +477,10 @@ class DetectionTask(CVTask):
         if mode == "none":
             return [0.0] * 3, [1.0] * 3
         if mode == "mean_image":
-            raise ValueError("detection normalises inside the detector with per-channel statistics: set "
-                             "normalization to per_channel_std, per_channel_mean or none (mean_image needs one image size)")
+            raise ValueError(
+                "detection normalises inside the detector with per-channel statistics: set "
+                "normalization to per_channel_std, per_channel_mean or none (mean_image needs one image size)"
+            )
         # the normstats stage's output (tasks.paths.outputs layout; cv_models does not import tasks)
         path = Path(self.normstats_dir or Path("outputs") / self.name / "normstats") / "stats.json"
         if not path.exists():
@@ -403,8 +502,14 @@ class DetectionTask(CVTask):
         auto = [k for k in ("anchor_size", "aspect_ratios") if o[k] == "auto"]
         if not auto:
             return o
-        from cv_models.nets.detectors import (ANCHOR_LAYOUT, DEFAULT_ANCHOR_SIZE, DEFAULT_ASPECT_RATIOS, anchor_shapes,
-                                              anchors_sized_to, best_anchor_iou)
+        from cv_models.nets.detectors import (
+            ANCHOR_LAYOUT,
+            DEFAULT_ANCHOR_SIZE,
+            DEFAULT_ASPECT_RATIOS,
+            anchor_shapes,
+            anchors_sized_to,
+            best_anchor_iou,
+        )
 
         name = self.cfg.model.name
         if name not in ANCHOR_LAYOUT:
@@ -412,17 +517,24 @@ class DetectionTask(CVTask):
         levels, default_scales = ANCHOR_LAYOUT[name]
         scales = o["scales_per_level"] or default_scales
         h, w = self.cfg.image_hw
-        sizes = [(r["boxes"][:, 2:] - r["boxes"][:, :2]) * torch.tensor([w / r["width"], h / r["height"]])
-                 for r in self.records("train") if len(r["boxes"])]
+        sizes = [
+            (r["boxes"][:, 2:] - r["boxes"][:, :2]) * torch.tensor([w / r["width"], h / r["height"]])
+            for r in self.records("train")
+            if len(r["boxes"])
+        ]
         sizes = torch.cat(sizes) if sizes else torch.zeros((0, 2))
         fitted = anchors_sized_to(sizes, levels, scales)
         o.update({k: fitted[k] for k in auto})
         if not getattr(self, "_anchors_reported", False):  # once per task object (evaluation rebuilds the model)
-            before = best_anchor_iou(sizes, anchor_shapes(DEFAULT_ANCHOR_SIZE, levels, scales, DEFAULT_ASPECT_RATIOS)).mean()
-            print(f"[{self.name}] anchors sized to the training boxes at {h}x{w} px: anchor_size={o['anchor_size']}, "
-                  f"aspect_ratios={o['aspect_ratios']}; mean best-anchor IoU "
-                  f"{fitted['mean_best_iou']:.3f} (the defaults, {DEFAULT_ANCHOR_SIZE} px and {DEFAULT_ASPECT_RATIOS}: "
-                  f"{before:.3f}), boxes with a best anchor at IoU >= 0.5: {fitted['recall_at_iou_0.5']:.1%}")
+            before = best_anchor_iou(
+                sizes, anchor_shapes(DEFAULT_ANCHOR_SIZE, levels, scales, DEFAULT_ASPECT_RATIOS)
+            ).mean()
+            print(
+                f"[{self.name}] anchors sized to the training boxes at {h}x{w} px: anchor_size={o['anchor_size']}, "
+                f"aspect_ratios={o['aspect_ratios']}; mean best-anchor IoU "
+                f"{fitted['mean_best_iou']:.3f} (the defaults, {DEFAULT_ANCHOR_SIZE} px and {DEFAULT_ASPECT_RATIOS}: "
+                f"{before:.3f}), boxes with a best anchor at IoU >= 0.5: {fitted['recall_at_iou_0.5']:.1%}"
+            )
             self._anchors_reported = True
         return o
 
@@ -449,8 +561,12 @@ class DetectionTask(CVTask):
         threshold = self.cfg.options.draw_score_threshold
         objects = [r["category"] for r in records if r["score"] >= threshold]
         rgb = v2.functional.to_image(image).float() / 255
-        overlay = self.draw(rgb, {"boxes": boxes, "labels": out["labels"].cpu(), "scores": out["scores"].cpu()},
-                            min_size=0, score_threshold=threshold)
+        overlay = self.draw(
+            rgb,
+            {"boxes": boxes, "labels": out["labels"].cpu(), "scores": out["scores"].cpu()},
+            min_size=0,
+            score_threshold=threshold,
+        )
         return Prediction(records, objects, overlay=overlay)
 
     def export_module(self, model):
@@ -472,8 +588,17 @@ class DetectionTask(CVTask):
             from torchvision.models import get_model
 
             try:
-                model = get_model(m.name, weights=None, weights_backbone=None, num_classes=n, min_size=min(size), max_size=max(size),
-                                  image_mean=mean, image_std=std, **m.options.kwargs)
+                model = get_model(
+                    m.name,
+                    weights=None,
+                    weights_backbone=None,
+                    num_classes=n,
+                    min_size=min(size),
+                    max_size=max(size),
+                    image_mean=mean,
+                    image_std=std,
+                    **m.options.kwargs,
+                )
             except (ValueError, TypeError) as err:
                 raise ValueError(f"model.name {m.name!r}: {err}") from None
             make_weighted(model)
@@ -526,8 +651,12 @@ class DetectionTask(CVTask):
     def score(self, dataset: DetectionDataset, results: list[dict]) -> EvalResult:
         gt = dataset.coco_ground_truth()
         metrics, per_class = coco_map(gt, results, self.class_names())
-        return EvalResult(metrics, predictions=results, per_class=per_class,
-                          extra={"ground_truth": gt, "notes": no_ground_truth_notes(per_class)})
+        return EvalResult(
+            metrics,
+            predictions=results,
+            per_class=per_class,
+            extra={"ground_truth": gt, "notes": no_ground_truth_notes(per_class)},
+        )
 
     def dummy_result(self, train, evaluation) -> EvalResult:
         """One centred box of the training boxes' mean relative size and the most frequent class, per image."""
@@ -542,7 +671,9 @@ class DetectionTask(CVTask):
         results = []
         for r in evaluation.records:
             w, h = rw * r["width"], rh * r["height"]
-            box = torch.tensor([[(r["width"] - w) / 2, (r["height"] - h) / 2, (r["width"] + w) / 2, (r["height"] + h) / 2]])
+            box = torch.tensor(
+                [[(r["width"] - w) / 2, (r["height"] - h) / 2, (r["width"] + w) / 2, (r["height"] + h) / 2]]
+            )
             results += _coco_results(r["image_id"], box, torch.ones(1), torch.tensor([label]))
         return self.score(evaluation, results)
 
@@ -561,7 +692,9 @@ class DetectionTask(CVTask):
         boxes = target["boxes"].detach().cpu().float().reshape(-1, 4)
         scale = max(1.0, min_size / max(pic.shape[-2:]))
         if scale > 1:
-            pic = torch.nn.functional.interpolate(pic[None].float(), scale_factor=scale, mode="nearest")[0].to(torch.uint8)
+            pic = torch.nn.functional.interpolate(pic[None].float(), scale_factor=scale, mode="nearest")[0].to(
+                torch.uint8
+            )
             boxes = boxes * scale
         score = target.get("scores", target.get("weights"))
         keep = torch.ones(len(boxes), dtype=torch.bool) if score is None else score.cpu() >= score_threshold
@@ -599,10 +732,17 @@ class DetectionTask(CVTask):
                 image = v2.functional.to_image(load_rgb(rec["path"])).float() / 255
                 preds = [p for p in res.predictions if p["image_id"] == rec["image_id"]]
                 boxes = torch.tensor([[x, y, x + w, y + h] for x, y, w, h in (p["bbox"] for p in preds)]).reshape(-1, 4)
-                pictures.append(self.draw(image, {"boxes": boxes, "labels": torch.tensor([p["category_id"] for p in preds],
-                                                                                        dtype=torch.int64),
-                                                  "scores": torch.tensor([p["score"] for p in preds])},
-                                          score_threshold=threshold))
+                pictures.append(
+                    self.draw(
+                        image,
+                        {
+                            "boxes": boxes,
+                            "labels": torch.tensor([p["category_id"] for p in preds], dtype=torch.int64),
+                            "scores": torch.tensor([p["score"] for p in preds]),
+                        },
+                        score_threshold=threshold,
+                    )
+                )
             files.append(save_grid(pictures, out_dir / f"predictions_{model_name}.png", nrow=4))
         (out_dir / "RECOMPUTE.md").write_text(
             "# Rescoring the test results\n\n`ground_truth_test.json` (each test image's id, file_name, original "
@@ -615,7 +755,8 @@ class DetectionTask(CVTask):
             "busiest = max((Counter(a['image_id'] for a in gt.dataset['annotations']) | "
             "Counter(r['image_id'] for r in dt.dataset['annotations'])).values())\n"
             "e.params.maxDets = [1, 10, 100] + ([busiest] if busiest > 100 else [])  # metrics.json: max_dets\n"
-            "e.evaluate(); e.accumulate()\nprefix = ''  # metrics.json: map, map50, ...\n" + RESCORE_LINES + "```\n")
+            "e.evaluate(); e.accumulate()\nprefix = ''  # metrics.json: map, map50, ...\n" + RESCORE_LINES + "```\n"
+        )
         return files
 
 
@@ -623,6 +764,12 @@ def _coco_results(image_id: int, boxes: torch.Tensor, scores: torch.Tensor, labe
     """COCO results entries, rounded as exported (so the exported file scores exactly the reported mAP)."""
     out = []
     for (x0, y0, x1, y1), s, lab in zip(boxes.tolist(), scores.tolist(), labels.tolist()):
-        out.append({"image_id": int(image_id), "category_id": int(lab),
-                    "bbox": [round(x0, 2), round(y0, 2), round(x1 - x0, 2), round(y1 - y0, 2)], "score": round(float(s), 5)})
+        out.append(
+            {
+                "image_id": int(image_id),
+                "category_id": int(lab),
+                "bbox": [round(x0, 2), round(y0, 2), round(x1 - x0, 2), round(y1 - y0, 2)],
+                "score": round(float(s), 5),
+            }
+        )
     return out

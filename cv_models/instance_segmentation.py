@@ -16,6 +16,7 @@ masks after every transform. The evaluate stage scores at each image's own resol
 scaled, mask probabilities resized before thresholding, against the original masks); the per-epoch
 validation at the training size.
 """
+
 from __future__ import annotations
 
 import copy
@@ -70,7 +71,9 @@ class InstanceModelOptions(Strict):
     """``model.options`` of the Mask R-CNNs (the light one reads them all; torchvision's ResNet-50 ones the proposal knobs)."""
 
     backbone: str = "resnet18"  # tiny | resnet18 | resnet34 | resnet50
-    backbone_weights: str = "none"  # none | torchvision:DEFAULT (ImageNet backbone; not for tiny) | classifier checkpoint
+    backbone_weights: str = (
+        "none"  # none | torchvision:DEFAULT (ImageNet backbone; not for tiny) | classifier checkpoint
+    )
     fpn_channels: int = Field(64, ge=1)
     mask_head_layers: int = Field(2, ge=1)
     mask_head_channels: int | None = Field(None, ge=1)  # None: the FPN's channels
@@ -104,8 +107,13 @@ class InstanceOptions(Strict):
     draw_score_threshold: float = Field(0.5, ge=0, le=1)  # predict's overlays draw instances scoring at least this
 
 
-SETTINGS = task_settings("InstanceSegmentation", data_options=InstanceDataOptions, model_options=InstanceModelOptions,
-                         augment=InstanceAugment, options=InstanceOptions)
+SETTINGS = task_settings(
+    "InstanceSegmentation",
+    data_options=InstanceDataOptions,
+    model_options=InstanceModelOptions,
+    augment=InstanceAugment,
+    options=InstanceOptions,
+)
 
 
 # ---------------------------------------------------------------- transforms
@@ -122,9 +130,9 @@ class InstanceCutout:
         h, w = image.shape[-2:]
         y0, x0, ch, cw = cutout_rectangle(h, w, self.scale)  # as every task's cutout samples it
         image = image.clone()
-        image[..., y0:y0 + ch, x0:x0 + cw] = 0  # 0 = the mean after normalisation
+        image[..., y0 : y0 + ch, x0 : x0 + cw] = 0  # 0 = the mean after normalisation
         masks = target["masks"].clone()
-        masks[..., y0:y0 + ch, x0:x0 + cw] = 0
+        masks[..., y0 : y0 + ch, x0 : x0 + cw] = 0
         return image, {**target, "masks": tv_tensors.wrap(masks, like=target["masks"])}
 
 
@@ -139,7 +147,12 @@ class TidyInstances:
     def __call__(self, image, target):
         masks = target["masks"].as_subclass(torch.Tensor).to(torch.uint8)
         before = target.get("area_before")
-        plain = {"masks": masks, "labels": target["labels"], "boxes": boxes_from_masks(masks), "image_id": target["image_id"]}
+        plain = {
+            "masks": masks,
+            "labels": target["labels"],
+            "boxes": boxes_from_masks(masks),
+            "image_id": target["image_id"],
+        }
         if before is not None:  # geometric transforms rescale: compare in the same units (fraction of the image)
             scale = masks.shape[-1] * masks.shape[-2] / float(target["size_before"])
             before = before.float() * scale
@@ -159,12 +172,23 @@ class InstanceDataset(Dataset):
 
     def target(self, i: int, width: int, height: int) -> dict:
         r = self.records[i]
-        masks = [read_png_mask(a["png"]) if a.get("png") else decode(a["segmentation"], height, width)
-                 for a in r["instances"]]
-        stack = torch.from_numpy(np.stack(masks)).to(torch.uint8) if masks else torch.zeros((0, height, width), dtype=torch.uint8)
-        return {"boxes": tv_tensors.BoundingBoxes(boxes_from_masks(stack), format="XYXY", canvas_size=(height, width)),
-                "masks": tv_tensors.Mask(stack), "labels": torch.tensor([a["label"] for a in r["instances"]], dtype=torch.int64),
-                "image_id": int(r["image_id"]), "area_before": stack.flatten(1).sum(1), "size_before": height * width}
+        masks = [
+            read_png_mask(a["png"]) if a.get("png") else decode(a["segmentation"], height, width)
+            for a in r["instances"]
+        ]
+        stack = (
+            torch.from_numpy(np.stack(masks)).to(torch.uint8)
+            if masks
+            else torch.zeros((0, height, width), dtype=torch.uint8)
+        )
+        return {
+            "boxes": tv_tensors.BoundingBoxes(boxes_from_masks(stack), format="XYXY", canvas_size=(height, width)),
+            "masks": tv_tensors.Mask(stack),
+            "labels": torch.tensor([a["label"] for a in r["instances"]], dtype=torch.int64),
+            "image_id": int(r["image_id"]),
+            "area_before": stack.flatten(1).sum(1),
+            "size_before": height * width,
+        }
 
     def __getitem__(self, i: int):
         image = load_rgb(self.records[i]["path"])
@@ -196,9 +220,16 @@ def coco_scores(gt: dict, results: list[dict], class_names: list[str]) -> tuple[
         scored = per_class[per_class["n_boxes"] > 0]  # a class without ground truth has no AP (NaN in the table)
         metrics.update({f"{prefix}_ap50/{c}": float(v) for c, v in zip(scored["class"], scored["ap50"])})
         tables[prefix] = per_class
-    per_class = pd.DataFrame({"class": class_names, "mask_ap": tables["mask"]["ap"], "mask_ap50": tables["mask"]["ap50"],
-                              "box_ap": tables["box"]["ap"], "box_ap50": tables["box"]["ap50"],
-                              "gt_instances": tables["mask"]["n_boxes"]})
+    per_class = pd.DataFrame(
+        {
+            "class": class_names,
+            "mask_ap": tables["mask"]["ap"],
+            "mask_ap50": tables["mask"]["ap50"],
+            "box_ap": tables["box"]["ap"],
+            "box_ap50": tables["box"]["ap50"],
+            "gt_instances": tables["mask"]["n_boxes"],
+        }
+    )
     return metrics, per_class
 
 
@@ -207,8 +238,17 @@ def ground_truth_entries(target: dict, image_id: int, start_id: int) -> list[dic
     for k, (mask, box, label) in enumerate(zip(target["masks"], target["boxes"], target["labels"])):
         m = mask.cpu().numpy().astype(bool)
         x0, y0, x1, y1 = [float(v) for v in box]
-        out.append({"id": start_id + k, "image_id": image_id, "category_id": int(label), "segmentation": encode_mask(m),
-                    "bbox": [x0, y0, x1 - x0, y1 - y0], "area": float(m.sum()), "iscrowd": 0})
+        out.append(
+            {
+                "id": start_id + k,
+                "image_id": image_id,
+                "category_id": int(label),
+                "segmentation": encode_mask(m),
+                "bbox": [x0, y0, x1 - x0, y1 - y0],
+                "area": float(m.sum()),
+                "iscrowd": 0,
+            }
+        )
     return out
 
 
@@ -223,8 +263,11 @@ def to_image_size(output: dict, size: tuple[int, int], image_size: tuple[int, in
     out = dict(output)
     out["boxes"] = output["boxes"] * torch.tensor([W / w, H / h, W / w, H / h])
     masks = output["masks"]
-    out["masks"] = F.interpolate(masks, size=(H, W), mode="bilinear", align_corners=False) if len(masks) \
+    out["masks"] = (
+        F.interpolate(masks, size=(H, W), mode="bilinear", align_corners=False)
+        if len(masks)
         else torch.zeros((0, 1, H, W))
+    )
     return out
 
 
@@ -232,10 +275,19 @@ def result_entries(output: dict, image_id: int, mask_threshold: float = 0.5) -> 
     """Model output of one image as COCO results (boxes xywh, masks as compressed RLE)."""
     masks = (output["masks"][:, 0] > mask_threshold).cpu().numpy() if "masks" in output else None
     out = []
-    for k, (box, label, score) in enumerate(zip(output["boxes"].tolist(), output["labels"].tolist(), output["scores"].tolist())):
+    for k, (box, label, score) in enumerate(
+        zip(output["boxes"].tolist(), output["labels"].tolist(), output["scores"].tolist())
+    ):
         x0, y0, x1, y1 = box
-        out.append({"image_id": image_id, "category_id": int(label), "bbox": [x0, y0, x1 - x0, y1 - y0],
-                    "score": float(score), "segmentation": encode_mask(masks[k])})
+        out.append(
+            {
+                "image_id": image_id,
+                "category_id": int(label),
+                "bbox": [x0, y0, x1 - x0, y1 - y0],
+                "score": float(score),
+                "segmentation": encode_mask(masks[k]),
+            }
+        )
     return out
 
 
@@ -278,14 +330,22 @@ class InstanceSegmentationTask(CVTask):
         import great_expectations as gx
 
         def all_true(table, column, rule):
-            return Check(table, rule, gx.expectations.ExpectColumnValuesToBeInSet(column=column, value_set=[True]),
-                         key_column="item")
+            return Check(
+                table,
+                rule,
+                gx.expectations.ExpectColumnValuesToBeInSet(column=column, value_set=[True]),
+                key_column="item",
+            )
 
         classes = self.class_names()
         out = [
             all_true("images", "path_inside", "file name stays inside the dataset folder"),
-            Check("images", "image file exists", gx.expectations.ExpectColumnValuesToBeInSet(
-                column="exists", value_set=[True]), key_column="item_path"),
+            Check(
+                "images",
+                "image file exists",
+                gx.expectations.ExpectColumnValuesToBeInSet(column="exists", value_set=[True]),
+                key_column="item_path",
+            ),
             all_true("images", "decodes", "every image decodes"),
             all_true("images", "size_matches", "image size matches the declared width and height"),
             all_true("annotations", "image_present", "every annotation's image is listed"),
@@ -305,8 +365,14 @@ class InstanceSegmentationTask(CVTask):
     def validation_notes(self, tables: dict[str, pd.DataFrame]) -> list[str]:
         images, anns = tables["images"], tables["annotations"]
         notes = list(getattr(self, "_reader_notes", []))
-        notes += [f"{item}: iscrowd annotation left out of training and evaluation"
-                  for item in anns.loc[anns["iscrowd"].astype(int) == 1, "item"]] if len(anns) else []
+        notes += (
+            [
+                f"{item}: iscrowd annotation left out of training and evaluation"
+                for item in anns.loc[anns["iscrowd"].astype(int) == 1, "item"]
+            ]
+            if len(anns)
+            else []
+        )
         empty = images[images["n_boxes"] == 0]
         if len(empty):
             notes.append(f"{len(empty)} image(s) without instances (kept as negatives), e.g. {empty['item'].iloc[0]}")
@@ -316,14 +382,20 @@ class InstanceSegmentationTask(CVTask):
         anns = tables["annotations"]
         if anns.empty:
             return {}
-        table = anns.groupby(["split", "category"]).agg(instances=("item", "size"), mean_area=("area", "mean")).reset_index()
+        table = (
+            anns.groupby(["split", "category"])
+            .agg(instances=("item", "size"), mean_area=("area", "mean"))
+            .reset_index()
+        )
         kinds = anns.groupby("kind").size().to_dict()
         lines = ["| split | class | instances | mean mask area (px) |", "|---|---|---|---|"]
         lines += [f"| {r.split} | {r.category} | {r.instances} | {r.mean_area:.0f} |" for r in table.itertuples()]
         from cv_models.sizing import describe
 
-        return {"Instances per class": "\n".join(lines) + f"\n\nMask storage: {kinds}",
-                "Settings sized from the data": describe(self.most_objects(), self.cfg.model.options.model_dump())}
+        return {
+            "Instances per class": "\n".join(lines) + f"\n\nMask storage: {kinds}",
+            "Settings sized from the data": describe(self.most_objects(), self.cfg.model.options.model_dump()),
+        }
 
     def _split_tables(self, split: str):
         """The split's decodable images, the label of each kept class, and the split's usable annotations
@@ -346,9 +418,16 @@ class InstanceSegmentationTask(CVTask):
         out = []
         for im in images.to_dict("records"):
             numeric = int(im["image_id"]) if str(im["image_id"]).isdigit() else len(out) + 1
-            out.append({"image_id": numeric, "path": im["path"], "file_name": im["file_name"],
-                        "width": int(im["width"]), "height": int(im["height"]),
-                        "instances": by_image.get(str(im["image_id"]), [])})
+            out.append(
+                {
+                    "image_id": numeric,
+                    "path": im["path"],
+                    "file_name": im["file_name"],
+                    "width": int(im["width"]),
+                    "height": int(im["height"]),
+                    "instances": by_image.get(str(im["image_id"]), []),
+                }
+            )
         return out
 
     def object_boxes(self, split: str) -> list[dict]:
@@ -357,9 +436,15 @@ class InstanceSegmentationTask(CVTask):
         out = []
         for im in images.drop_duplicates("split_image_id").to_dict("records"):
             a = by_image.get(str(im["image_id"]))
-            out.append({"path": im["path"], "image_id": len(out) + 1, "file_name": im["file_name"],
-                        "boxes": [] if a is None else a[["x0", "y0", "x1", "y1"]].to_numpy(float).tolist(),
-                        "labels": [] if a is None else [label_of[c] for c in a["category"]]})
+            out.append(
+                {
+                    "path": im["path"],
+                    "image_id": len(out) + 1,
+                    "file_name": im["file_name"],
+                    "boxes": [] if a is None else a[["x0", "y0", "x1", "y1"]].to_numpy(float).tolist(),
+                    "labels": [] if a is None else [label_of[c] for c in a["category"]],
+                }
+            )
         return out
 
     def dataset(self, split: str, transforms) -> InstanceDataset:
@@ -387,7 +472,9 @@ class InstanceSegmentationTask(CVTask):
         """Hand-written MixUp, CutMix and copy-paste (``augment.copy_paste``) for instances."""
         if augment is None:
             return None
-        ops = [MixOp(name, c.p, c.alpha) for name, c in (("mixup", augment.mixup), ("cutmix", augment.cutmix)) if c.enabled]
+        ops = [
+            MixOp(name, c.p, c.alpha) for name, c in (("mixup", augment.mixup), ("cutmix", augment.cutmix)) if c.enabled
+        ]
         if augment.copy_paste.enabled:
             ops.append(MixOp("copy_paste", augment.copy_paste.p, 1.0))
         if not ops:
@@ -407,8 +494,9 @@ class InstanceSegmentationTask(CVTask):
         m = self.cfg.model
         options, _ = sized_options(m.options.model_dump(), self.most_objects())
         imagenet = m.weights == "imagenet"  # into the backbone's trunk; else weights of the whole model
-        model = build_mask_rcnn(m.name, len(self.class_names()) + 1, self.cfg.image_hw, m.width, options,
-                                "none" if imagenet else m.weights)
+        model = build_mask_rcnn(
+            m.name, len(self.class_names()) + 1, self.cfg.image_hw, m.width, options, "none" if imagenet else m.weights
+        )
         if imagenet:
             self.load_imagenet(pretrained_trunk(model.backbone))
         if m.freeze_backbone:
@@ -441,10 +529,15 @@ class InstanceSegmentationTask(CVTask):
             if i not in cache:
                 t = dataset.target(i, r["width"], r["height"])
                 keep = t["masks"].flatten(1).sum(1) > 0  # as the evaluation's TidyInstances(1, 0): no empty instance
-                plain = {"masks": t["masks"].as_subclass(torch.Tensor)[keep], "labels": t["labels"][keep],
-                         "boxes": t["boxes"].as_subclass(torch.Tensor)[keep]}
+                plain = {
+                    "masks": t["masks"].as_subclass(torch.Tensor)[keep],
+                    "labels": t["labels"][keep],
+                    "boxes": t["boxes"].as_subclass(torch.Tensor)[keep],
+                }
                 cache[i] = ground_truth_entries(plain, int(r["image_id"]), 0)
-            images.append({"id": int(r["image_id"]), "file_name": r["file_name"], "width": r["width"], "height": r["height"]})
+            images.append(
+                {"id": int(r["image_id"]), "file_name": r["file_name"], "width": r["width"], "height": r["height"]}
+            )
             anns += [{**a, "id": len(anns) + k + 1} for k, a in enumerate(cache[i])]
         return {"images": images, "annotations": anns, "categories": self.categories()}
 
@@ -500,8 +593,12 @@ class InstanceSegmentationTask(CVTask):
 
     def _result(self, gt: dict, results: list[dict]) -> EvalResult:
         metrics, per_class = coco_scores(gt, results, self.class_names())
-        return EvalResult(metrics=metrics, predictions=results, per_class=per_class,
-                          extra={"coco_gt": gt, "notes": no_ground_truth_notes(per_class, "gt_instances")})
+        return EvalResult(
+            metrics=metrics,
+            predictions=results,
+            per_class=per_class,
+            extra={"coco_gt": gt, "notes": no_ground_truth_notes(per_class, "gt_instances")},
+        )
 
     def evaluate(self, model, loader, device, native: bool = False) -> EvalResult:
         return self._result(*self.predict(model, loader, device, native))
@@ -525,9 +622,16 @@ class InstanceSegmentationTask(CVTask):
             bw, bh = max(1, round(rel_w * w)), max(1, round(rel_h * h))
             x0, y0 = (w - bw) // 2, (h - bh) // 2
             mask = np.zeros((h, w), dtype=bool)
-            mask[y0:y0 + bh, x0:x0 + bw] = True
-            results.append({"image_id": image_id, "category_id": label, "bbox": [x0, y0, bw, bh], "score": 1.0,
-                            "segmentation": encode_mask(mask)})
+            mask[y0 : y0 + bh, x0 : x0 + bw] = True
+            results.append(
+                {
+                    "image_id": image_id,
+                    "category_id": label,
+                    "bbox": [x0, y0, bw, bh],
+                    "score": 1.0,
+                    "segmentation": encode_mask(mask),
+                }
+            )
         return self._result(gt, results)
 
     # ---------------------------------------------------------- visualisation
@@ -552,8 +656,16 @@ class InstanceSegmentationTask(CVTask):
         if len(labels) == 0:
             return picture
         names = self.class_names()
-        palette = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (255, 225, 25), (145, 30, 180), (245, 130, 48),
-                   (70, 240, 240), (240, 50, 230)]
+        palette = [
+            (230, 25, 75),
+            (60, 180, 75),
+            (0, 130, 200),
+            (255, 225, 25),
+            (145, 30, 180),
+            (245, 130, 48),
+            (70, 240, 240),
+            (240, 50, 230),
+        ]
         colours = [palette[(int(k) - 1) % len(palette)] for k in labels]
         picture = draw_segmentation_masks(picture, masks, alpha=0.45, colors=colours)
         text = [names[int(k) - 1] if 0 < int(k) <= len(names) else str(int(k)) for k in labels]
@@ -587,7 +699,10 @@ class InstanceSegmentationTask(CVTask):
             "    busiest = max((Counter(a['image_id'] for a in gt.dataset['annotations']) | "
             "Counter(r['image_id'] for r in dt.dataset['annotations'])).values())\n"
             "    e.params.maxDets = [1, 10, 100] + ([busiest] if busiest > 100 else [])  # metrics.json: max_dets\n"
-            "    e.evaluate(); e.accumulate()\n    prefix = {'segm': 'mask_', 'bbox': 'box_'}[iou_type]\n    " + RESCORE_LINES.replace("\n", "\n    ").rstrip(" ") + "```\n")
+            "    e.evaluate(); e.accumulate()\n    prefix = {'segm': 'mask_', 'bbox': 'box_'}[iou_type]\n    "
+            + RESCORE_LINES.replace("\n", "\n    ").rstrip(" ")
+            + "```\n"
+        )
         n = min(self.cfg.options.report_images, len(test))
         if n == 0:
             return files
@@ -595,8 +710,12 @@ class InstanceSegmentationTask(CVTask):
         for r in test.records[:n]:  # drawn at the image's own size, as scored
             shown = torch.from_numpy(np.asarray(load_rgb(r["path"])).copy()).permute(2, 0, 1).float() / 255
             size = shown.shape[-2:]
-            pictures.append(caption(self.draw(shown, _coco_target(gt["annotations"], int(r["image_id"]), size)).float() / 255,
-                                    "ground truth"))
+            pictures.append(
+                caption(
+                    self.draw(shown, _coco_target(gt["annotations"], int(r["image_id"]), size)).float() / 255,
+                    "ground truth",
+                )
+            )
             for name, res in results.items():
                 pred = _coco_target(res.predictions, int(r["image_id"]), size)
                 pictures.append(caption(self.draw(shown, pred).float() / 255, name))
@@ -610,11 +729,15 @@ def _coco_target(results: list[dict], image_id: int, size) -> dict:
 
     mine = [r for r in results if r["image_id"] == image_id]
     h, w = size
-    masks = [mask_utils.decode({"size": r["segmentation"]["size"], "counts": r["segmentation"]["counts"].encode()})
-             for r in mine]
+    masks = [
+        mask_utils.decode({"size": r["segmentation"]["size"], "counts": r["segmentation"]["counts"].encode()})
+        for r in mine
+    ]
     target = {
         "masks": torch.from_numpy(np.stack(masks)).bool() if masks else torch.zeros((0, h, w), dtype=torch.bool),
-        "boxes": torch.tensor([[x, y, x + bw, y + bh] for x, y, bw, bh in (r["bbox"] for r in mine)], dtype=torch.float32).reshape(-1, 4),
+        "boxes": torch.tensor(
+            [[x, y, x + bw, y + bh] for x, y, bw, bh in (r["bbox"] for r in mine)], dtype=torch.float32
+        ).reshape(-1, 4),
         "labels": torch.tensor([r["category_id"] for r in mine], dtype=torch.int64),
     }
     if all("score" in r for r in mine) and mine:

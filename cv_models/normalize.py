@@ -1,4 +1,5 @@
 """The course's three input normalisations, computed from the training split by the normstats stage."""
+
 from __future__ import annotations
 
 import json

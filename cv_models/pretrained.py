@@ -8,6 +8,7 @@ weights file is checked against: the ImageNet classifier itself, 1000 classes, b
 Where ImageNet weights may lie on this machine (:func:`cache_files`, :data:`WEIGHT_PACKAGES`) and which input
 normalisation they expect (:func:`input_convention`) are answered here too; :mod:`cv_models.weights` resolves them.
 """
+
 from __future__ import annotations
 
 import os
@@ -125,7 +126,9 @@ class Provider:
 
 PROVIDERS: dict[str, Provider] = {
     "timm": Provider(_timm_classifier, _timm_features, _timm_cache_files, _timm_convention),
-    "torchvision": Provider(_torchvision_classifier, _torchvision_features, _torchvision_cache_files, lambda a: IMAGENET),
+    "torchvision": Provider(
+        _torchvision_classifier, _torchvision_features, _torchvision_cache_files, lambda a: IMAGENET
+    ),
 }
 
 

@@ -4,6 +4,7 @@ Every loss takes logits ``N x C x H x W`` and either hard targets ``N x H x W`` 
 ``ignore_index`` for unlabelled pixels) or soft per-pixel targets ``N x C x H x W`` (MixUp);
 a soft pixel whose weights sum to less than one (mixed with an ignored pixel) counts that much less.
 """
+
 from __future__ import annotations
 
 from typing import Callable
@@ -46,8 +47,9 @@ def _class_weights(cfg: LossConfig, num_classes: int, like: torch.Tensor) -> tor
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, cfg: LossConfig) -> torch.Tensor:
     weight = _class_weights(cfg, logits.shape[1], logits)
     if not targets.is_floating_point():  # PyTorch's own kernel: the fast path for plain batches
-        return F.cross_entropy(logits, targets.long(), weight=weight, ignore_index=cfg.ignore_index,
-                               label_smoothing=cfg.label_smoothing)
+        return F.cross_entropy(
+            logits, targets.long(), weight=weight, ignore_index=cfg.ignore_index, label_smoothing=cfg.label_smoothing
+        )
     t = targets
     if cfg.label_smoothing:
         mass = t.sum(1, keepdim=True)  # smooth only the labelled share of each pixel

@@ -5,6 +5,7 @@ Class ``k`` of ``data.classes`` is mask value ``k``; ``classes[0]`` is the backg
 Pixels equal to ``train.loss.ignore_index`` (default 255) are unlabelled: left out of the loss
 and the metrics. Reader settings live in ``data.options`` (see params.yaml).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -24,8 +25,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from cv_models.augment import build_transforms
-from cv_models.base import (Check, CVTask, DataError, EvalResult, Prediction, in_order, never_predicted,
-                             register_task)
+from cv_models.base import Check, CVTask, DataError, EvalResult, Prediction, in_order, never_predicted, register_task
 from cv_models.data.class_masks import INDEX_MODES, SPLITS, CocoMaskListing, MaskFolderListing, MaskReader, mask_facts
 from cv_models.data.probe import IMAGE_SUFFIXES, load_rgb, probe_image
 from cv_models.data.registry import reader
@@ -38,9 +38,28 @@ from cv_models.settings import AugmentConfig, CutoutAug, Strict, task_settings
 from cv_models.weights import freeze, load_into, read_checkpoint, torchvision_state_dict
 
 # colours for drawing when data.options.colors is not given (background first, black)
-PALETTE = [(0, 0, 0), (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
-           (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (220, 190, 255),
-           (170, 110, 40), (255, 250, 200), (128, 0, 0), (170, 255, 195), (128, 128, 0), (255, 215, 180), (0, 0, 128)]
+PALETTE = [
+    (0, 0, 0),
+    (230, 25, 75),
+    (60, 180, 75),
+    (255, 225, 25),
+    (0, 130, 200),
+    (245, 130, 48),
+    (145, 30, 180),
+    (70, 240, 240),
+    (240, 50, 230),
+    (210, 245, 60),
+    (250, 190, 212),
+    (0, 128, 128),
+    (220, 190, 255),
+    (170, 110, 40),
+    (255, 250, 200),
+    (128, 0, 0),
+    (170, 255, 195),
+    (128, 128, 0),
+    (255, 215, 180),
+    (0, 0, 128),
+]
 
 
 # ------------------------------------------------------------------ settings (tasks.segmentation in params.yaml)
@@ -52,12 +71,20 @@ class SegmentationDataOptions(Strict):
     # the split folders are <dir>/train, val, test (split_from=folders) or none (split_from=seed)
     images_dir: str = "images"  # under data.path
     masks_dir: str = "masks"  # same sub-folders (or {split} template) and file stems as images_dir
-    splits: dict[str, str] | None = None  # split -> name on disk, e.g. {train: training, val: validation, test: testing}
+    splits: dict[str, str] | None = (
+        None  # split -> name on disk, e.g. {train: training, val: validation, test: testing}
+    )
     split_list: str | None = None  # a list of image stems per split, e.g. VOC "ImageSets/Segmentation/{split}.txt"
     image_suffix: str = ".jpg"  # split_list: the images' suffix (others are tried when absent)
-    value_map: dict[int, int] | None = None  # raw mask value -> class index, e.g. {255: 1} for 0/255 binary masks (applied first)
-    ignore_values: list[int] = []  # mask values that mean unlabelled (SegNet/CamVid 11, ADE20K 0): read as train.loss.ignore_index
-    palette_as_index: bool = False  # palette (mode P) masks hold class indices (Pascal VOC): read the indices, not colours
+    value_map: dict[int, int] | None = (
+        None  # raw mask value -> class index, e.g. {255: 1} for 0/255 binary masks (applied first)
+    )
+    ignore_values: list[
+        int
+    ] = []  # mask values that mean unlabelled (SegNet/CamVid 11, ADE20K 0): read as train.loss.ignore_index
+    palette_as_index: bool = (
+        False  # palette (mode P) masks hold class indices (Pascal VOC): read the indices, not colours
+    )
     mask_suffix: str = ".png"  # mask file = image stem + this
     annotations: str = "annotations/{split}.json"  # format coco: one file per split, or one file for split_from=seed
     mask_color_mode: Literal["convert", "reject"] = "convert"  # palette / RGB masks: convert through `colors` | reject
@@ -70,8 +97,12 @@ class SegmentationModelOptions(Strict):
     timm_unet its encoder, width and dropout)."""
 
     aux_loss: bool = False  # fcn / deeplabv3: the auxiliary head, weighted 0.5 in the loss
-    weights_backbone: str | None = None  # torchvision ImageNet backbone weights (DEFAULT, IMAGENET1K_V1...); None = no download
-    backbone_weights: str = "none"  # or the trunk of a classifier checkpoint of the same family (models/pretrain/backbone.pt)
+    weights_backbone: str | None = (
+        None  # torchvision ImageNet backbone weights (DEFAULT, IMAGENET1K_V1...); None = no download
+    )
+    backbone_weights: str = (
+        "none"  # or the trunk of a classifier checkpoint of the same family (models/pretrain/backbone.pt)
+    )
     kwargs: dict[str, Any] = {}  # extra keyword arguments of the torchvision builder
     encoder: str = "timm:efficientnet_lite0"  # timm_unet: the pretrained encoder (model.weights: imagenet loads it)
 
@@ -88,8 +119,13 @@ class SegmentationOptions(Strict):
     overlay_samples: int = Field(8, ge=0)  # test images drawn with true and predicted masks
 
 
-SETTINGS = task_settings("Segmentation", data_options=SegmentationDataOptions, model_options=SegmentationModelOptions,
-                         augment=SegmentationAugment, options=SegmentationOptions)
+SETTINGS = task_settings(
+    "Segmentation",
+    data_options=SegmentationDataOptions,
+    model_options=SegmentationModelOptions,
+    augment=SegmentationAugment,
+    options=SegmentationOptions,
+)
 
 
 # ---------------------------------------------------------------------- reading
@@ -115,11 +151,15 @@ class SegmentationDataset(Dataset):
             except DataError:
                 raise
             except Exception as err:  # noqa: BLE001 - a bad mask stops with its name and the rule, not a PIL traceback
-                raise DataError(f"{self.samples[i]['mask_source']}: mask cannot be read ({type(err).__name__}: {err}) "
-                                f"(rule: every mask decodes; run the validate stage)") from None
+                raise DataError(
+                    f"{self.samples[i]['mask_source']}: mask cannot be read ({type(err).__name__}: {err}) "
+                    f"(rule: every mask decodes; run the validate stage)"
+                ) from None
             if m.min() < 0 or m.max() > 255:
-                raise DataError(f"{self.samples[i]['mask_source']}: mask values outside 0..255 or undeclared colours "
-                                f"(rule: mask values in the declared classes; run the validate stage)")
+                raise DataError(
+                    f"{self.samples[i]['mask_source']}: mask values outside 0..255 or undeclared colours "
+                    f"(rule: mask values in the declared classes; run the validate stage)"
+                )
             self._masks[i] = torch.from_numpy(m.astype(np.uint8))
         return self._masks[i]
 
@@ -144,7 +184,7 @@ class SegmentationCutout(v2.RandomErasing):
                 return inpt
             out = inpt.clone()
             i, j, h, w = params["i"], params["j"], params["h"], params["w"]
-            out[..., i:i + h, j:j + w] = self.ignore_index
+            out[..., i : i + h, j : j + w] = self.ignore_index
             return out
         return super().transform(inpt, params)
 
@@ -186,16 +226,33 @@ def _torchvision_builder(name: str, aux: bool):
 
 
 ARCHITECTURES: dict[str, Architecture] = {
-    "unet": Architecture(lambda n, m: NETS["unet"](num_classes=n, width=m.width, depth=m.depth, dropout=m.dropout),
-                         ("head.",), ("encoder.",)),
+    "unet": Architecture(
+        lambda n, m: NETS["unet"](num_classes=n, width=m.width, depth=m.depth, dropout=m.dropout),
+        ("head.",),
+        ("encoder.",),
+    ),
     # the U-Net decoder (ConvTranspose up) on a timm encoder's feature maps (cv_models/nets/timm_unet.py)
-    "timm_unet": Architecture(lambda n, m: encoder_unet(m.options.encoder, n, width=m.width, dropout=m.dropout),
-                              ("head.",), ("encoder.",), pretrained=lambda m: m.options.encoder),
-    **{name: Architecture(_torchvision_builder(name, aux=True), ("classifier.4.", "aux_classifier.4."), ("backbone.",))
-       for name in ("fcn_resnet50", "fcn_resnet101", "deeplabv3_resnet50", "deeplabv3_resnet101",
-                    "deeplabv3_mobilenet_v3_large")},
-    "lraspp_mobilenet_v3_large": Architecture(_torchvision_builder("lraspp_mobilenet_v3_large", aux=False),
-                                              ("classifier.low_classifier.", "classifier.high_classifier."), ("backbone.",)),
+    "timm_unet": Architecture(
+        lambda n, m: encoder_unet(m.options.encoder, n, width=m.width, dropout=m.dropout),
+        ("head.",),
+        ("encoder.",),
+        pretrained=lambda m: m.options.encoder,
+    ),
+    **{
+        name: Architecture(_torchvision_builder(name, aux=True), ("classifier.4.", "aux_classifier.4."), ("backbone.",))
+        for name in (
+            "fcn_resnet50",
+            "fcn_resnet101",
+            "deeplabv3_resnet50",
+            "deeplabv3_resnet101",
+            "deeplabv3_mobilenet_v3_large",
+        )
+    },
+    "lraspp_mobilenet_v3_large": Architecture(
+        _torchvision_builder("lraspp_mobilenet_v3_large", aux=False),
+        ("classifier.low_classifier.", "classifier.high_classifier."),
+        ("backbone.",),
+    ),
 }
 
 
@@ -262,11 +319,19 @@ class SegmentationTask(CVTask):
         if o["mask_color_mode"] not in ("convert", "reject"):
             raise DataError(f"data.options.mask_color_mode must be convert or reject, got {o['mask_color_mode']!r}")
         if o["colors"] and len(o["colors"]) != len(self.class_names()):
-            raise DataError(f"data.options.colors has {len(o['colors'])} colours for {len(self.class_names())} classes "
-                            f"(rule: one [r, g, b] per declared class)")
-        return MaskReader(o["colors"], o["ignore_color"], self.ignore_index, o["mask_color_mode"],
-                          tuple(int(v) for v in o["ignore_values"] or ()), bool(o["palette_as_index"]),
-                          {int(k): int(v) for k, v in (o["value_map"] or {}).items()})
+            raise DataError(
+                f"data.options.colors has {len(o['colors'])} colours for {len(self.class_names())} classes "
+                f"(rule: one [r, g, b] per declared class)"
+            )
+        return MaskReader(
+            o["colors"],
+            o["ignore_color"],
+            self.ignore_index,
+            o["mask_color_mode"],
+            tuple(int(v) for v in o["ignore_values"] or ()),
+            bool(o["palette_as_index"]),
+            {int(k): int(v) for k, v in (o["value_map"] or {}).items()},
+        )
 
     # ------------------------------------------------------------------ listing
     def _read(self) -> MaskFolderListing | CocoMaskListing:
@@ -275,7 +340,9 @@ class SegmentationTask(CVTask):
             d = self.cfg.data
             root = Path(d.path)
             if not root.is_dir():
-                raise DataError(f"dataset path {root} does not exist or is not a folder (rule: data.path must be an existing folder)")
+                raise DataError(
+                    f"dataset path {root} does not exist or is not a folder (rule: data.path must be an existing folder)"
+                )
             if not 0 <= self.ignore_index <= 255:
                 raise DataError(f"train.loss.ignore_index must be within 0..255 (8-bit masks), got {self.ignore_index}")
             self._listing = reader(self.name, d.format)(d)
@@ -300,14 +367,27 @@ class SegmentationTask(CVTask):
         reader = self.mask_reader()
         records, pixel_rows = [], []
         for r in rows:
-            image = probe_image(Path(r["path"])) if Path(r["path"]).is_file() else {
-                "bytes": 0, "sha256": f"missing:{r['path']}", "width": 0, "height": 0, "channels": 0, "mode": "",
-                "decodes": False, "error": "file missing"}
+            image = (
+                probe_image(Path(r["path"]))
+                if Path(r["path"]).is_file()
+                else {
+                    "bytes": 0,
+                    "sha256": f"missing:{r['path']}",
+                    "width": 0,
+                    "height": 0,
+                    "channels": 0,
+                    "mode": "",
+                    "decodes": False,
+                    "error": "file missing",
+                }
+            )
             facts = mask_facts(self._read(), r, names, self.ignore_index, reader)
             counts = facts.pop("counts")
             if counts is not None:
-                pixel_rows += [{"split": r["split"], "class": names[k], "pixels": int(c), "image": int(c > 0)}
-                               for k, c in enumerate(counts)]
+                pixel_rows += [
+                    {"split": r["split"], "class": names[k], "pixels": int(c), "image": int(c > 0)}
+                    for k, c in enumerate(counts)
+                ]
             records.append({"path": r["path"], "split": r["split"], "mask": r["mask_source"], **image, **facts})
         table = pd.DataFrame(records)
         if table.empty:
@@ -315,15 +395,20 @@ class SegmentationTask(CVTask):
         table["suffix_is_image"] = table["path"].map(lambda p: Path(p).suffix.lower() in IMAGE_SUFFIXES)
         table["size_matches"] = (table["width"] == table["mask_width"]) & (table["height"] == table["mask_height"])
         if "declared_width" in rows[0]:  # COCO: the JSON's size must be the file's size
-            table["size_matches"] &= (table["width"] == [r["declared_width"] for r in rows]) & \
-                                     (table["height"] == [r["declared_height"] for r in rows])
+            table["size_matches"] &= (table["width"] == [r["declared_width"] for r in rows]) & (
+                table["height"] == [r["declared_height"] for r in rows]
+            )
         table["mask_single_channel"] = table["mask_mode"].isin(INDEX_MODES)
         table["colors_declared"] = table["undeclared_colors"] == ""
         table["has_foreground"] = table["foreground_pixels"] > 0
         splits_per_hash = table.groupby("sha256")["split"].nunique()
         table["duplicate_in_other_split"] = table["sha256"].map(splits_per_hash).fillna(0).gt(1)
         pixels = pd.DataFrame(pixel_rows, columns=["split", "class", "pixels", "image"])
-        freq = pixels.groupby(["class", "split"], sort=False).agg(pixels=("pixels", "sum"), images=("image", "sum")).reset_index()
+        freq = (
+            pixels.groupby(["class", "split"], sort=False)
+            .agg(pixels=("pixels", "sum"), images=("image", "sum"))
+            .reset_index()
+        )
         totals = freq.groupby("split")["pixels"].transform("sum")
         freq["fraction"] = (freq["pixels"] / totals.where(totals > 0, 1)).round(6)
         freq["class_split"] = [f"class '{c}' in split '{s}'" for c, s in zip(freq["class"], freq["split"])]
@@ -339,61 +424,124 @@ class SegmentationTask(CVTask):
         decoded = dict(row_condition="decodes == True", condition_parser="pandas")
         mask_read = dict(row_condition="mask_decodes == True", condition_parser="pandas")
         out = [
-            Check("samples", "every file decodes as an image", E.ExpectColumnValuesToBeInSet(column="decodes", value_set=[True])),
-            Check("samples", f"image width within [{d.min_size}, {d.max_size}]",
-                  E.ExpectColumnValuesToBeBetween(column="width", min_value=d.min_size, max_value=d.max_size, **sized)),
-            Check("samples", f"image height within [{d.min_size}, {d.max_size}]",
-                  E.ExpectColumnValuesToBeBetween(column="height", min_value=d.min_size, max_value=d.max_size, **sized)),
-            Check("samples", "every image has a mask file (same name under the masks folder)",
-                  E.ExpectColumnValuesToBeInSet(column="mask_exists", value_set=[True]), key_column="mask"),
-            Check("samples", "every mask decodes (image file or COCO annotation)",
-                  E.ExpectColumnValuesToBeInSet(column="mask_decodes", value_set=[True],
-                                                row_condition="mask_exists == True", condition_parser="pandas"),
-                  key_column="mask"),
-            Check("samples", "mask has the same height and width as its image",
-                  E.ExpectColumnValuesToBeInSet(column="size_matches", value_set=[True],
-                                                row_condition="mask_decodes == True and decodes == True",
-                                                condition_parser="pandas"), key_column="mask"),
-            Check("samples", f"mask values in the declared classes 0..{len(names) - 1} {names} "
-                             f"or the ignore index {self.ignore_index}",
-                  E.ExpectColumnValuesToBeInSet(column="values_ok", value_set=[True],
-                                                row_condition="mask_decodes == True and colors_declared == True",
-                                                condition_parser="pandas"), key_column="mask"),
-            Check("samples", "no identical image in two splits",
-                  E.ExpectColumnValuesToBeInSet(column="duplicate_in_other_split", value_set=[False])),
+            Check(
+                "samples",
+                "every file decodes as an image",
+                E.ExpectColumnValuesToBeInSet(column="decodes", value_set=[True]),
+            ),
+            Check(
+                "samples",
+                f"image width within [{d.min_size}, {d.max_size}]",
+                E.ExpectColumnValuesToBeBetween(column="width", min_value=d.min_size, max_value=d.max_size, **sized),
+            ),
+            Check(
+                "samples",
+                f"image height within [{d.min_size}, {d.max_size}]",
+                E.ExpectColumnValuesToBeBetween(column="height", min_value=d.min_size, max_value=d.max_size, **sized),
+            ),
+            Check(
+                "samples",
+                "every image has a mask file (same name under the masks folder)",
+                E.ExpectColumnValuesToBeInSet(column="mask_exists", value_set=[True]),
+                key_column="mask",
+            ),
+            Check(
+                "samples",
+                "every mask decodes (image file or COCO annotation)",
+                E.ExpectColumnValuesToBeInSet(
+                    column="mask_decodes",
+                    value_set=[True],
+                    row_condition="mask_exists == True",
+                    condition_parser="pandas",
+                ),
+                key_column="mask",
+            ),
+            Check(
+                "samples",
+                "mask has the same height and width as its image",
+                E.ExpectColumnValuesToBeInSet(
+                    column="size_matches",
+                    value_set=[True],
+                    row_condition="mask_decodes == True and decodes == True",
+                    condition_parser="pandas",
+                ),
+                key_column="mask",
+            ),
+            Check(
+                "samples",
+                f"mask values in the declared classes 0..{len(names) - 1} {names} "
+                f"or the ignore index {self.ignore_index}",
+                E.ExpectColumnValuesToBeInSet(
+                    column="values_ok",
+                    value_set=[True],
+                    row_condition="mask_decodes == True and colors_declared == True",
+                    condition_parser="pandas",
+                ),
+                key_column="mask",
+            ),
+            Check(
+                "samples",
+                "no identical image in two splits",
+                E.ExpectColumnValuesToBeInSet(column="duplicate_in_other_split", value_set=[False]),
+            ),
         ]
         if self.options["mask_color_mode"] == "reject":
-            out.append(Check("samples", "mask is single-channel class indices (palette and RGB masks are rejected: "
-                                        "data.options.mask_color_mode=reject)",
-                             E.ExpectColumnValuesToBeInSet(column="mask_single_channel", value_set=[True], **mask_read),
-                             key_column="mask"))
+            out.append(
+                Check(
+                    "samples",
+                    "mask is single-channel class indices (palette and RGB masks are rejected: "
+                    "data.options.mask_color_mode=reject)",
+                    E.ExpectColumnValuesToBeInSet(column="mask_single_channel", value_set=[True], **mask_read),
+                    key_column="mask",
+                )
+            )
         elif not self.options["colors"]:  # nothing declared: these files are not class-index masks at all
-            out.append(Check("samples", "mask is a single-channel class-index image (RGB or palette masks need "
-                                        "data.options.colors, or data.options.palette_as_index for VOC-style palette "
-                                        "PNGs; RGB files here usually mean data.options.masks_dir points at photos)",
-                             E.ExpectColumnValuesToBeInSet(column="colors_declared", value_set=[True], **mask_read),
-                             key_column="mask"))
+            out.append(
+                Check(
+                    "samples",
+                    "mask is a single-channel class-index image (RGB or palette masks need "
+                    "data.options.colors, or data.options.palette_as_index for VOC-style palette "
+                    "PNGs; RGB files here usually mean data.options.masks_dir points at photos)",
+                    E.ExpectColumnValuesToBeInSet(column="colors_declared", value_set=[True], **mask_read),
+                    key_column="mask",
+                )
+            )
         else:
-            out.append(Check("samples", "palette / RGB mask colours are declared in data.options.colors "
-                                        "(or data.options.ignore_color)",
-                             E.ExpectColumnValuesToBeInSet(column="colors_declared", value_set=[True], **mask_read),
-                             key_column="mask"))
+            out.append(
+                Check(
+                    "samples",
+                    "palette / RGB mask colours are declared in data.options.colors (or data.options.ignore_color)",
+                    E.ExpectColumnValuesToBeInSet(column="colors_declared", value_set=[True], **mask_read),
+                    key_column="mask",
+                )
+            )
         if d.color_mode == "reject":
-            out.append(Check("samples", "image is RGB (grayscale, palette and RGBA are rejected: data.color_mode=reject)",
-                             E.ExpectColumnValuesToBeInSet(column="mode", value_set=["RGB"], **decoded)))
+            out.append(
+                Check(
+                    "samples",
+                    "image is RGB (grayscale, palette and RGBA are rejected: data.color_mode=reject)",
+                    E.ExpectColumnValuesToBeInSet(column="mode", value_set=["RGB"], **decoded),
+                )
+            )
         return out
 
     def validation_notes(self, tables: dict[str, pd.DataFrame]) -> list[str]:
         s, notes = tables["samples"], []
         read = s[s["mask_decodes"]]
-        notes += [f"{p}: no foreground pixels (mask {m} is all background or ignored)"
-                  for p, m in zip(read.loc[~read["has_foreground"], "path"], read.loc[~read["has_foreground"], "mask"])]
+        notes += [
+            f"{p}: no foreground pixels (mask {m} is all background or ignored)"
+            for p, m in zip(read.loc[~read["has_foreground"], "path"], read.loc[~read["has_foreground"], "mask"])
+        ]
         conv = read[read["mask_converted"]]
-        notes += [f"{m}: {mode} mask converted to class indices through data.options.colors"
-                  for m, mode in zip(conv["mask"], conv["mask_mode"])]
+        notes += [
+            f"{m}: {mode} mask converted to class indices through data.options.colors"
+            for m, mode in zip(conv["mask"], conv["mask_mode"])
+        ]
         if self.cfg.data.color_mode == "convert":
             odd = s[s["decodes"] & (s["mode"] != "RGB")]
-            notes += [f"{p}: mode {m} converted to RGB (data.color_mode=convert)" for p, m in zip(odd["path"], odd["mode"])]
+            notes += [
+                f"{p}: mode {m} converted to RGB (data.color_mode=convert)" for p, m in zip(odd["path"], odd["mode"])
+            ]
         notes += [f"{m}: mask without an image (not used)" for m in self._read().orphan_masks]
         f = tables["class_pixels"]
         notes += [f"{r.class_split}: no pixels (its IoU there is undefined)" for r in f[f["pixels"] == 0].itertuples()]
@@ -405,12 +553,16 @@ class SegmentationTask(CVTask):
             return {}
         wide = f.pivot_table(index="class", columns="split", values=["fraction", "images"], sort=False)
         present = [s for s in SPLITS if s in f["split"].unique()]
-        lines = ["| class | " + " | ".join(f"{s} pixels % | {s} images" for s in present) + " |",
-                 "|---|" + "---|---|" * len(present)]
+        lines = [
+            "| class | " + " | ".join(f"{s} pixels % | {s} images" for s in present) + " |",
+            "|---|" + "---|---|" * len(present),
+        ]
         for name in self.class_names():
             if name not in wide.index:
                 continue
-            cells = [f"{100 * wide.loc[name, ('fraction', s)]:.2f} | {int(wide.loc[name, ('images', s)])}" for s in present]
+            cells = [
+                f"{100 * wide.loc[name, ('fraction', s)]:.2f} | {int(wide.loc[name, ('images', s)])}" for s in present
+            ]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         return {"Per-class pixel frequency": "\n".join(lines)}
 
@@ -442,7 +594,9 @@ class SegmentationTask(CVTask):
     def train_transforms(self, augment: AugmentConfig | None, normalize):
         # v2 resizes, rotates and crops tv_tensors.Mask with nearest interpolation: no new label values
         builders = {"cutout": self._cutout, "rotation": self._rotation, "rescale": self._rescale}
-        return build_transforms(self.cfg.image_size, augment, normalize, registry=with_builders(self.augmentations, builders))
+        return build_transforms(
+            self.cfg.image_size, augment, normalize, registry=with_builders(self.augmentations, builders)
+        )
 
     def eval_transforms(self, normalize):
         return build_transforms(self.cfg.image_size, None, normalize)
@@ -454,10 +608,14 @@ class SegmentationTask(CVTask):
     def build_model(self) -> nn.Module:
         m = self.cfg.model
         if m.name not in ARCHITECTURES:
-            raise ValueError(f"model.name {m.name!r} is not a segmentation model; choose one of {sorted(ARCHITECTURES)}")
+            raise ValueError(
+                f"model.name {m.name!r} is not a segmentation model; choose one of {sorted(ARCHITECTURES)}"
+            )
         arch = ARCHITECTURES[m.name]
         if m.name == "unet" and m.options != SegmentationModelOptions():
-            raise ValueError("model.options are for torchvision segmentation models; the unet takes width, depth and dropout")
+            raise ValueError(
+                "model.options are for torchvision segmentation models; the unet takes width, depth and dropout"
+            )
         model = arch.build(len(self.class_names()), m)
         if m.weights == "imagenet":
             self.load_imagenet(model.encoder)
@@ -504,7 +662,7 @@ class SegmentationTask(CVTask):
                 pairs = []
                 for k in range(len(images)):
                     truth = dataset.mask(order[len(native_masks) + len(pairs)]).long().to(device)[None]
-                    pairs.append((to_size(logits[k:k + 1], truth.shape[-2:]), truth))
+                    pairs.append((to_size(logits[k : k + 1], truth.shape[-2:]), truth))
             else:
                 pairs = [(logits, masks.to(device))]
             for scores, truth in pairs:
@@ -536,7 +694,10 @@ class SegmentationTask(CVTask):
         mask = to_size(logits, (image.height, image.width)).argmax(1)[0].to(torch.uint8).cpu()
         names = self.class_names()
         counts = torch.bincount(mask.flatten().long(), minlength=len(names))
-        record = {"image_id": image_id, **{f"pixels_{c}": round(float(n) / mask.numel(), 6) for c, n in zip(names, counts.tolist())}}
+        record = {
+            "image_id": image_id,
+            **{f"pixels_{c}": round(float(n) / mask.numel(), 6) for c, n in zip(names, counts.tolist())},
+        }
         present = [c for c, n in zip(names[1:], counts[1:].tolist()) if n > 0]  # classes[0] is the background
         rgb = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).float() / 255
         return Prediction([record], present, mask=mask.numpy(), overlay=self.overlay(rgb, mask)[0])
@@ -552,15 +713,25 @@ class SegmentationTask(CVTask):
         # a class absent from both truth and prediction has no IoU: left out of the means
         iou = torch.where(union > 0, tp / union.clamp_min(1), torch.nan)
         dice = torch.where(gt + pr > 0, 2 * tp / (gt + pr).clamp_min(1), torch.nan)
-        per_class = pd.DataFrame({"class": names, "iou": iou.numpy(), "dice": dice.numpy(),
-                                  "precision": (tp / pr.clamp_min(1)).numpy(), "recall": (tp / gt.clamp_min(1)).numpy(),
-                                  "true_pixels": gt.long().numpy(), "predicted_pixels": pr.long().numpy()})
-        metrics = {"miou": float(iou.nanmean()) if (union > 0).any() else 0.0,
-                   "pixel_accuracy": float(tp.sum() / cm.sum().clamp_min(1)),
-                   "dice": float(dice.nanmean()) if (gt + pr > 0).any() else 0.0,
-                   "predicted_classes": int((pr > 0).sum()),  # 1: every pixel gets the same class
-                   **{f"iou/{c}": float(v) for c, v in zip(names, iou.tolist()) if v == v},
-                   **never_predicted(names, gt.tolist(), pr.tolist())}
+        per_class = pd.DataFrame(
+            {
+                "class": names,
+                "iou": iou.numpy(),
+                "dice": dice.numpy(),
+                "precision": (tp / pr.clamp_min(1)).numpy(),
+                "recall": (tp / gt.clamp_min(1)).numpy(),
+                "true_pixels": gt.long().numpy(),
+                "predicted_pixels": pr.long().numpy(),
+            }
+        )
+        metrics = {
+            "miou": float(iou.nanmean()) if (union > 0).any() else 0.0,
+            "pixel_accuracy": float(tp.sum() / cm.sum().clamp_min(1)),
+            "dice": float(dice.nanmean()) if (gt + pr > 0).any() else 0.0,
+            "predicted_classes": int((pr > 0).sum()),  # 1: every pixel gets the same class
+            **{f"iou/{c}": float(v) for c, v in zip(names, iou.tolist()) if v == v},
+            **never_predicted(names, gt.tolist(), pr.tolist()),
+        }
         return EvalResult(metrics, per_class=per_class, extra={"confusion_matrix": cm.long().numpy()})
 
     def dummy_result(self, train, evaluation) -> EvalResult:
@@ -617,12 +788,18 @@ class SegmentationTask(CVTask):
             pictures = []
             for i in range(n):
                 image, mask = plain[i]
-                pictures.append(caption(self.overlay(image, mask)[0].float() / 255, f"truth {Path(plain.samples[i]['path']).name}"))
-                pictures += [caption(self.overlay(image, results[name].predictions[i])[0].float() / 255, name) for name in models]
+                pictures.append(
+                    caption(self.overlay(image, mask)[0].float() / 255, f"truth {Path(plain.samples[i]['path']).name}")
+                )
+                pictures += [
+                    caption(self.overlay(image, results[name].predictions[i])[0].float() / 255, name) for name in models
+                ]
             path = out_dir / "test_predictions.png"
             save_grid(pictures, path, nrow=1 + len(models))
             files.append(path)
-        table = pd.concat([res.per_class.assign(model=name) for name, res in results.items() if res.per_class is not None])
+        table = pd.concat(
+            [res.per_class.assign(model=name) for name, res in results.items() if res.per_class is not None]
+        )
         path = out_dir / "per_class_iou.csv"
         table.pivot_table(index="class", columns="model", values="iou", sort=False).to_csv(path)
         files.append(path)
@@ -664,5 +841,6 @@ class SegmentationTask(CVTask):
             f"    for k in range({n}):\n"
             f"        t, p = (truth == k) & valid, (pred == k) & valid\n"
             f"        inter[k] += (t & p).sum()\n        union[k] += (t | p).sum()\n"
-            f"print('miou', (inter[union > 0] / union[union > 0]).mean())  # metrics.json: augmented.miou\n```\n")
+            f"print('miou', (inter[union > 0] / union[union > 0]).mean())  # metrics.json: augmented.miou\n```\n"
+        )
         return [out_dir / "masks.csv", out_dir / "RECOMPUTE.md"]

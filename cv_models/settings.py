@@ -7,13 +7,23 @@ options and combines them with :func:`task_settings`. Defaults live in these cla
 that reads them. Every section forbids unknown keys; :func:`describe` names the offending key with its
 full dotted path and suggests the closest known key ("did you mean").
 """
+
 from __future__ import annotations
 
 import difflib
 import typing
 from typing import Annotated, Any, Literal, Self
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_validator,
+)
 
 
 class ConfigError(ValueError):
@@ -115,14 +125,17 @@ class TrainConfig(Strict):
     # stopping consider validated epochs only, and other epochs' history rows have no val_ metrics
     val_every: int = Field(1, ge=1)
     track_train_metric: bool = True  # score a fixed train subset each epoch too (overfitting diagnosis)
-    time_limit_minutes: float = Field(0.0, ge=0, description="stop before an epoch that would end past this wall time (the "
-                                                            "median of the recent epochs plus a validation pass); "
-                                                            "0 = off (size epochs to fit: the schedule spans all of them)")
+    time_limit_minutes: float = Field(
+        0.0,
+        ge=0,
+        description="stop before an epoch that would end past this wall time (the "
+        "median of the recent epochs plus a validation pass); "
+        "0 = off (size epochs to fit: the schedule spans all of them)",
+    )
     # with a time limit: after every epoch, plan the epochs (at most `epochs`) that end within 97% of it and re-span
     # the learning-rate schedule over them, continuously, so training ends annealed instead of cut mid-schedule
     # (tasks/training/budget.py; times differ between runs: so may results)
     fit_epochs_to_time_limit: bool = True
-
 
 
 class ModelConfig(Strict):
@@ -152,8 +165,9 @@ class OverfitCheckConfig(Strict):
     batch_size: int = Field(8, ge=1)
     steps: int = Field(60, ge=1, description="step cap; the check stops early once it passes")
     lr: float = Field(3e-3, gt=0)
-    max_loss_ratio: float = Field(0.35, gt=0, lt=1, description="pass when the loss falls below this fraction of "
-                                                               "its first value")
+    max_loss_ratio: float = Field(
+        0.35, gt=0, lt=1, description="pass when the loss falls below this fraction of its first value"
+    )
     max_loss: float | None = Field(None, gt=0, description="optional: also pass when the loss falls below this")
 
 
@@ -214,7 +228,10 @@ class BlurAug(Switch):
 
 
 class CutoutAug(Switch):
-    scale: tuple[float, float] = (0.02, 0.2)  # erased area as a fraction of the image; aspect ratio log-uniform in 0.3-3.3
+    scale: tuple[float, float] = (
+        0.02,
+        0.2,
+    )  # erased area as a fraction of the image; aspect ratio log-uniform in 0.3-3.3
 
 
 class MixAug(Switch):
@@ -277,7 +294,9 @@ class DataConfig(Strict):
     # decoded images resized to the training size, kept once (cv_models/data/cache.py): the augmentations run on the
     # kept copy, so results equal cache none's; ram: in memory | disk: .cache/ of the project, reused by later runs
     cache: Literal["none", "ram", "disk"] = "none"
-    cache_max_gb: float = Field(4.0, gt=0, description="refuse a data.cache larger than this (estimated before filling)")
+    cache_max_gb: float = Field(
+        4.0, gt=0, description="refuse a data.cache larger than this (estimated before filling)"
+    )
     options: NoOptions = NoOptions()  # task-specific reader options (each task declares its own)
 
     @model_validator(mode="after")
@@ -291,7 +310,10 @@ class DataConfig(Strict):
 
 
 # the training size: one number (square) or [height, width] (keeps a non-square dataset's aspect ratio)
-ImageSize = Annotated[int, Field(ge=8, le=4096)] | tuple[Annotated[int, Field(ge=8, le=4096)], Annotated[int, Field(ge=8, le=4096)]]
+ImageSize = (
+    Annotated[int, Field(ge=8, le=4096)]
+    | tuple[Annotated[int, Field(ge=8, le=4096)], Annotated[int, Field(ge=8, le=4096)]]
+)
 
 
 def size_hw(image_size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
@@ -330,14 +352,26 @@ class TaskConfig(Strict):
 # ---------------------------------------------------------------- a task's own schema
 
 
-def task_settings(prefix: str, *, data_options: type[BaseModel] = NoOptions, model_options: type[BaseModel] = NoOptions,
-                  augment: type[AugmentConfig] = AugmentConfig, options: type[BaseModel] = NoOptions,
-                  data: type[DataConfig] = DataConfig) -> type[TaskConfig]:
+def task_settings(
+    prefix: str,
+    *,
+    data_options: type[BaseModel] = NoOptions,
+    model_options: type[BaseModel] = NoOptions,
+    augment: type[AugmentConfig] = AugmentConfig,
+    options: type[BaseModel] = NoOptions,
+    data: type[DataConfig] = DataConfig,
+) -> type[TaskConfig]:
     """The :class:`TaskConfig` of one task: the shared sections with the task's own options classes in them."""
     data_cls = create_model(f"{prefix}DataConfig", __base__=data, options=(data_options, data_options()))
     model_cls = create_model(f"{prefix}ModelConfig", __base__=ModelConfig, options=(model_options, model_options()))
-    return create_model(f"{prefix}TaskConfig", __base__=TaskConfig, data=(data_cls, ...), model=(model_cls, model_cls()),
-                        augment=(augment, augment()), options=(options, options()))
+    return create_model(
+        f"{prefix}TaskConfig",
+        __base__=TaskConfig,
+        data=(data_cls, ...),
+        model=(model_cls, model_cls()),
+        augment=(augment, augment()),
+        options=(options, options()),
+    )
 
 
 def validate_task(settings: type[TaskConfig], raw: Any, name: str) -> TaskConfig:
@@ -362,8 +396,11 @@ def flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def settings_diff(a: BaseModel, b: BaseModel, ignore: tuple[str, ...] = ()) -> dict[str, tuple[Any, Any]]:
     """The effective settings that differ between two configs: dotted key -> (value in a, value in b)."""
     fa, fb = flat(a.model_dump(mode="json")), flat(b.model_dump(mode="json"))
-    return {k: (fa.get(k), fb.get(k)) for k in sorted(set(fa) | set(fb))
-            if fa.get(k) != fb.get(k) and not k.startswith(ignore)}
+    return {
+        k: (fa.get(k), fb.get(k))
+        for k in sorted(set(fa) | set(fb))
+        if fa.get(k) != fb.get(k) and not k.startswith(ignore)
+    }
 
 
 def diff_markdown(diff: dict[str, tuple[Any, Any]], left: str, right: str) -> str:
@@ -418,7 +455,9 @@ def describe(err: ValidationError, model: type[BaseModel] | None = None, prefix:
     """One line per problem, each naming its full dotted key; unknown keys get the closest known one."""
     lines = []
     for e in err.errors():
-        loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and ("[" in p or p in ("float", "int", "str", "bool"))))
+        loc = tuple(
+            p for p in e["loc"] if not (isinstance(p, str) and ("[" in p or p in ("float", "int", "str", "bool")))
+        )
         key = prefix + ".".join(str(p) for p in loc)
         if e["type"] == "extra_forbidden":
             known = known_keys(model, loc[:-1])

@@ -5,12 +5,18 @@ fixed numbers that suit four synthetic shapes do not suit 40 COCO objects or 260
 Each ``auto`` key of ``model.options`` is replaced from the largest number of objects in one training
 image (``most``); the validation report states the values used.
 """
+
 from __future__ import annotations
 
 import math
 
-AUTO_KEYS = ("detections_per_img", "rpn_post_nms_top_n_test", "rpn_pre_nms_top_n_test", "rpn_post_nms_top_n_train",
-             "rpn_pre_nms_top_n_train")
+AUTO_KEYS = (
+    "detections_per_img",
+    "rpn_post_nms_top_n_test",
+    "rpn_pre_nms_top_n_test",
+    "rpn_post_nms_top_n_train",
+    "rpn_pre_nms_top_n_train",
+)
 
 
 def _tens(x: float) -> int:
@@ -22,9 +28,13 @@ def sized_values(most: int) -> dict[str, int]:
     detections = max(20, _tens(2 * most))  # twice the busiest image: room for near-duplicates before NMS
     post_test = max(75, 2 * detections)  # proposals per image kept for the box head at test time
     post_train = max(150, _tens(4 * most))  # enough proposals to cover every object during training
-    return {"detections_per_img": detections, "rpn_post_nms_top_n_test": post_test,
-            "rpn_pre_nms_top_n_test": 2 * post_test, "rpn_post_nms_top_n_train": post_train,
-            "rpn_pre_nms_top_n_train": 2 * post_train}
+    return {
+        "detections_per_img": detections,
+        "rpn_post_nms_top_n_test": post_test,
+        "rpn_pre_nms_top_n_test": 2 * post_test,
+        "rpn_post_nms_top_n_train": post_train,
+        "rpn_pre_nms_top_n_train": 2 * post_train,
+    }
 
 
 def sized_options(options: dict, most: int) -> tuple[dict, dict[str, int]]:
@@ -37,15 +47,25 @@ def sized_options(options: dict, most: int) -> tuple[dict, dict[str, int]]:
 def describe(most: int, options: dict) -> str:
     """The validation report's lines: what the data says and what each setting becomes."""
     _, chosen = sized_options(options, most)
-    lines = [f"Largest number of objects in one training image: {most}.", "",
-             "| setting | value | from |", "|---|---|---|"]
+    lines = [
+        f"Largest number of objects in one training image: {most}.",
+        "",
+        "| setting | value | from |",
+        "|---|---|---|",
+    ]
     for k in AUTO_KEYS:
         v = options.get(k)
-        lines.append(f"| model.options.{k} | {chosen.get(k, v)} | {'auto (sized from the data)' if k in chosen else 'params.yaml'} |")
+        lines.append(
+            f"| model.options.{k} | {chosen.get(k, v)} | {'auto (sized from the data)' if k in chosen else 'params.yaml'} |"
+        )
     det = chosen.get("detections_per_img", options.get("detections_per_img"))
-    lines.append("| COCO maxDets (scoring) | max(100, objects or detections in the busiest scored image) | every reported "
-                 "AP is taken at it; metrics.json states it (max_dets) beside AP@.5 at maxDets 100 (map50_maxdets100) |")
+    lines.append(
+        "| COCO maxDets (scoring) | max(100, objects or detections in the busiest scored image) | every reported "
+        "AP is taken at it; metrics.json states it (max_dets) beside AP@.5 at maxDets 100 (map50_maxdets100) |"
+    )
     if isinstance(det, int) and det < most:
-        lines.append(f"\n**Warning:** model.options.detections_per_img={det} is below the {most} objects of the busiest "
-                     f"training image: recall is capped there. Set it to auto.")
+        lines.append(
+            f"\n**Warning:** model.options.detections_per_img={det} is below the {most} objects of the busiest "
+            f"training image: recall is capped there. Set it to auto."
+        )
     return "\n".join(lines)

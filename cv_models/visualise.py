@@ -1,4 +1,5 @@
 """Pictures a person looks at: sample grids, captions, confusion matrices."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -23,14 +24,20 @@ def caption(image: torch.Tensor, text: str, min_width: int = 128) -> torch.Tenso
     canvas = Image.new("RGB", (img.width, img.height + 14), (255, 255, 255))
     canvas.paste(img, (0, 0))
     ImageDraw.Draw(canvas).text((2, img.height + 1), text, fill=(0, 0, 0))
-    return torch.from_numpy(np.array(canvas)).permute(2, 0, 1)  # np.array: a writable copy (torch warns on a read-only one)
+    return torch.from_numpy(np.array(canvas)).permute(
+        2, 0, 1
+    )  # np.array: a writable copy (torch warns on a read-only one)
 
 
 def save_grid(pictures: list[torch.Tensor], path: Path, nrow: int = 8) -> Path:
     """uint8 CxHxW pictures (resized to the first one's size) tiled into one PNG."""
     h, w = pictures[0].shape[-2:]
-    same = [p if p.shape[-2:] == (h, w) else torch.nn.functional.interpolate(p[None].float(), size=(h, w)).to(torch.uint8)[0]
-            for p in pictures]
+    same = [
+        p
+        if p.shape[-2:] == (h, w)
+        else torch.nn.functional.interpolate(p[None].float(), size=(h, w)).to(torch.uint8)[0]
+        for p in pictures
+    ]
     grid = make_grid(torch.stack(same), nrow=nrow, padding=2, pad_value=255)
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path)
@@ -52,7 +59,9 @@ def confusion_matrix_figure(cm: np.ndarray, class_names: list[str], title: str, 
     ax.set_title(title)
     for i in range(cm.shape[0]):
         for j in range(cm.shape[1]):
-            ax.text(j, i, str(cm[i, j]), ha="center", va="center", color="white" if cm[i, j] > cm.max() / 2 else "black")
+            ax.text(
+                j, i, str(cm[i, j]), ha="center", va="center", color="white" if cm[i, j] > cm.max() / 2 else "black"
+            )
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
@@ -72,7 +81,9 @@ def history_figure(history, metric: str, path: Path) -> Path:
     validated = history.dropna(subset=[f"val_{metric}"])  # train.val_every: other epochs have no val metrics
     for col, label in (("train_loss_plain", "train loss"), ("val_loss", "val loss")):
         if col in history:
-            a.plot(validated["epoch"], validated[col], label=label, marker="." if len(validated) < len(history) else None)
+            a.plot(
+                validated["epoch"], validated[col], label=label, marker="." if len(validated) < len(history) else None
+            )
     a.set_xlabel("epoch")
     a.legend()
     if f"train_{metric}" in history:

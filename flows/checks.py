@@ -1,5 +1,6 @@
 """A light flow for the work pool: validate one task's data (no training). It is also what the
 two-worker test runs, as the cheapest real stage."""
+
 from __future__ import annotations
 
 import os

@@ -5,6 +5,7 @@ prefect-dask's ``DaskTaskRunner`` (a scheduler address, or a local cluster start
 The runner is chosen at run time from params.yaml, so it is entered here as a context manager
 inside the flow rather than fixed in the ``@flow`` decorator.
 """
+
 from __future__ import annotations
 
 from contextlib import AbstractContextManager
@@ -25,8 +26,14 @@ def task_runner(cfg: RunnerConfig):
 
         if cfg.dask_address:
             return DaskTaskRunner(address=cfg.dask_address)
-        return DaskTaskRunner(cluster_kwargs={"n_workers": cfg.max_workers, "threads_per_worker": 1,
-                                              "processes": cfg.dask_processes, "dashboard_address": None})
+        return DaskTaskRunner(
+            cluster_kwargs={
+                "n_workers": cfg.max_workers,
+                "threads_per_worker": 1,
+                "processes": cfg.dask_processes,
+                "dashboard_address": None,
+            }
+        )
     return None
 
 
@@ -62,7 +69,9 @@ class FanOut(AbstractContextManager):
         self.runner = task_runner(cfg)
 
     def __enter__(self):
-        if self.cfg.kind == "processes" or (self.cfg.kind == "dask" and self.cfg.dask_processes and not self.cfg.dask_address):
+        if self.cfg.kind == "processes" or (
+            self.cfg.kind == "dask" and self.cfg.dask_processes and not self.cfg.dask_address
+        ):
             share_temporary_server()
         if self.runner is not None:
             self.runner.__enter__()

@@ -6,6 +6,7 @@ task; ``train-<task>`` flows run them in order: generate (when the embedded data
 The flows call exactly the functions that ``dvc repro`` calls through the CLI, so both give the
 same metrics for the same params. Flow parameters override params.yaml and are logged to MLflow.
 """
+
 from __future__ import annotations
 
 import os
@@ -22,16 +23,18 @@ from tasks.track.tracking import ensure_store
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
 
 # one Prefect task per stage of the chain (named as the stage; the data generation as before)
-STAGE_TASKS = {name: task(run_stage, name="generate-data" if name == "generate" else name, task_run_name=name)
-               for name in CHAIN}
+STAGE_TASKS = {
+    name: task(run_stage, name="generate-data" if name == "generate" else name, task_run_name=name) for name in CHAIN
+}
 
 
 def flow_name(task_name: str) -> str:
     return "train-" + task_name.replace("_", "-")
 
 
-def collect_overrides(task_name: str, epochs: int | None, batch_size: int | None, seed: int | None,
-                      overrides: dict[str, Any] | None) -> dict[str, Any]:
+def collect_overrides(
+    task_name: str, epochs: int | None, batch_size: int | None, seed: int | None, overrides: dict[str, Any] | None
+) -> dict[str, Any]:
     """Shortcut flow parameters as dotted params.yaml keys; ``overrides`` may name any key."""
     out: dict[str, Any] = {}
     if epochs is not None:
@@ -55,16 +58,24 @@ def run_pipeline(task_name: str, params_path: str, overrides: dict[str, Any]) ->
 
 
 def make_flow(task_name: str):
-    def train(epochs: int | None = None, batch_size: int | None = None, seed: int | None = None,
-              overrides: dict[str, Any] | None = None, params_path: str = "params.yaml") -> dict:
+    def train(
+        epochs: int | None = None,
+        batch_size: int | None = None,
+        seed: int | None = None,
+        overrides: dict[str, Any] | None = None,
+        params_path: str = "params.yaml",
+    ) -> dict:
         return run_pipeline(task_name, params_path, collect_overrides(task_name, epochs, batch_size, seed, overrides))
 
     # a served deployment loads the flow by its entrypoint ``flows.pipeline.train_<task>``: the
     # function must carry that name (set before decorating) and exist at module level (below)
     train.__name__ = train.__qualname__ = f"train_{task_name}"
     train.__module__ = __name__
-    return flow(name=flow_name(task_name), description=f"{' -> '.join(CHAIN)} for {task_name} (generate and pretrain when used)",
-                log_prints=True)(train)
+    return flow(
+        name=flow_name(task_name),
+        description=f"{' -> '.join(CHAIN)} for {task_name} (generate and pretrain when used)",
+        log_prints=True,
+    )(train)
 
 
 FLOWS = {name: make_flow(name) for name in TASKS}

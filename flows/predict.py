@@ -5,6 +5,7 @@
 Served with the training flows by ``flows/serve.py`` (deployment ``predict-<task>/default``):
     prefect deployment run predict-detection/default --param input=photos/ --param out=predictions/ --watch
 """
+
 from __future__ import annotations
 
 import os
@@ -31,12 +32,17 @@ def publish_summary(task_name: str, out: str) -> None:
 
     summary = Path(out) / "summary.md"
     if summary.exists() and FlowRunContext.get() is not None:
-        create_markdown_artifact(markdown=summary.read_text(), key=f"{flow_name(task_name)}-summary",
-                                 description=f"{task_name}: predictions written to {out}")
+        create_markdown_artifact(
+            markdown=summary.read_text(),
+            key=f"{flow_name(task_name)}-summary",
+            description=f"{task_name}: predictions written to {out}",
+        )
 
 
 def make_flow(task_name: str):
-    def predict(input: str, out: str, model: str = "best", params_path: str = "params.yaml", strict: bool = False) -> dict:
+    def predict(
+        input: str, out: str, model: str = "best", params_path: str = "params.yaml", strict: bool = False
+    ) -> dict:
         try:
             return predict_task(task_name, model, input, out, params_path, strict=strict)
         finally:
@@ -45,8 +51,11 @@ def make_flow(task_name: str):
     # served deployments load the flow by its entrypoint ``flows.predict.predict_<task>``
     predict.__name__ = predict.__qualname__ = f"predict_{task_name}"
     predict.__module__ = __name__
-    return flow(name=flow_name(task_name), description=f"{task_name}: a trained model on a folder, file or glob of images",
-                log_prints=True)(predict)
+    return flow(
+        name=flow_name(task_name),
+        description=f"{task_name}: a trained model on a folder, file or glob of images",
+        log_prints=True,
+    )(predict)
 
 
 FLOWS = {name: make_flow(name) for name in TASKS}

@@ -7,6 +7,7 @@
 Trials run in waves of ``search.runner.max_workers`` on the chosen runner (threads, processes or a
 Dask cluster); each is a Prefect task and an MLflow child run of the parent ``search <task>``.
 """
+
 from __future__ import annotations
 
 import os
@@ -33,40 +34,69 @@ def trial_task(job: TrainJob, storage: str, study_name: str, trial_id: int, prim
 def publish(task_name: str, study, primary: str) -> None:
     from prefect.artifacts import create_table_artifact
 
-    rows = [{"trial": t.number, "state": t.state.name, f"val_{primary}": search_stage.clean(t.value),
-             "epochs": len(t.intermediate_values), **t.params} for t in study.trials]
-    create_table_artifact(table=rows, key=f"{task_name.replace('_', '-')}-search",
-                          description=f"{task_name}: Optuna trials (objective: best val {primary})")
+    rows = [
+        {
+            "trial": t.number,
+            "state": t.state.name,
+            f"val_{primary}": search_stage.clean(t.value),
+            "epochs": len(t.intermediate_values),
+            **t.params,
+        }
+        for t in study.trials
+    ]
+    create_table_artifact(
+        table=rows,
+        key=f"{task_name.replace('_', '-')}-search",
+        description=f"{task_name}: Optuna trials (objective: best val {primary})",
+    )
 
 
-@flow(name="search", log_prints=True, description="Optuna search over params' search.space, pruning from per-epoch val metrics")
-def search(task_name: str = "classification", params_path: str = "params.yaml",
-           overrides: dict[str, Any] | None = None) -> dict:
+@flow(
+    name="search",
+    log_prints=True,
+    description="Optuna search over params' search.space, pruning from per-epoch val metrics",
+)
+def search(
+    task_name: str = "classification", params_path: str = "params.yaml", overrides: dict[str, Any] | None = None
+) -> dict:
     from optuna.trial import TrialState
 
     started = time.perf_counter()
-    search_stage.plan(task_name, params_path, overrides, build_model=False)  # bad ranges stop here, before anything runs
+    search_stage.plan(
+        task_name, params_path, overrides, build_model=False
+    )  # bad ranges stop here, before anything runs
     prepare(task_name, params_path, overrides)  # the data and its normalisation statistics, when missing
     p = search_stage.plan(task_name, params_path, overrides)  # and the model builds
     params = load_params(params_path, overrides)
     ensure_store(params)
     study = search_stage.open_study(p)
     stale = search_stage.recover(study, p)
-    exp, parent = find_or_create_parent(params, task_name, "search", p.study_name, f"search {task_name}",
-                                        {"study": p.study_name, "storage": p.storage})
+    exp, parent = find_or_create_parent(
+        params, task_name, "search", p.study_name, f"search {task_name}", {"study": p.study_name, "storage": p.storage}
+    )
     done = search_stage.finished_count(study)
-    print(f"[search] {task_name}: study {p.study_name} holds {done} finished trials"
-          + (f" ({stale} interrupted trials queued again)" if stale else "")
-          + f"; running {max(p.config.trials - done, 0)} more on {p.config.runner.kind} (max_workers={p.config.runner.max_workers})")
+    print(
+        f"[search] {task_name}: study {p.study_name} holds {done} finished trials"
+        + (f" ({stale} interrupted trials queued again)" if stale else "")
+        + f"; running {max(p.config.trials - done, 0)} more on {p.config.runner.kind} (max_workers={p.config.runner.max_workers})"
+    )
     distributions = p.distributions()
     # a wave is as wide as the runner: trials of one wave cannot prune against each other
     width = 1 if p.config.runner.kind == "sequential" else p.config.runner.max_workers
     with FanOut(p.config.runner) as fan:
         while done < p.config.trials:
             wave = [study.ask(distributions) for _ in range(min(width, p.config.trials - done))]
-            calls = [{"job": search_stage.job(p, t.number, t.params, exp, parent), "storage": p.storage,
-                      "study_name": p.study_name, "trial_id": t._trial_id, "primary": p.primary_metric,
-                      "pruner": p.config.pruner.model_dump()} for t in wave]
+            calls = [
+                {
+                    "job": search_stage.job(p, t.number, t.params, exp, parent),
+                    "storage": p.storage,
+                    "study_name": p.study_name,
+                    "trial_id": t._trial_id,
+                    "primary": p.primary_metric,
+                    "pruner": p.config.pruner.model_dump(),
+                }
+                for t in wave
+            ]
             for t, out in zip(wave, fan.map(trial_task, calls)):
                 if isinstance(out, BaseException):
                     print(f"[search] trial {t.number} {t.params} failed: {type(out).__name__}: {out}")
@@ -80,17 +110,27 @@ def search(task_name: str = "classification", params_path: str = "params.yaml",
             done += len(wave)
     summary = search_stage.summarise(p, study)
     seconds = time.perf_counter() - started
-    log_metrics(params, parent, {f"best_val_{p.primary_metric}": summary[f"best_val_{p.primary_metric}"],
-                                 "complete": summary["complete"], "pruned": summary["pruned"],
-                                 "failed": summary["failed"], "wall_seconds": seconds})
+    log_metrics(
+        params,
+        parent,
+        {
+            f"best_val_{p.primary_metric}": summary[f"best_val_{p.primary_metric}"],
+            "complete": summary["complete"],
+            "pruned": summary["pruned"],
+            "failed": summary["failed"],
+            "wall_seconds": seconds,
+        },
+    )
     c = client(params)
     retry_locked(c.set_tag, parent, "best_trial", str(summary["best_trial"]))
     for name in ("best_params.yaml", "best.json", "trials.csv"):
         retry_locked(c.log_artifact, parent, str(p.out_dir / name), "search")
     retry_locked(c.set_terminated, parent, "FINISHED")
     publish(task_name, study, p.primary_metric)
-    print(f"[search] best trial {summary['best_trial']}: val {p.primary_metric} = "
-          f"{summary[f'best_val_{p.primary_metric}']:.4f} with {summary['params']} -> {p.out_dir / 'best_params.yaml'}")
+    print(
+        f"[search] best trial {summary['best_trial']}: val {p.primary_metric} = "
+        f"{summary[f'best_val_{p.primary_metric}']:.4f} with {summary['params']} -> {p.out_dir / 'best_params.yaml'}"
+    )
     return summary
 
 
@@ -100,13 +140,17 @@ def main(argv: list[str] | None = None) -> int:
     from tasks.cli import parse_overrides
     from tasks.config import ConfigError
 
-    parser = argparse.ArgumentParser(prog="python -m flows.search", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m flows.search", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("task", help="CV task name (a key of tasks: in params.yaml)")
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--dvc-args", action="store_true",
-                        help="print the best values as `-S key=value` arguments of `dvc exp run` and exit")
+    parser.add_argument(
+        "--dvc-args",
+        action="store_true",
+        help="print the best values as `-S key=value` arguments of `dvc exp run` and exit",
+    )
     args = parser.parse_args(argv)
     try:
         if args.dvc_args:

@@ -5,6 +5,7 @@ Then, from another shell with the same PREFECT_API_URL:
     prefect deployment run train-classification/default --param epochs=1 --watch
     prefect deployment run predict-classification/default --param input=photos/ --param out=predictions/ --watch
 """
+
 from __future__ import annotations
 
 import os
@@ -23,8 +24,13 @@ DEPLOYMENT_NAME = "default"
 def deployments(params_path: str = "params.yaml"):
     names = [n for n in load_params(params_path).tasks if n in FLOWS]
     # module entrypoints (flows.pipeline.train_<task>) load from any working folder with the package importable
-    return [flows[n].to_deployment(name=DEPLOYMENT_NAME, parameters={"params_path": params_path},
-                                   entrypoint_type=EntrypointType.MODULE_PATH) for flows in (FLOWS, PREDICT_FLOWS) for n in names]
+    return [
+        flows[n].to_deployment(
+            name=DEPLOYMENT_NAME, parameters={"params_path": params_path}, entrypoint_type=EntrypointType.MODULE_PATH
+        )
+        for flows in (FLOWS, PREDICT_FLOWS)
+        for n in names
+    ]
 
 
 def main() -> None:

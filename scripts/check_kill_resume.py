@@ -7,6 +7,7 @@ with an uninterrupted run's: they must be equal bit for bit, with at most the in
 Runs the real CLI (``python -m tasks``) in a throw-away folder on tiny generated data with its own MLflow
 store; prints one JSON line per task. Exit code 1 if any task differs.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,12 +36,30 @@ COMMON = {
 }
 TASKS = {
     "classification": {"image_size": 32, "train.epochs": 4, "train.batch_size": 16, "train.num_threads": 1},
-    "segmentation": {"image_size": 32, "model.width": 8, "train.epochs": 3, "train.batch_size": 4, "train.num_threads": 1},
-    "detection": {"image_size": 64, "model.options.anchor_size": 12, "train.epochs": 3, "train.batch_size": 4,
-                  "train.eval_batch_size": 8, "train.num_threads": 1},
-    "instance_segmentation": {"image_size": 64, "model.width": 8, "model.options.fpn_channels": 32,
-                              "model.options.anchor_size": 8, "train.epochs": 3, "train.batch_size": 4,
-                              "train.num_threads": 1},
+    "segmentation": {
+        "image_size": 32,
+        "model.width": 8,
+        "train.epochs": 3,
+        "train.batch_size": 4,
+        "train.num_threads": 1,
+    },
+    "detection": {
+        "image_size": 64,
+        "model.options.anchor_size": 12,
+        "train.epochs": 3,
+        "train.batch_size": 4,
+        "train.eval_batch_size": 8,
+        "train.num_threads": 1,
+    },
+    "instance_segmentation": {
+        "image_size": 64,
+        "model.width": 8,
+        "model.options.fpn_channels": 32,
+        "model.options.anchor_size": 8,
+        "train.epochs": 3,
+        "train.batch_size": 4,
+        "train.num_threads": 1,
+    },
 }
 # the stage under test trains only: no overfit check (it runs before training and is not resumable)
 STAGE_SETTINGS = {"overfit_check.enabled": False, "train.track_train_metric": True}
@@ -54,8 +73,14 @@ def overrides(task: str) -> dict:
 
 
 def cli(folder: Path, env: dict, stage: str, task: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "tasks", stage, "--task", task], cwd=folder, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "tasks", stage, "--task", task],
+        cwd=folder,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def finish(proc: subprocess.Popen) -> str:
@@ -91,9 +116,14 @@ def check(task: str, rng: random.Random, keep: Path | None) -> dict:
     (folder / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     params = load_params(folder / "params.yaml")
     shapes.generate(folder / params.shapes.out_dir, params.shapes.model_dump())
-    env = {**os.environ, "PYTHONPATH": str(REPO), "MLFLOW_TRACKING_URI": f"sqlite:///{folder / 'mlflow.db'}",
-           "CV_MLFLOW_ARTIFACT_ROOT": str(folder / "mlartifacts"), "CV_PIPELINE_RUN_ID": "kill-resume",
-           "GX_ANALYTICS_ENABLED": "False"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "MLFLOW_TRACKING_URI": f"sqlite:///{folder / 'mlflow.db'}",
+        "CV_MLFLOW_ARTIFACT_ROOT": str(folder / "mlartifacts"),
+        "CV_PIPELINE_RUN_ID": "kill-resume",
+        "GX_ANALYTICS_ENABLED": "False",
+    }
     for stage in ("validate", "normstats"):
         finish(cli(folder, env, stage, task))
 
@@ -131,13 +161,27 @@ def check(task: str, rng: random.Random, keep: Path | None) -> dict:
     resumed_after = int(out.split(marker)[1].split()[0]) if marker in out else 0
     model, metrics, history = results(folder, task)
     same_model = model.keys() == reference[0].keys() and all(torch.equal(model[k], reference[0][k]) for k in model)
-    report = {"task": task, "killed_s_after_epoch_1": round(delay, 1), "epoch_s": round(per_epoch, 1), "killed": killed, "epochs_done_at_kill": done_epoch,
-              "resumed_after_epoch": resumed_after, "training_had_finished": finished, "outputs_committed_at_kill": committed,
-              "epochs_redone": (epochs if killed and committed and not resumed_after  # checkpoint already dropped
-                                else max(done_epoch - resumed_after, 0) + (1 if killed and not finished else 0)),
-              "same_model_tensors": same_model, "same_metrics_json": metrics == reference[1],
-              "same_history_csv": history == reference[2]}
-    report["ok"] = bool(same_model and metrics == reference[1] and history == reference[2] and resumed_after == done_epoch)
+    report = {
+        "task": task,
+        "killed_s_after_epoch_1": round(delay, 1),
+        "epoch_s": round(per_epoch, 1),
+        "killed": killed,
+        "epochs_done_at_kill": done_epoch,
+        "resumed_after_epoch": resumed_after,
+        "training_had_finished": finished,
+        "outputs_committed_at_kill": committed,
+        "epochs_redone": (
+            epochs
+            if killed and committed and not resumed_after  # checkpoint already dropped
+            else max(done_epoch - resumed_after, 0) + (1 if killed and not finished else 0)
+        ),
+        "same_model_tensors": same_model,
+        "same_metrics_json": metrics == reference[1],
+        "same_history_csv": history == reference[2],
+    }
+    report["ok"] = bool(
+        same_model and metrics == reference[1] and history == reference[2] and resumed_after == done_epoch
+    )
     if keep is None:
         shutil.rmtree(folder, ignore_errors=True)
     return report

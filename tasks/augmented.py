@@ -1,4 +1,5 @@
 """Stage 4: the same model with the augmentations switched on in params.yaml (one improvement)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,8 +10,12 @@ from tasks.stage import open_stage
 from tasks.training.train import preview, summary_metrics, timings, train_model, write_metrics
 
 
-def run(task_name: str, params_path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None,
-        pipeline_run_id: str | None = None) -> dict:
+def run(
+    task_name: str,
+    params_path: str | Path = "params.yaml",
+    overrides: dict[str, Any] | None = None,
+    pipeline_run_id: str | None = None,
+) -> dict:
     with open_stage("augmented", task_name, params_path, overrides, pipeline_run_id) as st:
         out_dir = outputs(task_name, "augmented")
         augment = st.cfg.augment

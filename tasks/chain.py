@@ -6,6 +6,7 @@ its stages are these, in this order.
 task reads the embedded synthetic data, ``pretrain`` when a task starts from its checkpoint (``model.weights``
 or ``model.options.backbone_weights`` naming ``pretrain.out``). The other stages run per task, in order.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -18,7 +19,7 @@ SHARED = ("generate", "pretrain")  # one run serves every task
 TRAINED = ("baseline", "augmented")
 PER_TASK = ("validate", "normstats", *TRAINED, "evaluate")
 CHAIN = SHARED + PER_TASK
-BEFORE_TRAINING = CHAIN[:CHAIN.index(TRAINED[0])]  # what a training (ablation arm, search trial) needs first
+BEFORE_TRAINING = CHAIN[: CHAIN.index(TRAINED[0])]  # what a training (ablation arm, search trial) needs first
 BY_HAND = ("crops",)  # run once for every task, by hand, outside the chain and dvc.yaml (python -m tasks crops)
 ONCE = SHARED + BY_HAND  # the stages without --task
 
@@ -36,15 +37,21 @@ def uses_pretrain(params, task_name: str) -> bool:
     """The task starts from the pretraining stage's checkpoint (whole model or backbone)."""
     m = params.task(task_name).model
     sources = [m.weights, getattr(m.options, "backbone_weights", "none")]
-    return any(s not in ("none", None) and not str(s).startswith("torchvision:") and Path(s).resolve() == Path(params.pretrain.out).resolve()
-               for s in sources)
+    return any(
+        s not in ("none", None)
+        and not str(s).startswith("torchvision:")
+        and Path(s).resolve() == Path(params.pretrain.out).resolve()
+        for s in sources
+    )
 
 
 def stages_for(params, task_name: str, stages: tuple[str, ...] = CHAIN) -> list[str]:
     """The chain's stages this task runs, in order (``stages``: a part of the chain, e.g. BEFORE_TRAINING)."""
-    needed = {"generate": uses_generated_data(params, task_name) or
-                          (uses_pretrain(params, task_name) and _inside(params.pretrain.data, params.shapes.out_dir)),
-              "pretrain": uses_pretrain(params, task_name)}
+    needed = {
+        "generate": uses_generated_data(params, task_name)
+        or (uses_pretrain(params, task_name) and _inside(params.pretrain.data, params.shapes.out_dir)),
+        "pretrain": uses_pretrain(params, task_name),
+    }
     return [s for s in stages if needed.get(s, True)]
 
 
@@ -55,8 +62,13 @@ def stage_function(name: str):
     return importlib.import_module(f"tasks.{name}").run
 
 
-def run_stage(name: str, task_name: str, params_path: str | Path, overrides: dict[str, Any] | None,
-              pipeline_run_id: str | None = None) -> Any:
+def run_stage(
+    name: str,
+    task_name: str,
+    params_path: str | Path,
+    overrides: dict[str, Any] | None,
+    pipeline_run_id: str | None = None,
+) -> Any:
     """Run one stage of the chain for a task (shared stages ignore the task)."""
     fn = stage_function(name)
     if name == "generate":

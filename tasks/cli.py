@@ -14,6 +14,7 @@ models:/cv-<task>@champion (the Model Registry of the project's tracking store).
 
 Known failures (bad data, bad params, a failed sanity check) print a clear message and exit 1.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,10 +28,15 @@ from tasks.chain import ONCE, PER_TASK, TRAINED, stage_function  # the stage cha
 # the failures a stage reports in one line (exit 1), by module and class. Only a module that was imported can have
 # raised one, so they are looked up there when caught (known_errors): a stage that needs no model, such as
 # generate, never imports torch just to name these
-KNOWN_ERRORS = (("tasks.validate", "ValidationFailed"), ("cv_models.base", "DataError"),
-                ("tasks.config", "ConfigError"), ("tasks.training.engine", "OverfitCheckFailed"),
-                ("cv_models.weights", "WeightsError"), ("tasks.training.engine", "CheckpointError"),
-                ("tasks.training.runstate", "StageBusy"))
+KNOWN_ERRORS = (
+    ("tasks.validate", "ValidationFailed"),
+    ("cv_models.base", "DataError"),
+    ("tasks.config", "ConfigError"),
+    ("tasks.training.engine", "OverfitCheckFailed"),
+    ("cv_models.weights", "WeightsError"),
+    ("tasks.training.engine", "CheckpointError"),
+    ("tasks.training.runstate", "StageBusy"),
+)
 
 
 def known_errors() -> tuple[type[BaseException], ...]:
@@ -54,24 +60,37 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["init"]:  # python -m tasks init PATH ...: its own options (tasks/init.py)
         return importlib.import_module("tasks.init").main(argv[1:])
-    parser = argparse.ArgumentParser(prog="python -m tasks", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m tasks", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("stage", choices=(*ONCE, *PER_TASK, "report", "predict", "export"))
     parser.add_argument("--task", help="CV task name (a key of tasks: in params.yaml)")
     parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a params value, e.g. --set tasks.classification.train.epochs=1")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a params value, e.g. --set tasks.classification.train.epochs=1",
+    )
     parser.add_argument("--model", default="best", help="predict / export: which model (see above)")
     parser.add_argument("--input", help="predict: an image folder, an image file or a glob pattern")
     parser.add_argument("--out", help="predict: output folder; export: output folder (default exports/<task>)")
     parser.add_argument("--format", choices=("torchscript", "onnx"), default="onnx", help="export: file format")
-    parser.add_argument("--strict", action="store_true",
-                        help="predict: exit 1 when any input is skipped (default: only when nothing could be predicted)")
+    parser.add_argument(
+        "--strict",
+        action="store_true",
+        help="predict: exit 1 when any input is skipped (default: only when nothing could be predicted)",
+    )
     args = parser.parse_args(argv)
 
     from tasks.training.runstate import StageInterrupted
 
     overrides = parse_overrides(args.overrides)
-    torchrun = int(os.environ.get("WORLD_SIZE", "1")) > 1  # tasks.training.accelerate.launched_by_torchrun, without torch
+    torchrun = (
+        int(os.environ.get("WORLD_SIZE", "1")) > 1
+    )  # tasks.training.accelerate.launched_by_torchrun, without torch
     if torchrun and args.stage not in TRAINED:
         parser.error(f"under torchrun only the training stages run ({', '.join(TRAINED)}); run the others with python")
     if torchrun:
@@ -90,8 +109,11 @@ def main(argv: list[str] | None = None) -> int:
                 parser.error(f"stage {args.stage} needs --task")
             stage_function(args.stage)(args.task, args.params, overrides)
     except StageInterrupted as err:  # SIGTERM / SIGINT: the MLflow run ended KILLED, temporary outputs were removed
-        print(f"error: {args.stage} {err}: its MLflow run is marked KILLED and its temporary outputs were removed; "
-              f"run it again to resume from the last finished epoch", file=sys.stderr)
+        print(
+            f"error: {args.stage} {err}: its MLflow run is marked KILLED and its temporary outputs were removed; "
+            f"run it again to resume from the last finished epoch",
+            file=sys.stderr,
+        )
         return 128 + err.signum
     except Exception as err:
         if not isinstance(err, known_errors()):
@@ -116,8 +138,9 @@ def use_model(parser: argparse.ArgumentParser, args, overrides: dict) -> int:
             if not args.input or not args.out:
                 parser.error("predict needs --input and --out")
             try:
-                importlib.import_module("tasks.use.predict").run(args.task, args.model, args.input, args.out, args.params, overrides,
-                                                              strict=args.strict)
+                importlib.import_module("tasks.use.predict").run(
+                    args.task, args.model, args.input, args.out, args.params, overrides, strict=args.strict
+                )
             except (InputError, PredictionFailures) as err:
                 print(f"error: {err}", file=sys.stderr)
                 return 1
@@ -125,7 +148,9 @@ def use_model(parser: argparse.ArgumentParser, args, overrides: dict) -> int:
             from tasks.use.export import ParityError
 
             try:
-                importlib.import_module("tasks.use.export").run(args.task, args.model, args.format, args.out, args.params, overrides)
+                importlib.import_module("tasks.use.export").run(
+                    args.task, args.model, args.format, args.out, args.params, overrides
+                )
             except ParityError as err:
                 print(f"error: {err}", file=sys.stderr)
                 return 1

@@ -6,6 +6,7 @@ before anything is written. The schema of a task's section lives below both pack
 :mod:`cv_models.settings` (shared classes) and in each task module (its options); this module holds the
 pipeline-level sections and re-exports the shared names so ``from tasks.config import TrainConfig`` works.
 """
+
 from __future__ import annotations
 
 import copy
@@ -18,9 +19,31 @@ import yaml
 from pydantic import BaseModel, Field, ValidationError
 
 from cv_models.settings import (  # noqa: F401  (re-exported: the public names of the schema)
-    AugmentConfig, BlurAug, ColorAug, ConfigError, CropAug, CutoutAug, DataConfig, DeviceName, EarlyStoppingConfig, LossConfig, MixAug,
-    ModelConfig, NoiseAug, NoOptions, OptimizerConfig, OverfitCheckConfig, RescaleAug, RotationAug, SchedulerConfig, Strict,
-    Switch, TaskConfig, TrainConfig, describe, did_you_mean,
+    AugmentConfig,
+    BlurAug,
+    ColorAug,
+    ConfigError,
+    CropAug,
+    CutoutAug,
+    DataConfig,
+    DeviceName,
+    EarlyStoppingConfig,
+    LossConfig,
+    MixAug,
+    ModelConfig,
+    NoiseAug,
+    NoOptions,
+    OptimizerConfig,
+    OverfitCheckConfig,
+    RescaleAug,
+    RotationAug,
+    SchedulerConfig,
+    Strict,
+    Switch,
+    TaskConfig,
+    TrainConfig,
+    describe,
+    did_you_mean,
 )
 from cv_models.data.shapes import ShapesClassification, ShapesConfig, ShapesScenes  # noqa: F401  (the generator's schema)
 from tasks.runners.experiment_settings import AblationConfig, SearchConfig
@@ -99,11 +122,15 @@ class Params(Strict):
         from cv_models.settings import validate_task
 
         if name not in self.tasks:
-            raise ConfigError(f"params.yaml has no section tasks.{name}; tasks present: {sorted(self.tasks)}"
-                              + did_you_mean(name, sorted(self.tasks)))
+            raise ConfigError(
+                f"params.yaml has no section tasks.{name}; tasks present: {sorted(self.tasks)}"
+                + did_you_mean(name, sorted(self.tasks))
+            )
         if name not in TASKS:
-            raise ConfigError(f"tasks.{name}: no CV task is registered under that name; registered: {sorted(TASKS)}"
-                              + did_you_mean(name, sorted(TASKS)))
+            raise ConfigError(
+                f"tasks.{name}: no CV task is registered under that name; registered: {sorted(TASKS)}"
+                + did_you_mean(name, sorted(TASKS))
+            )
         return validate_task(TASKS[name].settings, self.tasks[name], name)
 
 
@@ -131,8 +158,9 @@ def load_raw(path: str | Path = "params.yaml", overrides: dict[str, Any] | None 
     return raw
 
 
-def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None,
-                check_tasks: bool = True) -> Params:
+def load_params(
+    path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None, check_tasks: bool = True
+) -> Params:
     """Read params.yaml, apply dotted-key overrides (``{"tasks.classification.train.epochs": 1}``), check all.
     ``check_tasks=False``: all but the sections under ``tasks:`` (``params.task(name)`` checks one when it is read),
     for a stage that reads no task, ``generate``: it then starts without the task modules (torch, torchvision)."""

@@ -3,6 +3,7 @@ ImageFolder), as a dataset for the pretraining stage: a backbone that has learnt
 before it learns to find them. Point ``pretrain.data`` at ``crops.out`` with ``pretrain.split_from: seed``
 (the crops get their own train/val split). Only the task's train split is read, so its val and test images
 stay unseen; ``crops.classes: all`` also crops the classes the task's ``keep_classes`` leaves out."""
+
 from __future__ import annotations
 
 from collections import Counter
@@ -33,8 +34,13 @@ def run(params_path: str | Path = "params.yaml", overrides: dict[str, Any] | Non
     settings = params.task(c.task)
     if c.classes == "all" and getattr(settings.data.options, "keep_classes", None):
         # the same reader without the class filter: the same images, so the same seeded train split
-        settings = settings.model_copy(update={"data": settings.data.model_copy(
-            update={"options": settings.data.options.model_copy(update={"keep_classes": None})})})
+        settings = settings.model_copy(
+            update={
+                "data": settings.data.model_copy(
+                    update={"options": settings.data.options.model_copy(update={"keep_classes": None})}
+                )
+            }
+        )
     task = get_task(c.task, settings)
     train = task.object_boxes("train")
     if train is None:
@@ -53,7 +59,11 @@ def run(params_path: str | Path = "params.yaml", overrides: dict[str, Any] | Non
         for name in names:  # an ImageFolder has no empty class folders (a class with no train box is left out)
             if not counts[name]:
                 (tmp / name).rmdir()
-        summary = {"task": c.task, "split": "train", "crops_per_class": {n: counts[n] for n in names if counts[n]},
-                   "size": c.size}
+        summary = {
+            "task": c.task,
+            "split": "train",
+            "crops_per_class": {n: counts[n] for n in names if counts[n]},
+            "size": c.size,
+        }
     print(f"[crops] {sum(counts.values())} crops of {c.task}'s train split -> {c.out}: {dict(counts)}")
     return summary

@@ -1,5 +1,6 @@
 """Stage 5: score the dummy solution, the baseline and the augmented model on the test split
 (used for nothing else), side by side: DVC metrics, MLflow, and a Prefect artifact inside a flow."""
+
 from __future__ import annotations
 
 import json
@@ -62,20 +63,28 @@ def publish_prefect_artifact(task_name: str, markdown: str) -> None:
             return
         from prefect.artifacts import create_markdown_artifact
 
-        create_markdown_artifact(markdown=markdown, key=f"{task_name.replace('_', '-')}-evaluation", description=f"{task_name}: test metrics")
+        create_markdown_artifact(
+            markdown=markdown, key=f"{task_name.replace('_', '-')}-evaluation", description=f"{task_name}: test metrics"
+        )
     except ImportError:
         return
 
 
-def run(task_name: str, params_path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None,
-        pipeline_run_id: str | None = None) -> dict:
+def run(
+    task_name: str,
+    params_path: str | Path = "params.yaml",
+    overrides: dict[str, Any] | None = None,
+    pipeline_run_id: str | None = None,
+) -> dict:
     with open_stage("evaluate", task_name, params_path, overrides, pipeline_run_id) as st:
         task, primary = st.task, st.task.primary_metric
         norm = normalizer(st)
         test = task.dataset("test", task.eval_transforms(norm))
         device = engine.pick_device(st.cfg.train.device)
         engine.set_threads(st.cfg.train.num_threads)
-        loader = engine.make_loader(task, test, st.cfg.train.eval_batch_size, False, st.params.seed, engine.worker_count(st.cfg.train))
+        loader = engine.make_loader(
+            task, test, st.cfg.train.eval_batch_size, False, st.params.seed, engine.worker_count(st.cfg.train)
+        )
         results = {"dummy": task.dummy_result(task.dataset("train", None), test)}
         speed, diagnosis = {}, {}
         for name in TRAINED:
@@ -98,20 +107,29 @@ def run(task_name: str, params_path: str | Path = "params.yaml", overrides: dict
         markdown = f"# {task_name}: test split ({len(test)} samples)\n\n" + to_markdown(table) + "\n"
         # the one change being measured, stated: the effective settings in which the two models differ
         changed = settings_diff(st.cfg.without_augmentation(), st.cfg)
-        markdown += ("\n## What differs between baseline and augmented\n\nThe effective settings of the two trained models "
-                     "(the baseline has every augmentation off); nothing else differs, and both start from the same "
-                     "initial weights (MLflow param init_weights_sha256).\n\n" + diff_markdown(changed, *TRAINED))
-        markdown += (f"\nSpeed: images/s at batch size {st.cfg.train.eval_batch_size} and the latency of one image "
-                     f"on {device.type}.\n")
+        markdown += (
+            "\n## What differs between baseline and augmented\n\nThe effective settings of the two trained models "
+            "(the baseline has every augmentation off); nothing else differs, and both start from the same "
+            "initial weights (MLflow param init_weights_sha256).\n\n" + diff_markdown(changed, *TRAINED)
+        )
+        markdown += (
+            f"\nSpeed: images/s at batch size {st.cfg.train.eval_batch_size} and the latency of one image "
+            f"on {device.type}.\n"
+        )
         for name, res in results.items():
             if res.per_class is not None and name != "dummy":
                 markdown += f"\n## {name}: per class\n\n" + to_markdown(res.per_class) + "\n"
-        alerts = {name: engine.silent_failure_warnings(results[name].metrics, results["dummy"].metrics, primary,
-                                                       len(task.class_names()), f"{name} (test)") for name in TRAINED}
+        alerts = {
+            name: engine.silent_failure_warnings(
+                results[name].metrics, results["dummy"].metrics, primary, len(task.class_names()), f"{name} (test)"
+            )
+            for name in TRAINED
+        }
         alerts = {k: v for k, v in alerts.items() if v}
         if alerts:
             markdown += "\n## Warnings: models that learnt nothing or never predict some classes\n\n" + "".join(
-                f"- **{line}**\n" for lines in alerts.values() for line in lines)
+                f"- **{line}**\n" for lines in alerts.values() for line in lines
+            )
         notes = dict.fromkeys(line for res in results.values() for line in res.extra.get("notes", []))  # once each
         if notes:
             markdown += "\n## Notes\n\n" + "".join(f"- {line}\n" for line in notes)
@@ -125,8 +143,10 @@ def run(task_name: str, params_path: str | Path = "params.yaml", overrides: dict
             from tasks.track import registry
 
             registered = registry.publish(st, {name: res.metrics for name, res in results.items()}, device)
-            markdown += (f"\nRegistered: {registered['name']} version {registered['version']} ({registered['stage']}); "
-                         f"{registered['decision']}\n")
+            markdown += (
+                f"\nRegistered: {registered['name']} version {registered['version']} ({registered['stage']}); "
+                f"{registered['decision']}\n"
+            )
         out_dir = outputs(task_name, "evaluate")
         with atomic_dir(out_dir) as tmp:
             if registered is not None:

@@ -1,4 +1,5 @@
 """Stage 0: write the embedded synthetic shapes data (all four tasks' formats)."""
+
 from __future__ import annotations
 
 from pathlib import Path

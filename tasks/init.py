@@ -12,6 +12,7 @@
    the rest of the file is kept) or, when --out does not exist, a new params file holding that task alone;
 5. runs the validate stage on the written settings, so bad data is reported before any training.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,8 +51,14 @@ def _base_block(base: Path, task: str) -> dict:
     return block if block is not None else load_raw(REPO / "params.yaml")["tasks"][task]
 
 
-def plan(path: Path, task: str | None = None, fmt: str | None = None, budget_minutes: float = 10.0,
-         kind: str | None = None, base: Path = Path("params.yaml")) -> tuple[Reading, list[str], DataFacts, list[Choice], dict]:
+def plan(
+    path: Path,
+    task: str | None = None,
+    fmt: str | None = None,
+    budget_minutes: float = 10.0,
+    kind: str | None = None,
+    base: Path = Path("params.yaml"),
+) -> tuple[Reading, list[str], DataFacts, list[Choice], dict]:
     """The reading, class names, facts, choices and the task's new section, without writing anything."""
     reading = find_layout(Path(path), task, fmt)
     base_block = _base_block(Path(base), reading.task)
@@ -63,9 +70,17 @@ def plan(path: Path, task: str | None = None, fmt: str | None = None, budget_min
     return reading, classes, facts, choices, merged_block(base_block, reading.data, choices)
 
 
-def run(path: str | Path, task: str | None = None, fmt: str | None = None, budget_minutes: float = 10.0,
-        kind: str | None = None, out: str | Path = "params.yaml", base: str | Path | None = None,
-        validate: bool = True, echo=print) -> InitResult:
+def run(
+    path: str | Path,
+    task: str | None = None,
+    fmt: str | None = None,
+    budget_minutes: float = 10.0,
+    kind: str | None = None,
+    out: str | Path = "params.yaml",
+    base: str | Path | None = None,
+    validate: bool = True,
+    echo=print,
+) -> InitResult:
     t0 = time.perf_counter()
     out = Path(out)
     base = Path(base) if base else next(p for p in (out, Path("params.yaml"), REPO / "params.yaml") if p.exists())
@@ -78,8 +93,10 @@ def run(path: str | Path, task: str | None = None, fmt: str | None = None, budge
         from tasks import validate as validate_stage
 
         result.report = validate_stage.run(reading.task, str(out))
-        echo(f"\nvalidate: {sum(c['success'] for c in result.report['checks'])} of {len(result.report['checks'])} "
-             f"rules pass, {len(result.report['notes'])} notes (outputs/{reading.task}/validate/)")
+        echo(
+            f"\nvalidate: {sum(c['success'] for c in result.report['checks'])} of {len(result.report['checks'])} "
+            f"rules pass, {len(result.report['notes'])} notes (outputs/{reading.task}/validate/)"
+        )
     echo(next_command(reading.task, out))
     return result
 
@@ -93,9 +110,14 @@ def _table(rows: list[tuple[str, ...]], header: tuple[str, ...]) -> str:
 
 def render(r: InitResult) -> str:
     rd = r.reading
-    head = [f"layout: {rd.task} / format {rd.format} at {rd.data['path']}", f"  {rd.evidence}",
-            (f"  split: {rd.data['split_from']}{' (seeded 70/15/15)' if rd.data['split_from'] == 'seed' else ''}; "
-            f"classes ({len(r.classes)}): {', '.join(r.classes[:10])}{' ...' if len(r.classes) > 10 else ''}")]
+    head = [
+        f"layout: {rd.task} / format {rd.format} at {rd.data['path']}",
+        f"  {rd.evidence}",
+        (
+            f"  split: {rd.data['split_from']}{' (seeded 70/15/15)' if rd.data['split_from'] == 'seed' else ''}; "
+            f"classes ({len(r.classes)}): {', '.join(r.classes[:10])}{' ...' if len(r.classes) > 10 else ''}"
+        ),
+    ]
     ignore = rd.data.get("options", {}).get("ignore_values")
     if ignore:
         head.append(f"  ignore values: {ignore} (read as the loss's ignore index)")
@@ -107,8 +129,7 @@ def render(r: InitResult) -> str:
         rows.append((c.key, _short(c.value), '"' if c.why == last else c.why))
         last = c.why
     settings = _table(rows, (f"setting (tasks.{rd.task}.)", "value", "why"))
-    return "\n".join([*head, "", facts, "", settings, "",
-                      f"written to {r.out} in {r.seconds:.1f} s"])
+    return "\n".join([*head, "", facts, "", settings, "", f"written to {r.out} in {r.seconds:.1f} s"])
 
 
 def _short(value) -> str:
@@ -118,22 +139,31 @@ def _short(value) -> str:
 
 def next_command(task: str, out: Path) -> str:
     if out.name == "params.yaml":
-        return (f"\nnext: dvc repro evaluate@{task}   (or: python -m flows.pipeline {task}); "
-                f"edit {out} to change a setting")
-    return (f"\nnext: python -m tasks baseline --task {task} --params {out}   (each stage takes --params; the flows "
-            f"take params_path={out}); edit {out} to change a setting")
+        return (
+            f"\nnext: dvc repro evaluate@{task}   (or: python -m flows.pipeline {task}); edit {out} to change a setting"
+        )
+    return (
+        f"\nnext: python -m tasks baseline --task {task} --params {out}   (each stage takes --params; the flows "
+        f"take params_path={out}); edit {out} to change a setting"
+    )
 
 
 def main(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(prog="python -m tasks init", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m tasks init", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("path", help="the dataset folder")
     ap.add_argument("--task", choices=sorted(TASKS), help="the task, when the folder serves several")
-    ap.add_argument("--format", dest="fmt", help="the format (imagefolder, mask_folder, coco, voc, yolo, instance_folders)")
+    ap.add_argument(
+        "--format", dest="fmt", help="the format (imagefolder, mask_folder, coco, voc, yolo, instance_folders)"
+    )
     ap.add_argument("--budget-minutes", type=float, default=10.0, help="training wall time (default 10)")
     ap.add_argument("--kind", choices=KINDS, help="the kind of images: picks the augmentation preset")
-    ap.add_argument("--out", default="params.yaml", help="params file to write the task's block into (default "
-                                                         "params.yaml); a new file holds that task alone")
+    ap.add_argument(
+        "--out",
+        default="params.yaml",
+        help="params file to write the task's block into (default params.yaml); a new file holds that task alone",
+    )
     ap.add_argument("--params", help="the params file whose other settings are kept (default: --out, else params.yaml)")
     ap.add_argument("--no-validate", action="store_true", help="skip the validate stage")
     args = ap.parse_args(argv)

@@ -4,6 +4,7 @@ and why), so the printed table explains every value written.
 
 The model of each task is chosen in one place, :data:`MODELS` (pretrained backbones go there).
 """
+
 from __future__ import annotations
 
 import math
@@ -44,12 +45,23 @@ PROFILES = {
 MODELS: dict[tuple[str, str | None], dict[str, Any]] = {
     ("classification", None): {"model.name": "resnet18", "model.weights": "none"},
     ("segmentation", None): {"model.name": "unet", "model.width": 16, "model.depth": 4, "model.weights": "none"},
-    ("segmentation", "street"): {"model.name": "lraspp_mobilenet_v3_large", "model.weights": "none",
-                                 "model.options": {"weights_backbone": None}},
-    ("detection", None): {"model.name": "fasterrcnn", "model.weights": "none", "model.options.backbone": "resnet18",
-                          "model.options.backbone_weights": "none"},
-    ("instance_segmentation", None): {"model.name": "maskrcnn", "model.weights": "none",
-                                      "model.options.backbone": "resnet18", "model.options.backbone_weights": "none"},
+    ("segmentation", "street"): {
+        "model.name": "lraspp_mobilenet_v3_large",
+        "model.weights": "none",
+        "model.options": {"weights_backbone": None},
+    },
+    ("detection", None): {
+        "model.name": "fasterrcnn",
+        "model.weights": "none",
+        "model.options.backbone": "resnet18",
+        "model.options.backbone_weights": "none",
+    },
+    ("instance_segmentation", None): {
+        "model.name": "maskrcnn",
+        "model.weights": "none",
+        "model.options.backbone": "resnet18",
+        "model.options.backbone_weights": "none",
+    },
 }
 
 # augmentation preset per kind of data: flips only where they keep the labels true
@@ -120,7 +132,10 @@ def size_rule(c: Context) -> list[Choice]:
     image_short = min(f.width, f.height) or short
     cap = min(p.max_side * min(f.aspect, 1 / f.aspect), image_short)
     if f.box_side > 0 and short < 12 / f.box_side <= cap:  # small objects stay a few pixels wide, where the cap allows
-        short, why = 12 / f.box_side, f"keeps the smallest 10% of boxes at 12 px or more ({f.box_side:.1%} of the image)"
+        short, why = (
+            12 / f.box_side,
+            f"keeps the smallest 10% of boxes at 12 px or more ({f.box_side:.1%} of the image)",
+        )
     if short < p.min_side:
         why = f"the {c.task} floor of {p.min_side} px (fewer pixels lose the objects)"
     short = min(max(short, p.min_side), cap)
@@ -128,37 +143,72 @@ def size_rule(c: Context) -> list[Choice]:
     c.size = (_round(h, p.size_step), _round(w, p.size_step))
     c.epochs = p.pixels_per_s * c.budget_minutes * 60 * 0.8 / (n_train * c.size[0] * c.size[1])
     value = c.size[0] if c.size[0] == c.size[1] else list(c.size)
-    return [Choice("image_size", value, f"median aspect {f.aspect:.2f} kept; {why} (capped at {p.max_side} px, and at "
-                                        f"the images' own {image_short:.0f} px)")]
+    return [
+        Choice(
+            "image_size",
+            value,
+            f"median aspect {f.aspect:.2f} kept; {why} (capped at {p.max_side} px, and at "
+            f"the images' own {image_short:.0f} px)",
+        )
+    ]
 
 
 def model_rule(c: Context) -> list[Choice]:
-    return [Choice(k, v, f"the {c.task} model for a {c.budget_minutes:g}-minute CPU budget (tasks/init_rules.py MODELS);"
-                         f" no offline pretrained weights configured") for k, v in model_for(c.task, c.kind).items()
-            if c.has(k.rsplit(".", 1)[0])]
+    return [
+        Choice(
+            k,
+            v,
+            f"the {c.task} model for a {c.budget_minutes:g}-minute CPU budget (tasks/init_rules.py MODELS);"
+            f" no offline pretrained weights configured",
+        )
+        for k, v in model_for(c.task, c.kind).items()
+        if c.has(k.rsplit(".", 1)[0])
+    ]
 
 
 def epochs_rule(c: Context) -> list[Choice]:
     epochs = int(min(300, max(10, 3 * c.epochs)))
-    return [Choice("train.epochs", epochs, f"an upper bound: about {c.epochs:.0f} fit; the time limit cuts them "
-                                           f"(fit_epochs_to_time_limit re-spans the schedule)"),
-            Choice("train.time_limit_minutes", c.budget_minutes, "--budget-minutes: training stops within it"),
-            Choice("train.batch_size", c.profile.batch_size, "small batches: more updates on a CPU"),
-            Choice("train.track_train_metric", False, "scoring a train subset each epoch costs as much as validating")]
+    return [
+        Choice(
+            "train.epochs",
+            epochs,
+            f"an upper bound: about {c.epochs:.0f} fit; the time limit cuts them "
+            f"(fit_epochs_to_time_limit re-spans the schedule)",
+        ),
+        Choice("train.time_limit_minutes", c.budget_minutes, "--budget-minutes: training stops within it"),
+        Choice("train.batch_size", c.profile.batch_size, "small batches: more updates on a CPU"),
+        Choice("train.track_train_metric", False, "scoring a train subset each epoch costs as much as validating"),
+    ]
 
 
 def val_every_rule(c: Context) -> list[Choice]:
     every = max(1, round(c.epochs / VAL_PASSES))
-    return [Choice("train.val_every", every, f"about {VAL_PASSES} validation passes over the ~{c.epochs:.0f} epochs "
-                                             f"that fit (enough to pick the best epoch)")]
+    return [
+        Choice(
+            "train.val_every",
+            every,
+            f"about {VAL_PASSES} validation passes over the ~{c.epochs:.0f} epochs "
+            f"that fit (enough to pick the best epoch)",
+        )
+    ]
 
 
 def augment_rule(c: Context) -> list[Choice]:
-    out = [Choice(f"augment.{name}.enabled", on, f"{c.kind} preset ({c.kind_why}): {PRESET_WHY[c.kind]}")
-           for name, on in PRESETS[c.kind].items() if c.has(f"augment.{name}")]
+    out = [
+        Choice(f"augment.{name}.enabled", on, f"{c.kind} preset ({c.kind_why}): {PRESET_WHY[c.kind]}")
+        for name, on in PRESETS[c.kind].items()
+        if c.has(f"augment.{name}")
+    ]
     if c.epochs < 60:
-        out += [Choice(f"augment.{name}.enabled", False, f"~{c.epochs:.0f} epochs fit: mixing images pays off over "
-                                                         f"longer schedules") for name in MIXING if c.has(f"augment.{name}")]
+        out += [
+            Choice(
+                f"augment.{name}.enabled",
+                False,
+                f"~{c.epochs:.0f} epochs fit: mixing images pays off over longer schedules",
+            )
+            for name in MIXING
+            if c.has(f"augment.{name}")
+        ]
     return out
 
 
@@ -176,15 +226,23 @@ def cache_rule(c: Context) -> list[Choice]:
     gb = c.facts.n_images * c.size[0] * c.size[1] * 3 * 1.2 / 2**30
     free = _available_gb()
     if gb < min(4.0, free / 4):
-        return [Choice("data.cache", "ram", f"the resized images take ~{gb * 1024:.0f} MB, under a quarter of the "
-                                            f"{free:.1f} GB free: decoded once, not every epoch")]
+        return [
+            Choice(
+                "data.cache",
+                "ram",
+                f"the resized images take ~{gb * 1024:.0f} MB, under a quarter of the "
+                f"{free:.1f} GB free: decoded once, not every epoch",
+            )
+        ]
     return [Choice("data.cache", "none", f"the resized images would take ~{gb:.1f} GB ({free:.1f} GB free)")]
 
 
 def detector_rule(c: Context) -> list[Choice]:
     keys = [k for k in AUTO_KEYS if c.has(f"model.options.{k}")]
-    return [Choice(f"model.options.{k}", "auto", f"sized from the busiest training image ({c.facts.most_objects} "
-                                                 f"objects)") for k in keys]
+    return [
+        Choice(f"model.options.{k}", "auto", f"sized from the busiest training image ({c.facts.most_objects} objects)")
+        for k in keys
+    ]
 
 
 def balance_rule(c: Context) -> list[Choice]:
@@ -207,11 +265,23 @@ def balance_rule(c: Context) -> list[Choice]:
 def data_policy_rule(c: Context) -> list[Choice]:
     f, out = c.facts, []
     if f.conflicting_duplicates and c.has("data.options.conflicting_duplicates"):
-        out.append(Choice("data.options.conflicting_duplicates", "drop", f"{f.conflicting_duplicates} identical files "
-                          f"under two classes: left out (named in the validation notes) instead of stopping"))
+        out.append(
+            Choice(
+                "data.options.conflicting_duplicates",
+                "drop",
+                f"{f.conflicting_duplicates} identical files "
+                f"under two classes: left out (named in the validation notes) instead of stopping",
+            )
+        )
     if f.invalid_boxes and f.invalid_boxes <= 0.01 * f.n_boxes and c.has("data.options.invalid_boxes"):
-        out.append(Choice("data.options.invalid_boxes", "drop", f"{f.invalid_boxes} of {f.n_boxes} boxes are invalid: "
-                          f"left out (listed by validation) instead of stopping"))
+        out.append(
+            Choice(
+                "data.options.invalid_boxes",
+                "drop",
+                f"{f.invalid_boxes} of {f.n_boxes} boxes are invalid: "
+                f"left out (listed by validation) instead of stopping",
+            )
+        )
     return out
 
 
@@ -224,15 +294,30 @@ def rare_classes_rule(c: Context) -> list[Choice]:
     keep = [n for n, k in sorted(f.class_counts.items(), key=lambda t: -t[1]) if k >= MIN_OBJECTS]
     if not keep or len(keep) == len(f.classes):
         return []
-    return [Choice("data.options.keep_classes", keep, f"{len(f.classes) - len(keep)} of {len(f.classes)} classes have "
-                   f"under {MIN_OBJECTS} training objects: too few to learn from random initialisation in minutes "
-                   f"(remove the key to train on all)")]
+    return [
+        Choice(
+            "data.options.keep_classes",
+            keep,
+            f"{len(f.classes) - len(keep)} of {len(f.classes)} classes have "
+            f"under {MIN_OBJECTS} training objects: too few to learn from random initialisation in minutes "
+            f"(remove the key to train on all)",
+        )
+    ]
 
 
 # every rule, in the order the table shows them; a new rule is one more function here
-RULES: list[Callable[[Context], list[Choice]]] = [size_rule, model_rule, epochs_rule, val_every_rule, augment_rule,
-                                                  cache_rule, detector_rule, balance_rule, data_policy_rule,
-                                                  rare_classes_rule]
+RULES: list[Callable[[Context], list[Choice]]] = [
+    size_rule,
+    model_rule,
+    epochs_rule,
+    val_every_rule,
+    augment_rule,
+    cache_rule,
+    detector_rule,
+    balance_rule,
+    data_policy_rule,
+    rare_classes_rule,
+]
 
 
 def pick_kind(kind: str | None, facts: DataFacts) -> tuple[str, str]:

@@ -1,6 +1,7 @@
 """Writing the settings ``init`` proposes: the task's block of a params file, the rest of the file untouched
 (comments included), or a new params file holding that task alone. The text is checked with
 :func:`tasks.config.load_params` before it replaces anything, so a failed write leaves the old file as it was."""
+
 from __future__ import annotations
 
 import copy
@@ -38,8 +39,12 @@ def _block_span(lines: list[str], task: str) -> tuple[int, int]:
     top = next((i for i, line in enumerate(lines) if re.match(r"^tasks:\s*(#.*)?$", line)), None)
     if top is None:
         raise ConfigError("the params file has no top-level 'tasks:' section to write into")
-    section_end = next((i for i in range(top + 1, len(lines)) if lines[i].strip() and lines[i][0] not in " #"), len(lines))
-    start = next((i for i in range(top + 1, section_end) if re.match(rf"^  {re.escape(task)}:\s*(#.*)?$", lines[i])), None)
+    section_end = next(
+        (i for i in range(top + 1, len(lines)) if lines[i].strip() and lines[i][0] not in " #"), len(lines)
+    )
+    start = next(
+        (i for i in range(top + 1, section_end) if re.match(rf"^  {re.escape(task)}:\s*(#.*)?$", lines[i])), None
+    )
     if start is None:
         return section_end, section_end
     end = next((i for i in range(start + 1, section_end) if re.match(r"^  [^\s#]", lines[i])), section_end)

@@ -1,5 +1,6 @@
 """Where each stage writes. DVC versions ``data/``, ``models/`` and ``outputs/``;
 ``checkpoints/`` holds resumable last checkpoints and is never versioned."""
+
 from __future__ import annotations
 
 import os

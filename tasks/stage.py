@@ -1,4 +1,5 @@
 """What every stage does first: read params, seed everything, pick the task, open its MLflow run."""
+
 from __future__ import annotations
 
 import json
@@ -70,15 +71,21 @@ class Stage:
         if not self.run_id:  # a torchrun rank other than 0: no MLflow run
             return
         mlflow_view = self._view()
-        mlflow_view.log_split_inputs([self.run_id, mlflow_view.parent_of(self.run_id)], self.task_name,
-                                     self.cfg.data.path, splits)
+        mlflow_view.log_split_inputs(
+            [self.run_id, mlflow_view.parent_of(self.run_id)], self.task_name, self.cfg.data.path, splits
+        )
 
     def log_model(self, model_path: Path, metrics: dict[str, float]) -> None:
         """The trained model as an MLflow logged model of this stage and its pipeline run (Model column)."""
         if not self.run_id:  # a torchrun rank other than 0: no MLflow run
             return
-        self._view().log_model_file(self.run_id, f"{self.task_name}-{self.name}", model_path,
-                                   {"model.name": self.cfg.model.name, "stage": self.name}, metrics)
+        self._view().log_model_file(
+            self.run_id,
+            f"{self.task_name}-{self.name}",
+            model_path,
+            {"model.name": self.cfg.model.name, "stage": self.name},
+            metrics,
+        )
 
     def log_pictures(self, folder: Path) -> None:
         """The stage's pictures under ``plots/<stage>/`` of the pipeline run."""
@@ -93,13 +100,24 @@ class Stage:
         if not self.run_id:  # a torchrun rank other than 0: no MLflow run
             return
         mlflow_view = self._view()
-        mlflow_view.summarise_pipeline(mlflow_view.parent_of(self.run_id), self.task_name, self.task.primary_metric,
-                                       test, lambda stage: outputs(self.task_name, stage), trained_models)
+        mlflow_view.summarise_pipeline(
+            mlflow_view.parent_of(self.run_id),
+            self.task_name,
+            self.task.primary_metric,
+            test,
+            lambda stage: outputs(self.task_name, stage),
+            trained_models,
+        )
 
 
 @contextmanager
-def open_stage(stage: str, task_name: str, params_path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None,
-               pipeline_run_id: str | None = None) -> Iterator[Stage]:
+def open_stage(
+    stage: str,
+    task_name: str,
+    params_path: str | Path = "params.yaml",
+    overrides: dict[str, Any] | None = None,
+    pipeline_run_id: str | None = None,
+) -> Iterator[Stage]:
     params = load_params(params_path, overrides)
     cfg = params.task(task_name)
     # under torchrun each rank draws its own augmentations (DDP copies rank 0's initial weights to all)
@@ -114,7 +132,10 @@ def open_stage(stage: str, task_name: str, params_path: str | Path = "params.yam
     if accelerate.world_size() > 1:
         extra = {**(extra or {}), "processes": accelerate.world_size()}
     # one writer per task and stage; SIGTERM/SIGINT unwind the stage (run KILLED, temporary folder removed)
-    with runstate.guard(task_name, stage), tracking.stage_run(params, task_name, stage, cfg, seeds, pipeline_run_id, extra_params=extra) as run_id:
+    with (
+        runstate.guard(task_name, stage),
+        tracking.stage_run(params, task_name, stage, cfg, seeds, pipeline_run_id, extra_params=extra) as run_id,
+    ):
         yield Stage(params, stage, task_name, cfg, task, seeds, run_id)
 
 

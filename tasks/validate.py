@@ -4,6 +4,7 @@ The task builds pandas tables of its samples; a great-expectations suite checks 
 The report (JSON and Markdown) names every failing file and rule; on failure the stage
 raises :class:`ValidationFailed`, so the pipeline stops before training.
 """
+
 from __future__ import annotations
 
 import json
@@ -38,26 +39,45 @@ def run_checks(checks: list[Check], tables: dict[str, pd.DataFrame]) -> list[dic
         table_checks = [c for c in checks if c.table == table_name]
         df = tables[table_name].reset_index(drop=True)
         if df.empty:
-            results += [{"table": table_name, "rule": c.rule, "expectation": type(c.expectation).__name__,
-                         "success": False, "unexpected_count": 0, "failing": [f"table '{table_name}' is empty"]}
-                        for c in table_checks]
+            results += [
+                {
+                    "table": table_name,
+                    "rule": c.rule,
+                    "expectation": type(c.expectation).__name__,
+                    "success": False,
+                    "unexpected_count": 0,
+                    "failing": [f"table '{table_name}' is empty"],
+                }
+                for c in table_checks
+            ]
             continue
         batch = source.add_dataframe_asset(table_name).add_batch_definition_whole_dataframe("all")
         suite = context.suites.add(gx.ExpectationSuite(name=f"{table_name}_suite"))
         for c in table_checks:
             suite.add_expectation(c.expectation)
-        definition = context.validation_definitions.add(gx.ValidationDefinition(name=table_name, data=batch, suite=suite))
+        definition = context.validation_definitions.add(
+            gx.ValidationDefinition(name=table_name, data=batch, suite=suite)
+        )
         keys = sorted({c.key_column for c in table_checks})
-        outcome = definition.run(batch_parameters={"dataframe": df},
-                                 result_format={"result_format": "COMPLETE", "unexpected_index_column_names": keys})
+        outcome = definition.run(
+            batch_parameters={"dataframe": df},
+            result_format={"result_format": "COMPLETE", "unexpected_index_column_names": keys},
+        )
         # suite results come back in the order the expectations were added
         for c, res in zip(table_checks, outcome.results):
             failing = [row.get(c.key_column, str(row)) for row in (res.result.get("unexpected_index_list") or [])]
             if not res.success and not failing and res.exception_info and res.exception_info.get("raised_exception"):
                 failing = [f"expectation error: {res.exception_info.get('exception_message')}"]
-            results.append({"table": table_name, "rule": c.rule, "expectation": res.expectation_config.type,
-                            "success": bool(res.success), "unexpected_count": int(res.result.get("unexpected_count") or 0),
-                            "failing": failing})
+            results.append(
+                {
+                    "table": table_name,
+                    "rule": c.rule,
+                    "expectation": res.expectation_config.type,
+                    "success": bool(res.success),
+                    "unexpected_count": int(res.result.get("unexpected_count") or 0),
+                    "failing": failing,
+                }
+            )
     return results
 
 
@@ -91,8 +111,16 @@ def symlink_policy(tables: dict[str, pd.DataFrame], root: Path, follow: bool) ->
         if len(links) > MAX_LISTED:
             notes.append(f"... and {len(links) - MAX_LISTED} more files linking outside {root} (followed)")
         return [], notes
-    return [{"table": "-", "rule": SYMLINK_RULE, "expectation": "symlink policy", "success": not links,
-             "unexpected_count": len(links), "failing": links}], []
+    return [
+        {
+            "table": "-",
+            "rule": SYMLINK_RULE,
+            "expectation": "symlink policy",
+            "success": not links,
+            "unexpected_count": len(links),
+            "failing": links,
+        }
+    ], []
 
 
 def _markdown(task_name: str, report: dict) -> str:
@@ -122,8 +150,12 @@ def failure_summary(report: dict) -> str:
     return "\n".join(parts)
 
 
-def run(task_name: str, params_path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None,
-        pipeline_run_id: str | None = None) -> dict:
+def run(
+    task_name: str,
+    params_path: str | Path = "params.yaml",
+    overrides: dict[str, Any] | None = None,
+    pipeline_run_id: str | None = None,
+) -> dict:
     with open_stage("validate", task_name, params_path, overrides, pipeline_run_id) as st:
         out_dir = outputs(task_name, "validate")
         try:
@@ -138,11 +170,25 @@ def run(task_name: str, params_path: str | Path = "params.yaml", overrides: dict
             summaries = st.task.validation_summaries(tables)
         except DataError as err:
             tables, notes, n_samples, summaries = {}, [], 0, {}
-            results = [{"table": "-", "rule": "dataset readable", "expectation": "-", "success": False,
-                        "unexpected_count": 1, "failing": [str(err)]}]
-        report = {"task": task_name, "success": all(r["success"] for r in results), "n_samples": n_samples,
-                  "checks": results, "notes": notes, "summaries": summaries,
-                  "data_version": digest_tables(tables)}  # per split and overall (tasks/track/data_version.py)
+            results = [
+                {
+                    "table": "-",
+                    "rule": "dataset readable",
+                    "expectation": "-",
+                    "success": False,
+                    "unexpected_count": 1,
+                    "failing": [str(err)],
+                }
+            ]
+        report = {
+            "task": task_name,
+            "success": all(r["success"] for r in results),
+            "n_samples": n_samples,
+            "checks": results,
+            "notes": notes,
+            "summaries": summaries,
+            "data_version": digest_tables(tables),
+        }  # per split and overall (tasks/track/data_version.py)
         with atomic_dir(out_dir) as tmp:
             (tmp / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
             (tmp / "report.md").write_text(_markdown(task_name, report))
@@ -150,17 +196,24 @@ def run(task_name: str, params_path: str | Path = "params.yaml", overrides: dict
                 df.to_csv(tmp / f"{name}.csv", index=False)
         st.log_artifacts(out_dir, "validation")
         st.log_inputs(*[s for s in report["data_version"] if s in ("train", "val", "test")])
-        st.log_metrics({"validation.n_samples": n_samples,
-                        "validation.failed_rules": sum(not r["success"] for r in results),
-                        "validation.notes": len(notes)})
+        st.log_metrics(
+            {
+                "validation.n_samples": n_samples,
+                "validation.failed_rules": sum(not r["success"] for r in results),
+                "validation.notes": len(notes),
+            }
+        )
         import mlflow
 
         mlflow.set_tag("validation", "passed" if report["success"] else "failed")
         mlflow.set_tag("data_version", report["data_version"]["all"]["digest"])  # what was just read
-        print(f"[validate] {task_name}: {'passed' if report['success'] else 'FAILED'} "
-              f"({n_samples} samples, {len(notes)} notes) -> {out_dir / 'report.md'}")
+        print(
+            f"[validate] {task_name}: {'passed' if report['success'] else 'FAILED'} "
+            f"({n_samples} samples, {len(notes)} notes) -> {out_dir / 'report.md'}"
+        )
         if not report["success"]:
             raise ValidationFailed(
-                f"data validation failed for task '{task_name}' (report: {out_dir / 'report.md'}):\n" + failure_summary(report)
+                f"data validation failed for task '{task_name}' (report: {out_dir / 'report.md'}):\n"
+                + failure_summary(report)
             )
         return report

@@ -1,5 +1,6 @@
 """A real `mlflow server` process on 127.0.0.1 and a headless Chromium (the distribution's package)
 to look at its UI: what the browser test and the README's screenshot use."""
+
 from __future__ import annotations
 
 import os
@@ -36,8 +37,20 @@ def mlflow_server(store_uri: str, artifact_root: Path, log: Path, timeout: float
     """``mlflow server`` against ``store_uri``; yields its base URL once it answers /health."""
     port = free_port()
     mlflow = Path(sys.executable).parent / "mlflow"
-    cmd = [str(mlflow), "server", "--backend-store-uri", store_uri, "--default-artifact-root", str(artifact_root),
-           "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    cmd = [
+        str(mlflow),
+        "server",
+        "--backend-store-uri",
+        store_uri,
+        "--default-artifact-root",
+        str(artifact_root),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
     with log.open("w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
@@ -61,20 +74,37 @@ def mlflow_server(store_uri: str, artifact_root: Path, log: Path, timeout: float
             os.killpg(proc.pid, signal.SIGKILL)
 
 
-def chromium_args(chromium: str, profile: Path, width: int = 1600, height: int = 900, budget_ms: int = 30000) -> list[str]:
+def chromium_args(
+    chromium: str, profile: Path, width: int = 1600, height: int = 900, budget_ms: int = 30000
+) -> list[str]:
     # --no-sandbox: CI runs as root; --virtual-time-budget: let the single-page app fetch and render
-    return [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
-            "--hide-scrollbars", f"--user-data-dir={profile}", f"--window-size={width},{height}",
-            f"--virtual-time-budget={budget_ms}"]
+    return [
+        chromium,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--no-first-run",
+        "--hide-scrollbars",
+        f"--user-data-dir={profile}",
+        f"--window-size={width},{height}",
+        f"--virtual-time-budget={budget_ms}",
+    ]
 
 
 def dump_dom(chromium: str, url: str, profile: Path, **kw) -> str:
-    result = subprocess.run([*chromium_args(chromium, profile, **kw), "--dump-dom", url],
-                            capture_output=True, text=True, timeout=180)
+    result = subprocess.run(
+        [*chromium_args(chromium, profile, **kw), "--dump-dom", url], capture_output=True, text=True, timeout=180
+    )
     return result.stdout
 
 
 def screenshot(chromium: str, url: str, path: Path, profile: Path, **kw) -> Path:
-    subprocess.run([*chromium_args(chromium, profile, **kw), f"--screenshot={path}", url],
-                   capture_output=True, text=True, timeout=180, check=True)
+    subprocess.run(
+        [*chromium_args(chromium, profile, **kw), f"--screenshot={path}", url],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=True,
+    )
     return path

@@ -1,4 +1,5 @@
 """Shared fixtures: tiny synthetic data, a throw-away project folder, a per-session MLflow store."""
+
 from __future__ import annotations
 
 import copy
@@ -51,17 +52,29 @@ TINY_TASKS = {
     "classification": {},
     "segmentation": {"tasks.segmentation.image_size": 32, "tasks.segmentation.model.width": 8},
     "detection": {"tasks.detection.image_size": 64, "tasks.detection.model.options.anchor_size": 12},
-    "instance_segmentation": {"tasks.instance_segmentation.image_size": 64, "tasks.instance_segmentation.model.width": 8,
-                              "tasks.instance_segmentation.model.options.anchor_size": 12,
-                              "tasks.instance_segmentation.model.options.fpn_channels": 32},
+    "instance_segmentation": {
+        "tasks.instance_segmentation.image_size": 64,
+        "tasks.instance_segmentation.model.width": 8,
+        "tasks.instance_segmentation.model.options.anchor_size": 12,
+        "tasks.instance_segmentation.model.options.fpn_channels": 32,
+    },
 }
 
 
 def tiny_task(task: str, **extra) -> dict:
     """One task's settings for one epoch on tiny inputs (tests/test_accelerate.py, tests/test_gpu.py)."""
     t = f"tasks.{task}."
-    return {t + "train.epochs": 1, t + "train.batch_size": 4, t + "train.eval_batch_size": 8, t + "train.num_threads": 1,
-            t + "overfit_check.enabled": False, t + "preview_samples": 4, t + "train.track_train_metric": False, **TINY_TASKS[task], **extra}
+    return {
+        t + "train.epochs": 1,
+        t + "train.batch_size": 4,
+        t + "train.eval_batch_size": 8,
+        t + "train.num_threads": 1,
+        t + "overfit_check.enabled": False,
+        t + "preview_samples": 4,
+        t + "train.track_train_metric": False,
+        **TINY_TASKS[task],
+        **extra,
+    }
 
 
 def write_params(folder: Path, overrides: dict) -> Path:
@@ -130,10 +143,23 @@ def project(tmp_path, monkeypatch, tiny_shapes):
 # evens out the two workers' ends. `--no-loadscope-reorder` (pyproject.toml) keeps this order: by default
 # pytest-xdist (3.5+) reorders modules by their number of tests, which put the few-test e2e modules last.
 SLOWEST_MODULES_FIRST = [
-    "test_e2e_detection.py", "test_e2e_instance_segmentation.py", "test_e2e_classification.py", "test_use_model.py",
-    "test_e2e_segmentation.py", "test_prefect_workers.py", "test_team_setup.py", "test_real_datasets.py",
-    "test_ablation.py", "test_interruption.py", "test_distributed.py", "test_bad_input.py", "test_mlflow_view.py",
-    "test_chain.py", "test_init.py", "test_segmentation.py", "test_layouts.py",
+    "test_e2e_detection.py",
+    "test_e2e_instance_segmentation.py",
+    "test_e2e_classification.py",
+    "test_use_model.py",
+    "test_e2e_segmentation.py",
+    "test_prefect_workers.py",
+    "test_team_setup.py",
+    "test_real_datasets.py",
+    "test_ablation.py",
+    "test_interruption.py",
+    "test_distributed.py",
+    "test_bad_input.py",
+    "test_mlflow_view.py",
+    "test_chain.py",
+    "test_init.py",
+    "test_segmentation.py",
+    "test_layouts.py",
 ]
 
 
@@ -142,7 +168,9 @@ def prefect_harness():
     default, 30 s, timed out three tests/test_ablation.py fixtures on a loaded 2-core AMD EPYC."""
     from prefect.testing.utilities import prefect_test_harness
 
-    return prefect_test_harness(server_startup_timeout=int(os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"]))
+    return prefect_test_harness(
+        server_startup_timeout=int(os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"])
+    )
 
 
 def pytest_collection_modifyitems(config, items):

@@ -8,6 +8,7 @@ BatchNorm's batch statistics differ between a half batch and the whole batch, so
 (FrozenBatchNorm2d, running statistics) for the check. Detection's losses are normalised by the sampled
 anchors and proposals of the whole batch; the samplers are set to take every candidate and the two
 images carry the same number of boxes, so each image weighs the same in both runs."""
+
 from __future__ import annotations
 
 import copy
@@ -95,8 +96,18 @@ def main() -> None:
                 continue
             diffs.append((p.grad - q.grad).abs().max().item())
             scale.append(q.grad.abs().max().item())
-        out.write_text(json.dumps({"max_abs_diff": max(diffs), "max_abs_grad": max(scale), "n_params": len(diffs),
-                                   "world": world, "local_batch": len(images), "global_batch": len(batch[0])}))
+        out.write_text(
+            json.dumps(
+                {
+                    "max_abs_diff": max(diffs),
+                    "max_abs_grad": max(scale),
+                    "n_params": len(diffs),
+                    "world": world,
+                    "local_batch": len(images),
+                    "global_batch": len(batch[0]),
+                }
+            )
+        )
     accelerate.shutdown()
 
 

@@ -1,4 +1,5 @@
 """Tiny detection settings and data helpers shared by the detection tests."""
+
 from __future__ import annotations
 
 import json
@@ -59,9 +60,12 @@ def coco_to_voc(scenes: Path, out: Path) -> Path:
                 f"<object><name>{names[a['category_id']]}</name><difficult>0</difficult><bndbox><xmin>{a['bbox'][0]}</xmin>"
                 f"<ymin>{a['bbox'][1]}</ymin><xmax>{a['bbox'][0] + a['bbox'][2]}</xmax><ymax>{a['bbox'][1] + a['bbox'][3]}</ymax>"
                 f"</bndbox></object>"
-                for a in coco["annotations"] if a["image_id"] == im["id"])
+                for a in coco["annotations"]
+                if a["image_id"] == im["id"]
+            )
             (out / "Annotations" / f"{stem}.xml").write_text(
                 f"<annotation><filename>{stem}.png</filename><size><width>{im['width']}</width><height>{im['height']}</height>"
-                f"<depth>3</depth></size>{objs}</annotation>")
+                f"<depth>3</depth></size>{objs}</annotation>"
+            )
         (out / "ImageSets" / "Main" / f"{split}.txt").write_text("\n".join(ids) + "\n")
     return out

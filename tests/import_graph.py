@@ -4,6 +4,7 @@ Every ``import`` that runs counts, those inside functions included: a circle thr
 is a circle all the same. Imports under ``if TYPE_CHECKING:`` never run and are left out. ``from pkg import name`` points at ``pkg.name`` when that is a module of the project,
 else at ``pkg`` (its ``__init__``).
 """
+
 from __future__ import annotations
 
 import ast

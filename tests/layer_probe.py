@@ -1,5 +1,6 @@
 """What the convolutions and linear layers of any model really computed: the dtype and memory format of their
 outputs, recorded by a global forward hook while a stage or a training runs (the model is built inside it)."""
+
 from __future__ import annotations
 
 import contextlib
@@ -20,8 +21,13 @@ def layer_outputs() -> Iterator[Counter]:
 
     def hook(module: nn.Module, inputs, output) -> None:
         if isinstance(module, (nn.Conv2d, nn.Linear)) and isinstance(output, torch.Tensor):
-            nhwc = (output.ndim == 4 and output.shape[1] > 1 and output.shape[2] * output.shape[3] > 1
-                    and output.is_contiguous(memory_format=torch.channels_last) and not output.is_contiguous())
+            nhwc = (
+                output.ndim == 4
+                and output.shape[1] > 1
+                and output.shape[2] * output.shape[3] > 1
+                and output.is_contiguous(memory_format=torch.channels_last)
+                and not output.is_contiguous()
+            )
             seen[(type(module).__name__, output.dtype, nhwc)] += 1
 
     handle = nn.modules.module.register_module_forward_hook(hook)

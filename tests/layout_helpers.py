@@ -1,5 +1,6 @@
 """Tiny datasets in the layouts users bring (issue 12), written from the synthetic scenes: the same
 images and objects, only the folders and file formats change."""
+
 from __future__ import annotations
 
 import json
@@ -57,8 +58,9 @@ def yolo(scenes: Path, out: Path, polygons: bool = False, names: dict[str, str] 
     return classes
 
 
-def copy_masks(scenes: Path, images_to: dict[str, Path], masks_to: dict[str, Path], mask_suffix: str = ".png",
-               convert=None) -> None:
+def copy_masks(
+    scenes: Path, images_to: dict[str, Path], masks_to: dict[str, Path], mask_suffix: str = ".png", convert=None
+) -> None:
     """Every split's image and class-index mask into the folders given (``convert(mask) -> PIL image``)."""
     for split in SPLITS:
         images_to[split].mkdir(parents=True, exist_ok=True)

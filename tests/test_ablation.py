@@ -3,6 +3,7 @@
 Real Prefect flows (under prefect_test_harness), a real MLflow store, a real Optuna study and a real
 Dask cluster; nothing is mocked. Two classes of the tiny shapes data keep every training to seconds.
 """
+
 from __future__ import annotations
 
 import json
@@ -17,8 +18,13 @@ from tests.conftest import write_params, tiny_overrides
 
 TASK = "classification"
 # two classes and three epochs: each arm+seed trains in a few seconds
-SMALL = {"shapes.classes": ["circle", "star"], f"tasks.{TASK}.train.epochs": 2, f"tasks.{TASK}.train.batch_size": 8,
-         f"tasks.{TASK}.train.eval_batch_size": 128, f"tasks.{TASK}.train.num_threads": 1}
+SMALL = {
+    "shapes.classes": ["circle", "star"],
+    f"tasks.{TASK}.train.epochs": 2,
+    f"tasks.{TASK}.train.batch_size": 8,
+    f"tasks.{TASK}.train.eval_batch_size": 128,
+    f"tasks.{TASK}.train.num_threads": 1,
+}
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +40,9 @@ def small(tmp_path, monkeypatch, tiny_shapes):
     """A project with two of the tiny data's classes, its normalisation statistics ready."""
     for split in ("train", "val", "test"):
         for cls in SMALL["shapes.classes"]:
-            shutil.copytree(tiny_shapes / "classification" / split / cls, tmp_path / "data/shapes/classification" / split / cls)
+            shutil.copytree(
+                tiny_shapes / "classification" / split / cls, tmp_path / "data/shapes/classification" / split / cls
+            )
     monkeypatch.chdir(tmp_path)
 
     def params(**extra) -> str:
@@ -87,12 +95,18 @@ def test_welch_interval_on_known_numbers():
 # ---------------------------------------------------------------- bad input: clear error, nothing trained
 
 
-@pytest.mark.parametrize("setting, message", [
-    ({"ablation.arms": ["hflip", "teleport"]}, r"unknown change\(s\) \['teleport'\]"),
-    ({"ablation.seeds": 0}, r"ablation\.seeds: Input should be greater than or equal to 1"),
-    ({"ablation.arms": ["pretrained"]}, r"arm 'pretrained' .* not a valid setting .*small_cnn"),
-    ({"ablation.changes": {"typo": {"augment.hflp.enabled": True}}, "ablation.arms": ["typo"]}, r"arm 'typo'.*hflp"),
-])
+@pytest.mark.parametrize(
+    "setting, message",
+    [
+        ({"ablation.arms": ["hflip", "teleport"]}, r"unknown change\(s\) \['teleport'\]"),
+        ({"ablation.seeds": 0}, r"ablation\.seeds: Input should be greater than or equal to 1"),
+        ({"ablation.arms": ["pretrained"]}, r"arm 'pretrained' .* not a valid setting .*small_cnn"),
+        (
+            {"ablation.changes": {"typo": {"augment.hflp.enabled": True}}, "ablation.arms": ["typo"]},
+            r"arm 'typo'.*hflp",
+        ),
+    ],
+)
 def test_bad_ablation_settings_stop_before_training(small, setting, message):
     from flows.ablation import ablate
     from tasks.config import ConfigError
@@ -102,14 +116,23 @@ def test_bad_ablation_settings_stop_before_training(small, setting, message):
     assert not Path("models").exists() and not Path(f"outputs/{TASK}/ablation").exists()
 
 
-@pytest.mark.parametrize("setting, message", [
-    ({"search.space": {"train.optimizer.lr": {"low": 0.1, "high": 0.001}}},
-     r"search\.space\.train\.optimizer\.lr: Value error, low 0\.1 is above high 0\.001"),
-    ({"search.space": {"train.optimizer.learning_rate": {"low": 0.001, "high": 0.1}}},
-     r"search\.space\.train\.optimizer\.learning_rate: .*not a valid setting"),
-    ({"search.space": {"train.batch_size": {"type": "categorical", "choices": [8, 0]}}},
-     r"search\.space\.train\.batch_size: the value 0"),
-])
+@pytest.mark.parametrize(
+    "setting, message",
+    [
+        (
+            {"search.space": {"train.optimizer.lr": {"low": 0.1, "high": 0.001}}},
+            r"search\.space\.train\.optimizer\.lr: Value error, low 0\.1 is above high 0\.001",
+        ),
+        (
+            {"search.space": {"train.optimizer.learning_rate": {"low": 0.001, "high": 0.1}}},
+            r"search\.space\.train\.optimizer\.learning_rate: .*not a valid setting",
+        ),
+        (
+            {"search.space": {"train.batch_size": {"type": "categorical", "choices": [8, 0]}}},
+            r"search\.space\.train\.batch_size: the value 0",
+        ),
+    ],
+)
 def test_bad_search_ranges_stop_before_training(small, setting, message):
     from flows.search import search
     from tasks.config import ConfigError
@@ -126,8 +149,13 @@ def test_bad_search_ranges_stop_before_training(small, setting, message):
 def test_two_arm_two_seed_ablation_table_mlflow_and_resume(small, harness):
     from flows.ablation import ablate
 
-    params = small(**{"ablation.arms": ["hflip", "mixup"], "ablation.seeds": 2,
-                      "ablation.runner": {"kind": "threads", "max_workers": 2}})
+    params = small(
+        **{
+            "ablation.arms": ["hflip", "mixup"],
+            "ablation.seeds": 2,
+            "ablation.runner": {"kind": "threads", "max_workers": 2},
+        }
+    )
     metrics = ablate(task_name=TASK, params_path=params)
 
     out = Path(f"outputs/{TASK}/ablation")
@@ -146,7 +174,8 @@ def test_two_arm_two_seed_ablation_table_mlflow_and_resume(small, harness):
     (parent,) = c.search_runs([exp], "tags.kind = 'ablation'")
     runs = children(parent.info.run_id)
     assert sorted((r.data.tags["arm"], r.data.tags["seed"]) for r in runs) == [
-        (arm, seed) for arm in ("baseline", "hflip", "mixup") for seed in ("42", "43")]
+        (arm, seed) for arm in ("baseline", "hflip", "mixup") for seed in ("42", "43")
+    ]
     for arm, row in table["arms"].items():
         values = [r.data.metrics["test_accuracy"] for r in runs if r.data.tags["arm"] == arm]
         assert all(r.info.status == "FINISHED" for r in runs)
@@ -178,10 +207,18 @@ def test_ablation_on_a_local_dask_cluster_of_two_workers(small, harness):
     from flows.ablation import ablate
 
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None) as cluster:
-        params = small(**{"ablation.arms": ["cutout"], "ablation.seeds": 1, f"tasks.{TASK}.train.epochs": 1,
-                          "ablation.runner": {"kind": "dask", "dask_address": cluster.scheduler_address}})
+        params = small(
+            **{
+                "ablation.arms": ["cutout"],
+                "ablation.seeds": 1,
+                f"tasks.{TASK}.train.epochs": 1,
+                "ablation.runner": {"kind": "dask", "dask_address": cluster.scheduler_address},
+            }
+        )
         metrics = ablate(task_name=TASK, params_path=params)
-        workers = {json.loads(p.read_text())["worker"] for p in Path(f"outputs/{TASK}/ablation/runs").rglob("result.json")}
+        workers = {
+            json.loads(p.read_text())["worker"] for p in Path(f"outputs/{TASK}/ablation/runs").rglob("result.json")
+        }
         assert workers and workers <= set(cluster.scheduler_info["workers"])  # ran on the cluster's workers
     assert list(metrics["arms"]) == ["baseline", "cutout"]
 
@@ -197,17 +234,23 @@ def test_three_trial_search_prunes_and_writes_best_params(small, harness):
     from flows.search import search
 
     lr = f"tasks.{TASK}.train.optimizer.lr"
-    params = small(**{
-        f"tasks.{TASK}.train.epochs": 3,
-        "search.trials": 3,
-        "search.space": {"train.optimizer.lr": {"low": 1e-7, "high": 0.01, "log": True},
-                         "augment.rotation.degrees": {"low": 0, "high": 90}},
-        # a learning trial first, then one that cannot learn (its metric stays at the initial one): pruned
-        "search.enqueue": [{"train.optimizer.lr": 0.003, "augment.rotation.degrees": 10},
-                           {"train.optimizer.lr": 1e-7, "augment.rotation.degrees": 10}],
-        "search.pruner": {"name": "median", "startup_trials": 1, "warmup_epochs": 0},
-        "search.runner": {"kind": "sequential"},
-    })
+    params = small(
+        **{
+            f"tasks.{TASK}.train.epochs": 3,
+            "search.trials": 3,
+            "search.space": {
+                "train.optimizer.lr": {"low": 1e-7, "high": 0.01, "log": True},
+                "augment.rotation.degrees": {"low": 0, "high": 90},
+            },
+            # a learning trial first, then one that cannot learn (its metric stays at the initial one): pruned
+            "search.enqueue": [
+                {"train.optimizer.lr": 0.003, "augment.rotation.degrees": 10},
+                {"train.optimizer.lr": 1e-7, "augment.rotation.degrees": 10},
+            ],
+            "search.pruner": {"name": "median", "startup_trials": 1, "warmup_epochs": 0},
+            "search.runner": {"kind": "sequential"},
+        }
+    )
     summary = search(task_name=TASK, params_path=params)
 
     study = optuna.load_study(study_name=summary["study"], storage=f"sqlite:///{Path('optuna.db').resolve()}")
@@ -244,7 +287,9 @@ def test_a_search_stopped_mid_trial_queues_that_trial_again(small):
 
     from tasks.runners import search as search_stage
 
-    params = small(**{"search.trials": 2, "search.space": {"train.optimizer.lr": {"low": 1e-4, "high": 1e-2, "log": True}}})
+    params = small(
+        **{"search.trials": 2, "search.space": {"train.optimizer.lr": {"low": 1e-4, "high": 1e-2, "log": True}}}
+    )
     p = search_stage.plan(TASK, params)
     study = search_stage.open_study(p)
     done = study.ask(p.distributions())
@@ -257,5 +302,7 @@ def test_a_search_stopped_mid_trial_queues_that_trial_again(small):
     again = study.ask(p.distributions())  # the queued copy comes first, with the same values
     assert again.params == stopped.params
     # same values, same checkpoint folder: the retried trial resumes from its last epoch
-    assert search_stage.job(p, again.number, again.params, "0", "x").stage_name == \
-        search_stage.job(p, stopped.number, stopped.params, "0", "x").stage_name
+    assert (
+        search_stage.job(p, again.number, again.params, "0", "x").stage_name
+        == search_stage.job(p, stopped.number, stopped.params, "0", "x").stage_name
+    )

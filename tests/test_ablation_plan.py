@@ -1,4 +1,5 @@
 """The ablation's baseline and arms are planned from the task's schema: every augmentation off, one change per arm."""
+
 from __future__ import annotations
 
 import pytest
@@ -42,10 +43,12 @@ def test_an_arm_that_changes_nothing_is_refused(tmp_path):
 
 def test_an_arm_with_a_side_effect_is_refused():
     with pytest.raises(ConfigError, match=r"arm 'lr'.*not one change.*train\.epochs"):
-        ablation.check_one_change("lr", {"train.optimizer.lr": 0.1},
-                                  {"train.optimizer.lr": (0.003, 0.1), "train.epochs": (20, 10)})
-    ablation.check_one_change("sgd_block", {"train.optimizer": {"name": "sgd", "momentum": 0.8}},
-                              {"train.optimizer.name": ("adamw", "sgd")})  # a section change names the keys under it
+        ablation.check_one_change(
+            "lr", {"train.optimizer.lr": 0.1}, {"train.optimizer.lr": (0.003, 0.1), "train.epochs": (20, 10)}
+        )
+    ablation.check_one_change(
+        "sgd_block", {"train.optimizer": {"name": "sgd", "momentum": 0.8}}, {"train.optimizer.name": ("adamw", "sgd")}
+    )  # a section change names the keys under it
 
 
 def test_ablation_baseline_may_not_switch_an_augmentation_back_on(tmp_path):

@@ -1,5 +1,6 @@
 """Accelerator settings on the CPU: bf16 autocast trains and scores every task; the settings are
 checked; fp32 with the defaults is the plain loop (bit for bit); the GPU benchmark's dry run."""
+
 from __future__ import annotations
 
 import json
@@ -85,7 +86,10 @@ def test_channels_last_gives_the_same_step_and_fp32_is_untouched():
         model = SmallCNN(4, width=8, depth=2)
         acc = accelerate.Accelerator(torch.device("cpu"), "fp32", channels_last)
         train_model = acc.prepare(model)
-        images, labels = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(1)), torch.tensor([0, 1, 2, 3, 0, 1])
+        images, labels = (
+            torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(1)),
+            torch.tensor([0, 1, 2, 3, 0, 1]),
+        )
         with acc.autocast():
             loss = torch.nn.functional.cross_entropy(train_model(acc.images(images)), labels)
         loss.backward()
@@ -107,7 +111,9 @@ def test_bad_accelerator_settings_name_the_key(project, bad):
 
 
 def test_gpu_benchmark_dry_run_prints_the_plan():
-    out = subprocess.run([sys.executable, "benchmarks/gpu.py", "--dry-run"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "benchmarks/gpu.py", "--dry-run"], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert "resnet50" in out.stdout and "224" in out.stdout and "256" in out.stdout
     for word in ("classification", "segmentation", "detection", "fp32", "bf16", "fp16", "channels_last", "dvc repro"):

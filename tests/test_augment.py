@@ -4,8 +4,10 @@ from torchvision import tv_tensors
 from cv_models import get_task
 from tasks.config import AugmentConfig, load_params
 
-ALL_ON = {name: {"enabled": True, "p": 1.0} for name in
-          ("hflip", "vflip", "rotation", "crop", "rescale", "color", "noise", "blur", "cutout", "mixup", "cutmix")}
+ALL_ON = {
+    name: {"enabled": True, "p": 1.0}
+    for name in ("hflip", "vflip", "rotation", "crop", "rescale", "color", "noise", "blur", "cutout", "mixup", "cutmix")
+}
 
 
 def _task(project):
@@ -80,8 +82,9 @@ def test_every_task_registers_exactly_its_schema_augmentations():
 
 def test_mixup_cutmix_give_soft_labels_that_sum_to_one(project):
     task = _task(project)
-    mixer = task.batch_mixer(AugmentConfig.model_validate({"mixup": {"enabled": True, "p": 1.0},
-                                                          "cutmix": {"enabled": True, "p": 1.0}}))
+    mixer = task.batch_mixer(
+        AugmentConfig.model_validate({"mixup": {"enabled": True, "p": 1.0}, "cutmix": {"enabled": True, "p": 1.0}})
+    )
     images, labels = torch.rand(8, 3, 32, 32), torch.arange(8) % 4
     torch.manual_seed(1)
     mixed, soft = mixer(images, labels)

@@ -9,6 +9,7 @@ Starting Python with torch, MLflow and great-expectations takes 10-25 s on a bus
 cases call the CLI's ``main`` in this process (an escaping exception fails the test, as a traceback would);
 the cases marked ``subprocess`` run ``python -m tasks`` for real.
 """
+
 from __future__ import annotations
 
 import json
@@ -95,7 +96,10 @@ def imagefolder_oversized(p):
 
 def imagefolder_symlink(p):
     f = link_outside(first(p.classification / "train" / "star"), p.root)
-    return {"tasks.classification.data.follow_symlinks": False}, [rel(f, p.root), "no file links outside the dataset folder"]
+    return {"tasks.classification.data.follow_symlinks": False}, [
+        rel(f, p.root),
+        "no file links outside the dataset folder",
+    ]
 
 
 def imagefolder_truncated(p):
@@ -152,8 +156,12 @@ def coco_symlink(p):
 
 def voc(p, **extra):
     coco_to_voc(p.shapes / "scenes", p.root / "voc")
-    return {"tasks.detection.data.format": "voc", "tasks.detection.data.path": "voc",
-            "tasks.detection.data.options": {"annotations": "Annotations", "images": "JPEGImages"}, **extra}
+    return {
+        "tasks.detection.data.format": "voc",
+        "tasks.detection.data.path": "voc",
+        "tasks.detection.data.options": {"annotations": "Annotations", "images": "JPEGImages"},
+        **extra,
+    }
 
 
 def voc_bomb(p):
@@ -179,8 +187,12 @@ def folders(p, **extra):
     from tests.test_instance_segmentation import coco_to_instance_folders
 
     coco_to_instance_folders(p.shapes / "scenes", p.root / "cells")
-    return {"tasks.instance_segmentation.data.format": "instance_folders", "tasks.instance_segmentation.data.path": "cells",
-            "tasks.instance_segmentation.data.options": {"class_name": "cell"}, **extra}
+    return {
+        "tasks.instance_segmentation.data.format": "instance_folders",
+        "tasks.instance_segmentation.data.path": "cells",
+        "tasks.instance_segmentation.data.options": {"class_name": "cell"},
+        **extra,
+    }
 
 
 def folders_bomb(p):
@@ -197,16 +209,21 @@ def folders_symlink(p):
 
 
 # baseline cases: tiny and quick (no normalisation statistics, no overfit check, one epoch)
-QUICK = {"tasks.classification.normalization": "none", "tasks.classification.overfit_check.enabled": False,
-         "tasks.classification.train.epochs": 1}
+QUICK = {
+    "tasks.classification.normalization": "none",
+    "tasks.classification.overfit_check.enabled": False,
+    "tasks.classification.train.epochs": 1,
+}
 CKPT = Path("checkpoints/classification/baseline/last.pt")
 
 
 def plant(p, obj) -> None:
     (p.root / CKPT).parent.mkdir(parents=True, exist_ok=True)
     torch.save(obj, p.root / CKPT)
-    for path, text in ((p.root / "outputs/classification/baseline/metrics.json", '{"earlier": 1}\n'),
-                       (p.root / "models/classification/baseline/model.pt", "earlier model")):
+    for path, text in (
+        (p.root / "outputs/classification/baseline/metrics.json", '{"earlier": 1}\n'),
+        (p.root / "models/classification/baseline/model.pt", "earlier model"),
+    ):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)  # an earlier run's outputs: must survive untouched
 
@@ -218,7 +235,11 @@ def malicious_checkpoint(p):
 
 def strict_resume_mismatch(p):
     plant(p, {"fingerprint": "other", "fingerprint_parts": {"settings": "other", "seed": "42"}, "epoch": 1})
-    return {**QUICK, "tasks.classification.train.resume": "strict"}, [str(CKPT), "train.resume: strict", "the task's settings"]
+    return {**QUICK, "tasks.classification.train.resume": "strict"}, [
+        str(CKPT),
+        "train.resume: strict",
+        "the task's settings",
+    ]
 
 
 CASES = {
@@ -245,17 +266,27 @@ CASES = {
 
 def cli(root: Path, stage: str, task: str, **popen) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.Popen([sys.executable, "-m", "tasks", stage, "--task", task, "--params", "params.yaml"], cwd=root,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+    return subprocess.Popen(
+        [sys.executable, "-m", "tasks", stage, "--task", task, "--params", "params.yaml"],
+        cwd=root,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **popen,
+    )
 
 
 def runs_of(pid: int, since_ms: int = 0) -> list:
     import mlflow
 
     client = mlflow.MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
-    return [r for e in client.search_experiments()
-            for r in client.search_runs([e.experiment_id], filter_string=f"tags.`cv.pid` = '{pid}' and tags.kind = 'stage'")
-            if r.info.start_time >= since_ms]
+    return [
+        r
+        for e in client.search_experiments()
+        for r in client.search_runs([e.experiment_id], filter_string=f"tags.`cv.pid` = '{pid}' and tags.kind = 'stage'")
+        if r.info.start_time >= since_ms
+    ]
 
 
 def run_cli(root: Path, case: Case, capfd) -> tuple[int, str, str, int]:
@@ -277,11 +308,17 @@ def leftovers(root: Path) -> list[Path]:
 
 
 def snapshot(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for top in ("outputs", "models")
-            for p in (root / top).rglob("*") if p.is_file()}
+    return {
+        str(p.relative_to(root)): p.read_bytes()
+        for top in ("outputs", "models")
+        for p in (root / top).rglob("*")
+        if p.is_file()
+    }
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.e2e) if c.subprocess else n for n, c in CASES.items()])
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=pytest.mark.e2e) if c.subprocess else n for n, c in CASES.items()]
+)
 def test_bad_input_stops_with_the_file_and_rule(project, name, capfd):
     import time
 
@@ -300,8 +337,9 @@ def test_bad_input_stops_with_the_file_and_rule(project, name, capfd):
     assert runs and all(r.info.status == "FAILED" for r in runs), [r.info.status for r in runs]
     after = snapshot(project.root)
     if case.stage == "validate":  # the report is the validate stage's output; nothing downstream appears
-        assert set(after) - set(before) <= {f"outputs/{case.task}/validate/{f}" for f in os.listdir(
-            project.root / f"outputs/{case.task}/validate")}
+        assert set(after) - set(before) <= {
+            f"outputs/{case.task}/validate/{f}" for f in os.listdir(project.root / f"outputs/{case.task}/validate")
+        }
         assert not (project.root / "models").exists()
     else:  # an earlier run's outputs untouched, the checkpoint kept for the user to inspect
         assert after == before
@@ -331,4 +369,6 @@ def test_links_out_of_the_dataset_are_followed_and_reported_by_default(project):
     victim = link_outside(first(project.classification / "train" / "star"), project.root)
     report = validate.run("classification", project.params())
     assert report["success"]
-    assert any(rel(victim, project.root) in n and "followed: data.follow_symlinks is true" in n for n in report["notes"])
+    assert any(
+        rel(victim, project.root) in n and "followed: data.follow_symlinks is true" in n for n in report["notes"]
+    )

@@ -1,5 +1,6 @@
 """Issue 29: the figures reported (COCO scoring at the maxDets used, the fitted plan), the time budget (plan, stop,
 schedule re-spanned and annealed, resume) and the warnings that should fire."""
+
 import contextlib
 import io
 import itertools
@@ -23,8 +24,11 @@ def _crowded(n_objects: int = 150, class_names=("cell", "debris")):
         x, y = 60 * (k % 15), 60 * (k // 15)
         anns.append({"id": k + 1, "image_id": 1, "category_id": 1, "bbox": [x, y, 40, 40], "area": 1600, "iscrowd": 0})
         results.append({"image_id": 1, "category_id": 1, "bbox": [x + 1, y, 40, 40], "score": 1 - k / 1000})
-    gt = {"images": [{"id": 1, "file_name": "a.png", "width": 1000, "height": 1000}], "annotations": anns,
-          "categories": [{"id": k + 1, "name": c} for k, c in enumerate(class_names)]}
+    gt = {
+        "images": [{"id": 1, "file_name": "a.png", "width": 1000, "height": 1000}],
+        "annotations": anns,
+        "categories": [{"id": k + 1, "name": c} for k, c in enumerate(class_names)],
+    }
     return gt, results
 
 
@@ -111,8 +115,7 @@ def test_one_slow_epoch_moves_the_estimate_little():
 
 
 def test_a_fitted_schedule_is_the_configured_one_until_re_spanned_then_continuous_to_its_end():
-    cfg = TrainConfig(epochs=10, optimizer={"name": "sgd", "lr": 0.01, "momentum": 0.9},
-                      scheduler={"name": "onecycle"})
+    cfg = TrainConfig(epochs=10, optimizer={"name": "sgd", "lr": 0.01, "momentum": 0.9}, scheduler={"name": "onecycle"})
     ref_opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.01, momentum=0.9, nesterov=True)
     ref = engine.build_scheduler(ref_opt, cfg, 5)
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.01, momentum=0.9, nesterov=True)
@@ -135,8 +138,11 @@ def test_a_fitted_schedule_is_the_configured_one_until_re_spanned_then_continuou
     sched.respan(40)
     assert opt.param_groups[0]["lr"] == steady
     state = sched.state_dict()
-    again = engine.make_scheduler(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.01, momentum=0.9),
-                                  cfg.model_copy(update={"time_limit_minutes": 1.0}), 5)
+    again = engine.make_scheduler(
+        torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.01, momentum=0.9),
+        cfg.model_copy(update={"time_limit_minutes": 1.0}),
+        5,
+    )
     again.load_state_dict(state)  # a resumed run continues where the checkpoint was
     assert again.optimizer.param_groups[0]["lr"] == steady
 
@@ -186,8 +192,14 @@ def _timed_fit(tmp_path, monkeypatch, task, minutes=3.0, cap=60, checkpoint=None
     monkeypatch.setattr(engine, "time", task.clock)
     torch.manual_seed(0)
     data = torch.utils.data.TensorDataset(torch.randn(8, 3), torch.randn(8))
-    cfg = TrainConfig(epochs=cap, batch_size=4, track_train_metric=False, time_limit_minutes=minutes,
-                      optimizer={"name": "adamw", "lr": 3e-3}, scheduler={"name": "onecycle"})
+    cfg = TrainConfig(
+        epochs=cap,
+        batch_size=4,
+        track_train_metric=False,
+        time_limit_minutes=minutes,
+        optimizer={"name": "adamw", "lr": 3e-3},
+        scheduler={"name": "onecycle"},
+    )
     return engine.fit(task, torch.nn.Linear(3, 1), data, data, cfg, 0, tmp_path / "m.pt", checkpoint_path=checkpoint)
 
 
@@ -234,8 +246,13 @@ def test_a_real_training_with_a_time_limit_ends_annealed_within_it(project, caps
     from tasks.config import load_params
     from tasks.training.train import budget_figures, summary_metrics
 
-    params = project.params(**{"tasks.classification.train.epochs": 200, "tasks.classification.train.time_limit_minutes": 0.12,
-                               "tasks.classification.train.scheduler": {"name": "cosine", "warmup_epochs": 1}})
+    params = project.params(
+        **{
+            "tasks.classification.train.epochs": 200,
+            "tasks.classification.train.time_limit_minutes": 0.12,
+            "tasks.classification.train.scheduler": {"name": "cosine", "warmup_epochs": 1},
+        }
+    )
     normstats.run("classification", params)
     cfg = load_params(params).task("classification")
     task = get_task("classification", cfg)
@@ -283,7 +300,9 @@ def test_a_segmenter_predicting_5_of_11_classes_is_warned_about(project):
     metrics = task._score(cm).metrics
     lines = engine.silent_failure_warnings(metrics, {"miou": 0.0}, "miou", n, "val")
     missed = task.class_names()[2:]
-    assert any(f"{n - 2} of {n} classes present in the data are never predicted: {', '.join(missed)}" in ln for ln in lines)
+    assert any(
+        f"{n - 2} of {n} classes present in the data are never predicted: {', '.join(missed)}" in ln for ln in lines
+    )
 
 
 def test_the_overfitting_line_says_when_it_cannot_tell():

@@ -1,5 +1,6 @@
 """The stage chain is defined once (tasks/chain.py): dvc.yaml, the Prefect flow and the CLI follow it,
 and dvc.yaml's dependencies are per task."""
+
 from __future__ import annotations
 
 import json
@@ -31,8 +32,12 @@ def test_dvc_yaml_has_the_chain_in_order():
 def test_dvc_yaml_trains_the_chains_models():
     """The trained models are the chain's TRAINED stages: each saves models/<task>/<stage>, evaluate reads them all."""
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
-    saving = {name for name in PER_TASK for out in stages[name]["do"].get("outs", [])
-              if str(next(iter(out)) if isinstance(out, dict) else out).startswith("models/")}
+    saving = {
+        name
+        for name in PER_TASK
+        for out in stages[name]["do"].get("outs", [])
+        if str(next(iter(out)) if isinstance(out, dict) else out).startswith("models/")
+    }
     assert saving == set(TRAINED)
     for name in TRAINED:
         assert f"models/${{key}}/{name}" in stages[name]["do"]["outs"]
@@ -43,9 +48,14 @@ def test_dvc_yaml_trains_the_chains_models():
 def test_the_trained_models_are_declared_once():
     """No module but tasks/chain.py lists the trained models again (they come from chain.TRAINED)."""
     pair = re.compile(r"""["']baseline["'],\s*["']augmented["']|["']augmented["'],\s*["']baseline["']""")
-    hits = [f"{path.relative_to(REPO)}:{n}" for folder in ("tasks", "flows") for path in sorted((REPO / folder).rglob("*.py"))
-            if path != REPO / "tasks" / "chain.py"
-            for n, line in enumerate(path.read_text().splitlines(), 1) if pair.search(line)]
+    hits = [
+        f"{path.relative_to(REPO)}:{n}"
+        for folder in ("tasks", "flows")
+        for path in sorted((REPO / folder).rglob("*.py"))
+        if path != REPO / "tasks" / "chain.py"
+        for n, line in enumerate(path.read_text().splitlines(), 1)
+        if pair.search(line)
+    ]
     assert hits == []
 
 
@@ -65,14 +75,23 @@ def test_cli_runs_the_chains_stages(monkeypatch):
 def test_flow_runs_pretrain_only_for_a_task_that_uses_it(tmp_path):
     plain = load_params(write_params(tmp_path, {}))
     assert stages_for(plain, "detection") == ["generate", *PER_TASK]
-    uses = load_params(write_params(tmp_path, {"tasks.detection.model.options.backbone": "resnet18",
-                                               "tasks.detection.model.options.backbone_weights": "models/pretrain/backbone.pt"}))
+    uses = load_params(
+        write_params(
+            tmp_path,
+            {
+                "tasks.detection.model.options.backbone": "resnet18",
+                "tasks.detection.model.options.backbone_weights": "models/pretrain/backbone.pt",
+            },
+        )
+    )
     assert stages_for(uses, "detection") == ["generate", "pretrain", *PER_TASK]
     assert stages_for(uses, "classification") == ["generate", *PER_TASK]
 
 
 def _dvc(repo: Path, *args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PATH=str(Path(sys.executable).parent) + os.pathsep + os.environ["PATH"], DVC_NO_ANALYTICS="1")
+    env = dict(
+        os.environ, PATH=str(Path(sys.executable).parent) + os.pathsep + os.environ["PATH"], DVC_NO_ANALYTICS="1"
+    )
     result = subprocess.run(["dvc", *args], cwd=repo, capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     return result
@@ -140,12 +159,20 @@ def test_prefect_flow_runs_the_chain_with_pretrain_when_used(tmp_path, monkeypat
         def run(*args, **kwargs):
             calls.append(name)
             return {"stage": name}
+
         return run
 
     monkeypatch.setattr(tasks.chain, "stage_function", recorder)
     monkeypatch.chdir(tmp_path)
-    params = str(write_params(tmp_path, {"tasks.detection.model.options.backbone": "resnet18",
-                                         "tasks.detection.model.options.backbone_weights": "models/pretrain/backbone.pt"}))
+    params = str(
+        write_params(
+            tmp_path,
+            {
+                "tasks.detection.model.options.backbone": "resnet18",
+                "tasks.detection.model.options.backbone_weights": "models/pretrain/backbone.pt",
+            },
+        )
+    )
     with prefect_harness():
         result = FLOWS["detection"](params_path=params)
         assert calls == list(CHAIN) and result == {"stage": "evaluate"}

@@ -1,5 +1,6 @@
 """last.pt every train.checkpoint_every epochs and written in a background thread (tasks/training/checkpointing.py, issue 33):
 what is trained does not change, and an interrupted run still resumes from the last file written."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -14,8 +15,14 @@ from tasks.training import checkpointing, engine
 
 def _setup(project, **train):
     t = "tasks.classification.train."
-    params = project.params(**{t + "epochs": 4, t + "batch_size": 16, t + "track_train_metric": False,
-                               **{t + k: v for k, v in train.items()}})
+    params = project.params(
+        **{
+            t + "epochs": 4,
+            t + "batch_size": 16,
+            t + "track_train_metric": False,
+            **{t + k: v for k, v in train.items()},
+        }
+    )
     cfg = load_params(params).task("classification")
     task = get_task("classification", cfg)
     train_set = task.subset(task.dataset("train", task.train_transforms(cfg.augment, None)), list(range(0, 320, 5)))
@@ -25,9 +32,20 @@ def _setup(project, **train):
         def log(metrics, epoch):
             if epoch == stop_at:
                 raise KeyboardInterrupt
+
         torch.manual_seed(0)
-        return engine.fit(task, task.build_model(), train_set, val, cfg.train, 0, Path(folder) / "model.pt",
-                          Path(folder) / "last.pt", log_metrics=log)
+        return engine.fit(
+            task,
+            task.build_model(),
+            train_set,
+            val,
+            cfg.train,
+            0,
+            Path(folder) / "model.pt",
+            Path(folder) / "last.pt",
+            log_metrics=log,
+        )
+
     return fit
 
 

@@ -28,18 +28,21 @@ def test_unknown_key_is_rejected(tmp_path):
         load_params(path)
 
 
-@pytest.mark.parametrize("key, value, suggestion", [
-    ("tasks.detection.model.options.backbon", "resnet18", "backbone"),  # a task's own model options
-    ("tasks.segmentation.data.options.mask_sufix", ".png", "mask_suffix"),  # a task's own reader options
-    ("tasks.instance_segmentation.augment.options.min_are", 8, "min_area"),  # a task's own augment options
-    ("tasks.detection.options.report_image", 2, "report_images"),  # task options
-    ("tasks.segmentation.augment.cutout.mask_fil", "keep", "mask_fill"),  # a task's own augmentation settings
-    ("tasks.detection.augment.mosaik", {"enabled": True}, "mosaic"),
-    ("shapes.scenes.max_object", 3, "max_objects"),  # outside the tasks too
-    ("seeed", 1, "seed"),
-    ("ablation.runner.max_worker", 2, "max_workers"),  # the experiment sections are checked up front too
-    ("search.pruner.startup_trial", 2, "startup_trials"),
-])
+@pytest.mark.parametrize(
+    "key, value, suggestion",
+    [
+        ("tasks.detection.model.options.backbon", "resnet18", "backbone"),  # a task's own model options
+        ("tasks.segmentation.data.options.mask_sufix", ".png", "mask_suffix"),  # a task's own reader options
+        ("tasks.instance_segmentation.augment.options.min_are", 8, "min_area"),  # a task's own augment options
+        ("tasks.detection.options.report_image", 2, "report_images"),  # task options
+        ("tasks.segmentation.augment.cutout.mask_fil", "keep", "mask_fill"),  # a task's own augmentation settings
+        ("tasks.detection.augment.mosaik", {"enabled": True}, "mosaic"),
+        ("shapes.scenes.max_object", 3, "max_objects"),  # outside the tasks too
+        ("seeed", 1, "seed"),
+        ("ablation.runner.max_worker", 2, "max_workers"),  # the experiment sections are checked up front too
+        ("search.pruner.startup_trial", 2, "startup_trials"),
+    ],
+)
 def test_unknown_key_at_any_depth_is_named_with_a_suggestion(tmp_path, key, value, suggestion):
     path = write_params(tmp_path, {key: value})
     with pytest.raises(ConfigError) as err:
@@ -85,7 +88,9 @@ def test_settings_schema_does_not_import_the_pipeline():
 
 
 def test_bad_split_fractions(tmp_path):
-    path = write_params(tmp_path, {"tasks.classification.data.split_fractions": {"train": 0.9, "val": 0.2, "test": 0.1}})
+    path = write_params(
+        tmp_path, {"tasks.classification.data.split_fractions": {"train": 0.9, "val": 0.2, "test": 0.1}}
+    )
     with pytest.raises(ConfigError, match="split_fractions"):
         load_params(path)
 
@@ -143,23 +148,48 @@ def test_real_data_settings_are_typed_with_their_defaults():
     assert params.task("classification").overfit_check.max_loss is None
     assert params.task("classification").data.options.conflicting_duplicates == "fail"
     seg = params.task("segmentation").data.options
-    assert (seg.images_dir, seg.masks_dir, seg.splits, seg.split_list, seg.image_suffix, seg.value_map,
-            seg.ignore_values, seg.palette_as_index) == ("images", "masks", None, None, ".jpg", None, [], False)
+    assert (
+        seg.images_dir,
+        seg.masks_dir,
+        seg.splits,
+        seg.split_list,
+        seg.image_suffix,
+        seg.value_map,
+        seg.ignore_values,
+        seg.palette_as_index,
+    ) == ("images", "masks", None, None, ".jpg", None, [], False)
     for name in ("detection", "instance_segmentation"):
         o = params.task(name).model.options
         assert o.detections_per_img == "auto" and o.rpn_post_nms_top_n_test == "auto"
 
 
-@pytest.mark.parametrize("key, value, pattern", [
-    ("tasks.classification.data.options.conflicting_duplicates", "keep",
-     r"tasks\.classification\.data\.options\.conflicting_duplicates"),
-    ("tasks.segmentation.data.options.ignore_values", ["x"], r"tasks\.segmentation\.data\.options\.ignore_values"),
-    ("tasks.segmentation.data.options.masks_dr", "label", r"masks_dr: unknown key; did you mean 'masks_dir'"),
-    ("tasks.detection.model.options.detections_per_img", 0, r"tasks\.detection\.model\.options\.detections_per_img"),
-    ("tasks.instance_segmentation.model.options.rpn_pre_nms_top_n_test", "many",
-     r"tasks\.instance_segmentation\.model\.options\.rpn_pre_nms_top_n_test"),
-    ("tasks.classification.overfit_check.max_loss_ratio", 1.5, r"tasks\.classification\.overfit_check\.max_loss_ratio"),
-])
+@pytest.mark.parametrize(
+    "key, value, pattern",
+    [
+        (
+            "tasks.classification.data.options.conflicting_duplicates",
+            "keep",
+            r"tasks\.classification\.data\.options\.conflicting_duplicates",
+        ),
+        ("tasks.segmentation.data.options.ignore_values", ["x"], r"tasks\.segmentation\.data\.options\.ignore_values"),
+        ("tasks.segmentation.data.options.masks_dr", "label", r"masks_dr: unknown key; did you mean 'masks_dir'"),
+        (
+            "tasks.detection.model.options.detections_per_img",
+            0,
+            r"tasks\.detection\.model\.options\.detections_per_img",
+        ),
+        (
+            "tasks.instance_segmentation.model.options.rpn_pre_nms_top_n_test",
+            "many",
+            r"tasks\.instance_segmentation\.model\.options\.rpn_pre_nms_top_n_test",
+        ),
+        (
+            "tasks.classification.overfit_check.max_loss_ratio",
+            1.5,
+            r"tasks\.classification\.overfit_check\.max_loss_ratio",
+        ),
+    ],
+)
 def test_real_data_settings_name_the_key(tmp_path, key, value, pattern):
     path = write_params(tmp_path, {key: value})
     with pytest.raises(ConfigError, match=pattern):
@@ -170,6 +200,11 @@ def test_yolo_options_are_refused_for_coco(tmp_path):
     path = write_params(tmp_path, {"tasks.detection.data.options.labels": "labels/{split}"})
     with pytest.raises(ConfigError, match=r"\['labels'\] are not read by format 'coco'"):
         load_params(path)
-    ok = write_params(tmp_path, {"tasks.detection.data.format": "yolo",
-                                 "tasks.detection.data.options": {"images": "images/{split}", "labels": "labels/{split}"}})
+    ok = write_params(
+        tmp_path,
+        {
+            "tasks.detection.data.format": "yolo",
+            "tasks.detection.data.options": {"images": "images/{split}", "labels": "labels/{split}"},
+        },
+    )
     assert load_params(ok).task("detection").data.options.labels == "labels/{split}"

@@ -1,4 +1,5 @@
 """data.cache (decode + resize once), train.num_workers: auto, train.val_every and the time-limit rule (issue 13)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -15,14 +16,23 @@ from cv_models.normalize import Normalize
 from tasks.config import TrainConfig, load_params
 from tasks.training import engine
 
-AUGMENT = {"hflip": {"enabled": True}, "crop": {"enabled": True}, "color": {"enabled": True},
-           "rotation": {"enabled": True, "p": 1.0}, "cutout": {"enabled": True}}
+AUGMENT = {
+    "hflip": {"enabled": True},
+    "crop": {"enabled": True},
+    "color": {"enabled": True},
+    "rotation": {"enabled": True, "p": 1.0},
+    "cutout": {"enabled": True},
+}
 
 
 def _task(project, name, **extra):
     """The task, a normalisation (fixed statistics: the normstats stage is not what is tested) and its settings."""
     cfg = load_params(project.params(**{f"tasks.{name}.{k}": v for k, v in extra.items()})).task(name)
-    return get_task(name, cfg), Normalize("per_channel_std", torch.tensor([0.4, 0.5, 0.6]), torch.tensor([0.2, 0.25, 0.3])), cfg
+    return (
+        get_task(name, cfg),
+        Normalize("per_channel_std", torch.tensor([0.4, 0.5, 0.6]), torch.tensor([0.2, 0.25, 0.3])),
+        cfg,
+    )
 
 
 def _same(a, b) -> bool:
@@ -38,12 +48,11 @@ def _same(a, b) -> bool:
 
 def test_ram_cache_trains_exactly_as_without(project, capsys):
     """Classification with random augmentations: the same losses and metrics, epoch by epoch, bit for bit."""
-    task, norm, cfg = _task(project, "classification", augment=AUGMENT,
-                            **{"train.epochs": 2, "train.num_threads": 1})
+    task, norm, cfg = _task(project, "classification", augment=AUGMENT, **{"train.epochs": 2, "train.num_threads": 1})
 
     def few(split, transforms, n):  # a few images: this is about equality, not learning
         data = task.dataset(split, transforms)
-        data.samples, data.labels = data.samples[::len(data) // n][:n], data.labels[::len(data) // n][:n]
+        data.samples, data.labels = data.samples[:: len(data) // n][:n], data.labels[:: len(data) // n][:n]
         return data
 
     def run(mode: str) -> engine.FitResult:
@@ -57,7 +66,9 @@ def test_ram_cache_trains_exactly_as_without(project, capsys):
             val = cache.CachedDataset(val, mode, f"cls-val-{mode}", 1.0, label="val")
             train_eval = cache.CachedDataset(plain, mode, f"cls-train-{mode}", 1.0).subset(task, list(range(0, 48, 3)))
         torch.manual_seed(0)
-        return engine.fit(task, task.build_model(), train, val, cfg.train, 0, Path(f"m-{mode}.pt"), train_eval_set=train_eval)
+        return engine.fit(
+            task, task.build_model(), train, val, cfg.train, 0, Path(f"m-{mode}.pt"), train_eval_set=train_eval
+        )
 
     plain, kept = run("none"), run("ram")
     assert "train_accuracy" in kept.history  # the cached train subset was scored too
@@ -71,8 +82,12 @@ def test_dense_targets_are_cached_with_their_images(project, name):
     """Masks, boxes and instance masks resized with the image: a cached sample under the same random draws
     equals the uncached one (geometric augmentations on, so a target out of step would differ), at a
     non-square training size (height != width: a swapped side would differ too)."""
-    task, norm, cfg = _task(project, name, image_size=[40, 56],
-                            augment={"hflip": {"enabled": True}, "rotation": {"enabled": True, "p": 1.0}})
+    task, norm, cfg = _task(
+        project,
+        name,
+        image_size=[40, 56],
+        augment={"hflip": {"enabled": True}, "rotation": {"enabled": True, "p": 1.0}},
+    )
     transforms = lambda: task.train_transforms(cfg.augment, norm)  # noqa: E731 - one pipeline per dataset
     plain = task.dataset("train", transforms())
     kept = cache.CachedDataset(task.dataset("train", transforms()), "ram", f"dense-{name}", 1.0)
@@ -143,8 +158,9 @@ class _Counting(FitHooksStub):
 def test_val_every_validates_some_epochs_and_the_last(tmp_path):
     torch.manual_seed(0)
     data = torch.utils.data.TensorDataset(torch.randn(8, 3), torch.randn(8))
-    cfg = TrainConfig(epochs=7, batch_size=4, val_every=3, track_train_metric=False,
-                      early_stopping={"enabled": True, "patience": 3})
+    cfg = TrainConfig(
+        epochs=7, batch_size=4, val_every=3, track_train_metric=False, early_stopping={"enabled": True, "patience": 3}
+    )
     task = _Counting()
     result = engine.fit(task, torch.nn.Linear(3, 1), data, data, cfg, 0, tmp_path / "m.pt")
     h = result.history

@@ -1,4 +1,5 @@
 """The data version the validate stage records: a digest per split that follows file contents and labels."""
+
 from __future__ import annotations
 
 import pandas as pd

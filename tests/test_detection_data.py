@@ -1,5 +1,6 @@
 """Detection data: the COCO and VOC readers, and bad input stopping the validate stage with the
 file and the rule named (or reported without stopping, where the rule says so)."""
+
 from __future__ import annotations
 
 import json
@@ -32,9 +33,18 @@ def test_synthetic_scenes_pass_and_both_formats_give_the_same_table(project, tmp
     cfg = load_params(det_params(project)).task("detection")
     coco = get_task("detection", cfg).tables()
     voc_root = coco_to_voc(project.shapes / "scenes", tmp_path / "voc")
-    voc_cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={
-        "format": "voc", "path": str(voc_root), "classes": coco.categories,
-        "options": type(cfg.data.options)(images="JPEGImages", annotations="Annotations")})})
+    voc_cfg = cfg.model_copy(
+        update={
+            "data": cfg.data.model_copy(
+                update={
+                    "format": "voc",
+                    "path": str(voc_root),
+                    "classes": coco.categories,
+                    "options": type(cfg.data.options)(images="JPEGImages", annotations="Annotations"),
+                }
+            )
+        }
+    )
     voc = get_task("detection", voc_cfg).tables()
     assert list(voc.images.columns) == list(coco.images.columns)
     assert list(voc.annotations.columns) == list(coco.annotations.columns)
@@ -58,12 +68,20 @@ def test_degenerate_box_is_named(project):
 
 def test_unknown_category_is_named(project):
     coco = edit_coco(project, lambda c: c["annotations"][2].update(category_id=99))
-    _fails(project, "category is one of the known classes", f"annotations/train.json: annotation {coco['annotations'][2]['id']}")
+    _fails(
+        project,
+        "category is one of the known classes",
+        f"annotations/train.json: annotation {coco['annotations'][2]['id']}",
+    )
 
 
 def test_annotation_of_an_unlisted_image_is_named(project):
     coco = edit_coco(project, lambda c: c["annotations"][0].update(image_id=9999))
-    _fails(project, "every annotation's image is listed", f"annotation {coco['annotations'][0]['id']} on <image id 9999 not listed>")
+    _fails(
+        project,
+        "every annotation's image is listed",
+        f"annotation {coco['annotations'][0]['id']} on <image id 9999 not listed>",
+    )
 
 
 def test_missing_image_file_is_named(project):
@@ -88,9 +106,16 @@ def test_malformed_xml_is_named(project, tmp_path):
     voc = coco_to_voc(project.shapes / "scenes", tmp_path / "voc")
     victim = sorted((voc / "Annotations").glob("val_*.xml"))[0]
     victim.write_text("<annotation><object><name>circle</name>")
-    _fails(project, str(victim), "not valid XML", **{"tasks.detection.data.format": "voc", "tasks.detection.data.path": str(voc),
-                                                        "tasks.detection.data.options": {"images": "JPEGImages",
-                                                                                         "annotations": "Annotations"}})
+    _fails(
+        project,
+        str(victim),
+        "not valid XML",
+        **{
+            "tasks.detection.data.format": "voc",
+            "tasks.detection.data.path": str(voc),
+            "tasks.detection.data.options": {"images": "JPEGImages", "annotations": "Annotations"},
+        },
+    )
 
 
 def test_duplicate_image_id_is_named(project):
@@ -146,25 +171,41 @@ def test_bccd_zero_size_boxes_are_named_and_a_few_images_train(project, tmp_path
 
     lists = tmp_path / "lists"
     lists.mkdir()
-    picks = {"train": ["BloodImage_00338", "BloodImage_00343", "BloodImage_00001", "BloodImage_00003"],
-             "val": ["BloodImage_00004", "BloodImage_00005"], "test": ["BloodImage_00007", "BloodImage_00008"]}
+    picks = {
+        "train": ["BloodImage_00338", "BloodImage_00343", "BloodImage_00001", "BloodImage_00003"],
+        "val": ["BloodImage_00004", "BloodImage_00005"],
+        "test": ["BloodImage_00007", "BloodImage_00008"],
+    }
     available = {p.stem for p in (BCCD / "Annotations").glob("*.xml")}
     for split, ids in picks.items():
         (lists / f"{split}.txt").write_text("\n".join(i for i in ids if i in available) + "\n")
-    bccd = {"tasks.detection.data.format": "voc", "tasks.detection.data.path": str(BCCD),
-            "tasks.detection.data.classes": ["RBC", "WBC", "Platelets"],
-            "tasks.detection.data.options": {"annotations": "Annotations", "images": "JPEGImages",
-                                             "split_files": str(lists / "{split}.txt")},
-            "tasks.detection.train.epochs": 1, "tasks.detection.overfit_check.enabled": False}
+    bccd = {
+        "tasks.detection.data.format": "voc",
+        "tasks.detection.data.path": str(BCCD),
+        "tasks.detection.data.classes": ["RBC", "WBC", "Platelets"],
+        "tasks.detection.data.options": {
+            "annotations": "Annotations",
+            "images": "JPEGImages",
+            "split_files": str(lists / "{split}.txt"),
+        },
+        "tasks.detection.train.epochs": 1,
+        "tasks.detection.overfit_check.enabled": False,
+    }
     _fails(project, "box has positive width and height", "BloodImage_00338.xml", "BloodImage_00343.xml", **bccd)
     params = det_params(project, **{**bccd, "tasks.detection.data.options.invalid_boxes": "drop"})
     report = validate.run("detection", params)
     dropped = [n for n in report["notes"] if n.startswith("dropped")]
-    assert len(dropped) == 2 and "BloodImage_00338.xml" in dropped[0] + dropped[1] and "BloodImage_00343.xml" in dropped[0] + dropped[1]
+    assert (
+        len(dropped) == 2
+        and "BloodImage_00338.xml" in dropped[0] + dropped[1]
+        and "BloodImage_00343.xml" in dropped[0] + dropped[1]
+    )
     # the detector trains on the four images with every box but the two zero-size ones
     task = get_task("detection", load_params(params).task("detection"))
     records = task.records("train")
-    in_xml = sum(len(ET.parse(BCCD / "Annotations" / f"{i}.xml").findall("object")) for i in picks["train"] if i in available)
+    in_xml = sum(
+        len(ET.parse(BCCD / "Annotations" / f"{i}.xml").findall("object")) for i in picks["train"] if i in available
+    )
     assert len(records) == len(picks["train"]) and sum(len(r["boxes"]) for r in records) == in_xml - 2
     normstats.run("detection", params)
     metrics = baseline.run("detection", params)

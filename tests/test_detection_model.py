@@ -1,5 +1,6 @@
 """Detection pieces: box-aware augmentations and mixers, the detector registry and pretrained-head
 refit, the dummy, and COCO mAP that pycocotools reproduces from the exported files."""
+
 from __future__ import annotations
 
 import json
@@ -13,13 +14,17 @@ from cv_models.mix.detection import DetectionMixer, clip_to_region, cutmix, mixu
 from tasks.config import load_params
 from tests.detection_helpers import det_params
 
-ALL_ON = {name: {"enabled": True, "p": 1.0} for name in
-          ("hflip", "vflip", "rotation", "crop", "rescale", "color", "noise", "blur", "cutout")}
+ALL_ON = {
+    name: {"enabled": True, "p": 1.0}
+    for name in ("hflip", "vflip", "rotation", "crop", "rescale", "color", "noise", "blur", "cutout")
+}
 
 
 def _task(project, **extra):
-    return get_task("detection", load_params(det_params(project, **{"tasks.detection.normalization": "none", **extra}))
-                    .task("detection"))
+    return get_task(
+        "detection",
+        load_params(det_params(project, **{"tasks.detection.normalization": "none", **extra})).task("detection"),
+    )
 
 
 def _target(boxes, labels):
@@ -42,8 +47,10 @@ def test_every_augmentation_moves_boxes_with_the_image(project):
 def test_hflip_mirrors_the_boxes(project):
     task = _task(project)
     plain = task.dataset("train", task.train_transforms(None, None))[0]
-    flipped = task.dataset("train", task.train_transforms(task.augment_schema().model_validate({"hflip": {"enabled": True, "p": 1.0}}),
-                                                          None))[0]
+    flipped = task.dataset(
+        "train",
+        task.train_transforms(task.augment_schema().model_validate({"hflip": {"enabled": True, "p": 1.0}}), None),
+    )[0]
     b, f = plain[1]["boxes"], flipped[1]["boxes"]
     torch.testing.assert_close(f[:, 0], 64 - b[:, 2])
     torch.testing.assert_close(torch.flip(plain[0], dims=[-1]), flipped[0])
@@ -53,7 +60,9 @@ def test_cutout_drops_mostly_covered_boxes():
     from cv_models.detection import BoxCutout
 
     image = tv_tensors.Image(torch.rand(3, 64, 64))
-    boxes = tv_tensors.BoundingBoxes(torch.tensor([[10.0, 10, 20, 20], [40, 40, 60, 60]]), format="XYXY", canvas_size=(64, 64))
+    boxes = tv_tensors.BoundingBoxes(
+        torch.tensor([[10.0, 10, 20, 20], [40, 40, 60, 60]]), format="XYXY", canvas_size=(64, 64)
+    )
     cut = BoxCutout(p=1.0, scale=(0.5, 0.5), min_visible=0.3)
     torch.manual_seed(3)
     kept_any_change = False
@@ -78,19 +87,35 @@ def test_mixup_keeps_both_box_sets_with_their_weights():
 
 def test_mosaic_clips_boxes_to_their_quadrant_and_drops_slivers():
     images = [torch.full((3, 16, 16), float(k)) for k in range(4)]
-    targets = [_target([[0, 0, 8, 8], [6, 6, 10, 10]], [1, 2]), _target([[12, 0, 16, 4]], [3]),
-               _target([[0, 0, 16, 16]], [1]), _target([[0, 0, 2, 2]], [4])]
+    targets = [
+        _target([[0, 0, 8, 8], [6, 6, 10, 10]], [1, 2]),
+        _target([[12, 0, 16, 4]], [3]),
+        _target([[0, 0, 16, 16]], [1]),
+        _target([[0, 0, 2, 2]], [4]),
+    ]
     out, t = mosaic(images, targets, centre=(8, 8), offsets=[(0, 0)] * 4, min_visible=0.2, min_side=2)
     assert out[0, 0, 0] == 0 and out[0, 0, 15] == 1 and out[0, 15, 0] == 2 and out[0, 15, 15] == 3
     got = {(tuple(b.tolist()), int(lab)) for b, lab in zip(t["boxes"], t["labels"])}
     # a quarter of two boxes stays (>= 0.2 kept); image 1's box lies outside its crop; image 3's lands at (8,8)-(10,10)
-    assert got == {((0.0, 0.0, 8.0, 8.0), 1), ((6.0, 6.0, 8.0, 8.0), 2), ((0.0, 8.0, 8.0, 16.0), 1), ((8.0, 8.0, 10.0, 10.0), 4)}
+    assert got == {
+        ((0.0, 0.0, 8.0, 8.0), 1),
+        ((6.0, 6.0, 8.0, 8.0), 2),
+        ((0.0, 8.0, 8.0, 16.0), 1),
+        ((8.0, 8.0, 10.0, 10.0), 4),
+    }
 
 
 def test_cutmix_clips_pasted_boxes_and_drops_covered_ones():
     a, b = torch.zeros(3, 16, 16), torch.ones(3, 16, 16)
-    out, t = cutmix(a, _target([[0, 0, 6, 6], [10, 10, 14, 14]], [1, 2]), b, _target([[4, 4, 9, 9], [0, 12, 3, 16]], [3, 4]),
-                    region=(8, 8, 16, 16), min_visible=0.3, min_side=2)
+    out, t = cutmix(
+        a,
+        _target([[0, 0, 6, 6], [10, 10, 14, 14]], [1, 2]),
+        b,
+        _target([[4, 4, 9, 9], [0, 12, 3, 16]], [3, 4]),
+        region=(8, 8, 16, 16),
+        min_visible=0.3,
+        min_side=2,
+    )
     assert out[:, 8:, 8:].eq(1).all() and out[:, :8, :].eq(0).all()
     got = {(tuple(b.tolist()), int(lab)) for b, lab in zip(t["boxes"], t["labels"])}
     assert got == {((0.0, 0.0, 6.0, 6.0), 1)}  # a's box 2 covered; b's box 3 leftover 1x1 px; b's box 4 outside
@@ -136,22 +161,34 @@ def test_local_weights_refit_the_box_predictor(project, tmp_path):
     source = task.build_model()
     state = {k: v.clone() for k, v in source.state_dict().items()}
     # a checkpoint trained for another number of classes
-    state["roi_heads.box_predictor.cls_score.weight"] = torch.zeros(9, state["roi_heads.box_predictor.cls_score.weight"].shape[1])
+    state["roi_heads.box_predictor.cls_score.weight"] = torch.zeros(
+        9, state["roi_heads.box_predictor.cls_score.weight"].shape[1]
+    )
     state["roi_heads.box_predictor.cls_score.bias"] = torch.zeros(9)
-    state["roi_heads.box_predictor.bbox_pred.weight"] = torch.zeros(36, state["roi_heads.box_predictor.bbox_pred.weight"].shape[1])
+    state["roi_heads.box_predictor.bbox_pred.weight"] = torch.zeros(
+        36, state["roi_heads.box_predictor.bbox_pred.weight"].shape[1]
+    )
     state["roi_heads.box_predictor.bbox_pred.bias"] = torch.zeros(36)
     path = tmp_path / "other.pt"
     torch.save({"model": state}, path)
     model = _task(project, **{"tasks.detection.model.weights": str(path)}).build_model()
-    torch.testing.assert_close(model.state_dict()["backbone.body.stages.0.0.weight"], state["backbone.body.stages.0.0.weight"])
+    torch.testing.assert_close(
+        model.state_dict()["backbone.body.stages.0.0.weight"], state["backbone.body.stages.0.0.weight"]
+    )
     assert model.roi_heads.box_predictor.cls_score.out_features == len(task.class_names()) + 1
 
 
 def test_torchvision_weights_without_network_say_where_to_put_the_file(project):
     from cv_models.weights import WeightsError
 
-    task = _task(project, **{"tasks.detection.model.name": "fasterrcnn_mobilenet_v3_large_320_fpn",
-                             "tasks.detection.model.weights": "torchvision:DEFAULT", "tasks.detection.model.options": {}})
+    task = _task(
+        project,
+        **{
+            "tasks.detection.model.name": "fasterrcnn_mobilenet_v3_large_320_fpn",
+            "tasks.detection.model.weights": "torchvision:DEFAULT",
+            "tasks.detection.model.options": {},
+        },
+    )
     with pytest.raises(WeightsError, match="checkpoints"):
         task.build_model()
 
@@ -216,8 +253,10 @@ def test_anchors_sized_to_the_boxes_fit_them_better_than_the_default():
 
 
 def test_auto_anchors_reach_the_detector(project):
-    task = _task(project, **{"tasks.detection.model.options.anchor_size": "auto",
-                             "tasks.detection.model.options.aspect_ratios": "auto"})
+    task = _task(
+        project,
+        **{"tasks.detection.model.options.anchor_size": "auto", "tasks.detection.model.options.aspect_ratios": "auto"},
+    )
     options = task.model_options()
     assert isinstance(options["anchor_size"], float) and len(options["aspect_ratios"]) == 3
     generator = task.build_model().rpn.anchor_generator

@@ -1,6 +1,7 @@
 """DDP through torchrun on the CPU (2 processes, gloo): the averaged gradient equals one process's
 on the same global batch; a short torchrun training matches the one-process run at the same global
 batch; only rank 0 writes and logs; the evaluate stage accepts the model."""
+
 from __future__ import annotations
 
 import json
@@ -34,12 +35,18 @@ def torchrun(*args, cwd: Path, timeout: int = 600) -> subprocess.CompletedProces
 
 @pytest.mark.parametrize("task_name", ["classification", "detection"])
 def test_ddp_gradient_equals_one_process_gradient(project, task_name):
-    extra = {"tasks.detection.image_size": 64, "tasks.detection.model.options.anchor_size": 12} if task_name == "detection" else {}
+    extra = (
+        {"tasks.detection.image_size": 64, "tasks.detection.model.options.anchor_size": 12}
+        if task_name == "detection"
+        else {}
+    )
     params = project.params(**extra)
     normstats.run(task_name, params)  # the detector's input statistics
     torchrun(REPO / "tests/ddp_gradcheck.py", task_name, params, project.root / "grad.json", cwd=project.root)
     r = json.loads((project.root / "grad.json").read_text())
-    print(f"{task_name}: max |DDP grad - one-process grad| = {r['max_abs_diff']:.2e} (largest gradient {r['max_abs_grad']:.2e})")
+    print(
+        f"{task_name}: max |DDP grad - one-process grad| = {r['max_abs_diff']:.2e} (largest gradient {r['max_abs_grad']:.2e})"
+    )
     assert r["world"] == 2 and r["local_batch"] * 2 == r["global_batch"]
     assert r["max_abs_grad"] > 1e-3  # a real gradient, not zeros
     assert r["max_abs_diff"] < 1e-5, r
@@ -51,13 +58,21 @@ def test_ddp_gradient_equals_one_process_gradient(project, task_name):
 # (the runs differ in data order, per-rank augmentation seeds and per-process BatchNorm statistics).
 SHORT = {
     "classification": ({"tasks.classification.train.epochs": 12, "tasks.classification.train.batch_size": 16}, 0.15),
-    "detection": ({"tasks.detection.image_size": 64, "tasks.detection.model.options.anchor_size": 12,
-                   "tasks.detection.train.epochs": 2}, 0.10),
+    "detection": (
+        {
+            "tasks.detection.image_size": 64,
+            "tasks.detection.model.options.anchor_size": 12,
+            "tasks.detection.train.epochs": 2,
+        },
+        0.10,
+    ),
 }
 
 
 # detection under torchrun: make test-all (suite budget); classification covers the DDP mechanics in make test
-@pytest.mark.parametrize("task_name", [pytest.param(t, marks=pytest.mark.slow) if t == "detection" else t for t in SHORT])
+@pytest.mark.parametrize(
+    "task_name", [pytest.param(t, marks=pytest.mark.slow) if t == "detection" else t for t in SHORT]
+)
 def test_torchrun_training_matches_one_process_and_evaluates(project, task_name):
     import mlflow
 
@@ -69,12 +84,23 @@ def test_torchrun_training_matches_one_process_and_evaluates(project, task_name)
             if folder.name in ("square", "triangle"):
                 shutil.rmtree(folder)
     t = f"tasks.{task_name}."
-    params = project.params(**{t + "augment": {}, t + "train.batch_size": 16, t + "train.eval_batch_size": 16,
-                               t + "train.num_threads": 1, t + "overfit_check.enabled": False, t + "preview_samples": 4,
-                               t + "train.track_train_metric": False, **settings})
+    params = project.params(
+        **{
+            t + "augment": {},
+            t + "train.batch_size": 16,
+            t + "train.eval_batch_size": 16,
+            t + "train.num_threads": 1,
+            t + "overfit_check.enabled": False,
+            t + "preview_samples": 4,
+            t + "train.track_train_metric": False,
+            **settings,
+        }
+    )
     normstats.run(task_name, params)
     baseline.run(task_name, params)  # one process
-    out = torchrun("-m", "tasks", "augmented", "--task", task_name, "--params", params, cwd=project.root)  # two processes
+    out = torchrun(
+        "-m", "tasks", "augmented", "--task", task_name, "--params", params, cwd=project.root
+    )  # two processes
     assert "augmented" in out.stdout
     metrics = evaluate.run(task_name, params)  # the evaluate stage accepts the DDP-trained model
     primary = "accuracy" if task_name == "classification" else "map50"
@@ -85,12 +111,16 @@ def test_torchrun_training_matches_one_process_and_evaluates(project, task_name)
         assert min(one, two) > metrics["dummy"][primary] + 0.1, metrics
     history = Path(f"outputs/{task_name}/augmented/history.csv").read_text().splitlines()
     assert len(history) == 1 + settings[t + "train.epochs"]
-    assert torch.load(f"checkpoints/{task_name}/augmented/last.pt", weights_only=True)["done"]  # rank 0 marked it finished
+    assert torch.load(f"checkpoints/{task_name}/augmented/last.pt", weights_only=True)[
+        "done"
+    ]  # rank 0 marked it finished
     assert not list(Path(f"outputs/{task_name}").glob(".augmented.tmp-*"))
     # rank 0 alone opened an MLflow run: exactly one 2-process augmented run, with its metrics and model
     mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
     exp = mlflow.get_experiment_by_name(f"cv-{task_name}")
-    runs = mlflow.search_runs([exp.experiment_id], filter_string="params.processes = '2' and tags.kind = 'stage'", output_format="list")
+    runs = mlflow.search_runs(
+        [exp.experiment_id], filter_string="params.processes = '2' and tags.kind = 'stage'", output_format="list"
+    )
     assert len(runs) == 1 and runs[0].data.tags["mlflow.runName"] == "augmented"
     assert f"best_val_{primary}" in runs[0].data.metrics
     names = [a.path for a in mlflow.MlflowClient().list_artifacts(runs[0].info.run_id, "model")]

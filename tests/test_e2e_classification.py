@@ -1,5 +1,6 @@
 """The classification pipeline end to end on tiny synthetic data: `dvc repro` in a fresh git repo,
 the Prefect flow on the same params (same metrics), MLflow records, and bad data stopping the run."""
+
 from __future__ import annotations
 
 import json
@@ -18,8 +19,12 @@ pytestmark = pytest.mark.e2e
 CODE = ("flows", "tasks", "cv_models", "dvc.yaml", ".dvcignore")
 # two well-separated classes and small batches: the tiny model learns them in seconds
 EPOCHS = 8
-E2E = {"shapes.classes": ["circle", "star"], "tasks.classification.train.epochs": EPOCHS,
-       "tasks.classification.train.batch_size": 8, "pretrain.epochs": 1}
+E2E = {
+    "shapes.classes": ["circle", "star"],
+    "tasks.classification.train.epochs": EPOCHS,
+    "tasks.classification.train.batch_size": 8,
+    "pretrain.epochs": 1,
+}
 
 
 def make_repo(folder: Path, keep_tasks: list[str] | None = None, **overrides) -> Path:
@@ -38,8 +43,12 @@ def make_repo(folder: Path, keep_tasks: list[str] | None = None, **overrides) ->
         raw = yaml.safe_load(path.read_text())
         raw["tasks"] = {k: v for k, v in raw["tasks"].items() if k in keep_tasks}
         path.write_text(yaml.safe_dump(raw, sort_keys=False))
-    for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"], ["git", "add", "-A"],
-                ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "pipeline"]):
+    for cmd in (
+        ["git", "init", "-q"],
+        ["dvc", "init", "-q"],
+        ["git", "add", "-A"],
+        ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "pipeline"],
+    ):
         subprocess.run(cmd, cwd=folder, check=True, env=_env())
     return folder
 
@@ -71,17 +80,25 @@ def test_dvc_repro_beats_the_dummy(dvc_repo):
     assert m["n_test"] == 72
     assert m["baseline"]["accuracy"] > m["dummy"]["accuracy"] + 0.15
     assert m["augmented"]["accuracy"] > m["dummy"]["accuracy"] + 0.15
-    for out in ("models/classification/baseline/model.pt", "models/classification/augmented/model.pt",
-                "outputs/classification/augmented/augment_preview.png",
-                "outputs/classification/evaluate/details/confusion_matrix_augmented.png",
-                "outputs/classification/validate/report.md", "outputs/classification/normstats/mean_image.png",
-                "models/pretrain/backbone.pt"):
+    for out in (
+        "models/classification/baseline/model.pt",
+        "models/classification/augmented/model.pt",
+        "outputs/classification/augmented/augment_preview.png",
+        "outputs/classification/evaluate/details/confusion_matrix_augmented.png",
+        "outputs/classification/validate/report.md",
+        "outputs/classification/normstats/mean_image.png",
+        "models/pretrain/backbone.pt",
+    ):
         assert (dvc_repo / out).exists(), out
     # the compared models' one change, stated: exactly the augmentations params.yaml switches on
     comparison = (dvc_repo / "outputs/classification/evaluate/comparison.md").read_text()
     assert "## What differs between baseline and augmented" in comparison
-    assert set(m["settings_changed"]) == {"augment.hflip.enabled", "augment.vflip.enabled", "augment.rotation.enabled",
-                                          "augment.color.enabled"}
+    assert set(m["settings_changed"]) == {
+        "augment.hflip.enabled",
+        "augment.vflip.enabled",
+        "augment.rotation.enabled",
+        "augment.color.enabled",
+    }
     assert "| `augment.hflip.enabled` | False | True |" in comparison
     status = dvc(dvc_repo, "status")
     assert "up to date" in status.stdout, status.stdout
@@ -96,10 +113,14 @@ def test_dvc_repro_ends_with_the_champion_registered_and_named_in_the_report(dvc
     registered = json.loads((dvc_repo / "outputs/classification/evaluate/registry.json").read_text())
     version = client.get_model_version("cv-classification", str(registered["version"]))
     assert version.tags["cv_task"] == "classification" and version.tags["stage"] == registered["stage"]
-    assert float(version.tags["test.accuracy"]) == pytest.approx(evaluation(dvc_repo)[registered["stage"]]["accuracy"], abs=1e-6)
+    assert float(version.tags["test.accuracy"]) == pytest.approx(
+        evaluation(dvc_repo)[registered["stage"]]["accuracy"], abs=1e-6
+    )
     champion = client.get_model_version_by_alias("cv-classification", "champion")
     assert int(champion.version) == registered["champion_version"]  # this run's or a better one on the same data
-    report = subprocess.run([sys.executable, "-m", "tasks", "report"], cwd=dvc_repo, capture_output=True, text=True, env=_env())
+    report = subprocess.run(
+        [sys.executable, "-m", "tasks", "report"], cwd=dvc_repo, capture_output=True, text=True, env=_env()
+    )
     assert f"cv-classification v{registered['version']}" in report.stdout, report.stdout + report.stderr
 
 
@@ -120,7 +141,9 @@ def test_mlflow_holds_the_stage_runs_with_seeds_and_metrics(dvc_repo):
         assert len(run.data.tags["git_commit"]) >= 40
     assert stages["baseline"].data.tags["data_version"] not in ("", "unknown")
     evaluate_run = stages["evaluate"]
-    assert evaluate_run.data.metrics["test.augmented.accuracy"] == pytest.approx(evaluation(dvc_repo)["augmented"]["accuracy"])
+    assert evaluate_run.data.metrics["test.augmented.accuracy"] == pytest.approx(
+        evaluation(dvc_repo)["augmented"]["accuracy"]
+    )
     history = client.get_metric_history(stages["baseline"].info.run_id, "val_accuracy")
     assert len(history) == EPOCHS
     # the pipeline row, filled although every stage ran in its own process: settings, test metrics,
@@ -132,7 +155,9 @@ def test_mlflow_holds_the_stage_runs_with_seeds_and_metrics(dvc_repo):
     assert row.info.status == "FINISHED"
     assert row.info.start_time <= stages["validate"].info.start_time
     assert row.info.end_time >= stages["evaluate"].info.end_time
-    assert {d.dataset.name for d in row.inputs.dataset_inputs} == {f"classification-{s}" for s in ("train", "val", "test")}
+    assert {d.dataset.name for d in row.inputs.dataset_inputs} == {
+        f"classification-{s}" for s in ("train", "val", "test")
+    }
 
 
 @pytest.fixture(scope="module")
@@ -147,12 +172,31 @@ def cli_rerun(dvc_repo, tmp_path_factory):
     subprocess.run([*git, "commit", "-qm", "results"], cwd=repo, check=True, env=_env())
     runs = {}
     for stage in ("baseline", "augmented", "evaluate"):
-        result = subprocess.run([sys.executable, "-m", "tasks", stage, "--task", "classification",
-                                 "--set", "tasks.classification.train.epochs=1"],
-                                cwd=repo, capture_output=True, text=True, env=_env(), timeout=600)
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "tasks",
+                stage,
+                "--task",
+                "classification",
+                "--set",
+                "tasks.classification.train.epochs=1",
+            ],
+            cwd=repo,
+            capture_output=True,
+            text=True,
+            env=_env(),
+            timeout=600,
+        )
         assert result.returncode == 0, result.stderr[-3000:]
-        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], cwd=repo,
-                                capture_output=True, text=True, check=True).stdout.splitlines()
+        status = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=all"],
+            cwd=repo,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.splitlines()
         runs[stage] = (result.stdout + result.stderr, status)
     return repo, runs
 
@@ -161,7 +205,9 @@ def test_stages_run_through_the_cli_keep_every_tracked_file(cli_rerun):
     """A stage's output folder is swapped in whole; the files git tracks there (DVC's .gitignore) must survive,
     so `git status` shows at most the stage's rewritten metrics, never a deleted or an untracked file."""
     repo, runs = cli_rerun
-    tracked = set(subprocess.run(["git", "ls-files", "outputs"], cwd=repo, capture_output=True, text=True).stdout.split())
+    tracked = set(
+        subprocess.run(["git", "ls-files", "outputs"], cwd=repo, capture_output=True, text=True).stdout.split()
+    )
     assert "outputs/classification/baseline/.gitignore" in tracked
     for stage, (_, status) in runs.items():
         changed = [line for line in status if not line.startswith(" M ")]  # rewritten metrics: a stage's result
@@ -176,11 +222,18 @@ def test_stages_print_no_library_warnings_and_one_registry_line(cli_rerun):
     for stage, (out, _) in runs.items():
         assert "is not writable" not in out, f"{stage}: {out[-3000:]}"
     out = runs["evaluate"][0]
-    for noise in ("Add type hints", "Inferred schema contains integer column", "CloudPickle", "already exists",
-                  "Created version"):
+    for noise in (
+        "Add type hints",
+        "Inferred schema contains integer column",
+        "CloudPickle",
+        "already exists",
+        "Created version",
+    ):
         assert noise not in out, f"{noise!r} in the evaluate stage's output:\n{out[-3000:]}"
     registry = [line for line in out.splitlines() if "registered version" in line]
-    assert len(registry) == 1 and re.match(r"\[registry\] cv-classification: registered version \d+ \(", registry[0]), registry
+    assert len(registry) == 1 and re.match(r"\[registry\] cv-classification: registered version \d+ \(", registry[0]), (
+        registry
+    )
 
 
 @pytest.mark.slow  # make test-all (suite budget): the flow calls the same stage functions in CHAIN's order
@@ -201,14 +254,20 @@ def test_prefect_flow_gives_the_same_metrics(dvc_repo, tmp_path, monkeypatch):
 def quality(metrics: dict) -> dict:
     """The metrics without the inference-speed figures (those are timings, never equal twice)."""
     timing = {"images_per_second", "latency_ms"}
-    return {model: {k: v for k, v in m.items() if k not in timing} if isinstance(m, dict) else m
-            for model, m in metrics.items() if model != "overfitting"}
+    return {
+        model: {k: v for k, v in m.items() if k not in timing} if isinstance(m, dict) else m
+        for model, m in metrics.items()
+        if model != "overfitting"
+    }
 
 
 @pytest.mark.slow  # make test-all (suite budget): tests/test_bad_input.py covers each format's rules through the CLI
 def test_corrupted_sample_stops_dvc_repro_naming_the_file(dvc_repo, tmp_path_factory):
-    repo = make_repo(tmp_path_factory.mktemp("bad") / "repo", keep_tasks=["classification"],
-                     **{"tasks.classification.data.path": "userdata"})
+    repo = make_repo(
+        tmp_path_factory.mktemp("bad") / "repo",
+        keep_tasks=["classification"],
+        **{"tasks.classification.data.path": "userdata"},
+    )
     shutil.copytree(dvc_repo / "data/shapes/classification", repo / "userdata")
     victim = sorted((repo / "userdata/train/star").glob("*.png"))[3]
     victim.write_bytes(victim.read_bytes()[:64])

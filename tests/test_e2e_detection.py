@@ -1,5 +1,6 @@
 """Detection end to end on tiny synthetic scenes: `dvc repro` in a fresh git repo, and the Prefect
 deployment served against a real Prefect server and started with the `prefect` CLI."""
+
 from __future__ import annotations
 
 import json
@@ -23,7 +24,15 @@ from tests.test_e2e_classification import _env, dvc, make_repo
 pytestmark = pytest.mark.e2e
 
 # only the detection task (the "tasks" key replaces the whole section), on scenes big enough to learn from
-SCENES = {"num_images": 80, "image_size": 64, "min_objects": 1, "max_objects": 2, "scale": [0.3, 0.5], "clutter": 0, "noise": 4}
+SCENES = {
+    "num_images": 80,
+    "image_size": 64,
+    "min_objects": 1,
+    "max_objects": 2,
+    "scale": [0.3, 0.5],
+    "clutter": 0,
+    "noise": 4,
+}
 TINY_DETECTION = {
     "image_size": 64,
     "train": {"epochs": 5, "batch_size": 4, "eval_batch_size": 8},
@@ -81,14 +90,23 @@ def test_dvc_repro_beats_the_dummy_and_exports_coco_results(dvc_repo):
             x, y, w, h = r["bbox"]
             width, height = sizes[r["image_id"]]
             assert 0 <= r["score"] <= 1 and r["category_id"] in {c["id"] for c in gt["categories"]}, r
-            assert w >= 0 and h >= 0 and -1 <= x <= x + w <= width + 1 and -1 <= y <= y + h <= height + 1, (r, width, height)
+            assert w >= 0 and h >= 0 and -1 <= x <= x + w <= width + 1 and -1 <= y <= y + h <= height + 1, (
+                r,
+                width,
+                height,
+            )
     per_class = pd.read_csv(details / "per_class_augmented.csv")
     assert sorted(per_class["class"]) == sorted(c["name"] for c in gt["categories"])
     assert per_class["n_boxes"].sum() == len(gt["annotations"])
-    for name, ap50 in zip(per_class["class"], per_class["ap50"]):  # the metrics' per-class AP, whose mean is the headline
+    for name, ap50 in zip(
+        per_class["class"], per_class["ap50"]
+    ):  # the metrics' per-class AP, whose mean is the headline
         assert ap50 == pytest.approx(m["augmented"][f"ap50/{name}"], abs=1e-9)
     assert per_class.loc[per_class["n_boxes"] > 0, "ap50"].mean() == pytest.approx(m["augmented"]["map50"], abs=1e-6)
-    for picture in (details / "predictions_augmented.png", dvc_repo / "outputs/detection/augmented/augment_preview.png"):
+    for picture in (
+        details / "predictions_augmented.png",
+        dvc_repo / "outputs/detection/augmented/augment_preview.png",
+    ):
         with Image.open(picture) as im:
             assert im.width >= 96 and im.height >= 96 and len(set(im.convert("L").getdata())) > 2, picture
     assert "up to date" in dvc(dvc_repo, "status").stdout
@@ -152,42 +170,107 @@ def test_prefect_deployment_run_through_the_cli(tmp_path):
     repo = make_repo(tmp_path / "served", **detection_only())
     port = _free_port()
     api = f"http://127.0.0.1:{port}/api"
-    env = _env(PREFECT_HOME=str(tmp_path / "prefect-home"), PREFECT_API_URL=api, PYTHONPATH=str(repo),
-               PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_UI_ENABLED="false")
+    env = _env(
+        PREFECT_HOME=str(tmp_path / "prefect-home"),
+        PREFECT_API_URL=api,
+        PYTHONPATH=str(repo),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PREFECT_UI_ENABLED="false",
+    )
     env.pop("CV_PIPELINE_RUN_ID", None)
     server = serve = None
     server_log, serve_log = tmp_path / "server.log", tmp_path / "serve.log"
     try:
-        server = subprocess.Popen(["prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)], cwd=tmp_path,
-                                  env=env, stdout=server_log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
-        _wait(lambda: urllib.request.urlopen(f"{api}/health", timeout=2).status == 200, 120, "prefect server", server, server_log)
-        serve = subprocess.Popen([sys.executable, "-m", "flows.serve", "params.yaml"], cwd=repo, env=env,
-                                 stdout=serve_log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+        server = subprocess.Popen(
+            ["prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+            cwd=tmp_path,
+            env=env,
+            stdout=server_log.open("w"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        _wait(
+            lambda: urllib.request.urlopen(f"{api}/health", timeout=2).status == 200,
+            120,
+            "prefect server",
+            server,
+            server_log,
+        )
+        serve = subprocess.Popen(
+            [sys.executable, "-m", "flows.serve", "params.yaml"],
+            cwd=repo,
+            env=env,
+            stdout=serve_log.open("w"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
         def deployed() -> bool:
-            req = urllib.request.Request(f"{api}/deployments/filter", data=b"{}", headers={"Content-Type": "application/json"})
+            req = urllib.request.Request(
+                f"{api}/deployments/filter", data=b"{}", headers={"Content-Type": "application/json"}
+            )
             return any(d["name"] == "default" for d in json.loads(urllib.request.urlopen(req, timeout=5).read()))
 
         _wait(deployed, 90, "flows.serve", serve, serve_log)
-        run = subprocess.run(["prefect", "deployment", "run", "train-detection/default", "--param", "epochs=2", "--watch",
-                              "--watch-timeout", "400"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=450)
+        run = subprocess.run(
+            [
+                "prefect",
+                "deployment",
+                "run",
+                "train-detection/default",
+                "--param",
+                "epochs=2",
+                "--watch",
+                "--watch-timeout",
+                "400",
+            ],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=450,
+        )
         output = run.stdout + run.stderr
         assert run.returncode == 0, output[-3000:] + serve_log.read_text()[-3000:]
         assert "Completed" in output, output[-2000:]
         flow_run_id = next(line.split()[-1] for line in output.splitlines() if "UUID" in line)
         # the evaluate stage's comparison, published as a Prefect artifact of this flow run
-        req = urllib.request.Request(f"{api}/artifacts/filter", headers={"Content-Type": "application/json"},
-                                     data=json.dumps({"artifacts": {"key": {"any_": ["detection-evaluation"]}}}).encode())
+        req = urllib.request.Request(
+            f"{api}/artifacts/filter",
+            headers={"Content-Type": "application/json"},
+            data=json.dumps({"artifacts": {"key": {"any_": ["detection-evaluation"]}}}).encode(),
+        )
         artifacts = json.loads(urllib.request.urlopen(req, timeout=10).read())
         assert [a["flow_run_id"] for a in artifacts] == [flow_run_id], artifacts
         assert "map50" in artifacts[0]["data"]
         # the served predict-detection deployment: the new model on the test images
-        run = subprocess.run(["prefect", "deployment", "run", "predict-detection/default", "--param",
-                              "input=data/shapes/scenes/images/test", "--param", f"out={tmp_path / 'predicted'}", "--watch",
-                              "--watch-timeout", "200"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=250)
+        run = subprocess.run(
+            [
+                "prefect",
+                "deployment",
+                "run",
+                "predict-detection/default",
+                "--param",
+                "input=data/shapes/scenes/images/test",
+                "--param",
+                f"out={tmp_path / 'predicted'}",
+                "--watch",
+                "--watch-timeout",
+                "200",
+            ],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=250,
+        )
         assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:] + serve_log.read_text()[-3000:]
         summary = json.loads((tmp_path / "predicted" / "summary.json").read_text())
-        assert summary["images"] == 12 and summary["failed"] == 0 and (tmp_path / "predicted" / "coco_results.json").exists()
+        assert (
+            summary["images"] == 12
+            and summary["failed"] == 0
+            and (tmp_path / "predicted" / "coco_results.json").exists()
+        )
     finally:
         _stop(serve)
         _stop(server)

@@ -1,6 +1,7 @@
 """Instance segmentation end to end on tiny synthetic scenes: `dvc repro` in a fresh git repo and the
 Prefect flow `train-instance-segmentation`, both beating the dummy's mask mAP; the exported COCO
 results rescore to the reported mask mAP with pycocotools; MLflow holds the test metrics."""
+
 from __future__ import annotations
 
 import json
@@ -17,7 +18,15 @@ from tests.test_e2e_classification import dvc, make_repo
 pytestmark = pytest.mark.e2e
 TASK = "instance_segmentation"
 # only this task (the "tasks" key replaces the whole section), on scenes big enough to learn from in seconds
-SCENES = {"num_images": 60, "image_size": 64, "min_objects": 1, "max_objects": 2, "scale": [0.3, 0.5], "clutter": 0, "noise": 4}
+SCENES = {
+    "num_images": 60,
+    "image_size": 64,
+    "min_objects": 1,
+    "max_objects": 2,
+    "scale": [0.3, 0.5],
+    "clutter": 0,
+    "noise": 4,
+}
 TINY = {
     "image_size": 64,
     "train": {"epochs": 12, "batch_size": 4, "eval_batch_size": 16, "num_threads": 1},
@@ -119,5 +128,7 @@ def test_prefect_flow_train_instance_segmentation(dvc_repo, tmp_path, monkeypatc
     client = mlflow.MlflowClient()
     exp = client.get_experiment_by_name("cv-" + TASK)
     runs = client.search_runs([exp.experiment_id], "tags.stage = 'evaluate'")
-    assert any(r.data.metrics.get("test.augmented.mask_map50") == pytest.approx(result["augmented"]["mask_map50"])
-               for r in runs)
+    assert any(
+        r.data.metrics.get("test.augmented.mask_map50") == pytest.approx(result["augmented"]["mask_map50"])
+        for r in runs
+    )

@@ -1,5 +1,6 @@
 """Segmentation end to end on tiny scenes: `dvc repro` of the segmentation stages in a fresh git repo,
 the Prefect flow `train-segmentation` on the same params, and the MLflow records."""
+
 from __future__ import annotations
 
 import json
@@ -15,19 +16,21 @@ pytestmark = pytest.mark.e2e
 # (tests/test_segmentation.py checks it on masks): with 180° rotations, 40 epochs left the augmented model below the
 # dummy on an AMD EPYC (test mIoU 0.255 against 0.282); without them 0.391 (60 epochs with them: 0.452, 30 s more)
 EPOCHS = 40
-SEG = {"shapes.scenes": {"num_images": 40, "image_size": 64, "min_objects": 1, "max_objects": 2, "scale": [0.35, 0.6]},
-       "tasks.segmentation.data.classes": ["background", "circle", "star"],
-       "tasks.segmentation.data.options.colors": [[0, 0, 0], [230, 25, 75], [0, 130, 200]],
-       "tasks.segmentation.image_size": 32,
-       "tasks.segmentation.model.width": 8,
-       "tasks.segmentation.train.epochs": EPOCHS,
-       "tasks.segmentation.train.batch_size": 4,
-       "tasks.segmentation.train.eval_batch_size": 16,
-       "tasks.segmentation.overfit_check.steps": 60,
-       "tasks.segmentation.overfit_check.max_loss": 0.6,
-       "tasks.segmentation.augment.cutmix.enabled": True,
-       "tasks.segmentation.augment.rotation.enabled": False,
-       "tasks.segmentation.preview_samples": 8}
+SEG = {
+    "shapes.scenes": {"num_images": 40, "image_size": 64, "min_objects": 1, "max_objects": 2, "scale": [0.35, 0.6]},
+    "tasks.segmentation.data.classes": ["background", "circle", "star"],
+    "tasks.segmentation.data.options.colors": [[0, 0, 0], [230, 25, 75], [0, 130, 200]],
+    "tasks.segmentation.image_size": 32,
+    "tasks.segmentation.model.width": 8,
+    "tasks.segmentation.train.epochs": EPOCHS,
+    "tasks.segmentation.train.batch_size": 4,
+    "tasks.segmentation.train.eval_batch_size": 16,
+    "tasks.segmentation.overfit_check.steps": 60,
+    "tasks.segmentation.overfit_check.max_loss": 0.6,
+    "tasks.segmentation.augment.cutmix.enabled": True,
+    "tasks.segmentation.augment.rotation.enabled": False,
+    "tasks.segmentation.preview_samples": 8,
+}
 
 
 def evaluation(folder) -> dict:
@@ -50,11 +53,14 @@ def test_dvc_repro_beats_the_dummy(dvc_repo):
     assert m["augmented"]["miou"] > m["dummy"]["miou"] + 0.05
     for key in ("pixel_accuracy", "dice", "iou/background"):
         assert key in m["augmented"]
-    for out in ("models/segmentation/baseline/model.pt", "models/segmentation/augmented/model.pt",
-                "outputs/segmentation/augmented/augment_preview.png",
-                "outputs/segmentation/evaluate/details/test_predictions.png",
-                "outputs/segmentation/evaluate/details/per_class_augmented.csv",
-                "outputs/segmentation/normstats/mean_image.png"):
+    for out in (
+        "models/segmentation/baseline/model.pt",
+        "models/segmentation/augmented/model.pt",
+        "outputs/segmentation/augmented/augment_preview.png",
+        "outputs/segmentation/evaluate/details/test_predictions.png",
+        "outputs/segmentation/evaluate/details/per_class_augmented.csv",
+        "outputs/segmentation/normstats/mean_image.png",
+    ):
         assert (dvc_repo / out).exists(), out
     assert "Per-class pixel frequency" in (dvc_repo / "outputs/segmentation/validate/report.md").read_text()
     shown = dvc(dvc_repo, "metrics", "show", "--json")

@@ -1,5 +1,6 @@
 """benchmarks/epoch_profile.py: the parts of a pipeline epoch add up to the epoch, and the ratio to the plain loop
 is printed (issue 33)."""
+
 from __future__ import annotations
 
 import re
@@ -25,8 +26,11 @@ def test_short_profile_parts_sum_to_the_epoch(project, capsys):
         assert r["seconds"][part] > 0, part
     assert r["seconds"]["other"] > -0.01 * r["epoch"]  # what the timed parts leave is not negative
     assert r["ratio_epoch"] == r["epoch"] / r["plain_epoch"] and r["ratio_epoch"] > r["ratio_train_pass"] > 0
-    ratio = re.search(r"ratio pipeline epoch / plain loop = (\d+\.\d{3}); "
-                      r"training pass / plain loop = (\d+\.\d{3})", out)
+    ratio = re.search(
+        r"ratio pipeline epoch / plain loop = (\d+\.\d{3}); "
+        r"training pass / plain loop = (\d+\.\d{3})",
+        out,
+    )
     assert ratio and float(ratio.group(1)) == round(r["ratio_epoch"], 3)
     assert re.search(r"checkpoint +\d+\.\d{3} +\d+\.\d%", out)
     # the benchmark put tasks.training.engine and tasks.training.checkpointing back as it found them

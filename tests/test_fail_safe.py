@@ -1,6 +1,7 @@
 """Fail-safe pieces one at a time, in process and fast: resume only into the same run, checkpoints that
 load with weights_only=True, the data version in MLflow, umask-mode outputs, the stage lock and the
 clean-up of what killed stages leave behind."""
+
 from __future__ import annotations
 
 import json
@@ -20,8 +21,11 @@ from tasks.training import engine, runstate
 
 
 def _fit(project, capsys, stop_at=None, data_version="v1", seed=0, keep=False, **overrides):
-    cfg = load_params(project.params(**{"tasks.classification.train.epochs": 2, "tasks.classification.train.ema_decay": 0.5,
-                                        **overrides})).task("classification")
+    cfg = load_params(
+        project.params(
+            **{"tasks.classification.train.epochs": 2, "tasks.classification.train.ema_decay": 0.5, **overrides}
+        )
+    ).task("classification")
     task = get_task("classification", cfg)
     data = task.dataset("train", task.eval_transforms(None))
     small = task.subset(data, list(range(48)))
@@ -32,8 +36,19 @@ def _fit(project, capsys, stop_at=None, data_version="v1", seed=0, keep=False, *
 
     capsys.readouterr()
     try:
-        engine.fit(task, task.build_model(), small, small, cfg.train, seed, Path("m.pt"), Path("last.pt"), log_metrics=log,
-                   data_version=data_version, keep_checkpoint=keep)
+        engine.fit(
+            task,
+            task.build_model(),
+            small,
+            small,
+            cfg.train,
+            seed,
+            Path("m.pt"),
+            Path("last.pt"),
+            log_metrics=log,
+            data_version=data_version,
+            keep_checkpoint=keep,
+        )
     except KeyboardInterrupt:
         pass
     return capsys.readouterr().out
@@ -59,11 +74,14 @@ def test_a_finished_run_kept_for_its_stage_resumes_without_training(project, cap
     assert not Path("last.pt").exists()
 
 
-@pytest.mark.parametrize("change, part", [
-    ({"tasks.classification.image_size": 40}, "the task's settings"),  # the issue's 32 px -> 40 px resume
-    ({"data_version": "v2"}, "the data version"),
-    ({"seed": 7}, "the seed"),
-])
+@pytest.mark.parametrize(
+    "change, part",
+    [
+        ({"tasks.classification.image_size": 40}, "the task's settings"),  # the issue's 32 px -> 40 px resume
+        ({"data_version": "v2"}, "the data version"),
+        ({"seed": 7}, "the seed"),
+    ],
+)
 def test_resume_only_into_the_same_run(project, capsys, change, part):
     _fit(project, capsys, stop_at=1)
     out = _fit(project, capsys, **change)
@@ -73,7 +91,9 @@ def test_resume_only_into_the_same_run(project, capsys, change, part):
 
 def test_a_refused_resume_names_every_changed_setting_with_old_and_new_value(project, capsys):
     _fit(project, capsys, stop_at=1)
-    out = _fit(project, capsys, **{"tasks.classification.image_size": 40, "tasks.classification.train.optimizer.lr": 0.002})
+    out = _fit(
+        project, capsys, **{"tasks.classification.image_size": 40, "tasks.classification.train.optimizer.lr": 0.002}
+    )
     assert "not resuming from last.pt: the task's settings (image_size: 32 -> 40; train.optimizer.lr: " in out
     assert "-> 0.002) differs from this run; starting afresh" in out
 
@@ -96,7 +116,9 @@ def test_strict_resume_refuses_another_run(project, capsys):
     with pytest.raises(engine.CheckpointError, match=r"last.pt belongs to another run: data .*train.resume: strict"):
         _fit(project, capsys, data_version="v2", **{"tasks.classification.train.resume": "strict"})
     # train.resume itself is not part of the fingerprint: strict resumes the same run
-    assert "resuming from last.pt after epoch 1" in _fit(project, capsys, **{"tasks.classification.train.resume": "strict"})
+    assert "resuming from last.pt after epoch 1" in _fit(
+        project, capsys, **{"tasks.classification.train.resume": "strict"}
+    )
 
 
 def test_the_data_version_tag_is_the_validate_digest(project):
@@ -109,8 +131,9 @@ def test_the_data_version_tag_is_the_validate_digest(project):
     normstats.run("classification", params)
     client = mlflow.MlflowClient()
     exp = client.get_experiment_by_name("cv-classification")
-    [run] = client.search_runs([exp.experiment_id], "tags.stage = 'normstats'", order_by=["attributes.start_time DESC"],
-                               max_results=1)
+    [run] = client.search_runs(
+        [exp.experiment_id], "tags.stage = 'normstats'", order_by=["attributes.start_time DESC"], max_results=1
+    )
     assert run.data.tags["data_version"] == report["data_version"]["all"]["digest"]
     assert run.data.tags[runstate.PID_TAG] == str(os.getpid()) and run.data.tags[runstate.HOST_TAG]
 

@@ -4,6 +4,7 @@ bit, and a model trained on the GPU predicts on a machine without one.
 
 Skipped where torch sees no CUDA device (CI has none): run ``python -m pytest tests/test_gpu.py`` on a
 GPU machine. ``CV_TEST_DEVICE=cpu`` runs the same tests on the CPU, to check them without a GPU."""
+
 from __future__ import annotations
 
 import json
@@ -20,8 +21,10 @@ from tests.conftest import TINY_TASKS, tiny_task
 from tests.layer_probe import channels_last_convs, dtypes, layer_outputs
 
 DEVICE = os.environ.get("CV_TEST_DEVICE", "cuda")
-pytestmark = pytest.mark.skipif(DEVICE.startswith("cuda") and not torch.cuda.is_available(),
-                                reason="needs a CUDA GPU (torch sees none here): run it on a GPU machine")
+pytestmark = pytest.mark.skipif(
+    DEVICE.startswith("cuda") and not torch.cuda.is_available(),
+    reason="needs a CUDA GPU (torch sees none here): run it on a GPU machine",
+)
 
 
 def _on_device(task: str, **extra) -> dict:
@@ -50,8 +53,11 @@ def test_every_task_trains_on_the_gpu_in_bf16_channels_last_and_predicts_on_a_cp
     from tasks.use.predict import predict_files
 
     t = f"tasks.{task_name}."
-    params = project.params(**_on_device(task_name, **{t + "train.epochs": 2, t + "train.precision": "bf16",
-                                                        t + "train.channels_last": True}))
+    params = project.params(
+        **_on_device(
+            task_name, **{t + "train.epochs": 2, t + "train.precision": "bf16", t + "train.channels_last": True}
+        )
+    )
     normstats.run(task_name, params)
     if DEVICE.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
@@ -76,10 +82,18 @@ def test_fp16_with_loss_scaling_learns_classification(project):
     """fp16 autocast with its GradScaler, channels_last: the baseline stage (overfit-one-batch check on)
     ends above the dummy solution by the margin fp32 reaches (0.44 against 0.25 on a CPU; fp16 0.47)."""
     t = "tasks.classification."
-    params = project.params(**_on_device("classification", **{t + "train.epochs": 15, t + "train.batch_size": 16,
-                                                               t + "train.precision": "fp16",
-                                                               t + "train.channels_last": True,
-                                                               t + "overfit_check.enabled": True}))
+    params = project.params(
+        **_on_device(
+            "classification",
+            **{
+                t + "train.epochs": 15,
+                t + "train.batch_size": 16,
+                t + "train.precision": "fp16",
+                t + "train.channels_last": True,
+                t + "overfit_check.enabled": True,
+            },
+        )
+    )
     normstats.run("classification", params)
     baseline.run("classification", params)
     m = _metrics("classification", "baseline")
@@ -90,7 +104,9 @@ def test_fp32_deterministic_reruns_bit_for_bit(project):
     """train.deterministic: true (deterministic kernels, no cuDNN autotuning; auto turns them off on a GPU) and the
     same seed: a rerun on the GPU, trained afresh (resume off), gives the same history and the same weights."""
     t = "tasks.classification.train."
-    params = project.params(**_on_device("classification", **{t + "epochs": 2, t + "deterministic": True, t + "resume": False}))
+    params = project.params(
+        **_on_device("classification", **{t + "epochs": 2, t + "deterministic": True, t + "resume": False})
+    )
     normstats.run("classification", params)
     runs = []
     for _ in range(2):

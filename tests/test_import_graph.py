@@ -1,5 +1,6 @@
 """No import circle in the project (imports inside functions counted), and dvc.yaml's code dependencies
 cover every module a stage runs, as the import graph says (tests/import_graph.py reads it with ``ast``)."""
+
 from __future__ import annotations
 
 from functools import cache
@@ -81,7 +82,9 @@ def test_dvc_code_deps_cover_the_import_graph():
         for dep in deps:
             if dep.startswith(("tasks/", "cv_models/")):
                 assert (REPO / dep).exists(), f"dvc.yaml, stage {name}: dependency {dep} does not exist"
-        lacking = sorted(f for f in stage_code(module, deps, task_modules) if f not in NOT_OUTPUT and not _covered(Path(f), deps))
+        lacking = sorted(
+            f for f in stage_code(module, deps, task_modules) if f not in NOT_OUTPUT and not _covered(Path(f), deps)
+        )
         if lacking:
             missing[name] = lacking
     assert missing == {}, f"dvc.yaml's deps miss modules these stages import: {missing}"

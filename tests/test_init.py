@@ -1,6 +1,7 @@
 """``python -m tasks init PATH`` (issue 32): tiny copies of every layout of tests/test_layouts.py are found,
 read with the right task, format, classes, splits and ignore values, written and validated; folders that
 two layouts fit ask; a folder that none fits names the closest layout; the shared datasets are found."""
+
 from __future__ import annotations
 
 import json
@@ -71,7 +72,9 @@ def test_coco_per_split_files_with_masks_read_as_instance_segmentation_or_detect
 
 
 def test_one_coco_file_is_split_by_seed(project, tmp_path):
-    root = L.coco_standard(project.shapes / "scenes", tmp_path / "coco", {"train": "train2017", "val": "v", "test": "t"})
+    root = L.coco_standard(
+        project.shapes / "scenes", tmp_path / "coco", {"train": "train2017", "val": "v", "test": "t"}
+    )
     for name in ("v", "t"):
         (root / "annotations" / f"instances_{name}.json").unlink()
     result, cfg = _init(project, root, task="detection")
@@ -91,8 +94,10 @@ def test_yolo_data_yaml_names_and_split_names(project, tmp_path):
     root = tmp_path / "yolo"
     split_names = {"train": "train2017", "val": "val2017", "test": "test2017"}
     classes = L.yolo(project.shapes / "scenes", root, names=split_names)
-    (root / "data.yaml").write_text("path: .\ntrain: images/train2017\nval: images/val2017\ntest: images/test2017\n"
-                                    "names:\n" + "".join(f"  {k}: {n}\n" for k, n in enumerate(classes)))
+    (root / "data.yaml").write_text(
+        "path: .\ntrain: images/train2017\nval: images/val2017\ntest: images/test2017\n"
+        "names:\n" + "".join(f"  {k}: {n}\n" for k, n in enumerate(classes))
+    )
     result, cfg = _init(project, root)
     assert result.classes == classes and cfg.data.options.splits == split_names
 
@@ -119,10 +124,13 @@ def _voc_boxes(project, root: Path) -> None:
             objects = "".join(
                 f"<object><name>{names[a['category_id']]}</name><bndbox><xmin>{a['bbox'][0]}</xmin><ymin>{a['bbox'][1]}"
                 f"</ymin><xmax>{a['bbox'][0] + a['bbox'][2]}</xmax><ymax>{a['bbox'][1] + a['bbox'][3]}</ymax></bndbox></object>"
-                for a in coco["annotations"] if a["image_id"] == im["id"])
+                for a in coco["annotations"]
+                if a["image_id"] == im["id"]
+            )
             (root / "Annotations" / f"{stem}.xml").write_text(
                 f"<annotation><filename>{stem}.png</filename><size><width>{im['width']}</width><height>{im['height']}"
-                f"</height><depth>3</depth></size>{objects}</annotation>")
+                f"</height><depth>3</depth></size>{objects}</annotation>"
+            )
         (root / "ImageSets" / "Main" / f"{split}.txt").write_text("\n".join(stems) + "\n")
 
 
@@ -143,8 +151,12 @@ def test_segnet_layout_finds_the_unlabelled_value(project, tmp_path):
         out[:2, :] = 11
         return Image.fromarray(out, mode="L")
 
-    L.copy_masks(project.shapes / "scenes", {s: root / s for s in L.SPLITS}, {s: root / f"{s}annot" for s in L.SPLITS},
-                 convert=with_void)
+    L.copy_masks(
+        project.shapes / "scenes",
+        {s: root / s for s in L.SPLITS},
+        {s: root / f"{s}annot" for s in L.SPLITS},
+        convert=with_void,
+    )
     result, cfg = _init(project, root)
     o = cfg.data.options
     assert (result.reading.task, cfg.data.format, cfg.data.split_from) == ("segmentation", "mask_folder", "folders")
@@ -157,13 +169,20 @@ def test_colour_masks_with_a_suffix(project, tmp_path):
     from cv_models.segmentation import PALETTE
 
     root = tmp_path / "camvid"
-    L.copy_masks(project.shapes / "scenes", {s: root / "images" for s in L.SPLITS}, {s: root / "labels" for s in L.SPLITS},
-                 mask_suffix="_L.png", convert=lambda m: Image.fromarray(np.array(PALETTE, np.uint8)[m]))
+    L.copy_masks(
+        project.shapes / "scenes",
+        {s: root / "images" for s in L.SPLITS},
+        {s: root / "labels" for s in L.SPLITS},
+        mask_suffix="_L.png",
+        convert=lambda m: Image.fromarray(np.array(PALETTE, np.uint8)[m]),
+    )
     result, cfg = _init(project, root, kind="street")
     o = cfg.data.options
     assert (cfg.data.split_from, o.mask_suffix, len(result.classes)) == ("seed", "_L.png", 5)
     assert [tuple(c) for c in o.colors] == sorted(PALETTE[:5], key=lambda c: (c[0] << 16) | (c[1] << 8) | c[2])
-    assert cfg.model.name == "lraspp_mobilenet_v3_large" and not cfg.augment.vflip.enabled  # the street model and preset
+    assert (
+        cfg.model.name == "lraspp_mobilenet_v3_large" and not cfg.augment.vflip.enabled
+    )  # the street model and preset
 
 
 def test_pascal_voc_segmentation_palette_and_boundary(project, tmp_path):
@@ -177,8 +196,12 @@ def test_pascal_voc_segmentation_palette_and_boundary(project, tmp_path):
         im.putpalette(palette)
         return im
 
-    L.copy_masks(project.shapes / "scenes", {s: root / "JPEGImages" for s in L.SPLITS},
-                 {s: root / "SegmentationClass" for s in L.SPLITS}, convert=to_palette)
+    L.copy_masks(
+        project.shapes / "scenes",
+        {s: root / "JPEGImages" for s in L.SPLITS},
+        {s: root / "SegmentationClass" for s in L.SPLITS},
+        convert=to_palette,
+    )
     (root / "ImageSets" / "Segmentation").mkdir(parents=True)
     for split in L.SPLITS:
         stems = sorted(p.stem for p in (project.shapes / "scenes" / "images" / split).iterdir())
@@ -186,15 +209,20 @@ def test_pascal_voc_segmentation_palette_and_boundary(project, tmp_path):
     result, cfg = _init(project, root)
     o = cfg.data.options
     assert (result.reading.task, cfg.data.split_from, o.palette_as_index) == ("segmentation", "folders", True)
-    assert o.split_list == "ImageSets/Segmentation/{split}.txt" and o.ignore_values == [255] and len(result.classes) == 5
+    assert (
+        o.split_list == "ImageSets/Segmentation/{split}.txt" and o.ignore_values == [255] and len(result.classes) == 5
+    )
     assert result.report["n_samples"] == 24
 
 
 def test_ade20k_split_names(project, tmp_path):
     root = tmp_path / "ade"
     names = {"train": "training", "val": "validation", "test": "testing"}
-    L.copy_masks(project.shapes / "scenes", {s: root / "images" / n for s, n in names.items()},
-                 {s: root / "annotations" / n for s, n in names.items()})
+    L.copy_masks(
+        project.shapes / "scenes",
+        {s: root / "images" / n for s, n in names.items()},
+        {s: root / "annotations" / n for s, n in names.items()},
+    )
     result, cfg = _init(project, root)
     assert cfg.data.options.splits == names and cfg.data.options.images_dir == "images/{split}"
     assert cfg.data.options.ignore_values == [] and len(result.classes) == 5
@@ -204,8 +232,12 @@ def test_binary_masks_without_splits(project, tmp_path):
     """isbi-style: image/ + label/ of 0/255 masks, no split: value 255 is class 1, a seeded split."""
     root = tmp_path / "membrane"
     scenes = project.shapes / "scenes"
-    L.copy_masks(scenes, {s: root / "image" for s in L.SPLITS}, {s: root / "label" for s in L.SPLITS},
-                 convert=lambda m: Image.fromarray(((m > 0) * 255).astype(np.uint8), mode="L"))
+    L.copy_masks(
+        scenes,
+        {s: root / "image" for s in L.SPLITS},
+        {s: root / "label" for s in L.SPLITS},
+        convert=lambda m: Image.fromarray(((m > 0) * 255).astype(np.uint8), mode="L"),
+    )
     result, cfg = _init(project, tmp_path)
     assert (cfg.data.split_from, cfg.data.options.value_map, len(result.classes)) == ("seed", {255: 1}, 2)
     assert Path(cfg.data.path) == root
@@ -227,7 +259,11 @@ def test_per_instance_folders(project, tmp_path):
                 m = decode_mask(a["segmentation"], im["height"], im["width"])
                 Image.fromarray((m * 255).astype(np.uint8)).save(folder / "masks" / f"{a['id']}.png")
     result, cfg = _init(project, root)
-    assert (result.reading.task, cfg.data.format, cfg.data.split_from) == ("instance_segmentation", "instance_folders", "seed")
+    assert (result.reading.task, cfg.data.format, cfg.data.split_from) == (
+        "instance_segmentation",
+        "instance_folders",
+        "seed",
+    )
 
 
 # ------------------------------------------------------------------ two readings ask, none names the closest
@@ -247,8 +283,11 @@ def test_two_annotation_sets_ask_for_the_task(project, tmp_path):
 def test_voc_with_boxes_and_masks_asks(project, tmp_path):
     root = tmp_path / "voc"
     _voc_boxes(project, root)
-    L.copy_masks(project.shapes / "scenes", {s: tmp_path / "unused" for s in L.SPLITS},
-                 {s: root / "SegmentationClass" for s in L.SPLITS})
+    L.copy_masks(
+        project.shapes / "scenes",
+        {s: tmp_path / "unused" for s in L.SPLITS},
+        {s: root / "SegmentationClass" for s in L.SPLITS},
+    )
     with pytest.raises(AmbiguousLayout, match=r"(?s)detection / format voc.*segmentation / format mask_folder"):
         find_layout(root)
     assert find_layout(root, task="detection").format == "voc"
@@ -277,8 +316,9 @@ def test_written_block_keeps_the_rest_of_params_and_reads_back(project, tmp_path
     params.write_text(params.read_text().replace("tasks:\n", "tasks:  # the tasks\n", 1))
     other = yaml.safe_load(params.read_text())["tasks"]["detection"]
     printed = []
-    result = init.run(project.classification, budget_minutes=3, kind="documents", out=params, validate=False,
-                      echo=printed.append)
+    result = init.run(
+        project.classification, budget_minutes=3, kind="documents", out=params, validate=False, echo=printed.append
+    )
     raw = yaml.safe_load(params.read_text())
     assert raw["tasks"]["detection"] == other and "tasks:  # the tasks" in params.read_text()
     cfg = load_params(params).task("classification")
@@ -297,11 +337,13 @@ def test_written_block_keeps_the_rest_of_params_and_reads_back(project, tmp_path
 
 
 # ------------------------------------------------------------------ the shared real datasets
-SHARED_CASES = {"trashnet150": ({}, "classification", "imagefolder"),
-                "isbi_membrane": ({}, "segmentation", "mask_folder"),
-                "bccd": ({}, "detection", "voc"),
-                "coco128_json": ({}, "instance_segmentation", "coco"),
-                "coco128_lightly": ({"task": "detection"}, "detection", "yolo")}
+SHARED_CASES = {
+    "trashnet150": ({}, "classification", "imagefolder"),
+    "isbi_membrane": ({}, "segmentation", "mask_folder"),
+    "bccd": ({}, "detection", "voc"),
+    "coco128_json": ({}, "instance_segmentation", "coco"),
+    "coco128_lightly": ({"task": "detection"}, "detection", "yolo"),
+}
 
 
 @pytest.mark.skipif(not SHARED.is_dir(), reason=f"the shared datasets are not at {SHARED} (REPO/../shared/datasets)")
@@ -310,8 +352,9 @@ def test_shared_dataset_found_and_proposed_in_under_30_s(project, name):
     kw, task, fmt = SHARED_CASES[name]
     project.params()
     t0 = time.perf_counter()
-    result = init.run(SHARED / name, budget_minutes=5, out=project.root / "params.yaml", validate=False,
-                      echo=lambda *_: None, **kw)
+    result = init.run(
+        SHARED / name, budget_minutes=5, out=project.root / "params.yaml", validate=False, echo=lambda *_: None, **kw
+    )
     assert time.perf_counter() - t0 < 30
     assert (result.reading.task, result.reading.format) == (task, fmt)
     load_params(project.root / "params.yaml").task(task)
@@ -331,16 +374,30 @@ def test_shared_dataset_validates_with_no_edit(project, name):
     kw, task, _ = SHARED_CASES[name]
     project.params()
     result = init.run(SHARED / name, budget_minutes=5, out=project.root / "params.yaml", echo=lambda *_: None, **kw)
-    assert result.reading.task == task and result.report["success"], json.dumps([c for c in result.report["checks"] if not c["success"]], indent=1)
+    assert result.reading.task == task and result.report["success"], json.dumps(
+        [c for c in result.report["checks"] if not c["success"]], indent=1
+    )
 
 
 # ------------------------------------------------------------------ the rules, on figures alone
 def _figures(**kw):
     from cv_models.data.measure import DataFacts
 
-    base = dict(n_images=100, splits={"train": 70, "val": 15, "test": 15}, width=640, height=480, aspect=4 / 3,
-                channels=3, classes=["person", "car", "kite"], class_counts={"person": 300, "car": 40, "kite": 3},
-                imbalance=100.0, n_boxes=343, most_objects=12, objects_per_image=3.4, box_side=0.1)
+    base = dict(
+        n_images=100,
+        splits={"train": 70, "val": 15, "test": 15},
+        width=640,
+        height=480,
+        aspect=4 / 3,
+        channels=3,
+        classes=["person", "car", "kite"],
+        class_counts={"person": 300, "car": 40, "kite": 3},
+        imbalance=100.0,
+        n_boxes=343,
+        most_objects=12,
+        objects_per_image=3.4,
+        box_side=0.1,
+    )
     return DataFacts(**{**base, **kw})
 
 
@@ -358,8 +415,9 @@ def test_rare_classes_left_out_of_box_tasks_only_when_some_class_has_enough():
 
 
 def test_size_keeps_the_aspect_ratio_and_grows_with_the_budget():
-    small, large = (_proposed("segmentation", _figures(n_boxes=0, splits={"train": 400, "val": 50, "test": 50}), b)
-                    for b in (2, 60))
+    small, large = (
+        _proposed("segmentation", _figures(n_boxes=0, splits={"train": 400, "val": 50, "test": 50}), b) for b in (2, 60)
+    )
     for p in (small, large):
         h, w = p["image_size"]
         assert abs(w / h - 4 / 3) < 0.2 and h % 32 == 0 and w % 32 == 0

@@ -1,4 +1,5 @@
 """Controlled comparisons: every model of a task trained with one seed starts from the same weights."""
+
 from __future__ import annotations
 
 import mlflow
@@ -24,16 +25,26 @@ def _hash(run_id: str) -> str:
 
 
 def _stage_run_id(pipeline_run_id: str, stage: str) -> str:
-    runs = mlflow.search_runs(search_all_experiments=True, output_format="list",
-                              filter_string=f"tags.pipeline_run_id = '{pipeline_run_id}' and tags.stage = '{stage}'")
+    runs = mlflow.search_runs(
+        search_all_experiments=True,
+        output_format="list",
+        filter_string=f"tags.pipeline_run_id = '{pipeline_run_id}' and tags.stage = '{stage}'",
+    )
     assert len(runs) == 1
     return runs[0].info.run_id
 
 
 def _tiny(task_name: str, seed: int) -> dict:
     t = f"tasks.{task_name}."
-    return {"seed": seed, t + "normalization": "none", t + "image_size": 64, t + "train.epochs": 1,
-            t + "overfit_check.steps": 1, t + "overfit_check.max_loss": 1e9, t + "preview_samples": 2}
+    return {
+        "seed": seed,
+        t + "normalization": "none",
+        t + "image_size": 64,
+        t + "train.epochs": 1,
+        t + "overfit_check.steps": 1,
+        t + "overfit_check.max_loss": 1e9,
+        t + "preview_samples": 2,
+    }
 
 
 @pytest.mark.parametrize("task_name", TASK_NAMES)
@@ -110,8 +121,14 @@ def test_evaluation_states_the_settings_that_differ(project):
     from tasks import evaluate
 
     t = "tasks.classification."
-    params = project.params(**{t + "train.epochs": 1, t + "overfit_check.enabled": False, t + "normalization": "none",
-                               t + "augment.color.enabled": False})
+    params = project.params(
+        **{
+            t + "train.epochs": 1,
+            t + "overfit_check.enabled": False,
+            t + "normalization": "none",
+            t + "augment.color.enabled": False,
+        }
+    )
     for stage in (baseline, augmented, evaluate):
         stage.run("classification", params, pipeline_run_id="compare")
     text = Path("outputs/classification/evaluate/comparison.md").read_text()

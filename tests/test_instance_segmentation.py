@@ -1,5 +1,6 @@
 """Instance segmentation: bad masks stop validation naming the file and the rule; the mixers keep
 masks and boxes together; the reported mask mAP is pycocotools' figure on the exported predictions."""
+
 from __future__ import annotations
 
 import json
@@ -77,8 +78,10 @@ def broken_coco(project):
     anns[6]["category_id"] = 99
     path.write_text(json.dumps(coco))
     names = {img["id"]: img["file_name"] for img in coco["images"]}
-    items = {k: f"annotations/train.json: annotation {anns[i]['id']} on {names[anns[i]['image_id']]}"
-             for k, (i, _) in BREAKAGES.items()}
+    items = {
+        k: f"annotations/train.json: annotation {anns[i]['id']} on {names[anns[i]['image_id']]}"
+        for k, (i, _) in BREAKAGES.items()
+    }
     with pytest.raises(ValidationFailed) as err:
         validate.run(TASK, params(project))
     return str(err.value), _report(), items
@@ -125,8 +128,11 @@ def coco_to_instance_folders(scenes: Path, out: Path) -> Path:
             for a in (a for a in coco["annotations"] if a["image_id"] == img["id"]):
                 seg = a["segmentation"]
                 h, w = img["height"], img["width"]
-                rle = mask_utils.merge(mask_utils.frPyObjects(seg, h, w)) if isinstance(seg, list) else \
-                    {"size": seg["size"], "counts": seg["counts"].encode()}
+                rle = (
+                    mask_utils.merge(mask_utils.frPyObjects(seg, h, w))
+                    if isinstance(seg, list)
+                    else {"size": seg["size"], "counts": seg["counts"].encode()}
+                )
                 mask = mask_utils.decode(rle).astype(np.uint8) * 255
                 Image.fromarray(mask).save(folder / "masks" / f"{a['id']}.png")
     return out
@@ -135,9 +141,11 @@ def coco_to_instance_folders(scenes: Path, out: Path) -> Path:
 @pytest.fixture
 def folders(project):
     root = coco_to_instance_folders(project.shapes / "scenes", project.root / "cells")
-    return root, {"tasks.instance_segmentation.data.format": "instance_folders",
-                  "tasks.instance_segmentation.data.path": "cells",
-                  "tasks.instance_segmentation.data.options": {"class_name": "cell"}}
+    return root, {
+        "tasks.instance_segmentation.data.format": "instance_folders",
+        "tasks.instance_segmentation.data.path": "cells",
+        "tasks.instance_segmentation.data.options": {"class_name": "cell"},
+    }
 
 
 def test_instance_folders_pass_and_read(project, folders):
@@ -204,7 +212,10 @@ def test_cutmix_and_mixup_keep_boxes_equal_to_mask_extents():
     from cv_models.mix.instances import InstanceBatchMixer, MixOp, boxes_from_masks
 
     gen = torch.Generator().manual_seed(0)
-    targets = [_square_target(boxes=((2, 2, 20, 20), (22, 5, 30, 28))), _square_target(boxes=((5, 5, 25, 25),), label=3)]
+    targets = [
+        _square_target(boxes=((2, 2, 20, 20), (22, 5, 30, 28))),
+        _square_target(boxes=((5, 5, 25, 25),), label=3),
+    ]
     images = torch.rand(2, 3, 32, 32)
     for op in ("cutmix", "mixup", "copy_paste"):
         mixer = InstanceBatchMixer([MixOp(op, 1.0, 1.0)], min_area=4, min_visible=0.2, generator=gen)
@@ -220,9 +231,17 @@ def test_train_transforms_move_masks_with_the_image(project):
     from cv_models import get_task
     from tasks.config import load_params
 
-    cfg = load_params(params(project, **{
-        "tasks.instance_segmentation.augment.rotation.enabled": True, "tasks.instance_segmentation.augment.crop.enabled": True,
-        "tasks.instance_segmentation.augment.cutout.enabled": True, "tasks.instance_segmentation.augment.cutout.p": 1.0})).task(TASK)
+    cfg = load_params(
+        params(
+            project,
+            **{
+                "tasks.instance_segmentation.augment.rotation.enabled": True,
+                "tasks.instance_segmentation.augment.crop.enabled": True,
+                "tasks.instance_segmentation.augment.cutout.enabled": True,
+                "tasks.instance_segmentation.augment.cutout.p": 1.0,
+            },
+        )
+    ).task(TASK)
     task = get_task(TASK, cfg)
     data = task.dataset("train", task.train_transforms(cfg.augment, None))
     for i in range(6):
@@ -253,7 +272,9 @@ def test_reported_mask_map_is_pycocotools_on_the_exported_predictions(project, t
     results = []
     for k, a in enumerate(gt["annotations"]):
         if k % 2 == 0:
-            results.append({**{f: a[f] for f in ("image_id", "category_id", "bbox", "segmentation")}, "score": 0.9 - k * 1e-3})
+            results.append(
+                {**{f: a[f] for f in ("image_id", "category_id", "bbox", "segmentation")}, "score": 0.9 - k * 1e-3}
+            )
     shifted = dict(results[0], category_id=results[0]["category_id"] % 4 + 1, score=0.95)
     results.append(shifted)
     oracle = task._result(gt, results)

@@ -1,5 +1,6 @@
 """The task interface is complete (cv_models/base.py): what a task may do is a method of CVTask, so the stages
 and the benchmarks call it without asking a task's name or probing it with getattr."""
+
 from __future__ import annotations
 
 import json
@@ -17,8 +18,9 @@ from tasks.use.predict import predict_files
 from tests.conftest import REPO, tiny_overrides, tiny_task, write_params
 
 TASK_MODULES = {REPO / "cv_models" / f"{name}.py" for name in TASKS}
-NAME_BRANCH = re.compile(r"""(==|!=)\s*["'](%s)["']|\btask(\.name|_name)\s*(==|!=)|(get|has)attr\((st\.)?task\b"""
-                         % "|".join(TASKS))
+NAME_BRANCH = re.compile(
+    r"""(==|!=)\s*["'](%s)["']|\btask(\.name|_name)\s*(==|!=)|(get|has)attr\((st\.)?task\b""" % "|".join(TASKS)
+)
 
 
 def test_every_capability_is_a_method_of_the_interface():
@@ -28,17 +30,29 @@ def test_every_capability_is_a_method_of_the_interface():
 
 
 def test_no_branch_on_a_task_name_outside_its_module():
-    hits = [f"{path.relative_to(REPO)}:{n}: {line.strip()}"
-            for folder in ("tasks", "flows", "benchmarks", "cv_models") for path in sorted((REPO / folder).rglob("*.py"))
-            if path not in TASK_MODULES
-            for n, line in enumerate(path.read_text().splitlines(), 1) if NAME_BRANCH.search(line)]
+    hits = [
+        f"{path.relative_to(REPO)}:{n}: {line.strip()}"
+        for folder in ("tasks", "flows", "benchmarks", "cv_models")
+        for path in sorted((REPO / folder).rglob("*.py"))
+        if path not in TASK_MODULES
+        for n, line in enumerate(path.read_text().splitlines(), 1)
+        if NAME_BRANCH.search(line)
+    ]
     assert hits == []
 
 
-@pytest.mark.parametrize("task_name, results, counted, header", [
-    ("classification", "predictions.csv", ["circle", "square", "triangle", "star"], "| class | images |"),
-    ("segmentation", "predictions.csv", ["circle", "square", "triangle", "star"], "| class | images containing the class |"),
-])
+@pytest.mark.parametrize(
+    "task_name, results, counted, header",
+    [
+        ("classification", "predictions.csv", ["circle", "square", "triangle", "star"], "| class | images |"),
+        (
+            "segmentation",
+            "predictions.csv",
+            ["circle", "square", "triangle", "star"],
+            "| class | images containing the class |",
+        ),
+    ],
+)
 def test_predict_writes_what_the_task_declares(tmp_path, task_name, results, counted, header):
     """An untrained model on two images: the results file with the input file first, the classes the task counts
     (segmentation leaves the background out) and the summary's words for what is counted."""
@@ -56,4 +70,6 @@ def test_predict_writes_what_the_task_declares(tmp_path, task_name, results, cou
     rows = (tmp_path / "out" / results).read_text().splitlines()
     assert rows[0].startswith("file,image_id,") and rows[1].startswith(f"{files[0]},1,") and len(rows) == 3
     assert header in (tmp_path / "out" / "summary.md").read_text()
-    assert json.loads((tmp_path / "out" / "summary.json").read_text())["objects_per_class"] == summary["objects_per_class"]
+    assert (
+        json.loads((tmp_path / "out" / "summary.json").read_text())["objects_per_class"] == summary["objects_per_class"]
+    )

@@ -2,6 +2,7 @@
 temporary folder; after ``kill -9`` the next start marks the orphaned run FAILED, removes the orphaned
 folder and resumes, giving the same model and metrics as an uninterrupted run; different stages run side
 by side. Real subprocesses, a real MLflow SQLite store."""
+
 from __future__ import annotations
 
 import json
@@ -19,8 +20,12 @@ from tests.test_bad_input import cli, leftovers, runs_of
 pytestmark = pytest.mark.e2e
 
 # tiny and quick: no normalisation statistics, no overfit check; enough epochs to interrupt one in the middle
-SETTINGS = {"tasks.classification.normalization": "none", "tasks.classification.overfit_check.enabled": False,
-            "tasks.classification.train.epochs": 3, "tasks.classification.train.track_train_metric": False}
+SETTINGS = {
+    "tasks.classification.normalization": "none",
+    "tasks.classification.overfit_check.enabled": False,
+    "tasks.classification.train.epochs": 3,
+    "tasks.classification.train.track_train_metric": False,
+}
 CKPT = Path("checkpoints/classification/baseline/last.pt")
 
 
@@ -40,8 +45,11 @@ def wait_for_checkpoint(root: Path, proc, timeout: float = 240) -> int:
 
 def outputs(root: Path) -> tuple[dict, bytes, bytes]:
     model = torch.load(root / "models/classification/baseline/model.pt", weights_only=True)["model"]
-    return (model, (root / "outputs/classification/baseline/metrics.json").read_bytes(),
-            (root / "outputs/classification/baseline/history.csv").read_bytes())
+    return (
+        model,
+        (root / "outputs/classification/baseline/metrics.json").read_bytes(),
+        (root / "outputs/classification/baseline/history.csv").read_bytes(),
+    )
 
 
 def test_kill_9_then_rerun_marks_the_run_failed_and_resumes_to_the_same_result(project, capfd):
@@ -82,7 +90,9 @@ def test_kill_9_then_rerun_marks_the_run_failed_and_resumes_to_the_same_result(p
     run = mlflow.MlflowClient().get_run(orphan.info.run_id)
     assert run.info.status == "FAILED" and "ended without closing this run" in run.data.tags["cv.note"]
     assert not leftovers(project.root)
-    resumed_from = int(out.split("resuming from checkpoints/classification/baseline/last.pt after epoch ")[1].split()[0])
+    resumed_from = int(
+        out.split("resuming from checkpoints/classification/baseline/last.pt after epoch ")[1].split()[0]
+    )
     assert resumed_from >= epoch  # at most the interrupted epoch is redone
     model, metrics, history = outputs(project.root)
     assert metrics == reference[1] and history == reference[2]  # bit for bit

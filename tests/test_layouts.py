@@ -1,5 +1,6 @@
 """Every layout and format of issue 12 expressed by settings alone, on tiny data written in that
 layout (tests/layout_helpers.py): nothing is moved or renamed to fit the pipeline."""
+
 from __future__ import annotations
 
 import json
@@ -66,7 +67,11 @@ def test_one_coco_file_split_by_seed(project, tmp_path):
     """coco128-style: one annotation file and its image folder, no split on disk."""
     names = {"train": "train2017", "val": "val2017", "test": "test2017"}
     root = L.coco_standard(project.shapes / "scenes", tmp_path / "coco", names)
-    options = {"annotations": "annotations/instances_{split}.json", "images": "{split}", "splits": {"train": "train2017"}}
+    options = {
+        "annotations": "annotations/instances_{split}.json",
+        "images": "{split}",
+        "splits": {"train": "train2017"},
+    }
     params = det_params(project, **_data("detection", path=str(root), options=options, split_from="seed"))
     report = _report("detection", params)
     images = get_task("detection", load_params(params).task("detection")).tables().images
@@ -80,8 +85,16 @@ def test_one_coco_file_split_by_seed(project, tmp_path):
 def test_yolo_detection_folders(project, tmp_path):
     root = tmp_path / "yolo"
     classes = L.yolo(project.shapes / "scenes", root)
-    params = det_params(project, **_data("detection", format="yolo", path=str(root), classes=classes,
-                                         options={"images": "images/{split}", "labels": "labels/{split}"}))
+    params = det_params(
+        project,
+        **_data(
+            "detection",
+            format="yolo",
+            path=str(root),
+            classes=classes,
+            options={"images": "images/{split}", "labels": "labels/{split}"},
+        ),
+    )
     report = _report("detection", params)
     task = get_task("detection", load_params(params).task("detection"))
     coco = get_task("detection", load_params(det_params(project)).task("detection")).tables().annotations
@@ -96,13 +109,20 @@ def test_yolo_data_yaml_orphans_and_missing_labels_are_reported(project, tmp_pat
     root = tmp_path / "yolo"
     split_names = {"train": "train2017", "val": "val2017", "test": "test2017"}
     classes = L.yolo(project.shapes / "scenes", root, names=split_names)
-    (root / "data.yaml").write_text("path: .\ntrain: images/train2017\nval: images/val2017\ntest: images/test2017\n"
-                                    "names:\n" + "".join(f"  {k}: {n}\n" for k, n in enumerate(classes)))
+    (root / "data.yaml").write_text(
+        "path: .\ntrain: images/train2017\nval: images/val2017\ntest: images/test2017\n"
+        "names:\n" + "".join(f"  {k}: {n}\n" for k, n in enumerate(classes))
+    )
     unlabelled = sorted((root / "labels" / "train2017").iterdir())[0]
     unlabelled.unlink()
     (root / "labels" / "train2017" / "ghost.txt").write_text("0 0.5 0.5 0.1 0.1\n")
-    report = _report("detection", det_params(project, **_data("detection", format="yolo", path=str(root), classes=None,
-                                                              options={"data_yaml": "data.yaml"})))
+    report = _report(
+        "detection",
+        det_params(
+            project,
+            **_data("detection", format="yolo", path=str(root), classes=None, options={"data_yaml": "data.yaml"}),
+        ),
+    )
     notes = "\n".join(report["notes"])
     assert "without a label file" in notes and unlabelled.stem in notes
     assert "ghost.txt" in notes and "without an image" in notes
@@ -113,8 +133,16 @@ def test_yolo_class_id_outside_names_fails_naming_the_file(project, tmp_path):
     classes = L.yolo(project.shapes / "scenes", root)
     bad = sorted((root / "labels" / "val").iterdir())[1]
     bad.write_text("7 0.5 0.5 0.2 0.2\n")
-    params = det_params(project, **_data("detection", format="yolo", path=str(root), classes=classes,
-                                         options={"images": "images/{split}", "labels": "labels/{split}"}))
+    params = det_params(
+        project,
+        **_data(
+            "detection",
+            format="yolo",
+            path=str(root),
+            classes=classes,
+            options={"images": "images/{split}", "labels": "labels/{split}"},
+        ),
+    )
     with pytest.raises(validate.ValidationFailed, match=f"{bad}:1: class id 7 is not in the names list"):
         validate.run("detection", params)
 
@@ -126,10 +154,16 @@ def test_keep_classes_trains_box_tasks_on_some_classes_of_a_dataset(project, tmp
     classes = L.yolo(project.shapes / "scenes", root, polygons=True)
     keep = [classes[2], classes[0]]
     opts = {"images": "images/{split}", "labels": "labels/{split}"}
-    full = get_task("detection", load_params(det_params(project, **_data(
-        "detection", format="yolo", path=str(root), classes=classes, options=opts))).task("detection"))
-    params = det_params(project, **_data("detection", format="yolo", path=str(root), classes=classes,
-                                         options={**opts, "keep_classes": keep}))
+    full = get_task(
+        "detection",
+        load_params(
+            det_params(project, **_data("detection", format="yolo", path=str(root), classes=classes, options=opts))
+        ).task("detection"),
+    )
+    params = det_params(
+        project,
+        **_data("detection", format="yolo", path=str(root), classes=classes, options={**opts, "keep_classes": keep}),
+    )
     report = _report("detection", params)
     task = get_task("detection", load_params(params).task("detection"))
     assert task.class_names() == keep
@@ -137,31 +171,63 @@ def test_keep_classes_trains_box_tasks_on_some_classes_of_a_dataset(project, tmp
     assert set(anns["category"]) == set(keep) and len(anns) == full.tables().annotations["category"].isin(keep).sum()
     assert len(task.tables().images) == len(full.tables().images) == report["n_samples"]  # no image dropped
     assert any("keep_classes" in n and "left out" in n for n in report["notes"])
-    labels = [int(label) for i in range(len(task.dataset("train", None))) for label in task.dataset("train", None)[i][1]["labels"]]
+    labels = [
+        int(label)
+        for i in range(len(task.dataset("train", None)))
+        for label in task.dataset("train", None)[i][1]["labels"]
+    ]
     assert set(labels) <= {1, 2} and labels  # ids in keep_classes' order (0: the detectors' background)
     # instance segmentation reads it the same way
-    inst = load_params(project.params(**_data("instance_segmentation", format="yolo", path=str(root), classes=classes,
-                                              options={**opts, "keep_classes": keep})))
+    inst = load_params(
+        project.params(
+            **_data(
+                "instance_segmentation",
+                format="yolo",
+                path=str(root),
+                classes=classes,
+                options={**opts, "keep_classes": keep},
+            )
+        )
+    )
     inst_task = get_task("instance_segmentation", inst.task("instance_segmentation"))
     assert inst_task.class_names() == keep and set(inst_task._tables()[1]["category"]) == set(keep)
-    bad = det_params(project, **_data("detection", format="yolo", path=str(root), classes=classes,
-                                      options={**opts, "keep_classes": [classes[1][:-1] + "x"]}))
-    with pytest.raises((validate.ValidationFailed, DataError), match=rf"keep_classes: '{classes[1][:-1]}x' \(did you mean '{classes[1]}'\?\)"):
+    bad = det_params(
+        project,
+        **_data(
+            "detection",
+            format="yolo",
+            path=str(root),
+            classes=classes,
+            options={**opts, "keep_classes": [classes[1][:-1] + "x"]},
+        ),
+    )
+    with pytest.raises(
+        (validate.ValidationFailed, DataError),
+        match=rf"keep_classes: '{classes[1][:-1]}x' \(did you mean '{classes[1]}'\?\)",
+    ):
         validate.run("detection", bad)
 
 
 def test_yolo_instance_segmentation_polygons(project, tmp_path):
     root = tmp_path / "yolo"
     classes = L.yolo(project.shapes / "scenes", root, polygons=True)
-    params = project.params(**_data("instance_segmentation", format="yolo", path=str(root), classes=classes,
-                                    options={"images": "images/{split}", "labels": "labels/{split}"}))
+    params = project.params(
+        **_data(
+            "instance_segmentation",
+            format="yolo",
+            path=str(root),
+            classes=classes,
+            options={"images": "images/{split}", "labels": "labels/{split}"},
+        )
+    )
     _report("instance_segmentation", params)
     task = get_task("instance_segmentation", load_params(params).task("instance_segmentation"))
     image, target = task.dataset("train", None)[0]
     assert target["masks"].shape[0] == len(target["labels"]) > 0
     assert target["masks"].flatten(1).any(1).all()  # each polygon rasterised to a non-empty mask
     (root / "labels" / "train" / sorted(p.name for p in (root / "labels" / "train").iterdir())[0]).write_text(
-        "0 0.5 0.5 0.2 0.2\n")  # a box line where a polygon is needed
+        "0 0.5 0.5 0.2 0.2\n"
+    )  # a box line where a polygon is needed
     with pytest.raises(DataError, match="at least 3 points"):
         get_task("instance_segmentation", load_params(params).task("instance_segmentation"))._tables()
 
@@ -186,8 +252,12 @@ def test_segnet_layout_with_an_unlabelled_index(project, tmp_path):
         out[:2, :] = 11  # an unlabelled border, as CamVid's "void"
         return Image.fromarray(out, mode="L")
 
-    L.copy_masks(project.shapes / "scenes", {s: root / s for s in L.SPLITS}, {s: root / f"{s}annot" for s in L.SPLITS},
-                 convert=with_void)
+    L.copy_masks(
+        project.shapes / "scenes",
+        {s: root / s for s in L.SPLITS},
+        {s: root / f"{s}annot" for s in L.SPLITS},
+        convert=with_void,
+    )
     params = _seg(project, root, images_dir="{split}", masks_dir="{split}annot", ignore_values=[11])
     _report("segmentation", params)
     task = get_task("segmentation", load_params(params).task("segmentation"))
@@ -205,7 +275,9 @@ def test_masks_folder_set_to_the_images_is_named(project, tmp_path):
         validate.run("segmentation", _seg(project, root, images_dir="{split}", masks_dir="{split}"))
     # masks_dir pointing at another folder of photos: the rule says what such files usually mean
     with pytest.raises(validate.ValidationFailed, match="masks_dir points at photos"):
-        validate.run("segmentation", _seg(project, root, images_dir="{split}annot", masks_dir="{split}", mask_suffix=".png"))
+        validate.run(
+            "segmentation", _seg(project, root, images_dir="{split}annot", masks_dir="{split}", mask_suffix=".png")
+        )
 
 
 def test_pascal_voc_segmentation_layout(project, tmp_path):
@@ -229,13 +301,21 @@ def test_pascal_voc_segmentation_layout(project, tmp_path):
     for split in L.SPLITS:
         stems = sorted(p.stem for p in (project.shapes / "scenes" / "images" / split).iterdir())
         (root / "ImageSets" / "Segmentation" / f"{split}.txt").write_text("\n".join(stems) + "\n")
-    params = _seg(project, root, images_dir="JPEGImages", masks_dir="SegmentationClass", palette_as_index=True,
-                  split_list="ImageSets/Segmentation/{split}.txt", image_suffix=".png")
+    params = _seg(
+        project,
+        root,
+        images_dir="JPEGImages",
+        masks_dir="SegmentationClass",
+        palette_as_index=True,
+        split_list="ImageSets/Segmentation/{split}.txt",
+        image_suffix=".png",
+    )
     report = _report("segmentation", params)
     assert report["n_samples"] == 24
     task = get_task("segmentation", load_params(params).task("segmentation"))
-    assert {len(task.dataset(s, None)) for s in L.SPLITS} == {len(list((project.shapes / "scenes" / "images" / s).iterdir()))
-                                                               for s in L.SPLITS}
+    assert {len(task.dataset(s, None)) for s in L.SPLITS} == {
+        len(list((project.shapes / "scenes" / "images" / s).iterdir())) for s in L.SPLITS
+    }
     _, mask = task.dataset("val", None)[0]
     assert (np.asarray(mask)[-1] == 255).all()
 
@@ -247,16 +327,22 @@ def test_ade20k_style_layout(project, tmp_path):
 
     root = tmp_path / "ade"
     names = {"train": "training", "val": "validation", "test": "testing"}
-    L.copy_masks(project.shapes / "scenes", {s: root / "images" / n for s, n in names.items()},
-                 {s: root / "annotations" / n for s, n in names.items()})
-    params = _seg(project, root, images_dir="images/{split}", masks_dir="annotations/{split}", splits=names,
-                  ignore_values=[0])
+    L.copy_masks(
+        project.shapes / "scenes",
+        {s: root / "images" / n for s, n in names.items()},
+        {s: root / "annotations" / n for s, n in names.items()},
+    )
+    params = _seg(
+        project, root, images_dir="images/{split}", masks_dir="annotations/{split}", splits=names, ignore_values=[0]
+    )
     _report("segmentation", params)
     task = get_task("segmentation", load_params(params).task("segmentation"))
     val = task.dataset("val", None)
     assert len(val) == len(list((root / "images" / "validation").iterdir()))
     read = np.concatenate([np.asarray(val[i][1]).ravel() for i in range(len(val))])
-    on_disk = np.concatenate([np.asarray(Image.open(p)).ravel() for p in sorted((root / "annotations" / "validation").iterdir())])
+    on_disk = np.concatenate(
+        [np.asarray(Image.open(p)).ravel() for p in sorted((root / "annotations" / "validation").iterdir())]
+    )
     assert 0 not in read and (read == 255).sum() == (on_disk == 0).sum() > 0  # "other" is the ignore index
     assert np.bincount(read[read != 255]).tolist() == np.bincount(on_disk[on_disk != 0]).tolist()  # the rest as it was
 
@@ -280,8 +366,16 @@ def test_per_instance_folders_layout(project, tmp_path):
             for a in (a for a in coco["annotations"] if a["image_id"] == im["id"]):
                 m = decode_mask(a["segmentation"], im["height"], im["width"])
                 Image.fromarray((m * 255).astype(np.uint8)).save(folder / "masks" / f"{a['id']}.png")
-    params = project.params(**_data("instance_segmentation", format="instance_folders", path=str(root), classes=None,
-                                    split_from="seed", options={"class_name": "shape"}))
+    params = project.params(
+        **_data(
+            "instance_segmentation",
+            format="instance_folders",
+            path=str(root),
+            classes=None,
+            split_from="seed",
+            options={"class_name": "shape"},
+        )
+    )
     _report("instance_segmentation", params)
 
 
@@ -291,8 +385,16 @@ def test_symlink_saved_as_a_text_file_is_named(project, tmp_path):
     classes = L.yolo(project.shapes / "scenes", root / "store")
     (root / "det").mkdir()
     (root / "det" / "images").write_text("../store/images")
-    params = det_params(project, **_data("detection", format="yolo", path=str(root / "det"), classes=classes,
-                                         options={"images": "images/{split}", "labels": "../store/labels/{split}"}))
+    params = det_params(
+        project,
+        **_data(
+            "detection",
+            format="yolo",
+            path=str(root / "det"),
+            classes=classes,
+            options={"images": "images/{split}", "labels": "../store/labels/{split}"},
+        ),
+    )
     with pytest.raises(validate.ValidationFailed, match="a symlink saved as a plain file"):
         validate.run("detection", params)
 

@@ -1,6 +1,7 @@
 """What the MLflow UI shows of a pipeline run, read back through the MLflow API from a real SQLite
 store: one parent row per pipeline run with its settings and results, the training-runs view,
 dataset inputs, logged models, pictures, and two runs that differ by one override kept apart."""
+
 from __future__ import annotations
 
 import json
@@ -15,8 +16,11 @@ from tasks import augmented, baseline, evaluate, normstats, validate
 from tasks.track import tracking
 
 # one epoch on the tiny shapes: the figures only need to exist, not to be good
-FAST = {"tasks.classification.train.epochs": 1, "tasks.classification.overfit_check.enabled": False,
-        "tasks.classification.train.track_train_metric": False}
+FAST = {
+    "tasks.classification.train.epochs": 1,
+    "tasks.classification.overfit_check.enabled": False,
+    "tasks.classification.train.track_train_metric": False,
+}
 LR = "tasks.classification.train.optimizer.lr"
 
 
@@ -74,8 +78,10 @@ def test_the_parent_row_carries_results_span_inputs_and_models(in_root):
     for model in ("dummy", "baseline", "augmented"):
         assert m[f"test.{model}.accuracy"] == pytest.approx(test[model]["accuracy"])
     assert m["best_val.augmented.accuracy"] > 0 and m["train_seconds"] > 0
-    assert parent.data.tags["data_version"] == json.loads(
-        open("outputs/classification/validate/report.json").read())["data_version"]["all"]["digest"]
+    assert (
+        parent.data.tags["data_version"]
+        == json.loads(open("outputs/classification/validate/report.json").read())["data_version"]["all"]["digest"]
+    )
     # it spans its stages: open from the first stage's start to the last stage's end
     children = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     assert {c.data.tags["stage"] for c in children} == {"validate", "normstats", "baseline", "augmented", "evaluate"}
@@ -92,17 +98,22 @@ def test_the_parent_row_carries_results_span_inputs_and_models(in_root):
         assert json.loads(ds.profile)["num_samples"] == report[split]["n_samples"] > 0
     evaluate_run = next(c for c in children if c.data.tags["stage"] == "evaluate")
     assert [(d.dataset.name, [t.value for t in d.tags]) for d in evaluate_run.inputs.dataset_inputs] == [
-        ("classification-test", ["testing"])]
+        ("classification-test", ["testing"])
+    ]
     # models: the two trained models are outputs of the row
     models = [client.get_logged_model(o.model_id) for o in parent.outputs.model_outputs]
     assert sorted(lm.name for lm in models) == ["classification-augmented", "classification-baseline"]
     assert all(str(lm.status).endswith("READY") and lm.source_run_id == parent.info.run_id for lm in models)
-    assert {lm.tags["stage_run_id"] for lm in models} == {c.info.run_id for c in children
-                                                          if c.data.tags["stage"] in ("baseline", "augmented")}
+    assert {lm.tags["stage_run_id"] for lm in models} == {
+        c.info.run_id for c in children if c.data.tags["stage"] in ("baseline", "augmented")
+    }
     # charts and pictures
     assert len(client.get_metric_history(parent.info.run_id, "val_accuracy")) == 1  # one epoch
-    pictures = {f.path for stage in ("augmented", "evaluate")
-                for f in client.list_artifacts(parent.info.run_id, f"plots/{stage}")}
+    pictures = {
+        f.path
+        for stage in ("augmented", "evaluate")
+        for f in client.list_artifacts(parent.info.run_id, f"plots/{stage}")
+    }
     assert "plots/augmented/augment_preview.png" in pictures
     assert any(p.startswith("plots/evaluate/confusion_matrix") for p in pictures), pictures
 
@@ -134,8 +145,10 @@ def test_the_ui_shows_the_pipeline_rows_with_their_primary_test_metric(two_runs,
 
     chromium = find_chromium()
     if chromium is None:
-        pytest.skip("no Chromium on PATH (chromium / chromium-browser / google-chrome): "
-                    "`apt-get install chromium` (.ci/run does it where apt-get and root are available)")
+        pytest.skip(
+            "no Chromium on PATH (chromium / chromium-browser / google-chrome): "
+            "`apt-get install chromium` (.ci/run does it where apt-get and root are available)"
+        )
     store = f"sqlite:///{two_runs.root / 'mlflow.db'}"
     with mlflow_server(store, two_runs.root / "mlartifacts", tmp_path / "server.log") as base:
         url = runs_table_url(base, two_runs.exp.experiment_id)

@@ -12,7 +12,9 @@ def test_streaming_stats_match_direct_computation(project):
     normstats.run("classification", project.params())
     stats = json.loads(open("outputs/classification/normstats/stats.json").read())
     files = sorted((project.classification / "train").rglob("*.png"))
-    images = np.stack([np.asarray(Image.open(f).convert("RGB").resize((32, 32), Image.BILINEAR)) / 255.0 for f in files])
+    images = np.stack(
+        [np.asarray(Image.open(f).convert("RGB").resize((32, 32), Image.BILINEAR)) / 255.0 for f in files]
+    )
     assert stats["n_images"] == len(files)
     np.testing.assert_allclose(stats["per_channel_mean"], images.mean(axis=(0, 1, 2)), atol=3e-3)
     np.testing.assert_allclose(stats["per_channel_std"], images.std(axis=(0, 1, 2)), atol=3e-3)

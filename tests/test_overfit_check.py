@@ -1,5 +1,6 @@
 """The overfit-one-batch check judges relative progress (issue 12): it passes on healthy code whatever
 the loss's scale, and fails on a broken pipeline (labels detached from images, no learning)."""
+
 import pytest
 import torch
 
@@ -10,8 +11,9 @@ from tasks.training import engine
 
 
 def _setup(project, **overrides):
-    cfg = load_params(project.params(**{f"tasks.classification.overfit_check.{k}": v for k, v in overrides.items()})
-                      ).task("classification")
+    cfg = load_params(
+        project.params(**{f"tasks.classification.overfit_check.{k}": v for k, v in overrides.items()})
+    ).task("classification")
     return get_task("classification", cfg), cfg
 
 
@@ -73,8 +75,13 @@ def test_training_that_learns_nothing_warns(project):
 
     from tasks import baseline, normstats
 
-    params = project.params(**{"tasks.classification.train.optimizer.lr": 1e-9, "tasks.classification.train.epochs": 1,
-                               "tasks.classification.overfit_check.enabled": False})
+    params = project.params(
+        **{
+            "tasks.classification.train.optimizer.lr": 1e-9,
+            "tasks.classification.train.epochs": 1,
+            "tasks.classification.overfit_check.enabled": False,
+        }
+    )
     normstats.run("classification", params)
     with pytest.warns(engine.SilentFailureWarning, match="dummy solution's level"):
         baseline.run("classification", params)
@@ -82,12 +89,17 @@ def test_training_that_learns_nothing_warns(project):
     assert any("dummy solution's level" in w for w in metrics["warnings"])
 
 
-
 def test_detection_healthy_passes(project):
     from tests.detection_helpers import det_params
 
-    params = det_params(project, **{"tasks.detection.overfit_check.steps": 60, "tasks.detection.overfit_check.max_loss": None,
-                                    "tasks.detection.normalization": "none"})
+    params = det_params(
+        project,
+        **{
+            "tasks.detection.overfit_check.steps": 60,
+            "tasks.detection.overfit_check.max_loss": None,
+            "tasks.detection.normalization": "none",
+        },
+    )
     cfg = load_params(params).task("detection")
     result = run_overfit_check(get_task("detection", cfg), cfg, 0, None, "detection")
     assert result["final_loss"] <= cfg.overfit_check.max_loss_ratio * result["first_loss"]

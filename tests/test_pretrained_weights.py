@@ -1,5 +1,6 @@
 """ImageNet weights resolved offline (model.weights: imagenet): the sources in order, the key mapping by order,
 the refusals, and what the weights are worth (a linear probe on real photos)."""
+
 from __future__ import annotations
 
 import hashlib
@@ -11,7 +12,9 @@ import torch
 from cv_models.pretrained import WEIGHT_PACKAGES, reference_shapes
 from cv_models.weights import WeightsError, resolve_imagenet
 
-TRASHNET = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "trashnet150" / "data" / "dataset-resized"
+TRASHNET = (
+    Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "trashnet150" / "data" / "dataset-resized"
+)
 LITE0 = "timm:efficientnet_lite0"
 
 
@@ -109,8 +112,11 @@ def _probe_accuracy(features: torch.Tensor, labels: list[int]) -> float:
     return float(cross_val_score(LogisticRegression(max_iter=2000), features.numpy(), labels, cv=folds).mean())
 
 
-@pytest.mark.skipif(not TRASHNET.is_dir(), reason=f"the shared real photos are not here ({TRASHNET}: ../shared of the "
-                                                   f"repository, outside it); the probe needs real images")
+@pytest.mark.skipif(
+    not TRASHNET.is_dir(),
+    reason=f"the shared real photos are not here ({TRASHNET}: ../shared of the "
+    f"repository, outside it); the probe needs real images",
+)
 def test_package_weights_separate_real_photos_better_than_random_weights(empty_caches):
     """A linear probe on frozen features of 24 trashnet150 photos per class, cardboard against glass."""
     import timm
@@ -134,7 +140,9 @@ def test_the_imagenet_ablation_arm_is_the_one_change_and_refused_without_a_pretr
     from tasks.config import ConfigError
     from tasks.runners import ablation
 
-    path = project.params(**{"ablation.arms": ["imagenet"], "ablation.seeds": 1, "tasks.classification.model.name": LITE0})
+    path = project.params(
+        **{"ablation.arms": ["imagenet"], "ablation.seeds": 1, "tasks.classification.model.name": LITE0}
+    )
     p = ablation.plan("classification", path, build_models=True)  # the weights are found before anything trains
     assert p.diffs["imagenet"] == {"model.weights": ("none", "imagenet")}
     small = project.params(**{"ablation.arms": ["imagenet"]})  # the main job's small_cnn has no ImageNet network
@@ -158,6 +166,8 @@ def test_pretrained_overlays_start_both_sides_from_the_same_imagenet_network(dat
     spec.loader.exec_module(real_data)
     task_name = real_data.DATASETS[dataset]
     overrides, plain = real_data.both_sides(task_name, real_data.overlay(f"{dataset}_pretrained", Path("/data")), {})
-    cfg = validate_task(TASKS[task_name].settings, load_raw(REPO / "params.yaml", overrides)["tasks"][task_name], task_name)
+    cfg = validate_task(
+        TASKS[task_name].settings, load_raw(REPO / "params.yaml", overrides)["tasks"][task_name], task_name
+    )
     task = TASKS[task_name](cfg)
     assert cfg.model.weights == "imagenet" and task.pretrained_name() == plain["pretrained"] == LITE0

@@ -1,5 +1,6 @@
 """data.format is a closed set, and each task reads its formats through the reader registry
 (cv_models/data/registry.py): no format left without a reader, a format a task does not read named as such."""
+
 from __future__ import annotations
 
 from typing import get_args
@@ -34,8 +35,9 @@ def test_every_format_has_a_reader_and_every_task_reads_through_the_registry():
 
 
 def test_a_format_the_task_does_not_read_names_the_ones_it_does(tmp_path):
-    params = load_params(REPO / "params.yaml", {"tasks.segmentation.data.format": "voc",
-                                                "tasks.segmentation.data.path": str(tmp_path)})
+    params = load_params(
+        REPO / "params.yaml", {"tasks.segmentation.data.format": "voc", "tasks.segmentation.data.path": str(tmp_path)}
+    )
     task = get_task("segmentation", params.task("segmentation"))
     with pytest.raises(DataError, match=r"segmentation reads data.format \['coco', 'mask_folder'\], got 'voc'"):
         task.validation_tables()

@@ -1,5 +1,6 @@
 """The README's settings blocks for your own data are valid settings: each, pasted over the same keys of
 params.yaml, passes the same checks as the real file (so the front door never shows a block that fails)."""
+
 from __future__ import annotations
 
 import re
@@ -25,7 +26,7 @@ def test_the_readme_has_a_block_for_every_task():
 
 @pytest.mark.parametrize("block", BLOCKS, ids=lambda b: next(iter(b["tasks"])))
 def test_a_readme_block_pasted_into_params_yaml_is_valid(block):
-    (name, section), = block["tasks"].items()
+    ((name, section),) = block["tasks"].items()
     overrides = {f"tasks.{name}.{key}": value for key, value in section.items()}
     cfg = load_params(REPO / "params.yaml", overrides).task(name)
     assert cfg.data.path == section["data"]["path"]

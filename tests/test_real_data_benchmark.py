@@ -1,5 +1,6 @@
 """benchmarks/real_data.py's settings for its two sides: one device and one seed for both, and
 pretraining only where a dataset's overlay asks for it."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -30,7 +31,12 @@ def test_an_overlay_without_pretraining_gets_no_pretrain_key(real_data):
 def test_an_overlay_with_pretraining_pretrains_on_the_same_device(real_data):
     spec = real_data.overlay("coco128_json", REPO.parent / "shared" / "datasets")
     overrides, plain = real_data.both_sides("instance_segmentation", spec, {})
-    assert overrides["pretrain.device"] == overrides["tasks.instance_segmentation.train.device"] == plain["device"] == "cpu"
+    assert (
+        overrides["pretrain.device"]
+        == overrides["tasks.instance_segmentation.train.device"]
+        == plain["device"]
+        == "cpu"
+    )
     assert "seed" not in overrides and "seed" not in plain  # params.yaml's seed and the plain script's 0
     overrides, _ = real_data.both_sides("instance_segmentation", spec, {"pretrain.device": "cpu"}, "cuda")
     assert overrides["pretrain.device"] == "cpu"  # --set wins

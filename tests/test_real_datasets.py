@@ -5,6 +5,7 @@ The data settings below are the settings blocks of docs/data.md. The data is nev
 skips, naming the path, when its dataset is absent. The full baseline training is left out (the
 overfit check is what fails on real data when it is mis-sized); ``-m e2e`` runs these.
 """
+
 from __future__ import annotations
 
 import os
@@ -36,25 +37,74 @@ def shared_datasets() -> Path:
 # dataset -> (task, the folder that must exist, data settings). Only `data` (and nothing else) differs from
 # params.yaml: these are the settings blocks of the layout table in docs/data.md.
 DATASETS = {
-    "trashnet150": ("classification", "trashnet150/data/dataset-resized", {
-        "format": "imagefolder", "path": "{root}/trashnet150/data/dataset-resized", "split_from": "seed",
-        "options": {"conflicting_duplicates": "drop"}}),
-    "isbi_membrane": ("segmentation", "isbi_membrane/data/membrane/train", {
-        "format": "mask_folder", "path": "{root}/isbi_membrane/data/membrane/train", "classes": ["membrane", "cell"],
-        "split_from": "seed", "options": {"images_dir": "image", "masks_dir": "label", "value_map": {255: 1}}}),
-    "bccd": ("detection", "bccd/BCCD", {
-        "format": "voc", "path": "{root}/bccd/BCCD", "classes": None,
-        "options": {"annotations": "Annotations", "images": "JPEGImages", "split_files": "ImageSets/Main/{split}.txt",
-                    "invalid_boxes": "drop"}}),
-    "coco128_json": ("instance_segmentation", "coco128_json/train2017", {
-        "format": "coco", "path": "{root}/coco128_json", "classes": None, "split_from": "seed",
-        "options": {"annotations": "annotations/instances_{split}.json", "images": "{split}",
-                    "splits": {"train": "train2017"}}}),
+    "trashnet150": (
+        "classification",
+        "trashnet150/data/dataset-resized",
+        {
+            "format": "imagefolder",
+            "path": "{root}/trashnet150/data/dataset-resized",
+            "split_from": "seed",
+            "options": {"conflicting_duplicates": "drop"},
+        },
+    ),
+    "isbi_membrane": (
+        "segmentation",
+        "isbi_membrane/data/membrane/train",
+        {
+            "format": "mask_folder",
+            "path": "{root}/isbi_membrane/data/membrane/train",
+            "classes": ["membrane", "cell"],
+            "split_from": "seed",
+            "options": {"images_dir": "image", "masks_dir": "label", "value_map": {255: 1}},
+        },
+    ),
+    "bccd": (
+        "detection",
+        "bccd/BCCD",
+        {
+            "format": "voc",
+            "path": "{root}/bccd/BCCD",
+            "classes": None,
+            "options": {
+                "annotations": "Annotations",
+                "images": "JPEGImages",
+                "split_files": "ImageSets/Main/{split}.txt",
+                "invalid_boxes": "drop",
+            },
+        },
+    ),
+    "coco128_json": (
+        "instance_segmentation",
+        "coco128_json/train2017",
+        {
+            "format": "coco",
+            "path": "{root}/coco128_json",
+            "classes": None,
+            "split_from": "seed",
+            "options": {
+                "annotations": "annotations/instances_{split}.json",
+                "images": "{split}",
+                "splits": {"train": "train2017"},
+            },
+        },
+    ),
     # its object_detection/images symlink arrives as a text file in this copy: the folders are named past it
-    "coco128_lightly": ("detection", "coco128_lightly/object_detection/config.yaml", {
-        "format": "yolo", "path": "{root}/coco128_lightly", "classes": None, "split_from": "seed",
-        "options": {"data_yaml": "object_detection/config.yaml", "images": "images/{split}",
-                    "labels": "object_detection/labels/{split}", "splits": {"train": "train2017", "val": "val2017"}}}),
+    "coco128_lightly": (
+        "detection",
+        "coco128_lightly/object_detection/config.yaml",
+        {
+            "format": "yolo",
+            "path": "{root}/coco128_lightly",
+            "classes": None,
+            "split_from": "seed",
+            "options": {
+                "data_yaml": "object_detection/config.yaml",
+                "images": "images/{split}",
+                "labels": "object_detection/labels/{split}",
+                "splits": {"train": "train2017", "val": "val2017"},
+            },
+        },
+    ),
 }
 
 
@@ -79,8 +129,13 @@ def test_first_three_stages_pass(name, tmp_path, monkeypatch, capsys):
     normstats.run(task_name, params)
     cfg = load_params(params).task(task_name)
     task = get_task(task_name, cfg)
-    result = run_overfit_check(task, cfg, load_params(params).seed,
-                               load_normalizer(outputs(task_name, "normstats"), cfg.normalization), task_name)
+    result = run_overfit_check(
+        task,
+        cfg,
+        load_params(params).seed,
+        load_normalizer(outputs(task_name, "normstats"), cfg.normalization),
+        task_name,
+    )
     print(f"[{name}] overfit check: {result}")
     assert result["final_loss"] <= cfg.overfit_check.max_loss_ratio * result["first_loss"]
     return report
@@ -99,8 +154,9 @@ def test_bccd_boxes_detached_from_their_images_fail_the_overfit_check(tmp_path, 
     if not (root / needed).exists():
         pytest.skip(f"bccd not found at {root / needed}")
     monkeypatch.chdir(tmp_path)
-    params = write_params(tmp_path, {f"tasks.{task_name}.data": _fill(data, root),
-                                     f"tasks.{task_name}.normalization": "none"})
+    params = write_params(
+        tmp_path, {f"tasks.{task_name}.data": _fill(data, root), f"tasks.{task_name}.normalization": "none"}
+    )
     cfg = load_params(params).task(task_name)
     task = get_task(task_name, cfg)
     healthy, gen, size = task.training_loss, torch.Generator().manual_seed(0), cfg.image_size

@@ -1,4 +1,5 @@
 """Regularisation and the overfitting diagnosis (issue: training craft)."""
+
 from pathlib import Path
 
 import pandas as pd
@@ -34,11 +35,17 @@ def test_weight_decay_skips_norms_and_biases():
 
 def test_early_stopping_stops_on_a_plateau(project):
     # lr 0 after warmup-free start: the validation metric cannot improve, so training stops after `patience` epochs
-    cfg, task, norm = _setup(project, epochs=20, scheduler={"name": "none"}, optimizer={"name": "sgd", "lr": 1e-12},
-                             early_stopping={"enabled": True, "patience": 2})
+    cfg, task, norm = _setup(
+        project,
+        epochs=20,
+        scheduler={"name": "none"},
+        optimizer={"name": "sgd", "lr": 1e-12},
+        early_stopping={"enabled": True, "patience": 2},
+    )
     train = task.dataset("train", task.eval_transforms(norm))
-    result = engine.fit(task, task.build_model(), train, task.dataset("val", task.eval_transforms(norm)), cfg.train, 0,
-                        Path("m.pt"))
+    result = engine.fit(
+        task, task.build_model(), train, task.dataset("val", task.eval_transforms(norm)), cfg.train, 0, Path("m.pt")
+    )
     assert len(result.history) == 3 and result.best_epoch == 1
 
 
@@ -79,8 +86,14 @@ def _toy_fit(tmp_path, **train):
     torch.manual_seed(0)
     x, y = torch.randn(16, 3), torch.randn(16)
     data = torch.utils.data.TensorDataset(x, y)
-    cfg = TrainConfig(epochs=1, batch_size=4, track_train_metric=False, scheduler={"name": "none"},
-                      optimizer={"name": "sgd", "lr": 0.01, "momentum": 0.0, "weight_decay": 0.0}, **train)
+    cfg = TrainConfig(
+        epochs=1,
+        batch_size=4,
+        track_train_metric=False,
+        scheduler={"name": "none"},
+        optimizer={"name": "sgd", "lr": 0.01, "momentum": 0.0, "weight_decay": 0.0},
+        **train,
+    )
     task, model = _LinearTask(), torch.nn.Linear(3, 1)
     engine.fit(task, model, data, data, cfg, 0, tmp_path / "m.pt")
     after = [*task.seen[1:], torch.cat([p.detach().flatten() for p in model.parameters()])]  # weights after each step
@@ -111,8 +124,9 @@ def test_clipping_bounds_every_step_by_the_limit(tmp_path):
 
 def test_overfitting_line_names_the_epoch(project):
     # a tiny train set (16 images), no augmentation, many epochs: train accuracy -> 1, validation stalls
-    cfg, task, norm = _setup(project, epochs=12, batch_size=8, optimizer={"name": "adamw", "lr": 0.003},
-                             scheduler={"name": "none"})
+    cfg, task, norm = _setup(
+        project, epochs=12, batch_size=8, optimizer={"name": "adamw", "lr": 0.003}, scheduler={"name": "none"}
+    )
     train = torch.utils.data.Subset(task.dataset("train", task.eval_transforms(norm)), range(16))
     val = task.dataset("val", task.eval_transforms(norm))
     result = engine.fit(task, task.build_model(), train, val, cfg.train, 0, Path("m.pt"), train_eval_set=train)
@@ -124,7 +138,9 @@ def test_overfitting_line_names_the_epoch(project):
 
 
 def test_no_overfitting_line_while_validation_improves():
-    history = pd.DataFrame({"epoch": [1, 2, 3, 4], "train_accuracy": [0.5, 0.7, 0.9, 1.0], "val_accuracy": [0.4, 0.5, 0.6, 0.7]})
+    history = pd.DataFrame(
+        {"epoch": [1, 2, 3, 4], "train_accuracy": [0.5, 0.7, 0.9, 1.0], "val_accuracy": [0.4, 0.5, 0.6, 0.7]}
+    )
     assert engine.diagnose_overfitting(history, "accuracy") is None
     flat = history.assign(val_accuracy=[0.4, 0.6, 0.6, 0.59])
     assert engine.diagnose_overfitting(flat, "accuracy").startswith("overfitting from epoch 3")
@@ -158,9 +174,14 @@ def test_pretrained_backbone_initialises_a_classifier_and_freezes_layers(project
     pretrain.run(params)
     saved = torch.load("models/pretrain/backbone.pt", weights_only=True)
     assert saved["architecture"] == "resnet18"
-    fine_tune = project.params(**overrides, **{"tasks.classification.model.name": "resnet18",
-                                               "tasks.classification.model.weights": "models/pretrain/backbone.pt",
-                                               "tasks.classification.model.frozen_layers": ["conv1", "bn1", "layer1"]})
+    fine_tune = project.params(
+        **overrides,
+        **{
+            "tasks.classification.model.name": "resnet18",
+            "tasks.classification.model.weights": "models/pretrain/backbone.pt",
+            "tasks.classification.model.frozen_layers": ["conv1", "bn1", "layer1"],
+        },
+    )
     model = get_task("classification", load_params(fine_tune).task("classification")).build_model()
     torch.testing.assert_close(model.layer3[0].conv1.weight, saved["model"]["layer3.0.conv1.weight"])
     assert not model.layer1[0].conv1.weight.requires_grad and model.layer2[0].conv1.weight.requires_grad

@@ -1,5 +1,6 @@
 """Segmentation on tiny data: readers, bad input naming file and rule, mask-aware augmentations,
 MixUp / CutMix alignment, losses on soft targets, models and metrics."""
+
 from __future__ import annotations
 
 import json
@@ -20,9 +21,13 @@ from tasks.validate import ValidationFailed
 
 CLASSES = ["background", "circle", "square", "triangle", "star"]
 COLORS = [[0, 0, 0], [230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200]]
-GEOMETRIC = {"hflip": {"enabled": True, "p": 1.0}, "vflip": {"enabled": True, "p": 1.0},
-             "rotation": {"enabled": True, "p": 1.0, "degrees": 180}, "crop": {"enabled": True, "p": 1.0},
-             "rescale": {"enabled": True, "p": 1.0, "scale": [0.6, 1.4]}}
+GEOMETRIC = {
+    "hflip": {"enabled": True, "p": 1.0},
+    "vflip": {"enabled": True, "p": 1.0},
+    "rotation": {"enabled": True, "p": 1.0, "degrees": 180},
+    "crop": {"enabled": True, "p": 1.0},
+    "rescale": {"enabled": True, "p": 1.0, "scale": [0.6, 1.4]},
+}
 
 
 def _task(project, **extra):
@@ -185,8 +190,13 @@ def test_geometric_transforms_never_create_new_mask_values(project):
             assert set(mask.unique().tolist()) <= set(range(len(CLASSES))) | {255}  # 255: uncovered, not trained
 
 
-@pytest.mark.parametrize("augmentation", [{"rotation": {"enabled": True, "p": 1.0, "degrees": 45, "fill": 127}},
-                                          {"rescale": {"enabled": True, "p": 1.0, "scale": [0.5, 0.6]}}])
+@pytest.mark.parametrize(
+    "augmentation",
+    [
+        {"rotation": {"enabled": True, "p": 1.0, "degrees": 45, "fill": 127}},
+        {"rescale": {"enabled": True, "p": 1.0, "scale": [0.5, 0.6]}},
+    ],
+)
 def test_pixels_a_rotation_or_zoom_out_uncovers_are_not_labelled_class_0(project, augmentation):
     """An EM slice's class 0 is membrane: uncovered corners and borders go to the ignore index, not to class 0."""
     from PIL import Image
@@ -196,7 +206,9 @@ def test_pixels_a_rotation_or_zoom_out_uncovers_are_not_labelled_class_0(project
     torch.manual_seed(0)
     draws_uncovering = 0
     for _ in range(6):
-        image, mask = transforms(Image.new("RGB", (64, 64), (200, 200, 200)), tv_tensors.Mask(torch.ones(64, 64, dtype=torch.uint8)))
+        image, mask = transforms(
+            Image.new("RGB", (64, 64), (200, 200, 200)), tv_tensors.Mask(torch.ones(64, 64, dtype=torch.uint8))
+        )
         uncovered = mask == 255
         draws_uncovering += bool(uncovered.any())
         assert set(mask.unique().tolist()) <= {1, 255}  # never class 0
@@ -208,7 +220,8 @@ def test_pixels_a_rotation_or_zoom_out_uncovers_are_not_labelled_class_0(project
 def test_cutout_sets_the_erased_mask_to_ignore_or_keeps_it(project, fill, expected):
     task = _task(project)
     augment = task.settings.model_fields["augment"].annotation.model_validate(
-        {"cutout": {"enabled": True, "p": 1.0, "scale": [0.2, 0.3], "mask_fill": fill}})
+        {"cutout": {"enabled": True, "p": 1.0, "scale": [0.2, 0.3], "mask_fill": fill}}
+    )
     torch.manual_seed(0)
     image, mask = task.dataset("train", task.train_transforms(augment, None))[0]
     erased = (image == 0).all(0)
@@ -231,7 +244,9 @@ def test_cutmix_pastes_pixels_and_labels_from_the_same_image():
     source = mixed[:, 0].long()  # which image each pixel came from
     pasted = source != torch.arange(6)[:, None, None]
     assert pasted.any() and (~pasted).any()
-    assert (source[pasted] == torch.arange(6).roll(1)[:, None, None].expand_as(source)[pasted]).all()  # from the partner
+    assert (
+        source[pasted] == torch.arange(6).roll(1)[:, None, None].expand_as(source)[pasted]
+    ).all()  # from the partner
     labelled = mixed_masks != 255
     assert torch.equal(mixed_masks[labelled], (source % 5)[labelled])  # label of the pixel's own image
     assert (mixed_masks[~labelled] == 255).all()
@@ -320,9 +335,15 @@ def test_unet_weights_from_a_file_refit_the_head(project, tmp_path):
 
     source = UNet(num_classes=3, width=8, depth=2)
     torch.save({"model": source.state_dict()}, tmp_path / "w.pt")
-    task = _task(project, **{"tasks.segmentation.model.weights": str(tmp_path / "w.pt"),
-                             "tasks.segmentation.model.freeze_backbone": True,
-                             "tasks.segmentation.model.width": 8, "tasks.segmentation.model.depth": 2})
+    task = _task(
+        project,
+        **{
+            "tasks.segmentation.model.weights": str(tmp_path / "w.pt"),
+            "tasks.segmentation.model.freeze_backbone": True,
+            "tasks.segmentation.model.width": 8,
+            "tasks.segmentation.model.depth": 2,
+        },
+    )
     model = task.build_model()
     torch.testing.assert_close(model.encoder[0][0].weight, source.encoder[0][0].weight)
     assert model.head.out_channels == 5

@@ -18,9 +18,14 @@ def _digest(folder):
 
 
 def _cfg():
-    return {"seed": 3, "image_size": 32, "classes": ["circle", "square", "triangle"],
-            "splits": {"train": 0.5, "val": 0.25, "test": 0.25},
-            "classification": {"num_images": 24}, "scenes": {"num_images": 8, "image_size": 48, "max_objects": 3}}
+    return {
+        "seed": 3,
+        "image_size": 32,
+        "classes": ["circle", "square", "triangle"],
+        "splits": {"train": 0.5, "val": 0.25, "test": 0.25},
+        "classification": {"num_images": 24},
+        "scenes": {"num_images": 8, "image_size": 48, "max_objects": 3},
+    }
 
 
 def test_same_seed_gives_identical_files(tmp_path):
@@ -36,7 +41,11 @@ def test_formats(tmp_path):
     shapes.generate(tmp_path, _cfg())
     # ImageFolder: every class in every split
     for split in ("train", "val", "test"):
-        assert sorted(p.name for p in (tmp_path / "classification" / split).iterdir()) == ["circle", "square", "triangle"]
+        assert sorted(p.name for p in (tmp_path / "classification" / split).iterdir()) == [
+            "circle",
+            "square",
+            "triangle",
+        ]
     # class-index masks: single channel, values within background + classes
     for mask_path in (tmp_path / "scenes" / "masks").rglob("*.png"):
         mask = Image.open(mask_path)

@@ -1,5 +1,6 @@
 """Stages that need no model start without torch (issue 33): ``python -m tasks generate`` imports neither torch
 nor torchvision, and still reports bad params in one line."""
+
 from __future__ import annotations
 
 import subprocess
@@ -7,16 +8,23 @@ import sys
 
 from tests.conftest import REPO, tiny_overrides, write_params
 
-CHECK = ("import sys, runpy; sys.argv = ['tasks'] + sys.argv[1:]\n"
-         "try:\n    runpy.run_module('tasks', run_name='__main__')\n"
-         "finally:\n    print('heavy:', sorted(m for m in ('torch', 'torchvision', 'mlflow', 'great_expectations', "
-         "'prefect') if m in sys.modules))")
+CHECK = (
+    "import sys, runpy; sys.argv = ['tasks'] + sys.argv[1:]\n"
+    "try:\n    runpy.run_module('tasks', run_name='__main__')\n"
+    "finally:\n    print('heavy:', sorted(m for m in ('torch', 'torchvision', 'mlflow', 'great_expectations', "
+    "'prefect') if m in sys.modules))"
+)
 
 
 def _generate(folder, overrides: dict) -> subprocess.CompletedProcess:
     params = write_params(folder, overrides)
-    return subprocess.run([sys.executable, "-c", CHECK, "generate", "--params", str(params)], cwd=folder,
-                          capture_output=True, text=True, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+    return subprocess.run(
+        [sys.executable, "-c", CHECK, "generate", "--params", str(params)],
+        cwd=folder,
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
+    )
 
 
 def test_generate_starts_without_torch(tmp_path):

@@ -1,6 +1,7 @@
 """The team setup on real engines, all on 127.0.0.1: a stage logging to an MLflow tracking server
 (SQL backend, proxied artifact store); a DVC remote pushed from one clone and pulled into another.
 The Prefect work pool with two workers is in tests/test_prefect_workers.py."""
+
 from __future__ import annotations
 
 import json
@@ -46,7 +47,9 @@ def wait_http(url: str, proc: subprocess.Popen, log: Path, seconds: float = 120)
 
 def start(cmd: list[str], log: Path, **extra_env) -> subprocess.Popen:
     """A server in its own process group, so that stopping it stops the workers it forks."""
-    return subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env(**extra_env), start_new_session=True)
+    return subprocess.Popen(
+        cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env(**extra_env), start_new_session=True
+    )
 
 
 def stop(proc: subprocess.Popen) -> None:
@@ -65,9 +68,24 @@ def mlflow_server(tmp_path):
     store = tmp_path / "server"
     store.mkdir()
     log = tmp_path / "mlflow-server.log"
-    proc = start(["mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-                  "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}",
-                  "--serve-artifacts", "--artifacts-destination", str(store / "artifacts")], log)
+    proc = start(
+        [
+            "mlflow",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            f"sqlite:///{store / 'mlflow.db'}",
+            "--serve-artifacts",
+            "--artifacts-destination",
+            str(store / "artifacts"),
+        ],
+        log,
+    )
     try:
         wait_http(f"http://127.0.0.1:{port}/health", proc, log)
         yield f"http://127.0.0.1:{port}", store
@@ -108,12 +126,20 @@ def test_stage_logs_to_an_mlflow_tracking_server(project, mlflow_server, monkeyp
 
 
 def git(folder: Path, *args) -> None:
-    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=folder, check=True, capture_output=True)
+    subprocess.run(
+        ["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=folder, check=True, capture_output=True
+    )
 
 
 def dvc(folder: Path, *args, timeout: int = 900) -> subprocess.CompletedProcess:
-    out = subprocess.run(["dvc", *args], cwd=folder, capture_output=True, text=True, env=env(CV_PIPELINE_RUN_ID="e2e-remote"),
-                         timeout=timeout)
+    out = subprocess.run(
+        ["dvc", *args],
+        cwd=folder,
+        capture_output=True,
+        text=True,
+        env=env(CV_PIPELINE_RUN_ID="e2e-remote"),
+        timeout=timeout,
+    )
     assert out.returncode == 0, " ".join(args) + "\n" + out.stdout[-3000:] + out.stderr[-3000:]
     return out
 
@@ -126,8 +152,12 @@ def test_dvc_push_then_pull_into_a_second_clone_reproduces_nothing(tmp_path):
     (same commit) pulls, and its `dvc repro` retrains nothing: the same model bytes and metrics."""
     from tests.test_e2e_classification import make_repo
 
-    tiny = {"tasks.classification.train.epochs": 1, "tasks.classification.overfit_check.enabled": False,
-            "shapes.classification.num_images": 96, "pretrain.epochs": 1}
+    tiny = {
+        "tasks.classification.train.epochs": 1,
+        "tasks.classification.overfit_check.enabled": False,
+        "shapes.classification.num_images": 96,
+        "pretrain.epochs": 1,
+    }
     origin = make_repo(tmp_path / "origin", keep_tasks=["classification"], **tiny)
     remote = tmp_path / "dvc-remote"
     dvc(origin, "remote", "add", "-d", "shared", str(remote))

@@ -40,12 +40,16 @@ def test_interrupted_training_resumes_from_last_checkpoint(project, capsys):
     from cv_models.normalize import load_normalizer
 
     norm = load_normalizer("outputs/classification/normstats", cfg.normalization)
-    train, val = task.dataset("train", task.train_transforms(None, norm)), task.dataset("val", task.eval_transforms(norm))
+    train, val = (
+        task.dataset("train", task.train_transforms(None, norm)),
+        task.dataset("val", task.eval_transforms(norm)),
+    )
 
     def fit(model_path, ckpt, stop_at=None):
         def log(metrics, epoch):
             if epoch == stop_at:
                 raise KeyboardInterrupt
+
         torch.manual_seed(0)
         return engine.fit(task, task.build_model(), train, val, cfg.train, 0, model_path, ckpt, log_metrics=log)
 
@@ -74,7 +78,9 @@ def test_resume_ignores_a_checkpoint_of_other_settings(project, capsys):
 
 
 def test_overfit_check_failure_is_clear(project):
-    params = project.params(**{"tasks.classification.overfit_check.lr": 1e-9, "tasks.classification.overfit_check.steps": 5})
+    params = project.params(
+        **{"tasks.classification.overfit_check.lr": 1e-9, "tasks.classification.overfit_check.steps": 5}
+    )
     normstats.run("classification", params)
     with pytest.raises(engine.OverfitCheckFailed, match="cannot fit even a single batch"):
         baseline.run("classification", params)

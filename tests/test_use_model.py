@@ -4,6 +4,7 @@ Model Registry's champion, served over HTTP by `mlflow models serve` (127.0.0.1,
 `mlflow models predict`: both answer like `python -m tasks predict` (classification and detection).
 
 One tiny project trains every task for two epochs (module fixture); every test here uses its models."""
+
 from __future__ import annotations
 
 import json
@@ -28,15 +29,25 @@ from tests.conftest import REPO, TINY, write_params
 TASKS = ("classification", "segmentation", "detection", "instance_segmentation")
 DATASETS = Path(os.environ.get("CV_SHARED_DATASETS") or REPO.parent / "shared" / "datasets")  # the env: from a worktree
 SIZE = (48, 64)  # height, width of the dense tasks and detection
-TEST_INPUT = {"classification": "data/shapes/classification/test", "segmentation": "data/shapes/scenes/images/test",
-              "detection": "data/shapes/scenes/images/test", "instance_segmentation": "data/shapes/scenes/images/test"}
+TEST_INPUT = {
+    "classification": "data/shapes/classification/test",
+    "segmentation": "data/shapes/scenes/images/test",
+    "detection": "data/shapes/scenes/images/test",
+    "instance_segmentation": "data/shapes/scenes/images/test",
+}
 
 
 def overrides() -> dict:
     ov = dict(TINY)
     for t in TASKS:
-        ov.update({f"tasks.{t}.train.epochs": 2, f"tasks.{t}.overfit_check.enabled": False, f"tasks.{t}.train.num_threads": 1,
-                   f"tasks.{t}.preview_samples": 4})
+        ov.update(
+            {
+                f"tasks.{t}.train.epochs": 2,
+                f"tasks.{t}.overfit_check.enabled": False,
+                f"tasks.{t}.train.num_threads": 1,
+                f"tasks.{t}.preview_samples": 4,
+            }
+        )
     for t in TASKS[1:]:  # non-square, below the 64 x 64 scenes: the evaluation scores at each image's own size
         ov[f"tasks.{t}.image_size"] = list(SIZE)
     return ov
@@ -101,7 +112,11 @@ def predicted_metric(root: Path, name: str, out: Path) -> dict[str, float]:
         cm = torch.zeros(n, n, dtype=torch.long)
         for im in json.loads((out / "images.json").read_text()):
             pred = torch.from_numpy(np.asarray(Image.open(out / im["mask"])).astype(np.int64))
-            truth = torch.from_numpy(np.asarray(Image.open(root / "data/shapes/scenes/masks/test" / (Path(im["file_name"]).stem + ".png"))).astype(np.int64))
+            truth = torch.from_numpy(
+                np.asarray(
+                    Image.open(root / "data/shapes/scenes/masks/test" / (Path(im["file_name"]).stem + ".png"))
+                ).astype(np.int64)
+            )
             assert pred.shape == truth.shape
             cm += confusion(pred, truth, n, task.ignore_index)
         return task._score(cm).metrics
@@ -132,8 +147,12 @@ def test_predictions_on_the_test_split_give_the_evaluate_stages_metric(trained, 
     assert summary["images_per_second"] > 0 and (out / "summary.md").exists()
     got = predicted_metric(trained, name, out)
     stage = registered["stage"]  # "best" is the registered one: the better validation metric
-    keys = {"classification": ["accuracy"], "segmentation": ["miou", "pixel_accuracy"], "detection": ["map50", "map"],
-            "instance_segmentation": ["mask_map50", "box_map50", "mask_map"]}[name]
+    keys = {
+        "classification": ["accuracy"],
+        "segmentation": ["miou", "pixel_accuracy"],
+        "detection": ["map50", "map"],
+        "instance_segmentation": ["mask_map50", "box_map50", "mask_map"],
+    }[name]
     for key in keys:
         assert got[key] == pytest.approx(metrics[stage][key], abs=1e-6), (key, got[key], metrics[stage][key])
     if name != "classification":  # an overlay per image for the dense tasks
@@ -174,7 +193,10 @@ def test_evaluate_details_rescore_to_the_reported_metric_at_each_images_own_size
             from sklearn.metrics import accuracy_score, f1_score
 
             df = pd.read_csv(details / f"predictions_{model}.csv")
-            assert len(df) == metrics["n_test"] and df["file"].map(lambda f: Path(f).parent.name).eq(df["true_class"]).all()
+            assert (
+                len(df) == metrics["n_test"]
+                and df["file"].map(lambda f: Path(f).parent.name).eq(df["true_class"]).all()
+            )
             assert np.allclose(df[[f"prob_{c}" for c in names]].sum(1), 1, atol=1e-4)
             assert accuracy_score(df["true_class"], df["predicted_class"]) == pytest.approx(m["accuracy"], abs=1e-9)
             f1 = f1_score(df["true_class"], df["predicted_class"], labels=names, average="macro", zero_division=0)
@@ -197,22 +219,33 @@ def test_evaluate_details_rescore_to_the_reported_metric_at_each_images_own_size
             from pycocotools.coco import COCO
             from pycocotools.cocoeval import COCOeval
 
-            gt_file, dt_file = (("ground_truth_test.json", f"predictions_{model}.json") if name == "detection"
-                                else ("coco_ground_truth.json", f"coco_results_{model}.json"))
+            gt_file, dt_file = (
+                ("ground_truth_test.json", f"predictions_{model}.json")
+                if name == "detection"
+                else ("coco_ground_truth.json", f"coco_results_{model}.json")
+            )
             gt = COCO(str(details / gt_file))
             for im in gt.dataset["images"]:  # the original images, by file name and size
                 assert name != "detection" or im["source_id"] is not None  # its id in the dataset's own annotations
-                assert Image.open(trained / "data/shapes/scenes/images/test" / Path(im["file_name"]).name).size == (im["width"], im["height"])
+                assert Image.open(trained / "data/shapes/scenes/images/test" / Path(im["file_name"]).name).size == (
+                    im["width"],
+                    im["height"],
+                )
             results = json.loads((details / dt_file).read_text())
             assert results and all(0 <= r["bbox"][0] + r["bbox"][2] <= 64 + 1e-3 for r in results)
             for iou_type, prefix in (("bbox", "") if name == "detection" else ("bbox", "box_"), ("segm", "mask_"))[
-                                     : 1 if name == "detection" else 2]:
+                : 1 if name == "detection" else 2
+            ]:
                 ev = COCOeval(gt, gt.loadRes(str(details / dt_file)), iou_type)
                 ev.evaluate(), ev.accumulate(), ev.summarize()
                 assert m[f"{prefix}map"] == pytest.approx(max(ev.stats[0], 0), abs=1e-9)
                 assert m[f"{prefix}map50"] == pytest.approx(max(ev.stats[1], 0), abs=1e-9)
-            keys = ("map", "map50", "map75") if name == "detection" else ("box_map", "box_map50", "mask_map", "mask_map50")
-            assert ran["printed"] == pytest.approx({k: m[k] for k in ran["printed"]}, abs=1e-9) and set(keys) <= set(ran["printed"])
+            keys = (
+                ("map", "map50", "map75") if name == "detection" else ("box_map", "box_map50", "mask_map", "mask_map50")
+            )
+            assert ran["printed"] == pytest.approx({k: m[k] for k in ran["printed"]}, abs=1e-9) and set(keys) <= set(
+                ran["printed"]
+            )
 
 
 @pytest.mark.parametrize("name", TASKS)
@@ -244,7 +277,10 @@ def test_outputs_are_at_the_inputs_own_resolution(trained, name, monkeypatch, tm
         assert -1e-3 <= x and x + w <= 150 + 1e-3 and -1e-3 <= y and y + h <= 90 + 1e-3
         if name == "instance_segmentation":
             assert r["segmentation"]["size"] == [90, 150]
-            assert mask_utils.decode({**r["segmentation"], "counts": r["segmentation"]["counts"].encode()}).shape == (90, 150)
+            assert mask_utils.decode({**r["segmentation"], "counts": r["segmentation"]["counts"].encode()}).shape == (
+                90,
+                150,
+            )
 
 
 def test_bad_inputs_are_named_and_the_other_images_still_predicted(trained, monkeypatch, tmp_path, capsys):
@@ -271,7 +307,9 @@ def test_bad_inputs_are_named_and_the_other_images_still_predicted(trained, monk
     assert any("gray.png: mode L converted to RGB" in n for n in summary["notes"])
     assert any("rgba.png: mode RGBA converted to RGB" in n for n in summary["notes"])
 
-    code = main(["predict", "--task", "classification", "--input", str(folder), "--out", str(tmp_path / "strict"), "--strict"])
+    code = main(
+        ["predict", "--task", "classification", "--input", str(folder), "--out", str(tmp_path / "strict"), "--strict"]
+    )
     assert code == 1 and "1 of 5 input(s) skipped" in capsys.readouterr().err  # --strict: any skipped file fails
     assert len(pd.read_csv(tmp_path / "strict" / "predictions.csv")) == 4  # ... after writing the others
 
@@ -279,14 +317,41 @@ def test_bad_inputs_are_named_and_the_other_images_still_predicted(trained, monk
     empty.mkdir()
     assert main(["predict", "--task", "classification", "--input", str(empty), "--out", str(tmp_path / "o2")]) == 1
     assert "folder holds no image files" in capsys.readouterr().err
-    assert main(["predict", "--task", "classification", "--input", str(tmp_path / "*.jpeg"), "--out", str(tmp_path / "o3")]) == 1
+    assert (
+        main(
+            ["predict", "--task", "classification", "--input", str(tmp_path / "*.jpeg"), "--out", str(tmp_path / "o3")]
+        )
+        == 1
+    )
     assert "the pattern matches no file" in capsys.readouterr().err
 
-    code = main(["predict", "--task", "segmentation", "--model", "models/classification/augmented/model.pt",
-                 "--input", str(folder / "good0.png"), "--out", str(tmp_path / "o4")])
+    code = main(
+        [
+            "predict",
+            "--task",
+            "segmentation",
+            "--model",
+            "models/classification/augmented/model.pt",
+            "--input",
+            str(folder / "good0.png"),
+            "--out",
+            str(tmp_path / "o4"),
+        ]
+    )
     assert code == 1 and "is a 'classification' model, not 'segmentation'" in capsys.readouterr().err
-    code = main(["predict", "--task", "classification", "--model", str(folder / "broken.png"),
-                 "--input", str(folder / "good0.png"), "--out", str(tmp_path / "o5")])
+    code = main(
+        [
+            "predict",
+            "--task",
+            "classification",
+            "--model",
+            str(folder / "broken.png"),
+            "--input",
+            str(folder / "good0.png"),
+            "--out",
+            str(tmp_path / "o5"),
+        ]
+    )
     assert code == 1 and "not readable as a model file" in capsys.readouterr().err
 
 
@@ -299,8 +364,9 @@ def png_declaring(path: Path, width: int, height: int) -> Path:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0\0\0\0"))
-                     + chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0\0\0\0")) + chunk(b"IEND", b"")
+    )
     return path
 
 
@@ -322,7 +388,10 @@ def test_predict_skips_a_bomb_and_notes_a_1x1_image_and_writes_the_rest(trained,
     code = main(["predict", "--task", "classification", "--input", str(folder), "--out", str(out)])
     err = capsys.readouterr().err
     assert code == 0, err
-    assert "bomb.png: 20000x20000 declared, DecompressionBombError (rule: at most" in err and "skipped 2 of 7 input(s)" in err
+    assert (
+        "bomb.png: 20000x20000 declared, DecompressionBombError (rule: at most" in err
+        and "skipped 2 of 7 input(s)" in err
+    )
     assert "huge.png: 5000x10 (rule: width and height at most data.max_size 4096)" in err
     df = pd.read_csv(out / "predictions.csv")
     assert sorted(Path(f).name for f in df["file"]) == ["good0.png", "good1.png", "good2.png", "good3.png", "tiny.png"]
@@ -343,10 +412,13 @@ def test_predict_skips_a_bomb_and_notes_a_1x1_image_and_writes_the_rest(trained,
 
 
 @pytest.mark.skipif(not DATASETS.is_dir(), reason=f"{DATASETS} is absent (the shared real datasets)")
-@pytest.mark.parametrize("name, pattern, size", [
-    ("classification", "trashnet150/data/dataset-resized/cardboard/cardboard1*.jpg", None),
-    ("detection", "bccd/BCCD/JPEGImages/BloodImage_0000[0-2].jpg", (640, 480)),
-])
+@pytest.mark.parametrize(
+    "name, pattern, size",
+    [
+        ("classification", "trashnet150/data/dataset-resized/cardboard/cardboard1*.jpg", None),
+        ("detection", "bccd/BCCD/JPEGImages/BloodImage_0000[0-2].jpg", (640, 480)),
+    ],
+)
 def test_predict_on_a_real_dataset(trained, monkeypatch, tmp_path, name, pattern, size):
     """The shapes-trained models on real photographs: every file read, predicted and written at its own size."""
     import glob
@@ -365,7 +437,9 @@ def test_predict_on_a_real_dataset(trained, monkeypatch, tmp_path, name, pattern
         assert len(pd.read_csv(tmp_path / "predictions.csv")) == len(files)
 
 
-def test_registered_champion_predicts_like_the_best_model_and_keeps_the_alias_unless_beaten(trained, monkeypatch, tmp_path):
+def test_registered_champion_predicts_like_the_best_model_and_keeps_the_alias_unless_beaten(
+    trained, monkeypatch, tmp_path
+):
     import mlflow
 
     from tasks import evaluate
@@ -375,9 +449,13 @@ def test_registered_champion_predicts_like_the_best_model_and_keeps_the_alias_un
     _, registered = evaluated(trained, "classification")
     assert registered["name"] == "cv-classification" and registered["champion_version"] == registered["version"]
     a = predict.run("classification", "best", TEST_INPUT["classification"], tmp_path / "best")
-    b = predict.run("classification", "models:/cv-classification@champion", TEST_INPUT["classification"], tmp_path / "champ")
+    b = predict.run(
+        "classification", "models:/cv-classification@champion", TEST_INPUT["classification"], tmp_path / "champ"
+    )
     assert a["images"] == b["images"]
-    assert pd.read_csv(tmp_path / "best" / "predictions.csv").equals(pd.read_csv(tmp_path / "champ" / "predictions.csv"))
+    assert pd.read_csv(tmp_path / "best" / "predictions.csv").equals(
+        pd.read_csv(tmp_path / "champ" / "predictions.csv")
+    )
 
     evaluate.run("classification", trained / "params.yaml")  # the same models on the same data: no better, alias stays
     _, again = evaluated(trained, "classification")
@@ -397,8 +475,12 @@ def test_registered_champion_predicts_like_the_best_model_and_keeps_the_alias_un
     assert version.tags["git_commit"] == git_commit()  # the project folder's commit ("unknown" outside git)
     assert version.tags["params_hash"] == config_hash(load_params(trained / "params.yaml").task("classification"))
     assert float(version.tags["test.accuracy"]) == pytest.approx(test_metrics[again["stage"]]["accuracy"], abs=1e-6)
-    assert version.tags["data_version"] == json.loads((trained / "outputs/classification/validate/report.json").read_text())[
-        "data_version"]["all"]["digest"]
+    assert (
+        version.tags["data_version"]
+        == json.loads((trained / "outputs/classification/validate/report.json").read_text())["data_version"]["all"][
+            "digest"
+        ]
+    )
     from tasks.report import results_table
 
     assert f"cv-classification v{again['version']}" in results_table(list(TASKS))
@@ -494,9 +576,28 @@ def served(trained):
     def start(task: str):
         port = free_port()
         log = open(trained / f"serve-{task}.log", "w")
-        proc = subprocess.Popen([MLFLOW, "models", "serve", "-m", f"models:/cv-{task.replace('_', '-')}@champion",
-                                 "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port), "-w", "1"],
-                                cwd=trained, env=env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            [
+                MLFLOW,
+                "models",
+                "serve",
+                "-m",
+                f"models:/cv-{task.replace('_', '-')}@champion",
+                "--env-manager",
+                "local",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(port),
+                "-w",
+                "1",
+            ],
+            cwd=trained,
+            env=env(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         procs.append(proc)
         deadline = time.time() + 180
         while time.time() < deadline:
@@ -511,8 +612,9 @@ def served(trained):
 
         def post(images: np.ndarray) -> list[dict]:
             body = json.dumps({"inputs": images.tolist()}).encode()
-            req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
-                                         headers={"Content-Type": "application/json"})
+            req = urllib.request.Request(
+                f"http://127.0.0.1:{port}/invocations", data=body, headers={"Content-Type": "application/json"}
+            )
             with urllib.request.urlopen(req, timeout=120) as r:
                 return json.loads(r.read())["predictions"]
 
@@ -530,7 +632,10 @@ def predicted_rows(trained: Path, task: str, files: list[Path], out: Path) -> li
     for k, f in enumerate(files):  # one file per call: image ids start at 1, as in a one-image request
         predict.run(task, "models:/cv-" + task.replace("_", "-") + "@champion", str(f), out / str(k))
     if task == "classification":
-        return [pd.read_csv(out / str(k) / "predictions.csv").drop(columns=["file"]).iloc[0].to_dict() for k in range(len(files))]
+        return [
+            pd.read_csv(out / str(k) / "predictions.csv").drop(columns=["file"]).iloc[0].to_dict()
+            for k in range(len(files))
+        ]
     return [json.loads((out / str(k) / "coco_results.json").read_text()) for k in range(len(files))]
 
 
@@ -563,7 +668,9 @@ def test_served_champion_answers_like_the_predict_command(trained, served, task,
 def raw_post(port: int, headers: dict, body: bytes = b"") -> tuple[int, bytes]:
     """One POST /invocations on a plain socket (a declared length need not be sent): status and reply body."""
     with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
-        head = "".join(f"{k}: {v}\r\n" for k, v in {"Host": "127.0.0.1", "Content-Type": "application/json", **headers}.items())
+        head = "".join(
+            f"{k}: {v}\r\n" for k, v in {"Host": "127.0.0.1", "Content-Type": "application/json", **headers}.items()
+        )
         sock.sendall(f"POST /invocations HTTP/1.1\r\n{head}\r\n".encode() + body)
         reply = b""
         while chunk := sock.recv(65536):
@@ -580,9 +687,24 @@ def test_served_model_refuses_a_request_over_the_size_limit_with_413(trained, tm
     params = tmp_path / "params.yaml"
     raw = yaml.safe_load((trained / "params.yaml").read_text())
     params.write_text(yaml.safe_dump({**raw, "serving": {**raw.get("serving", {}), "max_request_mb": 1}}))
-    proc = subprocess.Popen([sys.executable, "-m", "tasks.use.serve_model", "--task", "classification", "--params", str(params),
-                             "--port", str(port)], cwd=trained, env={**env(), "PYTHONPATH": str(REPO)},
-                            stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tasks.use.serve_model",
+            "--task",
+            "classification",
+            "--params",
+            str(params),
+            "--port",
+            str(port),
+        ],
+        cwd=trained,
+        env={**env(), "PYTHONPATH": str(REPO)},
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         deadline = time.time() + 180
         while True:
@@ -592,7 +714,9 @@ def test_served_model_refuses_a_request_over_the_size_limit_with_413(trained, tm
                 break
             except OSError:
                 time.sleep(1)
-        image = np.asarray(Image.open(sorted(Path(trained, TEST_INPUT["classification"]).rglob("*.png"))[0]).convert("RGB"))
+        image = np.asarray(
+            Image.open(sorted(Path(trained, TEST_INPUT["classification"]).rglob("*.png"))[0]).convert("RGB")
+        )
         small = json.dumps({"inputs": image[None].tolist()}).encode()
         status, reply = raw_post(port, {"Content-Length": len(small), "Connection": "close"}, small)
         assert status == 200 and len(json.loads(reply)["predictions"]) == 1  # under the limit: answered as before
@@ -602,7 +726,9 @@ def test_served_model_refuses_a_request_over_the_size_limit_with_413(trained, tm
         assert status == 413 and b"serving.max_request_mb" in reply and b"[[" not in reply  # the input is not echoed
         status, _ = raw_post(port, {"Content-Length": 200 * 1024 * 1024})  # declared: refused before any byte is read
         assert status == 413
-        chunked = b"".join(b"%x\r\n%s\r\n" % (len(part), part) for part in (big[:600_000], big[600_000:])) + b"0\r\n\r\n"
+        chunked = (
+            b"".join(b"%x\r\n%s\r\n" % (len(part), part) for part in (big[:600_000], big[600_000:])) + b"0\r\n\r\n"
+        )
         status, _ = raw_post(port, {"Transfer-Encoding": "chunked", "Connection": "close"}, chunked)
         assert status == 413  # no declared length: counted while it arrives
     finally:
@@ -615,10 +741,31 @@ def test_mlflow_models_predict_gives_the_same_class_as_the_predict_command(train
     monkeypatch.chdir(trained)
     files = sorted(Path(TEST_INPUT["classification"]).rglob("*.png"))[:1]
     want = predicted_rows(trained, "classification", files, tmp_path)[0]
-    (tmp_path / "input.json").write_text(json.dumps({"inputs": np.asarray(Image.open(files[0]).convert("RGB"))[None].tolist()}))
-    result = subprocess.run([MLFLOW, "models", "predict", "-m", "models:/cv-classification@champion", "-i", str(tmp_path / "input.json"),
-                             "-t", "json", "-o", str(tmp_path / "out.json"), "--env-manager", "local"],
-                            cwd=trained, env=env(), capture_output=True, text=True, timeout=300)
+    (tmp_path / "input.json").write_text(
+        json.dumps({"inputs": np.asarray(Image.open(files[0]).convert("RGB"))[None].tolist()})
+    )
+    result = subprocess.run(
+        [
+            MLFLOW,
+            "models",
+            "predict",
+            "-m",
+            "models:/cv-classification@champion",
+            "-i",
+            str(tmp_path / "input.json"),
+            "-t",
+            "json",
+            "-o",
+            str(tmp_path / "out.json"),
+            "--env-manager",
+            "local",
+        ],
+        cwd=trained,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     got = json.loads((tmp_path / "out.json").read_text())
     got = got["predictions"] if isinstance(got, dict) else got

@@ -1,4 +1,5 @@
 """Bad input: a clear error naming the file and the rule, and a complete report (nothing half-written)."""
+
 import json
 import shutil
 
@@ -87,7 +88,9 @@ def test_identical_file_in_two_splits(project):
 
 def test_undeclared_label(project):
     with pytest.raises(ValidationFailed, match="label in the declared classes"):
-        validate.run("classification", project.params(**{"tasks.classification.data.classes": ["circle", "square", "triangle"]}))
+        validate.run(
+            "classification", project.params(**{"tasks.classification.data.classes": ["circle", "square", "triangle"]})
+        )
 
 
 def test_image_too_small(project):
@@ -99,7 +102,9 @@ def test_image_too_small(project):
 
 def test_missing_dataset_path(project):
     with pytest.raises(ValidationFailed, match="does not exist"):
-        validate.run("classification", project.params(**{"tasks.classification.data.path": str(project.root / "nowhere")}))
+        validate.run(
+            "classification", project.params(**{"tasks.classification.data.path": str(project.root / "nowhere")})
+        )
     assert not _report()["success"]
 
 
@@ -119,7 +124,9 @@ def test_split_from_seed(project):
     flat = project.root / "flat"
     for cls_dir in (project.classification / "train").iterdir():
         shutil.copytree(cls_dir, flat / cls_dir.name)
-    params = project.params(**{"tasks.classification.data.path": str(flat), "tasks.classification.data.split_from": "seed"})
+    params = project.params(
+        **{"tasks.classification.data.path": str(flat), "tasks.classification.data.split_from": "seed"}
+    )
     report = validate.run("classification", params)
     assert report["success"]
     from cv_models import get_task

@@ -2,6 +2,7 @@
 size x size, Adam at a fixed learning rate, cross-entropy; the last weights predict the test split.
 With ``pretrained: timm:<arch>`` in its settings: that timm classifier from the same ImageNet weights the pipeline
 resolves (cv_models/weights.py), normalised as those weights expect; the rest of the loop stays plain."""
+
 from __future__ import annotations
 
 import sys

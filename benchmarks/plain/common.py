@@ -2,6 +2,7 @@
 
 A plain script is what one writes by hand from the torchvision docs: a model, the images preloaded in
 memory as tensors, a loop with a fixed optimiser, no validation split, the last weights scored."""
+
 from __future__ import annotations
 
 import argparse
@@ -61,8 +62,10 @@ def train_within(budget_s: float, epoch: Callable[[int], float]) -> dict:
 
 
 def batches(n: int, batch_size: int, epoch: int, seed: int) -> list[list[int]]:
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(epoch + 100_003 * seed)).tolist()  # seed 0: as before
-    return [order[i:i + batch_size] for i in range(0, n - batch_size + 1, batch_size)] or [order]
+    order = torch.randperm(
+        n, generator=torch.Generator().manual_seed(epoch + 100_003 * seed)
+    ).tolist()  # seed 0: as before
+    return [order[i : i + batch_size] for i in range(0, n - batch_size + 1, batch_size)] or [order]
 
 
 def finish(out: str, info: dict) -> None:

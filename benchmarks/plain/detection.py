@@ -4,6 +4,7 @@ random horizontal flip, SGD(lr, momentum 0.9, weight decay 5e-4) with the tutori
 first epoch; results on the test split in the image's own pixels as COCO results.
 With ``pretrained: timm:<arch>`` in its settings: the pipeline's FPN over that timm encoder (strides 8-32) from the
 ImageNet weights the pipeline resolves, normalised as they expect; anchors and RoI pooling for its four levels."""
+
 from __future__ import annotations
 
 import json
@@ -27,12 +28,23 @@ def load_split(items: list[dict], size: int, masks: bool) -> list[tuple[torch.Te
         image = load_rgb(it["path"])
         sx, sy = size / image.width, size / image.height
         keep = [k for k, c in enumerate(it.get("iscrowd") or [0] * len(it["labels"])) if c == 0]
-        boxes = torch.tensor([it["boxes"][k] for k in keep], dtype=torch.float32).reshape(-1, 4) * torch.tensor([sx, sy, sx, sy])
+        boxes = torch.tensor([it["boxes"][k] for k in keep], dtype=torch.float32).reshape(-1, 4) * torch.tensor(
+            [sx, sy, sx, sy]
+        )
         target = {"boxes": boxes, "labels": torch.tensor([it["labels"][k] for k in keep], dtype=torch.int64)}
         if masks:
-            m = [mask_utils.decode({"size": it["masks"][k]["size"], "counts": it["masks"][k]["counts"].encode()}) for k in keep]
-            target["masks"] = ((F.interpolate(torch.from_numpy(np.stack(m)).float()[None], size=(size, size), mode="nearest")[0] > 0.5)
-                               .to(torch.uint8) if m else torch.zeros((0, size, size), dtype=torch.uint8))
+            m = [
+                mask_utils.decode({"size": it["masks"][k]["size"], "counts": it["masks"][k]["counts"].encode()})
+                for k in keep
+            ]
+            target["masks"] = (
+                (
+                    F.interpolate(torch.from_numpy(np.stack(m)).float()[None], size=(size, size), mode="nearest")[0]
+                    > 0.5
+                ).to(torch.uint8)
+                if m
+                else torch.zeros((0, size, size), dtype=torch.uint8)
+            )
         out.append((to_tensor(image, size), target))
     return out
 
@@ -64,9 +76,13 @@ def build_backbone(s: dict) -> tuple[torch.nn.Module, dict]:
     resolved = resolve_imagenet(s["pretrained"])
     load_pretrained(pretrained_trunk(backbone), resolved)
     anchors = AnchorGenerator(((32,), (64,), (128,), (256,)), ((0.5, 1.0, 2.0),) * 4)
-    return backbone, {"rpn_anchor_generator": anchors, "box_roi_pool": MultiScaleRoIAlign(["0", "1", "2"], 7, 2),
-                      "image_mean": list(resolved.convention.mean), "image_std": list(resolved.convention.std),
-                      **({"mask_roi_pool": MultiScaleRoIAlign(["0", "1", "2"], 14, 2)} if s.get("masks") else {})}
+    return backbone, {
+        "rpn_anchor_generator": anchors,
+        "box_roi_pool": MultiScaleRoIAlign(["0", "1", "2"], 7, 2),
+        "image_mean": list(resolved.convention.mean),
+        "image_std": list(resolved.convention.std),
+        **({"mask_roi_pool": MultiScaleRoIAlign(["0", "1", "2"], 14, 2)} if s.get("masks") else {}),
+    }
 
 
 def main() -> None:
@@ -74,11 +90,19 @@ def main() -> None:
     s, m = args.settings, args.manifest
     size, masks = s["size"], bool(s.get("masks"))
     dev = args.device
-    train = [(x.to(dev), {k: v.to(dev) for k, v in t.items()}) for x, t in load_split(m["splits"]["train"], size, masks)]
+    train = [
+        (x.to(dev), {k: v.to(dev) for k, v in t.items()}) for x, t in load_split(m["splits"]["train"], size, masks)
+    ]
     backbone, extra = build_backbone(s)
     kind = torchvision.models.detection.MaskRCNN if masks else torchvision.models.detection.FasterRCNN
-    model = kind(backbone, num_classes=len(m["classes"]) + 1, min_size=size, max_size=size,
-                 box_detections_per_img=s.get("detections_per_img", 100), **extra).to(dev)
+    model = kind(
+        backbone,
+        num_classes=len(m["classes"]) + 1,
+        min_size=size,
+        max_size=size,
+        box_detections_per_img=s.get("detections_per_img", 100),
+        **extra,
+    ).to(dev)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=s["lr"], momentum=0.9, weight_decay=5e-4)
     steps_per_epoch = max(len(train) // s["batch_size"], 1)
@@ -109,9 +133,18 @@ def main() -> None:
             sx, sy = image.width / size, image.height / size
             boxes = out["boxes"] * torch.tensor([sx, sy, sx, sy])
             if masks and len(out["masks"]):
-                full = F.interpolate(out["masks"], size=(image.height, image.width), mode="bilinear", align_corners=False)
-            for k, ((x0, y0, x1, y1), score, label) in enumerate(zip(boxes.tolist(), out["scores"].tolist(), out["labels"].tolist())):
-                r = {"image_id": image_id, "category_id": int(label), "bbox": [x0, y0, x1 - x0, y1 - y0], "score": float(score)}
+                full = F.interpolate(
+                    out["masks"], size=(image.height, image.width), mode="bilinear", align_corners=False
+                )
+            for k, ((x0, y0, x1, y1), score, label) in enumerate(
+                zip(boxes.tolist(), out["scores"].tolist(), out["labels"].tolist())
+            ):
+                r = {
+                    "image_id": image_id,
+                    "category_id": int(label),
+                    "bbox": [x0, y0, x1 - x0, y1 - y0],
+                    "score": float(score),
+                }
                 if masks:
                     rle = mask_utils.encode(np.asfortranarray((full[k, 0] > 0.5).numpy().astype(np.uint8)))
                     r["segmentation"] = {"size": rle["size"], "counts": rle["counts"].decode()}

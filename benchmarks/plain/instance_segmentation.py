@@ -1,5 +1,6 @@
 """Plain torchvision instance segmentation: the detection tutorial's loop with Mask R-CNN
 (benchmarks/plain/detection.py with masks on)."""
+
 from __future__ import annotations
 
 import json

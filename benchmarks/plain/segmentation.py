@@ -4,6 +4,7 @@ Adam, cross-entropy; test logits resized back to each image's own size, then arg
 With ``pretrained: timm:<arch>`` in its settings: the same U-Net decoder on that timm encoder from the ImageNet
 weights the pipeline resolves (cv_models/nets/timm_unet.py, cv_models/weights.py), normalised as those weights
 expect; the loop stays plain."""
+
 from __future__ import annotations
 
 import json
@@ -21,8 +22,14 @@ from common import batches, finish, load_rgb, parse_args, to_tensor, train_withi
 
 
 def block(a: int, b: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(a, b, 3, padding=1), nn.BatchNorm2d(b), nn.ReLU(inplace=True),
-                         nn.Conv2d(b, b, 3, padding=1), nn.BatchNorm2d(b), nn.ReLU(inplace=True))
+    return nn.Sequential(
+        nn.Conv2d(a, b, 3, padding=1),
+        nn.BatchNorm2d(b),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(b, b, 3, padding=1),
+        nn.BatchNorm2d(b),
+        nn.ReLU(inplace=True),
+    )
 
 
 class UNet(nn.Module):
@@ -69,8 +76,12 @@ def main() -> None:
     mean, std = x.mean((0, 2, 3))[:, None, None], x.std((0, 2, 3))[:, None, None]  # the train split's statistics
     model, mean, std = build(s, n, mean, std)
     x = (x - mean) / std
-    y = torch.stack([torch.from_numpy(np.asarray(Image.open(it["mask"]).resize((size, size), Image.NEAREST)).astype(np.int64))
-                     for it in train])
+    y = torch.stack(
+        [
+            torch.from_numpy(np.asarray(Image.open(it["mask"]).resize((size, size), Image.NEAREST)).astype(np.int64))
+            for it in train
+        ]
+    )
     x, y = x.to(args.device), y.to(args.device)
     model = model.to(args.device)
     opt = torch.optim.Adam(model.parameters(), lr=s["lr"])

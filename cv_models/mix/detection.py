@@ -11,6 +11,7 @@ Images are float CxHxW tensors of one size; targets are dicts with ``boxes`` (XY
 * CutMix: a rectangle of b pasted into a; b's boxes clipped to the rectangle, a's boxes the
   rectangle mostly covers removed (same visibility rule).
 """
+
 from __future__ import annotations
 
 import math
@@ -26,8 +27,12 @@ def _with_weights(t: dict) -> dict:
 
 
 def _select(t: dict, keep: torch.Tensor, boxes: torch.Tensor | None = None) -> dict:
-    out = {**t, "boxes": (t["boxes"] if boxes is None else boxes)[keep], "labels": t["labels"][keep],
-           "weights": t["weights"][keep]}
+    out = {
+        **t,
+        "boxes": (t["boxes"] if boxes is None else boxes)[keep],
+        "labels": t["labels"][keep],
+        "weights": t["weights"][keep],
+    }
     return out
 
 
@@ -35,15 +40,27 @@ def _area(b: torch.Tensor) -> torch.Tensor:
     return (b[:, 2] - b[:, 0]).clamp(min=0) * (b[:, 3] - b[:, 1]).clamp(min=0)
 
 
-def clip_to_region(t: dict, region: tuple[float, float, float, float], min_visible: float, min_side: float,
-                   shift: tuple[float, float] = (0.0, 0.0)) -> dict:
+def clip_to_region(
+    t: dict,
+    region: tuple[float, float, float, float],
+    min_visible: float,
+    min_side: float,
+    shift: tuple[float, float] = (0.0, 0.0),
+) -> dict:
     """Boxes moved by ``shift``, clipped to ``region`` (x0, y0, x1, y1); keep those with at least
     ``min_visible`` of their area left and both sides at least ``min_side`` pixels."""
-    b = t["boxes"] + torch.tensor([shift[0], shift[1], shift[0], shift[1]], dtype=t["boxes"].dtype, device=t["boxes"].device)
+    b = t["boxes"] + torch.tensor(
+        [shift[0], shift[1], shift[0], shift[1]], dtype=t["boxes"].dtype, device=t["boxes"].device
+    )
     x0, y0, x1, y1 = region
-    clipped = torch.stack([b[:, 0].clamp(x0, x1), b[:, 1].clamp(y0, y1), b[:, 2].clamp(x0, x1), b[:, 3].clamp(y0, y1)], 1)
-    keep = (_area(clipped) >= min_visible * _area(b).clamp(min=1e-6)) & \
-           ((clipped[:, 2] - clipped[:, 0]) >= min_side) & ((clipped[:, 3] - clipped[:, 1]) >= min_side)
+    clipped = torch.stack(
+        [b[:, 0].clamp(x0, x1), b[:, 1].clamp(y0, y1), b[:, 2].clamp(x0, x1), b[:, 3].clamp(y0, y1)], 1
+    )
+    keep = (
+        (_area(clipped) >= min_visible * _area(b).clamp(min=1e-6))
+        & ((clipped[:, 2] - clipped[:, 0]) >= min_side)
+        & ((clipped[:, 3] - clipped[:, 1]) >= min_side)
+    )
     return _select(t, keep, clipped)
 
 
@@ -58,8 +75,12 @@ def drop_covered(t: dict, region: tuple[float, float, float, float], min_visible
 
 
 def _cat(parts: list[dict], base: dict) -> dict:
-    return {**base, "boxes": torch.cat([p["boxes"] for p in parts]), "labels": torch.cat([p["labels"] for p in parts]),
-            "weights": torch.cat([p["weights"] for p in parts])}
+    return {
+        **base,
+        "boxes": torch.cat([p["boxes"] for p in parts]),
+        "labels": torch.cat([p["labels"] for p in parts]),
+        "weights": torch.cat([p["weights"] for p in parts]),
+    }
 
 
 def mixup(a: torch.Tensor, ta: dict, b: torch.Tensor, tb: dict, lam: float) -> tuple[torch.Tensor, dict]:
@@ -68,8 +89,14 @@ def mixup(a: torch.Tensor, ta: dict, b: torch.Tensor, tb: dict, lam: float) -> t
     return image, _cat([{**ta, "weights": ta["weights"] * lam}, {**tb, "weights": tb["weights"] * (1 - lam)}], ta)
 
 
-def mosaic(images: list[torch.Tensor], targets: list[dict], centre: tuple[int, int], offsets: list[tuple[int, int]],
-           min_visible: float, min_side: float) -> tuple[torch.Tensor, dict]:
+def mosaic(
+    images: list[torch.Tensor],
+    targets: list[dict],
+    centre: tuple[int, int],
+    offsets: list[tuple[int, int]],
+    min_visible: float,
+    min_side: float,
+) -> tuple[torch.Tensor, dict]:
     """Four same-size images; quadrant k is the crop of image k at ``offsets[k]`` (top-left of the crop)."""
     _, h, w = images[0].shape
     cx, cy = centre
@@ -78,13 +105,22 @@ def mosaic(images: list[torch.Tensor], targets: list[dict], centre: tuple[int, i
     parts = []
     for img, t, (x0, y0, x1, y1), (ox, oy) in zip(images, targets, regions, offsets):
         rw, rh = x1 - x0, y1 - y0
-        out[:, y0:y1, x0:x1] = img[:, oy:oy + rh, ox:ox + rw]
-        parts.append(clip_to_region(_with_weights(t), (x0, y0, x1, y1), min_visible, min_side, shift=(x0 - ox, y0 - oy)))
+        out[:, y0:y1, x0:x1] = img[:, oy : oy + rh, ox : ox + rw]
+        parts.append(
+            clip_to_region(_with_weights(t), (x0, y0, x1, y1), min_visible, min_side, shift=(x0 - ox, y0 - oy))
+        )
     return out, _cat(parts, targets[0])
 
 
-def cutmix(a: torch.Tensor, ta: dict, b: torch.Tensor, tb: dict, region: tuple[int, int, int, int],
-           min_visible: float, min_side: float) -> tuple[torch.Tensor, dict]:
+def cutmix(
+    a: torch.Tensor,
+    ta: dict,
+    b: torch.Tensor,
+    tb: dict,
+    region: tuple[int, int, int, int],
+    min_visible: float,
+    min_side: float,
+) -> tuple[torch.Tensor, dict]:
     x0, y0, x1, y1 = region
     image = a.clone()
     image[:, y0:y1, x0:x1] = b[:, y0:y1, x0:x1]
@@ -126,14 +162,29 @@ class DetectionMixer:
                 _, h, w = images[i].shape
                 cx, cy = int(torch.randint(w // 4, 3 * w // 4 + 1, ())), int(torch.randint(h // 4, 3 * h // 4 + 1, ()))
                 sizes = [(cx, cy), (w - cx, cy), (cx, h - cy), (w - cx, h - cy)]
-                offsets = [(int(torch.randint(0, w - rw + 1, ())), int(torch.randint(0, h - rh + 1, ()))) for rw, rh in sizes]
-                out_images[i], out_targets[i] = mosaic([images[k] for k in picks], [targets[k] for k in picks], (cx, cy),
-                                                       offsets, self.min_visible, self.min_side)
+                offsets = [
+                    (int(torch.randint(0, w - rw + 1, ())), int(torch.randint(0, h - rh + 1, ()))) for rw, rh in sizes
+                ]
+                out_images[i], out_targets[i] = mosaic(
+                    [images[k] for k in picks],
+                    [targets[k] for k in picks],
+                    (cx, cy),
+                    offsets,
+                    self.min_visible,
+                    self.min_side,
+                )
             else:
                 _, h, w = images[i].shape
                 lam = float(torch.distributions.Beta(self.cutmix_alpha, self.cutmix_alpha).sample())
                 rw, rh = int(w * math.sqrt(1 - lam)), int(h * math.sqrt(1 - lam))
                 x0, y0 = int(torch.randint(0, w - rw + 1, ())), int(torch.randint(0, h - rh + 1, ()))
-                out_images[i], out_targets[i] = cutmix(images[i], targets[i], images[others[0]], targets[others[0]],
-                                                       (x0, y0, x0 + rw, y0 + rh), self.min_visible, self.min_side)
+                out_images[i], out_targets[i] = cutmix(
+                    images[i],
+                    targets[i],
+                    images[others[0]],
+                    targets[others[0]],
+                    (x0, y0, x0 + rw, y0 + rh),
+                    self.min_visible,
+                    self.min_side,
+                )
         return out_images, out_targets

@@ -6,6 +6,7 @@ Each instance keeps its own mask; boxes are always recomputed from the masks, so
 a pasted patch partly covers gets a tighter box, and one that ends up hidden (less than
 ``min_visible`` of its area left) or tiny (under ``min_area`` pixels) is removed.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -28,8 +29,10 @@ def boxes_from_masks(masks: torch.Tensor) -> torch.Tensor:
 def keep_instances(target: Target, keep: torch.Tensor) -> Target:
     """The target with only the instances where ``keep`` is True (per-instance tensors filtered)."""
     n = len(target["labels"])
-    return {k: (v[keep] if isinstance(v, torch.Tensor) and v.ndim >= 1 and v.shape[0] == n and k != "image_id" else v)
-            for k, v in target.items()}
+    return {
+        k: (v[keep] if isinstance(v, torch.Tensor) and v.ndim >= 1 and v.shape[0] == n and k != "image_id" else v)
+        for k, v in target.items()
+    }
 
 
 def tidy(target: Target, before_area: torch.Tensor | None, min_area: int, min_visible: float) -> Target:
@@ -133,6 +136,7 @@ class InstanceBatchMixer:
             lam = float(torch.distributions.Beta(op.alpha, op.alpha).sample())
             j = (i + 1) % n
             extra = {} if op.name == "mixup" else {"gen": self.gen}
-            out_images[i], out_targets[i] = MIXERS[op.name](images[i], targets[i], images[j], targets[j], lam,
-                                                            self.min_area, self.min_visible, **extra)
+            out_images[i], out_targets[i] = MIXERS[op.name](
+                images[i], targets[i], images[j], targets[j], lam, self.min_area, self.min_visible, **extra
+            )
         return out_images, out_targets

@@ -9,6 +9,7 @@ the mixing weight ``lam`` from Beta(alpha, alpha).
   (1 - lam) * one_hot(b)`` (ignored pixels contribute zeros), which the losses in
   :mod:`cv_models.seg_losses` accept.
 """
+
 from __future__ import annotations
 
 import math
@@ -34,7 +35,12 @@ class SegmentationCutMix(_Mixer):
         ratio = math.sqrt(1.0 - lam)
         cut_h, cut_w = int(height * ratio), int(width * ratio)
         cy, cx = int(torch.randint(height, ())), int(torch.randint(width, ()))
-        return max(cy - cut_h // 2, 0), min(cy + cut_h // 2, height), max(cx - cut_w // 2, 0), min(cx + cut_w // 2, width)
+        return (
+            max(cy - cut_h // 2, 0),
+            min(cy + cut_h // 2, height),
+            max(cx - cut_w // 2, 0),
+            min(cx + cut_w // 2, width),
+        )
 
     def __call__(self, images: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         y0, y1, x0, x1 = self.box(self.lam(), *images.shape[-2:])

@@ -1,4 +1,5 @@
 """Registry of the networks written in this project (torchvision's come by name through get_model)."""
+
 from __future__ import annotations
 
 from cv_models.nets import small_cnn, unet  # noqa: F401  (register)

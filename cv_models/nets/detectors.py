@@ -8,6 +8,7 @@ are the training size's shorter and longer sides, so they never rescale the alre
 Boxes may carry a ``weights`` entry (MixUp for detection): the weighted heads below scale each
 box's classification and regression loss by its mixing weight.
 """
+
 from __future__ import annotations
 
 from collections import OrderedDict
@@ -38,9 +39,11 @@ class TinyBackbone(nn.Module):
         chans = [3, width, 2 * width, 4 * width, 8 * width]
         self.stages = nn.ModuleList(
             nn.Sequential(
-                nn.Conv2d(chans[i], chans[i + 1], 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(chans[i + 1]),
+                nn.Conv2d(chans[i], chans[i + 1], 3, stride=2, padding=1, bias=False),
+                nn.BatchNorm2d(chans[i + 1]),
                 nn.ReLU(inplace=True),
-                nn.Conv2d(chans[i + 1], chans[i + 1], 3, padding=1, bias=False), nn.BatchNorm2d(chans[i + 1]),
+                nn.Conv2d(chans[i + 1], chans[i + 1], 3, padding=1, bias=False),
+                nn.BatchNorm2d(chans[i + 1]),
                 nn.ReLU(inplace=True),
             )
             for i in range(4)
@@ -95,8 +98,13 @@ def resnet_fpn(name: str) -> Callable[[int, int, str], BackboneWithFPN]:
 
             load_backbone(body, weights)
         in_channels = [_stage_channels(body, layer) for layer in ("layer2", "layer3", "layer4")]
-        return BackboneWithFPN(body, {"layer2": "0", "layer3": "1", "layer4": "2"}, in_channels, fpn_channels,
-                               extra_blocks=LastLevelMaxPool())
+        return BackboneWithFPN(
+            body,
+            {"layer2": "0", "layer3": "1", "layer4": "2"},
+            in_channels,
+            fpn_channels,
+            extra_blocks=LastLevelMaxPool(),
+        )
 
     return build
 
@@ -124,8 +132,9 @@ class TimmBody(nn.Module):
         provider, arch = split_name(name)
         self.net, self.channels, strides = provider.features(arch, (2, 3, 4))
         if strides != [8, 16, 32]:
-            raise ValueError(f"model.options.backbone {name!r}: its last three feature maps have strides {strides}, "
-                             f"not 8, 16, 32")
+            raise ValueError(
+                f"model.options.backbone {name!r}: its last three feature maps have strides {strides}, not 8, 16, 32"
+            )
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         return OrderedDict((str(i), f) for i, f in enumerate(self.net(x)))
@@ -136,8 +145,10 @@ def timm_fpn(name: str) -> Callable[[int, int, str], nn.Module]:
 
     def build(width: int, fpn_channels: int, weights: str) -> nn.Module:
         if weights != "none":
-            raise ValueError(f"model.options.backbone {name!r}: its ImageNet weights come with model.weights: imagenet, "
-                             f"not model.options.backbone_weights")
+            raise ValueError(
+                f"model.options.backbone {name!r}: its ImageNet weights come with model.weights: imagenet, "
+                f"not model.options.backbone_weights"
+            )
         body = TimmBody(name)
         return FPNBackbone(body, body.channels, fpn_channels)
 
@@ -155,8 +166,10 @@ def get_backbone(name: str) -> Callable[[int, int, str], nn.Module]:
         return BACKBONES[name]
     if arch and provider in BACKBONE_PROVIDERS:
         return BACKBONE_PROVIDERS[provider](name)
-    raise ValueError(f"model.options.backbone {name!r}: choose one of {sorted(BACKBONES)} or "
-                     f"{' | '.join(p + ':<arch>' for p in BACKBONE_PROVIDERS)}")
+    raise ValueError(
+        f"model.options.backbone {name!r}: choose one of {sorted(BACKBONES)} or "
+        f"{' | '.join(p + ':<arch>' for p in BACKBONE_PROVIDERS)}"
+    )
 
 
 def pretrained_trunk(backbone: nn.Module) -> nn.Module:
@@ -175,25 +188,36 @@ DEFAULT_ASPECT_RATIOS = (0.5, 1.0, 2.0)
 
 def anchor_sizes(base_size: float, n_levels: int, scales_per_level: int) -> tuple[tuple[float, ...], ...]:
     """Per level, its anchor sizes: doubling per level from ``base_size``, x 2^(k/scales) within a level."""
-    return tuple(tuple(base_size * 2 ** lvl * 2 ** (k / scales_per_level) for k in range(scales_per_level))
-                 for lvl in range(n_levels))
+    return tuple(
+        tuple(base_size * 2**lvl * 2 ** (k / scales_per_level) for k in range(scales_per_level))
+        for lvl in range(n_levels)
+    )
 
 
-def anchor_generator(base_size: float, n_levels: int, scales_per_level: int,
-                     aspect_ratios: tuple[float, ...] = DEFAULT_ASPECT_RATIOS) -> AnchorGenerator:
+def anchor_generator(
+    base_size: float, n_levels: int, scales_per_level: int, aspect_ratios: tuple[float, ...] = DEFAULT_ASPECT_RATIOS
+) -> AnchorGenerator:
     """``anchor_sizes`` on every level, each with ``aspect_ratios`` (height / width)."""
     return AnchorGenerator(anchor_sizes(base_size, n_levels, scales_per_level), (tuple(aspect_ratios),) * n_levels)
 
 
 def anchor_shapes(base_size: float, n_levels: int, scales_per_level: int, aspect_ratios) -> torch.Tensor:
     """(width, height) of every anchor ``anchor_generator`` makes with these settings."""
-    return torch.tensor([(size / r ** 0.5, size * r ** 0.5) for level in anchor_sizes(base_size, n_levels, scales_per_level)
-                         for size in level for r in aspect_ratios])
+    return torch.tensor(
+        [
+            (size / r**0.5, size * r**0.5)
+            for level in anchor_sizes(base_size, n_levels, scales_per_level)
+            for size in level
+            for r in aspect_ratios
+        ]
+    )
 
 
 def best_anchor_iou(box_sizes: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
     """Per box, the IoU with its best anchor when both are centred on the same point (shape only)."""
-    inter = torch.minimum(box_sizes[:, None, 0], anchors[None, :, 0]) * torch.minimum(box_sizes[:, None, 1], anchors[None, :, 1])
+    inter = torch.minimum(box_sizes[:, None, 0], anchors[None, :, 0]) * torch.minimum(
+        box_sizes[:, None, 1], anchors[None, :, 1]
+    )
     union = box_sizes.prod(1)[:, None] + anchors.prod(1)[None, :] - inter
     return (inter / union).max(1).values
 
@@ -215,7 +239,10 @@ def anchors_sized_to(box_sizes: torch.Tensor, n_levels: int, scales_per_level: i
     fitted_ratios = [round(float(v), 2) for v in torch.quantile(wh[:, 1] / wh[:, 0], torch.tensor([0.1, 0.5, 0.9]))]
     side = (wh[:, 0] * wh[:, 1]).sqrt()
     smallest = float(torch.quantile(side, 0.01))
-    grid = lambda low, high: torch.logspace(torch.log10(torch.tensor(low)), torch.log10(torch.tensor(high)), 33).tolist()  # noqa: E731
+
+    def grid(low: float, high: float) -> list[float]:
+        return torch.logspace(torch.log10(torch.tensor(low)), torch.log10(torch.tensor(high)), 33).tolist()
+
     # around the smallest boxes first (ties keep these), then up to the median box
     bases = grid(smallest / 2, smallest * 1.5) + grid(smallest / 2, max(smallest * 1.5, float(side.median())))
     best = None
@@ -225,17 +252,24 @@ def anchors_sized_to(box_sizes: torch.Tensor, n_levels: int, scales_per_level: i
             if best is None or iou.mean() > best[2].mean() + 1e-6:
                 best = (base, ratios, iou)
     base, ratios, iou = best
-    return {"anchor_size": round(base, 1), "aspect_ratios": ratios,
-            "mean_best_iou": round(float(iou.mean()), 3), "recall_at_iou_0.5": round(float((iou >= 0.5).float().mean()), 3)}
+    return {
+        "anchor_size": round(base, 1),
+        "aspect_ratios": ratios,
+        "mean_best_iou": round(float(iou.mean()), 3),
+        "recall_at_iou_0.5": round(float((iou >= 0.5).float().mean()), 3),
+    }
 
 
 def anchors_from_options(o: dict, n_levels: int, default_scales: int) -> AnchorGenerator:
     for key in ("anchor_size", "aspect_ratios"):
         if isinstance(o[key], str):
-            raise ValueError(f"model.options.{key}: {o[key]!r} must be resolved before the model is built "
-                             "('auto' is supported by the detection task)")
-    return anchor_generator(o["anchor_size"], n_levels, o["scales_per_level"] or default_scales,
-                            tuple(o["aspect_ratios"]))
+            raise ValueError(
+                f"model.options.{key}: {o[key]!r} must be resolved before the model is built "
+                "('auto' is supported by the detection task)"
+            )
+    return anchor_generator(
+        o["anchor_size"], n_levels, o["scales_per_level"] or default_scales, tuple(o["aspect_ratios"])
+    )
 
 
 # ------------------------------------------------------------- weighted losses
@@ -260,16 +294,25 @@ class WeightedRoIHeads(RoIHeads):
             return super().forward(features, proposals, image_shapes, targets)
         proposals, matched_idxs, labels, regression_targets = self.select_training_samples(proposals, targets)
         # select_training_samples clamps background matches to 0: rebuild the mask from the labels
-        weights = torch.cat([torch.where(lab > 0, t["weights"][m] if len(t["weights"]) else torch.ones_like(lab, dtype=torch.float),
-                                         torch.ones_like(lab, dtype=torch.float))
-                             for t, m, lab in zip(targets, matched_idxs, labels)])
+        weights = torch.cat(
+            [
+                torch.where(
+                    lab > 0,
+                    t["weights"][m] if len(t["weights"]) else torch.ones_like(lab, dtype=torch.float),
+                    torch.ones_like(lab, dtype=torch.float),
+                )
+                for t, m, lab in zip(targets, matched_idxs, labels)
+            ]
+        )
         box_features = self.box_head(self.box_roi_pool(features, proposals, image_shapes))
         class_logits, box_regression = self.box_predictor(box_features)
         labels, regression_targets = torch.cat(labels), torch.cat(regression_targets)
         loss_classifier = (F.cross_entropy(class_logits, labels, reduction="none") * weights).mean()
         pos = torch.where(labels > 0)[0]
         box_regression = box_regression.reshape(box_regression.shape[0], box_regression.size(-1) // 4, 4)
-        per_box = F.smooth_l1_loss(box_regression[pos, labels[pos]], regression_targets[pos], beta=1 / 9, reduction="none")
+        per_box = F.smooth_l1_loss(
+            box_regression[pos, labels[pos]], regression_targets[pos], beta=1 / 9, reduction="none"
+        )
         loss_box_reg = (per_box.sum(1) * weights[pos]).sum() / labels.numel()
         return [], {"loss_classifier": loss_classifier, "loss_box_reg": loss_box_reg}
 
@@ -298,27 +341,35 @@ def _common(o: dict, image_size: int | tuple[int, int], mean, std) -> dict:
     return dict(min_size=min(h, w), max_size=max(h, w), image_mean=list(mean), image_std=list(std))
 
 
-def faster_rcnn(num_classes: int, backbone: nn.Module, image_size: int | tuple[int, int], mean, std, o: dict) -> nn.Module:
+def faster_rcnn(
+    num_classes: int, backbone: nn.Module, image_size: int | tuple[int, int], mean, std, o: dict
+) -> nn.Module:
     levels = ["0", "1", "2"]  # the pooled extra level only feeds the RPN
     c = backbone.out_channels
     model = FasterRCNN(
-        backbone, num_classes=None,
+        backbone,
+        num_classes=None,
         rpn_anchor_generator=anchors_from_options(o, len(levels) + 1, 1),
         box_roi_pool=MultiScaleRoIAlign(levels, output_size=7, sampling_ratio=2),
         box_head=TwoMLPHead(c * 49, o["representation_size"]),
         box_predictor=FastRCNNPredictor(o["representation_size"], num_classes),
-        rpn_pre_nms_top_n_train=o["rpn_pre_nms_top_n_train"], rpn_post_nms_top_n_train=o["rpn_post_nms_top_n_train"],
-        rpn_pre_nms_top_n_test=o["rpn_pre_nms_top_n_test"], rpn_post_nms_top_n_test=o["rpn_post_nms_top_n_test"],
+        rpn_pre_nms_top_n_train=o["rpn_pre_nms_top_n_train"],
+        rpn_post_nms_top_n_train=o["rpn_post_nms_top_n_train"],
+        rpn_pre_nms_top_n_test=o["rpn_pre_nms_top_n_test"],
+        rpn_post_nms_top_n_test=o["rpn_post_nms_top_n_test"],
         rpn_batch_size_per_image=o["rpn_batch_size_per_image"],
         box_batch_size_per_image=o["box_batch_size_per_image"],
-        box_detections_per_img=o["detections_per_img"], box_score_thresh=o["score_thresh"],
+        box_detections_per_img=o["detections_per_img"],
+        box_score_thresh=o["score_thresh"],
         **_common(o, image_size, mean, std),
     )
     model.roi_heads.__class__ = WeightedRoIHeads
     return model
 
 
-def retinanet(num_classes: int, backbone: nn.Module, image_size: int | tuple[int, int], mean, std, o: dict) -> nn.Module:
+def retinanet(
+    num_classes: int, backbone: nn.Module, image_size: int | tuple[int, int], mean, std, o: dict
+) -> nn.Module:
     anchors = anchors_from_options(o, 4, 2)
     c = backbone.out_channels
     n_anchors = anchors.num_anchors_per_location()[0]
@@ -327,9 +378,16 @@ def retinanet(num_classes: int, backbone: nn.Module, image_size: int | tuple[int
     head.classification_head = WeightedRetinaNetClassificationHead(c, n_anchors, num_classes, norm_layer=norm)
     head.regression_head = RetinaNetRegressionHead(c, n_anchors, norm_layer=norm)
     head.regression_head._loss_type = o["box_loss"]
-    return RetinaNet(backbone, num_classes, anchor_generator=anchors, head=head,
-                     detections_per_img=o["detections_per_img"], score_thresh=o["score_thresh"],
-                     topk_candidates=o["topk_candidates"], **_common(o, image_size, mean, std))
+    return RetinaNet(
+        backbone,
+        num_classes,
+        anchor_generator=anchors,
+        head=head,
+        detections_per_img=o["detections_per_img"],
+        score_thresh=o["score_thresh"],
+        topk_candidates=o["topk_candidates"],
+        **_common(o, image_size, mean, std),
+    )
 
 
 # (FPN levels with anchors, default anchor sizes per level) of each detector, for anchors sized to the data
@@ -354,15 +412,20 @@ def make_weighted(model: nn.Module) -> nn.Module:
 def head_prefixes(model: nn.Module) -> tuple[str, ...]:
     """State-dict prefixes of the class-dependent layers, which other weights may not fit."""
     names = [n for n, _ in model.named_modules()]
-    wanted = ("roi_heads.box_predictor", "head.classification_head.cls_logits", "roi_heads.mask_predictor.mask_fcn_logits")
+    wanted = (
+        "roi_heads.box_predictor",
+        "head.classification_head.cls_logits",
+        "roi_heads.mask_predictor.mask_fcn_logits",
+    )
     found = tuple(p + "." for p in wanted if p in names)
     if "head.classification_head.module_list" in names:  # SSD / SSDlite
         found += ("head.classification_head.",)
     return found
 
 
-def build_detector(name: str, num_classes: int, image_size: int | tuple[int, int], mean, std, width: int,
-                   options: dict[str, Any]) -> nn.Module:
+def build_detector(
+    name: str, num_classes: int, image_size: int | tuple[int, int], mean, std, width: int, options: dict[str, Any]
+) -> nn.Module:
     """``num_classes`` counts the background (index 0)."""
     if name not in DETECTORS:
         raise ValueError(f"model.name {name!r} is not a detector here; choose one of {sorted(DETECTORS)}")

@@ -12,6 +12,7 @@ Images arrive already resized to ``image_size`` and normalised by the pipeline, 
 transform neither rescales (``min_size`` / ``max_size``: the shorter / longer side of ``image_size``) nor
 normalises (mean 0, std 1).
 """
+
 from __future__ import annotations
 
 from typing import Any, Callable
@@ -56,7 +57,8 @@ def light_mask_rcnn(num_classes: int, image_size: int | tuple[int, int], width: 
     mask_channels = o["mask_head_channels"] or c
     mask_layers = o["mask_head_layers"]
     return MaskRCNN(
-        backbone, num_classes=None,
+        backbone,
+        num_classes=None,
         rpn_anchor_generator=anchors_from_options(o, len(levels) + 1, 1),
         box_roi_pool=MultiScaleRoIAlign(levels, output_size=7, sampling_ratio=2),
         box_head=TwoMLPHead(c * 49, head_size),
@@ -64,7 +66,8 @@ def light_mask_rcnn(num_classes: int, image_size: int | tuple[int, int], width: 
         mask_roi_pool=MultiScaleRoIAlign(levels, output_size=14, sampling_ratio=2),
         mask_head=MaskRCNNHeads(c, [mask_channels] * mask_layers, dilation=1),
         mask_predictor=MaskRCNNPredictor(mask_channels, mask_channels, num_classes),
-        **_proposal_settings(o), **_no_rescale(image_size),
+        **_proposal_settings(o),
+        **_no_rescale(image_size),
     )
 
 
@@ -74,8 +77,14 @@ def torchvision_mask_rcnn(name: str) -> Callable[..., nn.Module]:
     def build(num_classes: int, image_size: int | tuple[int, int], width: int, o: dict) -> nn.Module:
         from torchvision.models import get_model
 
-        return get_model(name, weights=None, weights_backbone=None, num_classes=num_classes,
-                         **_proposal_settings(o), **_no_rescale(image_size))
+        return get_model(
+            name,
+            weights=None,
+            weights_backbone=None,
+            num_classes=num_classes,
+            **_proposal_settings(o),
+            **_no_rescale(image_size),
+        )
 
     return build
 
@@ -97,17 +106,27 @@ def replace_predictors(model: MaskRCNN, num_classes: int) -> MaskRCNN:
     return model
 
 
-def build_mask_rcnn(name: str, num_classes: int, image_size: int | tuple[int, int], width: int, options: dict[str, Any],
-                    weights: str = "none") -> nn.Module:
+def build_mask_rcnn(
+    name: str,
+    num_classes: int,
+    image_size: int | tuple[int, int],
+    width: int,
+    options: dict[str, Any],
+    weights: str = "none",
+) -> nn.Module:
     """``num_classes`` counts the background (index 0). ``weights``: none | torchvision:NAME | checkpoint path."""
     if name not in MASK_RCNNS:
-        raise ValueError(f"model.name {name!r} is not an instance-segmentation model; choose one of {sorted(MASK_RCNNS)}")
+        raise ValueError(
+            f"model.name {name!r} is not an instance-segmentation model; choose one of {sorted(MASK_RCNNS)}"
+        )
     if weights.startswith("torchvision:"):
         from cv_models.weights import load_into, torchvision_state_dict
 
         if name == "maskrcnn":
-            raise ValueError("model.name 'maskrcnn' has no whole-model torchvision weights; use "
-                             "model.options.backbone_weights for an ImageNet backbone, or maskrcnn_resnet50_fpn")
+            raise ValueError(
+                "model.name 'maskrcnn' has no whole-model torchvision weights; use "
+                "model.options.backbone_weights for an ImageNet backbone, or maskrcnn_resnet50_fpn"
+            )
         model = MASK_RCNNS[name](91, image_size, width, options)  # COCO's 91 categories, as the weights have
         load_into(model, torchvision_state_dict(name, weights.split(":", 1)[1]), weights)
         return replace_predictors(model, num_classes)

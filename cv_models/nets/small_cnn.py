@@ -1,4 +1,5 @@
 """A plain small CNN: the "simple model first" of the course, fast on a CPU."""
+
 from __future__ import annotations
 
 from torch import nn

@@ -6,6 +6,7 @@ membranes is lost at stride 2 otherwise).
 ``encoder`` is the pretrained part (model.weights: imagenet loads it; freeze_backbone and freeze_encoder_epochs
 freeze it), ``decoder`` and ``head`` are new.
 """
+
 from __future__ import annotations
 
 import torch
@@ -32,17 +33,30 @@ class EncoderUNet(nn.Module):
     """``encoder``: a network returning feature maps at strides 2, 4, ..., 2**k (timm's ``features_only``);
     decoder level i has ``width * 2**i`` channels. Inputs are padded to a multiple of 2**k, the output cropped back."""
 
-    def __init__(self, encoder: nn.Module, channels: list[int], strides: list[int], num_classes: int, width: int = 16,
-                 dropout: float = 0.0):
+    def __init__(
+        self,
+        encoder: nn.Module,
+        channels: list[int],
+        strides: list[int],
+        num_classes: int,
+        width: int = 16,
+        dropout: float = 0.0,
+    ):
         super().__init__()
         if strides != [2 ** (i + 1) for i in range(len(strides))]:
-            raise ValueError(f"the encoder's feature maps must halve the resolution level by level from stride 2, "
-                             f"got strides {strides}")
+            raise ValueError(
+                f"the encoder's feature maps must halve the resolution level by level from stride 2, "
+                f"got strides {strides}"
+            )
         self.encoder, self.step = encoder, strides[-1]
         widths = [width * 2**i for i in range(len(channels) - 1)]
         ins = widths[1:] + [channels[-1]]
-        self.decoder = nn.ModuleList([UpSkip(ins[i], channels[i], widths[i], dropout if i == len(widths) - 1 else 0.0)
-                                      for i in reversed(range(len(widths)))])
+        self.decoder = nn.ModuleList(
+            [
+                UpSkip(ins[i], channels[i], widths[i], dropout if i == len(widths) - 1 else 0.0)
+                for i in reversed(range(len(widths)))
+            ]
+        )
         self.last = UpSkip(widths[0], 3, width)  # back to stride 1; the skip is the input image
         self.head = nn.Conv2d(width, num_classes, kernel_size=1)
 

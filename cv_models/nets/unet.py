@@ -1,5 +1,6 @@
 """U-Net (Ronneberger et al. 2015), small enough for a CPU: conv blocks, max-pool down,
 stride-2 ConvTranspose up, skip connections by concatenation."""
+
 from __future__ import annotations
 
 import torch
@@ -47,11 +48,13 @@ class UNet(nn.Module):
         super().__init__()
         self.depth = depth
         widths = [width * 2**i for i in range(depth + 1)]
-        self.encoder = nn.ModuleList([conv_block(in_channels, widths[0])] +
-                                     [conv_block(widths[i], widths[i + 1]) for i in range(depth)])
+        self.encoder = nn.ModuleList(
+            [conv_block(in_channels, widths[0])] + [conv_block(widths[i], widths[i + 1]) for i in range(depth)]
+        )
         # dropout only in the deepest decoder step, where the most parameters are
-        self.decoder = nn.ModuleList([Up(widths[i + 1], widths[i], dropout if i == depth - 1 else 0.0)
-                                      for i in reversed(range(depth))])
+        self.decoder = nn.ModuleList(
+            [Up(widths[i + 1], widths[i], dropout if i == depth - 1 else 0.0) for i in reversed(range(depth))]
+        )
         self.head = nn.Conv2d(widths[0], num_classes, kernel_size=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

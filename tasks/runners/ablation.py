@@ -16,6 +16,7 @@ on its task runner through :func:`tasks.runners.experiments.train_and_score`, an
 arm+seed runs are kept as ``outputs/<task>/ablation/runs/<arm>/seed<k>/result.json`` (and as finished
 MLflow child runs), so a stopped ablation resumes without retraining them.
 """
+
 from __future__ import annotations
 
 import json
@@ -29,8 +30,15 @@ import pandas as pd
 from cv_models.settings import diff_text, flat, settings_diff
 from tasks.config import ConfigError, config_hash, load_params
 from tasks.runners.experiment_settings import AblationConfig
-from tasks.runners.experiments import (NOT_LEARNING, TrainJob, check_section, learning_hash, section, task_keys,
-                               worker_threads)
+from tasks.runners.experiments import (
+    NOT_LEARNING,
+    TrainJob,
+    check_section,
+    learning_hash,
+    section,
+    task_keys,
+    worker_threads,
+)
 from tasks.paths import outputs
 
 # name -> dotted overrides relative to tasks.<task>; each is ONE change on top of the baseline. Every
@@ -115,21 +123,29 @@ class Plan:
         return self.out_dir / "runs" / arm.name / f"seed{arm.seed}" / "result.json"
 
 
-def load_config(params_path: str | Path, overrides: dict[str, Any] | None = None, task_name: str = "") -> AblationConfig:
+def load_config(
+    params_path: str | Path, overrides: dict[str, Any] | None = None, task_name: str = ""
+) -> AblationConfig:
     cfg = check_section(AblationConfig, section(params_path, "ablation", overrides), "ablation")
     known = known_changes(task_name, cfg.changes)
     unknown = [a for a in cfg.arms if a not in known and a != BASELINE]
     if unknown:
-        raise ConfigError(f"ablation.arms: unknown change(s) {unknown}; known changes: {sorted(known)} "
-                          f"(define your own under ablation.changes as name: {{dotted.key: value}})")
+        raise ConfigError(
+            f"ablation.arms: unknown change(s) {unknown}; known changes: {sorted(known)} "
+            f"(define your own under ablation.changes as name: {{dotted.key: value}})"
+        )
     duplicated = sorted({a for a in cfg.arms if cfg.arms.count(a) > 1})
     if duplicated:
         raise ConfigError(f"ablation.arms: {duplicated} listed more than once")
     return cfg
 
 
-def plan(task_name: str, params_path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None,
-         build_models: bool = True) -> Plan:
+def plan(
+    task_name: str,
+    params_path: str | Path = "params.yaml",
+    overrides: dict[str, Any] | None = None,
+    build_models: bool = True,
+) -> Plan:
     """Check everything before anything trains: the arms exist, each arm's params are valid and its model builds.
 
     Building a model needs the data (its classes): ``build_models=False`` checks the settings alone
@@ -160,22 +176,34 @@ def plan(task_name: str, params_path: str | Path = "params.yaml", overrides: dic
             if build_models:  # unknown model, missing weights: fail now, not after the other arms trained
                 task.build_model()
         except Exception as err:
-            raise ConfigError(f"ablation arm {name!r} ({changes or 'the baseline'}) is not a valid setting for "
-                              f"task {task_name!r}: {err}") from None
+            raise ConfigError(
+                f"ablation arm {name!r} ({changes or 'the baseline'}) is not a valid setting for "
+                f"task {task_name!r}: {err}"
+            ) from None
         primary = task.primary_metric
         if name == BASELINE:
             base_dump, base_cfg_arm = arm_cfg.model_dump(mode="json"), arm_cfg
             on = arm_cfg.augment.enabled_names()
             if on:  # ablation.baseline switched one back on: the baseline would not be "every augmentation off"
-                raise ConfigError(f"ablation baseline of task {task_name!r} has augmentations on: {on} "
-                                  f"(ablation.baseline must not switch any on; make it an arm instead)")
+                raise ConfigError(
+                    f"ablation baseline of task {task_name!r} has augmentations on: {on} "
+                    f"(ablation.baseline must not switch any on; make it an arm instead)"
+                )
         diff = settings_diff(base_cfg_arm, arm_cfg, ignore=RUNTIME_KEYS)
         check_one_change(name, changes, diff)
         diffs[name] = diff
         for i in range(cfg.seeds):
             seed = params.seed + i
-            arms.append(Arm(name, changes, seed, {**dotted, "seed": seed},
-                            learning_hash(arm_cfg.model_dump(mode="json"), seed), diff))
+            arms.append(
+                Arm(
+                    name,
+                    changes,
+                    seed,
+                    {**dotted, "seed": seed},
+                    learning_hash(arm_cfg.model_dump(mode="json"), seed),
+                    diff,
+                )
+            )
     key = config_hash({"task": task_name, "baseline": learning_hash(base_dump, 0)})
     return Plan(task_name, primary, cfg, arms, key, str(Path(params_path).resolve()), overrides, diffs)
 
@@ -189,18 +217,33 @@ def check_one_change(name: str, changes: dict[str, Any], diff: dict[str, tuple[A
     if not diff:
         raise ConfigError(f"ablation arm {name!r} ({changes}) changes nothing: the baseline already has that setting")
     if outside:
-        raise ConfigError(f"ablation arm {name!r} is not one change: besides {sorted(named)} it also differs from the "
-                          f"baseline in {outside} ({diff_text({k: diff[k] for k in outside})})")
+        raise ConfigError(
+            f"ablation arm {name!r} is not one change: besides {sorted(named)} it also differs from the "
+            f"baseline in {outside} ({diff_text({k: diff[k] for k in outside})})"
+        )
 
 
 def job(p: Plan, arm: Arm, experiment_id: str, parent_run_id: str) -> TrainJob:
     return TrainJob(
-        task_name=p.task_name, params_path=p.params_path, overrides=arm.overrides,
-        stage_name=f"ablation/{arm.name}/seed{arm.seed}", out_dir=str(Path.cwd() / p.result_path(arm).parent),
-        project_dir=str(Path.cwd()), experiment_id=experiment_id, parent_run_id=parent_run_id,
-        run_name=f"{arm.name} seed {arm.seed}", keep_model=p.config.keep_models,
-        tags={"kind": "ablation-arm", "arm": arm.name, "seed": str(arm.seed), "arm_key": arm.key, "ablation_key": p.key,
-              "changes": json.dumps(arm.changes), "diff_vs_baseline": diff_text(arm.diff or {})[:5000]},
+        task_name=p.task_name,
+        params_path=p.params_path,
+        overrides=arm.overrides,
+        stage_name=f"ablation/{arm.name}/seed{arm.seed}",
+        out_dir=str(Path.cwd() / p.result_path(arm).parent),
+        project_dir=str(Path.cwd()),
+        experiment_id=experiment_id,
+        parent_run_id=parent_run_id,
+        run_name=f"{arm.name} seed {arm.seed}",
+        keep_model=p.config.keep_models,
+        tags={
+            "kind": "ablation-arm",
+            "arm": arm.name,
+            "seed": str(arm.seed),
+            "arm_key": arm.key,
+            "ablation_key": p.key,
+            "changes": json.dumps(arm.changes),
+            "diff_vs_baseline": diff_text(arm.diff or {})[:5000],
+        },
     )
 
 
@@ -259,7 +302,7 @@ def welch_interval(a: list[float], b: list[float], confidence: float = 0.95) -> 
     se2 = va / na + vb / nb
     if se2 == 0:  # every seed gave the same figure on both sides: the difference is exact
         return diff, diff, diff, math.inf
-    df = se2 ** 2 / ((va / na) ** 2 / (na - 1) + (vb / nb) ** 2 / (nb - 1))
+    df = se2**2 / ((va / na) ** 2 / (na - 1) + (vb / nb) ** 2 / (nb - 1))
     half = stats.t.ppf(0.5 + confidence / 2, df) * math.sqrt(se2)
     return diff, diff - half, diff + half, df
 
@@ -277,29 +320,53 @@ def table(results: dict[str, list[float]], baseline: str = BASELINE) -> pd.DataF
             row.update(diff=0.0, ci_low=math.nan, ci_high=math.nan, df=math.nan, significant="")
         else:
             diff, low, high, df = welch_interval(values, base)
-            row.update(diff=diff, ci_low=low, ci_high=high, df=df,
-                       significant="*" if not math.isnan(low) and (low > 0 or high < 0) else "")
+            row.update(
+                diff=diff,
+                ci_low=low,
+                ci_high=high,
+                df=df,
+                significant="*" if not math.isnan(low) and (low > 0 or high < 0) else "",
+            )
         rows.append(row)
     return pd.DataFrame(rows)
 
 
-def to_markdown(df: pd.DataFrame, metric: str, task_name: str, seconds: float | None = None,
-                settings: dict[str, dict[str, tuple[Any, Any]]] | None = None) -> str:
+def to_markdown(
+    df: pd.DataFrame,
+    metric: str,
+    task_name: str,
+    seconds: float | None = None,
+    settings: dict[str, dict[str, tuple[Any, Any]]] | None = None,
+) -> str:
     """The table; ``settings``: each arm's effective settings that differ from the baseline's (a column)."""
+
     def pct(v: float, sign: bool = False) -> str:
         return "" if math.isnan(v) else (f"{100 * v:+.2f}" if sign else f"{100 * v:.2f}")
 
-    lines = [f"# {task_name}: one change at a time (test {metric}, %)", "",
-             "| change | seeds | mean | std | diff vs baseline | 95% CI (Welch) | | settings changed |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# {task_name}: one change at a time (test {metric}, %)",
+        "",
+        "| change | seeds | mean | std | diff vs baseline | 95% CI (Welch) | | settings changed |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in df.itertuples(index=False):
         ci = "" if math.isnan(r.ci_low) else f"[{pct(r.ci_low, True)}, {pct(r.ci_high, True)}]"
         diff = "" if r.change == BASELINE else pct(r.diff, True)
-        changed = ("every augmentation off" if r.change == BASELINE else
-                   "`" + diff_text((settings or {}).get(r.change, {})) + "`" if settings is not None else "")
-        lines.append(f"| {r.change} | {r.seeds} | {pct(r.mean)} | {pct(r.std)} | {diff} | {ci} | {r.significant} | {changed} |")
-    lines += ["", "`*`: the 95% interval of the difference excludes zero. Model selection on the validation split; "
-                  "the figures are on the test split."]
+        changed = (
+            "every augmentation off"
+            if r.change == BASELINE
+            else "`" + diff_text((settings or {}).get(r.change, {})) + "`"
+            if settings is not None
+            else ""
+        )
+        lines.append(
+            f"| {r.change} | {r.seeds} | {pct(r.mean)} | {pct(r.std)} | {diff} | {ci} | {r.significant} | {changed} |"
+        )
+    lines += [
+        "",
+        "`*`: the 95% interval of the difference excludes zero. Model selection on the validation split; "
+        "the figures are on the test split.",
+    ]
     if seconds is not None:
         lines.append(f"Wall time of this run: {seconds / 60:.1f} min.")
     return "\n".join(lines) + "\n"
@@ -317,8 +384,10 @@ def figure(df: pd.DataFrame, metric: str, path: Path) -> Path:
     y = list(range(len(rows)))[::-1]
     lows = (rows["diff"] - rows["ci_low"]).fillna(0).clip(lower=0)
     highs = (rows["ci_high"] - rows["diff"]).fillna(0).clip(lower=0)
-    colours = ["tab:green" if s == "*" and d > 0 else "tab:red" if s == "*" else "tab:gray"
-               for s, d in zip(rows["significant"], rows["diff"])]
+    colours = [
+        "tab:green" if s == "*" and d > 0 else "tab:red" if s == "*" else "tab:gray"
+        for s, d in zip(rows["significant"], rows["diff"])
+    ]
     for yi, d, lo, hi, c in zip(y, rows["diff"], lows, highs, colours):
         ax.errorbar([100 * d], [yi], xerr=[[100 * lo], [100 * hi]], fmt="none", ecolor=c, capsize=4)
     ax.scatter(100 * rows["diff"], y, c=colours, zorder=3)
@@ -343,10 +412,15 @@ def summarise(p: Plan, results: list[dict], seconds: float | None = None) -> tup
     markdown = to_markdown(df, p.primary_metric, p.task_name, seconds, p.diffs)
     out = p.out_dir
     out.mkdir(parents=True, exist_ok=True)
-    metrics = {"metric": metric, "seeds": p.config.seeds,
-               "settings_changed": {name: {k: list(v) for k, v in d.items()} for name, d in (p.diffs or {}).items()},
-               "arms": {r.change: {k: finite(v) for k, v in r._asdict().items() if k != "change"}
-                        for r in df.itertuples(index=False)}}
+    metrics = {
+        "metric": metric,
+        "seeds": p.config.seeds,
+        "settings_changed": {name: {k: list(v) for k, v in d.items()} for name, d in (p.diffs or {}).items()},
+        "arms": {
+            r.change: {k: finite(v) for k, v in r._asdict().items() if k != "change"}
+            for r in df.itertuples(index=False)
+        },
+    }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float) + "\n")
     df.to_csv(out / "table.csv", index=False)
     (out / "table.md").write_text(markdown)

@@ -4,6 +4,7 @@ They live apart from the runners (``tasks/runners/ablation.py``, ``tasks/runners
 ``tasks/config.py`` can check these sections when it loads params.yaml without importing the runners, which
 import it: no import circle. This module imports only the shared schema.
 """
+
 from __future__ import annotations
 
 from typing import Any, Literal
@@ -94,8 +95,9 @@ class PrunerConfig(Strict):
         if self.name == "none":
             return optuna.pruners.NopPruner()
         if self.name == "percentile":
-            return optuna.pruners.PercentilePruner(self.percentile, n_startup_trials=self.startup_trials,
-                                                   n_warmup_steps=self.warmup_epochs)
+            return optuna.pruners.PercentilePruner(
+                self.percentile, n_startup_trials=self.startup_trials, n_warmup_steps=self.warmup_epochs
+            )
         return optuna.pruners.MedianPruner(n_startup_trials=self.startup_trials, n_warmup_steps=self.warmup_epochs)
 
 

@@ -8,6 +8,7 @@
   thread-local and so invisible to task-runner threads, processes and Dask workers; every write is
   retried while SQLite reports "database is locked".
 """
+
 from __future__ import annotations
 
 import os
@@ -24,8 +25,15 @@ from tasks.config import ConfigError, Params, Strict, config_hash, describe, fla
 from tasks.runners.experiment_settings import RunnerConfig
 
 # settings that change how fast a run goes, not what it learns: left out of the resume keys
-NOT_LEARNING = ("train.num_threads", "train.num_workers", "train.resume", "train.device", "train.eval_batch_size",
-                "data.cache", "data.cache_max_gb")
+NOT_LEARNING = (
+    "train.num_threads",
+    "train.num_workers",
+    "train.resume",
+    "train.device",
+    "train.eval_batch_size",
+    "data.cache",
+    "data.cache_max_gb",
+)
 
 
 def check_section(model: type[Strict], raw: Any, section: str):
@@ -72,7 +80,7 @@ def retry_locked(fn: Callable, *args, attempts: int = 10, **kwargs):
         except Exception as err:  # noqa: BLE001 - mlflow wraps sqlite3.OperationalError in its own types
             if "locked" not in str(err).lower() or attempt == attempts - 1:
                 raise
-            time.sleep(min(0.1 * 2 ** attempt, 3.0) * (0.5 + random.random()))
+            time.sleep(min(0.1 * 2**attempt, 3.0) * (0.5 + random.random()))
 
 
 def client(params: Params):
@@ -91,18 +99,25 @@ def create_child_run(params: Params, experiment_id: str, parent_id: str, name: s
     return run.info.run_id
 
 
-def find_or_create_parent(params: Params, task_name: str, kind: str, key: str, name: str, tags: dict[str, str]) -> tuple[str, str]:
+def find_or_create_parent(
+    params: Params, task_name: str, kind: str, key: str, name: str, tags: dict[str, str]
+) -> tuple[str, str]:
     """The parent run grouping one ablation or one search (found by its key, so a resumed run reuses it)."""
     from tasks.track import tracking
 
     c = client(params)
     exp = retry_locked(tracking.experiment_id, params, task_name)
-    found = retry_locked(c.search_runs, [exp], filter_string=f"tags.kind = '{kind}' and tags.{kind}_key = '{key}'",
-                         max_results=1)
+    found = retry_locked(
+        c.search_runs, [exp], filter_string=f"tags.kind = '{kind}' and tags.{kind}_key = '{key}'", max_results=1
+    )
     if found:
         return exp, found[0].info.run_id
-    run = retry_locked(c.create_run, exp, run_name=name,
-                       tags={"kind": kind, f"{kind}_key": key, "cv_task": task_name, "git_commit": tracking.git_commit(), **tags})
+    run = retry_locked(
+        c.create_run,
+        exp,
+        run_name=name,
+        tags={"kind": kind, f"{kind}_key": key, "cv_task": task_name, "git_commit": tracking.git_commit(), **tags},
+    )
     return exp, run.info.run_id
 
 
@@ -110,8 +125,11 @@ def log_metrics(params: Params, run_id: str, metrics: dict[str, Any], step: int 
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
-    clean = [Metric(k.replace("/", "."), float(v), now, step or 0) for k, v in metrics.items()
-             if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    clean = [
+        Metric(k.replace("/", "."), float(v), now, step or 0)
+        for k, v in metrics.items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool)
+    ]
     if clean:
         retry_locked(client(params).log_batch, run_id, metrics=clean)
 
@@ -121,7 +139,7 @@ def log_params(params: Params, run_id: str, values: dict[str, Any]) -> None:
 
     items = [Param(k, str(v)[:6000]) for k, v in values.items()]
     for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
-        retry_locked(client(params).log_batch, run_id, params=items[i:i + 100])
+        retry_locked(client(params).log_batch, run_id, params=items[i : i + 100])
 
 
 # ---------------------------------------------------------------- one training
@@ -166,8 +184,9 @@ def train_and_score(job: TrainJob, on_epoch: Callable[[dict, int], None] | None 
     enter_project(job.project_dir)
     params = load_params(job.params_path, job.overrides)
     cfg = params.task(job.task_name)
-    run_id = create_child_run(params, job.experiment_id, job.parent_run_id, job.run_name,
-                              {"cv_task": job.task_name, **job.tags})
+    run_id = create_child_run(
+        params, job.experiment_id, job.parent_run_id, job.run_name, {"cv_task": job.task_name, **job.tags}
+    )
 
     @dataclass
     class TrackedStage(Stage):
@@ -201,15 +220,22 @@ def train_and_score(job: TrainJob, on_epoch: Callable[[dict, int], None] | None 
         out_dir = Path(job.out_dir)
         result, model_path = train_model(st, cfg.augment, out_dir)
         primary = task.primary_metric
-        metrics: dict[str, Any] = {f"best_val_{primary}": result.best_metrics[primary], "best_epoch": result.best_epoch,
-                                   "train_seconds": round(result.seconds, 2)}
+        metrics: dict[str, Any] = {
+            f"best_val_{primary}": result.best_metrics[primary],
+            "best_epoch": result.best_epoch,
+            "train_seconds": round(result.seconds, 2),
+        }
         if job.score_test:
             norm = normalizer(st)
             test = task.dataset("test", task.eval_transforms(norm))
             device = engine.pick_device(cfg.train.device)
-            loader = engine.make_loader(task, test, cfg.train.eval_batch_size, False, params.seed, engine.worker_count(cfg.train))
+            loader = engine.make_loader(
+                task, test, cfg.train.eval_batch_size, False, params.seed, engine.worker_count(cfg.train)
+            )
             model = engine.load_model(task, model_path).to(device)
-            scored = task.evaluate(model, loader, device, native=True)  # at each image's own size, as the evaluate stage
+            scored = task.evaluate(
+                model, loader, device, native=True
+            )  # at each image's own size, as the evaluate stage
             metrics.update({f"test_{k}": v for k, v in scored.metrics.items()})
         log_metrics(params, run_id, metrics)
         for name in ("history.csv", "history.png"):
@@ -246,8 +272,14 @@ def child_runs(params: Params, experiment_id: str, parent_id: str) -> list:
     c = client(params)
     out, token = [], None
     while True:
-        page = retry_locked(c.search_runs, [experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'",
-                            max_results=1000, page_token=token, order_by=["attributes.start_time DESC"])
+        page = retry_locked(
+            c.search_runs,
+            [experiment_id],
+            filter_string=f"tags.mlflow.parentRunId = '{parent_id}'",
+            max_results=1000,
+            page_token=token,
+            order_by=["attributes.start_time DESC"],
+        )
         out += list(page)
         token = page.token
         if not token:

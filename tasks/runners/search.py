@@ -9,6 +9,7 @@ storage (``search.storage``, a SQLite file in the project, git-ignored): running
 continues the same study up to ``search.trials``. The best values are written as
 ``outputs/<task>/search/best_params.yaml`` (params.yaml's shape) and ``best.json``.
 """
+
 from __future__ import annotations
 
 import json
@@ -19,8 +20,7 @@ from typing import Any
 
 from tasks.config import ConfigError, config_hash, load_params
 from tasks.runners.experiment_settings import PrunerConfig, SearchConfig
-from tasks.runners.experiments import (TrainJob, check_section, learning_hash, section, task_keys,
-                               worker_threads)
+from tasks.runners.experiments import TrainJob, check_section, learning_hash, section, task_keys, worker_threads
 from tasks.paths import checkpoints, outputs
 
 
@@ -50,8 +50,8 @@ class SearchPlan:
 def storage_url(url: str) -> str:
     """A relative ``sqlite:///file.db`` made absolute, so worker processes find the same file."""
     prefix = "sqlite:///"
-    if url.startswith(prefix) and not url[len(prefix):].startswith("/"):
-        return prefix + str(Path(url[len(prefix):]).resolve())
+    if url.startswith(prefix) and not url[len(prefix) :].startswith("/"):
+        return prefix + str(Path(url[len(prefix) :]).resolve())
     return url
 
 
@@ -59,8 +59,12 @@ def load_config(params_path: str | Path, overrides: dict[str, Any] | None = None
     return check_section(SearchConfig, section(params_path, "search", overrides), "search")
 
 
-def plan(task_name: str, params_path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None,
-         build_model: bool = True) -> SearchPlan:
+def plan(
+    task_name: str,
+    params_path: str | Path = "params.yaml",
+    overrides: dict[str, Any] | None = None,
+    build_model: bool = True,
+) -> SearchPlan:
     """Check everything before the first trial: the ranges, that every end of every range is a valid setting."""
     from cv_models import get_task
 
@@ -77,24 +81,43 @@ def plan(task_name: str, params_path: str | Path = "params.yaml", overrides: dic
             try:
                 load_params(params_path, {**overrides, **task_keys(task_name, {**base, key: value})}).task(task_name)
             except ConfigError as err:
-                raise ConfigError(f"search.space.{key}: the value {value!r} is not a valid setting of "
-                                  f"tasks.{task_name}.{key}:\n{err}") from None
+                raise ConfigError(
+                    f"search.space.{key}: the value {value!r} is not a valid setting of tasks.{task_name}.{key}:\n{err}"
+                ) from None
     task = get_task(task_name, base_cfg)
     if build_model:  # unknown model or missing weights: fail before the first trial (needs the data's classes)
         task.build_model()
     space = {k: v.model_dump(mode="json") for k, v in cfg.space.items()}
-    name = cfg.study_name or f"{task_name}-{config_hash({'base': learning_hash(base_cfg.model_dump(mode='json'), params.seed), 'space': space, 'pruner': cfg.pruner.model_dump()})}"
+    name = (
+        cfg.study_name
+        or f"{task_name}-{config_hash({'base': learning_hash(base_cfg.model_dump(mode='json'), params.seed), 'space': space, 'pruner': cfg.pruner.model_dump()})}"
+    )
     seed = params.seed if cfg.sampler_seed is None else cfg.sampler_seed
-    return SearchPlan(task_name, task.primary_metric, cfg, base, overrides, str(Path(params_path).resolve()), name,
-                      storage_url(cfg.storage), seed)
+    return SearchPlan(
+        task_name,
+        task.primary_metric,
+        cfg,
+        base,
+        overrides,
+        str(Path(params_path).resolve()),
+        name,
+        storage_url(cfg.storage),
+        seed,
+    )
 
 
 def open_study(p: SearchPlan):
     import optuna
 
     sampler = optuna.samplers.TPESampler(seed=p.seed)
-    return optuna.create_study(study_name=p.study_name, storage=p.storage, direction="maximize", sampler=sampler,
-                               pruner=p.config.pruner.build(), load_if_exists=True)
+    return optuna.create_study(
+        study_name=p.study_name,
+        storage=p.storage,
+        direction="maximize",
+        sampler=sampler,
+        pruner=p.config.pruner.build(),
+        load_if_exists=True,
+    )
 
 
 def recover(study, p: SearchPlan) -> int:
@@ -128,10 +151,16 @@ def trial_key(p: SearchPlan, values: dict[str, Any]) -> str:
 def job(p: SearchPlan, number: int, values: dict[str, Any], experiment_id: str, parent_run_id: str) -> TrainJob:
     key = trial_key(p, values)
     return TrainJob(
-        task_name=p.task_name, params_path=p.params_path, overrides={**p.trial_overrides(values), "seed": p.seed},
-        stage_name=f"search/{key}", out_dir=str(Path.cwd() / checkpoints(p.task_name, "search") / key / "files"),
-        project_dir=str(Path.cwd()), experiment_id=experiment_id, parent_run_id=parent_run_id,
-        run_name=f"trial {number}", score_test=False,
+        task_name=p.task_name,
+        params_path=p.params_path,
+        overrides={**p.trial_overrides(values), "seed": p.seed},
+        stage_name=f"search/{key}",
+        out_dir=str(Path.cwd() / checkpoints(p.task_name, "search") / key / "files"),
+        project_dir=str(Path.cwd()),
+        experiment_id=experiment_id,
+        parent_run_id=parent_run_id,
+        run_name=f"trial {number}",
+        score_test=False,
         tags={"kind": "search-trial", "trial": str(number), "study": p.study_name, "trial_key": key},
     )
 
@@ -177,8 +206,11 @@ def summarise(p: SearchPlan, study) -> dict[str, Any]:
         trials["duration"] = trials["duration"].dt.total_seconds()
     trials.to_csv(out / "trials.csv", index=False)
     states = [t.state for t in study.trials]
-    counts = {"complete": states.count(TrialState.COMPLETE), "pruned": states.count(TrialState.PRUNED),
-              "failed": states.count(TrialState.FAIL)}
+    counts = {
+        "complete": states.count(TrialState.COMPLETE),
+        "pruned": states.count(TrialState.PRUNED),
+        "failed": states.count(TrialState.FAIL),
+    }
     complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
     if not complete:
         raise RuntimeError(f"study {p.study_name}: no trial completed ({counts}); nothing to write as best parameters")
@@ -191,12 +223,20 @@ def summarise(p: SearchPlan, study) -> dict[str, Any]:
         for k in parents:
             node = node.setdefault(k, {})
         node[leaf] = value
-    header = (f"# Best trial {best.number} of Optuna study {p.study_name}: val {p.primary_metric} = {best.value:.4f}\n"
-              f"# ({counts['complete']} complete, {counts['pruned']} pruned, {counts['failed']} failed trials).\n"
-              f"# Apply to params.yaml as a DVC experiment:  dvc exp run $(python -m flows.search {p.task_name} --dvc-args)\n")
+    header = (
+        f"# Best trial {best.number} of Optuna study {p.study_name}: val {p.primary_metric} = {best.value:.4f}\n"
+        f"# ({counts['complete']} complete, {counts['pruned']} pruned, {counts['failed']} failed trials).\n"
+        f"# Apply to params.yaml as a DVC experiment:  dvc exp run $(python -m flows.search {p.task_name} --dvc-args)\n"
+    )
     (out / "best_params.yaml").write_text(header + yaml.safe_dump(nested, sort_keys=False))
-    summary = {"study": p.study_name, "best_trial": best.number, f"best_val_{p.primary_metric}": best.value,
-               "trials": len(study.trials), **counts, "params": dotted}
+    summary = {
+        "study": p.study_name,
+        "best_trial": best.number,
+        f"best_val_{p.primary_metric}": best.value,
+        "trials": len(study.trials),
+        **counts,
+        "params": dotted,
+    }
     (out / "best.json").write_text(json.dumps(summary, indent=2, default=float) + "\n")
     return summary
 

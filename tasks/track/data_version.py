@@ -6,6 +6,7 @@ whether or not the data is under DVC. The validate stage writes it into its ``re
 (``data_version``); resume fingerprints, MLflow dataset inputs and the Model Registry read it back
 with :func:`read_data_version`.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -52,7 +53,11 @@ def digest_tables(tables: dict[str, pd.DataFrame]) -> dict[str, dict]:
             if split != ALL and "split" in df.columns:
                 df = df[df["split"].astype(str) == split]
             h.update(name.encode() + b"\n" + _rows_text(df.astype(str), file_hashes).encode())
-        n = len(first) if split == ALL or "split" not in first.columns else int((first["split"].astype(str) == split).sum())
+        n = (
+            len(first)
+            if split == ALL or "split" not in first.columns
+            else int((first["split"].astype(str) == split).sum())
+        )
         out[split] = {"digest": h.hexdigest(), "n_samples": n}
     return out
 

@@ -9,6 +9,7 @@
 
 Every call names its run explicitly (no active run): the Prefect flow runs stages in threads.
 """
+
 from __future__ import annotations
 
 import json
@@ -65,8 +66,13 @@ def log_split_inputs(run_ids: Iterable[str], task_name: str, data_path: str | Pa
     from mlflow.entities import DatasetInput, InputTag
     from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
-    inputs = [DatasetInput(split_dataset(task_name, s, data_path)._to_mlflow_entity(),
-                           tags=[InputTag(MLFLOW_DATASET_CONTEXT, SPLIT_CONTEXT.get(s, s))]) for s in splits]
+    inputs = [
+        DatasetInput(
+            split_dataset(task_name, s, data_path)._to_mlflow_entity(),
+            tags=[InputTag(MLFLOW_DATASET_CONTEXT, SPLIT_CONTEXT.get(s, s))],
+        )
+        for s in splits
+    ]
     c = client()
     for run_id in dict.fromkeys(r for r in run_ids if r):
         c.log_inputs(run_id, datasets=inputs)
@@ -86,9 +92,14 @@ def log_model_file(run_id: str, name: str, model_path: Path, params: dict[str, A
     parent = run.data.tags.get("mlflow.parentRunId")
     # MLflow 3.17's runs table fills the Model column from the models whose *source* run a row is:
     # the pipeline run, whose row is the one compared; the stage run is kept as a tag and an output
-    model = c.create_logged_model(experiment_id=run.info.experiment_id, name=name, source_run_id=parent or run_id,
-                                  tags={"stage_run_id": run_id}, params={k: str(v)[:6000] for k, v in params.items()},
-                                  model_type="pytorch")
+    model = c.create_logged_model(
+        experiment_id=run.info.experiment_id,
+        name=name,
+        source_run_id=parent or run_id,
+        tags={"stage_run_id": run_id},
+        params={k: str(v)[:6000] for k, v in params.items()},
+        model_type="pytorch",
+    )
     with tempfile.TemporaryDirectory() as tmp:
         shutil.copy(model_path, Path(tmp) / Path(model_path).name)
         c.log_model_artifacts(model.model_id, tmp)
@@ -132,8 +143,13 @@ def pipeline_metrics(primary: str, test: dict[str, dict], trained: dict[str, dic
     for model in models:
         out[f"test.{model}.{primary}"] = test[model][primary]
     for model in models:
-        out.update({f"test.{model}.{k}": v for k, v in test[model].items()
-                    if "/" not in k and k not in (primary, "loss", *TIMINGS) and isinstance(v, (int, float))})
+        out.update(
+            {
+                f"test.{model}.{k}": v
+                for k, v in test[model].items()
+                if "/" not in k and k not in (primary, "loss", *TIMINGS) and isinstance(v, (int, float))
+            }
+        )
     for model, m in trained.items():
         if f"val_{primary}" in m:
             out[f"best_val.{model}.{primary}"] = m[f"val_{primary}"]
@@ -153,8 +169,9 @@ def read_json(path: Path) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
-def summarise_pipeline(parent_id: str, task_name: str, primary: str, test: dict[str, dict], outputs_of,
-                       trained_models: tuple[str, ...]) -> None:
+def summarise_pipeline(
+    parent_id: str, task_name: str, primary: str, test: dict[str, dict], outputs_of, trained_models: tuple[str, ...]
+) -> None:
     """Put the pipeline run's results on its parent run (one row of the runs table), from the files
     the stages wrote: that works whether the stages ran in this process (Prefect) or each in its own
     (``dvc repro``, which may also skip stages whose outputs are up to date). ``outputs_of(stage)``
@@ -166,7 +183,10 @@ def summarise_pipeline(parent_id: str, task_name: str, primary: str, test: dict[
 
     c = client()
     # the best val metric from metrics.json, the wall-clock seconds from timings.json (kept apart: tasks/training/train.py)
-    trained = {m: {**read_json(outputs_of(m) / "metrics.json"), **read_json(outputs_of(m) / "timings.json")} for m in trained_models}
+    trained = {
+        m: {**read_json(outputs_of(m) / "metrics.json"), **read_json(outputs_of(m) / "timings.json")}
+        for m in trained_models
+    }
     now = int(time.time() * 1000)
     metrics = [Metric(k, v, now, 0) for k, v in pipeline_metrics(primary, test, trained).items()]
     # the augmented model's per-epoch curves under the stable names of the stage runs, so the chart
@@ -176,10 +196,11 @@ def summarise_pipeline(parent_id: str, task_name: str, primary: str, test: dict[
         df = pd.read_csv(history)
         for key in ("train_loss", f"val_{primary}"):
             if key in df.columns and not c.get_metric_history(parent_id, key):
-                metrics += [Metric(key, float(v), now, int(e)) for e, v in zip(df["epoch"], df[key])
-                            if pd.notna(v)]  # epochs without validation (train.val_every) have no val metrics
+                metrics += [
+                    Metric(key, float(v), now, int(e)) for e, v in zip(df["epoch"], df[key]) if pd.notna(v)
+                ]  # epochs without validation (train.val_every) have no val metrics
     for i in range(0, len(metrics), 1000):  # MLflow's batch limit
-        c.log_batch(parent_id, metrics=metrics[i:i + 1000])
+        c.log_batch(parent_id, metrics=metrics[i : i + 1000])
     version = read_data_version(task_name)
     c.log_batch(parent_id, tags=[RunTag("data_version", version["digest"]), RunTag("primary_metric", primary)])
     save_runs_view(c.get_run(parent_id).info.experiment_id, primary, trained_models)
@@ -205,15 +226,19 @@ def runs_view(primary: str, trained_models: tuple[str, ...]) -> dict:
 
 
 def save_runs_view(experiment_id: str, primary: str, trained_models: tuple[str, ...]) -> None:
-    client().set_experiment_tag(experiment_id, VIEW_TAG_PREFIX + VIEW_KEY, json.dumps(runs_view(primary, trained_models)))
+    client().set_experiment_tag(
+        experiment_id, VIEW_TAG_PREFIX + VIEW_KEY, json.dumps(runs_view(primary, trained_models))
+    )
 
 
 def runs_table_url(base_url: str, experiment_id: str) -> str:
     """The experiment's training-runs table with the pipeline columns. ``workflowType``: MLflow 3.17's
     UI opens every experiment on the GenAI overview unless its global switch (or this parameter)
     says "machine learning"; the experiment's ``mlflow.experimentKind`` tag is what older 3.x UIs read."""
-    return (f"{base_url.rstrip('/')}/#/experiments/{experiment_id}/runs"
-            f"?viewStateShareKey={VIEW_KEY}&workflowType=machine_learning")
+    return (
+        f"{base_url.rstrip('/')}/#/experiments/{experiment_id}/runs"
+        f"?viewStateShareKey={VIEW_KEY}&workflowType=machine_learning"
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -4,6 +4,7 @@ tasks/track/registry.py logs this file as the pyfunc's ``python_model``; MLflow 
 (with the shipped ``tasks`` and ``cv_models`` on the path) and serves the model it sets: :class:`CVModel`,
 whose ``load_context`` reads the bundle artifact (weights, settings, normalisation).
 """
+
 import mlflow
 
 from tasks.track.registry import CVModel

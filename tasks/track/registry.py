@@ -8,6 +8,7 @@ version, params hash, validation and test metrics), and the alias ``champion`` m
 beats the current champion's validation metric on the same data version. When the champion was scored
 on another version of the validation data, it is scored again on the current one first.
 """
+
 from __future__ import annotations
 
 import tempfile
@@ -105,11 +106,26 @@ def log_model(task, loaded, bundle: Path):
     import torch
     import torchvision
 
-    requirements = [f"torch=={torch.__version__.split('+')[0]}", f"torchvision=={torchvision.__version__.split('+')[0]}",
-                    f"mlflow=={mlflow.__version__}", "pandas", "numpy", "pillow", "pycocotools", "pydantic", "pyyaml"]
-    return mlflow.pyfunc.log_model(name="model", python_model=str(MODEL_FILE), artifacts={"bundle": str(bundle)},
-                                   code_paths=CODE, signature=signature, input_example=example,
-                                   pip_requirements=requirements)
+    requirements = [
+        f"torch=={torch.__version__.split('+')[0]}",
+        f"torchvision=={torchvision.__version__.split('+')[0]}",
+        f"mlflow=={mlflow.__version__}",
+        "pandas",
+        "numpy",
+        "pillow",
+        "pycocotools",
+        "pydantic",
+        "pyyaml",
+    ]
+    return mlflow.pyfunc.log_model(
+        name="model",
+        python_model=str(MODEL_FILE),
+        artifacts={"bundle": str(bundle)},
+        code_paths=CODE,
+        signature=signature,
+        input_example=example,
+        pip_requirements=requirements,
+    )
 
 
 def _rescore(st, loaded, device) -> float:
@@ -140,19 +156,33 @@ def publish(st, test_metrics: dict[str, dict], device) -> dict[str, Any]:
     from tasks.track.tracking import git_commit
 
     with tempfile.TemporaryDirectory() as tmp:
-        bundle = write_bundle(task, models(st.task_name, stage) / "model.pt", Path(tmp) / "bundle",
-                              extra={"stage": stage, "data_version": version_all["digest"]})
+        bundle = write_bundle(
+            task,
+            models(st.task_name, stage) / "model.pt",
+            Path(tmp) / "bundle",
+            extra={"stage": stage, "data_version": version_all["digest"]},
+        )
         loaded = load_bundle(st.task_name, bundle)
         val_metric = float(loaded.info["val_metrics"].get(primary, float("nan")))
         info = log_model(task, loaded, bundle)
     tests = {k: v for k, v in test_metrics[stage].items() if "/" not in k and isinstance(v, (int, float))}
-    tags = {"cv_task": st.task_name, "stage": stage, "git_commit": git_commit(), "data_version": version_all["digest"],
-            "data_version_val": version_val["digest"], "params_hash": config_hash(st.cfg), f"val.{primary}": repr(float(val_metric)),
-            **{f"test.{k}": f"{v:.6f}" for k, v in tests.items()}}
+    tags = {
+        "cv_task": st.task_name,
+        "stage": stage,
+        "git_commit": git_commit(),
+        "data_version": version_all["digest"],
+        "data_version_val": version_val["digest"],
+        "params_hash": config_hash(st.cfg),
+        f"val.{primary}": repr(float(val_metric)),
+        **{f"test.{k}": f"{v:.6f}" for k, v in tests.items()},
+    }
     client = mlflow.MlflowClient()
     try:
-        client.create_registered_model(name, tags={"cv_task": st.task_name},
-                                       description=f"{st.task_name}: the pipeline's better model by validation {primary}")
+        client.create_registered_model(
+            name,
+            tags={"cv_task": st.task_name},
+            description=f"{st.task_name}: the pipeline's better model by validation {primary}",
+        )
     except mlflow.exceptions.MlflowException:
         pass  # already there
     # the client, not mlflow.register_model: that one prints "already exists. Creating a new version..." besides
@@ -163,10 +193,20 @@ def publish(st, test_metrics: dict[str, dict], device) -> dict[str, Any]:
     if decision["move"]:
         client.set_registered_model_alias(name, reg.alias, mv.version)
     champion = client.get_model_version_by_alias(name, reg.alias).version
-    out = {"name": name, "version": int(mv.version), "stage": stage, f"val_{primary}": val_metric, "alias": reg.alias,
-           "champion_version": int(champion), "decision": decision["text"], "model_uri": info.model_uri,
-           "data_version": version_all["digest"]}
-    print(f"[registry] {name}: registered version {mv.version} ({stage}, val {primary} {val_metric:.4f}); {decision['text']}")
+    out = {
+        "name": name,
+        "version": int(mv.version),
+        "stage": stage,
+        f"val_{primary}": val_metric,
+        "alias": reg.alias,
+        "champion_version": int(champion),
+        "decision": decision["text"],
+        "model_uri": info.model_uri,
+        "data_version": version_all["digest"],
+    }
+    print(
+        f"[registry] {name}: registered version {mv.version} ({stage}, val {primary} {val_metric:.4f}); {decision['text']}"
+    )
     return out
 
 
@@ -184,11 +224,19 @@ def decide_champion(st, client, name: str, version: str, val_metric: float, data
             champ_val = _rescore(st, load_registered(st.task_name, f"models:/{name}/{champ.version}"), device)
             how = "rescored on this data version"
         except Exception as err:  # noqa: BLE001 - a champion that cannot be scored here cannot hold the alias
-            champ_val, how = float("-inf"), f"not scorable on this data version ({type(err).__name__}: {str(err)[:200]})"
+            champ_val, how = (
+                float("-inf"),
+                f"not scorable on this data version ({type(err).__name__}: {str(err)[:200]})",
+            )
     move = val_metric > champ_val
-    text = (f"val {primary} {val_metric:.4f} vs {alias} version {champ.version} {champ_val:.4f} ({how}) on data version "
-            f"{data_version_val[:12]}: " + (f"{alias} moved to version {version}" if move else f"{alias} stays on version {champ.version}"))
-    tags = {"champion_decision": text, f"previous_{alias}_version": str(champ.version),
-            f"previous_{alias}_val.{primary}": repr(float(champ_val))}
+    text = (
+        f"val {primary} {val_metric:.4f} vs {alias} version {champ.version} {champ_val:.4f} ({how}) on data version "
+        f"{data_version_val[:12]}: "
+        + (f"{alias} moved to version {version}" if move else f"{alias} stays on version {champ.version}")
+    )
+    tags = {
+        "champion_decision": text,
+        f"previous_{alias}_version": str(champ.version),
+        f"previous_{alias}_val.{primary}": repr(float(champ_val)),
+    }
     return {"move": move, "text": text, "tags": tags}
-

@@ -1,5 +1,6 @@
 """MLflow bookkeeping: one experiment per CV task, one parent run per pipeline run,
 one child run per stage carrying params, seeds, git commit, data version, metrics and artifacts."""
+
 from __future__ import annotations
 
 import hashlib
@@ -20,8 +21,8 @@ def tracking_uri(params: Params) -> str:
     """``MLFLOW_TRACKING_URI`` wins; a relative sqlite path is made absolute (stages may run elsewhere)."""
     uri = os.environ.get("MLFLOW_TRACKING_URI") or params.tracking.uri
     prefix = "sqlite:///"
-    if uri.startswith(prefix) and not uri[len(prefix):].startswith("/"):
-        uri = prefix + str(Path(uri[len(prefix):]).resolve())
+    if uri.startswith(prefix) and not uri[len(prefix) :].startswith("/"):
+        uri = prefix + str(Path(uri[len(prefix) :]).resolve())
     return uri
 
 
@@ -32,7 +33,9 @@ def artifact_root(params: Params) -> Path:
 def git_commit() -> str:
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True).stdout
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True
+        ).stdout
         return sha + ("-dirty" if dirty.strip() else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
@@ -69,13 +72,19 @@ def default_pipeline_run_id(params_path: str | Path = "params.yaml", overrides: 
     """
     text = Path(params_path).read_text() if Path(params_path).exists() else ""
     head = git_commit().removesuffix("-dirty")
-    parts = [head, _code_diff(), text, json.dumps(overrides or {}, sort_keys=True, default=str),
-             os.environ.get("DVC_EXP_NAME", "")]
+    parts = [
+        head,
+        _code_diff(),
+        text,
+        json.dumps(overrides or {}, sort_keys=True, default=str),
+        os.environ.get("DVC_EXP_NAME", ""),
+    ]
     return hashlib.sha256("\x00".join(parts).encode()).hexdigest()[:12]
 
 
-def resolve_pipeline_run_id(pipeline_run_id: str | None, params_path: str | Path = "params.yaml",
-                            overrides: dict | None = None) -> str:
+def resolve_pipeline_run_id(
+    pipeline_run_id: str | None, params_path: str | Path = "params.yaml", overrides: dict | None = None
+) -> str:
     """An explicit id (argument, then ``CV_PIPELINE_RUN_ID``) wins; otherwise the deterministic default."""
     return pipeline_run_id or os.environ.get("CV_PIPELINE_RUN_ID") or default_pipeline_run_id(params_path, overrides)
 
@@ -133,8 +142,9 @@ def experiment_id(params: Params, task_name: str) -> str:
         remote = tracking_uri(params).startswith(("http://", "https://"))
         location = None if remote else (artifact_root(params) / name).as_uri()
         try:
-            return client.create_experiment(name, artifact_location=location,
-                                            tags={"cv_task": task_name, EXPERIMENT_KIND[0]: EXPERIMENT_KIND[1]})
+            return client.create_experiment(
+                name, artifact_location=location, tags={"cv_task": task_name, EXPERIMENT_KIND[0]: EXPERIMENT_KIND[1]}
+            )
         except Exception:  # created meanwhile by another process
             exp = client.get_experiment_by_name(name)
     if exp.tags.get(EXPERIMENT_KIND[0]) != EXPERIMENT_KIND[1]:  # an experiment made before the tag existed
@@ -151,10 +161,13 @@ def log_params_once(client, run_id: str, values: dict) -> None:
     new = [Param(k, str(v)[:6000]) for k, v in values.items() if k not in held]
     clash = sorted(k for k, v in values.items() if k in held and held[k] != str(v)[:6000])
     if clash:
-        print(f"[mlflow] pipeline run {run_id} already holds other values for {', '.join(clash[:5])}"
-              f"{' ...' if len(clash) > 5 else ''}: kept the first ones", file=sys.stderr)
+        print(
+            f"[mlflow] pipeline run {run_id} already holds other values for {', '.join(clash[:5])}"
+            f"{' ...' if len(clash) > 5 else ''}: kept the first ones",
+            file=sys.stderr,
+        )
     for i in range(0, len(new), 100):  # MLflow takes at most 100 params per batch
-        client.log_batch(run_id, params=new[i:i + 100])
+        client.log_batch(run_id, params=new[i : i + 100])
 
 
 def parent_run(params: Params, task_name: str, pipeline_run_id: str, settings: dict | None = None) -> str:
@@ -174,9 +187,15 @@ def parent_run(params: Params, task_name: str, pipeline_run_id: str, settings: d
         context = pipeline_tags()
         name = context.get("dvc_exp_name") or context.get("prefect_flow_run_name") or f"pipeline {pipeline_run_id}"
         run_id = client.create_run(
-            exp, run_name=name,
-            tags={"pipeline_run_id": pipeline_run_id, "kind": "pipeline", "cv_task": task_name, "git_commit": git_commit(),
-                  **context},
+            exp,
+            run_name=name,
+            tags={
+                "pipeline_run_id": pipeline_run_id,
+                "kind": "pipeline",
+                "cv_task": task_name,
+                "git_commit": git_commit(),
+                **context,
+            },
         ).info.run_id
     if settings:
         log_params_once(client, run_id, settings)
@@ -193,7 +212,10 @@ def set_parent_status(run_id: str, status: str) -> None:
     client = mlflow.MlflowClient()
     if status == "RUNNING":
         client.update_run(run_id, status="RUNNING")
-        for k, v in runstate.owner_tags().items():  # a kill -9 leaves it RUNNING: the next stage closes it (close_stale_runs)
+        for (
+            k,
+            v,
+        ) in runstate.owner_tags().items():  # a kill -9 leaves it RUNNING: the next stage closes it (close_stale_runs)
             client.set_tag(run_id, k, v)
     else:
         client.set_terminated(run_id, status=status)
@@ -222,8 +244,15 @@ def run_data_version(task_name: str, cfg: TaskConfig) -> dict[str, str]:
 
 
 @contextmanager
-def stage_run(params: Params, task_name: str, stage: str, cfg: TaskConfig | None, seeds: dict, pipeline_run_id: str | None,
-              extra_params: dict | None = None) -> Iterator[str]:
+def stage_run(
+    params: Params,
+    task_name: str,
+    stage: str,
+    cfg: TaskConfig | None,
+    seeds: dict,
+    pipeline_run_id: str | None,
+    extra_params: dict | None = None,
+) -> Iterator[str]:
     """An active MLflow run for one stage, nested under the pipeline run. Yields the run id.
 
     The run ends FAILED if the stage raises and KILLED if it is interrupted (SIGTERM, SIGINT), so the store never
@@ -242,8 +271,13 @@ def stage_run(params: Params, task_name: str, stage: str, cfg: TaskConfig | None
     parent = parent_run(params, task_name, pipeline_run_id, settings=logged)
     set_parent_status(parent, "RUNNING")
     tags = {
-        "mlflow.parentRunId": parent, "pipeline_run_id": pipeline_run_id, "kind": "stage", "stage": stage,
-        "cv_task": task_name, "git_commit": git_commit(), **runstate.owner_tags(),
+        "mlflow.parentRunId": parent,
+        "pipeline_run_id": pipeline_run_id,
+        "kind": "stage",
+        "stage": stage,
+        "cv_task": task_name,
+        "git_commit": git_commit(),
+        **runstate.owner_tags(),
     }
     if cfg is not None:
         tags.update(run_data_version(task_name, cfg))

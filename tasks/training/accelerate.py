@@ -2,6 +2,7 @@
 mixed precision (autocast + GradScaler), channels-last, torch.compile, pinned memory, and DDP
 through torchrun (process group from torchrun's environment, a DistributedSampler, rank 0 alone
 writing). With the defaults (fp32, one process) every helper is a no-op, so results don't change."""
+
 from __future__ import annotations
 
 import contextlib

@@ -6,6 +6,7 @@ learning rate in the last planned epoch. Epoch times are the median of the recen
 the plan), without the first epoch of a process once there are others (it carries one-time costs: cache filling,
 warm-up). The run stops early only when even one more epoch would end past 100% of the limit.
 """
+
 from __future__ import annotations
 
 import statistics
@@ -38,12 +39,24 @@ def seconds_to_finish(done: int, last: int, train_s: float, val_s: float, val_ev
     return (last - done) * train_s + (validations(done + 1, last, val_every) + pending_val) * val_s
 
 
-def epochs_that_fit(limit_s: float, spent: float, done: int, train_s: float, val_s: float, val_every: int, cap: int,
-                    pending_val: bool = False, share: float = TARGET_SHARE) -> int:
+def epochs_that_fit(
+    limit_s: float,
+    spent: float,
+    done: int,
+    train_s: float,
+    val_s: float,
+    val_every: int,
+    cap: int,
+    pending_val: bool = False,
+    share: float = TARGET_SHARE,
+) -> int:
     """The most epochs, ``done`` trained and at most ``cap``, that end within ``share`` of ``limit_s`` (``spent`` so
     far; ``train_s`` and ``val_s`` seconds per training and validation pass); at least ``done``."""
     fits = done
-    while fits < cap and spent + seconds_to_finish(done, fits + 1, train_s, val_s, val_every, pending_val) <= share * limit_s:
+    while (
+        fits < cap
+        and spent + seconds_to_finish(done, fits + 1, train_s, val_s, val_every, pending_val) <= share * limit_s
+    ):
         fits += 1
     return fits
 
@@ -83,8 +96,10 @@ class TimeBudget:
 
     def describe(self, timings: dict[str, list[float]]) -> str:
         train_s, val_s = self.estimates(timings)
-        return (f"{TARGET_SHARE:.0%} of train.time_limit_minutes={self.limit_s / 60:g} at {train_s:.1f} s of training "
-                f"and {val_s:.1f} s per validation pass (medians of the last {RECENT_EPOCHS} epochs)")
+        return (
+            f"{TARGET_SHARE:.0%} of train.time_limit_minutes={self.limit_s / 60:g} at {train_s:.1f} s of training "
+            f"and {val_s:.1f} s per validation pass (medians of the last {RECENT_EPOCHS} epochs)"
+        )
 
 
 class FittedSchedule:

@@ -11,6 +11,7 @@ training pass is done, its validation not yet: the time limit decides here wheth
 ``on_epoch_end`` (validated and recorded; a callback ends training with ``run.stop``), ``on_fit_end`` (training
 is over; the best weights are saved next) and ``on_saved`` (they are).
 """
+
 from __future__ import annotations
 
 import copy
@@ -130,10 +131,15 @@ class BestWeights(Callback):
     def on_epoch_end(self, run: Run) -> None:
         val, best = run.val, run.best
         # the first validated epoch is best so far even when its metric is NaN (a split without ground truth)
-        if val is not None and (best["state"] is None
-                                or val[run.metric] > best["value"] + (self.min_delta if best["epoch"] > 0 else 0)):
-            run.best = {"epoch": run.epoch, "value": float(val[run.metric]),
-                        "state": copy.deepcopy(run.scored.state_dict()), "metrics": plain_numbers(val)}
+        if val is not None and (
+            best["state"] is None or val[run.metric] > best["value"] + (self.min_delta if best["epoch"] > 0 else 0)
+        ):
+            run.best = {
+                "epoch": run.epoch,
+                "value": float(val[run.metric]),
+                "state": copy.deepcopy(run.scored.state_dict()),
+                "metrics": plain_numbers(val),
+            }
 
 
 class EarlyStopping(Callback):
@@ -145,8 +151,10 @@ class EarlyStopping(Callback):
 
     def on_epoch_end(self, run: Run) -> None:
         if not run.stop and run.val is not None and run.epoch - run.best["epoch"] >= self.patience:
-            print(f"[{run.desc}] early stopping at epoch {run.epoch}: no better val_{run.metric} for {self.patience} "
-                  f"epochs (best {run.best['value']:.4f} at epoch {run.best['epoch']})")
+            print(
+                f"[{run.desc}] early stopping at epoch {run.epoch}: no better val_{run.metric} for {self.patience} "
+                f"epochs (best {run.best['value']:.4f} at epoch {run.best['epoch']})"
+            )
             run.stop = True
 
 
@@ -178,47 +186,64 @@ class TimeLimit(Callback):
             # the plan the interrupted run fitted (perhaps under other load) is dropped: the schedule spans the cap
             # again until this process has timed an epoch, and the plan is then re-fitted from the time left
             run.scheduler.respan(cfg.epochs * run.steps_per_epoch)
-            print(f"[{run.desc}] time limit: resuming with {max(cfg.time_limit_minutes * 60 - run.elapsed, 0):.0f} s "
-                  f"of train.time_limit_minutes={cfg.time_limit_minutes:g} left; the plan of {run.planned} epochs "
-                  f"fitted before the interruption is dropped and re-fitted from the time left after this process's "
-                  f"first epoch", flush=True)
+            print(
+                f"[{run.desc}] time limit: resuming with {max(cfg.time_limit_minutes * 60 - run.elapsed, 0):.0f} s "
+                f"of train.time_limit_minutes={cfg.time_limit_minutes:g} left; the plan of {run.planned} epochs "
+                f"fitted before the interruption is dropped and re-fitted from the time left after this process's "
+                f"first epoch",
+                flush=True,
+            )
             run.planned = cfg.epochs
         # the timings already there were measured by an interrupted run
-        self.budget = budget.TimeBudget(cfg.time_limit_minutes * 60, cfg.epochs, cfg.val_every,
-                                        len(run.timings["train"]), len(run.timings["val"]))
+        self.budget = budget.TimeBudget(
+            cfg.time_limit_minutes * 60, cfg.epochs, cfg.val_every, len(run.timings["train"]), len(run.timings["val"])
+        )
 
     def on_train_end(self, run: Run) -> None:
         # rank 0's clock decides; the epoch it stops at is validated
-        run.out = run.epoch < run.planned and accelerate.broadcast(self.budget.out_of_time(
-            run.spent(), run.epoch, run.timings, run.due))
+        run.out = run.epoch < run.planned and accelerate.broadcast(
+            self.budget.out_of_time(run.spent(), run.epoch, run.timings, run.due)
+        )
 
     def on_epoch_end(self, run: Run) -> None:
         if run.out:
             train_s, val_s = self.budget.estimates(run.timings)
-            print(f"[{run.desc}] time limit: stopping after epoch {run.epoch} of {run.planned} ({run.spent():.0f} s "
-                  f"spent; another epoch ({train_s:.0f} s, plus {val_s:.0f} s of validation: medians of the last "
-                  f"{budget.RECENT_EPOCHS}) would pass train.time_limit_minutes={self.budget.limit_s / 60:g})", flush=True)
+            print(
+                f"[{run.desc}] time limit: stopping after epoch {run.epoch} of {run.planned} ({run.spent():.0f} s "
+                f"spent; another epoch ({train_s:.0f} s, plus {val_s:.0f} s of validation: medians of the last "
+                f"{budget.RECENT_EPOCHS}) would pass train.time_limit_minutes={self.budget.limit_s / 60:g})",
+                flush=True,
+            )
             run.stop = True
         elif self.fitted(run) and run.epoch < run.planned:
             fits = accelerate.broadcast(self.budget.plan(run.spent(), run.epoch, run.timings))  # rank 0's count
             if fits != run.planned:
                 run.scheduler.respan(fits * run.steps_per_epoch)
-                print(f"[{run.desc}] time limit: {fits} of {self.budget.cap} epochs fit "
-                      f"({self.budget.describe(run.timings)}); the learning-rate schedule now spans {fits} "
-                      f"(train.fit_epochs_to_time_limit)", flush=True)
+                print(
+                    f"[{run.desc}] time limit: {fits} of {self.budget.cap} epochs fit "
+                    f"({self.budget.describe(run.timings)}); the learning-rate schedule now spans {fits} "
+                    f"(train.fit_epochs_to_time_limit)",
+                    flush=True,
+                )
             run.planned = fits
 
 
-PART_NAMES = {"settings": "the task's settings", "seed": "the seed",
-              "code": "the task's code or the training loop's (tasks/training/engine.py, callbacks.py, optim.py, budget.py)",
-              "data": "the data version (validate stage's digest)", "stage": "the stage's own settings",
-              "n_train": "the number of training samples"}
+PART_NAMES = {
+    "settings": "the task's settings",
+    "seed": "the seed",
+    "code": "the task's code or the training loop's (tasks/training/engine.py, callbacks.py, optim.py, budget.py)",
+    "data": "the data version (validate stage's digest)",
+    "stage": "the stage's own settings",
+    "n_train": "the number of training samples",
+}
 
 
 def changed_settings(old: dict, new: dict) -> str:
     """Every setting that differs between two flat :func:`tasks.training.engine.resume_settings`, with its old and new value."""
     diff: dict[str, tuple] = {}
-    for key in sorted(set(old) | set(new), key=lambda k: (not k.startswith("task."), k)):  # the task's keys first, by name
+    for key in sorted(
+        set(old) | set(new), key=lambda k: (not k.startswith("task."), k)
+    ):  # the task's keys first, by name
         shown = key.removeprefix("task.")  # fit's own train settings keep their "train." prefix
         if old.get(key) != new.get(key) and shown not in diff:
             diff[shown] = (old.get(key), new.get(key))
@@ -229,8 +254,12 @@ def resume_mismatch(ck: dict, differs: list[str], settings: dict) -> str:
     """Why a checkpoint does not continue this run: each differing part, the settings by key (old -> new)."""
     if not ck.get("fingerprint_parts"):
         return "it was written by an older version of the pipeline"
-    named = [f"{PART_NAMES[k]} ({changed_settings(ck['settings'], settings)})" if k == "settings" and ck.get("settings")
-             else f"{k} ({PART_NAMES[k]})" for k in differs]
+    named = [
+        f"{PART_NAMES[k]} ({changed_settings(ck['settings'], settings)})"
+        if k == "settings" and ck.get("settings")
+        else f"{k} ({PART_NAMES[k]})"
+        for k in differs
+    ]
     return ", ".join(named) + (" differs" if len(differs) == 1 else " differ") + " from this run"
 
 
@@ -275,8 +304,10 @@ class Checkpoint(Callback):
         run.history, run.best, run.elapsed, run.timings = ck["history"], ck["best"], ck["elapsed"], ck["timings"]
         run.epoch = run.planned + 1 if ck.get("done") else ck["epoch"] + 1  # done: early stop or time limit included
         run.resumed = ck
-        print(f"[{run.desc}] resuming from {self.path} after epoch {ck['epoch']}"
-              + (" (training had finished)" if ck.get("done") else ""))
+        print(
+            f"[{run.desc}] resuming from {self.path} after epoch {ck['epoch']}"
+            + (" (training had finished)" if ck.get("done") else "")
+        )
 
     def refuse(self, run: Run, ck: dict, differs: list[str]) -> None:
         why = resume_mismatch(ck, differs, self.settings)
@@ -284,23 +315,42 @@ class Checkpoint(Callback):
             raise checkpointing.CheckpointError(
                 f"{self.path} belongs to another run: {why} (rule: train.resume: strict "
                 f"resumes only the same settings, seed, code and data). Delete the file to start afresh, or set "
-                f"train.resume: true to start afresh automatically.")
+                f"train.resume: true to start afresh automatically."
+            )
         print(f"[{run.desc}] not resuming from {self.path}: {why}; starting afresh")
 
     def save(self, run: Run, epoch: int, done: bool = False, rank_rngs: list | None = None) -> None:
-        checkpointing.save_last(self.path, {
-            "fingerprint": self.fingerprint, "fingerprint_parts": self.parts, "settings": self.settings,
-            "epoch": epoch, "done": done, "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
-            "scheduler": run.scheduler.state_dict(), "ema": run.ema.state_dict() if run.ema is not None else None,
-            "rng": checkpointing.get_rng_states(), "loader_rng": run.train_loader.generator.get_state(),
-            "history": run.history, "best": run.best, "elapsed": run.spent(), "timings": run.timings,
-            "planned": run.planned, **({"rank_rngs": rank_rngs} if rank_rngs is not None and len(rank_rngs) > 1 else {})},
-            self.writer)
+        checkpointing.save_last(
+            self.path,
+            {
+                "fingerprint": self.fingerprint,
+                "fingerprint_parts": self.parts,
+                "settings": self.settings,
+                "epoch": epoch,
+                "done": done,
+                "model": run.model.state_dict(),
+                "optimizer": run.optimizer.state_dict(),
+                "scheduler": run.scheduler.state_dict(),
+                "ema": run.ema.state_dict() if run.ema is not None else None,
+                "rng": checkpointing.get_rng_states(),
+                "loader_rng": run.train_loader.generator.get_state(),
+                "history": run.history,
+                "best": run.best,
+                "elapsed": run.spent(),
+                "timings": run.timings,
+                "planned": run.planned,
+                **({"rank_rngs": rank_rngs} if rank_rngs is not None and len(rank_rngs) > 1 else {}),
+            },
+            self.writer,
+        )
 
     def on_epoch_end(self, run: Run) -> None:
         rank_rngs = accelerate.gather(torch.get_rng_state())  # every rank's, so each resumes its own stream
-        if (self.path is not None and accelerate.is_main()  # rank 0 alone writes
-                and checkpointing.due(run.epoch, run.planned, run.cfg.checkpoint_every, run.out)):
+        if (
+            self.path is not None
+            and accelerate.is_main()  # rank 0 alone writes
+            and checkpointing.due(run.epoch, run.planned, run.cfg.checkpoint_every, run.out)
+        ):
             self.save(run, run.epoch, rank_rngs=rank_rngs)
 
     def on_fit_end(self, run: Run) -> None:

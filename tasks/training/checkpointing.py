@@ -6,6 +6,7 @@ A background write first copies the state to the CPU (training may change its te
 thread serialises it and replaces the file atomically; the next write, the end of training and a later resume
 of the same file wait for it. Its error, if any, is raised by the next write or by :meth:`BackgroundWriter.wait`.
 """
+
 from __future__ import annotations
 
 import io
@@ -94,8 +95,11 @@ def get_rng_states() -> dict:
 
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     version, state, gauss_py = random.getstate()
-    return {"torch": torch.get_rng_state(), "python": [version, list(state), gauss_py],
-            "numpy": [kind, torch.from_numpy(keys.astype("int64")), int(pos), int(has_gauss), float(gauss)]}
+    return {
+        "torch": torch.get_rng_state(),
+        "python": [version, list(state), gauss_py],
+        "numpy": [kind, torch.from_numpy(keys.astype("int64")), int(pos), int(has_gauss), float(gauss)],
+    }
 
 
 def set_rng_states(states) -> None:
@@ -119,14 +123,19 @@ def read_resume_checkpoint(path: Path) -> dict:
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError, ImportError, TypeError) as err:
         lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
         # torch's message opens with how to load the file unsafely and ends with a link: the reason is in between
-        reason = " ".join(ln for ln in lines if not ln.startswith(("Weights only load failed", "Check the documentation")))
+        reason = " ".join(
+            ln for ln in lines if not ln.startswith(("Weights only load failed", "Check the documentation"))
+        )
         raise CheckpointError(
             f"{path}: refused to resume from this checkpoint (rule: resume checkpoints load with weights_only=True, "
             f"holding tensors and plain containers only; {type(err).__name__}: {reason or ' '.join(lines)}). Nothing "
-            f"was run from it and nothing else was changed; delete the file to start this stage afresh.") from None
+            f"was run from it and nothing else was changed; delete the file to start this stage afresh."
+        ) from None
     if not isinstance(ck, dict):
-        raise CheckpointError(f"{path}: not a resume checkpoint (rule: a dict written by tasks/training/engine.py); delete it "
-                              f"to start this stage afresh")
+        raise CheckpointError(
+            f"{path}: not a resume checkpoint (rule: a dict written by tasks/training/engine.py); delete it "
+            f"to start this stage afresh"
+        )
     return ck
 
 

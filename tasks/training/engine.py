@@ -1,5 +1,6 @@
 """The training loop shared by every task: optimiser, schedule with warmup, best checkpoint on the
 validation metric, a resumable last checkpoint, per-epoch metrics to MLflow and a progress bar."""
+
 from __future__ import annotations
 
 import hashlib
@@ -69,9 +70,12 @@ def warn_slow_deterministic_roi(model: nn.Module, device: torch.device, determin
     from torchvision.ops import MultiScaleRoIAlign
 
     if deterministic and device.type != "cpu" and any(isinstance(m, MultiScaleRoIAlign) for m in model.modules()):
-        print(f"[{desc}] WARNING: train.deterministic: true on {device.type} makes torchvision's roi_align use its "
-              f"pure-Python version (Mask R-CNN epochs measured 15x slower on an H200); set "
-              f"train.deterministic: auto or false to train at the GPU's speed", flush=True)
+        print(
+            f"[{desc}] WARNING: train.deterministic: true on {device.type} makes torchvision's roi_align use its "
+            f"pure-Python version (Mask R-CNN epochs measured 15x slower on an H200); set "
+            f"train.deterministic: auto or false to train at the GPU's speed",
+            flush=True,
+        )
 
 
 def available_cores() -> int:
@@ -92,12 +96,29 @@ def worker_count(cfg: TrainConfig, cores: int | None = None) -> int:
     return max(0, min(cores - threads, 8))
 
 
-def make_loader(task: CVTask, dataset: Dataset, batch_size: int, shuffle: bool, seed: int, num_workers: int = 0,
-                drop_last: bool = False, sampler=None, pin_memory: bool = False) -> DataLoader:
+def make_loader(
+    task: CVTask,
+    dataset: Dataset,
+    batch_size: int,
+    shuffle: bool,
+    seed: int,
+    num_workers: int = 0,
+    drop_last: bool = False,
+    sampler=None,
+    pin_memory: bool = False,
+) -> DataLoader:
     return DataLoader(
-        dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, num_workers=num_workers, collate_fn=task.collate,
-        generator=loader_generator(seed), worker_init_fn=seed_worker, drop_last=drop_last,
-        persistent_workers=num_workers > 0, sampler=sampler, pin_memory=pin_memory,
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle and sampler is None,
+        num_workers=num_workers,
+        collate_fn=task.collate,
+        generator=loader_generator(seed),
+        worker_init_fn=seed_worker,
+        drop_last=drop_last,
+        persistent_workers=num_workers > 0,
+        sampler=sampler,
+        pin_memory=pin_memory,
     )
 
 
@@ -133,12 +154,19 @@ def resume_settings(task: CVTask, cfg: TrainConfig) -> dict:
     return settings
 
 
-def fingerprint_parts(task: CVTask, cfg: TrainConfig, seed: int, extra_state: dict | None, n_train: int,
-                      data_version: str | None) -> dict:
+def fingerprint_parts(
+    task: CVTask, cfg: TrainConfig, seed: int, extra_state: dict | None, n_train: int, data_version: str | None
+) -> dict:
     """What must be equal for a checkpoint to continue this run, part by part (so a mismatch can say which);
     the settings are :func:`resume_settings`."""
-    return {"settings": config_hash(resume_settings(task, cfg)), "seed": str(seed), "code": code_version(task),
-            "data": data_version or "unknown", "stage": config_hash(extra_state or {}), "n_train": str(n_train)}
+    return {
+        "settings": config_hash(resume_settings(task, cfg)),
+        "seed": str(seed),
+        "code": code_version(task),
+        "data": data_version or "unknown",
+        "stage": config_hash(extra_state or {}),
+        "n_train": str(n_train),
+    }
 
 
 @dataclass
@@ -169,17 +197,23 @@ def silent_failure_warnings(metrics: dict, dummy: dict, primary: str, n_classes:
     passes every stage quietly, its metric looking like a number."""
     out = []
     if primary in metrics and primary in dummy and metrics[primary] <= dummy[primary] + DUMMY_MARGIN:
-        out.append(f"{where}: {primary} {metrics[primary]:.4f} is at the dummy solution's level ({dummy[primary]:.4f}): "
-                   f"the model has learnt nothing beyond the class frequencies (check the learning rate, the epochs, "
-                   f"class balance and the labels)")
+        out.append(
+            f"{where}: {primary} {metrics[primary]:.4f} is at the dummy solution's level ({dummy[primary]:.4f}): "
+            f"the model has learnt nothing beyond the class frequencies (check the learning rate, the epochs, "
+            f"class balance and the labels)"
+        )
     missed = [k.split("/", 1)[1] for k in metrics if k.startswith("never_predicted/")]
     if n_classes > 1 and metrics.get("predicted_classes") == 1:
-        out.append(f"{where}: the model predicts a single class for everything (collapsed; try class weights or a "
-                   f"Dice-based loss for rare classes, a lower learning rate, more epochs)")
+        out.append(
+            f"{where}: the model predicts a single class for everything (collapsed; try class weights or a "
+            f"Dice-based loss for rare classes, a lower learning rate, more epochs)"
+        )
     elif missed:
-        out.append(f"{where}: {len(missed)} of {n_classes} classes present in the data are never predicted: "
-                   f"{', '.join(missed)} (half-collapsed; try class weights or a Dice-based loss for rare classes, "
-                   f"more epochs)")
+        out.append(
+            f"{where}: {len(missed)} of {n_classes} classes present in the data are never predicted: "
+            f"{', '.join(missed)} (half-collapsed; try class weights or a Dice-based loss for rare classes, "
+            f"more epochs)"
+        )
     return out
 
 
@@ -218,10 +252,28 @@ def fit(
     optimizer = build_optimizer(model, cfg.optimizer, task.lr_factor)
     scheduler = make_scheduler(optimizer, cfg, len(loaders.train))
     train_model = acc.prepare(model)  # what the training step calls: channels-last, DDP (rank 0's weights), compiled
-    run = callbacks.Run(cfg, desc, task.primary_metric, model, optimizer, scheduler, loaders.train, time.perf_counter,
-                        scored=model, planned=cfg.epochs)
-    hooks = default_callbacks(task, cfg, seed, device, checkpoint_path, keep_checkpoint, log_metrics,
-                              fingerprint_parts(task, cfg, seed, extra_state, len(train_set), data_version))
+    run = callbacks.Run(
+        cfg,
+        desc,
+        task.primary_metric,
+        model,
+        optimizer,
+        scheduler,
+        loaders.train,
+        time.perf_counter,
+        scored=model,
+        planned=cfg.epochs,
+    )
+    hooks = default_callbacks(
+        task,
+        cfg,
+        seed,
+        device,
+        checkpoint_path,
+        keep_checkpoint,
+        log_metrics,
+        fingerprint_parts(task, cfg, seed, extra_state, len(train_set), data_version),
+    )
     callbacks.call(hooks, "on_fit_start", run)
     run.t0 = run.clock() - run.elapsed
     callbacks.call(hooks, "on_train_start", run)
@@ -239,17 +291,33 @@ def fit(
     seconds = run.spent()
     run.scored.load_state_dict(run.best["state"])
     if accelerate.is_main():
-        save_model(model_path, run.best["state"], task, extra={"epoch": run.best["epoch"], "val_metrics": run.best["metrics"]})
+        save_model(
+            model_path, run.best["state"], task, extra={"epoch": run.best["epoch"], "val_metrics": run.best["metrics"]}
+        )
     callbacks.call(hooks, "on_saved", run)
-    return FitResult(pd.DataFrame(run.history), run.best["epoch"], run.best["metrics"], seconds, run.timings,
-                     planned=run.planned, final_lr=float(run.history[-1]["lr"]) if run.history else float("nan"),
-                     end_lr=scheduler.end_lr if isinstance(scheduler, budget.FittedSchedule) else None,
-                     time_limit_s=cfg.time_limit_minutes * 60)
+    return FitResult(
+        pd.DataFrame(run.history),
+        run.best["epoch"],
+        run.best["metrics"],
+        seconds,
+        run.timings,
+        planned=run.planned,
+        final_lr=float(run.history[-1]["lr"]) if run.history else float("nan"),
+        end_lr=scheduler.end_lr if isinstance(scheduler, budget.FittedSchedule) else None,
+        time_limit_s=cfg.time_limit_minutes * 60,
+    )
 
 
-def default_callbacks(task: CVTask, cfg: TrainConfig, seed: int, device: torch.device, checkpoint_path: Path | None,
-                      keep_checkpoint: bool, log_metrics: Callable[[dict, int], None] | None,
-                      parts: dict) -> list[callbacks.Callback]:
+def default_callbacks(
+    task: CVTask,
+    cfg: TrainConfig,
+    seed: int,
+    device: torch.device,
+    checkpoint_path: Path | None,
+    keep_checkpoint: bool,
+    log_metrics: Callable[[dict, int], None] | None,
+    parts: dict,
+) -> list[callbacks.Callback]:
     """The callbacks ``fit`` runs, in their order: the EMA first (a resume restores it), the best weights and the
     time limit's refit before the checkpoint (which keeps them), logging after it (an interruption there loses no
     epoch), early stopping last."""
@@ -286,23 +354,54 @@ class Loaders:
     sampler: Any  # torchrun's DistributedSampler of the training set, else None
 
 
-def make_loaders(task: CVTask, train_set: Dataset, val_set: Dataset, train_eval_set: Dataset | None, cfg: TrainConfig,
-                 seed: int, pin: bool, desc: str) -> Loaders:
+def make_loaders(
+    task: CVTask,
+    train_set: Dataset,
+    val_set: Dataset,
+    train_eval_set: Dataset | None,
+    cfg: TrainConfig,
+    seed: int,
+    pin: bool,
+    desc: str,
+) -> Loaders:
     # under torchrun each process takes its share of the global batch from a DistributedSampler
     sampler = accelerate.train_sampler(train_set, seed)
     workers = worker_count(cfg)
-    print(f"[{desc}] {workers} DataLoader worker(s) (train.num_workers={cfg.num_workers}, {available_cores()} cores, "
-          f"{cfg.num_threads or available_cores()} torch thread(s))", flush=True)
+    print(
+        f"[{desc}] {workers} DataLoader worker(s) (train.num_workers={cfg.num_workers}, {available_cores()} cores, "
+        f"{cfg.num_threads or available_cores()} torch thread(s))",
+        flush=True,
+    )
     return Loaders(
-        make_loader(task, train_set, accelerate.local_batch_size(cfg.batch_size), True, seed, workers,
-                    drop_last=len(train_set) > cfg.batch_size, sampler=sampler, pin_memory=pin),
+        make_loader(
+            task,
+            train_set,
+            accelerate.local_batch_size(cfg.batch_size),
+            True,
+            seed,
+            workers,
+            drop_last=len(train_set) > cfg.batch_size,
+            sampler=sampler,
+            pin_memory=pin,
+        ),
         make_loader(task, val_set, cfg.eval_batch_size, False, seed, workers, pin_memory=pin),
         make_loader(task, train_eval_set, cfg.eval_batch_size, False, seed, workers, pin_memory=pin)
-        if train_eval_set is not None and cfg.track_train_metric else None, sampler)
+        if train_eval_set is not None and cfg.track_train_metric
+        else None,
+        sampler,
+    )
 
 
-def train_epoch(run: callbacks.Run, task: CVTask, train_model: nn.Module, acc: accelerate.Accelerator,
-                device: torch.device, sampler, mixer: Callable | None, hooks: list[callbacks.Callback]) -> None:
+def train_epoch(
+    run: callbacks.Run,
+    task: CVTask,
+    train_model: nn.Module,
+    acc: accelerate.Accelerator,
+    device: torch.device,
+    sampler,
+    mixer: Callable | None,
+    hooks: list[callbacks.Callback],
+) -> None:
     """One pass over the training set; its time to ``run.timings`` and its row (loss, lr) to ``run.row``."""
     train_model.train()
     callbacks.call(hooks, "on_epoch_start", run)
@@ -310,8 +409,14 @@ def train_epoch(run: callbacks.Run, task: CVTask, train_model: nn.Module, acc: a
         sampler.set_epoch(run.epoch)  # a new shuffle each epoch, the same on every rank
     loss_sum, n_batches = 0.0, 0
     epoch_start = run.clock()
-    bar = tqdm(run.train_loader, desc=f"[{run.desc}] epoch {run.epoch}/{run.planned}", leave=False, mininterval=1.0,
-               dynamic_ncols=True, disable=None)  # shown on a terminal, silent in logs
+    bar = tqdm(
+        run.train_loader,
+        desc=f"[{run.desc}] epoch {run.epoch}/{run.planned}",
+        leave=False,
+        mininterval=1.0,
+        dynamic_ncols=True,
+        disable=None,
+    )  # shown on a terminal, silent in logs
     for images, targets in bar:
         images, targets = to_device(images, device), to_device(targets, device)
         if mixer is not None:
@@ -331,21 +436,28 @@ def train_epoch(run: callbacks.Run, task: CVTask, train_model: nn.Module, acc: a
         if not bar.disable:
             bar.set_postfix(loss=f"{loss_sum / n_batches:.4f}", refresh=False)
     run.timings["train"].append(run.clock() - epoch_start)
-    run.row = {"epoch": run.epoch, "train_loss": accelerate.mean_across_ranks(loss_sum / max(n_batches, 1)),
-               "lr": run.optimizer.param_groups[0]["lr"]}
+    run.row = {
+        "epoch": run.epoch,
+        "train_loss": accelerate.mean_across_ranks(loss_sum / max(n_batches, 1)),
+        "lr": run.optimizer.param_groups[0]["lr"],
+    }
 
 
-def validate(run: callbacks.Run, task: CVTask, acc: accelerate.Accelerator, device: torch.device,
-             loaders: Loaders) -> dict:
+def validate(
+    run: callbacks.Run, task: CVTask, acc: accelerate.Accelerator, device: torch.device, loaders: Loaders
+) -> dict:
     """The validation metrics of ``run.scored`` (and the training subset's beside them, into ``run.row``): scored on
     rank 0 and broadcast (every rank holds the same weights), under the training autocast."""
     val_start = run.clock()
     with acc.autocast():
-        val = accelerate.broadcast(task.evaluate(run.scored, loaders.val, device).metrics if accelerate.is_main() else None)
+        val = accelerate.broadcast(
+            task.evaluate(run.scored, loaders.val, device).metrics if accelerate.is_main() else None
+        )
     if loaders.train_eval is not None:
         with acc.autocast():
-            plain = accelerate.broadcast(task.evaluate(run.scored, loaders.train_eval, device).metrics
-                                         if accelerate.is_main() else None)
+            plain = accelerate.broadcast(
+                task.evaluate(run.scored, loaders.train_eval, device).metrics if accelerate.is_main() else None
+            )
         run.row[f"train_{run.metric}"] = plain[run.metric]
         if "loss" in plain:
             run.row["train_loss_plain"] = plain["loss"]
@@ -359,12 +471,20 @@ def record_epoch(run: callbacks.Run) -> None:
     run.row = callbacks.plain_numbers(run.row)
     run.history.append(run.row)
     val, metric = run.val, run.metric
-    print(f"[{run.desc}] epoch {run.epoch}/{run.planned} train_loss={run.row['train_loss']:.4f}"
-          + (f" val_{metric}={val[metric]:.4f}" + (f" val_loss={val['loss']:.4f}" if "loss" in val else "")
-             if val is not None else f" (validated every {run.cfg.val_every} epochs)"), flush=True)
+    print(
+        f"[{run.desc}] epoch {run.epoch}/{run.planned} train_loss={run.row['train_loss']:.4f}"
+        + (
+            f" val_{metric}={val[metric]:.4f}" + (f" val_loss={val['loss']:.4f}" if "loss" in val else "")
+            if val is not None
+            else f" (validated every {run.cfg.val_every} epochs)"
+        ),
+        flush=True,
+    )
 
 
-def diagnose_overfitting(history: pd.DataFrame, metric: str, min_gap_growth: float = 0.02, min_flat_epochs: int = 2) -> str | None:
+def diagnose_overfitting(
+    history: pd.DataFrame, metric: str, min_gap_growth: float = 0.02, min_flat_epochs: int = 2
+) -> str | None:
     """A sentence when the model overfits: the validation metric stopped improving while the gap
     between train and validation kept growing. Names the epoch where it started; None otherwise. ``min_flat_epochs``
     counts validated epochs."""
@@ -378,13 +498,15 @@ def diagnose_overfitting(history: pd.DataFrame, metric: str, min_gap_growth: flo
     if len(history) - 1 - best_idx < min_flat_epochs:
         return None
     gap = (history[train_col] - history[val_col]).values
-    growth = gap[best_idx + 1:].max() - gap[best_idx]
+    growth = gap[best_idx + 1 :].max() - gap[best_idx]
     if growth < min_gap_growth:
         return None
     start = int(history["epoch"].iloc[best_idx + 1])
-    return (f"overfitting from epoch {start}: val {metric} peaked at {history[val_col].iloc[best_idx]:.4f} in epoch "
-            f"{int(history['epoch'].iloc[best_idx])} and did not improve afterwards, while the train-val gap grew from "
-            f"{gap[best_idx]:.4f} to {gap[best_idx + 1:].max():.4f}")
+    return (
+        f"overfitting from epoch {start}: val {metric} peaked at {history[val_col].iloc[best_idx]:.4f} in epoch "
+        f"{int(history['epoch'].iloc[best_idx])} and did not improve afterwards, while the train-val gap grew from "
+        f"{gap[best_idx]:.4f} to {gap[best_idx + 1 :].max():.4f}"
+    )
 
 
 NO_OVERFITTING = "no sign of overfitting (val metric still improving or gap not growing)"
@@ -394,8 +516,10 @@ def overfitting_verdict(history: pd.DataFrame, metric: str, min_flat_epochs: int
     """The evaluation report's line on overfitting: :func:`diagnose_overfitting`'s sentence, no sign of it, or that
     it cannot tell, and why (no train metric, too few validated epochs)."""
     if f"train_{metric}" not in history:
-        return ("cannot tell: no train metric to compare with validation (train.track_train_metric: false; set it to "
-                "true to score a training subset each epoch)")
+        return (
+            "cannot tell: no train metric to compare with validation (train.track_train_metric: false; set it to "
+            "true to score a training subset each epoch)"
+        )
     validated = int(history[f"val_{metric}"].notna().sum()) if f"val_{metric}" in history else 0
     if validated < min_flat_epochs + 1:
         return f"cannot tell: {validated} validated epoch(s), the diagnosis needs at least {min_flat_epochs + 1}"
@@ -403,7 +527,9 @@ def overfitting_verdict(history: pd.DataFrame, metric: str, min_flat_epochs: int
 
 
 @torch.no_grad()
-def measure_speed(model: nn.Module, loader: DataLoader, device: torch.device, latency_repeats: int = 10) -> dict[str, float]:
+def measure_speed(
+    model: nn.Module, loader: DataLoader, device: torch.device, latency_repeats: int = 10
+) -> dict[str, float]:
     """Inference throughput (images/s at the loader's batch size) and the latency of one image (median, ms)."""
     model.eval()
     n, start = 0, time.perf_counter()
@@ -424,8 +550,16 @@ def measure_speed(model: nn.Module, loader: DataLoader, device: torch.device, la
 
 def save_model(path: Path, state: dict, task: CVTask, extra: dict | None = None) -> None:
     buf = io.BytesIO()
-    torch.save({"model": state, "task": task.name, "class_names": task.class_names(),
-                "config": task.cfg.model_dump(mode="json"), **(extra or {})}, buf)
+    torch.save(
+        {
+            "model": state,
+            "task": task.name,
+            "class_names": task.class_names(),
+            "config": task.cfg.model_dump(mode="json"),
+            **(extra or {}),
+        },
+        buf,
+    )
     atomic_write_bytes(Path(path), buf.getvalue())
 
 
@@ -461,13 +595,20 @@ def stratified_indices(labels: list | None, n: int, seed: int, size: int | None 
     for y, idx in by_class.items():
         order = rng.permutation(idx).tolist()
         picked += order[: quota[y]]
-        leftovers += order[quota[y]:]
+        leftovers += order[quota[y] :]
     picked += rng.permutation(leftovers).tolist()[: n - len(picked)]  # rounding remainder, drawn at random
     return sorted(picked)
 
 
-def overfit_one_batch(task: CVTask, model: nn.Module, batch, steps: int, lr: float, device: torch.device,
-                      done: Callable[[list[float]], bool] | None = None) -> list[float]:
+def overfit_one_batch(
+    task: CVTask,
+    model: nn.Module,
+    batch,
+    steps: int,
+    lr: float,
+    device: torch.device,
+    done: Callable[[list[float]], bool] | None = None,
+) -> list[float]:
     """Train on one fixed batch; a healthy model and loss drive the loss towards zero. ``done(losses)``
     ends the run early (the check has already passed)."""
     model.to(device).train()

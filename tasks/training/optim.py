@@ -1,5 +1,6 @@
 """The optimiser and the learning-rate schedule that ``tasks.training.engine.fit`` trains with (issue 30), built from the
 typed settings (``train.optimizer``, ``train.scheduler``): no constant of theirs lives in the training loop."""
+
 from __future__ import annotations
 
 import warnings
@@ -12,7 +13,9 @@ from tasks.config import OptimizerConfig, TrainConfig
 from tasks.training import budget
 
 
-def parameter_groups(model: nn.Module, cfg: OptimizerConfig, lr_factor: Callable[[str], float] | None = None) -> list[dict]:
+def parameter_groups(
+    model: nn.Module, cfg: OptimizerConfig, lr_factor: Callable[[str], float] | None = None
+) -> list[dict]:
     """Weight decay on weights only: norm layers' scales and all biases (1-d tensors) are not decayed,
     since shrinking them regularises nothing and hurts normalisation. ``lr_factor(name)``: a parameter's learning
     rate as a fraction of ``cfg.lr`` (a pretrained encoder's, model.encoder_lr_factor); each factor its own groups."""
@@ -25,8 +28,10 @@ def parameter_groups(model: nn.Module, cfg: OptimizerConfig, lr_factor: Callable
         if cfg.decay_norms_and_biases:
             groups.append({"params": [p for _, p in mine], "weight_decay": cfg.weight_decay, **extra})
             continue
-        groups += [{"params": [p for _, p in mine if p.ndim > 1], "weight_decay": cfg.weight_decay, **extra},
-                   {"params": [p for _, p in mine if p.ndim <= 1], "weight_decay": 0.0, **extra}]
+        groups += [
+            {"params": [p for _, p in mine if p.ndim > 1], "weight_decay": cfg.weight_decay, **extra},
+            {"params": [p for _, p in mine if p.ndim <= 1], "weight_decay": 0.0, **extra},
+        ]
     return groups
 
 
@@ -37,7 +42,9 @@ OPTIMIZERS = {
 }
 
 
-def build_optimizer(model: nn.Module, cfg: OptimizerConfig, lr_factor: Callable[[str], float] | None = None) -> torch.optim.Optimizer:
+def build_optimizer(
+    model: nn.Module, cfg: OptimizerConfig, lr_factor: Callable[[str], float] | None = None
+) -> torch.optim.Optimizer:
     return OPTIMIZERS[cfg.name](parameter_groups(model, cfg, lr_factor), cfg)
 
 
@@ -52,8 +59,9 @@ def build_scheduler(optimizer, cfg: TrainConfig, steps_per_epoch: int):
         pct = warmup / total if warmup else s.onecycle_pct_start
         # at least two steps in each phase, or OneCycleLR divides by zero
         max_lr = [cfg.optimizer.lr * g.get("lr_factor", 1.0) for g in optimizer.param_groups]
-        return sched.OneCycleLR(optimizer, max_lr=max_lr, total_steps=total,
-                                pct_start=min(max(pct, 2.5 / total), 1 - 2.5 / total))
+        return sched.OneCycleLR(
+            optimizer, max_lr=max_lr, total_steps=total, pct_start=min(max(pct, 2.5 / total), 1 - 2.5 / total)
+        )
     if s.name == "cosine":
         main = sched.CosineAnnealingLR(optimizer, T_max=max(total - warmup, 1))
     elif s.name == "step":

@@ -4,6 +4,7 @@ the stage cleanly, and clean-up of what killed stages left behind (RUNNING MLflo
 A stage killed with ``kill -9`` cannot clean up after itself; the next stage to start does it instead,
 for runs and folders whose owning process is gone (same host, pid no longer alive or reused).
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -102,8 +103,13 @@ def stage_lock(task_name: str, stage: str) -> Iterator[Path]:
                 f"on host {h.get('host', '?')} since {h.get('started', '?')} (lock file {path}). Wait for it to end, or stop "
                 f"that process; two runs of one stage would overwrite each other's checkpoint and outputs."
             ) from None
-        info = {"pid": os.getpid(), "host": host(), "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-                "stage": stage, "task": task_name}
+        info = {
+            "pid": os.getpid(),
+            "host": host(),
+            "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+            "stage": stage,
+            "task": task_name,
+        }
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
         try:
@@ -151,16 +157,21 @@ def mark_stale_runs(client, note_prefix: str = "") -> list[str]:
     with a note tag. Runs of other hosts, and runs without the owner tags, are left alone."""
     me, stale = host(), []
     for exp in client.search_experiments():
-        for run in client.search_runs([exp.experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=1000):
+        for run in client.search_runs(
+            [exp.experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=1000
+        ):
             tags = run.data.tags
             if tags.get(HOST_TAG) != me or not tags.get(PID_TAG, "").isdigit():
                 continue
             pid = int(tags[PID_TAG])
             if pid == os.getpid() or process_alive(pid, tags.get(START_TAG, "")):
                 continue
-            client.set_tag(run.info.run_id, "cv.note",
-                           f"{note_prefix}process {pid} on {me} ended without closing this run (killed, e.g. kill -9 or "
-                           f"out of memory); marked FAILED at {time.strftime('%Y-%m-%d %H:%M:%S %Z')} by pid {os.getpid()}")
+            client.set_tag(
+                run.info.run_id,
+                "cv.note",
+                f"{note_prefix}process {pid} on {me} ended without closing this run (killed, e.g. kill -9 or "
+                f"out of memory); marked FAILED at {time.strftime('%Y-%m-%d %H:%M:%S %Z')} by pid {os.getpid()}",
+            )
             client.set_terminated(run.info.run_id, status="FAILED")
             stale.append(run.info.run_id)
     return stale
@@ -187,13 +198,15 @@ def remove_stale_tmp(roots: list[Path], depth: int = 2) -> list[Path]:
 
 
 def _started_before(path: Path) -> str:
-    """"" (cannot tell) unless the pid's current process started after ``path`` was made: then the pid was
+    """ "" (cannot tell) unless the pid's current process started after ``path`` was made: then the pid was
     reused and the owner is gone; return a start value that never matches."""
     try:
         m = TMP_OWNER.search(path.name)
         pid = int(m.group(1))
         ticks = int(process_start(pid) or 0)
-        btime = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines() if line.startswith("btime"))
+        btime = next(
+            int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines() if line.startswith("btime")
+        )
         started = btime + ticks / os.sysconf("SC_CLK_TCK")
         return "reused" if started > path.lstat().st_mtime + 1 else ""
     except (OSError, ValueError, StopIteration, AttributeError):

@@ -1,4 +1,5 @@
 """Every random seed comes from params.yaml and is applied here, in one place."""
+
 from __future__ import annotations
 
 import hashlib

@@ -1,4 +1,5 @@
 """Shared by the baseline and augmented stages: train one model and record it."""
+
 from __future__ import annotations
 
 import warnings
@@ -49,13 +50,24 @@ def cached(st: Stage, split: str, transforms) -> Dataset:
         return data
     digest = read_data_version(st.task_name, split)["digest"]
     if d.cache == "disk" and digest == "unknown":
-        raise ConfigError(f"data.cache: disk keys its files by the data version, which the validate stage writes; run "
-                          f"it first (python -m tasks validate {st.task_name}) or set data.cache: ram")
+        raise ConfigError(
+            f"data.cache: disk keys its files by the data version, which the validate stage writes; run "
+            f"it first (python -m tasks validate {st.task_name}) or set data.cache: ram"
+        )
     # what a kept sample depends on: the data, what the reader was told, the split and the resize (training size)
     reader = d.model_dump(mode="json", exclude={"cache", "cache_max_gb"})
     prefix, _ = split_transforms(transforms)
-    key = cache_key(st.task_name, digest, reader, str(Path(d.path).resolve()), split, len(data), type(data).__name__,
-                    repr(prefix), st.cfg.image_size)
+    key = cache_key(
+        st.task_name,
+        digest,
+        reader,
+        str(Path(d.path).resolve()),
+        split,
+        len(data),
+        type(data).__name__,
+        repr(prefix),
+        st.cfg.image_size,
+    )
     return CachedDataset(data, d.cache, key, d.cache_max_gb, label=f"{st.task_name}/{split}")
 
 
@@ -63,8 +75,9 @@ def subset(task, data: Dataset, indices: list[int]) -> Dataset:
     return data.subset(task, indices) if isinstance(data, CachedDataset) else task.subset(data, indices)
 
 
-def train_model(st: Stage, augment: AugmentConfig | None, out_dir: Path,
-                keep_checkpoint: bool = False) -> tuple[engine.FitResult, Path]:
+def train_model(
+    st: Stage, augment: AugmentConfig | None, out_dir: Path, keep_checkpoint: bool = False
+) -> tuple[engine.FitResult, Path]:
     """Fit the task's model with (or without) augmentations; best weights to ``models/<task>/<stage>/model.pt``.
     ``keep_checkpoint``: the finished run's checkpoint stays, marked done. A kill after training (before the
     stage's outputs are committed, or before DVC writes its lock file) and a rerun with the same settings,
@@ -77,8 +90,9 @@ def train_model(st: Stage, augment: AugmentConfig | None, out_dir: Path,
     if st.cfg.train.track_train_metric:
         train_plain = cached(st, "train", st.task.eval_transforms(norm))  # the same kept samples as ``train``'s
         # stratified and seeded: the first N of a sorted folder listing can all be one class
-        indices = engine.stratified_indices(st.task.sample_labels(train_plain), min(len(train_plain), len(val)),
-                                            st.params.seed, size=len(train_plain))
+        indices = engine.stratified_indices(
+            st.task.sample_labels(train_plain), min(len(train_plain), len(val)), st.params.seed, size=len(train_plain)
+        )
         train_eval = subset(st.task, train_plain, indices)
     model, init_hash = initial_model(st)
     # with model.weights: imagenet, where those weights came from (source, sha256, key mapping) and the normalisation
@@ -87,12 +101,22 @@ def train_model(st: Stage, augment: AugmentConfig | None, out_dir: Path,
     seed_everything(st.params.seed)
     model_path = models(st.task_name, st.name) / "model.pt"
     result = engine.fit(
-        st.task, model, train, val, st.cfg.train, st.params.seed, model_path,
+        st.task,
+        model,
+        train,
+        val,
+        st.cfg.train,
+        st.params.seed,
+        model_path,
         checkpoint_path=checkpoints(st.task_name, st.name) / "last.pt",
-        mixer=st.task.batch_mixer(augment), log_metrics=lambda m, step: st.log_metrics(m, step=step),
+        mixer=st.task.batch_mixer(augment),
+        log_metrics=lambda m, step: st.log_metrics(m, step=step),
         desc=f"{st.task_name}/{st.name}",
-        extra_state={"augment": augment.model_dump(mode="json") if augment else None,
-                     "model": st.cfg.model.model_dump(mode="json"), "normalization": st.cfg.normalization},
+        extra_state={
+            "augment": augment.model_dump(mode="json") if augment else None,
+            "model": st.cfg.model.model_dump(mode="json"),
+            "normalization": st.cfg.normalization,
+        },
         train_eval_set=train_eval,
         data_version=read_data_version(st.task_name)["digest"],  # resume only onto the same data
         keep_checkpoint=keep_checkpoint,
@@ -100,17 +124,21 @@ def train_model(st: Stage, augment: AugmentConfig | None, out_dir: Path,
     # no silent failure: a model at the dummy's level or predicting one class is said so, loudly
     m = st.task.primary_metric
     dummy = st.task.dummy_result(st.task.dataset("train", None), val)
-    result.warnings = engine.silent_failure_warnings(result.best_metrics, dummy.metrics, m, len(st.task.class_names()),
-                                                     f"{st.task_name}/{st.name} (validation)")
+    result.warnings = engine.silent_failure_warnings(
+        result.best_metrics, dummy.metrics, m, len(st.task.class_names()), f"{st.task_name}/{st.name} (validation)"
+    )
     for line in result.warnings:
         print(f"[{st.name}] WARNING: {line}")
         warnings.warn(line, engine.SilentFailureWarning, stacklevel=2)
     out_dir.mkdir(parents=True, exist_ok=True)
     result.history.to_csv(out_dir / "history.csv", index=False)
     history_figure(result.history, st.task.primary_metric, out_dir / "history.png")
-    st.log_metrics({f"best_val_{k}": v for k, v in result.best_metrics.items()} | {"train_seconds": result.seconds,
-                                                                                 "best_epoch": result.best_epoch}
-                   | budget_figures(result) | {"epochs_planned": result.planned, "final_lr": result.final_lr})
+    st.log_metrics(
+        {f"best_val_{k}": v for k, v in result.best_metrics.items()}
+        | {"train_seconds": result.seconds, "best_epoch": result.best_epoch}
+        | budget_figures(result)
+        | {"epochs_planned": result.planned, "final_lr": result.final_lr}
+    )
     st.log_artifacts(model_path, "model")
     st.log_inputs("train", "val")
     st.log_model(model_path, {f"best_val_{k}": v for k, v in result.best_metrics.items()})
@@ -120,12 +148,15 @@ def train_model(st: Stage, augment: AugmentConfig | None, out_dir: Path,
 def summary_metrics(st: Stage, result: engine.FitResult) -> dict:
     m = st.task.primary_metric
     # no wall-clock figures here: identical runs give identical metrics.json (timings go to timings.json and MLflow)
-    return {f"val_{m}": result.best_metrics[m], "best_epoch": result.best_epoch,
-            "epochs": result.planned,  # the plan: train.epochs, or those that fitted train.time_limit_minutes
-            "epochs_cap": st.cfg.train.epochs,  # train.epochs, the most a run may plan
-            "epochs_run": len(result.history),  # fewer than planned after early stopping or a stop at the time limit
-            "final_lr": result.final_lr,  # the learning rate after the last epoch: with a time limit, the schedule's end
-            "warnings": list(getattr(result, "warnings", []))}
+    return {
+        f"val_{m}": result.best_metrics[m],
+        "best_epoch": result.best_epoch,
+        "epochs": result.planned,  # the plan: train.epochs, or those that fitted train.time_limit_minutes
+        "epochs_cap": st.cfg.train.epochs,  # train.epochs, the most a run may plan
+        "epochs_run": len(result.history),  # fewer than planned after early stopping or a stop at the time limit
+        "final_lr": result.final_lr,  # the learning rate after the last epoch: with a time limit, the schedule's end
+        "warnings": list(getattr(result, "warnings", [])),
+    }
 
 
 def preview(st: Stage, augment: AugmentConfig | None, path: Path) -> Path:

@@ -13,6 +13,7 @@ ONNX uses the TorchScript-based exporter (``dynamo=False``) at opset 17 (torchvi
 Mask R-CNN export this way, with a list of one image as input; ``torch.export`` cannot trace their
 data-dependent number of detections). Both formats take images at the training size S.
 """
+
 from __future__ import annotations
 
 import json
@@ -63,10 +64,22 @@ def export_file(loaded: Loaded, fmt: str, path: Path, example: torch.Tensor) -> 
             traced.save(str(path))
             return
         names = list(loaded.task.export_outputs)
-        dynamic = {"input": {0: "batch"}, **{k: {0: "batch"} for k in names}} if loaded.task.export_batched \
+        dynamic = (
+            {"input": {0: "batch"}, **{k: {0: "batch"} for k in names}}
+            if loaded.task.export_batched
             else {k: {0: "detections"} for k in names}
-        torch.onnx.export(module, args, str(path), dynamo=False, opset_version=OPSET, input_names=["input"],
-                          output_names=names, dynamic_axes=dynamic, do_constant_folding=True)
+        )
+        torch.onnx.export(
+            module,
+            args,
+            str(path),
+            dynamo=False,
+            opset_version=OPSET,
+            input_names=["input"],
+            output_names=names,
+            dynamic_axes=dynamic,
+            do_constant_folding=True,
+        )
 
 
 def runner(fmt: str, path: Path):
@@ -97,12 +110,25 @@ def _box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def compare(task, ref: list[np.ndarray], got: list[np.ndarray]) -> dict[str, float]:
     """Largest differences between PyTorch's outputs and the exported file's on one input."""
     if task.export_outputs == ("logits",):
-        return {"logits": float(np.abs(ref[0] - got[0]).max()), "argmax_agreement": float((ref[0].argmax(1) == got[0].argmax(1)).mean())}
+        return {
+            "logits": float(np.abs(ref[0] - got[0]).max()),
+            "argmax_agreement": float((ref[0].argmax(1) == got[0].argmax(1)).mean()),
+        }
     r, g = dict(zip(task.export_outputs, ref)), dict(zip(task.export_outputs, got))
-    out = {"detections_ref": len(r["boxes"]), "detections_exported": len(g["boxes"]), "unmatched": 0, "box_px": 0.0, "score": 0.0}
+    out = {
+        "detections_ref": len(r["boxes"]),
+        "detections_exported": len(g["boxes"]),
+        "unmatched": 0,
+        "box_px": 0.0,
+        "score": 0.0,
+    }
     if "masks" in r:
         out.update(mask_prob=0.0, mask_iou=1.0)
-    iou = _box_iou(r["boxes"], g["boxes"]) if len(r["boxes"]) and len(g["boxes"]) else np.zeros((len(r["boxes"]), len(g["boxes"])))
+    iou = (
+        _box_iou(r["boxes"], g["boxes"])
+        if len(r["boxes"]) and len(g["boxes"])
+        else np.zeros((len(r["boxes"]), len(g["boxes"])))
+    )
     used: set[int] = set()
     for i in np.argsort(-r["scores"]):
         same = [j for j in range(len(g["boxes"])) if j not in used and g["labels"][j] == r["labels"][i]]
@@ -138,14 +164,23 @@ def parity(loaded: Loaded, fmt: str, path: Path, images: list) -> dict[str, Any]
         for k, v in compare(task, ref, run(x)).items():
             lower_is_worse = k in ("mask_iou", "argmax_agreement")
             worst[k] = min(worst.get(k, v), v) if lower_is_worse else max(worst.get(k, v), v)
-    failures = [f"{k} {worst[k]:.3g} {'<' if k == 'mask_iou' else '>'} {TOLERANCE[k]}" for k in TOLERANCE if k in worst
-                and (worst[k] < TOLERANCE[k] if k == "mask_iou" else worst[k] > TOLERANCE[k])]
+    failures = [
+        f"{k} {worst[k]:.3g} {'<' if k == 'mask_iou' else '>'} {TOLERANCE[k]}"
+        for k in TOLERANCE
+        if k in worst and (worst[k] < TOLERANCE[k] if k == "mask_iou" else worst[k] > TOLERANCE[k])
+    ]
     if worst.get("unmatched", 0):
         failures.append(f"{int(worst['unmatched'])} detection(s) without a match in the other model")
-    report = {"images": len(images), "worst": worst, "tolerance": {k: TOLERANCE[k] for k in TOLERANCE if k in worst},
-              "passed": not failures}
+    report = {
+        "images": len(images),
+        "worst": worst,
+        "tolerance": {k: TOLERANCE[k] for k in TOLERANCE if k in worst},
+        "passed": not failures,
+    }
     if failures:
-        raise ParityError(f"{path}: the exported model differs from PyTorch on {len(images)} image(s): " + "; ".join(failures))
+        raise ParityError(
+            f"{path}: the exported model differs from PyTorch on {len(images)} image(s): " + "; ".join(failures)
+        )
     return report
 
 
@@ -159,31 +194,64 @@ def describe(loaded: Loaded, fmt: str, path: Path) -> dict[str, Any]:
     if norm is not None and cfg.normalization != "mean_image":
         mean = norm.mean.tolist()
         std = norm.std.tolist() if norm.std is not None else [1.0, 1.0, 1.0]
-    normalization = {"mode": cfg.normalization, "mean": mean, "std": std,
-                     "applied": "inside the model (pass pixels in [0, 1])" if task.normalizes_inside or norm is None
-                     else "before the model: (pixel / 255 - mean) / std per RGB channel"}
+    normalization = {
+        "mode": cfg.normalization,
+        "mean": mean,
+        "std": std,
+        "applied": "inside the model (pass pixels in [0, 1])"
+        if task.normalizes_inside or norm is None
+        else "before the model: (pixel / 255 - mean) / std per RGB channel",
+    }
     if cfg.normalization == "mean_image":
         np.save(path.with_name("mean_image.npy"), norm.mean.permute(1, 2, 0).numpy())
         normalization.update(mean_image=f"mean_image.npy ({s} x 3, subtract from pixel / 255)")
     shape = ["N", 3, h, w] if task.export_batched else [3, h, w]
     outputs = {
         "classification": {"logits": "N x C class scores (softmax for probabilities), classes in `classes` order"},
-        "segmentation": {"logits": f"N x C x {s} class scores; argmax over C = class index; resize to the image's size"},
-        "detection": {"boxes": f"D x 4 x0, y0, x1, y1 in the {s} input's pixels (multiply x by W/{w}, y by H/{h})",
-                      "labels": "D class ids, 1-based: classes[label - 1]", "scores": "D confidences, sorted high to low"},
+        "segmentation": {
+            "logits": f"N x C x {s} class scores; argmax over C = class index; resize to the image's size"
+        },
+        "detection": {
+            "boxes": f"D x 4 x0, y0, x1, y1 in the {s} input's pixels (multiply x by W/{w}, y by H/{h})",
+            "labels": "D class ids, 1-based: classes[label - 1]",
+            "scores": "D confidences, sorted high to low",
+        },
     }
-    outputs["instance_segmentation"] = {**outputs["detection"],
-                                        "masks": f"D x 1 x {s} mask probabilities (threshold 0.5; resize to the image)"}
-    return {"task": task.name, "format": fmt, "file": path.name,
-            "opset": OPSET if fmt == "onnx" else None, "torch": torch.__version__,
-            "input": {"name": "input", "shape": shape, "dtype": "float32", "layout": "RGB, channels first",
-                      "resize": f"bilinear to {s} (height x width, the training size)", "scale": "pixel / 255"},
-            "image_size": cfg.model_dump(mode="json")["image_size"], "normalization": normalization, "classes": task.class_names(),
-            "outputs": outputs.get(task.name, {k: "" for k in task.export_outputs}), "source_model": loaded.source}
+    outputs["instance_segmentation"] = {
+        **outputs["detection"],
+        "masks": f"D x 1 x {s} mask probabilities (threshold 0.5; resize to the image)",
+    }
+    return {
+        "task": task.name,
+        "format": fmt,
+        "file": path.name,
+        "opset": OPSET if fmt == "onnx" else None,
+        "torch": torch.__version__,
+        "input": {
+            "name": "input",
+            "shape": shape,
+            "dtype": "float32",
+            "layout": "RGB, channels first",
+            "resize": f"bilinear to {s} (height x width, the training size)",
+            "scale": "pixel / 255",
+        },
+        "image_size": cfg.model_dump(mode="json")["image_size"],
+        "normalization": normalization,
+        "classes": task.class_names(),
+        "outputs": outputs.get(task.name, {k: "" for k in task.export_outputs}),
+        "source_model": loaded.source,
+    }
 
 
-def run(task_name: str, model: str, fmt: str, out: str | Path | None = None, params_path: str | Path = "params.yaml",
-        overrides: dict | None = None, n_images: int = 8) -> dict[str, Any]:
+def run(
+    task_name: str,
+    model: str,
+    fmt: str,
+    out: str | Path | None = None,
+    params_path: str | Path = "params.yaml",
+    overrides: dict | None = None,
+    n_images: int = 8,
+) -> dict[str, Any]:
     """Export, check parity, write the description; returns the description (with the parity report)."""
     tracking = None
     if model.startswith("models:/"):
@@ -205,6 +273,8 @@ def run(task_name: str, model: str, fmt: str, out: str | Path | None = None, par
         raise
     finally:
         path.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n")
-    print(f"[export {task_name}] {path} ({fmt}); parity on {meta['parity']['images']} image(s): worst {meta['parity']['worst']} "
-          f"within {meta['parity']['tolerance']}; description: {path.with_suffix('.json')}")
+    print(
+        f"[export {task_name}] {path} ({fmt}); parity on {meta['parity']['images']} image(s): worst {meta['parity']['worst']} "
+        f"within {meta['parity']['tolerance']}; description: {path.with_suffix('.json')}"
+    )
     return meta

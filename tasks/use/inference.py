@@ -6,6 +6,7 @@ training stages save them), ``task.json`` (task name, class list, the settings n
 network without its dataset) and ``normstats/`` (the training split's statistics the inputs are
 normalised with). Every checkpoint is read with ``weights_only=True``.
 """
+
 from __future__ import annotations
 
 import json
@@ -38,8 +39,9 @@ class Loaded:
     info: dict[str, Any] = field(default_factory=dict)  # val_metrics, epoch, stage, registry version ...
 
 
-def _build(task_name: str, config: dict, class_names: list[str], state: dict, normstats_dir: Path, source: str,
-           info: dict) -> Loaded:
+def _build(
+    task_name: str, config: dict, class_names: list[str], state: dict, normstats_dir: Path, source: str, info: dict
+) -> Loaded:
     from cv_models import TASKS
 
     if task_name not in TASKS:
@@ -49,13 +51,19 @@ def _build(task_name: str, config: dict, class_names: list[str], state: dict, no
     options = cfg.model.options
     trunks = {"backbone_weights": "none", "weights_backbone": None}  # pretrained trunks are in the saved weights too
     options = options.model_copy(update={k: v for k, v in trunks.items() if k in type(options).model_fields})
-    cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"classes": list(class_names)}),
-                                 "model": cfg.model.model_copy(update={"options": options})})
+    cfg = cfg.model_copy(
+        update={
+            "data": cfg.data.model_copy(update={"classes": list(class_names)}),
+            "model": cfg.model.model_copy(update={"options": options}),
+        }
+    )
     task = TASKS[task_name].for_saved_weights(cfg)  # weights: imagenet kept: the input normalisation goes with it
     task.normstats_dir = Path(normstats_dir)
     if not (Path(normstats_dir) / "stats.json").exists() and cfg.normalization != "none":
-        raise ModelError(f"{normstats_dir}/stats.json is missing: the model needs the normstats stage's statistics "
-                         f"(run `dvc repro normstats@{task_name}` or use a model bundle)")
+        raise ModelError(
+            f"{normstats_dir}/stats.json is missing: the model needs the normstats stage's statistics "
+            f"(run `dvc repro normstats@{task_name}` or use a model bundle)"
+        )
     model = task.build_model()
     model.load_state_dict(state)
     normalize = task.input_normalizer(normstats_dir)  # the pretrained weights' convention for weights: imagenet
@@ -66,7 +74,9 @@ def _read_checkpoint(path: Path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any failure to read is the same answer for the user
-        raise ModelError(f"{path}: not readable as a model file of this pipeline ({type(err).__name__}: {err})") from None
+        raise ModelError(
+            f"{path}: not readable as a model file of this pipeline ({type(err).__name__}: {err})"
+        ) from None
 
 
 def _check_task(found: str | None, expected: str, where: str) -> None:
@@ -81,8 +91,15 @@ def load_checkpoint(task_name: str, path: Path, normstats_dir: Path | None = Non
         raise ModelError(f"{path}: not a model file of this pipeline (no weights and settings in it)")
     _check_task(blob.get("task"), task_name, str(path))
     info = {"val_metrics": blob.get("val_metrics", {}), "epoch": blob.get("epoch")}
-    return _build(task_name, blob["config"], blob["class_names"], blob["model"],
-                  Path(normstats_dir or outputs(task_name, "normstats")), str(path), info)
+    return _build(
+        task_name,
+        blob["config"],
+        blob["class_names"],
+        blob["model"],
+        Path(normstats_dir or outputs(task_name, "normstats")),
+        str(path),
+        info,
+    )
 
 
 def load_bundle(task_name: str | None, folder: Path) -> Loaded:
@@ -90,8 +107,15 @@ def load_bundle(task_name: str | None, folder: Path) -> Loaded:
     if task_name is not None:
         _check_task(meta["task"], task_name, str(folder))
     blob = _read_checkpoint(folder / "model.pt")
-    return _build(meta["task"], meta["config"], meta["class_names"], blob["model"], folder / "normstats", str(folder),
-                  {k: v for k, v in meta.items() if k not in ("config", "class_names")})
+    return _build(
+        meta["task"],
+        meta["config"],
+        meta["class_names"],
+        blob["model"],
+        folder / "normstats",
+        str(folder),
+        {k: v for k, v in meta.items() if k not in ("config", "class_names")},
+    )
 
 
 def write_bundle(task: CVTask, model_path: Path, folder: Path, extra: dict | None = None) -> Path:
@@ -99,10 +123,16 @@ def write_bundle(task: CVTask, model_path: Path, folder: Path, extra: dict | Non
     folder.mkdir(parents=True, exist_ok=True)
     shutil.copy2(model_path, folder / "model.pt")
     blob = _read_checkpoint(model_path)
-    meta = {"task": task.name, "class_names": task.class_names(), "primary_metric": task.primary_metric,
-            "image_size": task.cfg.image_size, "normalization": task.cfg.normalization,
-            "val_metrics": blob.get("val_metrics", {}), "config": task.inference_config().model_dump(mode="json"),
-            **(extra or {})}
+    meta = {
+        "task": task.name,
+        "class_names": task.class_names(),
+        "primary_metric": task.primary_metric,
+        "image_size": task.cfg.image_size,
+        "normalization": task.cfg.normalization,
+        "val_metrics": blob.get("val_metrics", {}),
+        "config": task.inference_config().model_dump(mode="json"),
+        **(extra or {}),
+    }
     (folder / TASK_FILE).write_text(json.dumps(meta, indent=2, default=str) + "\n")
     stats = Path(task.normstats_dir or outputs(task.name, "normstats"))
     (folder / "normstats").mkdir(exist_ok=True)
@@ -120,7 +150,9 @@ def best_stage(task_name: str, primary: str) -> str:
         if path.exists():
             scores[stage] = float(_read_checkpoint(path).get("val_metrics", {}).get(primary, float("-inf")))
     if not scores:
-        raise ModelError(f"no trained model in {models(task_name, '*')}/model.pt: run the training stages first (dvc repro)")
+        raise ModelError(
+            f"no trained model in {models(task_name, '*')}/model.pt: run the training stages first (dvc repro)"
+        )
     return max(scores, key=lambda s: (scores[s], s == TRAINED[0]))  # a tie keeps the plainer model
 
 
@@ -167,8 +199,10 @@ def load_registered(task_name: str | None, uri: str, tracking_uri: str | None = 
     try:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(target)))
     except Exception as err:  # noqa: BLE001 - unknown name, alias or version
-        raise ModelError(f"{uri}: cannot be loaded from the tracking store {mlflow.get_tracking_uri()} "
-                         f"({type(err).__name__}: {str(err)[:300]})") from None
+        raise ModelError(
+            f"{uri}: cannot be loaded from the tracking store {mlflow.get_tracking_uri()} "
+            f"({type(err).__name__}: {str(err)[:300]})"
+        ) from None
     bundle = find_bundle(local)
     if bundle is None:
         raise ModelError(f"{uri}: holds no model bundle ({TASK_FILE}); it was not logged by this pipeline")

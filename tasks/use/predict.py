@@ -19,6 +19,7 @@ read, a decompression bomb or an image above the task's ``data.max_size`` is nam
 one below ``data.min_size`` is predicted with a note. The other images are still predicted and written. The
 command fails only when nothing could be predicted, or with ``--strict`` when anything was skipped.
 """
+
 from __future__ import annotations
 
 import glob
@@ -47,8 +48,13 @@ def list_inputs(spec: str | Path) -> list[Path]:
     """A folder (every image file in it, recursively), one file, or a glob pattern."""
     path = Path(spec)
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-                       and not any(part.startswith(".") for part in p.relative_to(path).parts))
+        files = sorted(
+            p
+            for p in path.rglob("*")
+            if p.is_file()
+            and p.suffix.lower() in IMAGE_SUFFIXES
+            and not any(part.startswith(".") for part in p.relative_to(path).parts)
+        )
         if not files:
             raise InputError(f"{path}: folder holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
         return files
@@ -126,10 +132,17 @@ def predict_files(loaded: Loaded, files: list[Path], out: Path) -> dict[str, Any
     pd.DataFrame(skipped, columns=["file", "rule"]).to_csv(out / "skipped.csv", index=False)
     failures = [f"{s['file']}: {s['rule']}; skipped" for s in skipped]
     summary = {
-        "task": task.name, "model": loaded.source, "images": len(images), "failed": len(failures), "skipped": skipped,
+        "task": task.name,
+        "model": loaded.source,
+        "images": len(images),
+        "failed": len(failures),
+        "skipped": skipped,
         "objects_per_class": {c: objects.get(c, 0) for c in task.counted_classes()},
-        "seconds": round(seconds, 3), "images_per_second": round(len(images) / seconds, 3) if seconds > 0 else None,
-        "results": task.results_file, "failures": failures, "notes": notes,
+        "seconds": round(seconds, 3),
+        "images_per_second": round(len(images) / seconds, 3) if seconds > 0 else None,
+        "results": task.results_file,
+        "failures": failures,
+        "notes": notes,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     (out / "summary.md").write_text(summary_markdown(summary, task.counted_as))
@@ -138,10 +151,17 @@ def predict_files(loaded: Loaded, files: list[Path], out: Path) -> dict[str, Any
 
 def summary_markdown(s: dict, what: str) -> str:
     """``what``: what the per-class counts count (the task's ``counted_as``)."""
-    lines = [f"# Predictions: {s['task']}", "", f"- model: {s['model']}", f"- images: {s['images']} predicted, {s['failed']} skipped "
-             "(`skipped.csv`: file, rule)",
-             f"- time: {s['seconds']:.2f} s ({s['images_per_second']} images/s)", f"- results: {s['results']}", "",
-             f"| class | {what} |", "|---|---|"]
+    lines = [
+        f"# Predictions: {s['task']}",
+        "",
+        f"- model: {s['model']}",
+        f"- images: {s['images']} predicted, {s['failed']} skipped (`skipped.csv`: file, rule)",
+        f"- time: {s['seconds']:.2f} s ({s['images_per_second']} images/s)",
+        f"- results: {s['results']}",
+        "",
+        f"| class | {what} |",
+        "|---|---|",
+    ]
     lines += [f"| {c} | {n} |" for c, n in s["objects_per_class"].items()]
     for title, items in (("Skipped inputs", s["failures"]), ("Notes", s["notes"])):
         if items:
@@ -149,8 +169,15 @@ def summary_markdown(s: dict, what: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run(task_name: str, model: str, inputs: str, out: str | Path, params_path: str | Path = "params.yaml",
-        overrides: dict[str, Any] | None = None, strict: bool = False) -> dict[str, Any]:
+def run(
+    task_name: str,
+    model: str,
+    inputs: str,
+    out: str | Path,
+    params_path: str | Path = "params.yaml",
+    overrides: dict[str, Any] | None = None,
+    strict: bool = False,
+) -> dict[str, Any]:
     """Load ``model`` for ``task_name``, predict ``inputs``; after writing everything, raises
     :class:`PredictionFailures` when no file could be predicted, or (``strict``) when any was skipped."""
     from tasks.training import engine
@@ -165,17 +192,23 @@ def run(task_name: str, model: str, inputs: str, out: str | Path, params_path: s
     loaded = load(task_name, model, tracking)
     engine.set_threads(loaded.task.cfg.train.num_threads)
     summary = predict_files(loaded, files, Path(out))
-    print(f"[predict {task_name}] {summary['images']} image(s) predicted with {loaded.source} in {summary['seconds']:.2f} s "
-          f"-> {Path(out) / summary['results']}; objects per class: {summary['objects_per_class']}")
+    print(
+        f"[predict {task_name}] {summary['images']} image(s) predicted with {loaded.source} in {summary['seconds']:.2f} s "
+        f"-> {Path(out) / summary['results']}; objects per class: {summary['objects_per_class']}"
+    )
     for note in summary["notes"]:
         print(f"note: {note}")
     report = "\n  ".join(summary["failures"])
     if summary["failures"] and (strict or not summary["images"]):
-        raise PredictionFailures(f"{len(summary['failures'])} of {len(files)} input(s) skipped (the others are written to {out}; "
-                                 f"the list: {Path(out) / 'skipped.csv'}):\n  {report}")
+        raise PredictionFailures(
+            f"{len(summary['failures'])} of {len(files)} input(s) skipped (the others are written to {out}; "
+            f"the list: {Path(out) / 'skipped.csv'}):\n  {report}"
+        )
     if summary["failures"]:
-        print(f"skipped {len(summary['failures'])} of {len(files)} input(s) (list: {Path(out) / 'skipped.csv'}):\n  {report}",
-              file=sys.stderr)
+        print(
+            f"skipped {len(summary['failures'])} of {len(files)} input(s) (list: {Path(out) / 'skipped.csv'}):\n  {report}",
+            file=sys.stderr,
+        )
     return summary
 
 

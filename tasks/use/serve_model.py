@@ -10,6 +10,7 @@ HTTP 413 before the model sees it.
 Stock ``mlflow models serve`` (MLflow 3.17) has no such setting and accepts any size. Host, port and the
 limit come from params.yaml's ``serving`` section.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,7 +37,9 @@ class BodyLimit:
             return await self.app(scope, receive, send)
         headers = dict(scope["headers"])
         declared = int(headers.get(b"content-length", b"0"))
-        if declared > self.max_bytes and (declared > self.DRAIN * self.max_bytes or b"100-continue" in headers.get(b"expect", b"")):
+        if declared > self.max_bytes and (
+            declared > self.DRAIN * self.max_bytes or b"100-continue" in headers.get(b"expect", b"")
+        ):
             return await self.refuse(send)
         body = await self.read(receive)
         if body is None:
@@ -66,17 +69,32 @@ class BodyLimit:
         return b"".join(chunks) if size <= self.max_bytes else None
 
     async def refuse(self, send) -> None:
-        body = json.dumps({"error_code": "REQUEST_TOO_LARGE", "message": f"request body over {self.max_bytes} bytes "
-                           f"(serving.max_request_mb in params.yaml)"}).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                                (b"connection", b"close")]})
+        body = json.dumps(
+            {
+                "error_code": "REQUEST_TOO_LARGE",
+                "message": f"request body over {self.max_bytes} bytes (serving.max_request_mb in params.yaml)",
+            }
+        ).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                    (b"connection", b"close"),
+                ],
+            }
+        )
         await send({"type": "http.response.body", "body": body})
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m tasks.use.serve_model", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m tasks.use.serve_model",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--task", required=True, help="CV task name (a key of tasks: in params.yaml)")
     parser.add_argument("--model", help="an MLflow model URI (default: models:/<registry name>@<registry alias>)")
     parser.add_argument("--params", default="params.yaml")
@@ -96,7 +114,10 @@ def main(argv: list[str] | None = None) -> None:
     uri = args.model or f"models:/{model_name(params, args.task)}@{params.registry.alias}"
     app = scoring_server.init(scoring_server.load_model_with_mlflow_config(uri))
     limit = int(params.serving.max_request_mb * 1024 * 1024)
-    print(f"[serve {args.task}] {uri}; requests over {params.serving.max_request_mb} MB ({limit} bytes) get HTTP 413", flush=True)
+    print(
+        f"[serve {args.task}] {uri}; requests over {params.serving.max_request_mb} MB ({limit} bytes) get HTTP 413",
+        flush=True,
+    )
     uvicorn.run(BodyLimit(app, limit), host=args.host or params.serving.host, port=args.port or params.serving.port)
 
 
