@@ -2,7 +2,9 @@
 function per setting. Each rule returns :class:`Choice` rows (a dotted key under ``tasks.<task>``, the value,
 and why), so the printed table explains every value written.
 
-The model of each task is chosen in one place, :data:`MODELS` (pretrained backbones go there).
+The model of each task is chosen in one place: :data:`PRETRAINED` where ImageNet weights resolve offline on this
+machine (:func:`cv_models.weights.resolve_imagenet`) and docs/transfer-learning.md's figures show they help, else
+:data:`MODELS` (from scratch), with the reason in the table.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any
 
 from cv_models.data.measure import DataFacts
 from cv_models.sizing import AUTO_KEYS
+from cv_models.weights import WeightsError, resolve_imagenet
 
 KINDS = ("photos", "street", "microscopy", "documents")
 
@@ -43,7 +46,12 @@ PROFILES = {
 
 # the model of each task (and of a kind of data, where it differs): the one table to point at pretrained weights
 MODELS: dict[tuple[str, str | None], dict[str, Any]] = {
-    ("classification", None): {"model.name": "resnet18", "model.weights": "none"},
+    ("classification", None): {
+        "model.name": "resnet18",
+        "model.weights": "none",
+        "model.freeze_encoder_epochs": 0,
+        "model.encoder_lr_factor": 1.0,
+    },
     ("segmentation", None): {"model.name": "unet", "model.width": 16, "model.depth": 4, "model.weights": "none"},
     ("segmentation", "street"): {
         "model.name": "lraspp_mobilenet_v3_large",
@@ -62,6 +70,52 @@ MODELS: dict[tuple[str, str | None], dict[str, Any]] = {
         "model.options.backbone": "resnet18",
         "model.options.backbone_weights": "none",
     },
+}
+
+
+@dataclass(frozen=True)
+class Pretrained:
+    """A model started from ImageNet weights: proposed when its weights resolve offline and the data is of a kind
+    it was measured on. Its settings are those of its real-data overlay (benchmarks/real_data/*_pretrained.yaml)."""
+
+    network: str  # the pretrained network, as resolve_imagenet names it
+    kinds: tuple[str, ...]  # the kinds of data the figures were measured on
+    profile: Profile  # its throughput and sizes, in place of the task's
+    evidence: str
+    settings: dict[str, tuple[Any, str]]  # dotted key -> (value, why)
+
+
+# throughput from docs/transfer-learning.md row 1 (trashnet150, 1771 training images at 128 px: 116 s an unfrozen
+# epoch, 2-core EPYC under load): ~250k px/s; 2 epochs wanted gives the overlay's 128 px at 4 min
+PRETRAINED: dict[str, Pretrained] = {
+    "classification": Pretrained(
+        "timm:efficientnet_lite0",
+        ("photos", "street"),
+        Profile(250_000, 2, 96, 224, 32, 32, {"train.loss.class_weights": "inverse_frequency"}),
+        "trashnet150 test accuracy in 4 min: 0.794 from ImageNet vs 0.585 from scratch (resnet18) and 0.479 for the "
+        "same network from random weights (docs/transfer-learning.md rows 1, 5, 4)",
+        {
+            "model.name": ("timm:efficientnet_lite0", ""),
+            "model.weights": ("imagenet", ""),
+            "model.freeze_encoder_epochs": (1, "the new head first learns on frozen ImageNet features (a fast epoch)"),
+            "model.encoder_lr_factor": (0.3, "then the encoder fine-tunes at 0.3 of the head's rate"),
+            "train.optimizer.lr": (0.003, "the new head's rate (trashnet150_pretrained.yaml)"),
+            "train.scheduler.name": (
+                "cosine",
+                "from the full rate: one-cycle's ramp would spend the frozen epoch at 1/25",
+            ),
+            "train.loss.label_smoothing": (0.1, "as measured (trashnet150_pretrained.yaml)"),
+        },
+    ),
+}
+# why the other tasks start from scratch although their pretrained networks resolve (docs/transfer-learning.md)
+SCRATCH_WHY = {
+    "segmentation": "from scratch: timm_unet on ImageNet EfficientNet-Lite0 gave no gain on isbi_membrane (test mIoU "
+    "0.769 vs 0.775 from scratch in 4 min, docs/transfer-learning.md row 6); not measured on photos",
+    "detection": "from scratch: Faster R-CNN on ImageNet EfficientNet-Lite0 scored below it on bccd (mAP@.5 0.179 "
+    "after 1 epoch in 6 min vs 0.268, docs/transfer-learning.md row 8)",
+    "instance_segmentation": "from scratch: Mask R-CNN on ImageNet weights is not measured (docs/transfer-learning.md); "
+    "the detection figure on bccd (0.179 vs 0.268 from scratch) does not support it",
 }
 
 # augmentation preset per kind of data: flips only where they keep the labels true
@@ -101,10 +155,12 @@ class Context:
     size: tuple[int, int] = (0, 0)
     epochs: float = 0.0  # estimated to fit the budget
     extra: dict = field(default_factory=dict)
+    model: list[Choice] = field(default_factory=list)  # the model's settings (pick_model)
+    model_profile: Profile | None = None  # the pretrained model's, when it is proposed
 
     @property
     def profile(self) -> Profile:
-        return PROFILES[self.task]
+        return self.model_profile or PROFILES[self.task]
 
     def has(self, dotted: str) -> bool:
         node = self.schema
@@ -153,17 +209,42 @@ def size_rule(c: Context) -> list[Choice]:
     ]
 
 
-def model_rule(c: Context) -> list[Choice]:
-    return [
+def _why_not_pretrained(c: Context, p: Pretrained | None) -> tuple[str, str]:
+    """("", place) when ``p``'s weights resolve on this machine for this kind of data; else (why not, "")."""
+    if p is None:
+        return SCRATCH_WHY.get(c.task, "from scratch: no pretrained model measured for this task"), ""
+    if c.kind not in p.kinds:
+        return f"from scratch: {p.network} from ImageNet was measured on {' and '.join(p.kinds)} only, not {c.kind}", ""
+    try:
+        found = resolve_imagenet(p.network)
+    except (WeightsError, ImportError) as err:
+        first = str(err).splitlines()[0].split("; tried")[0]
+        return (
+            f"from scratch: {first} (docs/transfer-learning.md, 'Where the weights come from', says where to put them)"
+        ), ""
+    return "", f"{found.place}: {found.path}"
+
+
+def pick_model(c: Context) -> None:
+    """The pretrained model where its weights resolve offline and the figures support it, else the MODELS row;
+    sets ``c.model`` (the rows) and ``c.model_profile``."""
+    p = PRETRAINED.get(c.task)
+    why, place = _why_not_pretrained(c, p)
+    if p is not None and not why:
+        head = f"ImageNet weights found offline ({place}); {p.evidence}"
+        c.model = [Choice(k, v, w or head) for k, (v, w) in p.settings.items()]
+        c.model_profile = p.profile
+        return
+    c.model = [
         Choice(
-            k,
-            v,
-            f"the {c.task} model for a {c.budget_minutes:g}-minute CPU budget (tasks/init_rules.py MODELS);"
-            f" no offline pretrained weights configured",
+            k, v, f"the {c.task} model for a {c.budget_minutes:g}-minute CPU budget (tasks/init_rules.py MODELS); {why}"
         )
         for k, v in model_for(c.task, c.kind).items()
-        if c.has(k.rsplit(".", 1)[0])
     ]
+
+
+def model_rule(c: Context) -> list[Choice]:
+    return [choice for choice in c.model if c.has(choice.key.rsplit(".", 1)[0])]
 
 
 def epochs_rule(c: Context) -> list[Choice]:
@@ -332,4 +413,5 @@ def pick_kind(kind: str | None, facts: DataFacts) -> tuple[str, str]:
 def propose(task: str, facts: DataFacts, budget_minutes: float, kind: str | None, schema: dict) -> list[Choice]:
     kind, why = pick_kind(kind, facts)
     ctx = Context(task, facts, budget_minutes, kind, why, schema)
+    pick_model(ctx)  # before the size rule: a pretrained model has its own throughput
     return [choice for rule in RULES for choice in rule(ctx)]

