@@ -70,3 +70,20 @@ def copy_masks(
             mask = np.asarray(Image.open(scenes / "masks" / split / p.name))
             picture = convert(mask) if convert else Image.fromarray(mask, mode="L")
             picture.save(masks_to[split] / (p.stem + mask_suffix))
+
+
+def instance_folders(scenes: Path, root: Path) -> Path:
+    """``<id>/images/<id>.png`` + ``<id>/masks/<k>.png`` (DSB 2018 nuclei) from the embedded scenes, every split."""
+    from cv_models.data.coco import decode_mask
+
+    for split in SPLITS:
+        coco = scenes_coco(scenes, split)
+        for im in coco["images"]:
+            folder = root / f"{split}_{im['id']}"
+            (folder / "images").mkdir(parents=True)
+            (folder / "masks").mkdir()
+            Image.open(scenes / "images" / im["file_name"]).save(folder / "images" / f"{split}_{im['id']}.png")
+            for a in (a for a in coco["annotations"] if a["image_id"] == im["id"]):
+                m = decode_mask(a["segmentation"], im["height"], im["width"])
+                Image.fromarray((m * 255).astype(np.uint8)).save(folder / "masks" / f"{a['id']}.png")
+    return root

@@ -244,20 +244,7 @@ def test_binary_masks_without_splits(project, tmp_path):
 
 
 def test_per_instance_folders(project, tmp_path):
-    from cv_models.data.coco import decode_mask
-
-    root = tmp_path / "nuclei"
-    scenes = project.shapes / "scenes"
-    for split in L.SPLITS:
-        coco = L.scenes_coco(scenes, split)
-        for im in coco["images"]:
-            folder = root / f"{split}_{im['id']}"
-            (folder / "images").mkdir(parents=True)
-            (folder / "masks").mkdir()
-            Image.open(scenes / "images" / im["file_name"]).save(folder / "images" / f"{split}_{im['id']}.png")
-            for a in (a for a in coco["annotations"] if a["image_id"] == im["id"]):
-                m = decode_mask(a["segmentation"], im["height"], im["width"])
-                Image.fromarray((m * 255).astype(np.uint8)).save(folder / "masks" / f"{a['id']}.png")
+    root = L.instance_folders(project.shapes / "scenes", tmp_path / "nuclei")
     result, cfg = _init(project, root)
     assert (result.reading.task, cfg.data.format, cfg.data.split_from) == (
         "instance_segmentation",

@@ -349,23 +349,7 @@ def test_ade20k_style_layout(project, tmp_path):
 
 def test_per_instance_folders_layout(project, tmp_path):
     """<id>/images/<id>.png + <id>/masks/*.png (DSB 2018 nuclei), split by seed."""
-    import numpy as np
-    from PIL import Image
-
-    from cv_models.data.coco import decode_mask
-
-    root = tmp_path / "nuclei"
-    scenes = project.shapes / "scenes"
-    for split in L.SPLITS:
-        coco = L.scenes_coco(scenes, split)
-        for im in coco["images"]:
-            folder = root / f"{split}_{im['id']}"
-            (folder / "images").mkdir(parents=True)
-            (folder / "masks").mkdir()
-            Image.open(scenes / "images" / im["file_name"]).save(folder / "images" / f"{split}_{im['id']}.png")
-            for a in (a for a in coco["annotations"] if a["image_id"] == im["id"]):
-                m = decode_mask(a["segmentation"], im["height"], im["width"])
-                Image.fromarray((m * 255).astype(np.uint8)).save(folder / "masks" / f"{a['id']}.png")
+    root = L.instance_folders(project.shapes / "scenes", tmp_path / "nuclei")
     params = project.params(
         **_data(
             "instance_segmentation",
