@@ -188,10 +188,11 @@ class _TimedTask(FitHooksStub):
         return []
 
 
-def _timed_fit(tmp_path, monkeypatch, task, minutes=3.0, cap=60, checkpoint=None):
+def _timed_fit(tmp_path, monkeypatch, task, minutes=3.0, cap=60, checkpoint=None, log=None):
     monkeypatch.setattr(engine, "time", task.clock)
     torch.manual_seed(0)
-    data = torch.utils.data.TensorDataset(torch.randn(8, 3), torch.randn(8))
+    n = 4 * task.steps_per_epoch
+    data = torch.utils.data.TensorDataset(torch.randn(n, 3), torch.randn(n))
     cfg = TrainConfig(
         epochs=cap,
         batch_size=4,
@@ -200,7 +201,8 @@ def _timed_fit(tmp_path, monkeypatch, task, minutes=3.0, cap=60, checkpoint=None
         optimizer={"name": "adamw", "lr": 3e-3},
         scheduler={"name": "onecycle"},
     )
-    return engine.fit(task, torch.nn.Linear(3, 1), data, data, cfg, 0, tmp_path / "m.pt", checkpoint_path=checkpoint)
+    model = torch.nn.Linear(3, 1)
+    return engine.fit(task, model, data, data, cfg, 0, tmp_path / "m.pt", checkpoint_path=checkpoint, log_metrics=log)
 
 
 def test_a_slow_outlier_epoch_neither_cuts_the_schedule_nor_leaves_the_budget_unused(tmp_path, monkeypatch, capsys):
@@ -233,6 +235,57 @@ def test_a_resumed_run_re_fits_the_plan_fitted_under_load(tmp_path, monkeypatch,
     assert "the plan of 2 epochs fitted before the interruption is dropped and re-fitted from the time left" in out
     assert len(result.history) == result.planned > 10
     assert 0.95 <= result.seconds / 180 <= 1.0
+    assert result.history["lr"].iloc[-1] == result.end_lr
+
+
+@pytest.mark.parametrize("minutes, slow_from", [(1.1, 6), (1.0, 8)])
+def test_epochs_twice_as_slow_late_in_the_plan_end_annealed_within_the_limit(
+    tmp_path, monkeypatch, capsys, minutes, slow_from
+):
+    # 5 s epochs of 4 steps, 1 s validation: 10 (9) epochs planned; from epoch 6 (8) on they take 10 s. Planning in
+    # whole epochs alone stopped at epoch 8 of 9 with the lr at 1.9e-4 (1.1 min), or ended at 64 s of 60 (1.0 min)
+    clock = _Clock()
+    task = _TimedTask(clock, lambda e: 10.0 if e >= slow_from else 5.0, steps_per_epoch=4)
+    result = _timed_fit(tmp_path, monkeypatch, task, minutes=minutes)
+    out = capsys.readouterr().out
+    assert "steps now take 2.50 s" in out and "stopping after epoch" not in out
+    assert 0.95 * minutes * 60 <= result.seconds <= minutes * 60  # strictly within, the final validation included
+    assert result.history["lr"].iloc[-1] == result.end_lr == pytest.approx(3e-3 / 25 / 1e4)
+    assert len(result.history) == result.planned and not np.isnan(result.history["val_score"].iloc[-1])
+    steps = result.history.iloc[-1].get("steps", 4)  # the last epoch partial (validated, its steps recorded) or whole
+    assert task.steps == (result.planned - 1) * 4 + steps
+    if steps < 4:
+        assert f"stops after step {int(steps)} of 4 of epoch {result.planned} (a partial epoch)" in out
+        assert f"(partial: {int(steps)} of 4 steps)" in out
+
+
+def test_constant_epoch_times_never_wake_the_guard(tmp_path, monkeypatch, capsys):
+    # the figures main gave before the guard existed: 9 epochs planned, 54 s of 60
+    clock = _Clock()
+    result = _timed_fit(tmp_path, monkeypatch, _TimedTask(clock, lambda e: 5.0, steps_per_epoch=4), minutes=1.0)
+    out = capsys.readouterr().out
+    assert "steps now take" not in out and "steps" not in result.history
+    assert (result.planned, len(result.history), result.seconds) == (9, 9, 54.0)
+    assert result.history["lr"].iloc[-1] == result.end_lr
+
+
+def test_a_run_the_guard_ended_mid_epoch_stays_finished_on_resume(tmp_path, monkeypatch, capsys):
+    clock = _Clock()
+    slow = _TimedTask(clock, lambda e: 10.0 if e >= 6 else 5.0, steps_per_epoch=4)
+
+    def killed_after_the_last_checkpoint(metrics, epoch):
+        if epoch == 8:  # the partial epoch's checkpoint is written; the kill comes before the model is saved
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _timed_fit(
+            tmp_path, monkeypatch, slow, 1.0, checkpoint=tmp_path / "last.pt", log=killed_after_the_last_checkpoint
+        )
+    assert "(a partial epoch)" in capsys.readouterr().out
+    again = _TimedTask(clock, lambda e: 5.0, steps_per_epoch=4)
+    result = _timed_fit(tmp_path, monkeypatch, again, 1.0, checkpoint=tmp_path / "last.pt")
+    assert "(training had finished)" in capsys.readouterr().out
+    assert again.steps == 0 and len(result.history) == result.planned == 8  # nothing trained again
     assert result.history["lr"].iloc[-1] == result.end_lr
 
 

@@ -5,6 +5,11 @@ slow epoch, a machine that frees up) moves the plan, and the schedule is re-span
 learning rate in the last planned epoch. Epoch times are the median of the recent ones (one slow epoch does not cut
 the plan), without the first epoch of a process once there are others (it carries one-time costs: cache filling,
 warm-up). The run stops early only when even one more epoch would end past 100% of the limit.
+
+In the last :data:`GUARD_EPOCHS` planned epochs a guard watches the time per step (earlier, the re-plan after each
+epoch still has time to correct, and one slow epoch does not cut the plan): when the forecast passes :data:`GUARD_SHARE` of the limit
+(a slowdown whole-epoch planning cannot see until the epoch ends), the plan is cut to the steps that fit
+(:func:`steps_that_fit`), perhaps mid-epoch, and the schedule re-spanned to end on the new last step.
 """
 
 from __future__ import annotations
@@ -14,6 +19,9 @@ from dataclasses import dataclass
 
 TARGET_SHARE = 0.97  # of the time limit the plan aims at: the rest absorbs epoch-to-epoch noise
 RECENT_EPOCHS = 5  # epoch times are the median of these last ones
+GUARD_SHARE = 0.99  # within an epoch, the plan is cut when its forecast passes this share (the rest: saving)
+RECENT_STEPS = 20  # the guard's time per step is the median of this epoch's last ones
+GUARD_EPOCHS = 2  # the guard watches the last planned epochs (before them, the re-plan after each epoch corrects)
 
 
 def recent_median(seconds: list[float], start: int = 0) -> float:
@@ -58,6 +66,21 @@ def epochs_that_fit(
         and spent + seconds_to_finish(done, fits + 1, train_s, val_s, val_every, pending_val) <= share * limit_s
     ):
         fits += 1
+    return fits
+
+
+def steps_that_fit(
+    room_s: float, step: int, total: int, steps_per_epoch: int, epoch: int, step_s: float, val_s: float, val_every: int
+) -> int:
+    """The most training steps in all, ``step`` done (in epoch ``epoch``, not yet validated) and at most ``total``,
+    that end within ``room_s`` seconds from now at ``step_s`` seconds a step, with the validation passes still due
+    at ``val_s`` each (the epoch training ends in is validated); at least ``step``."""
+    fits = total
+    while fits > step:
+        last_epoch = -(-fits // steps_per_epoch)
+        if (fits - step) * step_s + validations(epoch, last_epoch, val_every) * val_s <= room_s:
+            break
+        fits -= 1
     return fits
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import math
+import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -53,6 +54,7 @@ class Run:
     val: dict | None = None  # this epoch's validation metrics; None: not validated
     due: bool = False  # validation is due this epoch (train.val_every, or the last planned)
     out: bool = False  # the time limit ends training after this epoch
+    cut: int = 0  # the time limit's guard: epoch ``planned`` ends after this many steps (0: all of them)
     stop: bool = False  # training ends after this epoch
     resumed: dict | None = None  # the checkpoint this run resumed from
 
@@ -62,6 +64,10 @@ class Run:
     @property
     def steps_per_epoch(self) -> int:
         return len(self.train_loader)
+
+    def partial(self) -> bool:
+        """This epoch was cut short by the time limit's guard (its row says after how many steps)."""
+        return "steps" in self.row
 
 
 class Callback:
@@ -172,10 +178,13 @@ class MetricsLog(Callback):
 class TimeLimit(Callback):
     """``train.time_limit_minutes``: stop before an epoch that would pass the limit; with a
     :class:`budget.FittedSchedule` (``train.fit_epochs_to_time_limit``) the epochs planned and the schedule's
-    span follow the epochs that fit, re-fitted after every epoch (before the checkpoint, which keeps both)."""
+    span follow the epochs that fit, re-fitted after every epoch (before the checkpoint, which keeps both). Within
+    an epoch a guard cuts the plan, perhaps mid-epoch, when the time per step says it would pass the limit."""
 
     def __init__(self):
         self.budget: budget.TimeBudget | None = None
+        self.tick, self.cut_in = 0.0, 0  # the guard's clock, and the epoch it last cut the plan in
+        self.steps: list[float] = []  # this epoch's step times
 
     def fitted(self, run: Run) -> bool:
         return isinstance(run.scheduler, budget.FittedSchedule)
@@ -199,6 +208,44 @@ class TimeLimit(Callback):
             cfg.time_limit_minutes * 60, cfg.epochs, cfg.val_every, len(run.timings["train"]), len(run.timings["val"])
         )
 
+    def on_epoch_start(self, run: Run) -> None:
+        self.tick, self.steps = run.clock(), []
+
+    def on_batch_end(self, run: Run) -> None:
+        now = run.clock()
+        self.steps.append(now - self.tick)
+        self.tick = now
+        if not self.fitted(run) or len(run.timings["train"]) <= self.budget.first:
+            return  # no plan of this process's own yet: the first epoch of a process runs against the cap
+        if run.planned - run.epoch >= budget.GUARD_EPOCHS:
+            return  # the re-plan after this epoch can still correct the plan
+        step, per_epoch = run.scheduler.step_count, run.steps_per_epoch
+        total = (run.planned - 1) * per_epoch + (run.cut or per_epoch)  # the plan's last step
+        step_s, val_s = statistics.median(self.steps[-budget.RECENT_STEPS :]), self.budget.estimates(run.timings)[1]
+        room = budget.GUARD_SHARE * self.budget.limit_s - run.spent()
+        fits = accelerate.broadcast(  # rank 0's count
+            budget.steps_that_fit(room, step, total, per_epoch, run.epoch, step_s, val_s, self.budget.val_every)
+        )
+        if fits < total:
+            self.cut(run, fits, step_s)
+
+    def cut(self, run: Run, fits: int, step_s: float) -> None:
+        """The plan cut to ``fits`` steps: the schedule ends on the last, training stops after it."""
+        per_epoch, was = run.steps_per_epoch, run.planned
+        run.planned, run.cut, self.cut_in = -(-fits // per_epoch), fits % per_epoch, run.epoch
+        run.scheduler.respan(fits)
+        where = (
+            f"after step {fits - (run.planned - 1) * per_epoch} of {per_epoch} of epoch {run.planned} (a partial epoch)"
+        )
+        print(
+            f"[{run.desc}] time limit: steps now take {step_s:.2f} s (median of this epoch's last "
+            f"{min(len(self.steps), budget.RECENT_STEPS)}), so the plan of {was} epochs would pass "
+            f"{budget.GUARD_SHARE:.0%} of train.time_limit_minutes={self.budget.limit_s / 60:g}; training stops "
+            + (where if run.cut else f"after epoch {run.planned}")
+            + f" (step {fits} in all) and the learning-rate schedule now ends there",
+            flush=True,
+        )
+
     def on_train_end(self, run: Run) -> None:
         # rank 0's clock decides; the epoch it stops at is validated
         run.out = run.epoch < run.planned and accelerate.broadcast(
@@ -217,8 +264,11 @@ class TimeLimit(Callback):
             run.stop = True
         elif self.fitted(run) and run.epoch < run.planned:
             fits = accelerate.broadcast(self.budget.plan(run.spent(), run.epoch, run.timings))  # rank 0's count
+            if self.cut_in == run.epoch:
+                fits = min(fits, run.planned)  # the guard cut this epoch: its forecast, from the slower steps, holds
             if fits != run.planned:
                 run.scheduler.respan(fits * run.steps_per_epoch)
+                run.cut = 0
                 print(
                     f"[{run.desc}] time limit: {fits} of {self.budget.cap} epochs fit "
                     f"({self.budget.describe(run.timings)}); the learning-rate schedule now spans {fits} "
@@ -350,8 +400,8 @@ class Checkpoint(Callback):
             self.path is not None
             and accelerate.is_main()  # rank 0 alone writes
             and checkpointing.due(run.epoch, run.planned, run.cfg.checkpoint_every, run.out)
-        ):
-            self.save(run, run.epoch, rank_rngs=rank_rngs)
+        ):  # an epoch the time limit cut short ends training: a resume finds the run finished
+            self.save(run, run.epoch, done=run.partial(), rank_rngs=rank_rngs)
 
     def on_fit_end(self, run: Run) -> None:
         if self.writer is not None:  # the last epoch's file is whole before it is marked done or removed

@@ -435,12 +435,16 @@ def train_epoch(
         n_batches += 1
         if not bar.disable:
             bar.set_postfix(loss=f"{loss_sum / n_batches:.4f}", refresh=False)
+        if n_batches == run.cut and run.epoch == run.planned:
+            break  # the time limit's guard ends training here
     run.timings["train"].append(run.clock() - epoch_start)
     run.row = {
         "epoch": run.epoch,
         "train_loss": accelerate.mean_across_ranks(loss_sum / max(n_batches, 1)),
         "lr": run.optimizer.param_groups[0]["lr"],
     }
+    if n_batches < run.steps_per_epoch:
+        run.row["steps"] = n_batches  # a partial epoch
 
 
 def validate(
@@ -477,7 +481,8 @@ def record_epoch(run: callbacks.Run) -> None:
             f" val_{metric}={val[metric]:.4f}" + (f" val_loss={val['loss']:.4f}" if "loss" in val else "")
             if val is not None
             else f" (validated every {run.cfg.val_every} epochs)"
-        ),
+        )
+        + (f" (partial: {run.row['steps']} of {run.steps_per_epoch} steps)" if run.partial() else ""),
         flush=True,
     )
 
