@@ -101,6 +101,16 @@ def test_a_plan_counts_the_validations_and_aims_at_97_percent():
     assert budget.epochs_that_fit(600, 700, 1, 8, 2, val_every=1, cap=100) == 1  # already over
 
 
+def test_the_guard_keeps_the_steps_that_fit_with_the_validations_still_due():
+    # 29 of 36 planned steps done (4 a step of epoch 8), 2.5 s a step, 1 s a validation: 4.9 s of room hold one more
+    # step and epoch 8's validation (3.5 s); two more need 6 s
+    assert budget.steps_that_fit(4.9, 29, 36, 4, 8, 2.5, 1.0, val_every=1) == 30
+    # every epoch's validation counts: reaching step 33 (epoch 9) needs epochs 8 and 9 validated
+    assert budget.steps_that_fit(11.9, 29, 36, 4, 8, 2.5, 1.0, val_every=1) == 32
+    assert budget.steps_that_fit(100, 29, 36, 4, 8, 2.5, 1.0, val_every=1) == 36  # the plan fits: kept
+    assert budget.steps_that_fit(0.5, 29, 36, 4, 8, 2.5, 1.0, val_every=1) == 29  # no room: stop now
+
+
 def test_one_slow_epoch_moves_the_estimate_little():
     # the median of the recent epochs, the process's first left out (cache filling, warm-up)
     assert budget.recent_median([30, 5, 5, 23, 5, 6]) == 5
