@@ -140,7 +140,7 @@ def test_dvc_dependencies_are_per_task(tmp_path):
     assert _outdated(repo) == {"augmented@detection", "evaluate@detection"}
     _dvc(repo, "commit", "-f", "-q")
 
-    with open(repo / "cv_models/detection.py", "a") as f:  # the detection module: detection's stages only
+    with open(repo / "cv_models/detection/__init__.py", "a") as f:  # the detection module: detection's stages only
         f.write("\n# edited\n")
     assert _outdated(repo) == {f"{s}@detection" for s in PER_TASK}
 

@@ -1,6 +1,6 @@
 """Detection readers: the boxes of COCO JSON, Pascal VOC XML or Ultralytics YOLO txt (``data.format``) as the
 shared annotation tables (:mod:`cv_models.data.annotations`), with ``data.options.keep_classes`` and the splits
-applied. The settings are the detection task's ``data.options`` (cv_models/detection.py)."""
+applied. The settings are the detection task's ``data.options`` (cv_models/detection/)."""
 from __future__ import annotations
 
 from pathlib import Path

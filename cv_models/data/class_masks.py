@@ -3,7 +3,7 @@ rasterised from COCO JSON (``data.format: coco``).
 
 Each reader returns a listing: the rows ``{path, split, mask_source, ...}`` the task trains on and validates,
 and how one row's mask is read. Class ``k`` of ``data.classes`` is mask value ``k``; ``classes[0]`` is the
-background. The settings are the segmentation task's ``data.options`` (cv_models/segmentation.py).
+background. The settings are the segmentation task's ``data.options`` (cv_models/segmentation/).
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Instance segmentation readers (``data.format``): COCO JSON (polygon or RLE masks), Ultralytics YOLO polygon txt,
 or per-instance PNG folders, as the shared annotation tables (:mod:`cv_models.data.annotations`) with a
 ``segmentation`` (COCO, YOLO) or ``png`` (folders) column; then :func:`add_mask_facts` decodes every mask once.
-The settings are the instance segmentation task's ``data.options`` (cv_models/instance_segmentation.py)."""
+The settings are the instance segmentation task's ``data.options`` (cv_models/instance_segmentation/)."""
 from __future__ import annotations
 
 from pathlib import Path
