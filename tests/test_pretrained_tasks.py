@@ -123,3 +123,29 @@ def test_freeze_then_fine_tune_and_the_encoder_learning_rate(project):
     assert not torch.equal(first["classifier.weight"], loaded["classifier.weight"])  # the new head trained
     task.before_epoch(model, 2)  # epoch 2: the encoder trains again
     assert all(p.requires_grad for p in model.parameters())
+
+
+@pytest.mark.parametrize("head", ["timm_fpn", "timm_deeplab"])
+def test_fpn_and_deeplab_heads_start_from_the_imagenet_encoder_train_then_predict(project, head):
+    """The FPN and DeepLabV3+ heads on the timm encoder: the encoder holds the package's ImageNet weights before
+    training, one epoch trains, and the saved model predicts images."""
+    from cv_models import get_task
+    from cv_models.weights import resolve_imagenet
+    from tasks.paths import models, outputs
+    from tasks.use.inference import load_checkpoint
+    from tasks.use.predict import predict_files
+
+    params = _params(project, "segmentation", **{"model.name": head})
+    cfg = load_params(params).task("segmentation")
+    encoder = get_task("segmentation", cfg).build_model().encoder.state_dict()
+    imagenet = resolve_imagenet(LITE0).state
+    assert len(encoder) > 100 and all(torch.equal(v, imagenet[k]) for k, v in encoder.items())
+    normstats.run("segmentation", params)
+    assert augmented.run("segmentation", params)["epochs_run"] == 1
+    loaded = load_checkpoint(
+        "segmentation", models("segmentation", "augmented") / "model.pt", outputs("segmentation", "normstats")
+    )
+    assert type(loaded.model).__name__ == {"timm_fpn": "EncoderFPN", "timm_deeplab": "EncoderDeepLab"}[head]
+    files = [Path(r["path"]) for r in _records("segmentation", cfg)[:2]]
+    summary = predict_files(loaded, files, Path("predicted"))
+    assert summary["images"] == 2 and not summary.get("failures"), summary

@@ -31,6 +31,7 @@ from cv_models.data.probe import IMAGE_SUFFIXES, load_rgb, probe_image
 from cv_models.data.registry import reader
 from cv_models.mix.segmentation import build_mixer
 from cv_models.nets import NETS
+from cv_models.nets.timm_fpn import HEADS
 from cv_models.nets.timm_unet import encoder_unet
 from cv_models.seg_losses import get_loss
 from cv_models.augment import random_apply, with_builders
@@ -104,7 +105,7 @@ class SegmentationModelOptions(Strict):
         "none"  # or the trunk of a classifier checkpoint of the same family (models/pretrain/backbone.pt)
     )
     kwargs: dict[str, Any] = {}  # extra keyword arguments of the torchvision builder
-    encoder: str = "timm:efficientnet_lite0"  # timm_unet: the pretrained encoder (model.weights: imagenet loads it)
+    encoder: str = "timm:efficientnet_lite0"  # timm_unet / timm_fpn / timm_deeplab: the pretrained encoder
 
 
 class SegmentationCutoutAug(CutoutAug):
@@ -238,6 +239,16 @@ ARCHITECTURES: dict[str, Architecture] = {
         ("encoder.",),
         pretrained=lambda m: m.options.encoder,
     ),
+    # timm_fpn, timm_deeplab: torchvision's FPN or ASPP (DeepLabV3+) on a timm encoder (cv_models/nets/timm_fpn.py)
+    **{
+        name: Architecture(
+            lambda n, m, build=build: build(m.options.encoder, n, width=m.width),
+            ("head.",),
+            ("encoder.",),
+            pretrained=lambda m: m.options.encoder,
+        )
+        for name, build in HEADS.items()
+    },
     **{
         name: Architecture(_torchvision_builder(name, aux=True), ("classifier.4.", "aux_classifier.4."), ("backbone.",))
         for name in (
