@@ -17,22 +17,37 @@ def _rows(when: str | None) -> dict[str, Any]:
     return {"row_condition": when, "condition_parser": "pandas"} if when else {}
 
 
+def _share(mostly: float | None) -> dict[str, Any]:
+    return {} if mostly is None else {"mostly": mostly}
+
+
 def _expectations() -> Any:
     import great_expectations as gx
 
     return gx.expectations
 
 
-def all_true(table: str, rule: str, column: str, when: str | None = None, key: str = "path") -> Check:
+def all_true(
+    table: str, rule: str, column: str, when: str | None = None, key: str = "path", mostly: float | None = None
+) -> Check:
     """Every (checked) row has ``column`` True."""
-    return in_set(table, rule, column, [True], when=when, key=key)
+    return in_set(table, rule, column, [True], when=when, key=key, mostly=mostly)
 
 
 def in_set(
-    table: str, rule: str, column: str, values: Collection[Any], when: str | None = None, key: str = "path"
+    table: str,
+    rule: str,
+    column: str,
+    values: Collection[Any],
+    when: str | None = None,
+    key: str = "path",
+    mostly: float | None = None,
 ) -> Check:
-    """Every (checked) row's ``column`` is one of ``values``."""
-    expectation = _expectations().ExpectColumnValuesToBeInSet(column=column, value_set=list(values), **_rows(when))
+    """Every (checked) row's ``column`` is one of ``values`` (or at least the share ``mostly`` of the rows: 0.0 lists
+    the failing rows but passes)."""
+    expectation = _expectations().ExpectColumnValuesToBeInSet(
+        column=column, value_set=list(values), **_rows(when), **_share(mostly)
+    )
     return Check(table, rule, expectation, key_column=key)
 
 
