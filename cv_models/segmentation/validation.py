@@ -17,10 +17,14 @@ from cv_models.settings import DataConfig
 
 Listing = MaskFolderListing | CocoMaskListing
 
+SAMPLES, MASK = "samples", "mask"  # the table the rules check; the column naming a failing mask
 # sizes from the header (width > 0), so a decompression bomb refused before decoding breaks the size rule too
 SIZED = "width > 0"
 DECODED = "decodes == True"
+HAS_MASK = "mask_exists == True"
 MASK_READ = "mask_decodes == True"
+BOTH_READ = "mask_decodes == True and decodes == True"
+KNOWN_COLOURS = "mask_decodes == True and colors_declared == True"
 
 
 def _image_facts(path: str) -> dict:
@@ -103,47 +107,37 @@ def _mask_colour_check(o: SegmentationDataOptions) -> Check:
             "mask is single-channel class indices (palette and RGB masks are rejected: "
             "data.options.mask_color_mode=reject)"
         )
-        return all_true("samples", rule, "mask_single_channel", when=MASK_READ, key="mask")
+        return all_true(SAMPLES, rule, "mask_single_channel", when=MASK_READ, key=MASK)
     if not o.colors:  # nothing declared: these files are not class-index masks at all
         rule = (
             "mask is a single-channel class-index image (RGB or palette masks need "
             "data.options.colors, or data.options.palette_as_index for VOC-style palette "
             "PNGs; RGB files here usually mean data.options.masks_dir points at photos)"
         )
-        return all_true("samples", rule, "colors_declared", when=MASK_READ, key="mask")
+        return all_true(SAMPLES, rule, "colors_declared", when=MASK_READ, key=MASK)
     rule = "palette / RGB mask colours are declared in data.options.colors (or data.options.ignore_color)"
-    return all_true("samples", rule, "colors_declared", when=MASK_READ, key="mask")
+    return all_true(SAMPLES, rule, "colors_declared", when=MASK_READ, key=MASK)
 
 
 def checks(d: DataConfig, o: SegmentationDataOptions, names: list[str], ignore_index: int) -> list[Check]:
     """The rules of the ``samples`` table, one line each."""
-    size = d.min_size, d.max_size
+    low, high = d.min_size, d.max_size
     values = f"mask values in the declared classes 0..{len(names) - 1} {names} or the ignore index {ignore_index}"
-    both_read = "mask_decodes == True and decodes == True"
+    mask_decodes = "every mask decodes (image file or COCO annotation)"
     out = [
-        all_true("samples", "every file decodes as an image", "decodes"),
-        within("samples", f"image width within [{d.min_size}, {d.max_size}]", "width", *size, when=SIZED),
-        within("samples", f"image height within [{d.min_size}, {d.max_size}]", "height", *size, when=SIZED),
-        all_true(
-            "samples", "every image has a mask file (same name under the masks folder)", "mask_exists", key="mask"
-        ),
-        all_true(
-            "samples",
-            "every mask decodes (image file or COCO annotation)",
-            "mask_decodes",
-            when="mask_exists == True",
-            key="mask",
-        ),
-        all_true(
-            "samples", "mask has the same height and width as its image", "size_matches", when=both_read, key="mask"
-        ),
-        all_true("samples", values, "values_ok", when="mask_decodes == True and colors_declared == True", key="mask"),
-        in_set("samples", "no identical image in two splits", "duplicate_in_other_split", [False]),
+        all_true(SAMPLES, "every file decodes as an image", "decodes"),
+        within(SAMPLES, f"image width within [{low}, {high}]", "width", low, high, when=SIZED),
+        within(SAMPLES, f"image height within [{low}, {high}]", "height", low, high, when=SIZED),
+        all_true(SAMPLES, "every image has a mask file (same name under the masks folder)", "mask_exists", key=MASK),
+        all_true(SAMPLES, mask_decodes, "mask_decodes", when=HAS_MASK, key=MASK),
+        all_true(SAMPLES, "mask has the same height and width as its image", "size_matches", when=BOTH_READ, key=MASK),
+        all_true(SAMPLES, values, "values_ok", when=KNOWN_COLOURS, key=MASK),
+        in_set(SAMPLES, "no identical image in two splits", "duplicate_in_other_split", [False]),
         _mask_colour_check(o),
     ]
     if d.color_mode == "reject":
         rgb = "image is RGB (grayscale, palette and RGBA are rejected: data.color_mode=reject)"
-        out.append(in_set("samples", rgb, "mode", ["RGB"], when=DECODED))
+        out.append(in_set(SAMPLES, rgb, "mode", ["RGB"], when=DECODED))
     return out
 
 
