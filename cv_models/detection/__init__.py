@@ -383,9 +383,7 @@ class DetectionTask(CVTask):
             out["Boxes per class and split"] = "\n".join(lines)
         from cv_models.sizing import describe
 
-        out["Settings sized from the data"] = describe(
-            self.most_objects(), self.cfg.model.options.model_dump(exclude={"kwargs"})
-        )
+        out["Settings sized from the data"] = describe(self.most_objects(), self.cfg.model.options)
         return out
 
     def object_boxes(self, split: str) -> list[dict]:
@@ -493,13 +491,14 @@ class DetectionTask(CVTask):
         """The largest number of (valid) objects in one training image: sizes the ``auto`` settings."""
         return max((len(r["boxes"]) for r in self.records("train")), default=0)
 
-    def model_options(self) -> dict:
-        """``model.options`` with ``anchor_size: auto`` / ``aspect_ratios: auto`` replaced by anchors sized to
-        the training boxes at the training size (the same split gives the same anchors at evaluation)."""
+    def model_options(self) -> DetectionModelOptions:
+        """A copy of ``model.options`` (sized: cv_models/sizing.py) with ``anchor_size: auto`` / ``aspect_ratios: auto``
+        replaced by anchors sized to the training boxes at the training size (the same split gives the same anchors
+        at evaluation)."""
         from cv_models.sizing import sized_options
 
-        o, _ = sized_options(self.cfg.model.options.model_dump(exclude={"kwargs"}), self.most_objects())
-        auto = [k for k in ("anchor_size", "aspect_ratios") if o[k] == "auto"]
+        o, _ = sized_options(self.cfg.model.options, self.most_objects())
+        auto = [k for k in ("anchor_size", "aspect_ratios") if getattr(o, k) == "auto"]
         if not auto:
             return o
         from cv_models.nets.detectors import (
@@ -515,7 +514,7 @@ class DetectionTask(CVTask):
         if name not in ANCHOR_LAYOUT:
             raise ValueError(f"model.options {auto} 'auto' is for the detectors {sorted(ANCHOR_LAYOUT)}, not {name!r}")
         levels, default_scales = ANCHOR_LAYOUT[name]
-        scales = o["scales_per_level"] or default_scales
+        scales = o.scales_per_level or default_scales
         h, w = self.cfg.image_hw
         sizes = [
             (r["boxes"][:, 2:] - r["boxes"][:, :2]) * torch.tensor([w / r["width"], h / r["height"]])
@@ -524,14 +523,14 @@ class DetectionTask(CVTask):
         ]
         sizes = torch.cat(sizes) if sizes else torch.zeros((0, 2))
         fitted = anchors_sized_to(sizes, levels, scales)
-        o.update({k: fitted[k] for k in auto})
+        o = o.model_copy(update={k: fitted[k] for k in auto})
         if not getattr(self, "_anchors_reported", False):  # once per task object (evaluation rebuilds the model)
             before = best_anchor_iou(
                 sizes, anchor_shapes(DEFAULT_ANCHOR_SIZE, levels, scales, DEFAULT_ASPECT_RATIOS)
             ).mean()
             print(
-                f"[{self.name}] anchors sized to the training boxes at {h}x{w} px: anchor_size={o['anchor_size']}, "
-                f"aspect_ratios={o['aspect_ratios']}; mean best-anchor IoU "
+                f"[{self.name}] anchors sized to the training boxes at {h}x{w} px: anchor_size={o.anchor_size}, "
+                f"aspect_ratios={o.aspect_ratios}; mean best-anchor IoU "
                 f"{fitted['mean_best_iou']:.3f} (the defaults, {DEFAULT_ANCHOR_SIZE} px and {DEFAULT_ASPECT_RATIOS}: "
                 f"{before:.3f}), boxes with a best anchor at IoU >= 0.5: {fitted['recall_at_iou_0.5']:.1%}"
             )
@@ -541,9 +540,7 @@ class DetectionTask(CVTask):
     def inference_config(self):
         """The class list, and anchors sized to the data ('auto') replaced by the sizes they resolved to."""
         cfg = super().inference_config()
-        options = self.model_options()
-        options = {k: v for k, v in options.items() if k not in ("mean_best_iou", "recall_at_iou_0.5")}
-        return cfg.model_copy(update={"model": cfg.model.model_copy(update={"options": options})})
+        return cfg.model_copy(update={"model": cfg.model.model_copy(update={"options": self.model_options()})})
 
     @torch.no_grad()
     def predict_image(self, model, image, normalize, image_id: int) -> Prediction:

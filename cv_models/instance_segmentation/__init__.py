@@ -394,7 +394,7 @@ class InstanceSegmentationTask(CVTask):
 
         return {
             "Instances per class": "\n".join(lines) + f"\n\nMask storage: {kinds}",
-            "Settings sized from the data": describe(self.most_objects(), self.cfg.model.options.model_dump()),
+            "Settings sized from the data": describe(self.most_objects(), self.cfg.model.options),
         }
 
     def _split_tables(self, split: str):
@@ -492,7 +492,7 @@ class InstanceSegmentationTask(CVTask):
         from cv_models.sizing import sized_options
 
         m = self.cfg.model
-        options, _ = sized_options(m.options.model_dump(), self.most_objects())
+        options, _ = sized_options(m.options, self.most_objects())
         imagenet = m.weights == "imagenet"  # into the backbone's trunk; else weights of the whole model
         model = build_mask_rcnn(
             m.name, len(self.class_names()) + 1, self.cfg.image_hw, m.width, options, "none" if imagenet else m.weights
