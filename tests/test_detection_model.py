@@ -287,3 +287,13 @@ def test_sizing_and_the_networks_take_the_typed_options():
     mask_rcnn = build_mask_rcnn("maskrcnn", 3, 64, 8, sized_options(instance, 5)[0])
     assert mask_rcnn.roi_heads.detections_per_img == sized_values(5)["detections_per_img"]
     assert len(mask_rcnn.roi_heads.mask_head) == 1
+
+
+def test_inference_config_keeps_the_typed_options_with_the_anchors_resolved(project):
+    """The bundle's settings: model.options is still the task's class (kwargs kept), anchors and counts resolved."""
+    task = _task(project, **{"tasks.detection.model.options.kwargs": {"box_nms_thresh": 0.4}})
+    cfg = task.inference_config()
+    options = cfg.model.options
+    assert type(options) is type(task.cfg.model.options) and options.kwargs == {"box_nms_thresh": 0.4}
+    assert isinstance(options.anchor_size, float) and isinstance(options.detections_per_img, int)
+    assert type(task.cfg).model_validate(cfg.model_dump(mode="json")) == cfg  # what task.json holds reads back
