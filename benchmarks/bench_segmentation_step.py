@@ -94,7 +94,7 @@ def main() -> None:
         from cv_models.data import shapes
 
         print(f"generating the shapes data into {params.shapes.out_dir}")
-        shapes.generate(params.shapes.out_dir, params.shapes.model_dump())
+        shapes.generate(params.shapes.out_dir, params.shapes)
     task = get_task("segmentation", cfg)
     torch.set_num_threads(args.threads)
     norm = normalizer(task)

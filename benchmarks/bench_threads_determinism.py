@@ -44,7 +44,7 @@ def one_run(folder: Path, threads: int, epochs: int, deterministic: bool) -> dic
         },
     )
     if not Path("data/shapes/classification").exists():
-        shapes.generate(Path("data/shapes"), params.shapes.model_dump())
+        shapes.generate(Path("data/shapes"), params.shapes)
     cfg = params.task("classification")
     task = get_task("classification", cfg)
     seed_everything(0)

@@ -451,10 +451,19 @@ def did_you_mean(key: str, choices: list[str]) -> str:
     return f"; did you mean {close[0]!r}?" if close else ""
 
 
+HEADER = "invalid value in params.yaml:"
+
+
 def describe(err: ValidationError, model: type[BaseModel] | None = None, prefix: str = "") -> str:
-    """One line per problem, each naming its full dotted key; unknown keys get the closest known one."""
+    """One line per problem, each naming its full dotted key; unknown keys get the closest known one. A section a
+    validator checked against a schema of its own (``tasks.<name>``) raised a :class:`ConfigError` already worded
+    so: its lines are kept."""
     lines = []
     for e in err.errors():
+        own = e.get("ctx", {}).get("error")
+        if isinstance(own, ConfigError):
+            lines += [line if line.startswith(" ") else "  " + line for line in str(own).splitlines() if line != HEADER]
+            continue
         loc = tuple(
             p for p in e["loc"] if not (isinstance(p, str) and ("[" in p or p in ("float", "int", "str", "bool")))
         )
@@ -466,4 +475,4 @@ def describe(err: ValidationError, model: type[BaseModel] | None = None, prefix:
             lines.append(f"  {key}: unknown key{hint}{choices}")
         else:
             lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r})")
-    return "invalid value in params.yaml:\n" + "\n".join(lines)
+    return HEADER + "\n" + "\n".join(lines)

@@ -9,6 +9,11 @@ image (``most``); the validation report states the values used.
 from __future__ import annotations
 
 import math
+from typing import TypeVar
+
+from pydantic import BaseModel
+
+Options = TypeVar("Options", bound=BaseModel)  # a task's model.options: DetectionModelOptions, InstanceModelOptions
 
 AUTO_KEYS = (
     "detections_per_img",
@@ -37,14 +42,15 @@ def sized_values(most: int) -> dict[str, int]:
     }
 
 
-def sized_options(options: dict, most: int) -> tuple[dict, dict[str, int]]:
-    """``options`` with every ``auto`` key replaced; and the replaced keys with their values."""
+def sized_options(options: Options, most: int) -> tuple[Options, dict[str, int]]:
+    """A copy of ``options`` (the same class) with every ``auto`` key replaced; and the replaced keys with their
+    values."""
     values = sized_values(most)
-    chosen = {k: values[k] for k in AUTO_KEYS if options.get(k) == "auto"}
-    return {**options, **chosen}, chosen
+    chosen = {k: values[k] for k in AUTO_KEYS if getattr(options, k) == "auto"}
+    return options.model_copy(update=chosen), chosen
 
 
-def describe(most: int, options: dict) -> str:
+def describe(most: int, options: BaseModel) -> str:
     """The validation report's lines: what the data says and what each setting becomes."""
     _, chosen = sized_options(options, most)
     lines = [
@@ -54,11 +60,11 @@ def describe(most: int, options: dict) -> str:
         "|---|---|---|",
     ]
     for k in AUTO_KEYS:
-        v = options.get(k)
+        v = getattr(options, k)
         lines.append(
             f"| model.options.{k} | {chosen.get(k, v)} | {'auto (sized from the data)' if k in chosen else 'params.yaml'} |"
         )
-    det = chosen.get("detections_per_img", options.get("detections_per_img"))
+    det = chosen.get("detections_per_img", getattr(options, "detections_per_img"))
     lines.append(
         "| COCO maxDets (scoring) | max(100, objects or detections in the busiest scored image) | every reported "
         "AP is taken at it; metrics.json states it (max_dets) beside AP@.5 at maxDets 100 (map50_maxdets100) |"

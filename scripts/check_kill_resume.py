@@ -115,7 +115,7 @@ def check(task: str, rng: random.Random, keep: Path | None) -> dict:
     raw["tasks"] = {task: raw["tasks"][task]}
     (folder / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     params = load_params(folder / "params.yaml")
-    shapes.generate(folder / params.shapes.out_dir, params.shapes.model_dump())
+    shapes.generate(folder / params.shapes.out_dir, params.shapes)
     env = {
         **os.environ,
         "PYTHONPATH": str(REPO),

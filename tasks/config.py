@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, PrivateAttr, SerializeAsAny, ValidationError, field_validator
 
 from cv_models.settings import (  # noqa: F401  (re-exported: the public names of the schema)
     AugmentConfig,
@@ -111,27 +111,57 @@ class Params(Strict):
     registry: RegistryConfig = RegistryConfig()
     serving: ServingConfig = ServingConfig()
     shapes: ShapesConfig = ShapesConfig()
-    tasks: dict[str, dict[str, Any]]
-    # experiments over a task (checked by tasks/runners/ablation.py and tasks/runners/search.py when they start)
-    ablation: dict[str, Any] = {}
-    search: dict[str, Any] = {}
+    # tasks.<name>: each section checked against the schema its CV task declares (the registry in cv_models), so
+    # params.tasks[name] is that task's own TaskConfig subclass
+    tasks: dict[str, SerializeAsAny[TaskConfig]]
+    # experiments over a task (schemas: tasks/runners/experiment_settings.py; run by tasks/runners/)
+    ablation: AblationConfig = AblationConfig()
+    search: SearchConfig = Field(default_factory=dict, validate_default=True)  # a missing one is refused: no space
+    _unread: list[str] = PrivateAttr(default_factory=list)  # task sections load_params(check_tasks=False) left out
+
+    @field_validator("ablation", "search", mode="before")
+    @classmethod
+    def _empty_section(cls, value: Any) -> Any:
+        return {} if value is None else value  # a section with nothing under it: its defaults
+
+    @field_validator("tasks", mode="before")
+    @classmethod
+    def _typed_tasks(cls, value: Any) -> Any:
+        if not isinstance(value, dict):
+            return value  # pydantic names the type error
+        typed: dict[str, TaskConfig] = {}
+        errors: list[str] = []
+        for name, section in value.items():
+            try:
+                typed[name] = check_task(name, section)
+            except ConfigError as err:
+                errors.append(str(err))
+        if errors:  # every task's problems at once, each line naming its dotted key (see describe)
+            raise ConfigError("\n".join(errors))
+        return typed
 
     def task(self, name: str) -> TaskConfig:
-        """``tasks.<name>`` checked against the schema its CV task declares (the registry in :mod:`cv_models`)."""
-        from cv_models import TASKS
-        from cv_models.settings import validate_task
-
+        """``tasks.<name>``, checked against the schema its CV task declares when the params were loaded."""
         if name not in self.tasks:
+            unread = " (not read: load_params(check_tasks=False))" if name in self._unread else ""
             raise ConfigError(
-                f"params.yaml has no section tasks.{name}; tasks present: {sorted(self.tasks)}"
+                f"params.yaml has no section tasks.{name}{unread}; tasks present: {sorted(self.tasks)}"
                 + did_you_mean(name, sorted(self.tasks))
             )
-        if name not in TASKS:
-            raise ConfigError(
-                f"tasks.{name}: no CV task is registered under that name; registered: {sorted(TASKS)}"
-                + did_you_mean(name, sorted(TASKS))
-            )
-        return validate_task(TASKS[name].settings, self.tasks[name], name)
+        return self.tasks[name]
+
+
+def check_task(name: str, section: Any) -> TaskConfig:
+    """``tasks.<name>`` checked against the schema its CV task declares (the registry in :mod:`cv_models`)."""
+    from cv_models import TASKS
+    from cv_models.settings import validate_task
+
+    if name not in TASKS:
+        raise ConfigError(
+            f"tasks.{name}: no CV task is registered under that name; registered: {sorted(TASKS)}"
+            + did_you_mean(name, sorted(TASKS))
+        )
+    return validate_task(TASKS[name].settings, section, name)
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
@@ -162,21 +192,16 @@ def load_params(
     path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None, check_tasks: bool = True
 ) -> Params:
     """Read params.yaml, apply dotted-key overrides (``{"tasks.classification.train.epochs": 1}``), check all.
-    ``check_tasks=False``: all but the sections under ``tasks:`` (``params.task(name)`` checks one when it is read),
-    for a stage that reads no task, ``generate``: it then starts without the task modules (torch, torchvision)."""
+    ``check_tasks=False``: all but the sections under ``tasks:``, which are left out (``params.tasks`` is empty), for
+    a stage that reads no task, ``generate``: it then starts without the task modules (torch, torchvision)."""
     raw = load_raw(path, overrides)
+    sections = raw.get("tasks")
+    unread = list(sections) if not check_tasks and isinstance(sections, dict) else []
     try:
-        params = Params.model_validate(raw)
+        params = Params.model_validate({**raw, "tasks": {}} if unread else raw)
     except ValidationError as err:
         raise ConfigError(describe(err, Params)) from None
-    for name in params.tasks if check_tasks else ():  # check every task section up front
-        params.task(name)
-    # and the experiment sections (their schemas are in tasks/runners/experiment_settings.py, apart from the runners)
-    for name, model in (("ablation", AblationConfig), ("search", SearchConfig)):
-        try:
-            model.model_validate(getattr(params, name) or {})
-        except ValidationError as err:
-            raise ConfigError(describe(err, model, prefix=f"{name}.")) from None
+    params._unread = unread
     return params
 
 

@@ -15,6 +15,6 @@ def run(params_path: str | Path = "params.yaml", overrides: dict[str, Any] | Non
     cfg = params.shapes
     out = Path(cfg.out_dir)
     with atomic_dir(out) as tmp:
-        summary = shapes.generate(tmp, cfg.model_dump())
+        summary = shapes.generate(tmp, cfg)
     print(f"[generate] wrote {out}: {summary}")
     return summary

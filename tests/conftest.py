@@ -114,7 +114,7 @@ def tiny_shapes(tmp_path_factory) -> Path:
 
     folder = tmp_path_factory.mktemp("shapes")
     params = load_params(REPO / "params.yaml", TINY)
-    shapes.generate(folder, params.shapes.model_dump())
+    shapes.generate(folder, params.shapes)
     return folder
 
 

@@ -10,6 +10,39 @@ def test_repo_params_are_valid():
     assert params.task("classification").train.epochs >= 1
 
 
+def test_every_section_is_typed_down_to_the_tasks():
+    """params.tasks[name] is the schema its CV task declares; ablation and search are their own schemas."""
+    from cv_models import TASKS
+    from tasks.runners.experiment_settings import AblationConfig, SearchConfig
+
+    params = load_params(REPO / "params.yaml")
+    for name, cfg in params.tasks.items():
+        assert type(cfg) is TASKS[name].settings and params.task(name) is cfg
+    assert isinstance(params.ablation, AblationConfig) and isinstance(params.search, SearchConfig)
+    assert params.search.space["train.optimizer.lr"].log  # a nested model, not a dict
+    assert params.tasks["detection"].model.options.fpn_channels >= 1
+
+
+def test_problems_of_several_tasks_are_named_together(tmp_path):
+    path = write_params(tmp_path, {"tasks.classification.train.epochs": 0, "tasks.segmentation.train.epoch": 3})
+    with pytest.raises(ConfigError) as err:
+        load_params(path)
+    assert "tasks.classification.train.epochs: Input should be greater than or equal to 1" in str(err.value)
+    assert "tasks.segmentation.train.epoch: unknown key; did you mean 'epochs'?" in str(err.value)
+
+
+def test_empty_experiment_section_takes_its_defaults(tmp_path):
+    params = load_params(write_params(tmp_path, {"ablation": None}))
+    assert params.ablation.seeds == 3
+
+
+def test_tasks_left_unread_say_so():
+    params = load_params(REPO / "params.yaml", {"tasks.classification.train.epochs": 0}, check_tasks=False)
+    assert params.tasks == {}
+    with pytest.raises(ConfigError, match=r"tasks\.classification \(not read: load_params\(check_tasks=False\)\)"):
+        params.task("classification")
+
+
 def test_wrong_type_names_the_key(tmp_path):
     path = write_params(tmp_path, {"tasks.classification.train.epochs": "ten"})
     with pytest.raises(ConfigError, match=r"tasks\.classification\.train\.epochs"):

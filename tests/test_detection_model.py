@@ -258,7 +258,42 @@ def test_auto_anchors_reach_the_detector(project):
         **{"tasks.detection.model.options.anchor_size": "auto", "tasks.detection.model.options.aspect_ratios": "auto"},
     )
     options = task.model_options()
-    assert isinstance(options["anchor_size"], float) and len(options["aspect_ratios"]) == 3
+    assert isinstance(options.anchor_size, float) and len(options.aspect_ratios) == 3
     generator = task.build_model().rpn.anchor_generator
-    assert generator.sizes[0][0] == pytest.approx(options["anchor_size"])
-    assert list(generator.aspect_ratios[0]) == pytest.approx(options["aspect_ratios"])
+    assert generator.sizes[0][0] == pytest.approx(options.anchor_size)
+    assert list(generator.aspect_ratios[0]) == pytest.approx(options.aspect_ratios)
+
+
+def test_sizing_and_the_networks_take_the_typed_options():
+    """model.options stay the task's pydantic object down to the networks: sizing returns a copy of the same class."""
+    from cv_models.detection import DetectionModelOptions
+    from cv_models.instance_segmentation import InstanceModelOptions
+    from cv_models.nets.detectors import build_detector
+    from cv_models.nets.mask_rcnn import build_mask_rcnn
+    from cv_models.sizing import sized_options, sized_values
+
+    options = DetectionModelOptions(anchor_size=16, aspect_ratios=[0.5, 1.0, 2.0], detections_per_img=30)
+    sized, chosen = sized_options(options, 40)
+    assert type(sized) is DetectionModelOptions and options.rpn_post_nms_top_n_test == "auto"  # the original kept
+    assert sized.detections_per_img == 30 and "detections_per_img" not in chosen
+    assert (
+        sized.rpn_post_nms_top_n_test
+        == chosen["rpn_post_nms_top_n_test"]
+        == sized_values(40)["rpn_post_nms_top_n_test"]
+    )
+    detector = build_detector("retinanet", 3, 64, [0.5] * 3, [0.25] * 3, 8, sized)
+    assert detector.detections_per_img == 30 and detector.topk_candidates == options.topk_candidates
+    instance = InstanceModelOptions(backbone="tiny", mask_head_layers=1)
+    mask_rcnn = build_mask_rcnn("maskrcnn", 3, 64, 8, sized_options(instance, 5)[0])
+    assert mask_rcnn.roi_heads.detections_per_img == sized_values(5)["detections_per_img"]
+    assert len(mask_rcnn.roi_heads.mask_head) == 1
+
+
+def test_inference_config_keeps_the_typed_options_with_the_anchors_resolved(project):
+    """The bundle's settings: model.options is still the task's class (kwargs kept), anchors and counts resolved."""
+    task = _task(project, **{"tasks.detection.model.options.kwargs": {"box_nms_thresh": 0.4}})
+    cfg = task.inference_config()
+    options = cfg.model.options
+    assert type(options) is type(task.cfg.model.options) and options.kwargs == {"box_nms_thresh": 0.4}
+    assert isinstance(options.anchor_size, float) and isinstance(options.detections_per_img, int)
+    assert type(task.cfg).model_validate(cfg.model_dump(mode="json")) == cfg  # what task.json holds reads back

@@ -394,7 +394,7 @@ def test_detector_settings_sized_from_the_busiest_image(project):
     task = get_task("detection", load_params(params).task("detection"))
     most = task.most_objects()
     assert most == int(task.tables().images.query("split == 'train'")["n_boxes"].max())
-    assert task.model_options()["detections_per_img"] == sized_values(most)["detections_per_img"]
+    assert task.model_options().detections_per_img == sized_values(most)["detections_per_img"]
     sized = report["summaries"]["Settings sized from the data"]
     assert f"Largest number of objects in one training image: {most}" in sized and "detections_per_img" in sized
 

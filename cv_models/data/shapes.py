@@ -12,6 +12,7 @@ The same scenes are written in the formats real datasets use:
 Everything is drawn from one ``numpy.random.Generator`` seeded from params, so the
 same params give byte-identical files.
 """
+
 from __future__ import annotations
 
 import json
@@ -65,10 +66,13 @@ def textured_background(rng: np.random.Generator, size: int, noise: float = 8.0)
     """Low-frequency colour texture plus pixel noise, float32 HxWx3 in [0, 255]."""
     base = rng.uniform(40, 215, size=3)
     coarse = rng.normal(0, 35, size=(4, 4, 3))
-    texture = np.asarray(
-        Image.fromarray(np.clip(coarse + 128, 0, 255).astype(np.uint8)).resize((size, size), Image.BICUBIC),
-        dtype=np.float32,
-    ) - 128
+    texture = (
+        np.asarray(
+            Image.fromarray(np.clip(coarse + 128, 0, 255).astype(np.uint8)).resize((size, size), Image.BICUBIC),
+            dtype=np.float32,
+        )
+        - 128
+    )
     stripes = 12 * np.sin(np.linspace(0, rng.uniform(2, 12) * math.pi, size))[None, :, None]
     if rng.random() < 0.5:
         stripes = stripes.transpose(1, 0, 2)
@@ -137,13 +141,13 @@ def _split_of(index: int, n: int, fractions: dict[str, float]) -> str:
     return "train" if index < train_end else "val" if index < val_end else "test"
 
 
-def write_classification(out: Path, cfg: dict, rng: np.random.Generator) -> dict:
-    classes, size, n = cfg["classes"], cfg["image_size"], cfg["classification"]["num_images"]
+def write_classification(out: Path, cfg: ShapesConfig, rng: np.random.Generator) -> dict:
+    classes, size, n = cfg.classes, cfg.image_size, cfg.classification.num_images
     counts: dict[str, int] = {}
     for i in range(n):
-        split = _split_of(i, n, cfg["splits"])
+        split = _split_of(i, n, cfg.splits)
         class_index = i % len(classes)  # balanced: every class present in every split
-        image, instances = _render_one_class(rng, size, classes, class_index, cfg["classification"])
+        image, instances = _render_one_class(rng, size, classes, class_index, cfg.classification)
         folder = out / "classification" / split / classes[class_index]
         folder.mkdir(parents=True, exist_ok=True)
         Image.fromarray(image).save(folder / f"{i:05d}.png")
@@ -151,12 +155,13 @@ def write_classification(out: Path, cfg: dict, rng: np.random.Generator) -> dict
     return counts
 
 
-def _render_one_class(rng, size, classes, class_index, cfg):
+def _render_one_class(rng, size, classes, class_index, cfg: ShapesClassification):
     """A scene with exactly one shape of the wanted class (re-drawn until it is visible)."""
-    lo, hi = cfg["scale"]  # defaults: tasks.config.ShapesClassification
+    lo, hi = cfg.scale
     for _ in range(50):
-        image, instances = render_scene(rng, size, [classes[class_index]], 1, (lo, hi), clutter=cfg["clutter"],
-                                        noise=cfg["noise"])
+        image, instances = render_scene(
+            rng, size, [classes[class_index]], 1, (lo, hi), clutter=cfg.clutter, noise=cfg.noise
+        )
         if instances:
             return image, instances
     raise RuntimeError("could not render a visible shape; check shapes.image_size")
@@ -170,17 +175,18 @@ def mask_to_rle(mask: np.ndarray) -> dict:
     return rle
 
 
-def write_scenes(out: Path, cfg: dict, rng: np.random.Generator) -> dict:
-    scenes = cfg["scenes"]
-    classes, size, n = cfg["classes"], scenes["image_size"], scenes["num_images"]
+def write_scenes(out: Path, cfg: ShapesConfig, rng: np.random.Generator) -> dict:
+    scenes = cfg.scenes
+    classes, size, n = cfg.classes, scenes.image_size, scenes.num_images
     categories = [{"id": k + 1, "name": name, "supercategory": "shape"} for k, name in enumerate(classes)]
     cocos = {s: {"images": [], "annotations": [], "categories": categories} for s in SPLITS}
     ann_id = 1
     for i in range(n):
-        split = _split_of(i, n, cfg["splits"])
-        n_objects = int(rng.integers(scenes["min_objects"], scenes["max_objects"] + 1))
-        image, instances = render_scene(rng, size, classes, n_objects, tuple(scenes["scale"]),
-                                        clutter=scenes["clutter"], noise=scenes["noise"])
+        split = _split_of(i, n, cfg.splits)
+        n_objects = int(rng.integers(scenes.min_objects, scenes.max_objects + 1))
+        image, instances = render_scene(
+            rng, size, classes, n_objects, tuple(scenes.scale), clutter=scenes.clutter, noise=scenes.noise
+        )
         name = f"{i:05d}.png"
         for sub in ("images", "masks"):
             (out / "scenes" / sub / split).mkdir(parents=True, exist_ok=True)
@@ -195,11 +201,17 @@ def write_scenes(out: Path, cfg: dict, rng: np.random.Generator) -> dict:
             ys, xs = np.nonzero(inst.mask)
             x0, y0, x1, y1 = xs.min(), ys.min(), xs.max() + 1, ys.max() + 1
             segmentation = mask_to_rle(inst.mask) if inst.occluded else [inst.polygon]
-            cocos[split]["annotations"].append({
-                "id": ann_id, "image_id": image_id, "category_id": inst.class_index + 1,
-                "bbox": [int(x0), int(y0), int(x1 - x0), int(y1 - y0)],
-                "area": int(inst.mask.sum()), "iscrowd": 0, "segmentation": segmentation,
-            })
+            cocos[split]["annotations"].append(
+                {
+                    "id": ann_id,
+                    "image_id": image_id,
+                    "category_id": inst.class_index + 1,
+                    "bbox": [int(x0), int(y0), int(x1 - x0), int(y1 - y0)],
+                    "area": int(inst.mask.sum()),
+                    "iscrowd": 0,
+                    "segmentation": segmentation,
+                }
+            )
             ann_id += 1
     (out / "scenes" / "annotations").mkdir(parents=True, exist_ok=True)
     for split, coco in cocos.items():
@@ -245,17 +257,16 @@ class ShapesConfig(Strict):
         return v
 
 
-
-def generate(out_dir: str | Path, cfg: dict) -> dict:
+def generate(out_dir: str | Path, cfg: ShapesConfig | dict) -> dict:
     """Write the whole synthetic dataset under ``out_dir``; returns image counts per format and split.
-    ``cfg``: the ``shapes:`` settings (checked, defaults filled in)."""
-    cfg = ShapesConfig.model_validate(cfg).model_dump()
+    ``cfg``: the ``shapes:`` settings (``params.shapes``, or a plain dict: checked, defaults filled in)."""
+    shapes = ShapesConfig.model_validate(cfg)
     out = Path(out_dir)
     # separate streams so that changing the scene count leaves the classification images unchanged
-    seeds = np.random.SeedSequence(cfg["seed"]).spawn(2)
+    seeds = np.random.SeedSequence(shapes.seed).spawn(2)
     summary = {
-        "classification": write_classification(out, cfg, np.random.default_rng(seeds[0])),
-        "scenes": write_scenes(out, cfg, np.random.default_rng(seeds[1])),
+        "classification": write_classification(out, shapes, np.random.default_rng(seeds[0])),
+        "scenes": write_scenes(out, shapes, np.random.default_rng(seeds[1])),
     }
-    (out / "classes.json").write_text(json.dumps({"classes": cfg["classes"], "counts": summary}, indent=2))
+    (out / "classes.json").write_text(json.dumps({"classes": shapes.classes, "counts": summary}, indent=2))
     return summary

@@ -11,6 +11,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from cv_models.detection.settings import DetectionModelOptions
 from cv_models.weights import freeze
 
 
@@ -90,14 +91,14 @@ def normalisation_stats(mode: str, path: Path) -> tuple[list[float], list[float]
     return list(stats["per_channel_mean"]), list(std)
 
 
-def anchor_layout(name: str, options: dict, auto: list[str]) -> tuple[int, int]:
+def anchor_layout(name: str, options: DetectionModelOptions, auto: list[str]) -> tuple[int, int]:
     """The detector's number of anchor levels and anchor sizes per level (``scales_per_level`` or its default)."""
     from cv_models.nets.detectors import ANCHOR_LAYOUT
 
     if name not in ANCHOR_LAYOUT:
         raise ValueError(f"model.options {auto} 'auto' is for the detectors {sorted(ANCHOR_LAYOUT)}, not {name!r}")
     levels, default_scales = ANCHOR_LAYOUT[name]
-    return levels, options["scales_per_level"] or default_scales
+    return levels, options.scales_per_level or default_scales
 
 
 def train_box_sizes(records: list[dict], image_hw: tuple[int, int]) -> torch.Tensor:
@@ -119,7 +120,13 @@ def fitted_anchors(sizes: torch.Tensor, levels: int, scales: int) -> dict:
 
 
 def anchor_fit_line(
-    task: str, image_hw: tuple[int, int], options: dict, fitted: dict, sizes: torch.Tensor, levels: int, scales: int
+    task: str,
+    image_hw: tuple[int, int],
+    options: DetectionModelOptions,
+    fitted: dict,
+    sizes: torch.Tensor,
+    levels: int,
+    scales: int,
 ) -> str:
     """The anchors sized to the boxes, stated beside how well the default anchors fit the same boxes."""
     from cv_models.nets.detectors import DEFAULT_ANCHOR_SIZE, DEFAULT_ASPECT_RATIOS, anchor_shapes, best_anchor_iou
@@ -127,8 +134,8 @@ def anchor_fit_line(
     h, w = image_hw
     before = best_anchor_iou(sizes, anchor_shapes(DEFAULT_ANCHOR_SIZE, levels, scales, DEFAULT_ASPECT_RATIOS)).mean()
     return (
-        f"[{task}] anchors sized to the training boxes at {h}x{w} px: anchor_size={options['anchor_size']}, "
-        f"aspect_ratios={options['aspect_ratios']}; mean best-anchor IoU "
+        f"[{task}] anchors sized to the training boxes at {h}x{w} px: anchor_size={options.anchor_size}, "
+        f"aspect_ratios={options.aspect_ratios}; mean best-anchor IoU "
         f"{fitted['mean_best_iou']:.3f} (the defaults, {DEFAULT_ANCHOR_SIZE} px and {DEFAULT_ASPECT_RATIOS}: "
         f"{before:.3f}), boxes with a best anchor at IoU >= 0.5: {fitted['recall_at_iou_0.5']:.1%}"
     )

@@ -31,7 +31,7 @@ from cv_models.detection.model import (
 )
 from cv_models.detection.report import draw_boxes, write_report
 from cv_models.detection.scoring import coco_evaluation, coco_results, dummy_results, model_results
-from cv_models.detection.settings import SETTINGS
+from cv_models.detection.settings import SETTINGS, DetectionModelOptions
 from cv_models.pretrained import input_convention
 from cv_models.settings import AugmentConfig
 
@@ -73,9 +73,7 @@ class DetectionTask(CVTask):
         out = validation.summaries(tables)
         from cv_models.sizing import describe
 
-        out["Settings sized from the data"] = describe(
-            self.most_objects(), self.cfg.model.options.model_dump(exclude={"kwargs"})
-        )
+        out["Settings sized from the data"] = describe(self.most_objects(), self.cfg.model.options)
         return out
 
     def object_boxes(self, split: str) -> list[dict]:
@@ -124,19 +122,20 @@ class DetectionTask(CVTask):
         """The largest number of (valid) objects in one training image: sizes the ``auto`` settings."""
         return max((len(r["boxes"]) for r in self.records("train")), default=0)
 
-    def model_options(self) -> dict:
-        """``model.options`` with ``anchor_size: auto`` / ``aspect_ratios: auto`` replaced by anchors sized to
-        the training boxes at the training size (the same split gives the same anchors at evaluation)."""
+    def model_options(self) -> DetectionModelOptions:
+        """A copy of ``model.options`` (sized: cv_models/sizing.py) with ``anchor_size: auto`` / ``aspect_ratios: auto``
+        replaced by anchors sized to the training boxes at the training size (the same split gives the same anchors
+        at evaluation)."""
         from cv_models.sizing import sized_options
 
-        o, _ = sized_options(self.cfg.model.options.model_dump(exclude={"kwargs"}), self.most_objects())
-        auto = [k for k in ("anchor_size", "aspect_ratios") if o[k] == "auto"]
+        o, _ = sized_options(self.cfg.model.options, self.most_objects())
+        auto = [k for k in ("anchor_size", "aspect_ratios") if getattr(o, k) == "auto"]
         if not auto:
             return o
         levels, scales = anchor_layout(self.cfg.model.name, o, auto)
         sizes = train_box_sizes(self.records("train"), self.cfg.image_hw)
         fitted = fitted_anchors(sizes, levels, scales)
-        o.update({k: fitted[k] for k in auto})
+        o = o.model_copy(update={k: fitted[k] for k in auto})
         if not getattr(self, "_anchors_reported", False):  # once per task object (evaluation rebuilds the model)
             print(anchor_fit_line(self.name, self.cfg.image_hw, o, fitted, sizes, levels, scales))
             self._anchors_reported = True
@@ -145,9 +144,7 @@ class DetectionTask(CVTask):
     def inference_config(self):
         """The class list, and anchors sized to the data ('auto') replaced by the sizes they resolved to."""
         cfg = super().inference_config()
-        options = self.model_options()
-        options = {k: v for k, v in options.items() if k not in ("mean_best_iou", "recall_at_iou_0.5")}
-        return cfg.model_copy(update={"model": cfg.model.model_copy(update={"options": options})})
+        return cfg.model_copy(update={"model": cfg.model.model_copy(update={"options": self.model_options()})})
 
     def build_model(self) -> nn.Module:
         from cv_models.nets.detectors import DETECTORS, build_detector

@@ -61,7 +61,7 @@ class InstanceSegmentationTask(CVTask):
     def validation_summaries(self, tables: dict[str, pd.DataFrame]) -> dict[str, str]:
         from cv_models.sizing import describe
 
-        return validation.summaries(tables, lambda: describe(self.most_objects(), self.cfg.model.options.model_dump()))
+        return validation.summaries(tables, lambda: describe(self.most_objects(), self.cfg.model.options))
 
     def _split_tables(self, split: str):
         """The split's decodable images, the label of each kept class, and the split's usable annotations."""
@@ -113,7 +113,7 @@ class InstanceSegmentationTask(CVTask):
         from cv_models.sizing import sized_options
 
         m = self.cfg.model
-        options, _ = sized_options(m.options.model_dump(), self.most_objects())
+        options, _ = sized_options(m.options, self.most_objects())
         imagenet = m.weights == "imagenet"  # into the backbone's trunk; else weights of the whole model
         model = build_mask_rcnn(
             m.name, len(self.class_names()) + 1, self.cfg.image_hw, m.width, options, "none" if imagenet else m.weights

@@ -12,7 +12,7 @@ box's classification and regression loss by its mixing weight.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +28,55 @@ from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastL
 
 from cv_models.pretrained import split_name
 from cv_models.settings import size_hw
+
+
+# ------------------------------------------------------------------ settings
+class DetectorOptions(Protocol):
+    """What the light detectors read of ``model.options``: the task's pydantic object itself (detection's
+    ``DetectionModelOptions``, instance segmentation's ``InstanceModelOptions``), its ``auto`` counts already
+    sized from the data (:func:`cv_models.sizing.sized_options`) and its ``auto`` anchors resolved."""
+
+    @property
+    def backbone(self) -> str: ...
+    @property
+    def backbone_weights(self) -> str: ...
+    @property
+    def fpn_channels(self) -> int: ...
+    @property
+    def anchor_size(self) -> float | str: ...
+    @property
+    def aspect_ratios(self) -> list[float] | str: ...
+    @property
+    def scales_per_level(self) -> int | None: ...
+    @property
+    def rpn_pre_nms_top_n_train(self) -> int | str: ...
+    @property
+    def rpn_post_nms_top_n_train(self) -> int | str: ...
+    @property
+    def rpn_pre_nms_top_n_test(self) -> int | str: ...
+    @property
+    def rpn_post_nms_top_n_test(self) -> int | str: ...
+    @property
+    def rpn_batch_size_per_image(self) -> int: ...
+    @property
+    def box_batch_size_per_image(self) -> int: ...
+    @property
+    def representation_size(self) -> int: ...
+    @property
+    def detections_per_img(self) -> int | str: ...
+    @property
+    def score_thresh(self) -> float: ...
+
+
+class RetinaNetOptions(DetectorOptions, Protocol):
+    """RetinaNet reads its head's settings too."""
+
+    @property
+    def head_norm(self) -> bool: ...
+    @property
+    def box_loss(self) -> str: ...
+    @property
+    def topk_candidates(self) -> int: ...
 
 
 # ------------------------------------------------------------------ backbones
@@ -260,16 +309,15 @@ def anchors_sized_to(box_sizes: torch.Tensor, n_levels: int, scales_per_level: i
     }
 
 
-def anchors_from_options(o: dict, n_levels: int, default_scales: int) -> AnchorGenerator:
-    for key in ("anchor_size", "aspect_ratios"):
-        if isinstance(o[key], str):
-            raise ValueError(
-                f"model.options.{key}: {o[key]!r} must be resolved before the model is built "
-                "('auto' is supported by the detection task)"
-            )
-    return anchor_generator(
-        o["anchor_size"], n_levels, o["scales_per_level"] or default_scales, tuple(o["aspect_ratios"])
-    )
+def anchors_from_options(o: DetectorOptions, n_levels: int, default_scales: int) -> AnchorGenerator:
+    size, ratios = o.anchor_size, o.aspect_ratios
+    if isinstance(size, str) or isinstance(ratios, str):
+        key, value = ("anchor_size", size) if isinstance(size, str) else ("aspect_ratios", ratios)
+        raise ValueError(
+            f"model.options.{key}: {value!r} must be resolved before the model is built "
+            "('auto' is supported by the detection task)"
+        )
+    return anchor_generator(size, n_levels, o.scales_per_level or default_scales, tuple(ratios))
 
 
 # ------------------------------------------------------------- weighted losses
@@ -336,13 +384,13 @@ class WeightedRetinaNetClassificationHead(RetinaNetClassificationHead):
 
 
 # ------------------------------------------------------------------ detectors
-def _common(o: dict, image_size: int | tuple[int, int], mean, std) -> dict:
+def _common(image_size: int | tuple[int, int], mean, std) -> dict:
     h, w = size_hw(image_size)  # an h x w image scaled by min(min_size / min(h, w), max_size / max(h, w)) = 1
     return dict(min_size=min(h, w), max_size=max(h, w), image_mean=list(mean), image_std=list(std))
 
 
 def faster_rcnn(
-    num_classes: int, backbone: nn.Module, image_size: int | tuple[int, int], mean, std, o: dict
+    num_classes: int, backbone: nn.Module, image_size: int | tuple[int, int], mean, std, o: DetectorOptions
 ) -> nn.Module:
     levels = ["0", "1", "2"]  # the pooled extra level only feeds the RPN
     c = backbone.out_channels
@@ -351,42 +399,42 @@ def faster_rcnn(
         num_classes=None,
         rpn_anchor_generator=anchors_from_options(o, len(levels) + 1, 1),
         box_roi_pool=MultiScaleRoIAlign(levels, output_size=7, sampling_ratio=2),
-        box_head=TwoMLPHead(c * 49, o["representation_size"]),
-        box_predictor=FastRCNNPredictor(o["representation_size"], num_classes),
-        rpn_pre_nms_top_n_train=o["rpn_pre_nms_top_n_train"],
-        rpn_post_nms_top_n_train=o["rpn_post_nms_top_n_train"],
-        rpn_pre_nms_top_n_test=o["rpn_pre_nms_top_n_test"],
-        rpn_post_nms_top_n_test=o["rpn_post_nms_top_n_test"],
-        rpn_batch_size_per_image=o["rpn_batch_size_per_image"],
-        box_batch_size_per_image=o["box_batch_size_per_image"],
-        box_detections_per_img=o["detections_per_img"],
-        box_score_thresh=o["score_thresh"],
-        **_common(o, image_size, mean, std),
+        box_head=TwoMLPHead(c * 49, o.representation_size),
+        box_predictor=FastRCNNPredictor(o.representation_size, num_classes),
+        rpn_pre_nms_top_n_train=o.rpn_pre_nms_top_n_train,
+        rpn_post_nms_top_n_train=o.rpn_post_nms_top_n_train,
+        rpn_pre_nms_top_n_test=o.rpn_pre_nms_top_n_test,
+        rpn_post_nms_top_n_test=o.rpn_post_nms_top_n_test,
+        rpn_batch_size_per_image=o.rpn_batch_size_per_image,
+        box_batch_size_per_image=o.box_batch_size_per_image,
+        box_detections_per_img=o.detections_per_img,
+        box_score_thresh=o.score_thresh,
+        **_common(image_size, mean, std),
     )
     model.roi_heads.__class__ = WeightedRoIHeads
     return model
 
 
 def retinanet(
-    num_classes: int, backbone: nn.Module, image_size: int | tuple[int, int], mean, std, o: dict
+    num_classes: int, backbone: nn.Module, image_size: int | tuple[int, int], mean, std, o: RetinaNetOptions
 ) -> nn.Module:
     anchors = anchors_from_options(o, 4, 2)
     c = backbone.out_channels
     n_anchors = anchors.num_anchors_per_location()[0]
-    norm = (lambda ch: nn.GroupNorm(min(16, ch), ch)) if o["head_norm"] else None
+    norm = (lambda ch: nn.GroupNorm(min(16, ch), ch)) if o.head_norm else None
     head = RetinaNetHead(c, n_anchors, num_classes, norm_layer=norm)
     head.classification_head = WeightedRetinaNetClassificationHead(c, n_anchors, num_classes, norm_layer=norm)
     head.regression_head = RetinaNetRegressionHead(c, n_anchors, norm_layer=norm)
-    head.regression_head._loss_type = o["box_loss"]
+    head.regression_head._loss_type = o.box_loss
     return RetinaNet(
         backbone,
         num_classes,
         anchor_generator=anchors,
         head=head,
-        detections_per_img=o["detections_per_img"],
-        score_thresh=o["score_thresh"],
-        topk_candidates=o["topk_candidates"],
-        **_common(o, image_size, mean, std),
+        detections_per_img=o.detections_per_img,
+        score_thresh=o.score_thresh,
+        topk_candidates=o.topk_candidates,
+        **_common(image_size, mean, std),
     )
 
 
@@ -424,10 +472,11 @@ def head_prefixes(model: nn.Module) -> tuple[str, ...]:
 
 
 def build_detector(
-    name: str, num_classes: int, image_size: int | tuple[int, int], mean, std, width: int, options: dict[str, Any]
+    name: str, num_classes: int, image_size: int | tuple[int, int], mean, std, width: int, options: RetinaNetOptions
 ) -> nn.Module:
-    """``num_classes`` counts the background (index 0)."""
+    """``num_classes`` counts the background (index 0); ``options``: the task's ``model.options`` (sized, anchors
+    resolved)."""
     if name not in DETECTORS:
         raise ValueError(f"model.name {name!r} is not a detector here; choose one of {sorted(DETECTORS)}")
-    backbone = get_backbone(options["backbone"])(width, options["fpn_channels"], options["backbone_weights"])
+    backbone = get_backbone(options.backbone)(width, options.fpn_channels, options.backbone_weights)
     return DETECTORS[name](num_classes, backbone, image_size, mean, std, options)

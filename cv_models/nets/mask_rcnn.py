@@ -15,7 +15,7 @@ normalises (mean 0, std 1).
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Callable, Protocol
 
 from torch import nn
 from torchvision.models.detection import MaskRCNN
@@ -23,24 +23,34 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHe
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.ops import MultiScaleRoIAlign
 
-from cv_models.nets.detectors import anchors_from_options, get_backbone
+from cv_models.nets.detectors import DetectorOptions, anchors_from_options, get_backbone
 from cv_models.settings import size_hw
 
 # class-dependent tensors: skipped when loading weights made for another class list
 HEAD_PREFIXES = ("roi_heads.box_predictor.", "roi_heads.mask_predictor.")
 
 
-def _proposal_settings(o: dict) -> dict:
+class MaskRCNNOptions(DetectorOptions, Protocol):
+    """What the Mask R-CNNs read of ``model.options``: instance segmentation's ``InstanceModelOptions`` itself,
+    its ``auto`` counts already sized from the data (:func:`cv_models.sizing.sized_options`)."""
+
+    @property
+    def mask_head_layers(self) -> int: ...
+    @property
+    def mask_head_channels(self) -> int | None: ...
+
+
+def _proposal_settings(o: DetectorOptions) -> dict:
     """The knobs that decide CPU cost: proposals kept, RoIs sampled, detections returned."""
     return dict(
-        rpn_pre_nms_top_n_train=o["rpn_pre_nms_top_n_train"],
-        rpn_post_nms_top_n_train=o["rpn_post_nms_top_n_train"],
-        rpn_pre_nms_top_n_test=o["rpn_pre_nms_top_n_test"],
-        rpn_post_nms_top_n_test=o["rpn_post_nms_top_n_test"],
-        rpn_batch_size_per_image=o["rpn_batch_size_per_image"],
-        box_batch_size_per_image=o["box_batch_size_per_image"],
-        box_detections_per_img=o["detections_per_img"],
-        box_score_thresh=o["score_thresh"],
+        rpn_pre_nms_top_n_train=o.rpn_pre_nms_top_n_train,
+        rpn_post_nms_top_n_train=o.rpn_post_nms_top_n_train,
+        rpn_pre_nms_top_n_test=o.rpn_pre_nms_top_n_test,
+        rpn_post_nms_top_n_test=o.rpn_post_nms_top_n_test,
+        rpn_batch_size_per_image=o.rpn_batch_size_per_image,
+        box_batch_size_per_image=o.box_batch_size_per_image,
+        box_detections_per_img=o.detections_per_img,
+        box_score_thresh=o.score_thresh,
     )
 
 
@@ -49,13 +59,13 @@ def _no_rescale(image_size: int | tuple[int, int]) -> dict:
     return dict(min_size=min(h, w), max_size=max(h, w), image_mean=[0.0, 0.0, 0.0], image_std=[1.0, 1.0, 1.0])
 
 
-def light_mask_rcnn(num_classes: int, image_size: int | tuple[int, int], width: int, o: dict) -> nn.Module:
-    backbone = get_backbone(o["backbone"])(width, o["fpn_channels"], o["backbone_weights"])
+def light_mask_rcnn(num_classes: int, image_size: int | tuple[int, int], width: int, o: MaskRCNNOptions) -> nn.Module:
+    backbone = get_backbone(o.backbone)(width, o.fpn_channels, o.backbone_weights)
     c = backbone.out_channels
     levels = ["0", "1", "2"]  # the pooled extra level only feeds the RPN
-    head_size = o["representation_size"]
-    mask_channels = o["mask_head_channels"] or c
-    mask_layers = o["mask_head_layers"]
+    head_size = o.representation_size
+    mask_channels = o.mask_head_channels or c
+    mask_layers = o.mask_head_layers
     return MaskRCNN(
         backbone,
         num_classes=None,
@@ -74,7 +84,7 @@ def light_mask_rcnn(num_classes: int, image_size: int | tuple[int, int], width: 
 def torchvision_mask_rcnn(name: str) -> Callable[..., nn.Module]:
     """torchvision's ResNet-50 Mask R-CNN (built without weights; the caller loads any)."""
 
-    def build(num_classes: int, image_size: int | tuple[int, int], width: int, o: dict) -> nn.Module:
+    def build(num_classes: int, image_size: int | tuple[int, int], width: int, o: MaskRCNNOptions) -> nn.Module:
         from torchvision.models import get_model
 
         return get_model(
@@ -89,7 +99,7 @@ def torchvision_mask_rcnn(name: str) -> Callable[..., nn.Module]:
     return build
 
 
-MASK_RCNNS: dict[str, Callable[[int, int, int, dict], nn.Module]] = {
+MASK_RCNNS: dict[str, Callable[[int, int | tuple[int, int], int, MaskRCNNOptions], nn.Module]] = {
     "maskrcnn": light_mask_rcnn,
     "maskrcnn_resnet50_fpn": torchvision_mask_rcnn("maskrcnn_resnet50_fpn"),
     "maskrcnn_resnet50_fpn_v2": torchvision_mask_rcnn("maskrcnn_resnet50_fpn_v2"),
@@ -111,10 +121,11 @@ def build_mask_rcnn(
     num_classes: int,
     image_size: int | tuple[int, int],
     width: int,
-    options: dict[str, Any],
+    options: MaskRCNNOptions,
     weights: str = "none",
 ) -> nn.Module:
-    """``num_classes`` counts the background (index 0). ``weights``: none | torchvision:NAME | checkpoint path."""
+    """``num_classes`` counts the background (index 0). ``options``: the task's ``model.options`` (sized).
+    ``weights``: none | torchvision:NAME | checkpoint path."""
     if name not in MASK_RCNNS:
         raise ValueError(
             f"model.name {name!r} is not an instance-segmentation model; choose one of {sorted(MASK_RCNNS)}"

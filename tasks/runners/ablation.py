@@ -30,15 +30,7 @@ import pandas as pd
 from cv_models.settings import diff_text, flat, settings_diff
 from tasks.config import ConfigError, config_hash, load_params
 from tasks.runners.experiment_settings import AblationConfig
-from tasks.runners.experiments import (
-    NOT_LEARNING,
-    TrainJob,
-    check_section,
-    learning_hash,
-    section,
-    task_keys,
-    worker_threads,
-)
+from tasks.runners.experiments import NOT_LEARNING, TrainJob, learning_hash, task_keys, worker_threads
 from tasks.paths import outputs
 
 # name -> dotted overrides relative to tasks.<task>; each is ONE change on top of the baseline. Every
@@ -123,10 +115,8 @@ class Plan:
         return self.out_dir / "runs" / arm.name / f"seed{arm.seed}" / "result.json"
 
 
-def load_config(
-    params_path: str | Path, overrides: dict[str, Any] | None = None, task_name: str = ""
-) -> AblationConfig:
-    cfg = check_section(AblationConfig, section(params_path, "ablation", overrides), "ablation")
+def check_arms(cfg: AblationConfig, task_name: str = "") -> AblationConfig:
+    """``ablation:`` (typed when params.yaml was loaded) with its arms checked against the task's known changes."""
     known = known_changes(task_name, cfg.changes)
     unknown = [a for a in cfg.arms if a not in known and a != BASELINE]
     if unknown:
@@ -156,7 +146,7 @@ def plan(
     overrides = dict(overrides or {})
     params = load_params(params_path, overrides)
     base_cfg = params.task(task_name)  # unknown task -> ConfigError naming the tasks present
-    cfg = load_config(params_path, overrides, task_name)
+    cfg = check_arms(params.ablation, task_name)
     known = known_changes(task_name, cfg.changes)
     # the baseline: every augmentation of the task off (their strengths stay as in params.yaml), then ablation.baseline
     baseline = baseline_overrides(task_name)

@@ -19,9 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from pydantic import ValidationError
 
-from tasks.config import ConfigError, Params, Strict, config_hash, describe, flatten, load_params
+from tasks.config import Params, config_hash, flatten, load_params
 from tasks.runners.experiment_settings import RunnerConfig
 
 # settings that change how fast a run goes, not what it learns: left out of the resume keys
@@ -34,21 +33,6 @@ NOT_LEARNING = (
     "data.cache",
     "data.cache_max_gb",
 )
-
-
-def check_section(model: type[Strict], raw: Any, section: str):
-    """Validate one top-level params section with a message naming the key."""
-    try:
-        return model.model_validate(raw or {})
-    except ValidationError as err:
-        raise ConfigError(describe(err, model, prefix=f"{section}.")) from None
-
-
-def section(params_path: str | Path, name: str, overrides: dict[str, Any] | None = None) -> Any:
-    """The raw top-level section ``name`` of params.yaml after the overrides (``{}`` when absent)."""
-    from tasks.config import load_raw
-
-    return load_raw(params_path, overrides).get(name) or {}
 
 
 def task_keys(task_name: str, dotted: dict[str, Any]) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from typing import Any
 
 from tasks.config import ConfigError, config_hash, load_params
 from tasks.runners.experiment_settings import PrunerConfig, SearchConfig
-from tasks.runners.experiments import TrainJob, check_section, learning_hash, section, task_keys, worker_threads
+from tasks.runners.experiments import TrainJob, learning_hash, task_keys, worker_threads
 from tasks.paths import checkpoints, outputs
 
 
@@ -55,10 +55,6 @@ def storage_url(url: str) -> str:
     return url
 
 
-def load_config(params_path: str | Path, overrides: dict[str, Any] | None = None) -> SearchConfig:
-    return check_section(SearchConfig, section(params_path, "search", overrides), "search")
-
-
 def plan(
     task_name: str,
     params_path: str | Path = "params.yaml",
@@ -71,7 +67,7 @@ def plan(
     overrides = dict(overrides or {})
     params = load_params(params_path, overrides)
     base_cfg = params.task(task_name)
-    cfg = load_config(params_path, overrides)
+    cfg = params.search
     base: dict[str, Any] = {}
     threads = worker_threads(cfg.runner)
     if threads and base_cfg.train.num_threads == 0:
