@@ -56,10 +56,7 @@ def parse_overrides(pairs: list[str]) -> dict:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["init"]:  # python -m tasks init PATH ...: its own options (tasks/init.py)
-        return importlib.import_module("tasks.init").main(argv[1:])
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m tasks", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -83,31 +80,24 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="predict: exit 1 when any input is skipped (default: only when nothing could be predicted)",
     )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["init"]:  # python -m tasks init PATH ...: its own options (tasks/init.py)
+        return importlib.import_module("tasks.init").main(argv[1:])
+    parser = build_parser()
     args = parser.parse_args(argv)
 
     from tasks.training.runstate import StageInterrupted
 
     overrides = parse_overrides(args.overrides)
-    torchrun = (
-        int(os.environ.get("WORLD_SIZE", "1")) > 1
-    )  # tasks.training.accelerate.launched_by_torchrun, without torch
-    if torchrun and args.stage not in TRAINED:
-        parser.error(f"under torchrun only the training stages run ({', '.join(TRAINED)}); run the others with python")
-    if torchrun:
-        from tasks.training import accelerate
-
-        accelerate.init_from_env()
+    torchrun = start_torchrun(parser, args.stage)
     if args.stage in ("predict", "export"):
         return use_model(parser, args, overrides)
     try:
-        if args.stage in ONCE:
-            stage_function(args.stage)(args.params, overrides)
-        elif args.stage == "report":
-            importlib.import_module("tasks.report").main(args.params)
-        else:
-            if not args.task:
-                parser.error(f"stage {args.stage} needs --task")
-            stage_function(args.stage)(args.task, args.params, overrides)
+        run_stage(parser, args, overrides)
     except StageInterrupted as err:  # SIGTERM / SIGINT: the MLflow run ended KILLED, temporary outputs were removed
         print(
             f"error: {args.stage} {err}: its MLflow run is marked KILLED and its temporary outputs were removed; "
@@ -121,8 +111,35 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 1
     if torchrun:
+        from tasks.training import accelerate
+
         accelerate.shutdown()
     return 0
+
+
+def start_torchrun(parser: argparse.ArgumentParser, stage: str) -> bool:
+    """Under torchrun (WORLD_SIZE > 1; tasks.training.accelerate.launched_by_torchrun, without torch) only a training
+    stage runs, in the process group started here."""
+    torchrun = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if torchrun and stage not in TRAINED:
+        parser.error(f"under torchrun only the training stages run ({', '.join(TRAINED)}); run the others with python")
+    if torchrun:
+        from tasks.training import accelerate
+
+        accelerate.init_from_env()
+    return torchrun
+
+
+def run_stage(parser: argparse.ArgumentParser, args: argparse.Namespace, overrides: dict) -> None:
+    """One stage of the chain: once for all tasks, the report, or per task (``--task``)."""
+    if args.stage in ONCE:
+        stage_function(args.stage)(args.params, overrides)
+    elif args.stage == "report":
+        importlib.import_module("tasks.report").main(args.params)
+    else:
+        if not args.task:
+            parser.error(f"stage {args.stage} needs --task")
+        stage_function(args.stage)(args.task, args.params, overrides)
 
 
 def use_model(parser: argparse.ArgumentParser, args, overrides: dict) -> int:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pandas as pd
 
@@ -150,6 +150,77 @@ def failure_summary(report: dict) -> str:
     return "\n".join(parts)
 
 
+class Checked(NamedTuple):
+    """What the task's tables and rules found (no tables and one failed rule when the dataset cannot be read)."""
+
+    tables: dict[str, pd.DataFrame]
+    results: list[dict]
+    notes: list[str]
+    n_samples: int
+    summaries: dict[str, str]
+
+
+def check_data(st) -> Checked:
+    """The task's tables, its rules and the symlink policy run on them, its notes and summaries."""
+    try:
+        tables = st.task.validation_tables()
+        checks = st.task.checks(tables)
+        results = run_checks(checks, tables)
+        notes = st.task.validation_notes(tables)
+        link_results, link_notes = symlink_policy(tables, Path(st.cfg.data.path), st.cfg.data.follow_symlinks)
+        results, notes = results + link_results, notes + link_notes
+        n_samples = len(next(iter(tables.values())))
+        return Checked(tables, results, notes, n_samples, st.task.validation_summaries(tables))
+    except DataError as err:
+        unreadable = {
+            "table": "-",
+            "rule": "dataset readable",
+            "expectation": "-",
+            "success": False,
+            "unexpected_count": 1,
+            "failing": [str(err)],
+        }
+        return Checked({}, [unreadable], [], 0, {})
+
+
+def build_report(task_name: str, checked: Checked) -> dict:
+    return {
+        "task": task_name,
+        "success": all(r["success"] for r in checked.results),
+        "n_samples": checked.n_samples,
+        "checks": checked.results,
+        "notes": checked.notes,
+        "summaries": checked.summaries,
+        "data_version": digest_tables(checked.tables),  # per split and overall (tasks/track/data_version.py)
+    }
+
+
+def write_report(out_dir: Path, report: dict, tables: dict[str, pd.DataFrame]) -> None:
+    """report.json, report.md and each table as CSV; all or nothing."""
+    with atomic_dir(out_dir) as tmp:
+        (tmp / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+        (tmp / "report.md").write_text(_markdown(report["task"], report))
+        for name, df in tables.items():
+            df.to_csv(tmp / f"{name}.csv", index=False)
+
+
+def log_report(st, out_dir: Path, report: dict) -> None:
+    """MLflow: the report, the data read, the counts and the tags validation and data_version (what was just read)."""
+    st.log_artifacts(out_dir, "validation")
+    st.log_inputs(*[s for s in report["data_version"] if s in ("train", "val", "test")])
+    st.log_metrics(
+        {
+            "validation.n_samples": report["n_samples"],
+            "validation.failed_rules": sum(not r["success"] for r in report["checks"]),
+            "validation.notes": len(report["notes"]),
+        }
+    )
+    import mlflow
+
+    mlflow.set_tag("validation", "passed" if report["success"] else "failed")
+    mlflow.set_tag("data_version", report["data_version"]["all"]["digest"])
+
+
 def run(
     task_name: str,
     params_path: str | Path = "params.yaml",
@@ -158,58 +229,13 @@ def run(
 ) -> dict:
     with open_stage("validate", task_name, params_path, overrides, pipeline_run_id) as st:
         out_dir = outputs(task_name, "validate")
-        try:
-            tables = st.task.validation_tables()
-            checks = st.task.checks(tables)
-            results = run_checks(checks, tables)
-            notes = st.task.validation_notes(tables)
-            link_results, link_notes = symlink_policy(tables, Path(st.cfg.data.path), st.cfg.data.follow_symlinks)
-            results, notes = results + link_results, notes + link_notes
-            main = next(iter(tables.values()))
-            n_samples = len(main)
-            summaries = st.task.validation_summaries(tables)
-        except DataError as err:
-            tables, notes, n_samples, summaries = {}, [], 0, {}
-            results = [
-                {
-                    "table": "-",
-                    "rule": "dataset readable",
-                    "expectation": "-",
-                    "success": False,
-                    "unexpected_count": 1,
-                    "failing": [str(err)],
-                }
-            ]
-        report = {
-            "task": task_name,
-            "success": all(r["success"] for r in results),
-            "n_samples": n_samples,
-            "checks": results,
-            "notes": notes,
-            "summaries": summaries,
-            "data_version": digest_tables(tables),
-        }  # per split and overall (tasks/track/data_version.py)
-        with atomic_dir(out_dir) as tmp:
-            (tmp / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
-            (tmp / "report.md").write_text(_markdown(task_name, report))
-            for name, df in tables.items():
-                df.to_csv(tmp / f"{name}.csv", index=False)
-        st.log_artifacts(out_dir, "validation")
-        st.log_inputs(*[s for s in report["data_version"] if s in ("train", "val", "test")])
-        st.log_metrics(
-            {
-                "validation.n_samples": n_samples,
-                "validation.failed_rules": sum(not r["success"] for r in results),
-                "validation.notes": len(notes),
-            }
-        )
-        import mlflow
-
-        mlflow.set_tag("validation", "passed" if report["success"] else "failed")
-        mlflow.set_tag("data_version", report["data_version"]["all"]["digest"])  # what was just read
+        checked = check_data(st)
+        report = build_report(task_name, checked)
+        write_report(out_dir, report, checked.tables)
+        log_report(st, out_dir, report)
         print(
             f"[validate] {task_name}: {'passed' if report['success'] else 'FAILED'} "
-            f"({n_samples} samples, {len(notes)} notes) -> {out_dir / 'report.md'}"
+            f"({checked.n_samples} samples, {len(checked.notes)} notes) -> {out_dir / 'report.md'}"
         )
         if not report["success"]:
             raise ValidationFailed(

@@ -147,53 +147,25 @@ def publish(st, test_metrics: dict[str, dict], device) -> dict[str, Any]:
 
     Returns what the results table shows: name, version, chosen stage, champion version and the decision.
     """
-    reg = st.params.registry
-    task, primary = st.task, st.task.primary_metric
+    reg, primary = st.params.registry, st.task.primary_metric
     name = model_name(st.params, st.task_name)
     stage = best_stage(st.task_name, primary)
     version_all = read_data_version(st.task_name)
     version_val = read_data_version(st.task_name, "val")
-    from tasks.track.tracking import git_commit
-
-    with tempfile.TemporaryDirectory() as tmp:
-        bundle = write_bundle(
-            task,
-            models(st.task_name, stage) / "model.pt",
-            Path(tmp) / "bundle",
-            extra={"stage": stage, "data_version": version_all["digest"]},
-        )
-        loaded = load_bundle(st.task_name, bundle)
-        val_metric = float(loaded.info["val_metrics"].get(primary, float("nan")))
-        info = log_model(task, loaded, bundle)
-    tests = {k: v for k, v in test_metrics[stage].items() if "/" not in k and isinstance(v, (int, float))}
-    tags = {
-        "cv_task": st.task_name,
-        "stage": stage,
-        "git_commit": git_commit(),
-        "data_version": version_all["digest"],
-        "data_version_val": version_val["digest"],
-        "params_hash": config_hash(st.cfg),
-        f"val.{primary}": repr(float(val_metric)),
-        **{f"test.{k}": f"{v:.6f}" for k, v in tests.items()},
-    }
+    val_metric, info = log_best(st, stage, version_all["digest"])
+    tags = version_tags(st, stage, val_metric, test_metrics[stage], version_all["digest"], version_val["digest"])
     client = mlflow.MlflowClient()
-    try:
-        client.create_registered_model(
-            name,
-            tags={"cv_task": st.task_name},
-            description=f"{st.task_name}: the pipeline's better model by validation {primary}",
-        )
-    except mlflow.exceptions.MlflowException:
-        pass  # already there
-    # the client, not mlflow.register_model: that one prints "already exists. Creating a new version..." besides
-    mv = client.create_model_version(name, info.model_uri, run_id=info.run_id, tags=tags, model_id=info.model_id)
+    mv = register_version(st, client, name, info, tags)
     decision = decide_champion(st, client, name, mv.version, val_metric, version_val["digest"], device)
     for k, v in decision["tags"].items():
         client.set_model_version_tag(name, mv.version, k, v)
     if decision["move"]:
         client.set_registered_model_alias(name, reg.alias, mv.version)
     champion = client.get_model_version_by_alias(name, reg.alias).version
-    out = {
+    print(
+        f"[registry] {name}: registered version {mv.version} ({stage}, val {primary} {val_metric:.4f}); {decision['text']}"
+    )
+    return {
         "name": name,
         "version": int(mv.version),
         "stage": stage,
@@ -204,10 +176,52 @@ def publish(st, test_metrics: dict[str, dict], device) -> dict[str, Any]:
         "model_uri": info.model_uri,
         "data_version": version_all["digest"],
     }
-    print(
-        f"[registry] {name}: registered version {mv.version} ({stage}, val {primary} {val_metric:.4f}); {decision['text']}"
-    )
-    return out
+
+
+def log_best(st, stage: str, data_version: str) -> tuple[float, Any]:
+    """The chosen stage's model as a bundle, logged as a pyfunc model in the active run; its validation metric and
+    the logged model's info."""
+    with tempfile.TemporaryDirectory() as tmp:
+        bundle = write_bundle(
+            st.task,
+            models(st.task_name, stage) / "model.pt",
+            Path(tmp) / "bundle",
+            extra={"stage": stage, "data_version": data_version},
+        )
+        loaded = load_bundle(st.task_name, bundle)
+        val_metric = float(loaded.info["val_metrics"].get(st.task.primary_metric, float("nan")))
+        return val_metric, log_model(st.task, loaded, bundle)
+
+
+def version_tags(st, stage: str, val_metric: float, test_metrics: dict, data_version: str, data_version_val: str):
+    """The model version's tags: where it comes from (commit, data versions, params hash) and its scores."""
+    from tasks.track.tracking import git_commit
+
+    tests = {k: v for k, v in test_metrics.items() if "/" not in k and isinstance(v, (int, float))}
+    return {
+        "cv_task": st.task_name,
+        "stage": stage,
+        "git_commit": git_commit(),
+        "data_version": data_version,
+        "data_version_val": data_version_val,
+        "params_hash": config_hash(st.cfg),
+        f"val.{st.task.primary_metric}": repr(float(val_metric)),
+        **{f"test.{k}": f"{v:.6f}" for k, v in tests.items()},
+    }
+
+
+def register_version(st, client, name: str, info, tags: dict[str, str]):
+    """A new version of the registered model ``name`` (created on first use) for the logged model."""
+    try:
+        client.create_registered_model(
+            name,
+            tags={"cv_task": st.task_name},
+            description=f"{st.task_name}: the pipeline's better model by validation {st.task.primary_metric}",
+        )
+    except mlflow.exceptions.MlflowException:
+        pass  # already there
+    # the client, not mlflow.register_model: that one prints "already exists. Creating a new version..." besides
+    return client.create_model_version(name, info.model_uri, run_id=info.run_id, tags=tags, model_id=info.model_id)
 
 
 def decide_champion(st, client, name: str, version: str, val_metric: float, data_version_val: str, device) -> dict:

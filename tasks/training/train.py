@@ -85,15 +85,7 @@ def train_model(
     norm = normalizer(st)
     train = cached(st, "train", st.task.train_transforms(augment, norm))
     val = cached(st, "val", st.task.eval_transforms(norm))
-    # the same number of training images as validation images, unaugmented: the overfitting diagnosis compares them
-    train_eval = None
-    if st.cfg.train.track_train_metric:
-        train_plain = cached(st, "train", st.task.eval_transforms(norm))  # the same kept samples as ``train``'s
-        # stratified and seeded: the first N of a sorted folder listing can all be one class
-        indices = engine.stratified_indices(
-            st.task.sample_labels(train_plain), min(len(train_plain), len(val)), st.params.seed, size=len(train_plain)
-        )
-        train_eval = subset(st.task, train_plain, indices)
+    train_eval = train_eval_set(st, norm, val) if st.cfg.train.track_train_metric else None
     model, init_hash = initial_model(st)
     # with model.weights: imagenet, where those weights came from (source, sha256, key mapping) and the normalisation
     st.log_params({"init_weights_sha256": init_hash, **st.task.weights_record})
@@ -121,15 +113,36 @@ def train_model(
         data_version=read_data_version(st.task_name)["digest"],  # resume only onto the same data
         keep_checkpoint=keep_checkpoint,
     )
-    # no silent failure: a model at the dummy's level or predicting one class is said so, loudly
+    result.warnings = silent_failures(st, result, val)
+    record(st, result, out_dir, model_path)
+    return result, model_path
+
+
+def train_eval_set(st: Stage, norm, val: Dataset) -> Dataset:
+    """The same number of training images as validation images, unaugmented: the overfitting diagnosis compares
+    them. Stratified and seeded: the first N of a sorted folder listing can all be one class."""
+    train_plain = cached(st, "train", st.task.eval_transforms(norm))  # the same kept samples as ``train``'s
+    indices = engine.stratified_indices(
+        st.task.sample_labels(train_plain), min(len(train_plain), len(val)), st.params.seed, size=len(train_plain)
+    )
+    return subset(st.task, train_plain, indices)
+
+
+def silent_failures(st: Stage, result: engine.FitResult, val: Dataset) -> list[str]:
+    """No silent failure: a model at the dummy's level or predicting one class is said so, loudly."""
     m = st.task.primary_metric
     dummy = st.task.dummy_result(st.task.dataset("train", None), val)
-    result.warnings = engine.silent_failure_warnings(
+    lines = engine.silent_failure_warnings(
         result.best_metrics, dummy.metrics, m, len(st.task.class_names()), f"{st.task_name}/{st.name} (validation)"
     )
-    for line in result.warnings:
+    for line in lines:
         print(f"[{st.name}] WARNING: {line}")
-        warnings.warn(line, engine.SilentFailureWarning, stacklevel=2)
+        warnings.warn(line, engine.SilentFailureWarning, stacklevel=3)
+    return lines
+
+
+def record(st: Stage, result: engine.FitResult, out_dir: Path, model_path: Path) -> None:
+    """history.csv and its picture in ``out_dir``; MLflow: the best validation metrics, times, the model and data."""
     out_dir.mkdir(parents=True, exist_ok=True)
     result.history.to_csv(out_dir / "history.csv", index=False)
     history_figure(result.history, st.task.primary_metric, out_dir / "history.png")
@@ -142,7 +155,6 @@ def train_model(
     st.log_artifacts(model_path, "model")
     st.log_inputs("train", "val")
     st.log_model(model_path, {f"best_val_{k}": v for k, v in result.best_metrics.items()})
-    return result, model_path
 
 
 def summary_metrics(st: Stage, result: engine.FitResult) -> dict:
