@@ -253,7 +253,7 @@ def test_a_resumed_run_re_fits_the_plan_fitted_under_load(tmp_path, monkeypatch,
     loaded = _TimedTask(clock, lambda e: 60.0, stop_at_step=3)
     with pytest.raises(KeyboardInterrupt):
         _timed_fit(tmp_path, monkeypatch, loaded, checkpoint=tmp_path / "last.pt")
-    assert "2.5 of 60 epochs (2 whole and 1 of 2 steps of epoch 3) fit" in capsys.readouterr().out
+    assert "2.5 of 60 epochs fit (2 whole and 1 of 2 steps of epoch 3)" in capsys.readouterr().out
     # resumed on a free machine: 4 s epochs
     free = _TimedTask(clock, lambda e: 4.0)
     result = _timed_fit(tmp_path, monkeypatch, free, checkpoint=tmp_path / "last.pt")
@@ -294,7 +294,7 @@ def test_constant_epoch_times_never_wake_the_guard_and_a_partial_last_epoch_fill
     task = _TimedTask(clock, lambda e: 5.0, steps_per_epoch=4)
     result = _timed_fit(tmp_path, monkeypatch, task, minutes=1.0)
     out = capsys.readouterr().out
-    assert "steps now take" not in out and "9.5 of 60 epochs (9 whole and 2 of 4 steps of epoch 10) fit" in out
+    assert "steps now take" not in out and "9.5 of 60 epochs fit (9 whole and 2 of 4 steps of epoch 10)" in out
     assert (result.planned, len(result.history), result.seconds, task.steps) == (10, 10, 57.5, 9 * 4 + 2)
     assert result.history["steps"].iloc[-1] == 2 and result.history["steps"].iloc[:-1].isna().all()
     assert "(partial: 2 of 4 steps)" in out and not np.isnan(result.history["val_score"].iloc[-1])  # validated
@@ -317,7 +317,7 @@ def test_a_budget_of_3_and_a_half_epochs_trains_3_and_a_half_annealed_and_resume
         _timed_fit(
             tmp_path, monkeypatch, task, 0.68, checkpoint=tmp_path / "last.pt", log=killed_after_the_last_checkpoint
         )
-    assert "3.5 of 60 epochs (3 whole and 2 of 4 steps of epoch 4) fit" in capsys.readouterr().out
+    assert "3.5 of 60 epochs fit (3 whole and 2 of 4 steps of epoch 4)" in capsys.readouterr().out
     assert task.steps == 3 * 4 + 2 and clock.now - 1000 == 39.0 and 39.0 / 40.8 >= 0.95
     again = _TimedTask(clock, lambda e: 10.0, steps_per_epoch=4)
     result = _timed_fit(tmp_path, monkeypatch, again, 0.68, checkpoint=tmp_path / "last.pt")

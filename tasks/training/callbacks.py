@@ -74,10 +74,14 @@ class Run:
         self.planned, self.cut = -(-steps // self.steps_per_epoch), steps % self.steps_per_epoch
 
     def describe_plan(self) -> str:
-        whole = f"{self.planned} of {self.cfg.epochs} epochs"
+        """The plan in epochs (``9.5 of 60 epochs fit``) and, when its last epoch is partial, what it holds."""
         if not self.cut:
-            return whole
-        return f"{self.planned - 1 + self.cut / self.steps_per_epoch:.1f} of {self.cfg.epochs} epochs ({self.planned - 1} whole and {self.cut} of {self.steps_per_epoch} steps of epoch {self.planned})"
+            return f"{self.planned} of {self.cfg.epochs} epochs fit"
+        whole, per_epoch = self.planned - 1, self.steps_per_epoch
+        return (
+            f"{whole + self.cut / per_epoch:.1f} of {self.cfg.epochs} epochs fit "
+            f"({whole} whole and {self.cut} of {per_epoch} steps of epoch {self.planned})"
+        )
 
     def partial(self) -> bool:
         """This epoch was cut short by the time limit's guard (its row says after how many steps)."""
@@ -290,7 +294,7 @@ class TimeLimit(Callback):
             run.scheduler.respan(fits)
             run.plan_steps(fits)
             print(
-                f"[{run.desc}] time limit: {run.describe_plan()} fit ({self.budget.describe(run.timings)}); the "
+                f"[{run.desc}] time limit: {run.describe_plan()}, at {self.budget.describe(run.timings)}; the "
                 f"learning-rate schedule now spans {fits} steps (train.fit_epochs_to_time_limit)",
                 flush=True,
             )
@@ -299,7 +303,7 @@ class TimeLimit(Callback):
 PART_NAMES = {
     "settings": "the task's settings",
     "seed": "the seed",
-    "code": "the task's code or the training loop's (tasks/training/engine.py, callbacks.py, optim.py, budget.py)",
+    "code": "the task's code or the training loop's (tasks/training/engine.py, callbacks.py, device.py, optim.py, budget.py)",
     "data": "the data version (validate stage's digest)",
     "stage": "the stage's own settings",
     "n_train": "the number of training samples",
