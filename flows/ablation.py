@@ -92,11 +92,7 @@ def ablate(
     exp, parent = find_or_create_parent(
         params, task_name, "ablation", p.key, f"ablation {task_name}", {"primary_metric": p.primary_metric}
     )
-    retry_locked(client(params).set_tag, parent, "arms", ",".join(arm_names))  # a tag: it may change on resume
-    for name, diff in (p.diffs or {}).items():  # each arm's settings that differ from the baseline, stated
-        if name != ablation.BASELINE:
-            retry_locked(client(params).set_tag, parent, f"diff_vs_baseline.{name}", ablation.diff_text(diff)[:5000])
-
+    tag_parent(params, parent, p, arm_names)
     runs_by_key = ablation.finished_runs(p, child_runs(params, exp, parent))
     results = [ablation.finished(p, arm, runs_by_key) for arm in p.arms]
     todo = [i for i, r in enumerate(results) if r is None]
@@ -105,6 +101,26 @@ def ablate(
         f"{len(p.arms) - len(todo)} runs already finished, {len(todo)} to train on {p.config.runner.kind} "
         f"(max_workers={p.config.runner.max_workers})"
     )
+    train_todo(p, todo, results, exp, parent)
+    seconds = time.perf_counter() - started
+    df, metrics, markdown = ablation.summarise(p, results, seconds)
+    log_results(params, parent, p, df, seconds)
+    publish(task_name, df, markdown)
+    print(markdown)
+    return metrics
+
+
+def tag_parent(params, parent: str, p: ablation.Plan, arm_names: list[str]) -> None:
+    """The arms (a tag: they may change on resume) and each arm's settings that differ from the baseline."""
+    retry_locked(client(params).set_tag, parent, "arms", ",".join(arm_names))
+    for name, diff in (p.diffs or {}).items():
+        if name != ablation.BASELINE:
+            retry_locked(client(params).set_tag, parent, f"diff_vs_baseline.{name}", ablation.diff_text(diff)[:5000])
+
+
+def train_todo(p: ablation.Plan, todo: list[int], results: list, exp: str, parent: str) -> None:
+    """The runs of ``todo`` (indices of ``p.arms``) trained on the runner, their results into ``results``; when
+    any failed, a RuntimeError naming each (the finished ones are kept)."""
     calls = []
     for i in todo:
         arm = p.arms[i]
@@ -129,8 +145,9 @@ def ablate(
             "run again to resume):\n  " + "\n  ".join(failed)
         )
 
-    seconds = time.perf_counter() - started
-    df, metrics, markdown = ablation.summarise(p, results, seconds)
+
+def log_results(params, parent: str, p: ablation.Plan, df, seconds: float) -> None:
+    """Each change's mean, difference and spread and the files to the parent MLflow run, which then ends FINISHED."""
     row_metrics = {}
     for r in df.itertuples(index=False):
         row_metrics.update({f"mean.{r.change}": r.mean, f"diff.{r.change}": r.diff})
@@ -141,9 +158,6 @@ def ablate(
     for name in ("metrics.json", "table.csv", "table.md", "ablation.png"):
         retry_locked(c.log_artifact, parent, str(p.out_dir / name), "ablation")
     retry_locked(c.set_terminated, parent, "FINISHED")
-    publish(task_name, df, markdown)
-    print(markdown)
-    return metrics
 
 
 def main(argv: list[str] | None = None) -> int:

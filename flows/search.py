@@ -59,8 +59,6 @@ def publish(task_name: str, study, primary: str) -> None:
 def search(
     task_name: str = "classification", params_path: str = "params.yaml", overrides: dict[str, Any] | None = None
 ) -> dict:
-    from optuna.trial import TrialState
-
     started = time.perf_counter()
     search_stage.plan(
         task_name, params_path, overrides, build_model=False
@@ -80,8 +78,23 @@ def search(
         + (f" ({stale} interrupted trials queued again)" if stale else "")
         + f"; running {max(p.config.trials - done, 0)} more on {p.config.runner.kind} (max_workers={p.config.runner.max_workers})"
     )
+    run_waves(study, p, exp, parent, done)
+    summary = search_stage.summarise(p, study)
+    log_summary(params, parent, p, summary, time.perf_counter() - started)
+    publish(task_name, study, p.primary_metric)
+    print(
+        f"[search] best trial {summary['best_trial']}: val {p.primary_metric} = "
+        f"{summary[f'best_val_{p.primary_metric}']:.4f} with {summary['params']} -> {p.out_dir / 'best_params.yaml'}"
+    )
+    return summary
+
+
+def run_waves(study, p: search_stage.SearchPlan, exp: str, parent: str, done: int) -> None:
+    """The trials still to run, in waves as wide as the runner (trials of one wave cannot prune against each
+    other), each told to the study as it ends: complete, pruned or failed."""
+    from optuna.trial import TrialState
+
     distributions = p.distributions()
-    # a wave is as wide as the runner: trials of one wave cannot prune against each other
     width = 1 if p.config.runner.kind == "sequential" else p.config.runner.max_workers
     with FanOut(p.config.runner) as fan:
         while done < p.config.trials:
@@ -108,8 +121,10 @@ def search(
                     print(f"[search] trial {t.number} {t.params}: val {p.primary_metric} = {out['value']:.4f}")
                     study.tell(t, out["value"])
             done += len(wave)
-    summary = search_stage.summarise(p, study)
-    seconds = time.perf_counter() - started
+
+
+def log_summary(params, parent: str, p: search_stage.SearchPlan, summary: dict, seconds: float) -> None:
+    """The study's figures, best trial and files to the parent MLflow run, which then ends FINISHED."""
     log_metrics(
         params,
         parent,
@@ -126,12 +141,6 @@ def search(
     for name in ("best_params.yaml", "best.json", "trials.csv"):
         retry_locked(c.log_artifact, parent, str(p.out_dir / name), "search")
     retry_locked(c.set_terminated, parent, "FINISHED")
-    publish(task_name, study, p.primary_metric)
-    print(
-        f"[search] best trial {summary['best_trial']}: val {p.primary_metric} = "
-        f"{summary[f'best_val_{p.primary_metric}']:.4f} with {summary['params']} -> {p.out_dir / 'best_params.yaml'}"
-    )
-    return summary
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -121,7 +121,23 @@ def test_one_slow_epoch_moves_the_estimate_little():
     timings = {"train": [9, 5, 5, 23], "val": [1, 1, 1, 1]}
     assert not t.out_of_time(87, 4, timings, validating_now=True)  # 87 + 1 + 5 + 1 = 94: one more fits
     assert t.out_of_time(95, 4, timings, validating_now=True)  # 95 + 7 > 100
-    assert t.plan(87, 4, timings) == 5  # at least the one more out_of_time allowed
+    # 10 steps an epoch of 0.5 s: 5 whole epochs end at 93 s, then 6 steps and a validation (4 s) reach 97 s
+    assert t.plan(87, 4, timings, steps_per_epoch=10) == 5 * 10 + 6
+    # no whole epoch fits in the limit any more, but a fitted plan can shrink to a partial one: 2 steps reach 97 s
+    assert not t.out_of_time(95, 4, timings, validating_now=True, share_of_epoch=0.1)
+    assert t.plan(95, 4, timings, steps_per_epoch=10) == 4 * 10 + 2
+    # not one step within 97%: what the limit holds (2 steps), and at least one more step
+    assert t.plan(98, 4, timings, steps_per_epoch=10) == 4 * 10 + 2
+    assert t.plan(99.5, 4, timings, steps_per_epoch=10) == 4 * 10 + 1
+
+
+def test_a_plan_of_3_and_a_half_epochs_keeps_the_half():
+    # 97% of 600 s is 582 s; 1 epoch done in 100 s, 20 s epochs of 10 steps, 2 s validation: 21 more whole epochs end
+    # at 562 s, then 20 s hold 9 steps (18 s) and the partial epoch's validation; whole epochs alone ended at 94%
+    assert budget.steps_to_plan(600, 100, 1, 10, 20, 2, val_every=1, cap=100) == 22 * 10 + 9
+    assert budget.steps_to_plan(600, 100, 1, 10, 20, 2, val_every=1, cap=22) == 22 * 10  # the cap holds
+    # 3.5 epochs of room: 3 whole and half of the 4th
+    assert budget.steps_to_plan(100, 0, 0, 4, 20, 0, val_every=1, cap=10, share=0.7) == 3 * 4 + 2
 
 
 def test_a_fitted_schedule_is_the_configured_one_until_re_spanned_then_continuous_to_its_end():
@@ -237,12 +253,12 @@ def test_a_resumed_run_re_fits_the_plan_fitted_under_load(tmp_path, monkeypatch,
     loaded = _TimedTask(clock, lambda e: 60.0, stop_at_step=3)
     with pytest.raises(KeyboardInterrupt):
         _timed_fit(tmp_path, monkeypatch, loaded, checkpoint=tmp_path / "last.pt")
-    assert "2 of 60 epochs fit" in capsys.readouterr().out
+    assert "2.5 of 60 epochs fit (2 whole and 1 of 2 steps of epoch 3)" in capsys.readouterr().out
     # resumed on a free machine: 4 s epochs
     free = _TimedTask(clock, lambda e: 4.0)
     result = _timed_fit(tmp_path, monkeypatch, free, checkpoint=tmp_path / "last.pt")
     out = capsys.readouterr().out
-    assert "the plan of 2 epochs fitted before the interruption is dropped and re-fitted from the time left" in out
+    assert "the plan of 3 epochs fitted before the interruption is dropped and re-fitted from the time left" in out
     assert len(result.history) == result.planned > 10
     assert 0.95 <= result.seconds / 180 <= 1.0
     assert result.history["lr"].iloc[-1] == result.end_lr
@@ -269,14 +285,46 @@ def test_epochs_twice_as_slow_late_in_the_plan_end_annealed_within_the_limit(
         assert f"(partial: {int(steps)} of 4 steps)" in out
 
 
-def test_constant_epoch_times_never_wake_the_guard(tmp_path, monkeypatch, capsys):
-    # the figures main gave before the guard existed: 9 epochs planned, 54 s of 60
+def test_constant_epoch_times_never_wake_the_guard_and_a_partial_last_epoch_fills_the_budget(
+    tmp_path, monkeypatch, capsys
+):
+    # 5 s epochs of 4 steps and 1 s validation, 60 s: 9 whole epochs end at 54 s (90%, what whole-epoch plans gave),
+    # then 2 steps of a 10th and its validation reach 57.5 s (97% is 58.2 s), planned from epoch 1 on
     clock = _Clock()
-    result = _timed_fit(tmp_path, monkeypatch, _TimedTask(clock, lambda e: 5.0, steps_per_epoch=4), minutes=1.0)
+    task = _TimedTask(clock, lambda e: 5.0, steps_per_epoch=4)
+    result = _timed_fit(tmp_path, monkeypatch, task, minutes=1.0)
     out = capsys.readouterr().out
-    assert "steps now take" not in out and "steps" not in result.history
-    assert (result.planned, len(result.history), result.seconds) == (9, 9, 54.0)
-    assert result.history["lr"].iloc[-1] == result.end_lr
+    assert "steps now take" not in out and "9.5 of 60 epochs fit (9 whole and 2 of 4 steps of epoch 10)" in out
+    assert (result.planned, len(result.history), result.seconds, task.steps) == (10, 10, 57.5, 9 * 4 + 2)
+    assert result.history["steps"].iloc[-1] == 2 and result.history["steps"].iloc[:-1].isna().all()
+    assert "(partial: 2 of 4 steps)" in out and not np.isnan(result.history["val_score"].iloc[-1])  # validated
+    assert result.history["lr"].iloc[-1] == result.end_lr == pytest.approx(3e-3 / 25 / 1e4)
+
+
+def test_a_budget_of_3_and_a_half_epochs_trains_3_and_a_half_annealed_and_resumes_finished(
+    tmp_path, monkeypatch, capsys
+):
+    # 10 s epochs of 4 steps, 1 s validation, 40.8 s: 97% (39.6 s) holds 3 epochs (33 s), 2 steps of a 4th (5 s) and
+    # its validation; whole epochs alone used 33 s (81%)
+    clock = _Clock()
+    task = _TimedTask(clock, lambda e: 10.0, steps_per_epoch=4)
+
+    def killed_after_the_last_checkpoint(metrics, epoch):
+        if epoch == 4:  # the partial epoch's checkpoint is written; the kill comes before the model is saved
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _timed_fit(
+            tmp_path, monkeypatch, task, 0.68, checkpoint=tmp_path / "last.pt", log=killed_after_the_last_checkpoint
+        )
+    assert "3.5 of 60 epochs fit (3 whole and 2 of 4 steps of epoch 4)" in capsys.readouterr().out
+    assert task.steps == 3 * 4 + 2 and clock.now - 1000 == 39.0 and 39.0 / 40.8 >= 0.95
+    again = _TimedTask(clock, lambda e: 10.0, steps_per_epoch=4)
+    result = _timed_fit(tmp_path, monkeypatch, again, 0.68, checkpoint=tmp_path / "last.pt")
+    assert "(training had finished)" in capsys.readouterr().out and again.steps == 0  # nothing trained again
+    assert (result.planned, len(result.history), result.history["steps"].iloc[-1]) == (4, 4, 2)
+    assert 0.95 * 40.8 <= result.seconds <= 40.8
+    assert result.history["lr"].iloc[-1] == result.end_lr == pytest.approx(3e-3 / 25 / 1e4)
 
 
 def test_a_run_the_guard_ended_mid_epoch_stays_finished_on_resume(tmp_path, monkeypatch, capsys):

@@ -28,7 +28,7 @@ from typing import Any
 import pandas as pd
 
 from cv_models.settings import diff_text, flat, settings_diff
-from tasks.config import ConfigError, config_hash, load_params
+from tasks.config import ConfigError, TaskConfig, config_hash, load_params
 from tasks.runners.experiment_settings import AblationConfig
 from tasks.runners.experiments import NOT_LEARNING, TrainJob, learning_hash, task_keys, worker_threads
 from tasks.paths import outputs
@@ -141,61 +141,86 @@ def plan(
     Building a model needs the data (its classes): ``build_models=False`` checks the settings alone
     (before the data is generated), then call again once it is there.
     """
-    from cv_models import get_task
-
     overrides = dict(overrides or {})
     params = load_params(params_path, overrides)
     base_cfg = params.task(task_name)  # unknown task -> ConfigError naming the tasks present
     cfg = check_arms(params.ablation, task_name)
     known = known_changes(task_name, cfg.changes)
-    # the baseline: every augmentation of the task off (their strengths stay as in params.yaml), then ablation.baseline
-    baseline = baseline_overrides(task_name)
-    baseline.update(cfg.baseline)
-    threads = worker_threads(cfg.runner)
-    if threads and base_cfg.train.num_threads == 0:
-        baseline.setdefault("train.num_threads", threads)
+    baseline = baseline_settings(task_name, cfg, base_cfg)
     names = [BASELINE] + [a for a in cfg.arms if a != BASELINE]
     arms, primary, base_dump, base_cfg_arm, diffs = [], None, None, None, {}
     for name in names:
         changes = {} if name == BASELINE else dict(known[name])
         dotted = {**overrides, **task_keys(task_name, {**baseline, **changes})}
-        try:
-            arm_params = load_params(params_path, dotted)
-            arm_cfg = arm_params.task(task_name)
-            task = get_task(task_name, arm_cfg)
-            if build_models:  # unknown model, missing weights: fail now, not after the other arms trained
-                task.build_model()
-        except Exception as err:
-            raise ConfigError(
-                f"ablation arm {name!r} ({changes or 'the baseline'}) is not a valid setting for "
-                f"task {task_name!r}: {err}"
-            ) from None
+        arm_cfg, task = arm_config(task_name, name, changes, params_path, dotted, build_models)
         primary = task.primary_metric
         if name == BASELINE:
             base_dump, base_cfg_arm = arm_cfg.model_dump(mode="json"), arm_cfg
-            on = arm_cfg.augment.enabled_names()
-            if on:  # ablation.baseline switched one back on: the baseline would not be "every augmentation off"
-                raise ConfigError(
-                    f"ablation baseline of task {task_name!r} has augmentations on: {on} "
-                    f"(ablation.baseline must not switch any on; make it an arm instead)"
-                )
+            check_baseline(task_name, arm_cfg)
         diff = settings_diff(base_cfg_arm, arm_cfg, ignore=RUNTIME_KEYS)
         check_one_change(name, changes, diff)
         diffs[name] = diff
-        for i in range(cfg.seeds):
-            seed = params.seed + i
-            arms.append(
-                Arm(
-                    name,
-                    changes,
-                    seed,
-                    {**dotted, "seed": seed},
-                    learning_hash(arm_cfg.model_dump(mode="json"), seed),
-                    diff,
-                )
-            )
+        arms += seeded_arms(name, changes, dotted, arm_cfg, diff, params.seed, cfg.seeds)
     key = config_hash({"task": task_name, "baseline": learning_hash(base_dump, 0)})
     return Plan(task_name, primary, cfg, arms, key, str(Path(params_path).resolve()), overrides, diffs)
+
+
+def baseline_settings(task_name: str, cfg: AblationConfig, base_cfg: TaskConfig) -> dict[str, Any]:
+    """The baseline arm's settings: every augmentation of the task off (their strengths stay as in params.yaml),
+    then ``ablation.baseline``, and the runner's thread share when the task leaves ``train.num_threads`` to torch."""
+    baseline = baseline_overrides(task_name)
+    baseline.update(cfg.baseline)
+    threads = worker_threads(cfg.runner)
+    if threads and base_cfg.train.num_threads == 0:
+        baseline.setdefault("train.num_threads", threads)
+    return baseline
+
+
+def arm_config(task_name: str, name: str, changes: dict, params_path: str | Path, dotted: dict, build_models: bool):
+    """The arm's task settings and task, its model built with ``build_models``; an arm that is not a valid setting
+    raises a ConfigError naming it."""
+    from cv_models import get_task
+
+    try:
+        arm_params = load_params(params_path, dotted)
+        arm_cfg = arm_params.task(task_name)
+        task = get_task(task_name, arm_cfg)
+        if build_models:  # unknown model, missing weights: fail now, not after the other arms trained
+            task.build_model()
+    except Exception as err:
+        raise ConfigError(
+            f"ablation arm {name!r} ({changes or 'the baseline'}) is not a valid setting for task {task_name!r}: {err}"
+        ) from None
+    return arm_cfg, task
+
+
+def check_baseline(task_name: str, arm_cfg: TaskConfig) -> None:
+    on = arm_cfg.augment.enabled_names()
+    if on:  # ablation.baseline switched one back on: the baseline would not be "every augmentation off"
+        raise ConfigError(
+            f"ablation baseline of task {task_name!r} has augmentations on: {on} "
+            f"(ablation.baseline must not switch any on; make it an arm instead)"
+        )
+
+
+def seeded_arms(
+    name: str, changes: dict, dotted: dict, arm_cfg: TaskConfig, diff: dict, first_seed: int, seeds: int
+) -> list[Arm]:
+    """The arm once per seed (``first_seed``, the next ones), each run keyed by its learning settings and seed."""
+    arms = []
+    for i in range(seeds):
+        seed = first_seed + i
+        arms.append(
+            Arm(
+                name,
+                changes,
+                seed,
+                {**dotted, "seed": seed},
+                learning_hash(arm_cfg.model_dump(mode="json"), seed),
+                diff,
+            )
+        )
+    return arms
 
 
 def check_one_change(name: str, changes: dict[str, Any], diff: dict[str, tuple[Any, Any]]) -> None:

@@ -158,11 +158,8 @@ def train_and_score(job: TrainJob, on_epoch: Callable[[dict, int], None] | None 
 
     ``on_epoch(metrics, epoch)`` sees every epoch's validation metrics (the search prunes from there).
     """
-    from tasks.training import engine
     from tasks.training.seeding import seed_everything
-    from tasks.stage import Stage
-    from tasks.paths import checkpoints
-    from tasks.training.train import normalizer, train_model
+    from tasks.training.train import train_model
     from cv_models import get_task
 
     enter_project(job.project_dir)
@@ -171,11 +168,40 @@ def train_and_score(job: TrainJob, on_epoch: Callable[[dict, int], None] | None 
     run_id = create_child_run(
         params, job.experiment_id, job.parent_run_id, job.run_name, {"cv_task": job.task_name, **job.tags}
     )
+    status = "FAILED"
+    try:
+        seeds = seed_everything(params.seed)
+        task = get_task(job.task_name, cfg)
+        log_params(params, run_id, {**seeds, **flatten(cfg.model_dump(mode="json"))})
+        st = tracked_stage_type(on_epoch)(params, job.stage_name, job.task_name, cfg, task, seeds, run_id)
+        out_dir = Path(job.out_dir)
+        result, model_path = train_model(st, cfg.augment, out_dir)
+        primary = task.primary_metric
+        metrics: dict[str, Any] = {
+            f"best_val_{primary}": result.best_metrics[primary],
+            "best_epoch": result.best_epoch,
+            "train_seconds": round(result.seconds, 2),
+        }
+        if job.score_test:
+            metrics.update(score_test(st, model_path))
+        log_metrics(params, run_id, metrics)
+        tidy_up(st, job, out_dir, model_path)
+        status = "FINISHED"
+        return {**metrics, "run_id": run_id}
+    except BaseException as err:
+        if type(err).__name__ == "TrialPruned":
+            status = "KILLED"  # stopped early on purpose: the search's pruner
+        raise
+    finally:
+        retry_locked(client(params).set_terminated, run_id, status)
+
+
+def tracked_stage_type(on_epoch: Callable[[dict, int], None] | None) -> type:
+    """A Stage whose MLflow calls name their run (thread-safe) and whose epochs reach ``on_epoch``."""
+    from tasks.stage import Stage
 
     @dataclass
     class TrackedStage(Stage):
-        """A stage whose MLflow calls name their run (thread-safe) and whose epochs reach ``on_epoch``."""
-
         def log_metrics(self, metrics, step=None, prefix=""):
             log_metrics(self.params, self.run_id, {prefix + k: v for k, v in metrics.items()}, step)
             if step is not None and on_epoch is not None:
@@ -195,48 +221,37 @@ def train_and_score(job: TrainJob, on_epoch: Callable[[dict, int], None] | None 
         def log_inputs(self, *splits):  # the other arms write to the same SQLite store
             retry_locked(Stage.log_inputs, self, *splits)
 
-    status = "FAILED"
-    try:
-        seeds = seed_everything(params.seed)
-        task = get_task(job.task_name, cfg)
-        log_params(params, run_id, {**seeds, **flatten(cfg.model_dump(mode="json"))})
-        st = TrackedStage(params, job.stage_name, job.task_name, cfg, task, seeds, run_id)
-        out_dir = Path(job.out_dir)
-        result, model_path = train_model(st, cfg.augment, out_dir)
-        primary = task.primary_metric
-        metrics: dict[str, Any] = {
-            f"best_val_{primary}": result.best_metrics[primary],
-            "best_epoch": result.best_epoch,
-            "train_seconds": round(result.seconds, 2),
-        }
-        if job.score_test:
-            norm = normalizer(st)
-            test = task.dataset("test", task.eval_transforms(norm))
-            device = engine.pick_device(cfg.train.device)
-            loader = engine.make_loader(
-                task, test, cfg.train.eval_batch_size, False, params.seed, engine.worker_count(cfg.train)
-            )
-            model = engine.load_model(task, model_path).to(device)
-            scored = task.evaluate(
-                model, loader, device, native=True
-            )  # at each image's own size, as the evaluate stage
-            metrics.update({f"test_{k}": v for k, v in scored.metrics.items()})
-        log_metrics(params, run_id, metrics)
-        for name in ("history.csv", "history.png"):
-            if (out_dir / name).exists():
-                st.log_artifacts(out_dir / name)
-        if not job.keep_model:
-            shutil.rmtree(model_path.parent, ignore_errors=True)
-            remove_empty_parents(model_path.parent, Path("models"))
-        remove_empty_parents(checkpoints(job.task_name, job.stage_name), Path("checkpoints"))
-        status = "FINISHED"
-        return {**metrics, "run_id": run_id}
-    except BaseException as err:
-        if type(err).__name__ == "TrialPruned":
-            status = "KILLED"  # stopped early on purpose: the search's pruner
-        raise
-    finally:
-        retry_locked(client(params).set_terminated, run_id, status)
+    return TrackedStage
+
+
+def score_test(st, model_path: Path) -> dict[str, Any]:
+    """The trained model's ``test_*`` metrics, at each image's own size, as the evaluate stage scores."""
+    from tasks.training import engine
+    from tasks.training.train import normalizer
+
+    task, cfg = st.task, st.cfg
+    norm = normalizer(st)
+    test = task.dataset("test", task.eval_transforms(norm))
+    device = engine.pick_device(cfg.train.device)
+    loader = engine.make_loader(
+        task, test, cfg.train.eval_batch_size, False, st.params.seed, engine.worker_count(cfg.train)
+    )
+    model = engine.load_model(task, model_path).to(device)
+    scored = task.evaluate(model, loader, device, native=True)
+    return {f"test_{k}": v for k, v in scored.metrics.items()}
+
+
+def tidy_up(st, job: TrainJob, out_dir: Path, model_path: Path) -> None:
+    """The history to MLflow; the model (unless kept) and the emptied checkpoint folders off the disk."""
+    from tasks.paths import checkpoints
+
+    for name in ("history.csv", "history.png"):
+        if (out_dir / name).exists():
+            st.log_artifacts(out_dir / name)
+    if not job.keep_model:
+        shutil.rmtree(model_path.parent, ignore_errors=True)
+        remove_empty_parents(model_path.parent, Path("models"))
+    remove_empty_parents(checkpoints(job.task_name, job.stage_name), Path("checkpoints"))
 
 
 def remove_empty_parents(folder: Path, stop: Path) -> None:

@@ -1,10 +1,12 @@
-"""``train.time_limit_minutes``: how many epochs fit, when to stop, and the learning-rate schedule run over them.
+"""``train.time_limit_minutes``: how many steps fit, when to stop, and the learning-rate schedule run over them.
 
 The plan aims at :data:`TARGET_SHARE` of the limit and is re-fitted after every epoch, so a forecast that moves (a
 slow epoch, a machine that frees up) moves the plan, and the schedule is re-spanned over it: it reaches its final
-learning rate in the last planned epoch. Epoch times are the median of the recent ones (one slow epoch does not cut
+learning rate on the last planned step. The plan counts steps (:func:`steps_to_plan`): whole epochs, and the last
+one partial when a whole one would not fit, so up to an epoch of the limit is not left unused. Epoch times are the median of the recent ones (one slow epoch does not cut
 the plan), without the first epoch of a process once there are others (it carries one-time costs: cache filling,
-warm-up). The run stops early only when even one more epoch would end past 100% of the limit.
+warm-up). The run stops early only when even one more step (one more epoch, without a fitted plan that can shrink to a partial
+one) would end past 100% of the limit.
 
 In the last :data:`GUARD_EPOCHS` planned epochs a guard watches the time per step (earlier, the re-plan after each
 epoch still has time to correct, and one slow epoch does not cut the plan): when the forecast passes :data:`GUARD_SHARE` of the limit
@@ -14,6 +16,7 @@ epoch still has time to correct, and one slow epoch does not cut the plan): when
 
 from __future__ import annotations
 
+import math
 import statistics
 from dataclasses import dataclass
 
@@ -69,6 +72,30 @@ def epochs_that_fit(
     return fits
 
 
+def steps_to_plan(
+    limit_s: float,
+    spent: float,
+    done: int,
+    steps_per_epoch: int,
+    train_s: float,
+    val_s: float,
+    val_every: int,
+    cap: int,
+    share: float = TARGET_SHARE,
+) -> int:
+    """The most training steps in all, ``done`` epochs trained and validated where due and at most ``cap`` epochs,
+    that end within ``share`` of ``limit_s``: the whole epochs of :func:`epochs_that_fit`, then the steps of the next
+    epoch that fit beside them and its validation (the epoch training ends in is validated); at least ``done``'s."""
+    whole = epochs_that_fit(limit_s, spent, done, train_s, val_s, val_every, cap, share=share)
+    if whole >= cap or train_s <= 0:
+        return whole * steps_per_epoch
+    step_s = train_s / steps_per_epoch
+    # the next epoch whole would pass the share: it runs as many of its steps as the room left holds
+    room = share * limit_s - spent - seconds_to_finish(done, whole + 1, train_s, val_s, val_every, False) + train_s
+    extra = min(max(math.floor(room / step_s + 1e-9), 0), steps_per_epoch - 1)
+    return whole * steps_per_epoch + extra
+
+
 def steps_that_fit(
     room_s: float, step: int, total: int, steps_per_epoch: int, epoch: int, step_s: float, val_s: float, val_every: int
 ) -> int:
@@ -103,19 +130,25 @@ class TimeBudget:
         val_start = self.first_val if len(val) > self.first_val else 0
         return recent_median(train, start), recent_median(val, val_start)
 
-    def out_of_time(self, spent: float, done: int, timings: dict[str, list[float]], validating_now: bool) -> bool:
-        """True when one more epoch (and its validation: the epoch training stops at is validated) would end past
-        the limit, after this epoch's own validation when it is due."""
+    def out_of_time(
+        self, spent: float, done: int, timings: dict[str, list[float]], validating_now: bool, share_of_epoch: float = 1
+    ) -> bool:
+        """True when ``share_of_epoch`` of one more epoch (and its validation: the epoch training stops at is
+        validated) would end past the limit, after this epoch's own validation when it is due."""
         train_s, val_s = self.estimates(timings)
-        return spent + seconds_to_finish(done, done + 1, train_s, val_s, self.val_every, validating_now) > self.limit_s
+        more = seconds_to_finish(done, done + 1, train_s, val_s, self.val_every, validating_now)
+        return spent + more - (1 - share_of_epoch) * train_s > self.limit_s
 
-    def plan(self, spent: float, done: int, timings: dict[str, list[float]]) -> int:
-        """The epochs to train in all, after ``done`` epochs (validated where due) took ``spent`` seconds: those that
-        end within :data:`TARGET_SHARE` of the limit, and at least one more (the caller has checked
-        :meth:`out_of_time`)."""
+    def plan(self, spent: float, done: int, timings: dict[str, list[float]], steps_per_epoch: int) -> int:
+        """The steps to train in all, after ``done`` epochs (validated where due) took ``spent`` seconds: those that
+        end within :data:`TARGET_SHARE` of the limit, the last epoch perhaps partial; else those within the limit,
+        and at least one more (the caller has checked :meth:`out_of_time` for one step)."""
         train_s, val_s = self.estimates(timings)
-        fits = epochs_that_fit(self.limit_s, spent, done, train_s, val_s, self.val_every, self.cap)
-        return min(max(fits, done + 1), self.cap)
+        args = (self.limit_s, spent, done, steps_per_epoch, train_s, val_s, self.val_every, self.cap)
+        fits = steps_to_plan(*args)
+        if fits <= done * steps_per_epoch:  # not one step within the target: what the limit itself holds
+            fits = steps_to_plan(*args, share=1.0)
+        return min(max(fits, done * steps_per_epoch + 1), self.cap * steps_per_epoch)
 
     def describe(self, timings: dict[str, list[float]]) -> str:
         train_s, val_s = self.estimates(timings)

@@ -65,6 +65,24 @@ class Run:
     def steps_per_epoch(self) -> int:
         return len(self.train_loader)
 
+    def planned_steps(self) -> int:
+        """The plan in training steps: its last epoch ends after ``cut`` steps (0: all of them)."""
+        return (self.planned - 1) * self.steps_per_epoch + (self.cut or self.steps_per_epoch)
+
+    def plan_steps(self, steps: int) -> None:
+        """The plan set to ``steps`` training steps in all: whole epochs, the last perhaps partial."""
+        self.planned, self.cut = -(-steps // self.steps_per_epoch), steps % self.steps_per_epoch
+
+    def describe_plan(self) -> str:
+        """The plan in epochs (``9.5 of 60 epochs fit``) and, when its last epoch is partial, what it holds."""
+        if not self.cut:
+            return f"{self.planned} of {self.cfg.epochs} epochs fit"
+        whole, per_epoch = self.planned - 1, self.steps_per_epoch
+        return (
+            f"{whole + self.cut / per_epoch:.1f} of {self.cfg.epochs} epochs fit "
+            f"({whole} whole and {self.cut} of {per_epoch} steps of epoch {self.planned})"
+        )
+
     def partial(self) -> bool:
         """This epoch was cut short by the time limit's guard (its row says after how many steps)."""
         return "steps" in self.row
@@ -220,7 +238,7 @@ class TimeLimit(Callback):
         if run.planned - run.epoch >= budget.GUARD_EPOCHS:
             return  # the re-plan after this epoch can still correct the plan
         step, per_epoch = run.scheduler.step_count, run.steps_per_epoch
-        total = (run.planned - 1) * per_epoch + (run.cut or per_epoch)  # the plan's last step
+        total = run.planned_steps()  # the plan's last step
         step_s, val_s = statistics.median(self.steps[-budget.RECENT_STEPS :]), self.budget.estimates(run.timings)[1]
         room = budget.GUARD_SHARE * self.budget.limit_s - run.spent()
         fits = accelerate.broadcast(  # rank 0's count
@@ -232,7 +250,8 @@ class TimeLimit(Callback):
     def cut(self, run: Run, fits: int, step_s: float) -> None:
         """The plan cut to ``fits`` steps: the schedule ends on the last, training stops after it."""
         per_epoch, was = run.steps_per_epoch, run.planned
-        run.planned, run.cut, self.cut_in = -(-fits // per_epoch), fits % per_epoch, run.epoch
+        run.plan_steps(fits)
+        self.cut_in = run.epoch
         run.scheduler.respan(fits)
         where = (
             f"after step {fits - (run.planned - 1) * per_epoch} of {per_epoch} of epoch {run.planned} (a partial epoch)"
@@ -247,9 +266,10 @@ class TimeLimit(Callback):
         )
 
     def on_train_end(self, run: Run) -> None:
-        # rank 0's clock decides; the epoch it stops at is validated
+        # rank 0's clock decides; the epoch it stops at is validated. A fitted plan can shrink to one more step.
+        share = 1 / run.steps_per_epoch if self.fitted(run) else 1.0
         run.out = run.epoch < run.planned and accelerate.broadcast(
-            self.budget.out_of_time(run.spent(), run.epoch, run.timings, run.due)
+            self.budget.out_of_time(run.spent(), run.epoch, run.timings, run.due, share)
         )
 
     def on_epoch_end(self, run: Run) -> None:
@@ -263,25 +283,27 @@ class TimeLimit(Callback):
             )
             run.stop = True
         elif self.fitted(run) and run.epoch < run.planned:
-            fits = accelerate.broadcast(self.budget.plan(run.spent(), run.epoch, run.timings))  # rank 0's count
-            if self.cut_in == run.epoch:
-                fits = min(fits, run.planned)  # the guard cut this epoch: its forecast, from the slower steps, holds
-            if fits != run.planned:
-                run.scheduler.respan(fits * run.steps_per_epoch)
-                run.cut = 0
-                print(
-                    f"[{run.desc}] time limit: {fits} of {self.budget.cap} epochs fit "
-                    f"({self.budget.describe(run.timings)}); the learning-rate schedule now spans {fits} "
-                    f"(train.fit_epochs_to_time_limit)",
-                    flush=True,
-                )
-            run.planned = fits
+            self.replan(run)
+
+    def replan(self, run: Run) -> None:
+        """The plan re-fitted in steps after an epoch (its last epoch perhaps partial), the schedule re-spanned."""
+        fits = accelerate.broadcast(self.budget.plan(run.spent(), run.epoch, run.timings, run.steps_per_epoch))
+        if self.cut_in == run.epoch:  # the guard cut this epoch: its forecast, from the slower steps, holds
+            fits = min(fits, run.planned_steps())
+        if fits != run.planned_steps():
+            run.scheduler.respan(fits)
+            run.plan_steps(fits)
+            print(
+                f"[{run.desc}] time limit: {run.describe_plan()}, at {self.budget.describe(run.timings)}; the "
+                f"learning-rate schedule now spans {fits} steps (train.fit_epochs_to_time_limit)",
+                flush=True,
+            )
 
 
 PART_NAMES = {
     "settings": "the task's settings",
     "seed": "the seed",
-    "code": "the task's code or the training loop's (tasks/training/engine.py, callbacks.py, optim.py, budget.py)",
+    "code": "the task's code or the training loop's (tasks/training/engine.py, callbacks.py, device.py, optim.py, budget.py)",
     "data": "the data version (validate stage's digest)",
     "stage": "the stage's own settings",
     "n_train": "the number of training samples",

@@ -7,7 +7,6 @@ import hashlib
 import inspect
 import io
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,77 +22,32 @@ from cv_models.base import CVTask
 from cv_models.settings import flat
 from tasks.config import TrainConfig, config_hash
 from tasks.paths import atomic_write_bytes
-from tasks.training import accelerate, budget, callbacks, checkpointing, optim
+from tasks.training import accelerate, budget, callbacks, checkpointing, device, optim
 from tasks.training.checkpointing import CheckpointError, read_resume_checkpoint, save_last, write_checkpoint  # noqa: F401
+from tasks.training.device import (  # noqa: F401
+    available_cores,
+    deterministic_kernels,
+    pick_device,
+    prepare_device,
+    set_determinism,
+    set_threads,
+    warn_slow_deterministic_roi,
+    worker_count,
+)
+from tasks.training.diagnostics import (  # noqa: F401
+    DUMMY_MARGIN,
+    NO_OVERFITTING,
+    SilentFailureWarning,
+    diagnose_overfitting,
+    overfitting_verdict,
+    silent_failure_warnings,
+)
 from tasks.training.optim import build_optimizer, build_scheduler, make_scheduler, parameter_groups  # noqa: F401
 from tasks.training.seeding import loader_generator, seed_worker
 
 
 class OverfitCheckFailed(RuntimeError):
     pass
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and accelerate.launched_by_torchrun():
-        name = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"  # one GPU per torchrun process
-    return torch.device(name)
-
-
-def set_threads(n: int) -> None:
-    torch.set_num_threads(n or os.cpu_count() or 1)
-
-
-def deterministic_kernels(setting: bool | str, device: torch.device) -> bool:
-    """``train.deterministic`` for this device. ``auto``: on the CPU (it costs nothing there and gives bit-equal
-    reruns), off on a GPU, where deterministic kernels cost speed and, for Faster/Mask R-CNN, much more: with
-    deterministic algorithms on, torchvision's roi_align leaves its CUDA kernel for a pure-Python version
-    (an epoch of Mask R-CNN on coco128_json took 104 s on an H200, against 7 s with them off; README "Run on an
-    NVIDIA H200")."""
-    return device.type == "cpu" if setting == "auto" else bool(setting)
-
-
-def set_determinism(on: bool) -> None:
-    """Deterministic kernels where torch has them (warn-only: an op without one still runs, with a warning),
-    cuDNN without autotuning; off: torch picks the fastest kernels and cuDNN autotunes (as torchvision's
-    reference scripts do)."""
-    torch.use_deterministic_algorithms(on, warn_only=True)
-    torch.backends.cudnn.deterministic = on
-    torch.backends.cudnn.benchmark = not on
-    if on:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS (read when CUDA starts)
-
-
-def warn_slow_deterministic_roi(model: nn.Module, device: torch.device, deterministic: bool, desc: str) -> None:
-    """Say so when ``train.deterministic: true`` sends a GPU detector's RoI pooling down torchvision's slow path."""
-    from torchvision.ops import MultiScaleRoIAlign
-
-    if deterministic and device.type != "cpu" and any(isinstance(m, MultiScaleRoIAlign) for m in model.modules()):
-        print(
-            f"[{desc}] WARNING: train.deterministic: true on {device.type} makes torchvision's roi_align use its "
-            f"pure-Python version (Mask R-CNN epochs measured 15x slower on an H200); set "
-            f"train.deterministic: auto or false to train at the GPU's speed",
-            flush=True,
-        )
-
-
-def available_cores() -> int:
-    """CPU cores this process may run on (its affinity mask, e.g. a container's share), else all of them."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-def worker_count(cfg: TrainConfig, cores: int | None = None) -> int:
-    """``train.num_workers`` as a number. ``auto``: none on 2 cores or fewer, where a worker process competes with
-    training for the same cores and costs more than it saves (benchmarks/epoch_time.py measured it); otherwise the
-    cores torch's threads leave free, at most 8."""
-    if cfg.num_workers != "auto":
-        return cfg.num_workers
-    cores = cores or available_cores()
-    if cores <= 2:
-        return 0
-    threads = cfg.num_threads or cores
-    return max(0, min(cores - threads, 8))
 
 
 def make_loader(
@@ -135,7 +89,8 @@ def to_device(obj, device: torch.device):
 def code_version(task: CVTask) -> str:
     """sha256 of the task's module and of this training loop: changed code never resumes old state."""
     h = hashlib.sha256()
-    for path in sorted({inspect.getfile(type(task)), __file__, budget.__file__, callbacks.__file__, optim.__file__}):
+    loop = {__file__, budget.__file__, callbacks.__file__, device.__file__, optim.__file__}
+    for path in sorted({inspect.getfile(type(task))} | loop):
         h.update(Path(path).read_bytes())
     return h.hexdigest()[:16]
 
@@ -184,39 +139,6 @@ class FitResult:
     time_limit_s: float = 0.0  # train.time_limit_minutes in seconds (0: none)
 
 
-class SilentFailureWarning(UserWarning):
-    """A trained model no better than the dummy solution, collapsed to one class, or never predicting some."""
-
-
-DUMMY_MARGIN = 0.01  # a metric within this of the dummy's has learnt nothing the class frequencies do not give
-
-
-def silent_failure_warnings(metrics: dict, dummy: dict, primary: str, n_classes: int, where: str) -> list[str]:
-    """Lines saying a model is no better than the dummy solution, predicts a single class, or never predicts some
-    classes present in the data (``never_predicted/<class>`` metrics; empty: healthy). A collapsed model otherwise
-    passes every stage quietly, its metric looking like a number."""
-    out = []
-    if primary in metrics and primary in dummy and metrics[primary] <= dummy[primary] + DUMMY_MARGIN:
-        out.append(
-            f"{where}: {primary} {metrics[primary]:.4f} is at the dummy solution's level ({dummy[primary]:.4f}): "
-            f"the model has learnt nothing beyond the class frequencies (check the learning rate, the epochs, "
-            f"class balance and the labels)"
-        )
-    missed = [k.split("/", 1)[1] for k in metrics if k.startswith("never_predicted/")]
-    if n_classes > 1 and metrics.get("predicted_classes") == 1:
-        out.append(
-            f"{where}: the model predicts a single class for everything (collapsed; try class weights or a "
-            f"Dice-based loss for rare classes, a lower learning rate, more epochs)"
-        )
-    elif missed:
-        out.append(
-            f"{where}: {len(missed)} of {n_classes} classes present in the data are never predicted: "
-            f"{', '.join(missed)} (half-collapsed; try class weights or a Dice-based loss for rare classes, "
-            f"more epochs)"
-        )
-    return out
-
-
 def fit(
     task: CVTask,
     model: nn.Module,
@@ -234,60 +156,56 @@ def fit(
     data_version: str | None = None,
     keep_checkpoint: bool = False,
 ) -> FitResult:
-    """Train for ``cfg.epochs``; keep the weights with the best validation ``task.primary_metric``.
-
-    The best model goes to ``model_path`` (written once, at the end). ``checkpoint_path`` holds the
-    last epoch so an interrupted run resumes; it is used only if it was made by the same run: the task's settings,
-    the seed, the code of the task and of this loop, and ``data_version`` (the validate stage's digest), see
-    :func:`fingerprint_parts`. It is read with ``weights_only=True``: a file holding pickled code is refused.
-    With ``keep_checkpoint`` the finished run's checkpoint stays, marked done, for the caller to remove once its
-    outputs are committed: a kill in between then resumes without training again.
-    ``train_eval_set`` (training images without augmentation) is scored each epoch beside the
-    validation split, for the overfitting diagnosis. With ``cfg.ema_decay`` the exponential moving
-    average of the weights is what gets scored and saved. Everything beside the training step and validation is
-    a callback (tasks/training/callbacks.py, :func:`default_callbacks`).
-    """
-    device, acc = prepare_device(cfg, model, desc)
+    """Train for ``cfg.epochs``; keep the weights with the best validation ``task.primary_metric``, written to
+    ``model_path`` once, at the end. ``checkpoint_path`` holds the last epoch so an interrupted run resumes, only
+    when it was made by the same run (:func:`fingerprint_parts`; read with ``weights_only=True``). With
+    ``keep_checkpoint`` the finished run's checkpoint stays, marked done, for the caller to remove once its outputs
+    are committed. ``train_eval_set`` (training images without augmentation) is scored each epoch beside the
+    validation split, for the overfitting diagnosis. Everything beside the training step and validation is a
+    callback (tasks/training/callbacks.py, :func:`default_callbacks`): EMA, checkpoint, time limit, early stopping."""
+    dev, acc = prepare_device(cfg, model, desc)
     loaders = make_loaders(task, train_set, val_set, train_eval_set, cfg, seed, acc.pin_memory, desc)
-    optimizer = build_optimizer(model, cfg.optimizer, task.lr_factor)
-    scheduler = make_scheduler(optimizer, cfg, len(loaders.train))
+    run = new_run(task, model, cfg, desc, loaders.train)
     train_model = acc.prepare(model)  # what the training step calls: channels-last, DDP (rank 0's weights), compiled
-    run = callbacks.Run(
-        cfg,
-        desc,
-        task.primary_metric,
-        model,
-        optimizer,
-        scheduler,
-        loaders.train,
-        time.perf_counter,
-        scored=model,
-        planned=cfg.epochs,
-    )
-    hooks = default_callbacks(
-        task,
-        cfg,
-        seed,
-        device,
-        checkpoint_path,
-        keep_checkpoint,
-        log_metrics,
-        fingerprint_parts(task, cfg, seed, extra_state, len(train_set), data_version),
-    )
+    parts = fingerprint_parts(task, cfg, seed, extra_state, len(train_set), data_version)
+    hooks = default_callbacks(task, cfg, seed, dev, checkpoint_path, keep_checkpoint, log_metrics, parts)
     callbacks.call(hooks, "on_fit_start", run)
     run.t0 = run.clock() - run.elapsed
     callbacks.call(hooks, "on_train_start", run)
     while run.epoch <= run.planned:
-        train_epoch(run, task, train_model, acc, device, loaders.sampler, mixer, hooks)
+        train_epoch(run, task, train_model, acc, dev, loaders.sampler, mixer, hooks)
         run.due = run.epoch % cfg.val_every == 0 or run.epoch == run.planned
         callbacks.call(hooks, "on_train_end", run)  # the time limit: is this the last epoch (then validated)?
-        run.val = validate(run, task, acc, device, loaders) if run.due or run.out else None
+        run.val = validate(run, task, acc, dev, loaders) if run.due or run.out else None
         record_epoch(run)
         callbacks.call(hooks, "on_epoch_end", run)
         if run.stop:
             break
         run.epoch += 1
     callbacks.call(hooks, "on_fit_end", run)
+    return finish(run, task, model_path, hooks)
+
+
+def new_run(task: CVTask, model: nn.Module, cfg: TrainConfig, desc: str, train_loader: DataLoader) -> callbacks.Run:
+    """The loop's shared state: the optimiser, then the schedule over ``cfg.epochs`` of ``train_loader``'s steps."""
+    optimizer = build_optimizer(model, cfg.optimizer, task.lr_factor)
+    scheduler = make_scheduler(optimizer, cfg, len(train_loader))
+    return callbacks.Run(
+        cfg,
+        desc,
+        task.primary_metric,
+        model,
+        optimizer,
+        scheduler,
+        train_loader,
+        time.perf_counter,
+        scored=model,
+        planned=cfg.epochs,
+    )
+
+
+def finish(run: callbacks.Run, task: CVTask, model_path: Path, hooks: list[callbacks.Callback]) -> FitResult:
+    """The best weights loaded and saved (rank 0), and what the run gives back."""
     seconds = run.spent()
     run.scored.load_state_dict(run.best["state"])
     if accelerate.is_main():
@@ -303,8 +221,8 @@ def fit(
         run.timings,
         planned=run.planned,
         final_lr=float(run.history[-1]["lr"]) if run.history else float("nan"),
-        end_lr=scheduler.end_lr if isinstance(scheduler, budget.FittedSchedule) else None,
-        time_limit_s=cfg.time_limit_minutes * 60,
+        end_lr=run.scheduler.end_lr if isinstance(run.scheduler, budget.FittedSchedule) else None,
+        time_limit_s=run.cfg.time_limit_minutes * 60,
     )
 
 
@@ -333,17 +251,6 @@ def default_callbacks(
     hooks += [callbacks.MetricsLog(log_metrics)] if log_metrics is not None else []
     hooks += [callbacks.EarlyStopping(cfg.early_stopping.patience)] if cfg.early_stopping.enabled else []
     return hooks
-
-
-def prepare_device(cfg: TrainConfig, model: nn.Module, desc: str) -> tuple[torch.device, accelerate.Accelerator]:
-    """The device, threads and kernels ``cfg`` asks for, the model moved there, and its accelerator."""
-    device = pick_device(cfg.device)
-    set_threads(cfg.num_threads)
-    deterministic = deterministic_kernels(cfg.deterministic, device)
-    set_determinism(deterministic)
-    warn_slow_deterministic_roi(model, device, deterministic, desc)
-    model.to(device)
-    return device, accelerate.Accelerator(device, cfg.precision, cfg.channels_last, cfg.compile)
 
 
 @dataclass
@@ -485,50 +392,6 @@ def record_epoch(run: callbacks.Run) -> None:
         + (f" (partial: {run.row['steps']} of {run.steps_per_epoch} steps)" if run.partial() else ""),
         flush=True,
     )
-
-
-def diagnose_overfitting(
-    history: pd.DataFrame, metric: str, min_gap_growth: float = 0.02, min_flat_epochs: int = 2
-) -> str | None:
-    """A sentence when the model overfits: the validation metric stopped improving while the gap
-    between train and validation kept growing. Names the epoch where it started; None otherwise. ``min_flat_epochs``
-    counts validated epochs."""
-    train_col, val_col = f"train_{metric}", f"val_{metric}"
-    if train_col not in history or val_col not in history:
-        return None
-    history = history.dropna(subset=[val_col]).reset_index(drop=True)  # validated epochs only (train.val_every)
-    if len(history) < min_flat_epochs + 1:
-        return None
-    best_idx = int(history[val_col].values.argmax())
-    if len(history) - 1 - best_idx < min_flat_epochs:
-        return None
-    gap = (history[train_col] - history[val_col]).values
-    growth = gap[best_idx + 1 :].max() - gap[best_idx]
-    if growth < min_gap_growth:
-        return None
-    start = int(history["epoch"].iloc[best_idx + 1])
-    return (
-        f"overfitting from epoch {start}: val {metric} peaked at {history[val_col].iloc[best_idx]:.4f} in epoch "
-        f"{int(history['epoch'].iloc[best_idx])} and did not improve afterwards, while the train-val gap grew from "
-        f"{gap[best_idx]:.4f} to {gap[best_idx + 1 :].max():.4f}"
-    )
-
-
-NO_OVERFITTING = "no sign of overfitting (val metric still improving or gap not growing)"
-
-
-def overfitting_verdict(history: pd.DataFrame, metric: str, min_flat_epochs: int = 2) -> str:
-    """The evaluation report's line on overfitting: :func:`diagnose_overfitting`'s sentence, no sign of it, or that
-    it cannot tell, and why (no train metric, too few validated epochs)."""
-    if f"train_{metric}" not in history:
-        return (
-            "cannot tell: no train metric to compare with validation (train.track_train_metric: false; set it to "
-            "true to score a training subset each epoch)"
-        )
-    validated = int(history[f"val_{metric}"].notna().sum()) if f"val_{metric}" in history else 0
-    if validated < min_flat_epochs + 1:
-        return f"cannot tell: {validated} validated epoch(s), the diagnosis needs at least {min_flat_epochs + 1}"
-    return diagnose_overfitting(history, metric, min_flat_epochs=min_flat_epochs) or NO_OVERFITTING
 
 
 @torch.no_grad()
