@@ -11,6 +11,7 @@ import torch
 from cv_models import get_task
 from tasks.config import load_params
 from tasks.training import checkpointing, engine
+from tests.conftest import REPO
 
 
 def _setup(project, **train):
@@ -100,3 +101,19 @@ def test_checkpoint_due():
     assert checkpointing.due(4, 7, 3, True)  # the epoch a time limit stops at
     assert checkpointing.in_background("auto", torch.device("cpu")) is False
     assert checkpointing.in_background("auto", torch.device("cuda")) is True
+
+
+def test_the_code_fingerprint_covers_every_module_of_the_task_package(project):
+    """A task is a package (cv_models/<task>/): an edit to any of its modules, not only the one that defines the
+    class, must stop a resume from a checkpoint of the old code. A task class outside cv_models/ hashes its file."""
+    cfg = load_params(project.params()).task("detection")
+    task = get_task("detection", cfg)
+    package = REPO / "cv_models" / "detection"
+    sources = {Path(p) for p in engine.task_sources(task)}
+    assert {package / "task.py", package / "scoring.py", package / "report.py"} <= sources
+    assert sources == set(package.glob("*.py"))
+
+    class Stub(type(task)):
+        pass
+
+    assert engine.task_sources(Stub(cfg)) == {__file__}

@@ -7,6 +7,7 @@ import hashlib
 import inspect
 import io
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,11 +87,21 @@ def to_device(obj, device: torch.device):
     return obj
 
 
+def task_sources(task: CVTask) -> set[str]:
+    """The files of the task's code: every module of its package when it is one (``cv_models/<task>/``), else its
+    own module."""
+    module = sys.modules[type(task).__module__]
+    package = sys.modules.get(module.__name__.rpartition(".")[0]) if not hasattr(module, "__path__") else module
+    if package is not None and getattr(package, "__file__", None) and package.__name__.startswith("cv_models."):
+        return {str(p) for p in sorted(Path(package.__file__).parent.glob("*.py"))}
+    return {inspect.getfile(type(task))}
+
+
 def code_version(task: CVTask) -> str:
-    """sha256 of the task's module and of this training loop: changed code never resumes old state."""
+    """sha256 of the task's code and of this training loop: changed code never resumes old state."""
     h = hashlib.sha256()
     loop = {__file__, budget.__file__, callbacks.__file__, device.__file__, optim.__file__}
-    for path in sorted({inspect.getfile(type(task))} | loop):
+    for path in sorted(task_sources(task) | loop):
         h.update(Path(path).read_bytes())
     return h.hexdigest()[:16]
 
