@@ -389,6 +389,20 @@ def _common(image_size: int | tuple[int, int], mean, std) -> dict:
     return dict(min_size=min(h, w), max_size=max(h, w), image_mean=list(mean), image_std=list(std))
 
 
+def proposal_settings(o: DetectorOptions) -> dict:
+    """The knobs that decide CPU cost: proposals kept, RoIs sampled, detections returned."""
+    return dict(
+        rpn_pre_nms_top_n_train=o.rpn_pre_nms_top_n_train,
+        rpn_post_nms_top_n_train=o.rpn_post_nms_top_n_train,
+        rpn_pre_nms_top_n_test=o.rpn_pre_nms_top_n_test,
+        rpn_post_nms_top_n_test=o.rpn_post_nms_top_n_test,
+        rpn_batch_size_per_image=o.rpn_batch_size_per_image,
+        box_batch_size_per_image=o.box_batch_size_per_image,
+        box_detections_per_img=o.detections_per_img,
+        box_score_thresh=o.score_thresh,
+    )
+
+
 def faster_rcnn(
     num_classes: int, backbone: nn.Module, image_size: int | tuple[int, int], mean, std, o: DetectorOptions
 ) -> nn.Module:
@@ -401,14 +415,7 @@ def faster_rcnn(
         box_roi_pool=MultiScaleRoIAlign(levels, output_size=7, sampling_ratio=2),
         box_head=TwoMLPHead(c * 49, o.representation_size),
         box_predictor=FastRCNNPredictor(o.representation_size, num_classes),
-        rpn_pre_nms_top_n_train=o.rpn_pre_nms_top_n_train,
-        rpn_post_nms_top_n_train=o.rpn_post_nms_top_n_train,
-        rpn_pre_nms_top_n_test=o.rpn_pre_nms_top_n_test,
-        rpn_post_nms_top_n_test=o.rpn_post_nms_top_n_test,
-        rpn_batch_size_per_image=o.rpn_batch_size_per_image,
-        box_batch_size_per_image=o.box_batch_size_per_image,
-        box_detections_per_img=o.detections_per_img,
-        box_score_thresh=o.score_thresh,
+        **proposal_settings(o),
         **_common(image_size, mean, std),
     )
     model.roi_heads.__class__ = WeightedRoIHeads

@@ -23,7 +23,7 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHe
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.ops import MultiScaleRoIAlign
 
-from cv_models.nets.detectors import DetectorOptions, anchors_from_options, get_backbone
+from cv_models.nets.detectors import DetectorOptions, anchors_from_options, get_backbone, proposal_settings
 from cv_models.settings import size_hw
 
 # class-dependent tensors: skipped when loading weights made for another class list
@@ -38,20 +38,6 @@ class MaskRCNNOptions(DetectorOptions, Protocol):
     def mask_head_layers(self) -> int: ...
     @property
     def mask_head_channels(self) -> int | None: ...
-
-
-def _proposal_settings(o: DetectorOptions) -> dict:
-    """The knobs that decide CPU cost: proposals kept, RoIs sampled, detections returned."""
-    return dict(
-        rpn_pre_nms_top_n_train=o.rpn_pre_nms_top_n_train,
-        rpn_post_nms_top_n_train=o.rpn_post_nms_top_n_train,
-        rpn_pre_nms_top_n_test=o.rpn_pre_nms_top_n_test,
-        rpn_post_nms_top_n_test=o.rpn_post_nms_top_n_test,
-        rpn_batch_size_per_image=o.rpn_batch_size_per_image,
-        box_batch_size_per_image=o.box_batch_size_per_image,
-        box_detections_per_img=o.detections_per_img,
-        box_score_thresh=o.score_thresh,
-    )
 
 
 def _no_rescale(image_size: int | tuple[int, int]) -> dict:
@@ -76,7 +62,7 @@ def light_mask_rcnn(num_classes: int, image_size: int | tuple[int, int], width: 
         mask_roi_pool=MultiScaleRoIAlign(levels, output_size=14, sampling_ratio=2),
         mask_head=MaskRCNNHeads(c, [mask_channels] * mask_layers, dilation=1),
         mask_predictor=MaskRCNNPredictor(mask_channels, mask_channels, num_classes),
-        **_proposal_settings(o),
+        **proposal_settings(o),
         **_no_rescale(image_size),
     )
 
@@ -92,7 +78,7 @@ def torchvision_mask_rcnn(name: str) -> Callable[..., nn.Module]:
             weights=None,
             weights_backbone=None,
             num_classes=num_classes,
-            **_proposal_settings(o),
+            **proposal_settings(o),
             **_no_rescale(image_size),
         )
 
