@@ -1,5 +1,5 @@
 # Two commands do all the set-up on a fresh clone:
-#   make run    create .venv if missing, then `dvc repro` on the embedded data and print the results
+#   make run    create .venv if missing, then `dvc repro` on the embedded data, two tasks at once (python -m tasks repro), and print the results
 #   make test   create .venv if missing, then lint (ruff, mypy), build the docs (--strict) and run the test suite
 VENV        ?= .venv
 PYTHON      ?= python3
@@ -28,7 +28,7 @@ $(STAMP): pyproject.toml
 
 run: $(STAMP)
 	scripts/init_repo.sh
-	dvc repro
+	python -m tasks repro $(if $(JOBS),--jobs $(JOBS))
 	python -m tasks report
 
 test: $(STAMP) lint docs-check

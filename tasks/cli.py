@@ -5,6 +5,7 @@
     python -m tasks crops          (object crops of a detection task, to pretrain on)
     python -m tasks {validate,normstats,baseline,augmented,evaluate} --task classification
     python -m tasks report
+    python -m tasks repro [--jobs N]   (dvc repro with N tasks' chains at once: tasks/repro.py; make run)
     python -m tasks init PATH [--task T] [--budget-minutes M] [--kind K] [--out FILE]   (your data: tasks/init.py)
     python -m tasks predict --task detection --model best --input photos/ --out predictions/
     python -m tasks export --task detection --model best --format onnx [--out exports/detection]
@@ -87,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["init"]:  # python -m tasks init PATH ...: its own options (tasks/init.py)
         return importlib.import_module("tasks.init").main(argv[1:])
+    if argv[:1] == ["repro"]:  # python -m tasks repro [--jobs N]: dvc repro, tasks side by side (tasks/repro.py)
+        return importlib.import_module("tasks.repro").main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
 
