@@ -103,4 +103,8 @@ def main(argv: list[str]) -> int:
     jobs = args.jobs or default_jobs(len(tasks))
     if jobs < 1:
         parser.error("--jobs must be at least 1")
-    return repro(tasks, jobs)
+    try:
+        return repro(tasks, jobs)
+    except KeyboardInterrupt:  # Ctrl-C reaches every dvc and stage process too: each stage ends its MLflow run KILLED
+        print("error: interrupted; run it again to go on where it stopped", file=sys.stderr)
+        return 130
