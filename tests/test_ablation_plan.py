@@ -81,3 +81,33 @@ def test_table_states_each_arms_settings_diff(tmp_path, monkeypatch):
     saved = json.loads((p.out_dir / "metrics.json").read_text())
     assert saved["settings_changed"]["hflip"] == {"augment.hflip.enabled": [False, True]}
     assert metrics == saved
+
+
+def test_a_write_that_raced_another_arm_is_retried_and_other_errors_are_not():
+    """Two arms logging the same dataset at once: MLflow checks, then inserts, so one insert can hit the other's
+    row (seen in CI as ``UNIQUE constraint failed: datasets...``); the retry finds the row and goes on."""
+    from mlflow.exceptions import MlflowException
+
+    from tasks.runners.experiments import retry_locked
+
+    calls = []
+
+    def log_inputs():
+        calls.append(1)
+        if len(calls) == 1:
+            raise MlflowException(
+                "(sqlite3.IntegrityError) UNIQUE constraint failed: datasets.experiment_id, datasets.name, "
+                "datasets.digest"
+            )
+        return "logged"
+
+    assert retry_locked(log_inputs) == "logged" and len(calls) == 2
+
+    def broken():
+        calls.append(1)
+        raise MlflowException("UNIQUE constraint failed: runs.run_uuid")
+
+    calls.clear()
+    with pytest.raises(MlflowException):
+        retry_locked(broken)
+    assert len(calls) == 1

@@ -56,13 +56,18 @@ def worker_threads(runner: RunnerConfig) -> int:
 # ---------------------------------------------------------------- MLflow with explicit run ids
 
 
+# another worker's write got there first: the store is locked, or MLflow's check-then-insert of a logged dataset
+# (log_inputs: one row per experiment, name and digest) raced with the same insert, which a retry then finds
+RETRYABLE = ("locked", "unique constraint failed: datasets.")
+
+
 def retry_locked(fn: Callable, *args, attempts: int = 10, **kwargs):
-    """Call ``fn``; while SQLite says the store is locked (another worker writing), wait and retry."""
+    """Call ``fn``; while another worker's write is in the way (:data:`RETRYABLE`), wait and retry."""
     for attempt in range(attempts):
         try:
             return fn(*args, **kwargs)
-        except Exception as err:  # noqa: BLE001 - mlflow wraps sqlite3.OperationalError in its own types
-            if "locked" not in str(err).lower() or attempt == attempts - 1:
+        except Exception as err:  # noqa: BLE001 - mlflow wraps sqlite3 errors in its own types
+            if not any(m in str(err).lower() for m in RETRYABLE) or attempt == attempts - 1:
                 raise
             time.sleep(min(0.1 * 2**attempt, 3.0) * (0.5 + random.random()))
 
