@@ -26,6 +26,7 @@ from pathlib import Path
 import yaml
 
 from tasks.chain import PER_TASK, SHARED, TRAINED
+from tasks.paths import outputs
 
 
 def task_names(params_path: str | Path = "params.yaml") -> list[str]:
@@ -33,11 +34,11 @@ def task_names(params_path: str | Path = "params.yaml") -> list[str]:
     return list(yaml.safe_load(Path(params_path).read_text()).get("tasks") or {})
 
 
-def last_training_seconds(task: str, outputs: Path = Path("outputs")) -> float:
+def last_training_seconds(task: str) -> float:
     """The task's training time in its last run (0 when it has not run): the longest task starts first."""
     total = 0.0
     for stage in TRAINED:
-        path = outputs / task / stage / "timings.json"
+        path = outputs(task, stage) / "timings.json"
         if path.exists():
             total += float(json.loads(path.read_text()).get("train_seconds", 0.0))
     return total
@@ -56,7 +57,7 @@ def ensure_tracking_store() -> None:
     ensure_store(load_params("params.yaml"))
 
 
-def run_lane(args: list[str], prefix: str, lock: threading.Lock) -> int:
+def run_dvc(args: list[str], prefix: str, lock: threading.Lock) -> int:
     """One ``dvc`` command, each output line printed with ``prefix``; its exit code."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")  # lines as they come, not at the end of each stage
     with subprocess.Popen(
@@ -74,7 +75,7 @@ def task_lane(task: str, lock: threading.Lock) -> int:
     ``dvc repro`` of the last stage would also check ``generate``, whose output folder holds every task's data,
     and DVC refuses to check it while another lane's stage reads from it."""
     for stage in PER_TASK:
-        if run_lane(["--wait-for-lock", "repro", "--single-item", f"{stage}@{task}"], f"[{task}] ", lock):
+        if run_dvc(["--wait-for-lock", "repro", "--single-item", f"{stage}@{task}"], f"[{task}] ", lock):
             return 1
     return 0
 
@@ -82,7 +83,7 @@ def task_lane(task: str, lock: threading.Lock) -> int:
 def repro(tasks: list[str], jobs: int) -> int:
     """The shared stages, then each task's chain in a lane of its own, then ``dvc repro`` for the rest."""
     lock = threading.Lock()
-    if run_lane(["repro", *SHARED], "", lock):
+    if run_dvc(["repro", *SHARED], "", lock):
         return 1
     ensure_tracking_store()
     order = sorted(tasks, key=last_training_seconds, reverse=True)
@@ -92,7 +93,7 @@ def repro(tasks: list[str], jobs: int) -> int:
     if failed:
         print(f"error: dvc repro failed for {', '.join(failed)} (see the lines marked [task] above)", file=sys.stderr)
         return 1
-    return 1 if run_lane(["repro"], "", lock) else 0
+    return 1 if run_dvc(["repro"], "", lock) else 0
 
 
 def main(argv: list[str]) -> int:
