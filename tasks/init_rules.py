@@ -131,7 +131,11 @@ PRESET_WHY = {
     "microscopy": "slides have no up: flips both ways; no colour change (stains carry meaning)",
     "documents": "text reads one way: no flips or rotations",
 }
-VAL_PASSES = 8  # validation passes wanted over the epochs that fit
+VAL_PASSES = 8  # validation passes wanted over the epochs that fit, at most...
+VAL_SHARE = 0.05  # ...and at most this share of the budget spent validating
+# a validation image costs about half a training image (a forward pass only): trashnet150 from ImageNet, 5.5 s a
+# pass over 378 images against 49 s an epoch over 1765 (2-core EPYC, docs/init.md)
+VAL_IMAGE_COST = 0.5
 # train.epochs is only the cap the time limit plans within: the estimate above comes from a loaded CPU, and a free
 # one fits two to five times as many (isbi_membrane: 63 epochs in 4 min against about 12 estimated), so the cap
 # leaves room for ten times the estimate and the time limit decides
@@ -251,8 +255,12 @@ def model_rule(c: Context) -> list[Choice]:
     return [choice for choice in c.model if c.has(choice.key.rsplit(".", 1)[0])]
 
 
+def epochs_cap(c: Context) -> int:
+    return int(min(EPOCHS_MAX, max(EPOCHS_MIN, EPOCHS_HEADROOM * c.epochs)))
+
+
 def epochs_rule(c: Context) -> list[Choice]:
-    epochs = int(min(EPOCHS_MAX, max(EPOCHS_MIN, EPOCHS_HEADROOM * c.epochs)))
+    epochs = epochs_cap(c)
     return [
         Choice(
             "train.epochs",
@@ -267,15 +275,22 @@ def epochs_rule(c: Context) -> list[Choice]:
 
 
 def val_every_rule(c: Context) -> list[Choice]:
-    every = max(1, round(c.epochs / VAL_PASSES))
-    return [
-        Choice(
-            "train.val_every",
-            every,
-            f"about {VAL_PASSES} validation passes over the ~{c.epochs:.0f} epochs "
-            f"that fit (enough to pick the best epoch)",
-        )
-    ]
+    """Up to VAL_PASSES passes, as many as VAL_SHARE of the budget affords; none affordable: the last epoch only
+    (always validated)."""
+    f = c.facts
+    n_train = max(1, f.splits.get("train", 0))
+    n_val = f.splits.get("val") or round(0.15 * f.n_images)
+    pass_epochs = VAL_IMAGE_COST * n_val / n_train  # one validation pass, in epochs
+    passes = min(VAL_PASSES, int(VAL_SHARE * c.epochs / pass_epochs)) if pass_epochs else VAL_PASSES
+    cost = f"a pass over {n_val} validation images costs ~{pass_epochs:.2f} of an epoch"
+    if passes < 1:
+        why = f"{cost}: more than {VAL_SHARE:.0%} of the ~{c.epochs:.0f} epochs that fit, so the last epoch only"
+        return [Choice("train.val_every", epochs_cap(c), why)]
+    why = (
+        f"{passes} validation passes over the ~{c.epochs:.0f} epochs that fit ({cost}; at most {VAL_PASSES}, "
+        f"at most {VAL_SHARE:.0%} of the budget): enough to pick the best epoch"
+    )
+    return [Choice("train.val_every", max(1, round(c.epochs / passes)), why)]
 
 
 def augment_rule(c: Context) -> list[Choice]:

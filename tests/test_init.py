@@ -414,7 +414,7 @@ def test_size_keeps_the_aspect_ratio_and_grows_with_the_budget():
         h, w = p["image_size"]
         assert abs(w / h - 4 / 3) < 0.2 and h % 32 == 0 and w % 32 == 0
     assert small["image_size"][0] < large["image_size"][0] <= 256
-    assert small["train.time_limit_minutes"] == 2 and large["train.val_every"] >= small["train.val_every"]
+    assert small["train.time_limit_minutes"] == 2 and large["train.time_limit_minutes"] == 60
 
 
 def test_the_epoch_cap_leaves_the_time_limit_room_on_a_free_machine():
@@ -493,3 +493,19 @@ def test_pretrained_size_matches_the_overlay_and_other_tasks_stay_from_scratch_w
     assert seg["model.name"][0] == "unet" and "0.769 vs 0.775" in seg["model.name"][1]
     det = _choices("detection", _figures())
     assert det["model.options.backbone"][0] == "resnet18" and "0.179" in det["model.options.backbone"][1]
+
+
+def test_val_every_spends_a_small_share_of_the_budget_validating():
+    """Validation passes are sized to their cost: a large validation split against a short budget validates the last
+    epoch only (trashnet150: init's every-epoch validation cost it an epoch against the overlay); a small one
+    against a long budget validates often, never more than VAL_PASSES times."""
+    from tasks.init_rules import VAL_PASSES
+
+    big_val = _figures(n_boxes=0, splits={"train": 1765, "val": 378, "test": 378}, n_images=2521)
+    small_val = _figures(n_boxes=0, splits={"train": 400, "val": 10, "test": 10}, n_images=420)
+    short = _choices("classification", big_val, 4, None)
+    assert short["train.val_every"][0] == short["train.epochs"][0] and "last epoch only" in short["train.val_every"][1]
+    long = _proposed("segmentation", small_val, 60)
+    assert 1 <= long["train.val_every"] < long["train.epochs"] / 2
+    epochs_that_fit = long["train.epochs"] / 10  # the cap is ten times the estimate
+    assert epochs_that_fit / long["train.val_every"] <= VAL_PASSES + 1
