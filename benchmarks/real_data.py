@@ -231,13 +231,13 @@ def overlay(name: str, root: Path) -> dict:
     return yaml.safe_load(text)
 
 
-def init_overlay(name: str, root: Path, spec: dict) -> dict:
-    """What ``python -m tasks init`` proposes for the dataset at the overlay's budget, as dotted keys in place of
-    the hand-written ones (the plain script's settings and the budget stay the overlay's)."""
+def init_overlay(name: str, root: Path, spec: dict, kind: str | None = None) -> dict:
+    """What ``python -m tasks init [--kind KIND]`` proposes for the dataset at the overlay's budget, as dotted keys in
+    place of the hand-written ones (the plain script's settings and the budget stay the overlay's)."""
     from tasks.init import plan
 
     task = DATASETS[name]
-    reading, _, _, choices, _ = plan(root / name, task=task, budget_minutes=spec["budget_minutes"])
+    reading, _, _, choices, _ = plan(root / name, task=task, budget_minutes=spec["budget_minutes"], kind=kind)
     return {
         "budget_minutes": spec["budget_minutes"],
         "plain": spec["plain"],
@@ -351,6 +351,7 @@ def benchmark(
     plain_extra: dict | None = None,
     from_init: bool = False,
     variant: str | None = None,
+    kind: str | None = None,
 ) -> dict:
     from cv_models import get_task
     from tasks import validate
@@ -365,7 +366,7 @@ def benchmark(
     os.environ.setdefault("CV_PIPELINE_RUN_ID", f"real-data-{name}")
     spec = overlay(f"{name}_{variant}" if variant else name, root)
     if from_init:  # the settings init proposes instead of the hand-written overlay
-        spec = init_overlay(name, root, spec)
+        spec = init_overlay(name, root, spec, kind)
     budget_s = (budget_minutes or spec["budget_minutes"]) * 60
     overrides, plain_settings = both_sides(task_name, spec, extra, device, seed, plain_extra)
     t0 = time.perf_counter()
@@ -415,6 +416,7 @@ def benchmark(
         "model": cfg.model.name + (f" ({cfg.model.weights})" if cfg.model.weights != "none" else ""),
         "image_size": cfg.image_size,
         "variant": variant,
+        "init_kind": kind if from_init else None,
         "plain_settings": plain_settings,
         "seed": seed,
         "device": device_name(device),
@@ -509,7 +511,14 @@ def main() -> None:
         action="store_true",
         help="the pipeline's settings from `python -m tasks init` at the overlay's budget, not the overlay",
     )
+    ap.add_argument(
+        "--kind",
+        choices=["photos", "street", "microscopy", "documents"],
+        help="with --from-init: init's --kind (the kind of data a user would name, e.g. microscopy for blood smears)",
+    )
     args = ap.parse_args()
+    if args.kind and not args.from_init:
+        ap.error("--kind is init's: use it with --from-init")
     root = Path(args.shared).resolve()
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
     names = list(DATASETS) if args.dataset == "all" else [args.dataset]
@@ -530,6 +539,7 @@ def main() -> None:
             parse_overrides(args.plain_overrides),
             args.from_init,
             args.variant,
+            args.kind,
         )
         os.chdir(here)
         rows.append(row(r))
