@@ -486,8 +486,9 @@ def test_pretrained_size_matches_the_overlay_and_other_tasks_stay_from_scratch_w
     photos = _choices("classification", trashnet, 4)
     assert photos["image_size"][0] == 128 and photos["model.name"][0] == "timm:efficientnet_lite0"
     documents = _choices("classification", trashnet, 4, kind="documents")
-    assert documents["model.name"][0] == "resnet18" and "proposed for photos and street, not documents" in (
-        documents["model.name"][1]
+    assert (
+        documents["model.name"][0] == "resnet18"
+        and "proposed for photos and street, not documents" in (documents["model.name"][1])
     )
     seg = _choices("segmentation", _figures(n_boxes=0))
     assert seg["model.name"][0] == "unet" and "0.784 vs 0.788" in seg["model.name"][1]
