@@ -107,8 +107,9 @@ PRETRAINED: dict[str, Pretrained] = {
             "train.loss.label_smoothing": (0.1, "as measured (trashnet150_pretrained.yaml)"),
         },
     ),
-    # throughput from docs/transfer-learning.md row 17 (coco128_lightly, 90 training images at 288x384: 30 epochs
-    # in 1162 s on a free 2-core EPYC, ~257k px/s), halved for a loaded CPU as the other profiles are
+    # throughput from docs/transfer-learning.md row 17 (coco128_lightly, 179 training images at 288x384: 30 epochs
+    # in 1162 s on a free 2-core EPYC, ~510k px/s), a quarter of it kept: the figure init's coco128_lightly row
+    # was measured with (192x256 at 10 min, docs/init.md)
     "detection": Pretrained(
         "timm:efficientnet_lite0",
         ("photos", "street"),
