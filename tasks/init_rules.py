@@ -85,6 +85,17 @@ class Pretrained:
     settings: dict[str, tuple[Any, str]]  # dotted key -> (value, why)
 
 
+def _fpn_trunk(detector: str, label: str) -> dict[str, tuple[Any, str]]:
+    """The box tasks' pretrained settings: ``detector`` on an FPN over the ImageNet EfficientNet-Lite0 trunk."""
+    return {
+        "model.name": (detector, ""),
+        "model.weights": ("imagenet", ""),
+        "model.options.backbone": ("timm:efficientnet_lite0", f"{label} on an FPN over the pretrained trunk"),
+        "model.options.backbone_weights": ("none", "model.weights loads the trunk"),
+        "model.encoder_lr_factor": (0.5, "the pretrained trunk at half the new FPN's and heads' rate"),
+    }
+
+
 # throughput from docs/transfer-learning.md row 1 (trashnet150, 1771 training images at 128 px: 116 s an unfrozen
 # epoch, 2-core EPYC under load): ~250k px/s; 2 epochs wanted gives the overlay's 128 px at 4 min
 PRETRAINED: dict[str, Pretrained] = {
@@ -116,13 +127,7 @@ PRETRAINED: dict[str, Pretrained] = {
         Profile(130_000, 12, 192, 384, 8, 32, {}),
         "coco128_lightly person box AP@.5: 0.251 in 20 min from ImageNet (docs/transfer-learning.md row 17), and this "
         "proposal 0.193 in 10, against 0.061 in 10 from scratch with crops pretraining (docs/init.md)",
-        {
-            "model.name": ("fasterrcnn", ""),
-            "model.weights": ("imagenet", ""),
-            "model.options.backbone": ("timm:efficientnet_lite0", "Faster R-CNN on an FPN over the pretrained trunk"),
-            "model.options.backbone_weights": ("none", "model.weights loads the trunk"),
-            "model.encoder_lr_factor": (0.5, "the pretrained trunk at half the new FPN's and heads' rate"),
-        },
+        _fpn_trunk("fasterrcnn", "Faster R-CNN"),
     ),
     # throughput from coco128_json (90 training images at 288x384: 84 epochs in 1743 s on a free 2-core EPYC,
     # ~480k px/s, docs/transfer-learning.md row 20), halved for a loaded CPU
@@ -133,11 +138,7 @@ PRETRAINED: dict[str, Pretrained] = {
         "coco128_json person mask AP@.5: 0.160 in 30 min from ImageNet at lr 0.0005 (docs/transfer-learning.md row 20), "
         "and this proposal 0.103 in 10, against 0.004 in 10 from scratch with crops pretraining (docs/init.md)",
         {
-            "model.name": ("maskrcnn", ""),
-            "model.weights": ("imagenet", ""),
-            "model.options.backbone": ("timm:efficientnet_lite0", "Mask R-CNN on an FPN over the pretrained trunk"),
-            "model.options.backbone_weights": ("none", "model.weights loads the trunk"),
-            "model.encoder_lr_factor": (0.5, "the pretrained trunk at half the new FPN's and heads' rate"),
+            **_fpn_trunk("maskrcnn", "Mask R-CNN"),
             "train.optimizer.lr": (
                 0.0005,
                 "params.yaml's 0.003 is for training from scratch: on coco128_json it wrecked the pretrained trunk "
