@@ -134,8 +134,10 @@ def build_transforms(
     resize: v2.Transform | None = None,
     registry: dict[str, Augmentation] | None = None,
     tail: list[v2.Transform] | None = None,
+    crop: int | tuple[int, int] | None = None,
 ) -> v2.Compose:
-    """The whole per-sample pipeline: resize, augmentations (if any), float, normalise, cutout.
+    """The whole per-sample pipeline: resize, a random crop (``crop``: training on tiles), augmentations (if any),
+    float, normalise, cutout.
 
     ``registry``: the task's augmentations (default: the shared :data:`AUGMENTATIONS`); every enabled
     Switch of ``augment`` must have an entry, so a switched-on augmentation is never skipped silently."""
@@ -157,6 +159,8 @@ def build_transforms(
 
     # resize first: on a PIL image v2 uses PIL's fast resampling, then convert to a tensor image
     steps: list = [resize if resize is not None else v2.Resize(size, antialias=True)]
+    if crop is not None:  # after the resize: data.cache keeps the whole resized image, each access cuts a new tile
+        steps.append(v2.RandomCrop(size_hw(crop)))
     middle = stage("geometric") + stage("photometric")
     if middle:
         steps += [v2.ToImage(), *middle, v2.ToDtype({tv_tensors.Image: torch.float32, "others": None}, scale=True)]

@@ -16,7 +16,7 @@ from cv_models import get_task
 from cv_models.mix.segmentation import SegmentationCutMix, SegmentationMixUp
 from cv_models.seg_losses import LOSSES, soft_targets
 from tasks import validate
-from tasks.config import LossConfig, load_params
+from tasks.config import ConfigError, LossConfig, load_params
 from tasks.validate import ValidationFailed
 
 CLASSES = ["background", "circle", "square", "triangle", "star"]
@@ -188,6 +188,37 @@ def test_geometric_transforms_never_create_new_mask_values(project):
             image, mask = data[i]
             assert isinstance(mask, tv_tensors.Mask) and mask.shape[-2:] == image.shape[-2:] == (64, 64)
             assert set(mask.unique().tolist()) <= set(range(len(CLASSES))) | {255}  # 255: uncovered, not trained
+
+
+def test_train_crop_cuts_aligned_tiles_and_evaluation_takes_the_whole_image(project):
+    """options.train_crop: training samples are random tiles of the image at image_size, each mask cut with its
+    image; evaluation keeps the whole image, and the network takes both sizes."""
+    task = _task(project, **{"tasks.segmentation.options.train_crop": [32, 48]})
+    rows = (np.arange(64) * 4).astype(np.uint8)[:, None].repeat(64, 1)  # row y holds 4 * y
+    picture = Image.fromarray(np.stack([rows] * 3, -1))
+    labels = tv_tensors.Mask(torch.from_numpy(np.arange(64) % 5)[:, None].expand(64, 64).clone())
+    torch.manual_seed(0)
+    tops = set()
+    for _ in range(8):
+        image, mask = task.train_transforms(None, None)(picture, labels)
+        assert image.shape[-2:] == mask.shape[-2:] == (32, 48)
+        y = (image[0, :, 0] * 255 / 4).round().long()  # each tile row's source row
+        assert torch.equal(mask[:, 0], y % 5) and torch.equal(y, y[0] + torch.arange(32))
+        tops.add(int(y[0]))
+    assert len(tops) > 1  # a new tile each time
+    whole = task.dataset("val", task.eval_transforms(None))[0][0]
+    tile = task.dataset("train", task.train_transforms(None, None))[0][0]
+    assert whole.shape[-2:] == (64, 64) and tile.shape[-2:] == (32, 48)
+    model = task.build_model().eval()
+    with torch.no_grad():
+        assert model(whole[None]).shape[-2:] == (64, 64) and model(tile[None]).shape[-2:] == (32, 48)
+
+
+def test_a_train_crop_larger_than_image_size_is_refused_naming_the_key(project):
+    with pytest.raises(
+        ConfigError, match=r"tasks\.segmentation\.options\.train_crop: \[96, 96\] is larger than image_size"
+    ):
+        _task(project, **{"tasks.segmentation.options.train_crop": 96})
 
 
 @pytest.mark.parametrize(

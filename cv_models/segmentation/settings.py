@@ -3,11 +3,11 @@ augment section and ``options``, and :data:`SETTINGS`, the task's whole schema."
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
-from cv_models.settings import AugmentConfig, CutoutAug, Strict, task_settings
+from cv_models.settings import AugmentConfig, ConfigError, CutoutAug, ImageSize, Strict, size_hw, task_settings
 
 
 class SegmentationDataOptions(Strict):
@@ -64,12 +64,32 @@ class SegmentationAugment(AugmentConfig):
 
 class SegmentationOptions(Strict):
     overlay_samples: int = Field(8, ge=0)  # test images drawn with true and predicted masks
+    # train on random crops of this size cut from the image at image_size (U-Net's own tiles): the network sees the
+    # image's full resolution at the cost of a smaller input; validation and prediction take the whole image
+    train_crop: ImageSize | None = None
 
 
-SETTINGS = task_settings(
+_Settings = task_settings(
     "Segmentation",
     data_options=SegmentationDataOptions,
     model_options=SegmentationModelOptions,
     augment=SegmentationAugment,
     options=SegmentationOptions,
 )
+
+
+class SegmentationSettings(_Settings):  # type: ignore[misc,valid-type]
+    @model_validator(mode="after")
+    def _train_crop_fits(self) -> Self:
+        if self.options.train_crop is None:
+            return self
+        (h, w), (big_h, big_w) = size_hw(self.options.train_crop), self.image_hw
+        if h > big_h or w > big_w:
+            raise ConfigError(
+                f"tasks.segmentation.options.train_crop: {[h, w]} is larger than image_size {[big_h, big_w]} "
+                "(the crops are cut from the image at image_size)"
+            )
+        return self
+
+
+SETTINGS = SegmentationSettings

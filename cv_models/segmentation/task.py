@@ -115,7 +115,8 @@ class SegmentationTask(CVTask):
 
     def train_transforms(self, augment: AugmentConfig | None, normalize):
         registry = with_builders(self.augmentations, mask_aware_builders(self.ignore_index))
-        return build_transforms(self.cfg.image_size, augment, normalize, registry=registry)
+        crop = self.cfg.options.train_crop
+        return build_transforms(self.cfg.image_size, augment, normalize, registry=registry, crop=crop)
 
     def eval_transforms(self, normalize):
         return build_transforms(self.cfg.image_size, None, normalize)
