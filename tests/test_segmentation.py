@@ -27,6 +27,7 @@ GEOMETRIC = {
     "rotation": {"enabled": True, "p": 1.0, "degrees": 180},
     "crop": {"enabled": True, "p": 1.0},
     "rescale": {"enabled": True, "p": 1.0, "scale": [0.6, 1.4]},
+    "elastic": {"enabled": True, "p": 1.0, "alpha": 60.0, "sigma": 4.0},
 }
 
 
@@ -212,6 +213,23 @@ def test_train_crop_cuts_aligned_tiles_and_evaluation_takes_the_whole_image(proj
     model = task.build_model().eval()
     with torch.no_grad():
         assert model(whole[None]).shape[-2:] == (64, 64) and model(tile[None]).shape[-2:] == (32, 48)
+
+
+def test_elastic_deformation_moves_the_mask_with_the_image(project):
+    """augment.elastic: the pixels move (a smooth random field), each mask value with its image pixel."""
+    task = _task(project)
+    transforms = task.train_transforms(
+        task.augment_schema().model_validate({"elastic": {"enabled": True, "p": 1.0, "alpha": 80.0, "sigma": 4.0}}),
+        None,
+    )
+    stripes = (np.arange(64)[None, :].repeat(64, 0) // 8 % 2).astype(np.uint8)  # vertical stripes 8 px wide
+    picture = Image.fromarray(np.stack([stripes * 200] * 3, -1))
+    torch.manual_seed(0)
+    image, mask = transforms(picture, tv_tensors.Mask(torch.from_numpy(stripes).clone()))
+    labelled = mask != 255
+    moved = (mask[labelled] != torch.from_numpy(stripes)[labelled]).float().mean()
+    agree = ((image[0] > 0.5).long() == mask.long())[labelled].float().mean()
+    assert moved > 0.05 and agree > 0.95, (float(moved), float(agree))  # displaced, and the pair displaced alike
 
 
 def test_a_train_crop_larger_than_image_size_is_refused_naming_the_key(project):

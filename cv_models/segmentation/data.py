@@ -1,6 +1,6 @@
 """The segmentation task's data: the listing of ``data.format`` (its readers live in cv_models/data/class_masks.py),
 the :class:`~cv_models.data.class_masks.MaskReader` built from ``data.options``, the dataset of image and mask
-pairs, the batches, and the augmentations that must know the mask (cutout, rotation, rescale)."""
+pairs, the batches, and the augmentations that must know the mask (cutout, rotation, rescale, elastic)."""
 
 from __future__ import annotations
 
@@ -140,4 +140,13 @@ def mask_aware_builders(ignore_index: int) -> dict[str, Builder]:
         fill = uncovered_unlabelled(0, ignore_index)
         return random_apply(v2.RandomAffine(degrees=0, scale=tuple(c.scale), fill=fill), c.p)
 
-    return {"cutout": cutout, "rotation": rotation, "rescale": rescale}
+    def elastic_unlabelled(c, size):
+        return elastic(c, size, fill=uncovered_unlabelled(0, ignore_index))
+
+    return {"cutout": cutout, "rotation": rotation, "rescale": rescale, "elastic": elastic_unlabelled}
+
+
+def elastic(c, size, fill: dict | None = None) -> v2.Transform:
+    """``augment.elastic``: torchvision's ElasticTransform (masks displaced with nearest interpolation); ``fill``: the
+    values of pixels drawn from outside the image."""
+    return random_apply(v2.ElasticTransform(alpha=c.alpha, sigma=c.sigma, fill=fill or 0), c.p)

@@ -7,7 +7,16 @@ from typing import Any, Literal, Self
 
 from pydantic import Field, model_validator
 
-from cv_models.settings import AugmentConfig, ConfigError, CutoutAug, ImageSize, Strict, size_hw, task_settings
+from cv_models.settings import (
+    AugmentConfig,
+    ConfigError,
+    CutoutAug,
+    ImageSize,
+    Strict,
+    Switch,
+    size_hw,
+    task_settings,
+)
 
 
 class SegmentationDataOptions(Strict):
@@ -58,8 +67,17 @@ class SegmentationCutoutAug(CutoutAug):
     mask_fill: Literal["ignore", "keep"] = "ignore"  # what the erased region's mask becomes: not trained on | kept
 
 
+class ElasticAug(Switch):
+    """torchvision's ElasticTransform: every pixel displaced by a random field, ``alpha`` its strength in pixels and
+    ``sigma`` the Gaussian smoothing of it (the U-Net paper's augmentation for few EM slices)."""
+
+    alpha: float = Field(50.0, gt=0, le=1000)
+    sigma: float = Field(5.0, gt=0, le=100)
+
+
 class SegmentationAugment(AugmentConfig):
     cutout: SegmentationCutoutAug = SegmentationCutoutAug()
+    elastic: ElasticAug = ElasticAug()
 
 
 class SegmentationOptions(Strict):

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cv_models.augment import build_transforms, with_builders
+from cv_models.augment import AUGMENTATIONS, Augmentation, build_transforms, with_builders
 from cv_models.base import Check, CVTask, EvalResult, Prediction, in_order, register_task
 from cv_models.data.class_masks import CocoMaskListing, MaskFolderListing, MaskReader
 from cv_models.mix.segmentation import build_mixer
@@ -23,6 +23,7 @@ from cv_models.segmentation.data import (
     SegmentationDataset,
     build_mask_reader,
     collate_pairs,
+    elastic,
     mask_aware_builders,
     read_listing,
 )
@@ -54,6 +55,8 @@ class SegmentationTask(CVTask):
     primary_metric = "miou"
     settings = SETTINGS
     results_file = "predictions.csv"
+    # the shared augmentations and segmentation's own elastic deformation (its builder: segmentation/data.py)
+    augmentations = {**AUGMENTATIONS, "elastic": Augmentation("geometric", elastic)}
 
     # ------------------------------------------------------------------ config
     @property
