@@ -297,3 +297,52 @@ def test_inference_config_keeps_the_typed_options_with_the_anchors_resolved(proj
     assert type(options) is type(task.cfg.model.options) and options.kwargs == {"box_nms_thresh": 0.4}
     assert isinstance(options.anchor_size, float) and isinstance(options.detections_per_img, int)
     assert type(task.cfg).model_validate(cfg.model_dump(mode="json")) == cfg  # what task.json holds reads back
+
+
+def _bright_box_detector(images):
+    """A detector for tests: one box around each image's pixels above 0.5, class 1, score 0.9."""
+    out = []
+    for im in images:
+        ys, xs = torch.nonzero(im[0] > 0.5, as_tuple=True)
+        box = torch.tensor([[xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]], dtype=torch.float32)
+        out.append({"boxes": box, "scores": torch.tensor([0.9]), "labels": torch.tensor([1])})
+    return out
+
+
+@pytest.mark.parametrize("mode", ["hflip", "flips", "dihedral"])
+def test_tta_maps_each_views_boxes_back_before_fusing_them(mode):
+    """options.tta: every view sees the object elsewhere (flipped, transposed); mapped back, the views agree on the
+    image's own box, so the fused box is it, at the views' score."""
+    from cv_models.detection.tta import VIEWS, tta_detections
+
+    image = torch.zeros(3, 40, 60)
+    image[:, 5:15, 8:30] = 1.0  # x 8..30, y 5..15 on a 60-wide, 40-high image
+    seen = [_bright_box_detector([im])[0]["boxes"][0].tolist() for im in _views(image, VIEWS[mode])]
+    assert len({tuple(b) for b in seen}) == len(VIEWS[mode])  # each view places the object differently
+    out = tta_detections(_bright_box_detector, [image], mode)[0]
+    assert out["boxes"].tolist() == [pytest.approx([8.0, 5.0, 30.0, 15.0])]
+    assert out["scores"].tolist() == pytest.approx([0.9])
+
+
+def _views(image, views):
+    from cv_models.detection.tta import _image
+
+    return [_image(image, ops) for ops in views]
+
+
+def test_tta_fusion_averages_agreeing_boxes_and_discounts_a_box_one_view_missed():
+    from cv_models.detection.tta import fuse
+
+    a = {
+        "boxes": torch.tensor([[0.0, 0, 10, 10], [50, 50, 60, 60]]),
+        "scores": torch.tensor([0.8, 0.6]),
+        "labels": torch.tensor([1, 2]),
+    }
+    b = {"boxes": torch.tensor([[2.0, 0, 12, 10]]), "scores": torch.tensor([0.8]), "labels": torch.tensor([1])}
+    out = fuse([a, b], limit=10)
+    assert out["boxes"].tolist() == [
+        pytest.approx([1.0, 0.0, 11.0, 10.0]),
+        pytest.approx([50.0, 50.0, 60.0, 60.0]),
+    ]  # score-weighted mean corners
+    assert out["scores"].tolist() == pytest.approx([0.8, 0.3])  # the second found by one view of two
+    assert out["labels"].tolist() == [1, 2]

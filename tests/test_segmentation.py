@@ -408,3 +408,28 @@ def test_draw_overlays_hard_and_soft_masks(project):
     assert not torch.equal(drawn, plain)
     soft = task.draw(image, soft_targets(mask[None].long(), 5, 255)[0])
     assert soft.shape == plain.shape
+
+
+def test_dihedral_tta_makes_the_prediction_follow_a_flip_of_the_image(project):
+    """options.tta averages the probabilities over the image's flipped and transposed views, each mapped back: the
+    network alone is not flip-equivariant, its dihedral average is (a view of a flipped image is a view of the image)."""
+    from cv_models.segmentation.tta import tta_logits
+
+    torch.manual_seed(0)
+    model = _task(project, **{"tasks.segmentation.model.name": "unet"}).build_model().eval()
+    x = torch.rand(1, 3, 32, 32)
+    with torch.no_grad():
+        plain, plain_flipped = tta_logits(model, x), tta_logits(model, x.flip(-1))
+        avg, avg_flipped = tta_logits(model, x, "dihedral"), tta_logits(model, x.flip(-1), "dihedral")
+        avg_t = tta_logits(model, x.transpose(-1, -2), "dihedral")
+    assert not torch.allclose(plain_flipped, plain.flip(-1), atol=1e-4)
+    assert torch.allclose(avg_flipped, avg.flip(-1), atol=1e-5)
+    assert torch.allclose(avg_t, avg.transpose(-1, -2), atol=1e-5)
+    assert torch.allclose(avg.exp().sum(1), torch.ones(1, 32, 32), atol=1e-5)  # log-probabilities
+    task = _task(project, **{"tasks.segmentation.options.tta": "flips"})
+    image = Image.fromarray((x[0].permute(1, 2, 0).numpy() * 255).astype(np.uint8))
+    mask = task.predict_image(model, image, None, 0).mask
+    mask_flipped = task.predict_image(model, image.transpose(Image.FLIP_LEFT_RIGHT), None, 0).mask
+    assert (mask_flipped == mask[:, ::-1]).mean() > 0.99  # bilinear resizing aside, the same pixels
+    with pytest.raises(ConfigError, match=r"tasks\.segmentation\.options\.tta"):
+        _task(project, **{"tasks.segmentation.options.tta": "rotate"})

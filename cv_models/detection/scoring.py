@@ -9,6 +9,7 @@ import torch
 
 from cv_models.base import EvalResult
 from cv_models.data.coco import coco_map, no_ground_truth_notes
+from cv_models.detection.tta import tta_detections
 
 
 def coco_results(image_id: int, boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor) -> list[dict]:
@@ -26,14 +27,14 @@ def coco_results(image_id: int, boxes: torch.Tensor, scores: torch.Tensor, label
     return out
 
 
-def model_results(model, loader, device) -> list[dict]:
+def model_results(model, loader, device, tta: str = "none") -> list[dict]:
     """The model's COCO results on every image of ``loader``, each box mapped back to its image's original pixels
-    (the boxes scale exactly, so the per-epoch validation costs nothing more for it)."""
+    (the boxes scale exactly, so the per-epoch validation costs nothing more for it); ``tta``: the views fused."""
     model.eval()
     dataset = loader.dataset
     results = []
     for images, targets in loader:
-        outputs = model([im.to(device) for im in images])
+        outputs = tta_detections(model, [im.to(device) for im in images], tta)
         for out, t, im in zip(outputs, targets, images):
             rec = dataset.by_id[t["image_id"]]
             sx, sy = rec["width"] / im.shape[-1], rec["height"] / im.shape[-2]  # back to the original pixels

@@ -102,6 +102,10 @@ class DetectionAugment(AugmentConfig):
 class DetectionOptions(Strict):
     report_images: int = Field(16, ge=0)  # test images drawn with their predicted boxes
     draw_score_threshold: float = Field(0.5, ge=0, le=1)
+    # test-time augmentation of the evaluate stage and of predictions (not of validation during training): the
+    # detections of the image flipped left-right (hflip: 2 views), also upside down (flips: 4), also transposed
+    # (dihedral: 8; for data with no up or left, such as microscopy), fused box by box (cv_models/detection/tta.py)
+    tta: Literal["none", "hflip", "flips", "dihedral"] = "none"
 
 
 SETTINGS = task_settings(

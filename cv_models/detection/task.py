@@ -32,6 +32,7 @@ from cv_models.detection.model import (
 from cv_models.detection.report import draw_boxes, write_report
 from cv_models.detection.scoring import coco_evaluation, coco_results, dummy_results, model_results
 from cv_models.detection.settings import SETTINGS, DetectionModelOptions
+from cv_models.detection.tta import tta_detections
 from cv_models.pretrained import input_convention
 from cv_models.settings import AugmentConfig
 
@@ -182,8 +183,10 @@ class DetectionTask(CVTask):
 
     @torch.no_grad()
     def evaluate(self, model, loader, device, native: bool = False) -> EvalResult:
-        """COCO mAP with every box mapped back to its image's original pixels, always (``native`` or not)."""
-        return self.score(loader.dataset, model_results(model, loader, device))
+        """COCO mAP with every box mapped back to its image's original pixels, always (``native`` or not); the
+        evaluate stage's (``native``) with options.tta."""
+        tta = self.cfg.options.tta if native else "none"
+        return self.score(loader.dataset, model_results(model, loader, device, tta))
 
     def score(self, dataset: DetectionDataset, results: list[dict]) -> EvalResult:
         return coco_evaluation(dataset.coco_ground_truth(), results, self.class_names())
@@ -198,7 +201,7 @@ class DetectionTask(CVTask):
         h, w = self.cfg.image_hw
         x = self.predict_transform(None)(image.resize((w, h), Image.BILINEAR) if image.size != (w, h) else image)
         device = next(model.parameters()).device
-        out = model.eval()([x.as_subclass(torch.Tensor).to(device)])[0]
+        out = tta_detections(model.eval(), [x.as_subclass(torch.Tensor).to(device)], self.cfg.options.tta)[0]
         sx, sy = image.width / x.shape[-1], image.height / x.shape[-2]
         boxes = out["boxes"].cpu() * torch.tensor([sx, sy, sx, sy])
         names = self.class_names()

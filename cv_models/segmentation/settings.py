@@ -85,6 +85,10 @@ class SegmentationOptions(Strict):
     # train on random crops of this size cut from the image at image_size (U-Net's own tiles): the network sees the
     # image's full resolution at the cost of a smaller input; validation and prediction take the whole image
     train_crop: ImageSize | None = None
+    # test-time augmentation of the evaluate stage and of predictions (not of validation during training): the class
+    # probabilities averaged over the image flipped left-right (hflip: 2 views), also upside down (flips: 4), also
+    # transposed (dihedral: 8; for data with no up or left, such as microscopy)
+    tta: Literal["none", "hflip", "flips", "dihedral"] = "none"
 
 
 _Settings = task_settings(

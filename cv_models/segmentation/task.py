@@ -46,6 +46,7 @@ from cv_models.segmentation.report import (
     write_masks,
 )
 from cv_models.segmentation.settings import SETTINGS, SegmentationDataOptions
+from cv_models.segmentation.tta import tta_logits
 from cv_models.settings import AugmentConfig
 
 
@@ -163,8 +164,9 @@ class SegmentationTask(CVTask):
         cm = torch.zeros(n, n, dtype=torch.long)
         loss_sum, n_pixels, kept, native_masks = 0.0, 0, [], []
         dataset, order = in_order(loader.dataset)
+        tta = self.cfg.options.tta if native else "none"  # the evaluate stage's scores; not training's validation
         for images, masks in loader:
-            logits, _ = model_outputs(model(images.to(device)))
+            logits = tta_logits(model, images.to(device), tta)
             if len(kept) < keep:  # pictures at the training size: one grid size whatever the images' sizes
                 kept += list(logits[: keep - len(kept)].argmax(1).to(torch.uint8).cpu())
             if native:
@@ -206,7 +208,7 @@ class SegmentationTask(CVTask):
         (bilinear) to the image's size, then the most likely class per pixel."""
         x = self.predict_transform(normalize)(image).as_subclass(torch.Tensor)[None]
         device = next(model.parameters()).device
-        logits, _ = model_outputs(model.eval()(x.to(device)))
+        logits = tta_logits(model.eval(), x.to(device), self.cfg.options.tta)
         mask = to_size(logits, (image.height, image.width)).argmax(1)[0].to(torch.uint8).cpu()
         names = self.class_names()
         counts = torch.bincount(mask.flatten().long(), minlength=len(names))

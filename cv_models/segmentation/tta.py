@@ -1,0 +1,40 @@
+"""Test-time augmentation for segmentation (``options.tta``): the network's class probabilities averaged over
+flipped (and transposed) copies of the image, each mapped back to the image's orientation first. The evaluate
+stage's scores and every prediction use it; validation during training does not (it would cost every pass the
+views' count), and an exported model is the plain network."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from cv_models.segmentation.networks import model_outputs
+
+# each view: the operations applied in order; "h" / "v" flip the width / height, "t" swaps them (square-free: the
+# networks are fully convolutional); every operation is its own inverse
+VIEWS: dict[str, tuple[tuple[str, ...], ...]] = {
+    "none": ((),),
+    "hflip": ((), ("h",)),
+    "flips": ((), ("h",), ("v",), ("h", "v")),
+    "dihedral": ((), ("h",), ("v",), ("h", "v"), ("t",), ("t", "h"), ("t", "v"), ("t", "h", "v")),
+}
+
+
+def _apply(x: torch.Tensor, ops: tuple[str, ...]) -> torch.Tensor:
+    for op in ops:
+        x = x.flip(-1) if op == "h" else x.flip(-2) if op == "v" else x.transpose(-1, -2)
+    return x
+
+
+def tta_logits(model, x: torch.Tensor, mode: str = "none") -> torch.Tensor:
+    """N x C scores of ``x``: the network's logits for ``none``, else the log of the class probabilities averaged
+    over the mode's views (a log-probability: its argmax is the prediction, cross-entropy reads it as logits)."""
+    views = VIEWS[mode]
+    if len(views) == 1:
+        return model_outputs(model(x))[0]
+    probs = None
+    for ops in views:
+        p = F.softmax(_apply(model_outputs(model(_apply(x, ops)))[0], ops[::-1]), dim=1)
+        probs = p if probs is None else probs + p
+    assert probs is not None
+    return (probs / len(views)).clamp_min(1e-12).log()
