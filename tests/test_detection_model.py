@@ -10,6 +10,7 @@ import torch
 from torchvision import tv_tensors
 
 from cv_models import get_task
+from cv_models.detection.tta import tta_detections
 from cv_models.mix.detection import DetectionMixer, clip_to_region, cutmix, mixup, mosaic
 from tasks.config import load_params
 from tests.detection_helpers import det_params
@@ -153,7 +154,17 @@ def test_detectors_train_and_predict_with_weighted_boxes(project, name):
     model.eval()
     with torch.no_grad():
         out = model(images)
+        fused = tta_detections(model, images, "dihedral")  # eight views of each image, boxes mapped back and fused
     assert set(out[0]) >= {"boxes", "scores", "labels"}
+    for f, im in zip(fused, images):
+        assert len(f["boxes"]) == len(f["scores"]) == len(f["labels"])
+        h, w = im.shape[-2:]
+        assert (
+            (f["boxes"] >= -1e-3).all()
+            and (f["boxes"][:, 2] <= w + 1e-3).all()
+            and (f["boxes"][:, 3] <= h + 1e-3).all()
+        )
+        assert (f["scores"][:-1] >= f["scores"][1:]).all()  # best first, as the detectors return them
 
 
 def test_local_weights_refit_the_box_predictor(project, tmp_path):
@@ -346,3 +357,5 @@ def test_tta_fusion_averages_agreeing_boxes_and_discounts_a_box_one_view_missed(
     ]  # score-weighted mean corners
     assert out["scores"].tolist() == pytest.approx([0.8, 0.3])  # the second found by one view of two
     assert out["labels"].tolist() == [1, 2]
+    nothing = {"boxes": torch.zeros(0, 4), "scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.long)}
+    assert fuse([nothing, nothing], limit=10)["boxes"].shape == (0, 4)

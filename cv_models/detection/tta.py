@@ -45,6 +45,8 @@ def fuse(outputs: list[dict], limit: int) -> dict:
     boxes = torch.cat([o["boxes"] for o in outputs])
     scores = torch.cat([o["scores"] for o in outputs])
     labels = torch.cat([o["labels"] for o in outputs])
+    if not len(scores):  # no view found anything
+        return {"boxes": boxes.reshape(0, 4), "scores": scores, "labels": labels}
     view = torch.cat([torch.full((len(o["scores"]),), k) for k, o in enumerate(outputs)])
     keep = batched_nms(boxes, scores, labels, FUSE_IOU)[:limit]
     same = (labels[keep][:, None] == labels[None]) & (
