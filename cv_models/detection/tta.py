@@ -49,9 +49,8 @@ def fuse(outputs: list[dict], limit: int) -> dict:
         return {"boxes": boxes.reshape(0, 4), "scores": scores, "labels": labels}
     view = torch.cat([torch.full((len(o["scores"]),), k) for k, o in enumerate(outputs)])
     keep = batched_nms(boxes, scores, labels, FUSE_IOU)[:limit]
-    same = (labels[keep][:, None] == labels[None]) & (
-        box_iou(boxes[keep], boxes) > FUSE_IOU
-    )  # K x N, keep's own box in
+    # K x N: which boxes each kept one stands for (its own among them)
+    same = (labels[keep][:, None] == labels[None]) & (box_iou(boxes[keep], boxes) > FUSE_IOU)
     weight = same * scores[None]
     fused = weight @ boxes / weight.sum(1, keepdim=True)
     best = torch.stack([(weight * (view == k)[None]).amax(1) for k in range(len(outputs))], 1)  # K x views
