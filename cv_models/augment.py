@@ -172,3 +172,21 @@ def build_transforms(
     steps += stage("after_normalize")
     steps += tail or []
     return v2.Compose(steps)
+
+
+# test-time augmentation (options.tta): the views of an image, each a sequence of operations, "h" / "v" flipping
+# the width / height and "t" swapping them; every operation is its own inverse, so a view is undone by its
+# operations in reverse order
+VIEWS: dict[str, tuple[tuple[str, ...], ...]] = {
+    "none": ((),),
+    "hflip": ((), ("h",)),
+    "flips": ((), ("h",), ("v",), ("h", "v")),
+    "dihedral": ((), ("h",), ("v",), ("h", "v"), ("t",), ("t", "h"), ("t", "v"), ("t", "h", "v")),
+}
+
+
+def apply_view(x: torch.Tensor, ops: tuple[str, ...]) -> torch.Tensor:
+    """``x`` (..., H, W) flipped and transposed as ``ops`` say, in order."""
+    for op in ops:
+        x = x.flip(-1) if op == "h" else x.flip(-2) if op == "v" else x.transpose(-1, -2)
+    return x

@@ -324,7 +324,8 @@ def _bright_box_detector(images):
 def test_tta_maps_each_views_boxes_back_before_fusing_them(mode):
     """options.tta: every view sees the object elsewhere (flipped, transposed); mapped back, the views agree on the
     image's own box, so the fused box is it, at the views' score."""
-    from cv_models.detection.tta import VIEWS, tta_detections
+    from cv_models.detection.tta import tta_detections
+    from cv_models.augment import VIEWS
 
     image = torch.zeros(3, 40, 60)
     image[:, 5:15, 8:30] = 1.0  # x 8..30, y 5..15 on a 60-wide, 40-high image
@@ -336,9 +337,9 @@ def test_tta_maps_each_views_boxes_back_before_fusing_them(mode):
 
 
 def _views(image, views):
-    from cv_models.detection.tta import _image
+    from cv_models.augment import apply_view
 
-    return [_image(image, ops) for ops in views]
+    return [apply_view(image, ops) for ops in views]
 
 
 def test_tta_fusion_averages_agreeing_boxes_and_discounts_a_box_one_view_missed():

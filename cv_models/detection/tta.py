@@ -9,24 +9,13 @@ from __future__ import annotations
 import torch
 from torchvision.ops import batched_nms, box_iou
 
-# each view: the operations applied in order; "h" / "v" flip the width / height, "t" swaps them; each is its own inverse
-VIEWS: dict[str, tuple[tuple[str, ...], ...]] = {
-    "none": ((),),
-    "hflip": ((), ("h",)),
-    "flips": ((), ("h",), ("v",), ("h", "v")),
-    "dihedral": ((), ("h",), ("v",), ("h", "v"), ("t",), ("t", "h"), ("t", "v"), ("t", "h", "v")),
-}
+from cv_models.augment import VIEWS, apply_view
+
 FUSE_IOU = 0.55  # boxes of one class overlapping by more are one object
 
 
-def _image(x: torch.Tensor, ops: tuple[str, ...]) -> torch.Tensor:
-    for op in ops:
-        x = x.flip(-1) if op == "h" else x.flip(-2) if op == "v" else x.transpose(-1, -2)
-    return x
-
-
 def _boxes(b: torch.Tensor, ops: tuple[str, ...], hw: tuple[int, int]) -> torch.Tensor:
-    """x0 y0 x1 y1 boxes of an image of size ``hw`` moved as ``_image`` moves its pixels."""
+    """x0 y0 x1 y1 boxes of an image of size ``hw`` moved as ``apply_view`` moves its pixels."""
     h, w = hw
     for op in ops:
         x0, y0, x1, y1 = b.unbind(-1)
@@ -64,7 +53,7 @@ def tta_detections(model, images: list[torch.Tensor], mode: str = "none") -> lis
     views = VIEWS[mode]
     if len(views) == 1:
         return model(images)
-    per_view = [model([_image(im, ops) for im in images]) for ops in views]
+    per_view = [model([apply_view(im, ops) for im in images]) for ops in views]
     fused = []
     for k, im in enumerate(images):
         hw = tuple(im.shape[-2:])

@@ -9,21 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from cv_models.segmentation.networks import model_outputs
-
-# each view: the operations applied in order; "h" / "v" flip the width / height, "t" swaps them (square-free: the
-# networks are fully convolutional); every operation is its own inverse
-VIEWS: dict[str, tuple[tuple[str, ...], ...]] = {
-    "none": ((),),
-    "hflip": ((), ("h",)),
-    "flips": ((), ("h",), ("v",), ("h", "v")),
-    "dihedral": ((), ("h",), ("v",), ("h", "v"), ("t",), ("t", "h"), ("t", "v"), ("t", "h", "v")),
-}
-
-
-def _apply(x: torch.Tensor, ops: tuple[str, ...]) -> torch.Tensor:
-    for op in ops:
-        x = x.flip(-1) if op == "h" else x.flip(-2) if op == "v" else x.transpose(-1, -2)
-    return x
+from cv_models.augment import VIEWS, apply_view
 
 
 def tta_logits(model, x: torch.Tensor, mode: str = "none") -> torch.Tensor:
@@ -34,7 +20,7 @@ def tta_logits(model, x: torch.Tensor, mode: str = "none") -> torch.Tensor:
         return model_outputs(model(x))[0]
     probs = None
     for ops in views:
-        p = F.softmax(_apply(model_outputs(model(_apply(x, ops)))[0], ops[::-1]), dim=1)
+        p = F.softmax(apply_view(model_outputs(model(apply_view(x, ops)))[0], ops[::-1]), dim=1)
         probs = p if probs is None else probs + p
     assert probs is not None
     return (probs / len(views)).clamp_min(1e-12).log()
